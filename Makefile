@@ -1,0 +1,35 @@
+# tokenline: `make demo` runs the main job end to end, `make test` runs the whole suite.
+# Both create the virtual environment and install everything they need on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tokenline-installed
+DEMO_DIR ?= out/demo
+
+.PHONY: setup system-deps test demo clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The CPU build of torch first, so that no extra pulls a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Real services the tests start themselves (Debian packages; installed when missing).
+system-deps:
+	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then \
+	  echo "installing mosquitto (Debian package)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+	fi
+
+test: setup system-deps
+	$(BIN)/python -m pytest
+
+demo: setup
+	$(BIN)/python -m exporter.demo --out $(DEMO_DIR)
+
+clean:
+	rm -rf out .pytest_cache

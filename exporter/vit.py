@@ -107,10 +107,14 @@ class LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        if dtype == torch.float16:  # statistics in fp32: squares of ViT activations overflow fp16
+            x = x.float()
         mu = x.mean(dim=-1, keepdim=True)
         xc = x - mu
         var = (xc * xc).mean(dim=-1, keepdim=True)
-        return xc / torch.sqrt(var + self.eps) * self.weight + self.bias
+        y = xc / torch.sqrt(var + self.eps)
+        return y.to(dtype) * self.weight + self.bias
 
 
 def activation(x: Tensor, act: Act) -> Tensor:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from exporter.merge import Tokens, merge
-from exporter.schedule import Schedule, make_schedule, summary_steps
+from exporter.schedule import Schedule, ScheduleError, make_schedule, summary_steps
 
 Act = Literal["gelu", "quick_gelu", "gelu_tanh"]
 Pool = Literal["cls", "mean", "map"]
@@ -243,7 +243,11 @@ class ViT(nn.Module):
     # -- merging schedule ------------------------------------------------------------------------
     def configure_merging(self, mc: MergeConfig) -> Schedule:
         k = mc.k
+        if not 1 <= k <= self.cfg.num_patches:
+            raise ScheduleError(f"K = {k} summary tokens: must be between 1 and the model's {self.cfg.num_patches} patches")
         floor = mc.floor or k
+        if floor < k:
+            raise ScheduleError(f"floor {floor} is below K = {k}: the summary head needs at least K tokens")
         self.merge_cfg = mc
         self.schedule = make_schedule(self.cfg.num_patches, self.cfg.depth, mc.r, mc.r_list, mc.target, floor=floor)
         self.summary_steps = summary_steps(self.schedule.final_patches, k)

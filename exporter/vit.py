@@ -23,7 +23,7 @@ from exporter.merge import Tokens, merge
 from exporter.schedule import Schedule, make_schedule, summary_steps
 
 Act = Literal["gelu", "quick_gelu", "gelu_tanh"]
-Pool = Literal["cls", "mean", "map"]
+Pool = Literal["cls", "cls_dist", "mean", "map"]  # cls_dist: mean of [CLS] and distillation token (DeiT)
 
 
 @dataclass
@@ -294,6 +294,8 @@ class ViT(nn.Module):
         cfg = self.cfg
         if cfg.pool == "cls":
             g = prefix[:, 0]
+        elif cfg.pool == "cls_dist":
+            g = (prefix[:, 0] + prefix[:, 1]) * 0.5
         elif cfg.pool == "mean":
             w = patches.size.unsqueeze(-1)
             g = (patches.x * w).sum(dim=1) / w.sum(dim=1)

@@ -11,6 +11,7 @@ Forward: input_ids int64 [B, ctx] -> text_embedding float32 [B, E], L2-normalize
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -143,7 +144,9 @@ def export_text_onnx(text: TextTower, path: Path, opset: int = 17) -> Path:
     text = text.eval()
     ids = torch.zeros(2, text.cfg.context_length, dtype=torch.long)
     ids[:, 0] = 1
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # the TorchScript exporter: static shapes and a plain op set (the dynamo exporter deprecates it loudly)
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             text,
             (ids,),

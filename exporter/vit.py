@@ -347,13 +347,16 @@ def gflops(cfg: ViTConfig, tokens_per_block: List[int], r_per_block: List[int]) 
     return flops / 1e9
 
 
-def resample_pos_embed(pos: Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int]) -> Tensor:
-    """Bicubic resize of a [1, gh*gw, C] patch position embedding to a new grid."""
+def resample_pos_embed(
+    pos: Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int], antialias: bool = False
+) -> Tensor:
+    """Bicubic resize of a [1, gh*gw, C] patch position embedding to a new grid (``antialias``: the
+    antialiased kernel some models were trained/evaluated with, e.g. transformers' Dinov2WithRegisters)."""
     if tuple(old_grid) == tuple(new_grid):
         return pos
     c = pos.shape[-1]
     grid = pos.reshape(1, old_grid[0], old_grid[1], c).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False)
+    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False, antialias=antialias)
     return grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], c).to(pos.dtype)
 
 

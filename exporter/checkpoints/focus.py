@@ -66,7 +66,7 @@ def graph_config(raw: RawCheckpoint, dim: int) -> Dict:
     ints = [int(c.reshape(-1)[0]) for c in _constants(graph, "/backbone/encoder/layer.0/attention/")
             if c.size == 1 and c.dtype.kind == "i"]
     heads = next((a for a, b in zip(ints, ints[1:]) if a > 0 and b > 0 and a * b == dim), None)
-    eps = next((float(c.reshape(-1)[0]) for c in _constants(graph, "/backbone/encoder/layer.0/norm1/")
+    eps = next((float(f"{float(c.reshape(-1)[0]):.6g}") for c in _constants(graph, "/backbone/encoder/layer.0/norm1/")
                 if c.size == 1 and c.dtype.kind == "f" and 0 < float(c.reshape(-1)[0]) < 1e-2), None)
     ops = {n.op_type for n in graph.node if n.name.startswith("/backbone/encoder/layer.0/mlp/")}
     dims = graph.input[0].type.tensor_type.shape.dim

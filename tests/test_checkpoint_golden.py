@@ -112,3 +112,21 @@ def test_image_size_resamples_timm_positions() -> None:
     with torch.no_grad():
         g, tokens, sizes, centroids = enc.vit(torch.randn(1, 3, 48, 48))
     assert torch.isfinite(g).all() and torch.allclose(g.norm(dim=-1), torch.ones(1), atol=1e-5)
+
+
+def test_open_clip_config_json_supplies_quick_gelu_heads_and_normalization(tmp_path: Path) -> None:
+    """The Hugging Face hub layout of open_clip: open_clip_config.json answers what the keys cannot."""
+    (tmp_path / "open_clip_model.safetensors").write_bytes((GOLDEN / "open_clip.safetensors").read_bytes())
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": {"embed_dim": 24, "quick_gelu": True, "vision_cfg": {"width": 32, "head_width": 16},
+                      "text_cfg": {"width": 32, "heads": 2}},
+        "preprocess_cfg": {"mean": [0.4, 0.4, 0.4], "std": [0.3, 0.3, 0.3]},
+    }))
+    enc = load_encoder(tmp_path)  # a directory, no options
+    _, ref = load("open_clip")
+    assert enc.vit.cfg.act == "quick_gelu" and enc.vit.cfg.num_heads == 2 and enc.text.cfg.num_heads == 2
+    assert enc.mean == (0.4, 0.4, 0.4) and enc.std == (0.3, 0.3, 0.3)
+    with torch.no_grad():
+        pooled, _ = enc.vit.reference_outputs(torch.from_numpy(ref["pixels"]))
+        text = enc.text.embed(torch.from_numpy(ref["input_ids"]))
+    assert rel_err(pooled, ref["pooled"]) < TOL and rel_err(text, ref["text"]) < TOL

@@ -2,6 +2,8 @@
 
 Keys give the shapes; the config gives what keys cannot: OpenAI-trained weights use QuickGELU (``act=
 "quick_gelu"``; open_clip's ``-quickgelu`` model names), heads default to width/64 (open_clip's head width).
+An ``open_clip_config.json`` beside the weights (the Hugging Face hub layout) supplies quick_gelu, heads and
+mean/std; explicit ``ConversionOptions`` win over it.
 Text pooling is the argmax of the token ids (the end-of-text token has the largest id), causal attention,
 ``x @ text_projection``. The tokenizer is open_clip's BPE vocabulary ``bpe_simple_vocab_16e6.txt.gz``: it is
 taken from beside the checkpoint or from an installed open_clip package (found without importing it).
@@ -150,9 +152,26 @@ def _text(w: Weights, opts: ConversionOptions) -> Tuple[TextConfig, dict]:
     return cfg, state
 
 
+def options_from_config(model_cfg: dict, opts: ConversionOptions, vision_width: int) -> ConversionOptions:
+    """Fill the options open_clip_config.json answers (quick_gelu, heads), keeping explicit ones."""
+    vision, text = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
+    head_width = int(vision.get("head_width", 64))
+    filled = {
+        "act": "quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
+        "num_heads": vision_width // head_width if vision_width % head_width == 0 else None,
+        "text_num_heads": text.get("heads"),
+    }
+    given = opts.model_dump(exclude_none=True)
+    return ConversionOptions(**{**{k: v for k, v in filled.items() if v is not None}, **given})
+
+
 def convert(w: Weights, raw: RawCheckpoint, opts: ConversionOptions, size: Optional[Tuple[int, int]]) -> Converted:
     notes: List[str] = []
-    if opts.act is None:
+    model_cfg = (raw.open_clip_config or {}).get("model_cfg")
+    if model_cfg:
+        opts = options_from_config(model_cfg, opts, w.tensors["visual.conv1.weight"].shape[0])
+        notes.append(f"open_clip_config.json: act {opts.act}, heads {opts.num_heads}/{opts.text_num_heads}")
+    elif opts.act is None:
         notes.append("activation: GELU (open_clip default); OpenAI-trained weights need act='quick_gelu'")
     cfg, state = _vision(w, opts, size)
     text_cfg = text_state = tokenizer = None
@@ -173,5 +192,6 @@ def convert(w: Weights, raw: RawCheckpoint, opts: ConversionOptions, size: Optio
         )
         notes += tok_notes
     w.ignore(IGNORED)
-    apply_preprocess(cfg, "open_clip", None)
+    pre = (raw.open_clip_config or {}).get("preprocess_cfg") or {}
+    apply_preprocess(cfg, "open_clip", {"image_mean": pre["mean"], "image_std": pre["std"]} if "mean" in pre else None)
     return Converted(cfg=cfg, state=state, text_cfg=text_cfg, text_state=text_state, tokenizer=tokenizer, notes=notes)

@@ -44,6 +44,7 @@ class RawCheckpoint:
     directory: Path  # where config / tokenizer files are looked for
     config: Optional[dict] = None
     preprocessor: Optional[dict] = None
+    open_clip_config: Optional[dict] = None  # open_clip_config.json (Hugging Face hub layout of open_clip models)
     onnx_consumers: Dict[str, List[str]] = field(default_factory=dict)
     onnx_graph: Any = None  # onnx.GraphProto for ONNX sources
 
@@ -194,6 +195,7 @@ def _read_directory(path: Path) -> RawCheckpoint:
         directory=path,
         config=_read_json(config_path),
         preprocessor=_read_json(path / "preprocessor_config.json"),
+        open_clip_config=_read_json(path / "open_clip_config.json"),
     )
 
 
@@ -224,4 +226,5 @@ def read_checkpoint(path: Path) -> RawCheckpoint:
         directory=path.parent,
         config=_read_json(path.parent / "config.json"),
         preprocessor=_read_json(path.parent / "preprocessor_config.json"),
+        open_clip_config=_read_json(path.parent / "open_clip_config.json"),
     )

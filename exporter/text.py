@@ -12,16 +12,20 @@ Forward: input_ids int64 [B, ctx] -> text_embedding float32 [B, E], L2-normalize
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+import logging
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Dict, List, Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from exporter.vit import Act, LayerNorm, Mlp
 
+log = logging.getLogger(__name__)
+
 TextPool = Literal["argmax", "eos", "last"]
+TokenizerKind = Literal["open_clip_bpe", "hf_tokenizer_json"]
 
 TEXT_INPUT = "input_ids"
 TEXT_OUTPUT = "text_embedding"
@@ -55,6 +59,19 @@ class TextConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class TokenizerInfo:
+    """The tokenizer that belongs to a text tower: files the exporter copies next to the text ONNX so that
+    central can tokenize queries (``kind`` as in ``tokenline.manifest.TextSpec.tokenizer``)."""
+
+    kind: TokenizerKind
+    files: List[Path]
+    context_length: int
+    vocab_size: int
+    pad_id: int
+    notes: List[str] = field(default_factory=list)
 
 
 class TextAttention(nn.Module):
@@ -98,11 +115,12 @@ class TextBlock(nn.Module):
 class TextTower(nn.Module):
     """The text encoder. ``embed`` gives the pooled, projected embedding; ``forward`` L2-normalizes it."""
 
-    def __init__(self, cfg: TextConfig) -> None:
+    def __init__(self, cfg: TextConfig, tokenizer: Optional[TokenizerInfo] = None) -> None:
         super().__init__()
         if cfg.pool == "eos" and cfg.eos_id is None:
             raise ValueError("TextConfig.pool='eos' needs eos_id")
         self.cfg = cfg
+        self.tokenizer = tokenizer
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))
         self.blocks = nn.ModuleList([TextBlock(cfg) for _ in range(cfg.depth)])
@@ -137,8 +155,12 @@ class TextTower(nn.Module):
         return e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def export_text_onnx(text: TextTower, path: Path, opset: int = 17) -> Path:
-    """Export the text tower: input ``input_ids`` int64 [B, ctx] (dynamic batch), output ``text_embedding``."""
+def export_text_onnx(text: TextTower, path: Path, opset: int = 17) -> Dict[str, Union[str, int, List[str]]]:
+    """Export the text tower: input ``input_ids`` int64 [B, ctx] (dynamic batch), output ``text_embedding``.
+
+    Returns what the manifest's ``TextSpec`` needs: ``path``, ``context_length``, ``vocab_size``, ``pad_id``,
+    ``tokenizer`` (kind) and ``tokenizer_files`` (absolute paths to copy beside the ONNX; may be empty, with a
+    warning logged, when the checkpoint came without them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = text.eval()
@@ -157,4 +179,20 @@ def export_text_onnx(text: TextTower, path: Path, opset: int = 17) -> Path:
             opset_version=opset,
             dynamo=False,
         )
-    return path
+    tok = text.tokenizer
+    if tok is None:
+        log.warning("text tower has no tokenizer information: the export ships no tokenizer files")
+        kind: TokenizerKind = "open_clip_bpe" if text.cfg.pool == "argmax" else "hf_tokenizer_json"
+        files: List[str] = []
+    else:
+        kind, files = tok.kind, [str(f) for f in tok.files]
+        for note in tok.notes:
+            log.warning("tokenizer: %s", note)
+    return {
+        "path": str(path),
+        "context_length": text.cfg.context_length,
+        "vocab_size": text.cfg.vocab_size,
+        "pad_id": tok.pad_id if tok is not None else text.cfg.pad_id,
+        "tokenizer": kind,
+        "tokenizer_files": files,
+    }

@@ -70,8 +70,10 @@ def test_golden_open_clip_text_parity_and_onnx(tmp_path: Path) -> None:
         text = enc.text.embed(ids)
         unit = enc.text(ids)
     assert rel_err(text, ref["text"]) < TOL
-    sess = ort.InferenceSession(str(export_text_onnx(enc.text, tmp_path / "t.onnx")),
-                                providers=["CPUExecutionProvider"])
+    info = export_text_onnx(enc.text, tmp_path / "t.onnx")
+    assert info["tokenizer"] == "open_clip_bpe" and info["context_length"] == 12 and info["vocab_size"] == 64
+    assert info["pad_id"] == 0
+    sess = ort.InferenceSession(info["path"], providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess.run([TEXT_OUTPUT], {TEXT_INPUT: ids.numpy()})[0], unit.numpy(), atol=1e-5)
     tok = enc.tokenizer
     assert tok is not None and tok.kind == "open_clip_bpe" and tok.context_length == 12 and tok.vocab_size == 64
@@ -85,6 +87,10 @@ def test_open_clip_quick_gelu_is_an_explicit_option() -> None:
     with torch.no_grad():
         pooled, _ = enc.vit.reference_outputs(torch.from_numpy(ref["pixels"]))
     assert rel_err(pooled, ref["pooled"]) > 1e-3
+    # the CLI's --quick-gelu shorthand
+    enc = load_encoder(GOLDEN / "open_clip.safetensors", quick_gelu=True,
+                       options=ConversionOptions(num_heads=2, text_num_heads=2))
+    assert enc.vit.cfg.act == "quick_gelu" and enc.text.cfg.act == "quick_gelu"
 
 
 def test_open_clip_tokenizer_vocab_beside_checkpoint_is_shipped(tmp_path: Path) -> None:

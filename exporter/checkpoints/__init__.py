@@ -87,7 +87,16 @@ def load_encoder(
     if outside:
         notes.append(f"ignored {len(outside)} tensors outside '{prefix}' (e.g. {', '.join(outside[:3])})")
     weights = Weights(inner, fam, where)
-    conv = CONVERTERS[fam](weights, raw, opts, to_size(image_size))
+    try:
+        conv = CONVERTERS[fam](weights, raw, opts, to_size(image_size))
+    except CheckpointError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        # tensors of the right names but unexpected shapes/types, or a config.json of another shape
+        raise CheckpointError(
+            f"{where}: could not convert as {fam} ({type(exc).__name__}: {exc}); the checkpoint is an unsupported "
+            f"variant or inconsistent"
+        ) from None
     weights.finish()
     _check_finite(conv.state, where)
     vit = build_vit(conv.cfg, conv.state, where)

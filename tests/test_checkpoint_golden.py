@@ -136,3 +136,16 @@ def test_open_clip_config_json_supplies_quick_gelu_heads_and_normalization(tmp_p
         pooled, _ = enc.vit.reference_outputs(torch.from_numpy(ref["pixels"]))
         text = enc.text.embed(torch.from_numpy(ref["input_ids"]))
     assert rel_err(pooled, ref["pooled"]) < TOL and rel_err(text, ref["text"]) < TOL
+
+
+def test_timm_hub_config_supplies_input_size_and_normalization(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes((GOLDEN / "timm_vit_cls.safetensors").read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architecture": "vit_tiny_patch8_32.test",
+        "pretrained_cfg": {"input_size": [3, 48, 48], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                           "interpolation": "bilinear"},
+    }))
+    enc = load_encoder(tmp_path, options=ConversionOptions(num_heads=2))
+    assert enc.family == "timm_vit" and enc.vit.cfg.image_size == (48, 48)
+    assert (enc.mean, enc.std, enc.interpolation) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+    assert load_encoder(tmp_path, image_size=32, options=ConversionOptions(num_heads=2)).vit.cfg.image_size == (32, 32)

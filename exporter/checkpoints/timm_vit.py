@@ -6,6 +6,8 @@ layer scale ``ls1.gamma``; packed SwiGLU (``fc1`` twice as wide as ``fc2``'s inp
 timm's SwiGLUPacked); ``norm_pre``; ``fc_norm`` (avg pool); ``attn_pool`` (map head). Pooling is timm's
 pre-logits feature: [CLS], the mean of [CLS] and dist for DeiT distilled, the patch mean for avg models.
 Not in the keys: heads (``num_heads``, default width/64) and GELU vs. other activations (``act``).
+A timm hub ``config.json`` (``architecture`` + ``pretrained_cfg``) beside the weights supplies the trained
+input size, mean/std and interpolation (e.g. the augreg models' 0.5/0.5 normalization).
 """
 
 from __future__ import annotations
@@ -47,8 +49,18 @@ def _square(n: int) -> bool:
     return n > 0 and math.isqrt(n) ** 2 == n
 
 
+def pretrained_cfg(raw: RawCheckpoint) -> dict:
+    """timm's hub config (``{"architecture": ..., "pretrained_cfg": {...}}``) when it sits beside the weights."""
+    config = raw.config or {}
+    pre = config.get("pretrained_cfg") if "architecture" in config else None
+    return pre if isinstance(pre, dict) else {}
+
+
 def convert(w: Weights, raw: RawCheckpoint, opts: ConversionOptions, size: Optional[Tuple[int, int]]) -> Converted:
     notes = []
+    pre = pretrained_cfg(raw)
+    if size is None and isinstance(pre.get("input_size"), (list, tuple)) and len(pre["input_size"]) == 3:
+        size = (int(pre["input_size"][1]), int(pre["input_size"][2]))
     pw = w.take("patch_embed.proj.weight")
     dim, patch = pw.shape[0], pw.shape[-1]
     state = {"patch_embed.weight": pw}
@@ -132,5 +144,9 @@ def convert(w: Weights, raw: RawCheckpoint, opts: ConversionOptions, size: Optio
     skipped = w.ignore(IGNORED)
     if skipped:
         notes.append(f"ignored the classifier head ({len(skipped)} tensors)")
-    apply_preprocess(cfg, "timm_vit", None)
+    apply_preprocess(cfg, "timm_vit", {"image_mean": pre["mean"], "image_std": pre["std"]} if "mean" in pre else None)
+    if pre.get("interpolation") in ("bilinear", "bicubic", "nearest"):
+        cfg.interpolation = pre["interpolation"]
+    if pre:
+        notes.append(f"timm config.json: {raw.config.get('architecture')}")
     return Converted(cfg=cfg, state=state, notes=notes)

@@ -137,6 +137,15 @@ def test_heads_that_do_not_divide_the_width() -> None:
         load_encoder(TIMM, options=ConversionOptions(num_heads=3))
 
 
+def test_bad_image_sizes() -> None:
+    with pytest.raises(CheckpointError, match="positive"):
+        load_encoder(TIMM, image_size=0, options=HEADS)
+    with pytest.raises(CheckpointError, match="multiple of the patch"):
+        load_encoder(TIMM, image_size=(40, 36), options=HEADS)
+    with pytest.raises(CheckpointError, match="height, width"):
+        load_encoder(TIMM, image_size=(1, 2, 3), options=HEADS)  # type: ignore[arg-type]
+
+
 def test_options_are_validated() -> None:
     with pytest.raises(ValueError, match="num_head"):
         ConversionOptions(num_head=2)  # type: ignore[call-arg]

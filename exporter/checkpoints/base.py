@@ -229,10 +229,14 @@ def heads_for(dim: int, configured: Optional[int], override: Optional[int], wher
 def to_size(image_size: Union[int, Sequence[int], None]) -> Optional[Tuple[int, int]]:
     if image_size is None:
         return None
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    h, w = image_size
-    return (int(h), int(w))
+    try:
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        size = (int(h), int(w))
+    except (TypeError, ValueError):
+        raise CheckpointError(f"image size must be an int or (height, width), got {image_size!r}") from None
+    if min(size) <= 0:
+        raise CheckpointError(f"image size must be positive, got {image_size!r}")
+    return size
 
 
 def patch_pos(pos: Tensor, cfg: ViTConfig, where: str, antialias: bool = False) -> Tensor:

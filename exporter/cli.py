@@ -64,6 +64,11 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--no-unmerged", action="store_true", help="skip exporting/measuring the unmerged reference")
     p.add_argument("--quick-gelu", action="store_true", help="open_clip checkpoints trained with QuickGELU")
+    p.add_argument("--act", choices=["gelu", "quick_gelu", "gelu_tanh"], default=None,
+                   help="MLP activation when the checkpoint has no config saying it")
+    p.add_argument("--num-heads", type=int, default=None, help="image tower heads (default: config, else width/64)")
+    p.add_argument("--text-num-heads", type=int, default=None, help="text tower heads (default: width/64)")
+    p.add_argument("--ln-eps", type=float, default=None, help="LayerNorm epsilon (default: the family's)")
     p.add_argument("--no-trt-check", action="store_true", help="skip the TensorRT compatibility check")
     p.set_defaults(func=cmd_export)
 
@@ -71,7 +76,9 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from rich.console import Console  # noqa: PLC0415
 
-    from exporter.checkpoints import CheckpointError, load_encoder  # noqa: PLC0415
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from exporter.checkpoints import CheckpointError, ConversionOptions, load_encoder  # noqa: PLC0415
     from exporter.export import ExportError, ExportOptions, export_encoder  # noqa: PLC0415
     from exporter.report import render_result  # noqa: PLC0415
     from exporter.schedule import ScheduleError  # noqa: PLC0415
@@ -80,8 +87,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     try:
         with console.status("loading checkpoint") as status:
+            options = ConversionOptions(num_heads=args.num_heads, text_num_heads=args.text_num_heads,
+                                        act=args.act, ln_eps=args.ln_eps)
             loaded = load_encoder(args.checkpoint, family=args.family, image_size=args.image_size,
-                                  quick_gelu=args.quick_gelu)
+                                  options=options, quick_gelu=args.quick_gelu)
             merge = MergeConfig(r=args.r, r_list=args.r_list, target=args.target_tokens, alpha=args.alpha,
                                 floor=args.floor, k=args.k)
             opts = ExportOptions(
@@ -100,6 +109,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             )
     except (CheckpointError, ExportError, ScheduleError, ManifestError) as exc:
         console.print(f"[bold red]error:[/] {exc}")
+        return 2
+    except ValidationError as exc:
+        bad = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        console.print(f"[bold red]error:[/] {bad}")
         return 2
     render_result(result, Console())
     return 0

@@ -238,7 +238,7 @@ class ViT(nn.Module):
         ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
         pos = torch.stack([(xs.flatten() + 0.5) / gw, (ys.flatten() + 0.5) / gh], dim=-1).float()
         self.register_buffer("patch_pos", pos[None], persistent=False)  # [1, Np, 2]
-        self.configure_merging(MergeConfig())
+        self.configure_merging(MergeConfig(k=min(16, cfg.num_patches)))  # no merging until configured
 
     # -- merging schedule ------------------------------------------------------------------------
     def configure_merging(self, mc: MergeConfig) -> Schedule:

@@ -92,3 +92,10 @@ def test_check_config_as_a_real_process(tmp_path: Path) -> None:
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "cameras: List should have at least 1 item" in r.stderr and "bogus: unknown key" in r.stderr
+
+
+def test_shipped_example_config_validates() -> None:
+    cfg = load_config(ROOT / "deploy" / "edge" / "edge.example.yaml")
+    assert [c.source.kind for c in cfg.cameras] == ["gstreamer", "url", "usb"]
+    unit = (ROOT / "deploy" / "systemd" / "tokenline-edge.service").read_text()
+    assert "Type=notify" in unit and "WatchdogSec=" in unit and "tokenline-edge run --config" in unit

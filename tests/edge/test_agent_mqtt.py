@@ -272,3 +272,18 @@ def test_sigkill_mid_stream_then_restart_delivers_everything_and_sigterm_exits_c
             proc.kill()
             proc.wait()
         sub.close()
+
+
+def test_simulate_command_streams_synthetic_cameras(mosquitto, tmp_path, tiny_model_dir) -> None:
+    sub = Collector(mosquitto.host, mosquitto.port)
+    r = subprocess.run([sys.executable, "-m", "edge_agent", "simulate", "--model-dir", str(tiny_model_dir),
+                        "--mqtt-port", str(mosquitto.port), "--cameras", "2", "--fps", "30", "--frames", "6",
+                        "--workdir", str(tmp_path / "sim"), "--token-dtype", "int4", "--log-level", "WARNING"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "12 frames encoded" in r.stdout
+    assert sub.wait_for(lambda s: s.count() >= 12, 10)
+    assert {c: [m.seq for m in ms] for c, ms in sub.by_camera().items()} == {"cam-1": list(range(6)),
+                                                                            "cam-2": list(range(6))}
+    assert all(m.token_dtype == "int4" and len(wire.encode(m, "int4")) <= 4096 for m in sub.messages)
+    sub.close()

@@ -94,6 +94,39 @@ def pipeline(model_dir: Path, port: int, work: Path, n: int, batch: int, threads
     return acked / dt
 
 
+def stage_costs(model_dir: Path, reps: int = 40) -> Dict[str, float]:
+    """Median milliseconds per frame of each pipeline stage on its own (640x480 frame)."""
+    from edge_agent.originals import encode_jpeg
+    from edge_agent.synthetic import draw_conveyor_frame
+    from tokenline.manifest import Manifest
+    from tokenline.preprocess import preprocess
+    from tokenline.wire import TokenMessage, encode, new_frame_id
+
+    m = Manifest.from_file(model_dir)
+    frame = draw_conveyor_frame(3, 640, 480)
+    rng = np.random.default_rng(0)
+    k, d = m.summary.k, m.embedding_dim
+    msg = TokenMessage(frame_id=new_frame_id(), device="d", site="s", line="l", camera="c", capture_ts_us=1, seq=0,
+                       manifest_hash=m.hash_bytes(), global_embedding=rng.standard_normal(d).astype(np.float32),
+                       tokens=rng.standard_normal((k, d)).astype(np.float32), sizes=np.ones(k, np.float32),
+                       centroids=np.full((k, 2), 0.5, np.float32))
+    stages = {"synthetic camera: draw a 640x480 frame": lambda: draw_conveyor_frame(3, 640, 480),
+              f"preprocess 640x480 -> {m.input.width}x{m.input.height} (tokenline.preprocess)":
+                  lambda: preprocess(frame, m.input),
+              "quantize + encode the message (int8)": lambda: encode(msg, "int8"),
+              "JPEG original (q90)": lambda: encode_jpeg(frame, 90)}
+    out = {}
+    for name, fn in stages.items():
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+        out[name] = statistics.median(times)
+    return out
+
+
 def message_sizes(model_dir: Path, neu_det: Path | None) -> List[Dict[str, object]]:
     """Bytes per message per token mode and the JPEG (quality 90) of the same frame."""
     from edge_agent.originals import encode_jpeg
@@ -171,6 +204,7 @@ def main() -> int:
         finally:
             broker.stop()
         sizes = message_sizes(model_dir, ROOT.parent / "shared" / "datasets" / "neu-det" / "images")
+        costs = stage_costs(model_dir)
 
     med = {k: statistics.median(v) for k, v in results.items()}
 
@@ -191,6 +225,13 @@ def main() -> int:
         f"{', '.join(f'{x:.0f}' for x in results['full'])} | {overhead(med['full'])} |",
         f"| pipeline, lean (synchronous=NORMAL, no originals) | {med['lean']:.0f} | "
         f"{', '.join(f'{x:.0f}' for x in results['lean'])} | {overhead(med['lean'])} |",
+        "",
+        "Cost of the stages on their own (median ms per frame, same machine, same run):",
+        "",
+        "| stage | ms/frame |",
+        "|---|---:|",
+        f"| encoder (bare ORT, batch {args.batch}) | {1000 / med['bare']:.2f} |",
+        *[f"| {name} | {ms:.2f} |" for name, ms in costs.items()],
         "",
         "Bytes per message (names `jetson-01`/`plant_a`/`line.3`/`cam-7`) against the JPEG (quality 90) of the "
         "same frame; cosine of the decoded vectors to the encoder's float32 output (global, worst token):",

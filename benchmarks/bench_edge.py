@@ -82,7 +82,7 @@ def pipeline(model_dir: Path, port: int, work: Path, n: int, batch: int, threads
     while time.perf_counter() < deadline:
         if agent.outbox.acked >= n or (w.stats.state == "ended" and agent.outbox.inserted and not agent.outbox.count
                                        and not any(agent.hub.depths().values()) and not len(agent.results)
-                                       and agent.counters["inference_frames"] == agent.outbox.inserted):
+                                       and w.stats.sampled == agent.outbox.inserted):
             break
         time.sleep(0.002)
     dt = time.perf_counter() - t0
@@ -173,6 +173,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = default)")
     ap.add_argument("--token-dtype", default="int8", choices=("int8", "int4", "fp16"))
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=True, help="write BENCHMARKS.md")
+    ap.add_argument("--section", default=None,
+                    help="BENCHMARKS.md section (default: edge_pipeline, or edge_pipeline_model with --model-dir)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("edge_agent").setLevel(logging.ERROR)
@@ -188,8 +190,14 @@ def main() -> int:
             model_label = "tiny test encoder (tests/support/tiny_model.py: 224 px, 4x4 patches of 56 px, " \
                           "random projection to D=384, K=16) - NOT a ViT"
         else:
+            from tokenline.manifest import Manifest
+
             model_dir = args.model_dir.resolve()
-            model_label = f"`{args.model_dir}`"
+            mm = Manifest.from_file(model_dir)
+            model_label = (f"`{mm.name}` ({mm.family}, {mm.input.width}x{mm.input.height}, merge {mm.merge.method} "
+                           f"{mm.encoder.grid[0] * mm.encoder.grid[1] + mm.encoder.num_prefix_tokens}->"
+                           f"{mm.merge.final_tokens} tokens, {mm.precision}, batch sizes {mm.batch_sizes or 'dynamic'}, "
+                           f"exporter {mm.exporter_version})")
         broker = Mosquitto(tmp / "broker").start()
         results: Dict[str, List[float]] = {"bare": [], "full": [], "lean": []}
         try:
@@ -259,7 +267,10 @@ def main() -> int:
     text = "\n".join(body)
     print(text)
     if args.write:
-        write_section("edge_pipeline", "Edge agent: pipeline vs bare encoder, bytes per message", text)
+        section = args.section or ("edge_pipeline" if args.model_dir is None else "edge_pipeline_model")
+        title = "Edge agent: pipeline vs bare encoder, bytes per message" + (
+            "" if args.model_dir is None else f" ({args.model_dir.name})")
+        write_section(section, title, text)
     return 0
 
 

@@ -99,3 +99,14 @@ def test_shipped_example_config_validates() -> None:
     assert [c.source.kind for c in cfg.cameras] == ["gstreamer", "url", "usb"]
     unit = (ROOT / "deploy" / "systemd" / "tokenline-edge.service").read_text()
     assert "Type=notify" in unit and "WatchdogSec=" in unit and "tokenline-edge run --config" in unit
+
+
+def test_unusable_outbox_path_is_a_clear_startup_error(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    d = good(tmp_path, tiny_model_dir)
+    d["outbox"]["path"] = str(blocker / "outbox.sqlite")
+    p = tmp_path / "edge.yaml"
+    p.write_text(yaml.safe_dump(d))
+    assert main(["run", "--config", str(p)]) == 2
+    assert "outbox.path: cannot open" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -198,6 +199,7 @@ def main() -> int:
                            f"{mm.encoder.grid[0] * mm.encoder.grid[1] + mm.encoder.num_prefix_tokens}->"
                            f"{mm.merge.final_tokens} tokens, {mm.precision}, batch sizes {mm.batch_sizes or 'dynamic'}, "
                            f"exporter {mm.exporter_version})")
+        load_before = os.getloadavg()[0]
         broker = Mosquitto(tmp / "broker").start()
         results: Dict[str, List[float]] = {"bare": [], "full": [], "lean": []}
         try:
@@ -215,6 +217,9 @@ def main() -> int:
         costs = stage_costs(model_dir)
 
     med = {k: statistics.median(v) for k, v in results.items()}
+    load_after = os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    noisy = med["full"] > med["bare"] * 1.05 or med["lean"] > med["bare"] * 1.05
 
     def overhead(x: float) -> str:
         return f"{(1 - x / med['bare']) * 100:.0f} %"
@@ -223,7 +228,9 @@ def main() -> int:
         f"Model: {model_label}. ONNX Runtime CPU, batch {args.batch}, {args.frames} frames per run, "
         f"{args.runs} rounds interleaved, medians. Pipeline = synthetic 640x480 camera -> preprocessing -> "
         f"batched inference -> {args.token_dtype} quantization -> SQLite outbox -> real Mosquitto (QoS 1), timed "
-        "until every message is PUBACKed and deleted from the outbox.",
+        "until every message is PUBACKed and deleted from the outbox. "
+        f"Load average {load_before:.1f} before and {load_after:.1f} after the run on {cores} cores (other work was "
+        "running on this machine).",
         "",
         "| path | frames/s (median) | runs | overhead vs bare encoder |",
         "|---|---:|---|---:|",
@@ -264,6 +271,10 @@ def main() -> int:
                                         "per image on a CPU) for the ratio that matters on a device."
                                         if args.model_dir is None else "this run used a real export."),
     ]
+    if noisy:
+        body += ["", "**Inconclusive ratio:** the pipeline came out faster than the bare encoder it contains, which "
+                 "only machine contention explains (see the load average and the spread of the runs); re-run on a "
+                 "quiet machine."]
     text = "\n".join(body)
     print(text)
     if args.write:

@@ -378,10 +378,22 @@ def decode(buf: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> TokenMessage:
     )
 
 
-def with_flags(buf: bytes, flags: int) -> bytes:
-    """Return an encoded message with its flags byte replaced and the CRC recomputed (no re-quantization)."""
-    if flags & ~KNOWN_FLAGS:
-        raise WireError("bad_flags", f"unknown flag bits in {flags!r}")
+def with_header(buf: bytes, *, flags: Optional[int] = None, seq: Optional[int] = None) -> bytes:
+    """Return an encoded message with its flags and/or seq replaced and the CRC recomputed (no re-quantization)."""
+    if len(buf) < FIXED_SIZE + CRC_SIZE or buf[:4] != MAGIC:
+        raise WireError("bad_magic", "not an encoded token message")
     b = bytearray(buf[:-CRC_SIZE])
-    b[7] = flags
+    if flags is not None:
+        if flags & ~KNOWN_FLAGS or flags < 0:
+            raise WireError("bad_flags", f"unknown flag bits in {flags!r}")
+        b[7] = flags
+    if seq is not None:
+        if not 0 <= seq < 2**32:
+            raise WireError("out_of_range", f"seq must be a uint32, got {seq!r}")
+        struct.pack_into("<I", b, 36, seq)
     return bytes(b) + struct.pack("<I", zlib.crc32(bytes(b)) & 0xFFFFFFFF)
+
+
+def with_flags(buf: bytes, flags: int) -> bytes:
+    """Return an encoded message with its flags byte replaced and the CRC recomputed."""
+    return with_header(buf, flags=flags)

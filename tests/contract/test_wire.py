@@ -122,6 +122,10 @@ def test_with_flags_marks_replay_without_requantizing() -> None:
     buf = encode(make_msg())
     re = wire.with_flags(buf, wire.FLAG_REPLAYED)
     assert decode(re).replayed and re[8:-4] == buf[8:-4]
+    s = wire.with_header(buf, seq=7)
+    assert decode(s).seq == 7 and s[:36] == buf[:36] and s[40:-4] == buf[40:-4]
+    with pytest.raises(WireError):
+        wire.with_header(buf, seq=2**32)
 
 
 # -- rejection reasons ----------------------------------------------------------------------------------------

@@ -138,6 +138,8 @@ class ValidationSpec(_Strict):
     max_abs_err_vs_torch: float
     max_rel_err_vs_torch: float
     tolerance: float
+    images_matching_torch: Optional[float] = None  # fraction of calibration images within tolerance
+    global_cosine_min_vs_torch: Optional[float] = None
     cosine_vs_unmerged_mean: Optional[float] = None
     cosine_vs_unmerged_min: Optional[float] = None
     ort_images_per_s: Optional[float] = None

@@ -28,7 +28,7 @@ system-deps:
 test: setup system-deps
 	$(BIN)/python -m pytest
 
-demo: setup
+demo: setup system-deps
 	$(BIN)/python -m demo --out $(DEMO_DIR)
 
 clean:

@@ -29,7 +29,7 @@ test: setup system-deps
 	$(BIN)/python -m pytest
 
 demo: setup
-	$(BIN)/python -m exporter.demo --out $(DEMO_DIR)
+	$(BIN)/python -m demo --out $(DEMO_DIR)
 
 clean:
 	rm -rf out .pytest_cache

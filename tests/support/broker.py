@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -41,8 +42,10 @@ class Mosquitto:
         self.host = "127.0.0.1"
         self.conf = self.workdir / "mosquitto.conf"
         self.log = self.workdir / "mosquitto.log"
+        # Started as root, mosquitto drops to user "mosquitto", which cannot read pytest's private tmp dirs.
+        run_as = "user root\n" if os.geteuid() == 0 else ""
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
+            run_as + f"listener {self.port} 127.0.0.1\n"
             f"allow_anonymous {'true' if allow_anonymous else 'false'}\n"
             f"persistence true\npersistence_location {self.workdir}/\n"
             "autosave_interval 1\n"

@@ -1,0 +1,40 @@
+"""NEU-DET retrieval evaluation: load the data set and score embeddings (1-NN accuracy, precision@10, mAP)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+NEU_DET = ROOT.parent / "shared" / "datasets" / "neu-det" / "images"
+
+
+def load_neu_det(folder: Path = NEU_DET) -> Tuple[List[Path], np.ndarray, List[str]]:
+    """Image paths, integer labels and class names (the class is the file name's prefix)."""
+    if not folder.is_dir():
+        raise SystemExit(f"NEU-DET not found at {folder} (expected ../shared/datasets/neu-det/images)")
+    paths = sorted(folder.glob("*.jpg"))
+    names = [p.stem.rsplit("_", 1)[0] for p in paths]
+    classes = sorted(set(names))
+    labels = np.array([classes.index(n) for n in names])
+    return paths, labels, classes
+
+
+def retrieval_metrics(emb: np.ndarray, labels: np.ndarray, k: int = 10) -> Dict[str, float]:
+    """Leave-one-out image-to-image retrieval with cosine similarity; class = relevance.
+
+    Returns 1-NN accuracy, precision@k and mAP (mean over queries of average precision over the full ranking).
+    """
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sim = e @ e.T
+    np.fill_diagonal(sim, -np.inf)
+    order = np.argsort(-sim, axis=1)[:, :-1]  # drop the query itself (last after -inf)
+    rel = labels[order] == labels[:, None]
+    nn1 = float(rel[:, 0].mean())
+    p_at_k = float(rel[:, :k].mean())
+    hits = np.cumsum(rel, axis=1)
+    ranks = np.arange(1, rel.shape[1] + 1)
+    ap = (rel * hits / ranks).sum(axis=1) / np.maximum(rel.sum(axis=1), 1)
+    return {"1nn": nn1, f"p@{k}": p_at_k, "map": float(ap.mean())}

@@ -1,0 +1,341 @@
+"""The agent: wires cameras -> frame hub -> batched inference -> results queue -> outbox writer -> MQTT link.
+
+Threads: one per camera, one inference thread (batches across cameras), one writer (quantize + encode + commit
+to the outbox, store the JPEG original), the MQTT publisher, the originals uploader and a stats/watchdog
+ticker. ``shutdown()`` stops capture, finishes the frames already sampled, commits them, tries to flush the
+outbox within ``shutdown_timeout_s`` and disconnects cleanly; anything unsent stays in the outbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Deque, Dict, List, Optional
+
+import numpy as np
+
+from edge_agent import health
+from edge_agent.capture import CameraWorker
+from edge_agent.config import AgentConfig
+from edge_agent.mqtt_link import MqttLink
+from edge_agent.originals import OriginalsStore, encode_jpeg
+from edge_agent.outbox import Outbox
+from edge_agent.queues import DropOldestQueue, FrameHub, Sample
+from edge_agent.runners import Runner, RunnerError, make_runner
+from tokenline import topics
+from tokenline.manifest import Manifest, ManifestError, verify_files
+from tokenline.preprocess import ImageError, preprocess
+from tokenline.wire import TokenMessage, WireError, encode, with_header
+
+log = logging.getLogger(__name__)
+
+
+class AgentError(RuntimeError):
+    """The agent cannot start (model, manifest, outbox)."""
+
+
+@dataclass
+class Result:
+    sample: Sample
+    global_embedding: np.ndarray
+    tokens: np.ndarray
+    sizes: np.ndarray
+    centroids: np.ndarray
+
+
+def load_model(cfg: AgentConfig) -> Manifest:
+    """Read (and optionally verify) the manifest; AgentError with the reason otherwise."""
+    try:
+        manifest = Manifest.from_file(cfg.model.dir)
+        if cfg.model.verify_files:
+            verify_files(manifest, cfg.model.dir)
+    except ManifestError as exc:
+        raise AgentError(f"model.dir: {exc}") from None
+    return manifest
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, runner: Optional[Runner] = None, manifest: Optional[Manifest] = None) -> None:
+        self.cfg = cfg
+        self.manifest = manifest or load_model(cfg)
+        self.manifest_hash = self.manifest.hash_bytes()
+        if runner is None:
+            try:
+                runner = make_runner(cfg.model, self.manifest, Path(cfg.model.dir))
+            except RunnerError as exc:
+                raise AgentError(str(exc)) from None
+        self.runner = runner
+        self.rois = {c.name: c.roi for c in cfg.cameras}
+        self.hub = FrameHub({c.name: c.queue_depth for c in cfg.cameras})
+        self.results: DropOldestQueue[Result] = DropOldestQueue(cfg.messages.results_queue)
+        self.outbox = Outbox(cfg.outbox.path, cfg.outbox.max_bytes, cfg.outbox.max_messages, cfg.outbox.synchronous)
+        self.originals = OriginalsStore(cfg.originals) if cfg.originals.enabled else None
+        self.link = MqttLink(cfg, self.outbox, self.manifest_hash.hex(), self.handle_command)
+        self._paused = False
+        self.capture_stop = threading.Event()
+        self.inference_done = threading.Event()
+        self.writer_done = threading.Event()
+        self.workers: Dict[str, CameraWorker] = {
+            c.name: CameraWorker(c, self.hub, self.capture_stop, lambda: self._paused) for c in cfg.cameras}
+        self._stats_stop = threading.Event()
+        self._threads: List[threading.Thread] = [
+            threading.Thread(target=self._inference_loop, name="inference", daemon=True),
+            threading.Thread(target=self._writer_loop, name="outbox-writer", daemon=True),
+        ]
+        self._ticker = threading.Thread(target=self._stats_loop, name="stats", daemon=True)
+        self.started = time.monotonic()
+        self.state = "created"
+        self.counters = {"inference_frames": 0, "inference_batches": 0, "inference_errors": 0,
+                         "preprocess_errors": 0, "encode_errors": 0, "originals_errors": 0,
+                         "commands_applied": 0}
+        self._latency: Deque[float] = deque(maxlen=512)
+        self._beat = {"inference": time.monotonic(), "writer": time.monotonic()}
+        self._final: Optional[dict] = None
+        self.health_server: Optional[health.HealthServer] = None
+        if cfg.health.http_port is not None:
+            try:
+                self.health_server = health.HealthServer(cfg.health.http_host, cfg.health.http_port, self.snapshot)
+            except OSError as exc:
+                raise AgentError(f"health.http_port: cannot listen on {cfg.health.http_host}:"
+                                 f"{cfg.health.http_port}: {exc.strerror or exc}") from None
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+    def start(self) -> "Agent":
+        self.state = "running"
+        for t in self._threads:
+            t.start()
+        self.link.start()
+        if self.originals is not None:
+            self.originals.start()
+        for w in self.workers.values():
+            w.start()
+        if self.health_server is not None:
+            self.health_server.start()
+        self._ticker.start()
+        health.sd_notify("READY=1")
+        log.info("agent %s/%s running: %d camera(s), runner %s, model %s (%s)", self.cfg.site, self.cfg.device,
+                 len(self.workers), self.runner.name, self.manifest.name, self.manifest_hash.hex())
+        return self
+
+    def shutdown(self) -> bool:
+        """Finish in-flight work, flush, disconnect. Returns True when the outbox was fully delivered."""
+        if self.state in ("stopping", "stopped"):
+            return self.outbox.count == 0
+        self.state = "stopping"
+        health.sd_notify("STOPPING=1")
+        deadline = time.monotonic() + self.cfg.shutdown_timeout_s
+        self.capture_stop.set()
+        for w in self.workers.values():
+            w.join(max(0.1, deadline - time.monotonic()))
+        for t in self._threads:
+            t.join(max(0.1, deadline - time.monotonic()))
+        flushed = self.link.flush(max(0.0, deadline - time.monotonic()))
+        if not flushed:
+            log.warning("shutdown: %d message(s) stay in the outbox for the next start", self.outbox.count)
+        self._stats_stop.set()
+        self._ticker.join(2)
+        self.link.stop()
+        if self.health_server is not None:
+            self.health_server.stop()
+        self.state = "stopped"
+        self._final = self.snapshot()
+        self._write_health_file()
+        if self.originals is not None:
+            self.originals.stop()
+        self.outbox.close()
+        self.runner.close()
+        log.info("agent stopped (outbox %s)", "empty" if flushed else "kept for replay")
+        return flushed
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    # -- commands ---------------------------------------------------------------------------------------------
+    def handle_command(self, cmd: topics.Command) -> None:
+        log.info("command %s camera=%s frame_id=%s request_id=%s", cmd.action, cmd.camera, cmd.frame_id,
+                 cmd.request_id)
+        if cmd.camera is not None and cmd.camera not in self.workers:
+            raise ValueError(f"unknown camera {cmd.camera!r}")
+        if cmd.action == "trigger":
+            for name, w in self.workers.items():
+                if cmd.camera in (None, name):
+                    w.sampler.trigger()
+        elif cmd.action == "pause":
+            self._paused = True
+        elif cmd.action == "resume":
+            self._paused = False
+        elif cmd.action == "request_original":
+            if self.originals is None or not self.originals.request(cmd.frame_id or ""):
+                raise ValueError(f"original {cmd.frame_id} is not in the local store")
+        self.counters["commands_applied"] += 1
+
+    # -- inference --------------------------------------------------------------------------------------------
+    def _inference_loop(self) -> None:
+        spec = self.manifest.input
+        m = self.cfg.model
+        try:
+            while True:
+                self._beat["inference"] = time.monotonic()
+                batch = self.hub.take_batch(m.batch_size, 0.2, m.batch_timeout_ms / 1000.0)
+                if not batch:
+                    if self.capture_stop.is_set() and not any(w.is_alive() for w in self.workers.values()):
+                        if not any(self.hub.depths().values()):
+                            return
+                    continue
+                pixels, good = [], []
+                for s in batch:
+                    try:
+                        pixels.append(preprocess(s.frame, spec, self.rois.get(s.camera)))
+                        good.append(s)
+                    except ImageError as exc:
+                        self.counters["preprocess_errors"] += 1
+                        self.workers[s.camera].stats.errors += 1
+                        log.warning("camera %s: frame not usable: %s", s.camera, exc)
+                if not good:
+                    continue
+                try:
+                    out = self.runner.run(np.stack(pixels))
+                except Exception as exc:  # noqa: BLE001 - a failing batch is counted, the loop goes on
+                    self.counters["inference_errors"] += 1
+                    log.error("inference failed on a batch of %d: %s", len(good), exc)
+                    time.sleep(0.05)
+                    continue
+                self.counters["inference_batches"] += 1
+                self.counters["inference_frames"] += len(good)
+                for i, s in enumerate(good):
+                    self.results.put(Result(s, out.global_embedding[i], out.tokens[i], out.sizes[i],
+                                            out.centroids[i]))
+        finally:
+            self.inference_done.set()
+
+    # -- outbox writer ----------------------------------------------------------------------------------------
+    def _message_bytes(self, r: Result) -> bytes:
+        s = r.sample
+        msg = TokenMessage(frame_id=s.frame_id, device=self.cfg.device, site=self.cfg.site, line=s.line,
+                           camera=s.camera, capture_ts_us=s.capture_ts_us, seq=0, manifest_hash=self.manifest_hash,
+                           global_embedding=r.global_embedding, tokens=r.tokens, sizes=r.sizes,
+                           centroids=np.clip(r.centroids, 0.0, 1.0), token_dtype=self.cfg.messages.token_dtype)
+        return encode(msg)
+
+    def _writer_loop(self) -> None:
+        try:
+            while True:
+                self._beat["writer"] = time.monotonic()
+                items = self.results.get_many(64, 0.2)
+                if not items:
+                    if self.inference_done.is_set() and not len(self.results):
+                        return
+                    continue
+                entries = []
+                for r in items:
+                    try:
+                        buf = self._message_bytes(r)
+                    except WireError as exc:
+                        self.counters["encode_errors"] += 1
+                        log.error("camera %s: cannot encode frame %s: %s (%s)", r.sample.camera,
+                                  r.sample.frame_id.hex(), exc, exc.reason)
+                        continue
+                    topic = topics.tokens_topic(self.cfg.site, r.sample.line, r.sample.camera)
+                    entries.append((r.sample.camera, topic, lambda seq, b=buf: with_header(b, seq=seq)))
+                if entries:
+                    self.outbox.put_many(entries)
+                    self.link.wake()
+                now = time.monotonic()
+                for r in items:
+                    self._latency.append((now - r.sample.t_captured) * 1000.0)
+                if self.originals is not None:
+                    for r in items:
+                        try:
+                            self.originals.put(r.sample.frame_id,
+                                               encode_jpeg(r.sample.frame, self.cfg.originals.jpeg_quality))
+                        except Exception as exc:  # noqa: BLE001 - a full disk must not stop the tokens
+                            self.counters["originals_errors"] += 1
+                            log.error("cannot store original %s: %s", r.sample.frame_id.hex(), exc)
+        except Exception:  # noqa: BLE001 - e.g. the outbox disk failed: log loudly, health goes red
+            log.exception("outbox writer failed")
+            self.state = "failed"
+        finally:
+            self.writer_done.set()
+
+    # -- stats / health ---------------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        if self._final is not None:
+            return self._final
+        lat = sorted(self._latency)
+
+        def pct(p: float) -> float:
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))], 2) if lat else 0.0
+
+        depths = self.hub.depths()
+        cams = {}
+        for name, w in self.workers.items():
+            d = w.stats.as_dict()
+            d.update(queue_depth=depths.get(name, 0), queue_dropped=self.hub.dropped.get(name, 0))
+            cams[name] = d
+        link = self.link.stats()
+        problems = []
+        now = time.monotonic()
+        if self.state == "running":
+            for k, t in self._beat.items():
+                if now - t > 10:
+                    problems.append(f"{k} thread stalled for {now - t:.0f}s")
+        for t in self._threads:
+            if self.state == "running" and not t.is_alive():
+                problems.append(f"{t.name} thread died")
+        if not link["connected"]:
+            problems.append("MQTT not connected")
+        for name, d in cams.items():
+            if d["state"] in ("reopening", "failed"):
+                problems.append(f"camera {name} {d['state']}")
+        snap = {
+            "device": self.cfg.device, "site": self.cfg.site, "ts": time.time(),
+            "uptime_s": round(now - self.started, 1), "state": self.state,
+            "status": "ok" if not problems and self.state == "running" else "degraded", "problems": problems,
+            "mqtt_connected": link["connected"], "paused": self._paused, "runner": self.runner.name,
+            "model": {"name": self.manifest.name, "hash": self.manifest_hash.hex()},
+            "cameras": cams,
+            "inference": {"frames": self.counters["inference_frames"], "batches": self.counters["inference_batches"],
+                          "errors": self.counters["inference_errors"],
+                          "preprocess_errors": self.counters["preprocess_errors"],
+                          "latency_ms_p50": pct(0.5), "latency_ms_p95": pct(0.95)},
+            "queues": {"frames": {"depth": sum(depths.values()), "capacity": sum(self.hub.capacity.values()),
+                                  "dropped": sum(self.hub.dropped.values())},
+                       "results": {"depth": len(self.results), "capacity": self.results.capacity,
+                                   "dropped": self.results.dropped}},
+            "outbox": dict(self.outbox.stats(), published=link["published"], inflight=link["inflight"],
+                           publish_errors=link["publish_errors"], encode_errors=self.counters["encode_errors"]),
+            "originals": (dict(self.originals.stats(), errors=self.counters["originals_errors"])
+                          if self.originals is not None else None),
+            "commands": {"received": self.link.commands_received, "rejected": self.link.commands_rejected,
+                         "applied": self.counters["commands_applied"]},
+        }
+        return snap
+
+    def _write_health_file(self) -> None:
+        if self.cfg.health.file is not None:
+            try:
+                health.write_health_file(self.cfg.health.file, self.snapshot())
+            except OSError as exc:
+                log.warning("cannot write health file %s: %s", self.cfg.health.file, exc)
+
+    def _stats_loop(self) -> None:
+        wd = health.watchdog_interval_s() if self.cfg.health.watchdog else None
+        tick = min(self.cfg.stats_interval_s, wd) if wd else self.cfg.stats_interval_s
+        last_stats = 0.0
+        while not self._stats_stop.wait(tick if last_stats else 0.5):
+            try:
+                snap = self.snapshot()
+                now = time.monotonic()
+                if now - last_stats >= self.cfg.stats_interval_s - 1e-3 or not last_stats:
+                    last_stats = now
+                    self.link.publish_stats(snap)
+                    self._write_health_file()
+                if wd and not any("thread" in p for p in snap["problems"]):
+                    health.sd_notify("WATCHDOG=1")
+            except Exception:  # noqa: BLE001
+                log.exception("stats tick failed")

@@ -1,0 +1,146 @@
+"""Command line of the edge agent: ``tokenline-edge run --config``, ``check-config``, ``simulate``.
+
+Exit codes: 0 ok (also after SIGTERM with a clean shutdown), 2 bad configuration/model, 1 other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from edge_agent import __version__
+from edge_agent.config import AgentConfig, ConfigError, load_config, parse_config
+
+log = logging.getLogger("edge_agent")
+
+
+def _say(text: str) -> None:
+    try:
+        from rich.console import Console  # optional: nicer output when installed
+
+        Console(highlight=False).print(text)
+    except ImportError:
+        print(text)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _check(cfg: AgentConfig, load_runner: bool) -> str:
+    """Validate what the config points at (manifest, files, runner); returns a summary; raises on problems."""
+    from edge_agent.agent import AgentError, load_model
+    from edge_agent.runners import RunnerError, make_runner
+
+    manifest = load_model(cfg)
+    lines = [f"model {manifest.name!r} ({manifest.hash_bytes().hex()}): input {manifest.input.width}x"
+             f"{manifest.input.height} {manifest.input.color_order}, K={manifest.summary.k}, D={manifest.embedding_dim}"]
+    if load_runner:
+        try:
+            runner = make_runner(cfg.model, manifest, Path(cfg.model.dir))
+        except RunnerError as exc:
+            raise AgentError(str(exc)) from None
+        lines.append(f"runner {runner.name}, batch sizes {list(runner.batch_sizes) or 'dynamic'}")
+        runner.close()
+    for c in cfg.cameras:
+        lines.append(f"camera {c.name} (line {c.line}): {c.source.kind}, sampling {c.sampling.mode}")
+    lines.append(f"mqtt {cfg.mqtt.host}:{cfg.mqtt.port} tls={cfg.mqtt.tls.enabled} as {cfg.client_id}; "
+                 f"tokens {cfg.messages.token_dtype}; outbox {cfg.outbox.path} (max {cfg.outbox.max_bytes} B)")
+    return "\n".join(lines)
+
+
+def run_agent(cfg: AgentConfig, until_idle: bool = False) -> int:
+    """Run until SIGTERM/SIGINT (or, with ``until_idle``, until every source ended and the outbox is empty)."""
+    from edge_agent.agent import Agent
+
+    agent = Agent(cfg).start()
+    stop = threading.Event()
+
+    def _on_signal(signum, frame) -> None:  # noqa: ARG001
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    while not stop.wait(0.5):
+        if until_idle and all(w.stats.state == "ended" for w in agent.workers.values()) \
+                and agent.outbox.count == 0 and not len(agent.results) and not any(agent.hub.depths().values()):
+            break
+    flushed = agent.shutdown()
+    snap = agent.snapshot()
+    _say(f"stopped: {snap['inference']['frames']} frames encoded, outbox pending {snap['outbox']['pending']}"
+         f"{'' if flushed else ' (kept for replay)'}")
+    return 0
+
+
+def simulate_config(args: argparse.Namespace) -> AgentConfig:
+    work = Path(args.workdir)
+    cams = [{"name": f"cam-{i + 1}", "line": args.line,
+             "source": {"kind": "synthetic", "fps": args.fps, "seed": i, "max_frames": args.frames,
+                        "width": 320, "height": 240},
+             "sampling": {"mode": "every_nth", "every_nth": 1}} for i in range(args.cameras)]
+    data = {"device": args.device, "site": args.site, "model": {"dir": str(args.model_dir)}, "cameras": cams,
+            "messages": {"token_dtype": args.token_dtype},
+            "mqtt": {"host": args.mqtt_host, "port": args.mqtt_port},
+            "outbox": {"path": str(work / "outbox.sqlite")},
+            "originals": {"dir": str(work / "originals")},
+            "health": {"http_port": None, "file": str(work / "health.json")},
+            "stats_interval_s": 2.0, "log_level": args.log_level}
+    return parse_config(data, where="simulate")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="tokenline-edge", description="tokenline edge agent")
+    p.add_argument("--version", action="version", version=f"tokenline-edge {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the agent (daemon)")
+    r.add_argument("--config", required=True, type=Path)
+    c = sub.add_parser("check-config", help="validate a configuration and the model it points at")
+    c.add_argument("--config", required=True, type=Path)
+    c.add_argument("--no-runner", action="store_true", help="do not load the model into the runner")
+    s = sub.add_parser("simulate", help="run with synthetic conveyor cameras (demo, tests)")
+    s.add_argument("--model-dir", required=True, type=Path)
+    s.add_argument("--mqtt-host", default="127.0.0.1")
+    s.add_argument("--mqtt-port", type=int, default=1883)
+    s.add_argument("--cameras", type=int, default=2)
+    s.add_argument("--fps", type=float, default=5.0)
+    s.add_argument("--frames", type=int, default=None, help="frames per camera, then stop (default: run forever)")
+    s.add_argument("--token-dtype", choices=("int8", "int4", "fp16"), default="int8")
+    s.add_argument("--workdir", type=Path, default=Path("out/edge-sim"))
+    s.add_argument("--device", default="sim-01")
+    s.add_argument("--site", default="demo")
+    s.add_argument("--line", default="line-1")
+    s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    args = p.parse_args(argv)
+
+    from edge_agent.agent import AgentError
+
+    try:
+        if args.cmd == "simulate":
+            cfg = simulate_config(args)
+        else:
+            cfg = load_config(args.config)
+        _setup_logging(cfg.log_level)
+        if args.cmd == "check-config":
+            summary = _check(cfg, load_runner=not args.no_runner)
+            _say(f"[bold green]configuration OK[/bold green]: {args.config}\n{summary}")
+            return 0
+        _say(f"[bold]tokenline-edge {__version__}[/bold] {cfg.site}/{cfg.device}: {len(cfg.cameras)} camera(s), "
+             f"MQTT {cfg.mqtt.host}:{cfg.mqtt.port}")
+        return run_agent(cfg, until_idle=args.cmd == "simulate" and args.frames is not None)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except AgentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

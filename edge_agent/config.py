@@ -1,0 +1,297 @@
+"""Typed configuration of the edge agent: one YAML file, validated once at start, unknown keys rejected.
+
+Every key and its default is listed here and in ``docs/edge.md``; ``load_config`` raises ``ConfigError`` whose
+message names each offending key (``cameras[1].source.url: ...``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List, Literal, Optional, Tuple, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be read or does not validate; the message names the keys."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- sources --------------------------------------------------------------------------------------------------
+class UsbSource(_Strict):
+    """A V4L2/USB camera by index (``cv2.VideoCapture(index)``)."""
+
+    kind: Literal["usb"]
+    index: int = Field(0, ge=0)
+    width: Optional[int] = Field(None, gt=0)
+    height: Optional[int] = Field(None, gt=0)
+
+
+class UrlSource(_Strict):
+    """An RTSP/HTTP(S) stream (``cv2.VideoCapture(url, CAP_FFMPEG)``)."""
+
+    kind: Literal["url"]
+    url: str = Field(pattern=r"^(rtsp|rtsps|http|https)://")
+
+
+class GstreamerSource(_Strict):
+    """A GStreamer pipeline ending in ``appsink`` (Jetson CSI cameras: nvarguscamerasrc ...)."""
+
+    kind: Literal["gstreamer"]
+    pipeline: str = Field(min_length=1)
+
+    @field_validator("pipeline")
+    @classmethod
+    def _appsink(cls, v: str) -> str:
+        if "appsink" not in v:
+            raise ValueError("a GStreamer pipeline for OpenCV must end in appsink")
+        return v
+
+
+class FileSource(_Strict):
+    """A video file; ``loop`` restarts it at the end, ``pace`` reads at the file's own frame rate."""
+
+    kind: Literal["file"]
+    path: Path
+    loop: bool = False
+    pace: bool = True
+
+
+class FolderSource(_Strict):
+    """A folder watched for new image files (oldest first); each file is one frame."""
+
+    kind: Literal["folder"]
+    path: Path
+    pattern: str = "*.jpg"
+    poll_s: float = Field(0.2, gt=0)
+    delete_after_read: bool = False
+
+
+class SyntheticSource(_Strict):
+    """A synthetic conveyor camera: parts with defects drawn by OpenCV (demos and tests)."""
+
+    kind: Literal["synthetic"]
+    width: int = Field(320, ge=32, le=4096)
+    height: int = Field(240, ge=32, le=4096)
+    fps: float = Field(10.0, gt=0, le=1000)
+    seed: int = 0
+    defect_rate: float = Field(0.3, ge=0, le=1)
+    max_frames: Optional[int] = Field(None, ge=1)  # the source ends after this many frames
+    corrupt_every: Optional[int] = Field(None, ge=1)  # every Nth frame is garbage (tests)
+    fail_after: Optional[int] = Field(None, ge=1)  # the camera "disconnects" after N frames, then reopens
+
+
+Source = Union[UsbSource, UrlSource, GstreamerSource, FileSource, FolderSource, SyntheticSource]
+
+
+class Sampling(_Strict):
+    """Which captured frames are encoded: at most ``max_fps``, every Nth, or one per trigger command."""
+
+    mode: Literal["max_fps", "every_nth", "trigger"] = "max_fps"
+    max_fps: float = Field(5.0, gt=0)
+    every_nth: int = Field(1, ge=1)
+
+
+class Backoff(_Strict):
+    initial_s: float = Field(0.5, gt=0)
+    max_s: float = Field(30.0, gt=0)
+    factor: float = Field(2.0, ge=1)
+
+
+class Camera(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    line: str = Field(pattern=NAME_PATTERN)
+    source: Source = Field(discriminator="kind")
+    sampling: Sampling = Sampling()
+    roi: Optional[Tuple[int, int, int, int]] = None  # x, y, w, h in pixels of the captured frame
+    reopen: Backoff = Backoff()
+    queue_depth: int = Field(4, ge=1, le=1024)  # frames waiting for inference; oldest dropped beyond
+
+    @field_validator("roi")
+    @classmethod
+    def _roi(cls, v: Optional[Tuple[int, int, int, int]]) -> Optional[Tuple[int, int, int, int]]:
+        if v is not None and (v[0] < 0 or v[1] < 0 or v[2] <= 0 or v[3] <= 0):
+            raise ValueError("roi is [x, y, w, h] with x, y >= 0 and w, h > 0")
+        return v
+
+
+# -- model ----------------------------------------------------------------------------------------------------
+class Model(_Strict):
+    dir: Path  # directory with manifest.json and the files it lists
+    runner: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+    # "auto": TensorRT, CUDA, then CPU execution providers, whichever this onnxruntime build has
+    providers: List[str] = Field(default_factory=lambda: ["auto"])
+    engine: Optional[Path] = None  # serialized TensorRT engine (runner: tensorrt)
+    batch_size: int = Field(4, ge=1, le=256)  # frames per inference across cameras
+    batch_timeout_ms: float = Field(10.0, ge=0)  # wait this long to fill a batch
+    threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads; 0 = its default
+    verify_files: bool = True  # check sha256 of every file the manifest lists at start
+
+
+class Messages(_Strict):
+    token_dtype: Literal["int8", "int4", "fp16"] = "int8"
+    results_queue: int = Field(64, ge=1)  # encoded frames waiting for the outbox writer; oldest dropped beyond
+    message_expiry_s: Optional[int] = Field(None, ge=1)  # MQTT 5 message expiry interval
+
+
+class Tls(_Strict):
+    enabled: bool = False
+    ca_file: Optional[Path] = None
+    cert_file: Optional[Path] = None  # client certificate (mutual TLS)
+    key_file: Optional[Path] = None
+    insecure: bool = False  # skip host name verification (testing only)
+
+    @model_validator(mode="after")
+    def _pair(self) -> "Tls":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class Mqtt(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: Optional[str] = None  # default: tokenline-edge-<device>
+    username: Optional[str] = None
+    password: Optional[str] = None
+    password_file: Optional[Path] = None
+    keepalive_s: int = Field(30, ge=5)
+    tls: Tls = Tls()
+    inflight: int = Field(32, ge=1, le=65535)  # unacknowledged QoS 1 messages at once
+    reconnect_min_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _password(self) -> "Mqtt":
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        return self
+
+
+class Outbox(_Strict):
+    path: Path = Path("/var/lib/tokenline-edge/outbox.sqlite")
+    max_bytes: int = Field(512 * 1024 * 1024, ge=1024)  # payload bytes kept; oldest evicted beyond
+    max_messages: int = Field(1_000_000, ge=1)
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"  # FULL: durable on power loss; NORMAL: on process crash
+
+
+class Upload(_Strict):
+    policy: Literal["all", "every_nth", "none", "on_request"] = "none"
+    every_nth: int = Field(10, ge=1)
+    url: Optional[str] = Field(None, pattern=r"^https?://")  # central's base URL, e.g. http://central:8080
+    token: Optional[str] = None
+    token_file: Optional[Path] = None
+    ca_file: Optional[Path] = None
+    timeout_s: float = Field(10.0, gt=0)
+    retry_min_s: float = Field(1.0, gt=0)
+    retry_max_s: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _needs_url(self) -> "Upload":
+        if self.policy != "none" and self.url is None:
+            raise ValueError(f"policy {self.policy!r} needs url (central's base URL); use policy: none otherwise")
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("give token or token_file, not both")
+        return self
+
+
+class Originals(_Strict):
+    enabled: bool = True
+    dir: Path = Path("/var/lib/tokenline-edge/originals")
+    jpeg_quality: int = Field(90, ge=1, le=100)
+    max_age_s: float = Field(7 * 86400, gt=0)
+    max_bytes: int = Field(10 * 1024**3, ge=1024)
+    upload: Upload = Upload()
+
+
+class HealthCfg(_Strict):
+    http_host: str = "127.0.0.1"
+    http_port: Optional[int] = Field(8765, ge=0, le=65535)  # None disables; 0 picks a free port
+    file: Optional[Path] = None  # JSON written every stats interval
+    watchdog: bool = True  # sd_notify WATCHDOG=1 when $NOTIFY_SOCKET / $WATCHDOG_USEC are set
+
+
+class AgentConfig(_Strict):
+    device: str = Field(pattern=NAME_PATTERN)
+    site: str = Field(pattern=NAME_PATTERN)
+    model: Model
+    cameras: List[Camera] = Field(min_length=1)
+    messages: Messages = Messages()
+    mqtt: Mqtt = Mqtt()
+    outbox: Outbox = Outbox()
+    originals: Originals = Originals()
+    health: HealthCfg = HealthCfg()
+    stats_interval_s: float = Field(10.0, gt=0)
+    shutdown_timeout_s: float = Field(10.0, gt=0)  # SIGTERM: time to finish in-flight work and flush
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _unique_cameras(self) -> "AgentConfig":
+        names = [c.name for c in self.cameras]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"camera names must be unique, repeated: {dup}")
+        return self
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or f"tokenline-edge-{self.device}"
+
+
+def _loc(loc: Tuple[Any, ...]) -> str:
+    out = ""
+    kinds = {"usb", "url", "gstreamer", "file", "folder", "synthetic"}
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in kinds and i > 0 and loc[i - 1] == "source":
+            continue  # the discriminated-union tag pydantic inserts
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+def parse_config(data: Any, where: str = "<config>") -> AgentConfig:
+    """Validate a loaded mapping; ConfigError lists ``key: problem`` per error."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{where}: invalid configuration:"]
+        for err in exc.errors():
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (not allowed)"
+            lines.append(f"  {_loc(err['loc'])}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: Path | str) -> AgentConfig:
+    """Read and validate a YAML configuration file. Relative paths inside stay as written."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {p}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    return parse_config(data, where=str(p))
+
+
+def read_secret(value: Optional[str], file: Optional[Path], what: str) -> Optional[str]:
+    """The secret given inline or in a file (stripped); ConfigError when the file cannot be read."""
+    if file is None:
+        return value
+    try:
+        return Path(file).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {file}: {exc.strerror or exc}") from None

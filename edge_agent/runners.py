@@ -1,0 +1,219 @@
+"""Encoder runners behind one interface: ONNX Runtime (TensorRT/CUDA/CPU providers) and native TensorRT.
+
+A runner takes float32 pixels [B, 3, H, W] and returns ``EncoderOutputs`` checked against the manifest
+(shapes, dtype, finite values). A model whose inputs/outputs disagree with its manifest is refused at load
+with a ``RunnerError`` that says which tensor differs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Protocol, Sequence
+
+import numpy as np
+
+from tokenline import manifest as mf
+
+log = logging.getLogger(__name__)
+
+
+class RunnerError(RuntimeError):
+    """The model cannot be loaded or produced unusable output."""
+
+
+class RunnerUnavailable(RunnerError):
+    """The runner's library (e.g. TensorRT) is not installed on this machine."""
+
+
+@dataclass
+class EncoderOutputs:
+    global_embedding: np.ndarray  # [B, D]
+    tokens: np.ndarray  # [B, K, D]
+    sizes: np.ndarray  # [B, K]
+    centroids: np.ndarray  # [B, K, 2]
+
+    def __len__(self) -> int:
+        return int(self.global_embedding.shape[0])
+
+
+class Runner(Protocol):
+    """What the agent needs from an inference backend."""
+
+    name: str
+    batch_sizes: Sequence[int]  # fixed batch sizes the model accepts; [] = any
+
+    def run(self, pixels: np.ndarray) -> EncoderOutputs: ...
+
+    def close(self) -> None: ...
+
+
+def check_outputs(outs: Sequence[np.ndarray], b: int, k: int, d: int) -> EncoderOutputs:
+    """Validate raw outputs (in manifest order) for a batch of ``b``; RunnerError names the bad tensor."""
+    want = [(b, d), (b, k, d), (b, k), (b, k, 2)]
+    if len(outs) != 4:
+        raise RunnerError(f"model returned {len(outs)} outputs, expected 4 {mf.OUTPUT_NAMES}")
+    fixed = []
+    for name, arr, shape in zip(mf.OUTPUT_NAMES, outs, want):
+        arr = np.asarray(arr)
+        if tuple(arr.shape) != shape:
+            raise RunnerError(f"output {name} has shape {tuple(arr.shape)}, manifest says {shape}")
+        arr = arr.astype(np.float32, copy=False)
+        if not np.all(np.isfinite(arr)):
+            raise RunnerError(f"output {name} contains NaN or Inf")
+        fixed.append(arr)
+    return EncoderOutputs(*fixed)
+
+
+def pad_batch(pixels: np.ndarray, sizes: Sequence[int]) -> List[np.ndarray]:
+    """Split/pad a batch to the model's fixed batch sizes (smallest size that fits, else the largest in chunks)."""
+    if not sizes:
+        return [pixels]
+    sizes = sorted(sizes)
+    out = []
+    i, n = 0, pixels.shape[0]
+    while i < n:
+        rest = n - i
+        size = next((s for s in sizes if s >= rest), sizes[-1])
+        chunk = pixels[i : i + size]
+        if chunk.shape[0] < size:
+            pad = np.zeros((size - chunk.shape[0],) + chunk.shape[1:], dtype=chunk.dtype)
+            chunk = np.concatenate([chunk, pad], axis=0)
+        out.append(chunk)
+        i += size
+    return out
+
+
+def resolve_providers(requested: Sequence[str], available: Sequence[str]) -> List[str]:
+    """``["auto"]`` -> TensorRT, CUDA, CPU (those available); explicit lists must all be available."""
+    if list(requested) == ["auto"]:
+        order = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [p for p in order if p in available] or ["CPUExecutionProvider"]
+    missing = [p for p in requested if p not in available]
+    if missing:
+        raise RunnerError(f"model.providers: {missing} not available in this onnxruntime build (has {list(available)})")
+    return list(requested)
+
+
+class OnnxRuntimeRunner:
+    """ONNX Runtime session(s) for the manifest's encoder file(s), one per fixed batch size (or one dynamic)."""
+
+    def __init__(self, model_dir: Path, manifest: mf.Manifest, providers: Sequence[str] = ("auto",),
+                 threads: int = 0, cache_dir: Optional[Path] = None) -> None:
+        import onnxruntime as ort  # the agent imports it lazily so that check-config stays fast
+
+        self.manifest = manifest
+        self.k, self.d = manifest.summary.k, manifest.embedding_dim
+        self.providers = resolve_providers(list(providers), ort.get_available_providers())
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        prov_args: List[object] = []
+        for p in self.providers:
+            if p == "TensorrtExecutionProvider" and cache_dir is not None:
+                prov_args.append((p, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+                                      "trt_fp16_enable": manifest.precision != "fp32"}))
+            else:
+                prov_args.append(p)
+        files = [f for f in manifest.files if f.role == "encoder"]
+        if not files:
+            raise RunnerError(f"manifest {manifest.name!r} lists no encoder file")
+        self.sessions = {}
+        for f in files:
+            path = Path(model_dir) / f.path
+            try:
+                sess = ort.InferenceSession(str(path), sess_options=opts, providers=prov_args)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+                raise RunnerError(f"cannot load {path}: {exc}") from None
+            self._check_io(sess, path)
+            self.sessions[f.batch] = sess
+        self.batch_sizes = sorted(b for b in self.sessions if b is not None)
+        if None in self.sessions:
+            self.batch_sizes = []
+        self.name = f"onnxruntime[{','.join(p.replace('ExecutionProvider', '') for p in self.providers)}]"
+
+    def _check_io(self, sess, path: Path) -> None:
+        spec = self.manifest.input
+        ins = sess.get_inputs()
+        if len(ins) != 1 or ins[0].name != spec.name:
+            raise RunnerError(f"{path}: inputs {[i.name for i in ins]}, manifest says [{spec.name!r}]")
+        shape = ins[0].shape
+        if len(shape) != 4 or shape[1] != 3 or shape[2] != spec.height or shape[3] != spec.width:
+            raise RunnerError(f"{path}: input shape {shape}, manifest says [B, 3, {spec.height}, {spec.width}]")
+        names = tuple(o.name for o in sess.get_outputs())
+        if names != mf.OUTPUT_NAMES:
+            raise RunnerError(f"{path}: outputs {names}, manifest says {mf.OUTPUT_NAMES}")
+        want = [(self.d,), (self.k, self.d), (self.k,), (self.k, 2)]
+        for o, w in zip(sess.get_outputs(), want):
+            tail = tuple(o.shape[1:])
+            if all(isinstance(x, int) for x in tail) and tail != w:
+                raise RunnerError(f"{path}: output {o.name} is [B, {', '.join(map(str, tail))}], "
+                                  f"manifest says [B, {', '.join(map(str, w))}]")
+
+    def run(self, pixels: np.ndarray) -> EncoderOutputs:
+        n = pixels.shape[0]
+        parts = []
+        for chunk in pad_batch(pixels, self.batch_sizes):
+            sess = self.sessions[None] if not self.batch_sizes else self.sessions[chunk.shape[0]]
+            raw = sess.run(None, {self.manifest.input.name: chunk})
+            parts.append(check_outputs(raw, chunk.shape[0], self.k, self.d))
+        cat = [np.concatenate([getattr(p, f) for p in parts])[:n]
+               for f in ("global_embedding", "tokens", "sizes", "centroids")]
+        return EncoderOutputs(*cat)
+
+    def close(self) -> None:
+        self.sessions.clear()
+
+
+class TensorRTRunner:
+    """Native TensorRT engine runner (JetPack). Imports ``tensorrt`` lazily.
+
+    Today it loads the serialized engine with TensorRT's documented API and checks its I/O tensors against the
+    manifest; execution (device buffers, ``execute_async_v3``) arrives with the engine loader that is being
+    written in ``exporter/trt/engine.py`` (to be vendored here: the edge never imports the exporter). Until
+    then ``run`` raises ``RunnerUnavailable``; use ``runner: onnxruntime`` (with the TensorRT execution provider
+    on a Jetson) instead.
+    """
+
+    def __init__(self, engine_path: Path, manifest: mf.Manifest) -> None:
+        try:
+            import tensorrt as trt  # noqa: PLC0415
+        except ImportError as exc:
+            raise RunnerUnavailable(
+                f"model.runner 'tensorrt' needs the tensorrt Python package (JetPack), which is not importable "
+                f"here ({exc}); use model.runner: onnxruntime") from None
+        self.manifest = manifest
+        self.name = f"tensorrt[{trt.__version__}]"
+        self.batch_sizes: List[int] = list(manifest.batch_sizes)
+        path = Path(engine_path)
+        if not path.is_file():
+            raise RunnerError(f"model.engine: {path} does not exist")
+        logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(logger)
+        engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise RunnerError(f"{path}: TensorRT could not deserialize the engine (built for another GPU/TensorRT?)")
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        want = {manifest.input.name, *mf.OUTPUT_NAMES}
+        if set(names) != want:
+            raise RunnerError(f"{path}: engine tensors {names}, manifest says {sorted(want)}")
+        self.engine = engine
+
+    def run(self, pixels: np.ndarray) -> EncoderOutputs:
+        raise RunnerUnavailable("native TensorRT execution is not wired yet (engine loader pending in "
+                                "exporter/trt/engine.py); use model.runner: onnxruntime")
+
+    def close(self) -> None:
+        self.engine = None
+
+
+def make_runner(model_cfg, manifest: mf.Manifest, model_dir: Path) -> Runner:
+    """Build the runner named by ``model.runner``."""
+    if model_cfg.runner == "tensorrt":
+        if model_cfg.engine is None:
+            raise RunnerError("model.engine: required when model.runner is 'tensorrt'")
+        return TensorRTRunner(model_cfg.engine, manifest)
+    return OnnxRuntimeRunner(model_dir, manifest, providers=model_cfg.providers, threads=model_cfg.threads,
+                             cache_dir=Path(model_dir) / "trt_cache")

@@ -1,0 +1,57 @@
+"""Human summary of an export: the final tables the CLI prints (tokens per block, GFLOPs, speed, errors)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from exporter.export import ExportResult
+
+
+def _fmt(v: object, spec: str = ".3g") -> str:
+    return "-" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def render_result(result: ExportResult, console: Console) -> None:
+    t, m = result.table, result.manifest
+    merged = t["tokens_per_block"]
+    unmerged = t.get("tokens_per_block_unmerged")
+    blocks = Table(title="tokens per block", show_lines=False)
+    blocks.add_column("block", justify="right")
+    if unmerged:
+        blocks.add_column("unmerged", justify="right")
+    blocks.add_column("merged", justify="right")
+    blocks.add_column("r", justify="right")
+    for i, (n, r) in enumerate(zip(merged, t["r_per_block"])):
+        row = [str(i)] + ([str(unmerged[i])] if unmerged else []) + [str(n), str(r)]
+        blocks.add_row(*row)
+    console.print(blocks)
+
+    summary = Table(title=f"{m.name}: {m.family}, {m.precision}, merge={m.merge.method} alpha={m.merge.alpha:g}, K={m.summary.k}")
+    summary.add_column("metric")
+    summary.add_column("unmerged", justify="right")
+    summary.add_column("merged", justify="right")
+    summary.add_column("ratio", justify="right")
+    g0, g1 = t.get("gflops_unmerged"), t["gflops"]
+    s0, s1 = t.get("ort_images_per_s_unmerged"), t["ort_images_per_s"]
+    summary.add_row("GFLOPs / image", _fmt(g0, ".2f"), _fmt(g1, ".2f"), _fmt(g0 / g1 if g0 else None, ".2f") + "x" if g0 else "-")
+    summary.add_row("ONNX Runtime CPU images/s", _fmt(s0, ".1f"), _fmt(s1, ".1f"), _fmt(s1 / s0, ".2f") + "x" if s0 else "-")
+    summary.add_row("cosine vs unmerged (mean / min)", "1", f"{_fmt(t.get('cosine_vs_unmerged_mean'), '.4f')} / "
+                    f"{_fmt(t.get('cosine_vs_unmerged_min'), '.4f')}", "")
+    summary.add_row("max abs error vs torch", "", _fmt(t["max_abs_err_vs_torch"], ".2e"), "")
+    summary.add_row("summary token error vs torch (1-cos)", "", _fmt(t["token_err_vs_torch"], ".2e"), "")
+    console.print(summary)
+
+    if result.trt_verdict:
+        trt = Table(title="TensorRT parser compatibility")
+        trt.add_column("target")
+        trt.add_column("verdict")
+        trt.add_column("problems")
+        for target, report in result.trt_verdict.items():
+            ok = getattr(report, "ok", None)
+            problems = getattr(report, "problems", [])
+            trt.add_row(target, "[green]ok[/]" if ok else "[red]fails[/]",
+                        "; ".join(getattr(p, "message", str(p)) for p in problems[:3]) or "-")
+        console.print(trt)
+    files = ", ".join(f.path for f in m.files)
+    console.print(f"manifest: {result.manifest_path}  (hash {m.hash()[:16]})\nfiles: {files}")

@@ -1,0 +1,94 @@
+"""Configuration: valid files load with documented defaults; malformed ones get errors naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edge_agent.cli import main
+from edge_agent.config import ConfigError, load_config, parse_config
+from tests.edge.conftest import agent_config, synthetic_camera
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def good(tmp_path: Path, model: Path) -> dict:
+    return agent_config(tmp_path, model, 1883, [synthetic_camera("cam-1")])
+
+
+def test_valid_config_and_defaults(tmp_path: Path, tiny_model_dir: Path) -> None:
+    p = tmp_path / "edge.yaml"
+    p.write_text(yaml.safe_dump(good(tmp_path, tiny_model_dir)))
+    cfg = load_config(p)
+    assert cfg.client_id == "tokenline-edge-edge-test"
+    assert cfg.messages.token_dtype == "int8" and cfg.mqtt.inflight == 32 and cfg.outbox.max_bytes == 512 * 2**20
+    assert cfg.originals.upload.policy == "none" and cfg.cameras[0].sampling.mode == "every_nth"
+
+
+@pytest.mark.parametrize("mutate,key,msg", [
+    (lambda d: d.update(colour="red"), "colour", "unknown key"),
+    (lambda d: d["mqtt"].update(prot=1), "mqtt.prot", "unknown key"),
+    (lambda d: d["mqtt"].update(port=70000), "mqtt.port", "less than or equal"),
+    (lambda d: d.pop("device"), "device", "Field required"),
+    (lambda d: d.update(site="bad/site"), "site", "pattern"),
+    (lambda d: d["cameras"][0]["source"].update(fps="fast"), "cameras[0].source.fps", "number"),
+    (lambda d: d["cameras"][0]["source"].update(kind="webcam"), "cameras[0].source", "kind"),
+    (lambda d: d["cameras"][0].update(roi=[0, 0, 0, 5]), "cameras[0].roi", "w, h > 0"),
+    (lambda d: d["cameras"][0].update(sampling={"mode": "sometimes"}), "cameras[0].sampling.mode", "Input should be"),
+    (lambda d: d["cameras"].append(dict(d["cameras"][0])), "<root>", "unique"),
+    (lambda d: d.update(cameras=[]), "cameras", "at least 1"),
+    (lambda d: d["messages"].__setitem__("token_dtype", "int2") if "messages" in d else
+     d.update(messages={"token_dtype": "int2"}), "messages.token_dtype", "Input should be"),
+    (lambda d: d["originals"].update(upload={"policy": "all"}), "originals.upload", "needs url"),
+    (lambda d: d["mqtt"].update(tls={"enabled": True, "cert_file": "c.pem"}), "mqtt.tls", "go together"),
+    (lambda d: d["cameras"][0].update(source={"kind": "url", "url": "ftp://x"}), "cameras[0].source.url", "pattern"),
+    (lambda d: d["cameras"][0].update(source={"kind": "gstreamer", "pipeline": "videotestsrc ! fakesink"}),
+     "cameras[0].source.pipeline", "appsink"),
+])
+def test_malformed_configs_name_the_key(tmp_path: Path, tiny_model_dir: Path, mutate, key: str, msg: str) -> None:
+    d = good(tmp_path, tiny_model_dir)
+    mutate(d)
+    with pytest.raises(ConfigError) as e:
+        parse_config(d, where="edge.yaml")
+    text = str(e.value)
+    assert f"  {key}: " in text and msg in text, text
+
+
+def test_unreadable_and_non_yaml_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("device: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_check_config_cli(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
+    p = tmp_path / "edge.yaml"
+    p.write_text(yaml.safe_dump(good(tmp_path, tiny_model_dir)))
+    assert main(["check-config", "--config", str(p)]) == 0
+    assert "configuration OK" in capsys.readouterr().out
+    d = good(tmp_path, tiny_model_dir)
+    d["model"]["dir"] = str(tmp_path / "nowhere")
+    p.write_text(yaml.safe_dump(d))
+    assert main(["check-config", "--config", str(p)]) == 2
+    assert "model.dir" in capsys.readouterr().err
+    d = good(tmp_path, tiny_model_dir)
+    d["outbox"]["max_bytes"] = 10
+    p.write_text(yaml.safe_dump(d))
+    assert main(["check-config", "--config", str(p)]) == 2
+    assert "outbox.max_bytes" in capsys.readouterr().err
+
+
+def test_check_config_as_a_real_process(tmp_path: Path) -> None:
+    (tmp_path / "e.yaml").write_text("device: d\nsite: s\nmodel: {dir: m}\ncameras: []\nbogus: 1\n")
+    r = subprocess.run([sys.executable, "-m", "edge_agent", "check-config", "--config", str(tmp_path / "e.yaml")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "cameras: List should have at least 1 item" in r.stderr and "bogus: unknown key" in r.stderr

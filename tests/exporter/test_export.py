@@ -1,0 +1,117 @@
+"""Export pipeline on tiny random ViTs: ONNX Runtime round trip, static shapes, no scatter, manifest, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from exporter.export import ExportError, ExportOptions, export_encoder
+from exporter.vit import MergeConfig, ViT, ViTConfig
+from tokenline import manifest as mf
+
+
+def tiny_vit(seed: int = 0, **kw) -> ViT:
+    torch.manual_seed(seed)
+    cfg = ViTConfig(image_size=(48, 48), patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_hidden=64, **kw)
+    vit = ViT(cfg)
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.normal_(0, 0.1)
+    return vit.eval()
+
+
+def _export(vit: ViT, out: Path, merge: MergeConfig, **opts) -> "mf.Manifest":
+    opts.setdefault("bench_runs", 2)
+    o = ExportOptions(out_dir=out, name="tiny", calib_count=4, **opts)
+    return export_encoder(vit, merge, o, family="timm_vit", source_path="tiny.safetensors", source_sha256="a" * 64)
+
+
+@pytest.mark.parametrize("merge", [MergeConfig(k=4), MergeConfig(r=6, alpha=5.0, k=4), MergeConfig(r=6, alpha=0.0, k=4)],
+                         ids=["unmerged", "turbo", "tome"])
+def test_round_trip_fixed_batch_static_and_scatter_free(tmp_path: Path, merge: MergeConfig) -> None:
+    import onnxruntime as ort
+
+    vit = tiny_vit(num_registers=1)
+    res = _export(vit, tmp_path, merge, batch_sizes=[2])
+    man = mf.Manifest.from_file(tmp_path)
+    assert man == res.manifest
+    mf.verify_files(man, tmp_path)
+    enc = man.file("encoder", batch=2)
+    model = onnx.load(str(tmp_path / enc.path))
+    ops = {n.op_type for n in model.graph.node}
+    assert not ops & {"ScatterElements", "ScatterND", "Scatter", "LayerNormalization"}
+    # every value in the graph has a fully static shape
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        assert all(d.HasField("dim_value") for d in dims), f"{vi.name} has a dynamic dimension"
+    # ONNX Runtime agrees with torch
+    x = torch.randn(2, 3, 48, 48)
+    sess = ort.InferenceSession(str(tmp_path / enc.path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"pixels": x.numpy()})
+    with torch.no_grad():
+        want = [t.numpy() for t in vit(x)]
+    assert [o.name for o in sess.get_outputs()] == list(mf.OUTPUT_NAMES)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+    g, s, sz, c = got
+    assert g.shape == (2, 32) and s.shape == (2, 4, 32) and sz.shape == (2, 4) and c.shape == (2, 4, 2)
+    np.testing.assert_allclose(sz.sum(-1), 36.0)  # 6x6 patches, all accounted for
+    assert (c >= 0).all() and (c <= 1).all()
+    np.testing.assert_allclose(np.linalg.norm(g, axis=-1), 1.0, rtol=1e-5)
+    assert man.merge.method == ("none" if not merge.r else "turbo" if merge.alpha else "tome")
+    assert man.merge.tokens_per_block[0] == 36 + 2  # [CLS] + 1 register never merged
+    if merge.r:
+        assert man.merge.tokens_per_block == [38, 32, 26] and man.merge.final_tokens == 20
+        assert man.file("encoder_unmerged").batch == 2
+        assert 0.0 < res.table["cosine_vs_unmerged_min"] <= 1.0 + 1e-6
+        assert res.table["gflops"] < res.table["gflops_unmerged"]
+
+
+def test_dynamic_batch_and_fp16(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    vit = tiny_vit(1)
+    res = _export(vit, tmp_path, MergeConfig(r=4, alpha=5.0, k=4), batch_sizes=[], precision="fp16",
+                  export_unmerged=False)
+    man = res.manifest
+    assert man.precision == "fp16" and man.batch_sizes == [] and man.outputs[0].shape == (-1, 32)
+    sess = ort.InferenceSession(str(tmp_path / man.file("encoder").path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 48, 48)
+    g, s, sz, c = sess.run(None, {"pixels": x.numpy()})
+    assert g.dtype == np.float32 and g.shape == (3, 32) and s.shape == (3, 4, 32)
+    with torch.no_grad():
+        ref = vit(x)[0].numpy()
+    assert (g * ref).sum(-1).min() > 0.999  # fp16 keeps the global embedding
+    model = onnx.load(str(tmp_path / man.file("encoder").path))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+
+
+def test_export_fails_over_tolerance(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="disagrees with torch"):
+        _export(tiny_vit(), tmp_path, MergeConfig(k=4), batch_sizes=[1], precision="fp16", tolerance=0.0)
+
+
+def test_export_errors_are_clear(tmp_path: Path, ) -> None:
+    with pytest.raises(ExportError, match="does not exist"):
+        _export(tiny_vit(), tmp_path, MergeConfig(k=4), calib_dir=tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="holds no images"):
+        _export(tiny_vit(), tmp_path, MergeConfig(k=4), calib_dir=tmp_path / "empty")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ExportError, match="no readable calibration images"):
+        _export(tiny_vit(), tmp_path, MergeConfig(k=4), calib_dir=tmp_path / "bad")
+    with pytest.raises(ExportError, match="precision"):
+        _export(tiny_vit(), tmp_path, MergeConfig(k=4), precision="int3")
+
+
+def test_calibration_on_real_images(tmp_path: Path, neu_det_dir: Path) -> None:
+    res = _export(tiny_vit(), tmp_path, MergeConfig(r=6, alpha=5.0, k=4), calib_dir=neu_det_dir, batch_sizes=[4])
+    assert res.manifest.validation is not None
+    assert res.manifest.validation.max_abs_err_vs_torch < 1e-4
+    assert res.table["ort_images_per_s"] > 0 and res.table["ort_images_per_s_unmerged"] > 0

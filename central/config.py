@@ -34,7 +34,6 @@ class MqttConfig(_Strict):
     tls_key: Optional[str] = None
     keepalive_s: int = Field(30, gt=0)
     session_expiry_s: int = Field(7 * 24 * 3600, ge=0)  # broker keeps queued messages this long offline
-    topic_root: str = "tokenline/v1"
 
 
 class IngestConfig(_Strict):

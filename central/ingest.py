@@ -199,6 +199,7 @@ class IngestWorker:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
         self.client = c
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = mqtt_cfg.session_expiry_s
@@ -216,8 +217,15 @@ class IngestWorker:
                 (topics.STATUS_FILTER, SubscribeOptions(qos=1)),
                 (topics.STATS_FILTER, SubscribeOptions(qos=1))]
         client.subscribe(subs)
-        log.info("connected to %s:%d (session present: %s), subscribed as group %r", self.mqtt_cfg.host,
-                 self.mqtt_cfg.port, flags.session_present, group)
+        log.info("connected to %s:%d (session present: %s)", self.mqtt_cfg.host, self.mqtt_cfg.port,
+                 flags.session_present)
+
+    def _on_subscribe(self, _c, _ud, _mid, reason_codes, _props) -> None:  # noqa: ANN001
+        bad = [str(rc) for rc in reason_codes if rc.is_failure]
+        if bad:
+            log.error("subscription refused: %s", ", ".join(bad))
+            return
+        log.info("subscribed as group %r (shared tokens, status, stats)", self.mqtt_cfg.group)
         self.connected.set()
 
     def _on_disconnect(self, _c, _ud, _flags, reason_code, _props) -> None:  # noqa: ANN001

@@ -72,15 +72,22 @@ class BlobStore:
     def read(self, key: str) -> bytes:
         return self.path(key).read_bytes()
 
-    def delete(self, key: str) -> bool:
-        """Remove a blob; False when it was already gone (a resumed sweep)."""
+    def delete(self, key: str, sync: bool = True) -> bool:
+        """Remove a blob; False when it was already gone (a resumed sweep). ``sync=False`` leaves the
+        directory fsync to the caller (``sync_dirs``), so a batch of deletions costs one fsync per directory."""
         p = self.path(key)
         try:
             p.unlink()
         except FileNotFoundError:
             return False
-        _fsync_dir(p.parent)
+        if sync:
+            _fsync_dir(p.parent)
         return True
+
+    def sync_dirs(self, keys: "list[str]") -> None:
+        for d in {self.path(k).parent for k in keys}:
+            if d.is_dir():
+                _fsync_dir(d)
 
     def iter_blobs(self) -> Iterator[Tuple[str, float]]:
         """``(key, mtime)`` of every stored blob (not temporaries)."""

@@ -92,8 +92,9 @@ def _finish_deleting(engine: Engine, blobs: BlobStore, report: SweepReport, limi
                 shared = set(s.scalars(select(Original.sha256).where(Original.sha256.in_(shas),
                                                                      Original.state == "kept")))
             for r in rows:
-                if r.sha256 not in shared and blobs.delete(r.location):
+                if r.sha256 not in shared and blobs.delete(r.location, sync=False):
                     report.blobs_unlinked += 1
+            blobs.sync_dirs([r.location for r in rows])  # durable before the rows become tombstones
             with Session(engine) as s, s.begin():
                 s.execute(update(Original).where(Original.frame_id.in_([r.frame_id for r in rows]),
                                                  Original.state == "deleting")

@@ -217,11 +217,23 @@ def get_frame(engine: Engine, frame_id: str) -> Optional[FrameData]:
 
 
 def get_frames(engine: Engine, ids: Sequence[int], dim: int) -> Dict[int, FrameData]:
-    """Frames by surrogate ``id`` (search results), arrays decoded."""
+    """Frames by surrogate ``id`` (search candidates), tokens decoded; the global embedding is not read
+    (the kNN stage already scored it), so ``global_embedding`` is empty here."""
     if not ids:
         return {}
-    with Session(engine) as s:
-        return {f.id: decode_frame(f, dim) for f in s.scalars(select(Frame).where(Frame.id.in_(list(ids))))}
+    cols = (Frame.id, Frame.frame_id, Frame.model_id, Frame.device, Frame.site, Frame.line, Frame.camera,
+            Frame.capture_us, Frame.received_us, Frame.seq, Frame.flags, Frame.token_dtype, Frame.legal_hold,
+            Frame.k, Frame.tokens, Frame.sizes, Frame.centroids)
+    out: Dict[int, FrameData] = {}
+    empty = np.zeros(0, np.float32)
+    with engine.connect() as conn:
+        for r in conn.execute(select(*cols).where(Frame.id.in_(list(ids)))):
+            k = int(r.k)
+            out[r.id] = FrameData(r.frame_id, r.model_id, r.device, r.site, r.line, r.camera, r.capture_us,
+                                  r.received_us, r.seq, r.flags, r.token_dtype, bool(r.legal_hold), empty,
+                                  unpack_tokens(r.tokens, k, dim), unpack_f32(r.sizes, (k,)),
+                                  unpack_f32(r.centroids, (k, 2)))
+    return out
 
 
 def set_legal_hold(engine: Engine, frame_id: str, hold: bool) -> bool:

@@ -40,8 +40,7 @@ def _load_all(engine):
     from sql.models import Frame
 
     with Session(engine) as s:
-        ids = list(s.scalars(select(Frame.id)))
-    return list(store.get_frames(engine, ids, 384).values())
+        return [store.decode_frame(f, 384) for f in s.scalars(select(Frame))]
 
 
 def _brute(frames, model, q, flt, k):

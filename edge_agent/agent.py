@@ -9,6 +9,7 @@ outbox within ``shutdown_timeout_s`` and disconnects cleanly; anything unsent st
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -72,8 +73,15 @@ class Agent:
         self.rois = {c.name: c.roi for c in cfg.cameras}
         self.hub = FrameHub({c.name: c.queue_depth for c in cfg.cameras})
         self.results: DropOldestQueue[Result] = DropOldestQueue(cfg.messages.results_queue)
-        self.outbox = Outbox(cfg.outbox.path, cfg.outbox.max_bytes, cfg.outbox.max_messages, cfg.outbox.synchronous)
-        self.originals = OriginalsStore(cfg.originals) if cfg.originals.enabled else None
+        try:
+            self.outbox = Outbox(cfg.outbox.path, cfg.outbox.max_bytes, cfg.outbox.max_messages,
+                                 cfg.outbox.synchronous)
+        except (OSError, sqlite3.Error) as exc:
+            raise AgentError(f"outbox.path: cannot open {cfg.outbox.path}: {exc}") from None
+        try:
+            self.originals = OriginalsStore(cfg.originals) if cfg.originals.enabled else None
+        except (OSError, sqlite3.Error) as exc:
+            raise AgentError(f"originals.dir: cannot use {cfg.originals.dir}: {exc}") from None
         self.link = MqttLink(cfg, self.outbox, self.manifest_hash.hex(), self.handle_command)
         self._paused = False
         self.capture_stop = threading.Event()

@@ -95,8 +95,7 @@ class MqttLink:
         log.info("MQTT connected to %s:%d", self.cfg.mqtt.host, self.cfg.mqtt.port)
         client.publish(self.status_topic, topics.STATUS_ONLINE, qos=1, retain=True)
         client.subscribe(self.cmd_topic, qos=1)
-        if self._connects > 1:
-            self._remark = True
+        self._remark = True  # rows that waited for this connection go out flagged as replayed
         self.connected.set()
         self._wake.set()
 

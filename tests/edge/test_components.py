@@ -322,3 +322,42 @@ def test_health_server_and_file(tmp_path: Path) -> None:
         srv.stop()
     health.write_health_file(tmp_path / "h" / "health.json", snap)
     assert json.loads((tmp_path / "h" / "health.json").read_text())["status"] == "degraded"
+
+
+def test_video_file_source_reads_to_the_end_or_loops(tmp_path: Path) -> None:
+    from edge_agent.sources import CvCaptureSource
+
+    path = tmp_path / "clip.avi"
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (96, 64))
+    assert vw.isOpened(), "OpenCV cannot write MJPG/AVI here"
+    for i in range(5):
+        vw.write(draw_conveyor_frame(i, 96, 64))
+    vw.release()
+    src = CvCaptureSource(C.FileSource(kind="file", path=path, pace=False))
+    src.open()
+    frames = [src.read() for _ in range(5)]
+    assert all(f.shape == (64, 96, 3) for f in frames)
+    with pytest.raises(SourceEnded):
+        src.read()
+    src.close()
+    loop = CvCaptureSource(C.FileSource(kind="file", path=path, pace=False, loop=True))
+    loop.open()
+    assert len([loop.read() for _ in range(12)]) == 12
+    loop.close()
+    with pytest.raises(SourceError, match="does not exist"):
+        CvCaptureSource(C.FileSource(kind="file", path=tmp_path / "none.avi")).open()
+    with pytest.raises(SourceError, match="cannot open"):
+        (tmp_path / "junk.avi").write_bytes(b"junk" * 100)
+        CvCaptureSource(C.FileSource(kind="file", path=tmp_path / "junk.avi")).open()
+
+
+def test_edge_agent_never_imports_torch_or_the_exporter() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, edge_agent.cli, edge_agent.agent, edge_agent.runners, tokenline.wire, tokenline.topics; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'exporter')]; print(bad); "
+            "sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr

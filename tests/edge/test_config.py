@@ -92,3 +92,21 @@ def test_check_config_as_a_real_process(tmp_path: Path) -> None:
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "cameras: List should have at least 1 item" in r.stderr and "bogus: unknown key" in r.stderr
+
+
+def test_shipped_example_config_validates() -> None:
+    cfg = load_config(ROOT / "deploy" / "edge" / "edge.example.yaml")
+    assert [c.source.kind for c in cfg.cameras] == ["gstreamer", "url", "usb"]
+    unit = (ROOT / "deploy" / "systemd" / "tokenline-edge.service").read_text()
+    assert "Type=notify" in unit and "WatchdogSec=" in unit and "tokenline-edge run --config" in unit
+
+
+def test_unusable_outbox_path_is_a_clear_startup_error(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    d = good(tmp_path, tiny_model_dir)
+    d["outbox"]["path"] = str(blocker / "outbox.sqlite")
+    p = tmp_path / "edge.yaml"
+    p.write_text(yaml.safe_dump(d))
+    assert main(["run", "--config", str(p)]) == 2
+    assert "outbox.path: cannot open" in capsys.readouterr().err

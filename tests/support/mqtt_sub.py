@@ -23,7 +23,7 @@ class Collector:
         self.messages: List[wire.TokenMessage] = []
         self.raw: List[Tuple[str, bytes, bool]] = []  # (topic, payload, retain) of non-token topics
         self.errors: List[Tuple[str, str]] = []
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.connected = threading.Event()
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                                   client_id=f"test-sub-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)

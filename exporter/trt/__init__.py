@@ -1,0 +1,1 @@
+"""TensorRT path of the exporter: compatibility check (no TensorRT needed), INT8 QDQ, engine build and load."""

@@ -1,0 +1,50 @@
+"""The agent through a secured broker: TLS, password from a file, per-device ACLs (deploy/broker generator)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from edge_agent.agent import Agent
+from edge_agent.config import parse_config
+from tests.deploy.test_broker_acl import Conn, secured  # noqa: F401 - the fixture is used by name
+from tests.edge.conftest import agent_config, synthetic_camera
+from tokenline import topics, wire
+
+
+def test_tls_password_and_acl_refusals_are_kept(secured, tmp_path: Path, tiny_model_dir: Path) -> None:  # noqa: F811
+    broker, tls_port, ca, pw = secured
+    (tmp_path / "mqtt.pw").write_text(pw["jetson-a"] + "\n")
+    central = Conn(tls_port, "central", pw["central"], ca).connect()
+    assert central.subscribe(topics.TOKENS_FILTER) == 1
+    cams = [synthetic_camera("cam1", frames=6, line="line1"),
+            synthetic_camera("cam9", seed=9, frames=3, line="line1")]  # not in the ACL: the broker refuses it
+    cfg = agent_config(tmp_path, tiny_model_dir, tls_port, cams, device="jetson-a", site="plant1",
+                       mqtt={"username": "jetson-a", "password_file": str(tmp_path / "mqtt.pw"),
+                             "tls": {"enabled": True, "ca_file": str(ca)}})
+    agent = Agent(parse_config(cfg)).start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (len({p for _, p in central.messages}) < 6
+                                               or agent.outbox.rejected < 3 or agent.outbox.count):
+            time.sleep(0.05)
+        # Mosquitto answers a refused publish with PUBACK 0x87 and then drops the connection, so messages in
+        # flight at that moment are sent again (QoS 1 duplicates): consumers dedupe by frame id.
+        got, seen = [], set()
+        for _, p in central.messages:
+            m = wire.decode(p)
+            if m.frame_id not in seen:
+                seen.add(m.frame_id)
+                got.append(m)
+        assert [m.seq for m in got if m.camera == "cam1"] == list(range(6))
+        assert all(m.camera == "cam1" for m in got)
+        assert agent.outbox.rejected == 3 and agent.outbox.count == 0
+        assert agent.snapshot()["outbox"]["publish_errors"] == 3
+    finally:
+        agent.shutdown()
+        central.close()
+    db = sqlite3.connect(str(tmp_path / "outbox.sqlite"))
+    rows = db.execute("SELECT camera, seq, reason, payload FROM rejected ORDER BY seq").fetchall()
+    assert [(r[0], r[1]) for r in rows] == [("cam9", 0), ("cam9", 1), ("cam9", 2)]
+    assert "authori" in rows[0][2].lower() and wire.decode(rows[0][3]).camera == "cam9"  # kept for inspection

@@ -81,17 +81,23 @@ class Encoder:
         if spec is None:
             raise EncoderError(400, "no_text_tower", f"model {self.model.name!r} has no text tower; "
                                "search by example image instead")
-        if spec.tokenizer != "hf_tokenizer_json":
-            raise EncoderError(501, "tokenizer", f"tokenizer {spec.tokenizer!r} is not supported by central yet "
-                               "(export the text tower with a tokenizer.json)")
         import onnxruntime as ort
-        from tokenizers import Tokenizer
 
-        files = spec.tokenizer_files or ["tokenizer.json"]
-        tok = Tokenizer.from_file(str(self.dir / files[0]))
-        tok.enable_truncation(spec.context_length)
-        tok.enable_padding(length=spec.context_length, pad_id=spec.pad_id)
-        self._tokenizer = tok
+        if not spec.tokenizer_files:
+            raise EncoderError(503, "tokenizer", f"model {self.model.name!r}: the export ships no tokenizer files")
+        path = self.dir / spec.tokenizer_files[0]
+        if spec.tokenizer == "open_clip_bpe":
+            from central.clip_bpe import ClipBpeTokenizer
+
+            bpe = ClipBpeTokenizer(path)
+            self._tokenizer = lambda text: bpe(text, spec.context_length)
+        else:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(path))
+            tok.enable_truncation(spec.context_length)
+            tok.enable_padding(length=spec.context_length, pad_id=spec.pad_id)
+            self._tokenizer = lambda text: np.asarray([tok.encode(text).ids], np.int64)
         self._text = ort.InferenceSession(str(self.dir / spec.onnx), providers=self.runner.providers)
 
     def encode_text(self, text: str) -> np.ndarray:
@@ -104,7 +110,7 @@ class Encoder:
                 self._load_text()
             spec = self.model.manifest.text
             assert spec is not None and self._tokenizer is not None
-            ids = np.asarray([self._tokenizer.encode(text).ids], np.int64)
+            ids = self._tokenizer(text)
             feeds = {spec.input_name: ids}
             names = [i.name for i in self._text.get_inputs()]
             if "attention_mask" in names:

@@ -32,7 +32,7 @@ class Embedding(TypeDecorator):
             return None
         arr = np.asarray(value, dtype=np.float32).reshape(-1)
         if dialect.name == "postgresql":
-            return arr
+            return arr.tolist()  # pgvector's fast path for lists (its ndarray path is ~5x slower)
         return arr.astype("<f4").tobytes()
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Optional[np.ndarray]:

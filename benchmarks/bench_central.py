@@ -229,6 +229,9 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     tmp = Path(tempfile.mkdtemp(prefix="tokenline-bench-"))
+    import os
+
+    load_before = os.getloadavg()
     kinds = ["sqlite"] + ([] if args.no_postgres else ["postgresql"])
     backends = Backends(tmp, not args.no_postgres)
     try:
@@ -241,7 +244,11 @@ def main() -> int:
         backends.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    lines = [f"Synthetic frames, K={K} summary tokens, D={D}; int8 tokens on the wire ({len(encode(messages(manifest, 1, np.random.default_rng(0))[0], 'int8')):,} B/message).",
+    load_after = os.getloadavg()
+    lines = [f"Load average (1/5/15 min) before: {load_before[0]:.1f}/{load_before[1]:.1f}/{load_before[2]:.1f}, "
+             f"after: {load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f} on {os.cpu_count()} cores — this "
+             "machine is shared with other engineers' test runs, so absolute latencies are pessimistic and noisy.", "",
+             f"Synthetic frames, K={K} summary tokens, D={D}; int8 tokens on the wire ({len(encode(messages(manifest, 1, np.random.default_rng(0))[0], 'int8')):,} B/message).",
              "", "### Ingest through Mosquitto (one worker, batches of <= 100, commit then ack)", "",
              "| backend | messages | msg/s (median of %d) |" % args.runs, "|---|---:|---:|"]
     for k in kinds:

@@ -297,7 +297,7 @@ def render_metrics(engine: Engine, m: Metrics) -> str:
 
     counters = store.counter_totals(engine)
     for name in sorted(counters):
-        add(f"tokenline_ingest_{name}_total", "counter", f"ingest {name.replace('_', ' ')} (all workers)",
+        add(f"tokenline_{name}_total", "counter", f"{name.replace('_', ' ')} (all ingest workers and sweepers)",
             [({}, counters[name])])
     st = store.table_stats(engine)
     add("tokenline_frames", "gauge", "frames stored per model", [({"model_id": k}, v) for k, v in st["frames"].items()])

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from central.blobs import BlobStore
 from central.config import RetentionConfig
 from central.originals import DAY_US
-from central.store import now_us
+from central.store import FRAMES_DELETED, add_counters, now_us
 from sql.models import Frame, Original
 
 log = logging.getLogger(__name__)
@@ -178,8 +178,11 @@ def _sweep_tokens(engine: Engine, cfg: RetentionConfig, now: int) -> int:
                 ids = list(s.scalars(select(Frame.id).where(where, _frame_free()).limit(cfg.batch)))
                 if not ids:
                     break
-                deleted += s.execute(delete(Frame).where(Frame.id.in_(ids)),
-                                     execution_options={"synchronize_session": False}).rowcount
+                n = s.execute(delete(Frame).where(Frame.id.in_(ids)),
+                              execution_options={"synchronize_session": False}).rowcount
+                # same transaction: search's in-memory indexes watch this counter to notice deletions
+                add_counters(s, "retention", {FRAMES_DELETED: n})
+                deleted += n
     return deleted
 
 

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
 from central.config import SearchConfig
-from central.store import FrameData, ModelInfo, get_frames
+from central.store import FRAMES_DELETED, FrameData, ModelInfo, counter_total, get_frames
 from sql.db import is_postgres
 from sql.models import Frame
 
@@ -106,6 +106,7 @@ class MemoryIndex:
         self.place: Dict[str, np.ndarray] = {k: np.zeros(0, np.int32) for k in ("site", "line", "camera")}
         self.codes: Dict[str, Dict[str, int]] = {k: {} for k in ("site", "line", "camera")}
         self.last_id = 0
+        self.deletions = -1  # deletion counter seen at the last load; -1 = never loaded
         self.lock = threading.Lock()
 
     def _code(self, kind: str, value: str) -> int:
@@ -135,18 +136,21 @@ class MemoryIndex:
         self.last_id = int(ids[-1])
 
     def sync(self) -> None:
+        """Cheap check per query: the largest id (appends) and the deletion counter the sweeper bumps in the
+        transaction that deletes frames (deletions -> full reload). Rows deleted behind central's back (manual
+        SQL) are noticed only after a restart."""
         with self.lock:
             with Session(self.engine) as s:
-                n, mx = s.execute(select(func.count(), func.max(Frame.id)).where(Frame.model_id == self.model_id)).one()
-            n, mx = int(n), int(mx or 0)
-            if n == len(self.ids) and mx == self.last_id:
-                return
-            self._load(self.last_id)
-            if n != len(self.ids):
-                log.info("model %d: %d rows in the index, %d in the table; reloading", self.model_id,
-                         len(self.ids), n)
+                mx = int(s.scalar(select(func.max(Frame.id)).where(Frame.model_id == self.model_id)) or 0)
+                gen = counter_total(s, FRAMES_DELETED)
+            if gen != self.deletions:
+                if self.deletions >= 0:
+                    log.info("model %d: frames were deleted; reloading the index", self.model_id)
                 self.__init__(self.engine, self.model_id, self.dim)  # type: ignore[misc]
+                self.deletions = gen
                 self._load(0)
+            elif mx != self.last_id:
+                self._load(self.last_id)
 
     def knn(self, q: np.ndarray, k: int, f: Filters) -> List[Tuple[int, float]]:
         self.sync()

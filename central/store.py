@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 ROLES = ("viewer", "device", "admin")
+FRAMES_DELETED = "frames_deleted"  # counter bumped in the transaction that deletes frame rows
 
 
 def now_us() -> int:
@@ -265,6 +266,10 @@ def add_counters(session: Session, worker: str, deltas: Dict[str, int]) -> None:
         if not n:
             session.add(Counter(worker=worker, name=name, value=v))
     session.flush()
+
+
+def counter_total(session: Session, name: str) -> int:
+    return int(session.scalar(select(func.coalesce(func.sum(Counter.value), 0)).where(Counter.name == name)) or 0)
 
 
 def counter_totals(engine: Engine) -> Dict[str, int]:

@@ -161,3 +161,25 @@ def test_search_by_example_image_finds_the_frame(engine, tiny_manifest, tiny_mod
     with pytest.raises(EncoderError) as ei:
         enc.encode_text("scratch")
     assert ei.value.reason == "no_text_tower"
+
+
+def test_index_follows_appends_and_sweeper_deletions(engine, tiny_manifest, tmp_path):
+    from central.blobs import BlobStore
+    from central.config import parse_config
+    from central.retention import sweep
+
+    model, msgs, rng, _ = _populate(engine, tiny_manifest, n=300)  # capture times T0 .. T0+299 s
+    searcher = Searcher(engine, SearchConfig(rerank=False, max_results=1000))
+    q = Query(model.id, msgs[0].global_embedding)
+    assert len(searcher.search(model, q, 1000)) == 300
+    extra = [make_message(tiny_manifest, rng, seq=1000 + i, ts_us=T0 + 10**9) for i in range(5)]
+    with Session(engine) as s, s.begin():
+        store.insert_frames(s, [store.frame_row(m, model.id, T0) for m in extra])
+    assert len(searcher.search(model, q, 1000)) == 305  # appended rows are seen at once
+    now = T0 + 150 * 1_000_000 + 10 * 86_400_000_000  # frames older than T0+150 s are past 10 days
+    rep = sweep(engine, BlobStore(tmp_path / "o"), parse_config(
+        {"retention": {"originals_days": 1, "tokens_days": 10}}).retention, now=now)
+    assert rep.tokens_deleted == 150
+    hits = searcher.search(model, q, 1000)
+    assert len(hits) == 155 and min(h.frame.capture_us for h in hits) >= T0 + 150 * 1_000_000
+    assert store.counter_totals(engine)["frames_deleted"] == 150

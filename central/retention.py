@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
-from sqlalchemy import Engine, and_, delete, exists, func, not_, or_, select, tuple_, update
+from sqlalchemy import Engine, and_, delete, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from central.blobs import BlobStore

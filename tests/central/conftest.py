@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Optional
 
 import numpy as np
 import pytest

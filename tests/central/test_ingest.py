@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
-import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 

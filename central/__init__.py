@@ -1,0 +1,1 @@
+"""tokenline central: ingests token messages into SQL, searches them by example image or text, keeps originals."""

@@ -1,0 +1,133 @@
+"""Central's configuration: one typed, validated document (YAML or JSON); every default is defined here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be read or does not validate; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseConfig(_Strict):
+    # SQLite (embedded default, WAL) or postgresql://... (pgvector required).
+    url: str = "sqlite:///central.db"
+
+
+class MqttConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, gt=0, lt=65536)
+    client_id: str = Field("central-ingest-1", min_length=1, max_length=128)  # stable: the session is persistent
+    group: str = Field("central", pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # shared-subscription group
+    username: Optional[str] = None
+    password: Optional[str] = None
+    tls_ca: Optional[str] = None  # CA file; enables TLS when set
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    keepalive_s: int = Field(30, gt=0)
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=0)  # broker keeps queued messages this long offline
+
+
+class IngestConfig(_Strict):
+    batch_max: int = Field(100, gt=0)  # keep <= the broker's max_inflight_messages (unacked QoS 1 limit)
+    batch_linger_ms: int = Field(200, ge=0)  # longest a received message waits for its batch to commit
+    max_message_bytes: int = Field(65536, gt=0)
+    dead_letter_max_bytes: int = Field(65536, ge=0)  # raw bytes kept per dead letter
+    allowed_token_dtypes: List[Literal["int8", "int4", "fp16"]] = ["int8", "int4", "fp16"]
+    retry_backoff_max_s: float = Field(30.0, gt=0)  # database unavailable: retry the batch, never ack early
+
+
+class LineOverride(_Strict):
+    site: str
+    line: str
+    originals_days: Optional[float] = Field(None, ge=0)
+    tokens_days: Optional[float] = Field(None, ge=0)
+
+
+class RetentionConfig(_Strict):
+    originals_days: float = Field(30.0, ge=0)
+    originals_max_bytes: Optional[int] = Field(None, gt=0)  # size cap, oldest deleted first
+    tokens_days: float = Field(365.0, ge=0)  # tokens live longer than originals
+    lines: List[LineOverride] = []
+    sweep_interval_s: float = Field(600.0, gt=0)  # for `serve`'s background sweeper
+    orphan_grace_s: float = Field(3600.0, ge=0)  # unreferenced blobs younger than this are left alone
+    batch: int = Field(500, gt=0)
+
+    @model_validator(mode="after")
+    def _tokens_outlive_originals(self) -> "RetentionConfig":
+        if self.tokens_days < self.originals_days:
+            raise ValueError("tokens_days must be >= originals_days (tokens have the longer retention)")
+        seen = set()
+        for o in self.lines:
+            if (o.site, o.line) in seen:
+                raise ValueError(f"lines: duplicate override for site={o.site!r} line={o.line!r}")
+            seen.add((o.site, o.line))
+        return self
+
+
+class OriginalsConfig(_Strict):
+    root: str = "originals"  # content-addressed filesystem store
+    max_upload_bytes: int = Field(10 * 1024 * 1024, gt=0)
+
+
+class SearchConfig(_Strict):
+    candidates: int = Field(200, gt=0)  # global-embedding candidates handed to the MaxSim re-rank
+    rerank: bool = True
+    rerank_weight: float = Field(0.5, ge=0, le=1)  # score = (1-w)*global cosine + w*MaxSim
+    ef_search: int = Field(200, gt=0)  # pgvector hnsw.ef_search
+    max_results: int = Field(200, gt=0)
+    providers: List[str] = ["CPUExecutionProvider"]  # ONNX Runtime execution providers, in order
+
+
+class ApiConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, gt=0, lt=65536)
+
+
+class CentralConfig(_Strict):
+    database: DatabaseConfig = DatabaseConfig()
+    mqtt: MqttConfig = MqttConfig()
+    ingest: IngestConfig = IngestConfig()
+    retention: RetentionConfig = RetentionConfig()
+    originals: OriginalsConfig = OriginalsConfig()
+    search: SearchConfig = SearchConfig()
+    api: ApiConfig = ApiConfig()
+
+
+def parse_config(data: object, where: str = "<config>") -> CentralConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: top level must be a mapping")
+    try:
+        return CentralConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{where}: invalid configuration:"]
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "<root>"
+            lines.append(f"  {key}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: Optional[str | Path]) -> CentralConfig:
+    """Read YAML/JSON from ``path``; ``None`` gives all defaults."""
+    if path is None:
+        return CentralConfig()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not YAML/JSON ({exc})") from None
+    return parse_config(data, where=str(p))

@@ -1,0 +1,139 @@
+"""Query encoders for search: the registered model's ONNX image encoder (and text tower) under ONNX Runtime.
+
+Images go through ``tokenline.preprocess`` (the one implementation the edge uses too) and the edge's
+``OnnxRuntimeRunner`` (same session setup and output checks), so a query image is encoded exactly as a
+camera frame is. Sessions are loaded lazily, once per model, and verified against the manifest's sha256s.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Sequence
+
+import numpy as np
+
+from central.store import ModelInfo
+from edge_agent.runners import OnnxRuntimeRunner, RunnerError
+from tokenline.manifest import ManifestError, verify_files
+from tokenline.preprocess import ImageError, decode_image, preprocess
+
+log = logging.getLogger(__name__)
+
+
+class EncoderError(ValueError):
+    """Why a query could not be encoded; ``status`` is the HTTP answer (400 bad image, 501/503 unavailable)."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class Encoded:
+    global_embedding: np.ndarray  # [D]
+    tokens: np.ndarray  # [K, D]
+    sizes: np.ndarray  # [K]
+    centroids: np.ndarray  # [K, 2]
+
+
+class Encoder:
+    """One model's image encoder (and text tower when the manifest has one)."""
+
+    def __init__(self, model: ModelInfo, providers: Sequence[str]) -> None:
+        if model.model_dir is None:
+            raise EncoderError(503, "model_not_loaded", f"model {model.name!r} is registered without a model "
+                               "directory; run `tokenline-central register-model <dir>` on this host")
+        self.model = model
+        self.dir = Path(model.model_dir)
+        try:
+            verify_files(model.manifest, self.dir)
+        except ManifestError as exc:
+            raise EncoderError(503, "model_files", str(exc)) from None
+        try:
+            self.runner = OnnxRuntimeRunner(self.dir, model.manifest, providers=list(providers))
+        except RunnerError as exc:
+            raise EncoderError(503, "model_load", str(exc)) from None
+        self._text = None
+        self._tokenizer = None
+        self._lock = threading.Lock()
+
+    def encode_pixels(self, pixels: np.ndarray) -> Encoded:
+        with self._lock:
+            out = self.runner.run(pixels[None].astype(np.float32))
+        return Encoded(out.global_embedding[0], out.tokens[0], out.sizes[0], out.centroids[0])
+
+    def encode_frame(self, frame: np.ndarray) -> Encoded:
+        return self.encode_pixels(preprocess(frame, self.model.manifest.input))
+
+    def encode_image_bytes(self, data: bytes) -> Encoded:
+        try:
+            frame = decode_image(data)
+        except ImageError as exc:
+            raise EncoderError(400, "bad_image", f"query image: {exc}") from None
+        return self.encode_frame(frame)
+
+    def _load_text(self) -> None:
+        spec = self.model.manifest.text
+        if spec is None:
+            raise EncoderError(400, "no_text_tower", f"model {self.model.name!r} has no text tower; "
+                               "search by example image instead")
+        import onnxruntime as ort
+
+        if not spec.tokenizer_files:
+            raise EncoderError(503, "tokenizer", f"model {self.model.name!r}: the export ships no tokenizer files")
+        path = self.dir / spec.tokenizer_files[0]
+        if spec.tokenizer == "open_clip_bpe":
+            from central.clip_bpe import ClipBpeTokenizer
+
+            bpe = ClipBpeTokenizer(path)
+            self._tokenizer = lambda text: bpe(text, spec.context_length)
+        else:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(path))
+            tok.enable_truncation(spec.context_length)
+            tok.enable_padding(length=spec.context_length, pad_id=spec.pad_id)
+            self._tokenizer = lambda text: np.asarray([tok.encode(text).ids], np.int64)
+        self._text = ort.InferenceSession(str(self.dir / spec.onnx), providers=self.runner.providers)
+
+    def encode_text(self, text: str) -> np.ndarray:
+        """Unit-norm text embedding [D] in the image embedding's space."""
+        text = (text or "").strip()
+        if not text:
+            raise EncoderError(400, "empty_text", "text query is empty")
+        with self._lock:
+            if self._text is None:
+                self._load_text()
+            spec = self.model.manifest.text
+            assert spec is not None and self._tokenizer is not None
+            ids = self._tokenizer(text)
+            feeds = {spec.input_name: ids}
+            names = [i.name for i in self._text.get_inputs()]
+            if "attention_mask" in names:
+                feeds["attention_mask"] = (ids != spec.pad_id).astype(np.int64)
+            (vec,) = self._text.run([spec.output_name], feeds)
+        v = np.asarray(vec, np.float32).reshape(-1)
+        if v.shape[0] != self.model.embedding_dim:
+            raise EncoderError(500, "text_dim", f"text tower returned dim {v.shape[0]}, model has "
+                               f"{self.model.embedding_dim}")
+        return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+class EncoderPool:
+    """Lazily loaded encoders, one per model id."""
+
+    def __init__(self, providers: Sequence[str]) -> None:
+        self.providers = list(providers)
+        self._enc: Dict[int, Encoder] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model: ModelInfo) -> Encoder:
+        with self._lock:
+            enc = self._enc.get(model.id)
+            if enc is None or enc.model.model_dir != model.model_dir:
+                enc = self._enc[model.id] = Encoder(model, self.providers)
+            return enc

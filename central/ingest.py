@@ -1,0 +1,293 @@
+"""MQTT ingest: a shared-subscription worker that validates token messages and commits them in batches.
+
+A message is acknowledged (manual PUBACK) only after the transaction that holds its row, or its dead letter,
+has committed, so a worker that dies loses nothing: the broker redelivers unacknowledged messages of the
+persistent session, and redelivered frames are dropped by the ``frames.frame_id`` unique constraint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import Counter as Tally
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from central import store
+from central.config import IngestConfig, MqttConfig
+from tokenline import topics
+from tokenline.wire import TokenMessage, WireError, decode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Incoming:
+    mid: int
+    qos: int
+    topic: str
+    payload: bytes
+
+
+@dataclass
+class BatchResult:
+    stored: int = 0
+    duplicates: int = 0
+    dead: int = 0
+    status: int = 0
+    reasons: Dict[str, int] = field(default_factory=dict)
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+class Ingestor:
+    """Validates messages against the model registry and commits a batch (rows, dead letters, counters)."""
+
+    def __init__(self, engine: Engine, cfg: IngestConfig, worker: str) -> None:
+        self.engine, self.cfg, self.worker = engine, cfg, worker
+        self._models: Dict[str, store.ModelInfo] = {}
+        self._refreshed = 0.0
+
+    def _model(self, hash16: str) -> Optional[store.ModelInfo]:
+        m = self._models.get(hash16)
+        if m is None and time.monotonic() - self._refreshed > 2.0:  # a newly registered model
+            self._models = {x.hash16: x for x in store.list_models(self.engine)}
+            self._refreshed = time.monotonic()
+            m = self._models.get(hash16)
+        return m
+
+    def validate_tokens(self, topic: topics.Topic, payload: bytes) -> Tuple[TokenMessage, store.ModelInfo]:
+        if len(payload) > self.cfg.max_message_bytes:
+            raise Rejected("too_large", f"{len(payload)} bytes > max_message_bytes {self.cfg.max_message_bytes}")
+        try:
+            msg = decode(payload, max_bytes=self.cfg.max_message_bytes)
+        except WireError as exc:
+            raise Rejected(exc.reason, str(exc)) from None
+        if (msg.site, msg.line, msg.camera) != (topic.site, topic.line, topic.camera):
+            raise Rejected("topic_mismatch", f"message is from {msg.site}/{msg.line}/{msg.camera}, published on "
+                                             f"{topic.site}/{topic.line}/{topic.camera}")
+        model = self._model(msg.manifest_hash.hex())
+        if model is None:
+            raise Rejected("unknown_model", f"manifest hash {msg.manifest_hash.hex()} is not registered "
+                                            "(tokenline-central register-model)")
+        if msg.dim != model.embedding_dim:
+            raise Rejected("dim_mismatch", f"D={msg.dim}, model {model.name!r} has {model.embedding_dim}")
+        if msg.k != model.k:
+            raise Rejected("token_count_mismatch", f"K={msg.k}, model {model.name!r} has {model.k}")
+        if msg.token_dtype not in self.cfg.allowed_token_dtypes:
+            raise Rejected("dtype_not_allowed", f"token dtype {msg.token_dtype!r} not in {self.cfg.allowed_token_dtypes}")
+        return msg, model
+
+    def process(self, batch: Sequence[Incoming]) -> BatchResult:
+        """Commit one batch; raises OperationalError (database unavailable) so the caller retries unacked."""
+        res = BatchResult()
+        rows: List[dict] = []
+        dead: List[dict] = []
+        seen: Dict[str, tuple] = {}
+        status_updates: List[Tuple[topics.Topic, bytes]] = []
+        received = store.now_us()
+        for m in batch:
+            try:
+                t = topics.parse_topic(m.topic)
+                if t.kind == topics.KIND_TOKENS:
+                    msg, model = self.validate_tokens(t, m.payload)
+                    rows.append(store.frame_row(msg, model.id, received))
+                    seen[msg.device] = (msg.site, received)
+                elif t.kind in (topics.KIND_STATUS, topics.KIND_STATS):
+                    self._check_status(t, m.payload)
+                    status_updates.append((t, m.payload))
+                else:
+                    raise Rejected("unexpected_topic", f"central does not consume {t.kind!r} topics")
+            except Rejected as exc:
+                dead.append(store.dead_letter_row(m.topic, m.payload, exc.reason, exc.detail,
+                                                  self.cfg.dead_letter_max_bytes))
+            except topics.TopicError as exc:
+                dead.append(store.dead_letter_row(m.topic, m.payload, "bad_topic", str(exc),
+                                                  self.cfg.dead_letter_max_bytes))
+            except Exception as exc:  # noqa: BLE001 - one bad message never stops the worker
+                log.exception("unexpected error validating a message on %r", m.topic)
+                dead.append(store.dead_letter_row(m.topic, m.payload, "internal_error", repr(exc),
+                                                  self.cfg.dead_letter_max_bytes))
+        try:
+            self._commit(rows, dead, seen, status_updates, res)
+        except OperationalError:
+            raise
+        except (DBAPIError, SQLAlchemyError) as exc:  # a row the database refuses: isolate it
+            log.warning("batch commit failed (%s); committing message by message", exc.__class__.__name__)
+            res = BatchResult()
+            for r in rows:
+                try:
+                    self._commit([r], [], {}, [], res)
+                except OperationalError:
+                    raise
+                except (DBAPIError, SQLAlchemyError) as e2:
+                    self._commit([], [store.dead_letter_row("", b"", "db_error", f"frame {r['frame_id']}: {e2}",
+                                                            0)], {}, [], res)
+            self._commit([], dead, seen, status_updates, res)
+        for d in dead:
+            res.reasons[d["reason"]] = res.reasons.get(d["reason"], 0) + 1
+        return res
+
+    @staticmethod
+    def _check_status(t: topics.Topic, payload: bytes) -> None:
+        if len(payload) > 65536:
+            raise Rejected("too_large", "status/stats payload > 64 KiB")
+        if t.kind == topics.KIND_STATUS:
+            if payload.decode("utf-8", "replace") not in (topics.STATUS_ONLINE, topics.STATUS_OFFLINE, ""):
+                raise Rejected("bad_status", f"status must be online/offline, got {payload[:40]!r}")
+        else:
+            try:
+                json.loads(payload)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise Rejected("bad_stats", f"stats payload is not JSON: {exc}") from None
+
+    def _commit(self, rows: List[dict], dead: List[dict], seen: Dict[str, tuple],
+                status_updates: List[Tuple[topics.Topic, bytes]], res: BatchResult) -> None:
+        with Session(self.engine) as s, s.begin():
+            new = store.insert_frames(s, rows)
+            store.touch_devices(s, seen)
+            for t, payload in status_updates:
+                text = payload.decode("utf-8", "replace")
+                if t.kind == topics.KIND_STATUS:
+                    if text:  # an empty retained message clears the status
+                        store.set_device_status(s, t.device or "", t.site, status=text)
+                else:
+                    store.set_device_status(s, t.device or "", t.site, stats=text)
+            store.insert_dead_letters(s, dead)
+            dups = len(rows) - new
+            store.add_counters(s, self.worker, {"received": len(rows) + len(dead) + len(status_updates),
+                                                "stored": new, "duplicates": dups, "dead_letters": len(dead),
+                                                "status_updates": len(status_updates)})
+        res.stored += new
+        res.duplicates += len(rows) - new
+        res.dead += len(dead)
+        res.status += len(status_updates)
+
+
+class IngestWorker:
+    """The MQTT side: persistent MQTT 5 session, shared subscription, manual acks after each commit."""
+
+    def __init__(self, engine: Engine, mqtt_cfg: MqttConfig, cfg: IngestConfig) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        self.mqtt_cfg, self.cfg = mqtt_cfg, cfg
+        self.ingestor = Ingestor(engine, cfg, mqtt_cfg.client_id)
+        self.inbox: "queue.Queue[Incoming]" = queue.Queue()
+        self.stop_event = threading.Event()
+        self.connected = threading.Event()
+        self.totals: Tally = Tally()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=mqtt_cfg.client_id, protocol=mqtt.MQTTv5,
+                        manual_ack=True)
+        if mqtt_cfg.username:
+            c.username_pw_set(mqtt_cfg.username, mqtt_cfg.password)
+        if mqtt_cfg.tls_ca:
+            c.tls_set(ca_certs=mqtt_cfg.tls_ca, certfile=mqtt_cfg.tls_cert, keyfile=mqtt_cfg.tls_key)
+        c.reconnect_delay_set(1, 30)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
+        self.client = c
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = mqtt_cfg.session_expiry_s
+        props.ReceiveMaximum = max(1, min(65535, cfg.batch_max))
+        self._connect_props = props
+
+    def _on_connect(self, client, _ud, flags, reason_code, _props) -> None:  # noqa: ANN001 - paho signature
+        if reason_code.is_failure:
+            log.error("MQTT connect refused: %s", reason_code)
+            return
+        from paho.mqtt.subscribeoptions import SubscribeOptions
+
+        group = self.mqtt_cfg.group
+        subs = [(f"$share/{group}/{topics.TOKENS_FILTER}", SubscribeOptions(qos=1)),
+                (topics.STATUS_FILTER, SubscribeOptions(qos=1)),
+                (topics.STATS_FILTER, SubscribeOptions(qos=1))]
+        client.subscribe(subs)
+        log.info("connected to %s:%d (session present: %s)", self.mqtt_cfg.host, self.mqtt_cfg.port,
+                 flags.session_present)
+
+    def _on_subscribe(self, _c, _ud, _mid, reason_codes, _props) -> None:  # noqa: ANN001
+        bad = [str(rc) for rc in reason_codes if rc.is_failure]
+        if bad:
+            log.error("subscription refused: %s", ", ".join(bad))
+            return
+        log.info("subscribed as group %r (shared tokens, status, stats)", self.mqtt_cfg.group)
+        self.connected.set()
+
+    def _on_disconnect(self, _c, _ud, _flags, reason_code, _props) -> None:  # noqa: ANN001
+        self.connected.clear()
+        if not self.stop_event.is_set():
+            log.warning("MQTT disconnected (%s); reconnecting", reason_code)
+
+    def _on_message(self, _c, _ud, msg) -> None:  # noqa: ANN001
+        self.inbox.put(Incoming(msg.mid, msg.qos, msg.topic, bytes(msg.payload)))
+        log.debug("received mid=%d topic=%s bytes=%d", msg.mid, msg.topic, len(msg.payload))
+
+    def _next_batch(self) -> List[Incoming]:
+        try:
+            first = self.inbox.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.cfg.batch_linger_ms / 1000.0
+        while len(batch) < self.cfg.batch_max:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                batch.append(self.inbox.get(timeout=left))
+            except queue.Empty:
+                break
+        return batch
+
+    def run(self) -> None:
+        """Consume until ``stop()``; database outages are retried with backoff, never acknowledged early."""
+        m = self.mqtt_cfg
+        self.client.connect_async(m.host, m.port, keepalive=m.keepalive_s, clean_start=False,
+                                  properties=self._connect_props)
+        self.client.loop_start()
+        try:
+            while not self.stop_event.is_set():
+                batch = self._next_batch()
+                if batch:
+                    self._commit_with_retry(batch)
+        finally:
+            self.client.disconnect()
+            self.client.loop_stop()
+
+    def _commit_with_retry(self, batch: List[Incoming]) -> None:
+        delay = 0.5
+        while True:
+            try:
+                res = self.ingestor.process(batch)
+                break
+            except OperationalError as exc:
+                log.error("database unavailable (%s); retrying %d messages in %.1fs", exc.__class__.__name__,
+                          len(batch), delay)
+                if self.stop_event.wait(delay):
+                    return  # not acknowledged: the broker redelivers them to the next session
+                delay = min(delay * 2, self.cfg.retry_backoff_max_s)
+        for m in batch:
+            if m.qos > 0:
+                self.client.ack(m.mid, m.qos)
+        self.totals.update({"stored": res.stored, "duplicates": res.duplicates, "dead_letters": res.dead,
+                            "status": res.status})
+        log.info("committed batch of %d: stored %d, duplicates %d, dead letters %d%s", len(batch), res.stored,
+                 res.duplicates, res.dead, f" {res.reasons}" if res.reasons else "")
+
+    def stop(self) -> None:
+        self.stop_event.set()

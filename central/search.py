@@ -1,0 +1,268 @@
+"""Search: exact (SQLite, in memory) or HNSW (pgvector) kNN on the global embedding, then MaxSim re-rank.
+
+A query is a global embedding plus optional query tokens with weights (from an example image, a stored
+frame, or a text embedding as a single token). Candidates come only from the query's model; filters by site,
+line, camera and capture time apply before ranking. The re-rank score is
+``(1 - w) * cosine(global) + w * MaxSim``, where MaxSim is the weighted mean over query tokens of the best
+cosine with any of the frame's summary tokens (late interaction).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.orm import Session
+
+from central.config import SearchConfig
+from central.store import FRAMES_DELETED, FrameData, ModelInfo, counter_total, get_frames
+from sql.db import is_postgres
+from sql.models import Frame
+
+log = logging.getLogger(__name__)
+
+
+class SearchError(ValueError):
+    """A query that cannot be answered (unknown model, wrong dimension, no text tower, ...)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Filters:
+    site: Optional[str] = None
+    line: Optional[str] = None
+    camera: Optional[str] = None
+    since_us: Optional[int] = None
+    until_us: Optional[int] = None  # exclusive
+
+
+@dataclass
+class Query:
+    model_id: int
+    global_embedding: np.ndarray  # [D], unit norm
+    tokens: Optional[np.ndarray] = None  # [Q, D]
+    weights: Optional[np.ndarray] = None  # [Q], any positive scale
+    exclude_frame_id: Optional[str] = None  # a stored frame used as the example is not its own result
+
+
+@dataclass
+class Hit:
+    id: int
+    frame_id: str
+    score: float
+    global_score: float
+    maxsim: Optional[float]
+    frame: FrameData
+    matches: List[Dict[str, Any]] = field(default_factory=list)  # best-matching summary tokens (centroids)
+
+    def public(self) -> Dict[str, Any]:
+        meta = self.frame.meta()
+        meta.pop("centroids", None)
+        meta.pop("sizes", None)
+        return {"frame_id": self.frame_id, "score": round(self.score, 6), "global_score": round(self.global_score, 6),
+                "maxsim": None if self.maxsim is None else round(self.maxsim, 6), "matches": self.matches, **meta}
+
+
+def normalize(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, np.float32)
+    n = np.linalg.norm(v, axis=-1, keepdims=True)
+    return v / np.maximum(n, 1e-12)
+
+
+def maxsim_scores(q_tokens: np.ndarray, q_weights: np.ndarray, doc_tokens: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """MaxSim of one query against C documents.
+
+    ``q_tokens`` [Q, D], ``q_weights`` [Q], ``doc_tokens`` [C, K, D] -> (scores [C], per-doc-token best
+    similarity [C, K]). Scores are the weighted mean over query tokens of the max cosine over doc tokens.
+    """
+    c, k, d = doc_tokens.shape
+    sims = (doc_tokens.reshape(c * k, d) @ q_tokens.T).reshape(c, k, -1)  # [C, K, Q], one BLAS call
+    w = np.asarray(q_weights, np.float32)
+    w = w / max(float(w.sum()), 1e-12)
+    scores = (sims.max(axis=1) * w[None, :]).sum(axis=1)
+    return scores, sims.max(axis=2)
+
+
+class MemoryIndex:
+    """Exact index of one model's global embeddings for SQLite, kept in sync with the table by polling.
+
+    ``sync()`` appends rows with a larger ``id`` (frames is append-only with AUTOINCREMENT ids) and reloads
+    everything when the row count shows deletions (the sweeper).
+    """
+
+    def __init__(self, engine: Engine, model_id: int, dim: int) -> None:
+        self.engine, self.model_id, self.dim = engine, model_id, dim
+        self.ids = np.zeros(0, np.int64)
+        self.emb = np.zeros((0, dim), np.float32)
+        self.ts = np.zeros(0, np.int64)
+        self.place: Dict[str, np.ndarray] = {k: np.zeros(0, np.int32) for k in ("site", "line", "camera")}
+        self.codes: Dict[str, Dict[str, int]] = {k: {} for k in ("site", "line", "camera")}
+        self.last_id = 0
+        self.deletions = -1  # deletion counter seen at the last load; -1 = never loaded
+        self.lock = threading.Lock()
+
+    def _code(self, kind: str, value: str) -> int:
+        c = self.codes[kind]
+        if value not in c:
+            c[value] = len(c)
+        return c[value]
+
+    def _load(self, after_id: int) -> None:
+        with Session(self.engine) as s:
+            q = (select(Frame.id, Frame.global_embedding, Frame.capture_us, Frame.site, Frame.line, Frame.camera)
+                 .where(Frame.model_id == self.model_id, Frame.id > after_id).order_by(Frame.id))
+            rows = s.execute(q).all()
+        if not rows:
+            return
+        ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+        emb = np.stack([r[1] for r in rows]).astype(np.float32)
+        if emb.shape[1] != self.dim:
+            raise SearchError(500, f"model {self.model_id}: stored embedding dim {emb.shape[1]} != {self.dim}")
+        ts = np.fromiter((r[2] for r in rows), np.int64, len(rows))
+        self.ids = np.concatenate([self.ids, ids])
+        self.emb = np.concatenate([self.emb, emb])
+        self.ts = np.concatenate([self.ts, ts])
+        for j, kind in enumerate(("site", "line", "camera")):
+            codes = np.fromiter((self._code(kind, r[3 + j]) for r in rows), np.int32, len(rows))
+            self.place[kind] = np.concatenate([self.place[kind], codes])
+        self.last_id = int(ids[-1])
+
+    def sync(self) -> None:
+        """Cheap check per query: the largest id (appends) and the deletion counter the sweeper bumps in the
+        transaction that deletes frames (deletions -> full reload). Rows deleted behind central's back (manual
+        SQL) are noticed only after a restart."""
+        with self.lock:
+            with Session(self.engine) as s:
+                mx = int(s.scalar(select(func.max(Frame.id)).where(Frame.model_id == self.model_id)) or 0)
+                gen = counter_total(s, FRAMES_DELETED)
+            if gen != self.deletions:
+                if self.deletions >= 0:
+                    log.info("model %d: frames were deleted; reloading the index", self.model_id)
+                self.__init__(self.engine, self.model_id, self.dim)  # type: ignore[misc]
+                self.deletions = gen
+                self._load(0)
+            elif mx != self.last_id:
+                self._load(self.last_id)
+
+    def knn(self, q: np.ndarray, k: int, f: Filters) -> List[Tuple[int, float]]:
+        self.sync()
+        with self.lock:
+            mask = np.ones(len(self.ids), bool)
+            for kind in ("site", "line", "camera"):
+                want = getattr(f, kind)
+                if want is not None:
+                    code = self.codes[kind].get(want)
+                    mask &= (self.place[kind] == code) if code is not None else False
+            if f.since_us is not None:
+                mask &= self.ts >= f.since_us
+            if f.until_us is not None:
+                mask &= self.ts < f.until_us
+            sel = np.flatnonzero(mask)
+            if sel.size == 0:
+                return []
+            emb, ids = (self.emb, self.ids) if sel.size == len(self.ids) else (self.emb[sel], self.ids[sel])
+        sims = emb @ q.astype(np.float32)
+        k = min(k, sims.size)
+        top = np.argpartition(-sims, k - 1)[:k]
+        top = top[np.lexsort((ids[top], -sims[top]))]  # by score, ties by id: deterministic
+        return [(int(ids[i]), float(sims[i])) for i in top]
+
+
+class Searcher:
+    """Answers queries for any registered model; one instance per process (holds SQLite's memory indexes)."""
+
+    def __init__(self, engine: Engine, cfg: SearchConfig) -> None:
+        self.engine, self.cfg = engine, cfg
+        self.pg = is_postgres(engine)
+        self._indexes: Dict[int, MemoryIndex] = {}
+        self._lock = threading.Lock()
+
+    def _memindex(self, model: ModelInfo) -> MemoryIndex:
+        with self._lock:
+            idx = self._indexes.get(model.id)
+            if idx is None:
+                idx = self._indexes[model.id] = MemoryIndex(self.engine, model.id, model.embedding_dim)
+            return idx
+
+    def knn(self, model: ModelInfo, q: np.ndarray, k: int, f: Filters) -> List[Tuple[int, float]]:
+        """Top ``k`` frames of ``model`` by cosine of the global embedding: ``[(row id, cosine)]``."""
+        q = normalize(np.asarray(q, np.float32).reshape(-1))
+        if q.shape[0] != model.embedding_dim:
+            raise SearchError(400, f"query dimension {q.shape[0]} != model {model.name!r} dimension "
+                                   f"{model.embedding_dim}; embeddings of different models are never compared")
+        if not self.pg:
+            return self._memindex(model).knn(q, k, f)
+        d = int(model.embedding_dim)
+        where = ["model_id = :m"]
+        params: Dict[str, Any] = {"m": model.id, "q": "[" + ",".join(f"{x:.6g}" for x in q) + "]", "k": int(k)}
+        for kind in ("site", "line", "camera"):
+            if getattr(f, kind) is not None:
+                where.append(f"{kind} = :{kind}")
+                params[kind] = getattr(f, kind)
+        if f.since_us is not None:
+            where.append("capture_us >= :since")
+            params["since"] = int(f.since_us)
+        if f.until_us is not None:
+            where.append("capture_us < :until")
+            params["until"] = int(f.until_us)
+        sql = (f"SELECT id, (global_embedding::halfvec({d}) <=> CAST(:q AS halfvec({d}))) AS dist FROM frames "
+               f"WHERE {' AND '.join(where)} ORDER BY global_embedding::halfvec({d}) <=> CAST(:q AS halfvec({d})) "
+               f"LIMIT :k")
+        with self.engine.connect() as conn, conn.begin():
+            conn.execute(text(f"SET LOCAL hnsw.ef_search = {max(int(self.cfg.ef_search), int(k))}"))
+            conn.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
+            rows = conn.execute(text(sql), params).all()
+        out = [(int(r[0]), 1.0 - float(r[1])) for r in rows]
+        out.sort(key=lambda t: (-t[1], t[0]))
+        return out
+
+    def search(self, model: ModelInfo, query: Query, k: int, f: Filters = Filters(),
+               rerank: Optional[bool] = None, rerank_weight: Optional[float] = None) -> List[Hit]:
+        k = max(1, min(int(k), self.cfg.max_results))
+        rerank = self.cfg.rerank if rerank is None else rerank
+        w = self.cfg.rerank_weight if rerank_weight is None else float(rerank_weight)
+        use_tokens = rerank and query.tokens is not None and len(query.tokens) > 0 and w > 0
+        n_cand = max(k, self.cfg.candidates) if use_tokens else k
+        extra = 1 if query.exclude_frame_id else 0
+        cands = self.knn(model, query.global_embedding, n_cand + extra, f)
+        frames = get_frames(self.engine, [c[0] for c in cands], model.embedding_dim)
+        cands = [c for c in cands if c[0] in frames and frames[c[0]].frame_id != query.exclude_frame_id]
+        if not cands:
+            return []
+        gscore = np.array([c[1] for c in cands], np.float32)
+        hits_tokens = None
+        if use_tokens:
+            qt = normalize(query.tokens)
+            qw = np.ones(len(qt), np.float32) if query.weights is None else np.asarray(query.weights, np.float32)
+            kmax = max(frames[c[0]].tokens.shape[0] for c in cands)
+            docs = np.zeros((len(cands), kmax, model.embedding_dim), np.float32)
+            for i, c in enumerate(cands):
+                t = frames[c[0]].tokens
+                docs[i, :len(t)] = t
+            ms, best_per_token = maxsim_scores(qt, qw, docs)
+            score = (1.0 - w) * gscore + w * ms
+            hits_tokens = (ms, best_per_token)
+        else:
+            score = gscore
+        order = sorted(range(len(cands)), key=lambda i: (-float(score[i]), cands[i][0]))[:k]
+        hits = []
+        for i in order:
+            fr = frames[cands[i][0]]
+            matches: List[Dict[str, Any]] = []
+            if hits_tokens is not None:
+                per = hits_tokens[1][i][: fr.tokens.shape[0]]
+                for j in np.argsort(-per)[:3]:
+                    matches.append({"token": int(j), "sim": round(float(per[j]), 4),
+                                    "x": round(float(fr.centroids[j, 0]), 4), "y": round(float(fr.centroids[j, 1]), 4),
+                                    "size": round(float(fr.sizes[j]), 2)})
+            hits.append(Hit(cands[i][0], fr.frame_id, float(score[i]), float(gscore[i]),
+                            None if hits_tokens is None else float(hits_tokens[0][i]), fr, matches))
+        return hits

@@ -1,0 +1,78 @@
+"""Column types that store numpy arrays portably: halfvec on PostgreSQL, float32 bytes on SQLite."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+from pgvector import HalfVector
+from pgvector.sqlalchemy import HALFVEC
+from sqlalchemy import LargeBinary
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+
+class Embedding(TypeDecorator):
+    """A float vector: ``halfvec`` (no fixed dimension) on PostgreSQL, little-endian float32 bytes elsewhere.
+
+    The dimension is left open so that models of different widths share one table; PostgreSQL indexes each
+    model separately with a partial expression index that casts to ``halfvec(D)`` (see ``sql.store``).
+    """
+
+    impl = LargeBinary
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(HALFVEC())
+        return dialect.type_descriptor(LargeBinary())
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        arr = np.asarray(value, dtype=np.float32).reshape(-1)
+        if dialect.name == "postgresql":
+            return arr.tolist()  # pgvector's fast path for lists (its ndarray path is ~5x slower)
+        return arr.astype("<f4").tobytes()
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Optional[np.ndarray]:
+        if value is None:
+            return None
+        if isinstance(value, HalfVector):
+            return value.to_numpy().astype(np.float32)
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return np.frombuffer(bytes(value), dtype="<f4").astype(np.float32)
+        return np.asarray(value, dtype=np.float32)
+
+
+def pack_tokens(tokens: np.ndarray) -> bytes:
+    """Store [K, D] float tokens as int8 with one float32 scale per token: K*4 scale bytes, then K*D int8.
+
+    Tokens are unit-norm, so a per-token symmetric scale keeps cosine similarity above 0.999.
+    """
+    t = np.asarray(tokens, dtype=np.float32)
+    if t.ndim != 2:
+        raise ValueError(f"tokens must be [K, D], got shape {t.shape}")
+    scale = np.abs(t).max(axis=1) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(t / scale[:, None]), -127, 127).astype(np.int8)
+    return scale.astype("<f4").tobytes() + q.tobytes()
+
+
+def unpack_tokens(blob: bytes, k: int, d: int) -> np.ndarray:
+    """Inverse of ``pack_tokens``: float32 [K, D]."""
+    need = k * 4 + k * d
+    if len(blob) != need:
+        raise ValueError(f"token blob is {len(blob)} bytes, expected {need} for K={k}, D={d}")
+    scale = np.frombuffer(blob, dtype="<f4", count=k)
+    q = np.frombuffer(blob, dtype=np.int8, offset=k * 4).reshape(k, d)
+    return q.astype(np.float32) * scale[:, None].astype(np.float32)
+
+
+def pack_f32(arr: np.ndarray) -> bytes:
+    """Little-endian float32 bytes of any array (shape is known from the row)."""
+    return np.ascontiguousarray(arr, dtype="<f4").tobytes()
+
+
+def unpack_f32(blob: bytes, shape: tuple) -> np.ndarray:
+    return np.frombuffer(bytes(blob), dtype="<f4").astype(np.float32).reshape(shape)

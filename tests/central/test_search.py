@@ -1,0 +1,185 @@
+"""Search on SQLite (equals exact brute force) and pgvector (recall@10 >= 0.95), MaxSim re-rank, filters,
+never mixing models, and search by example image through the registered ONNX encoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sqlalchemy.orm import Session
+
+from central import store
+from central.config import SearchConfig
+from central.encoder import Encoder, EncoderError
+from central.search import Filters, Query, SearchError, Searcher, maxsim_scores
+from tests.central.conftest import make_message, unit
+from tests.support.tiny_model import build_tiny_model
+from tokenline.manifest import Manifest
+from tokenline.preprocess import preprocess
+
+N = 1500
+T0 = 1_700_000_000_000_000
+
+
+def _populate(engine, manifest, n=N, seed=0):
+    model = store.register_model(engine, manifest)
+    rng = np.random.default_rng(seed)
+    centers = unit(rng, 20, manifest.embedding_dim)
+    msgs = []
+    for i in range(n):
+        msgs.append(make_message(manifest, rng, site=f"s{i % 2}", line=f"l{i % 3}", camera=f"c{i % 4}",
+                                 ts_us=T0 + i * 1_000_000, seq=i, center=centers[i % 20], noise=0.8))
+    with Session(engine) as s, s.begin():
+        for i in range(0, n, 500):
+            store.insert_frames(s, [store.frame_row(m, model.id, T0) for m in msgs[i:i + 500]])
+    return model, msgs, rng, centers
+
+
+def _load_all(engine):
+    from sqlalchemy import select
+
+    from sql.models import Frame
+
+    with Session(engine) as s:
+        return [store.decode_frame(f, 384) for f in s.scalars(select(Frame))]
+
+
+def _brute(frames, model, q, flt, k):
+    """Exact reference: cosine over every stored frame of the model that passes the filters."""
+    ok = [f for f in frames if f.model_id == model.id
+          and (flt.site is None or f.site == flt.site) and (flt.line is None or f.line == flt.line)
+          and (flt.camera is None or f.camera == flt.camera)
+          and (flt.since_us is None or f.capture_us >= flt.since_us)
+          and (flt.until_us is None or f.capture_us < flt.until_us)]
+    sims = np.array([float(f.global_embedding @ q) for f in ok])
+    order = sorted(range(len(ok)), key=lambda i: (-sims[i], ok[i].frame_id))[:k]
+    return [ok[i] for i in order], sims[order]
+
+
+FILTERS = [Filters(), Filters(site="s1"), Filters(line="l2", camera="c1"),
+           Filters(since_us=T0 + 300_000_000, until_us=T0 + 900_000_000), Filters(site="nowhere")]
+
+
+def test_global_knn_matches_brute_force(engine, tiny_manifest):
+    model, msgs, rng, centers = _populate(engine, tiny_manifest)
+    searcher = Searcher(engine, SearchConfig(rerank=False))
+    pg = engine.dialect.name == "postgresql"
+    recalls = []
+    frames = _load_all(engine)
+    for qi in range(10):
+        q = unit(rng, 384) if qi % 2 else msgs[qi * 37].global_embedding
+        for flt in FILTERS:
+            ref, ref_sims = _brute(frames, model, q, flt, 10)
+            hits = searcher.search(model, Query(model.id, q), 10, flt)
+            got = [h.frame_id for h in hits]
+            want = [f.frame_id for f in ref]
+            if not pg:  # SQLite: exact, same order, same scores
+                assert got == want, flt
+                assert np.allclose([h.global_score for h in hits], ref_sims, atol=1e-5)
+            elif want:
+                recalls.append(len(set(got) & set(want)) / len(want))
+            for h in hits:  # filters are honoured either way
+                assert flt.site in (None, h.frame.site) and flt.line in (None, h.frame.line)
+    if pg:
+        assert np.mean(recalls) >= 0.95, np.mean(recalls)
+
+
+def test_maxsim_rerank_matches_reference(engine, tiny_manifest):
+    model, msgs, rng, centers = _populate(engine, tiny_manifest, n=600)
+    cfg = SearchConfig(candidates=50, rerank=True, rerank_weight=0.5)
+    searcher = Searcher(engine, cfg)
+    probe = msgs[5]
+    q = Query(model.id, probe.global_embedding, probe.tokens, probe.sizes, exclude_frame_id=probe.frame_id.hex())
+    hits = searcher.search(model, q, 10)
+    assert probe.frame_id.hex() not in [h.frame_id for h in hits]
+    # reference: the same candidates (exact on SQLite), scored naively one by one
+    cands = searcher.knn(model, probe.global_embedding, 51, Filters())
+    ref = []
+    for row_id, g in cands:
+        f = store.get_frames(engine, [row_id], 384)[row_id]
+        if f.frame_id == probe.frame_id.hex():
+            continue
+        ms = np.mean([max(float(t @ d) for d in f.tokens) for t in probe.tokens / np.linalg.norm(probe.tokens, axis=1, keepdims=True)])
+        ref.append((0.5 * g + 0.5 * ms, f.frame_id))
+    ref.sort(key=lambda t: -t[0])
+    assert [h.frame_id for h in hits] == [fid for _, fid in ref[:10]]
+    assert np.allclose([h.score for h in hits], [s for s, _ in ref[:10]], atol=1e-4)
+    assert all(len(h.matches) == 3 and 0 <= h.matches[0]["x"] <= 1 for h in hits)
+    # the cluster of the probe dominates the results
+    assert sum(m.seq % 20 == 5 for m in msgs if m.frame_id.hex() in {h.frame_id for h in hits}) >= 8
+
+
+def test_maxsim_scores_weighted_mean_of_best_matches():
+    q = np.eye(3, 4, dtype=np.float32)
+    docs = np.stack([np.eye(3, 4, dtype=np.float32), np.eye(3, 4, k=1, dtype=np.float32)])
+    scores, best = maxsim_scores(q, np.array([1, 1, 2], np.float32), docs)
+    assert np.allclose(scores, [1.0, 0.75])  # doc 2 misses query token 0 (weight 1/4) and best.shape == (2, 3)
+
+
+def test_never_mixes_models(engine, tiny_manifest, tmp_path):
+    model, msgs, rng, _ = _populate(engine, tiny_manifest, n=200)
+    other_dir = build_tiny_model(tmp_path / "m2", size=32, patch=8, dim=384, seed=7, name="other-encoder")
+    other = store.register_model(engine, Manifest.from_file(other_dir))
+    assert other.id != model.id
+    om = [make_message(Manifest.from_file(other_dir), rng, seq=i) for i in range(50)]
+    with Session(engine) as s, s.begin():
+        store.insert_frames(s, [store.frame_row(m, other.id, T0) for m in om])
+    searcher = Searcher(engine, SearchConfig())
+    hits = searcher.search(other, Query(other.id, om[0].global_embedding, om[0].tokens, om[0].sizes), 100)
+    assert len(hits) == 50 and {h.frame.model_id for h in hits} == {other.id}
+    small = build_tiny_model(tmp_path / "m3", size=32, patch=8, dim=64, seed=1, name="narrow")
+    narrow = store.register_model(engine, Manifest.from_file(small))
+    with pytest.raises(SearchError):
+        searcher.search(narrow, Query(narrow.id, om[0].global_embedding), 5)
+
+
+def test_search_by_example_image_finds_the_frame(engine, tiny_manifest, tiny_model_dir):
+    """Frames encoded by the real ONNX encoder; a query image (re-encoded) finds its own frame first."""
+    model = store.register_model(engine, tiny_manifest, tiny_model_dir)
+    enc = Encoder(model, ["CPUExecutionProvider"])
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(40)]
+    rows = []
+    for i, img in enumerate(images):
+        out = enc.encode_frame(img)
+        m = make_message(tiny_manifest, rng, seq=i, ts_us=T0 + i)
+        m = type(m)(**{**m.__dict__, "global_embedding": out.global_embedding, "tokens": out.tokens,
+                       "sizes": out.sizes, "centroids": out.centroids})
+        rows.append(store.frame_row(m, model.id, T0))
+    with Session(engine) as s, s.begin():
+        store.insert_frames(s, rows)
+    import cv2
+
+    ok, png = cv2.imencode(".png", images[17])
+    q = enc.encode_image_bytes(png.tobytes())
+    ref = enc.encode_pixels(preprocess(images[17], tiny_manifest.input))
+    assert np.allclose(q.global_embedding, ref.global_embedding, atol=1e-6)
+    hits = Searcher(engine, SearchConfig()).search(model, Query(model.id, q.global_embedding, q.tokens, q.sizes), 5)
+    assert hits[0].frame_id == rows[17]["frame_id"] and hits[0].score > 0.99
+    with pytest.raises(EncoderError) as ei:
+        enc.encode_image_bytes(b"\x00garbage")
+    assert ei.value.status == 400
+    with pytest.raises(EncoderError) as ei:
+        enc.encode_text("scratch")
+    assert ei.value.reason == "no_text_tower"
+
+
+def test_index_follows_appends_and_sweeper_deletions(engine, tiny_manifest, tmp_path):
+    from central.blobs import BlobStore
+    from central.config import parse_config
+    from central.retention import sweep
+
+    model, msgs, rng, _ = _populate(engine, tiny_manifest, n=300)  # capture times T0 .. T0+299 s
+    searcher = Searcher(engine, SearchConfig(rerank=False, max_results=1000))
+    q = Query(model.id, msgs[0].global_embedding)
+    assert len(searcher.search(model, q, 1000)) == 300
+    extra = [make_message(tiny_manifest, rng, seq=1000 + i, ts_us=T0 + 10**9) for i in range(5)]
+    with Session(engine) as s, s.begin():
+        store.insert_frames(s, [store.frame_row(m, model.id, T0) for m in extra])
+    assert len(searcher.search(model, q, 1000)) == 305  # appended rows are seen at once
+    now = T0 + 150 * 1_000_000 + 10 * 86_400_000_000  # frames older than T0+150 s are past 10 days
+    rep = sweep(engine, BlobStore(tmp_path / "o"), parse_config(
+        {"retention": {"originals_days": 1, "tokens_days": 10}}).retention, now=now)
+    assert rep.tokens_deleted == 150
+    hits = searcher.search(model, q, 1000)
+    assert len(hits) == 155 and min(h.frame.capture_us for h in hits) >= T0 + 150 * 1_000_000
+    assert store.counter_totals(engine)["frames_deleted"] == 150

@@ -1,0 +1,91 @@
+"""Schema, migrations and the store on SQLite and PostgreSQL: models, frames (dedupe), tokens, counters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sqlalchemy import inspect, select, text
+from sqlalchemy.orm import Session
+
+from central import store
+from sql.migrate import current, downgrade, upgrade
+from sql.models import Frame
+from sql.types import pack_tokens, unpack_tokens
+from tests.central.conftest import make_message, unit
+
+
+def test_migration_creates_schema_and_downgrades(engine):
+    assert current(engine) == "0001"
+    names = set(inspect(engine).get_table_names())
+    assert {"devices", "models", "frames", "originals", "dead_letters", "api_tokens", "counters"} <= names
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as c:
+            assert c.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+    downgrade(engine, "base")
+    assert "frames" not in set(inspect(engine).get_table_names())
+    upgrade(engine)
+    assert current(engine) == "0001"
+
+
+def test_register_model_is_idempotent_and_indexed(engine, tiny_manifest, tiny_model_dir):
+    a = store.register_model(engine, tiny_manifest)
+    b = store.register_model(engine, tiny_manifest, tiny_model_dir)
+    assert a.id == b.id and b.model_dir == str(tiny_model_dir.resolve())
+    assert a.hash16 == tiny_manifest.hash_bytes().hex() and (a.embedding_dim, a.k) == (384, 16)
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as c:
+            idx = c.execute(text("SELECT indexdef FROM pg_indexes WHERE indexname = :n"),
+                            {"n": store.hnsw_index_name(a.id)}).scalar()
+        assert idx is not None and "hnsw" in idx and "halfvec(384)" in idx and f"model_id = {a.id}" in idx
+
+
+def test_frames_roundtrip_and_duplicates_dropped(engine, tiny_manifest):
+    model = store.register_model(engine, tiny_manifest)
+    rng = np.random.default_rng(1)
+    msgs = [make_message(tiny_manifest, rng, seq=i) for i in range(5)]
+    rows = [store.frame_row(m, model.id, store.now_us()) for m in msgs]
+    with Session(engine) as s, s.begin():
+        assert store.insert_frames(s, rows + rows[:2]) == 5  # duplicates inside the batch
+    with Session(engine) as s, s.begin():
+        assert store.insert_frames(s, rows[3:]) == 0  # and across batches
+    with Session(engine) as s:
+        assert s.scalar(select(Frame.id).order_by(Frame.id.desc()).limit(1)) is not None
+        assert len(s.scalars(select(Frame.frame_id)).all()) == 5
+    fr = store.get_frame(engine, msgs[2].frame_id.hex())
+    tol = 2e-3 if engine.dialect.name == "postgresql" else 1e-6  # halfvec on PostgreSQL
+    assert np.allclose(fr.global_embedding, msgs[2].global_embedding, atol=tol)
+    cos = (fr.tokens * msgs[2].tokens).sum(1) / np.linalg.norm(fr.tokens, axis=1)
+    assert cos.min() > 0.999
+    assert np.array_equal(fr.centroids, msgs[2].centroids) and fr.seq == 2
+
+
+def test_token_packing_keeps_cosine():
+    rng = np.random.default_rng(0)
+    t = unit(rng, 16, 384)
+    back = unpack_tokens(pack_tokens(t), 16, 384)
+    cos = (t * back).sum(1) / np.linalg.norm(back, axis=1)
+    assert cos.min() > 0.999
+    with pytest.raises(ValueError):
+        unpack_tokens(pack_tokens(t)[:-1], 16, 384)
+
+
+def test_api_tokens_hashed_with_roles(engine):
+    tok = store.create_token(engine, "qa-anna", "viewer")
+    assert store.lookup_token(engine, tok) == ("qa-anna", "viewer")
+    assert store.lookup_token(engine, tok + "x") is None
+    with engine.connect() as c:
+        stored = c.execute(text("SELECT token_sha256 FROM api_tokens")).scalar()
+    assert tok not in stored and len(stored) == 64
+    assert store.revoke_token(engine, "qa-anna") == 1
+    assert store.lookup_token(engine, tok) is None
+    with pytest.raises(ValueError):
+        store.create_token(engine, "x", "root")
+
+
+def test_counters_accumulate(engine):
+    with Session(engine) as s, s.begin():
+        store.add_counters(s, "w1", {"stored": 3, "dead_letters": 1})
+    with Session(engine) as s, s.begin():
+        store.add_counters(s, "w1", {"stored": 2})
+        store.add_counters(s, "w2", {"stored": 1})
+    assert store.counter_totals(engine) == {"stored": 6, "dead_letters": 1}

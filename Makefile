@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tokenline-installed
 DEMO_DIR ?= out/demo
 
-.PHONY: setup system-deps test demo clean
+.PHONY: setup system-deps browser-deps test demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,12 +24,15 @@ system-deps:
 	  echo "installing mosquitto (Debian package)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
 	fi
+
+# A real headless browser for central's page test (only `make test` needs it).
+browser-deps:
 	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
 	  echo "installing chromium + chromium-driver (Debian packages; central's page test)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	fi
 
-test: setup system-deps
+test: setup system-deps browser-deps
 	$(BIN)/python -m pytest
 
 demo: setup system-deps

@@ -120,6 +120,11 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
+    def on_sigterm(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # stop the services on the way out, as for Ctrl-C
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
     from rich.console import Console
 
     console = Console()
@@ -174,7 +179,8 @@ def main() -> int:
         cams = [{"name": f"cam{i}", "line": "line1",
                  "source": {"kind": "synthetic", "width": 320, "height": 240, "fps": 10, "seed": i,
                             "max_frames": args.frames},
-                 "sampling": {"mode": "max_fps", "max_fps": 10}} for i in (1, 2)]
+                 "sampling": {"mode": "every_nth", "every_nth": 1},
+                 "queue_depth": args.frames} for i in (1, 2)]  # deep enough that no frame is dropped
         edge_cfg.write_text(yaml.safe_dump({
             "device": "demo-jetson", "site": "demo-plant",
             "model": {"dir": str(model_dir), "batch_size": 4},
@@ -233,6 +239,9 @@ def main() -> int:
     except DemoError as exc:
         console.print(f"[bold red]demo failed:[/] {exc}")
         return 1
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130
     finally:
         codes = services.stop_all()
         if codes:

@@ -52,12 +52,14 @@ def wait_for(pred, timeout: float = 15.0) -> bool:
 
 
 def test_site_bridge_forwards_tokens_up_commands_down_and_buffers_outages(tmp_path: Path) -> None:
-    central = Mosquitto(tmp_path / "central").start()
+    central = Mosquitto(tmp_path / "central")
     tmpl = string.Template((ROOT / "deploy" / "broker" / "site-bridge.conf.template").read_text())
     bridge = tmpl.substitute(SITE="plant1", CENTRAL_HOST="127.0.0.1", CENTRAL_PORT=central.port,
                              BRIDGE_USER="bridge", BRIDGE_PASSWORD="unused-here")
-    site = Mosquitto(tmp_path / "site", extra_conf=bridge).start()
+    site = Mosquitto(tmp_path / "site", extra_conf=bridge)
     try:
+        central.start()
+        site.start()
         up, got_up = client(central.port, "central-sub", "tokenline/v1/+/+/+/tokens")
         edge, got_down = client(site.port, "edge", "tokenline/v1/plant1/jetson-a/cmd")
         time.sleep(1.0)  # let the bridge connect and subscribe

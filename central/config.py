@@ -81,7 +81,7 @@ class OriginalsConfig(_Strict):
 class SearchConfig(_Strict):
     candidates: int = Field(200, gt=0)  # global-embedding candidates handed to the MaxSim re-rank
     rerank: bool = True
-    rerank_weight: float = Field(0.5, ge=0, le=1)  # score = (1-w)*global cosine + w*MaxSim
+    rerank_weight: float = Field(0.25, ge=0, le=1)  # score = (1-w)*global cosine + w*MaxSim (NEU-DET: BENCHMARKS.md)
     ef_search: int = Field(200, gt=0)  # pgvector hnsw.ef_search
     max_results: int = Field(200, gt=0)
     providers: List[str] = ["CPUExecutionProvider"]  # ONNX Runtime execution providers, in order

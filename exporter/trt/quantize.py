@@ -60,15 +60,29 @@ class QuantizeOptions:
 
 
 def nodes_to_quantize(model: onnx.ModelProto, scope: Scope) -> List[str]:
-    """Names of the nodes that get Q/DQ: Conv, and MatMul/Gemm (all of them for scope='all', else weight ones)."""
-    weights = {i.name for i in model.graph.initializer}
-    weights |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    """Names of the nodes that get Q/DQ.
+
+    ``linear``: Conv, and MatMul/Gemm whose second input is a projection weight - a 2-D initializer with both
+    dimensions >= 8 that only MatMul/Gemm nodes read (this leaves out tables such as the patch-centroid
+    positions, which the merge multiplies by one-hot matrices and gathers from). ``all``: every Conv/MatMul/Gemm.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    readers: Dict[str, set] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            readers.setdefault(i, set()).add(node.op_type)
+
+    def projection(name: str) -> bool:
+        t = inits.get(name)
+        return (t is not None and len(t.dims) == 2 and min(t.dims) >= 8
+                and readers.get(name, set()) <= {"MatMul", "Gemm"})
+
     names = []
     for node in model.graph.node:
         if node.op_type == "Conv":
             names.append(node.name)
         elif node.op_type in ("MatMul", "Gemm"):
-            if scope == "all" or any(i in weights for i in node.input[:2]):
+            if scope == "all" or (len(node.input) > 1 and projection(node.input[1])):
                 names.append(node.name)
     return names
 
@@ -161,6 +175,8 @@ def quantize_qdq(onnx_in: Path, onnx_out: Path, data: np.ndarray, options: Quant
         "CalibPercentile": options.percentile,
         "CalibMovingAverage": False,
         "QuantizeBias": False,  # TensorRT has no INT32 bias DequantizeLinear; biases stay float
+        "DedicatedQDQPair": True,  # other consumers (residual Add, Reshape, merge gathers) keep the float tensor
+        "OpTypesToExcludeOutputQuantization": ["Conv", "MatMul", "Gemm"],  # Q/DQ on inputs only (TensorRT)
     }
     onnx_out.parent.mkdir(parents=True, exist_ok=True)
     log.info("quantizing %d of %d nodes (%s scope, %s calibration)", len(nodes), len(model.graph.node),

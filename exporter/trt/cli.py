@@ -54,9 +54,10 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--calib", type=Path, required=True, help="folder of calibration images")
     q.add_argument("--count", type=int, default=64, help="calibration images used (spread over the folder)")
     q.add_argument("--batch", type=int, default=None, help="manifest batch whose encoder file to quantize")
-    q.add_argument("--scope", choices=["linear", "all"], default="linear",
-                   help="linear: weight layers only (default, measured best); all: every MatMul too")
-    q.add_argument("--calibration", choices=["percentile", "minmax", "entropy"], default="percentile")
+    q.add_argument("--scope", choices=["no-down-proj", "projections", "all"], default="no-down-proj",
+                   help="no-down-proj: weight layers except MLP down-projections (default, measured best); "
+                        "projections: all weight layers; all: every MatMul too")
+    q.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax")
     q.add_argument("--percentile", type=float, default=99.99)
     q.add_argument("--out", type=Path, default=None, help="output ONNX (default: <encoder>_qdq.onnx next to it)")
     q.add_argument("--no-manifest-update", action="store_true",

@@ -79,18 +79,21 @@ def nodes_to_quantize(model: onnx.ModelProto, scope: Scope) -> List[str]:
         for i in node.input:
             readers.setdefault(i, set()).add(node.op_type)
 
-    def projection(name: str) -> bool:
+    def projection(node: onnx.NodeProto) -> bool:
+        name = node.input[1] if len(node.input) > 1 else ""
         t = inits.get(name)
         if t is None or len(t.dims) != 2 or min(t.dims) < 8 or not readers.get(name, set()) <= {"MatMul", "Gemm"}:
             return False
-        return scope == "projections" or t.dims[0] <= t.dims[1]
+        trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+        k, n = (t.dims[1], t.dims[0]) if trans_b else (t.dims[0], t.dims[1])
+        return scope == "projections" or k <= n
 
     names = []
     for node in model.graph.node:
         if node.op_type == "Conv":
             names.append(node.name)
         elif node.op_type in ("MatMul", "Gemm"):
-            if scope == "all" or (len(node.input) > 1 and projection(node.input[1])):
+            if scope == "all" or projection(node):
                 names.append(node.name)
     return names
 

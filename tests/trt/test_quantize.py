@@ -88,8 +88,11 @@ def test_qdq_model_is_tensorrt_ready_and_keeps_sensitive_ops_in_float(fp32_model
     attention_matmuls = [n.name for n in fp.graph.node if n.op_type == "MatMul" and not set(n.input) & weights]
     assert attention_matmuls and not set(attention_matmuls) & set(quantized_nodes(q))
     # the MLP down-projection (weight [4D, D]) stays float by default; "projections" includes it
-    down = [n.name for n in fp.graph.node if n.op_type == "MatMul" and n.input[1] in weights
-            and len(fp_inits[n.input[1]].dims) == 2 and fp_inits[n.input[1]].dims[0] > fp_inits[n.input[1]].dims[1]]
+    def k_n(n):
+        d = list(fp_inits[n.input[1]].dims)
+        return d[::-1] if any(a.name == "transB" and a.i for a in n.attribute) else d
+    down = [n.name for n in fp.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights
+            and len(fp_inits[n.input[1]].dims) == 2 and k_n(n)[0] > k_n(n)[1]]
     assert len(down) == 4 and not set(down) & set(quantized_nodes(q))
     assert set(down) <= set(nodes_to_quantize(fp, "projections"))
     # per-channel weights: DequantizeLinear of a MatMul weight has one scale per output column

@@ -375,7 +375,7 @@ def _progress_monitor(trt, report: Callable[[str], None]):
         def step_complete(self, phase_name, step) -> bool:
             with self._lock:
                 total = self._steps.get(phase_name, 0)
-            if not parent_is_noisy(phase_name):
+            if not _noisy_phase(phase_name):
                 report(f"{phase_name}: {step + 1}/{total}")
             return True  # False would cancel the build
 
@@ -386,7 +386,7 @@ def _progress_monitor(trt, report: Callable[[str], None]):
     return Monitor()
 
 
-def parent_is_noisy(phase_name: str) -> bool:
+def _noisy_phase(phase_name: str) -> bool:
     """Tactic-level phases report thousands of steps; only their start is shown."""
     return "tactic" in phase_name.lower() or "kernel" in phase_name.lower()
 

@@ -25,7 +25,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Literal, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Literal, Optional
 
 import numpy as np
 import onnx

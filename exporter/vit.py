@@ -23,7 +23,7 @@ from exporter.merge import Tokens, merge
 from exporter.schedule import Schedule, ScheduleError, make_schedule, summary_steps
 
 Act = Literal["gelu", "quick_gelu", "gelu_tanh"]
-Pool = Literal["cls", "mean", "map"]
+Pool = Literal["cls", "cls_dist", "mean", "map"]  # cls_dist: mean of [CLS] and distillation token (DeiT)
 
 
 @dataclass
@@ -302,6 +302,8 @@ class ViT(nn.Module):
         cfg = self.cfg
         if cfg.pool == "cls":
             g = prefix[:, 0]
+        elif cfg.pool == "cls_dist":
+            g = (prefix[:, 0] + prefix[:, 1]) * 0.5
         elif cfg.pool == "mean":
             w = patches.size.unsqueeze(-1)
             g = (patches.x * w).sum(dim=1) / w.sum(dim=1)
@@ -353,13 +355,16 @@ def gflops(cfg: ViTConfig, tokens_per_block: List[int], r_per_block: List[int]) 
     return flops / 1e9
 
 
-def resample_pos_embed(pos: Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int]) -> Tensor:
-    """Bicubic resize of a [1, gh*gw, C] patch position embedding to a new grid."""
+def resample_pos_embed(
+    pos: Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int], antialias: bool = False
+) -> Tensor:
+    """Bicubic resize of a [1, gh*gw, C] patch position embedding to a new grid (``antialias``: the
+    antialiased kernel some models were trained/evaluated with, e.g. transformers' Dinov2WithRegisters)."""
     if tuple(old_grid) == tuple(new_grid):
         return pos
     c = pos.shape[-1]
     grid = pos.reshape(1, old_grid[0], old_grid[1], c).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False)
+    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False, antialias=antialias)
     return grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], c).to(pos.dtype)
 
 

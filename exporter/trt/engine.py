@@ -460,7 +460,7 @@ def build_engine(onnx_path: Path, out_dir: Path, model: str, options: BuildOptio
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
     if options.precision in ("fp16", "int8"):
-        if not builder.platform_has_fast_fp16:
+        if not getattr(builder, "platform_has_fast_fp16", True):  # deprecated in 10.x
             log.warning("this GPU has no fast FP16; building anyway")
         config.set_flag(trt.BuilderFlag.FP16)
     if options.precision == "int8":
@@ -507,9 +507,9 @@ def build_engine(onnx_path: Path, out_dir: Path, model: str, options: BuildOptio
     timing_cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(timing_cache, False)
 
-    monitor = _progress_monitor(trt, report)
+    monitor = _progress_monitor(trt, report) if hasattr(config, "progress_monitor") else None
     if monitor is not None:
-        config.progress_monitor = monitor
+        config.progress_monitor = monitor  # must outlive the build: kept referenced until we return
     report(f"building {options.precision} engine with TensorRT {trt.__version__} on {runtime.gpu_name}")
     with _Heartbeat(report) if monitor is None else _nullcontext():
         serialized = builder.build_serialized_network(network, config)

@@ -304,8 +304,7 @@ def _check_initializers(facts: _Facts, t: TargetSpec) -> Iterator[Problem]:
                       "range, so results are unchanged as long as indices stay below 2**31", WARNING)
 
 
-def _check_node(facts: _Facts, t: TargetSpec, scope: _Scope, node: onnx.NodeProto,
-                in_function: bool) -> Iterator[Problem]:
+def _check_node(facts: _Facts, t: TargetSpec, scope: _Scope, node: onnx.NodeProto) -> Iterator[Problem]:
     name, op = _qualified(scope, node), node.op_type
     if node.domain not in _DEFAULT_DOMAINS:
         fn = facts.functions.get((node.domain, op))
@@ -403,10 +402,7 @@ def _check_op_specific(facts: _Facts, t: TargetSpec, scope: _Scope, node: onnx.N
         if shp is None or any(d is None for d in shp):
             yield Problem("dynamic_shape", name, op, "EyeLike needs an input with static dimensions")
     elif op == "Cast":
-        to = int(_attr(node, "to", 0))
-        if to == TensorProto.INT64 and t.int64_narrowed:
-            pass  # covered by the INT64 summary; values produced by Cast are range-checked at run time by nobody
-        if to == TensorProto.DOUBLE:
+        if int(_attr(node, "to", 0)) == TensorProto.DOUBLE:
             yield Problem("double", name, op, "Cast to DOUBLE: TensorRT computes it in FLOAT", WARNING)
 
 
@@ -414,11 +410,11 @@ def _check_functions(facts: _Facts, t: TargetSpec) -> Iterator[Problem]:
     for fn in facts.model.functions:
         scope = _Scope(f"function {fn.domain}.{fn.name}/", fn.node)
         for node in fn.node:
-            yield from _check_node(facts, t, scope, node, in_function=True)
+            yield from _check_node(facts, t, scope, node)
             for attr_name, sub in _subgraphs(node):
                 for sub_scope, _ in _walk_graph(sub, f"{scope.path}{node.op_type} {node.name!r}/{attr_name}/"):
                     for n in sub_scope.nodes:
-                        yield from _check_node(facts, t, sub_scope, n, in_function=True)
+                        yield from _check_node(facts, t, sub_scope, n)
 
 
 def check_target(facts: _Facts, t: TargetSpec) -> Report:
@@ -428,7 +424,7 @@ def check_target(facts: _Facts, t: TargetSpec) -> Report:
     rep.problems.extend(_check_initializers(facts, t))
     for scope, _ in _walk_graph(facts.model.graph):
         for node in scope.nodes:
-            rep.problems.extend(_check_node(facts, t, scope, node, in_function=False))
+            rep.problems.extend(_check_node(facts, t, scope, node))
     rep.problems.extend(_check_functions(facts, t))
     return rep
 

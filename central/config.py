@@ -8,6 +8,8 @@ from typing import List, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tokenline.errors import describe
+
 
 class ConfigError(ValueError):
     """A configuration file that cannot be read or does not validate; the message names the key."""
@@ -110,11 +112,7 @@ def parse_config(data: object, where: str = "<config>") -> CentralConfig:
     try:
         return CentralConfig.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{where}: invalid configuration:"]
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "<root>"
-            lines.append(f"  {key}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(describe(where, "configuration", exc)) from None
 
 
 def load_config(path: Optional[str | Path]) -> CentralConfig:

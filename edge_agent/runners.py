@@ -167,46 +167,133 @@ class OnnxRuntimeRunner:
         self.sessions.clear()
 
 
-class TensorRTRunner:
-    """Native TensorRT engine runner (JetPack). Imports ``tensorrt`` lazily.
+class _CudaRuntime:
+    """The few CUDA runtime calls the TensorRT runner needs, through ctypes (no pycuda/cuda-python needed)."""
 
-    Today it loads the serialized engine with TensorRT's documented API and checks its I/O tensors against the
-    manifest; execution (device buffers, ``execute_async_v3``) arrives with the engine loader that is being
-    written in ``exporter/trt/engine.py`` (to be vendored here: the edge never imports the exporter). Until
-    then ``run`` raises ``RunnerUnavailable``; use ``runner: onnxruntime`` (with the TensorRT execution provider
-    on a Jetson) instead.
+    H2D, D2H = 1, 2  # cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost
+
+    def __init__(self) -> None:
+        import ctypes  # noqa: PLC0415
+
+        self.ct = ctypes
+        for name in ("libcudart.so", "libcudart.so.12", "libcudart.so.11.0"):
+            try:
+                self.lib = ctypes.CDLL(name)
+                break
+            except OSError:
+                continue
+        else:
+            raise RunnerUnavailable("model.runner 'tensorrt' needs the CUDA runtime (libcudart.so), not found")
+        self.stream = ctypes.c_void_p()
+        self._check(self.lib.cudaStreamCreate(ctypes.byref(self.stream)), "cudaStreamCreate")
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc != 0:
+            raise RunnerError(f"CUDA {what} failed with error code {rc}")
+
+    def malloc(self, nbytes: int) -> int:
+        ptr = self.ct.c_void_p()
+        self._check(self.lib.cudaMalloc(self.ct.byref(ptr), self.ct.c_size_t(max(1, nbytes))), "cudaMalloc")
+        return int(ptr.value)
+
+    def copy(self, dst: int, src: int, nbytes: int, kind: int) -> None:
+        self._check(self.lib.cudaMemcpyAsync(self.ct.c_void_p(dst), self.ct.c_void_p(src), self.ct.c_size_t(nbytes),
+                                             kind, self.stream), "cudaMemcpyAsync")
+
+    def sync(self) -> None:
+        self._check(self.lib.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
+    def free(self, ptr: int) -> None:
+        self.lib.cudaFree(self.ct.c_void_p(ptr))
+
+
+class TensorRTRunner:
+    """Native TensorRT engine runner (JetPack 5: TensorRT 8.5; JetPack 6: 10.x). Imports ``tensorrt`` lazily.
+
+    The engine is loaded through ``exporter.trt.engine.load_engine`` (torch-free), which refuses an engine whose
+    sidecar does not match this GPU and TensorRT version or whose hashes do not match the ONNX and manifest,
+    with the command to rebuild it. Execution uses the name-based I/O API that TensorRT 8.5 and 10 share
+    (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``) with device buffers from the CUDA runtime,
+    allocated once for the largest batch. Not exercised on this project's CI (no TensorRT there): the tests
+    cover the "not installed" path and skip the rest loudly.
     """
 
-    def __init__(self, engine_path: Path, manifest: mf.Manifest) -> None:
+    def __init__(self, engine_path: Path, manifest: mf.Manifest, model_dir: Optional[Path] = None) -> None:
         try:
-            import tensorrt as trt  # noqa: PLC0415
+            import tensorrt  # noqa: F401, PLC0415
         except ImportError as exc:
             raise RunnerUnavailable(
                 f"model.runner 'tensorrt' needs the tensorrt Python package (JetPack), which is not importable "
                 f"here ({exc}); use model.runner: onnxruntime") from None
-        self.manifest = manifest
-        self.name = f"tensorrt[{trt.__version__}]"
-        self.batch_sizes: List[int] = list(manifest.batch_sizes)
+        from exporter.trt.engine import EngineError, load_engine  # noqa: PLC0415  (torch-free module)
+
         path = Path(engine_path)
         if not path.is_file():
             raise RunnerError(f"model.engine: {path} does not exist")
-        logger = trt.Logger(trt.Logger.WARNING)
-        runtime = trt.Runtime(logger)
-        engine = runtime.deserialize_cuda_engine(path.read_bytes())
-        if engine is None:
-            raise RunnerError(f"{path}: TensorRT could not deserialize the engine (built for another GPU/TensorRT?)")
+        onnx_path = None
+        if model_dir is not None:
+            encoders = [f for f in manifest.files if f.role == "encoder"]
+            onnx_path = Path(model_dir) / encoders[0].path if len(encoders) == 1 else None
+        try:
+            self.loaded = load_engine(path, onnx_path, manifest.hash())
+        except EngineError as exc:
+            raise RunnerError(f"model.engine: {exc}") from None
+        engine = self.loaded.engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         want = {manifest.input.name, *mf.OUTPUT_NAMES}
         if set(names) != want:
             raise RunnerError(f"{path}: engine tensors {names}, manifest says {sorted(want)}")
-        self.engine = engine
+        import tensorrt as trt  # noqa: PLC0415
+
+        self.name = f"tensorrt[{trt.__version__}]"
+        self.manifest = manifest
+        self.input_name = manifest.input.name
+        self.k, self.d = manifest.summary.k, manifest.embedding_dim
+        in_shape = tuple(engine.get_tensor_shape(self.input_name))
+        self.dynamic = in_shape[0] == -1
+        if self.dynamic:
+            max_batch = int(engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
+            self.batch_sizes: List[int] = list(range(1, max_batch + 1))
+        else:
+            max_batch = int(in_shape[0])
+            self.batch_sizes = [max_batch]
+        self.context = engine.create_execution_context()
+        self.cuda = _CudaRuntime()
+        h, w = manifest.input.height, manifest.input.width
+        shapes = {self.input_name: (max_batch, 3, h, w), mf.OUT_GLOBAL: (max_batch, self.d),
+                  mf.OUT_TOKENS: (max_batch, self.k, self.d), mf.OUT_SIZES: (max_batch, self.k),
+                  mf.OUT_CENTROIDS: (max_batch, self.k, 2)}
+        self.buffers = {n: self.cuda.malloc(int(np.prod(s)) * 4) for n, s in shapes.items()}
+        for n, ptr in self.buffers.items():
+            self.context.set_tensor_address(n, ptr)
 
     def run(self, pixels: np.ndarray) -> EncoderOutputs:
-        raise RunnerUnavailable("native TensorRT execution is not wired yet (engine loader pending in "
-                                "exporter/trt/engine.py); use model.runner: onnxruntime")
+        n = pixels.shape[0]
+        parts = []
+        for chunk in pad_batch(pixels, self.batch_sizes):
+            chunk = np.ascontiguousarray(chunk, dtype=np.float32)
+            b = chunk.shape[0]
+            if self.dynamic:
+                self.context.set_input_shape(self.input_name, tuple(chunk.shape))
+            self.cuda.copy(self.buffers[self.input_name], chunk.ctypes.data, chunk.nbytes, _CudaRuntime.H2D)
+            if not self.context.execute_async_v3(self.cuda.stream.value):
+                raise RunnerError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+            outs = []
+            for name, shape in zip(mf.OUTPUT_NAMES, [(b, self.d), (b, self.k, self.d), (b, self.k), (b, self.k, 2)]):
+                host = np.empty(shape, dtype=np.float32)
+                self.cuda.copy(host.ctypes.data, self.buffers[name], host.nbytes, _CudaRuntime.D2H)
+                outs.append(host)
+            self.cuda.sync()
+            parts.append(check_outputs(outs, b, self.k, self.d))
+        cat = [np.concatenate([getattr(p, f) for p in parts])[:n]
+               for f in ("global_embedding", "tokens", "sizes", "centroids")]
+        return EncoderOutputs(*cat)
 
     def close(self) -> None:
-        self.engine = None
+        for ptr in getattr(self, "buffers", {}).values():
+            self.cuda.free(ptr)
+        self.buffers = {}
+        self.context = None
 
 
 def make_runner(model_cfg, manifest: mf.Manifest, model_dir: Path) -> Runner:
@@ -214,6 +301,6 @@ def make_runner(model_cfg, manifest: mf.Manifest, model_dir: Path) -> Runner:
     if model_cfg.runner == "tensorrt":
         if model_cfg.engine is None:
             raise RunnerError("model.engine: required when model.runner is 'tensorrt'")
-        return TensorRTRunner(model_cfg.engine, manifest)
+        return TensorRTRunner(model_cfg.engine, manifest, model_dir)
     return OnnxRuntimeRunner(model_dir, manifest, providers=model_cfg.providers, threads=model_cfg.threads,
                              cache_dir=Path(model_dir) / "trt_cache")

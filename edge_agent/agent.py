@@ -99,7 +99,7 @@ class Agent:
         self.state = "created"
         self.counters = {"inference_frames": 0, "inference_batches": 0, "inference_errors": 0,
                          "preprocess_errors": 0, "encode_errors": 0, "originals_errors": 0,
-                         "commands_applied": 0}
+                         "outbox_write_errors": 0, "commands_applied": 0}
         self._latency: Deque[float] = deque(maxlen=512)
         self._beat = {"inference": time.monotonic(), "writer": time.monotonic()}
         self._final: Optional[dict] = None
@@ -251,7 +251,14 @@ class Agent:
                     topic = topics.tokens_topic(self.cfg.site, r.sample.line, r.sample.camera)
                     entries.append((r.sample.camera, topic, lambda seq, b=buf: with_header(b, seq=seq)))
                 if entries:
-                    self.outbox.put_many(entries)
+                    try:
+                        self.outbox.put_many(entries)
+                    except sqlite3.OperationalError as exc:  # e.g. "database or disk is full"
+                        # the frames are lost, but counted and reported; the agent keeps running and
+                        # writes again as soon as the disk has room (the outbox drains on PUBACKs)
+                        self.counters["outbox_write_errors"] += len(entries)
+                        log.error("outbox write failed, %d frame(s) dropped (counted): %s", len(entries), exc)
+                        continue
                     self.link.wake()
                 now = time.monotonic()
                 for r in items:
@@ -316,7 +323,9 @@ class Agent:
                        "results": {"depth": len(self.results), "capacity": self.results.capacity,
                                    "dropped": self.results.dropped}},
             "outbox": dict(self.outbox.stats(), published=link["published"], inflight=link["inflight"],
-                           publish_errors=link["publish_errors"], encode_errors=self.counters["encode_errors"]),
+                           publish_errors=link["publish_errors"], encode_errors=self.counters["encode_errors"],
+                           write_errors=self.counters["outbox_write_errors"],
+                           no_subscriber_retries=link["no_subscriber_retries"]),
             "originals": (dict(self.originals.stats(), errors=self.counters["originals_errors"])
                           if self.originals is not None else None),
             "commands": {"received": self.link.commands_received, "rejected": self.link.commands_rejected,

@@ -166,6 +166,10 @@ class Mqtt(_Strict):
     keepalive_s: int = Field(30, ge=5)
     tls: Tls = Tls()
     inflight: int = Field(32, ge=1, le=65535)  # unacknowledged QoS 1 messages at once
+    # A PUBACK with reason "No matching subscribers" (MQTT 5, 0x10) means nobody took the message (e.g. central
+    # not yet re-subscribed after a broker restart): keep it in the outbox and send it again after a pause.
+    require_subscriber: bool = True
+    no_subscriber_retry_s: float = Field(1.0, gt=0)
     reconnect_min_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
 

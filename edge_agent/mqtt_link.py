@@ -14,6 +14,7 @@ import json
 import logging
 import ssl
 import threading
+import time
 from collections import deque
 from typing import Callable, Deque, Dict, Optional, Tuple
 
@@ -25,6 +26,8 @@ from edge_agent.config import AgentConfig, read_secret
 from edge_agent.outbox import Outbox
 from tokenline import topics
 from tokenline.wire import FLAG_REPLAYED, WireError, with_flags
+
+NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK reason code: accepted, but no subscription matched
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ class MqttLink:
         self.connected = threading.Event()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._acks: Deque[Tuple[int, bool, str]] = deque()
+        self._acks: Deque[Tuple[int, bool, str, int]] = deque()
         self._inflight: Dict[int, int] = {}  # mid -> outbox row id
         self._cursor = 0
         self._connects = 0
@@ -55,6 +58,8 @@ class MqttLink:
         self.commands_received = 0
         self.commands_rejected = 0
         self.publish_errors = 0
+        self.no_subscriber_retries = 0
+        self._hold_until = 0.0
 
         self.props = Properties(PacketTypes.PUBLISH)
         self.props.ContentType = CONTENT_TYPE
@@ -105,7 +110,7 @@ class MqttLink:
         self.connected.clear()
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        self._acks.append((mid, bool(reason_code.is_failure), str(reason_code)))
+        self._acks.append((mid, bool(reason_code.is_failure), str(reason_code), int(reason_code.value)))
         self._wake.set()
 
     def _on_message(self, client, userdata, message) -> None:
@@ -135,8 +140,9 @@ class MqttLink:
 
     def _drain_acks(self) -> None:
         done = []
+        rewind = None
         while self._acks:
-            mid, failed, reason = self._acks.popleft()
+            mid, failed, reason, code = self._acks.popleft()
             row = self._inflight.pop(mid, None)
             if row is None:
                 continue  # status/stats publishes, or a duplicate ack
@@ -144,10 +150,18 @@ class MqttLink:
                 self.publish_errors += 1
                 log.error("broker refused outbox row %d: %s (kept in the outbox's rejected table)", row, reason)
                 self.outbox.reject(row, reason)
+            elif code == NO_MATCHING_SUBSCRIBERS and self.cfg.mqtt.require_subscriber:
+                self.no_subscriber_retries += 1  # accepted by the broker but delivered to nobody: send again
+                rewind = row if rewind is None else min(rewind, row)
             else:
                 done.append(row)
         if done:
             self.outbox.delete(done)
+        if rewind is not None:
+            self._cursor = min(self._cursor, rewind - 1)
+            self._hold_until = time.monotonic() + self.cfg.mqtt.no_subscriber_retry_s
+            log.warning("no subscriber took outbox rows from %d on; sending them again in %.1fs", rewind,
+                        self.cfg.mqtt.no_subscriber_retry_s)
 
     def _publisher(self) -> None:
         while True:
@@ -162,10 +176,19 @@ class MqttLink:
                 if self._remark:
                     self._remark = False
                     self._replay_upto = max(self._replay_upto, self.outbox.max_id())
+                if time.monotonic() < self._hold_until:
+                    continue
                 room = self.cfg.mqtt.inflight - len(self._inflight)
                 if room <= 0:
                     continue
-                for row in self.outbox.after(self._cursor, room):
+                in_flight_rows = set(self._inflight.values())
+                for row in self.outbox.after(self._cursor, room + len(in_flight_rows)):
+                    if row.id in in_flight_rows:  # already sent and awaiting its PUBACK (after a rewind)
+                        self._cursor = max(self._cursor, row.id)
+                        continue
+                    if room <= 0:
+                        break
+                    room -= 1
                     payload = row.payload
                     if row.id <= self._replay_upto:
                         try:
@@ -191,7 +214,6 @@ class MqttLink:
 
     def flush(self, timeout: float) -> bool:
         """Wait until the outbox is empty and nothing is in flight (or ``timeout``); True when flushed."""
-        import time
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -220,4 +242,4 @@ class MqttLink:
 
     def stats(self) -> dict:
         return {"connected": self.connected.is_set(), "published": self.published, "inflight": len(self._inflight),
-                "publish_errors": self.publish_errors}
+                "publish_errors": self.publish_errors, "no_subscriber_retries": self.no_subscriber_retries}

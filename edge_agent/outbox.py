@@ -98,7 +98,8 @@ class Outbox:
                 evicted = self._evict_locked(self.count + len(items), self.bytes + added)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
+                    db.execute("ROLLBACK")
                 raise
             self.count += len(items) - evicted[0]
             self.bytes += added - evicted[1]
@@ -149,7 +150,8 @@ class Outbox:
                 db.execute(f"DELETE FROM outbox WHERE id IN ({q})", ids)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
+                    db.execute("ROLLBACK")
                 raise
             self.count -= int(r[0])
             self.bytes -= int(r[1])
@@ -168,7 +170,8 @@ class Outbox:
                 db.execute("DELETE FROM outbox WHERE id=?", (row_id,))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
+                    db.execute("ROLLBACK")
                 raise
             if r:
                 self.count -= 1

@@ -6,14 +6,14 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Literal, Optional, Tuple
 
 import cv2
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
@@ -39,6 +39,12 @@ class Principal(BaseModel):
 class HoldBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hold: bool
+
+
+class TokenBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    role: Literal["viewer", "device", "admin"]
 
 
 class TokenCache:
@@ -165,6 +171,11 @@ def create_app(cfg: CentralConfig, engine: Optional[Engine] = None) -> FastAPI:
     @app.get("/v1/devices", tags=["registry"])
     def devices(_p: Principal = Depends(viewer)) -> Dict[str, Any]:
         return {"devices": store.list_devices(engine)}
+
+    @app.post("/v1/tokens", tags=["ops"], status_code=201)
+    def create_token(body: TokenBody, _p: Principal = Depends(admin)) -> Dict[str, Any]:
+        """Create a bearer token (admins only); the token is returned once and stored hashed."""
+        return {"name": body.name, "role": body.role, "token": store.create_token(engine, body.name, body.role)}
 
     @app.get("/v1/dead-letters", tags=["ops"])
     def dead_letters(limit: int = 100, _p: Principal = Depends(admin)) -> Dict[str, Any]:

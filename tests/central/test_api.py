@@ -43,6 +43,16 @@ def test_roles_and_health(setup):
     assert client.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
     assert client.get("/v1/models", headers=toks["device"]).status_code == 403  # devices only upload
     assert client.get("/v1/models", headers=toks["viewer"]).json()["models"][0]["k"] == 16
+    # tokens: only admins create them; the new token works at once; path traversal in ids is refused
+    assert client.post("/v1/tokens", json={"name": "x", "role": "admin"}).status_code == 401
+    assert client.post("/v1/tokens", json={"name": "x", "role": "admin"}, headers=toks["viewer"]).status_code == 403
+    r = client.post("/v1/tokens", json={"name": "cam-9", "role": "viewer"}, headers=toks["admin"])
+    assert r.status_code == 201 and r.json()["role"] == "viewer"
+    assert client.get("/v1/models", headers={"Authorization": "Bearer " + r.json()["token"]}).status_code == 200
+    assert client.post("/v1/tokens", json={"name": "../x", "role": "viewer"}, headers=toks["admin"]).status_code == 422
+    for bad in ("..%2F..%2Fetc%2Fpasswd", "%2e%2e", "0" * 31 + "/"):
+        assert client.get(f"/v1/frames/{bad}/original", headers=toks["viewer"]).status_code in (400, 404)
+        assert client.put(f"/v1/originals/{bad}", content=b"x", headers=toks["device"]).status_code in (400, 404)
     assert client.get("/v1/dead-letters", headers=toks["viewer"]).status_code == 403
     assert client.get("/v1/dead-letters", headers=toks["admin"]).status_code == 200
     fid = msgs[0].frame_id.hex()

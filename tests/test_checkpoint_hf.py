@@ -123,7 +123,7 @@ def test_hf_siglip_vision_and_text_match_transformers(tmp_path: Path) -> None:
     assert enc.family == "hf_siglip" and enc.vit.cfg.pool == "map" and enc.vit.cfg.num_prefix == 0
     assert enc.mean == (0.5, 0.5, 0.5) and enc.resize == "resize"
     x = pixels()
-    ids = token_ids(eos=98, lengths=(10, 10, 10))  # SigLIP pads to the full length; pooled = last token
+    ids = token_ids(eos=98, pad=1)  # SigLIP pads to the full length (pad id 1); pooled = last position
     with torch.no_grad():
         vis = model.vision_model(pixel_values=x)
         pooled, tokens = enc.vit.reference_outputs(x)

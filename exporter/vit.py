@@ -12,7 +12,7 @@ summary_centroids [B,K,2]); the embedding and tokens are L2-normalized.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import List, Literal, Optional, Tuple
 
 import torch

@@ -233,13 +233,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m exporter.trt.cli", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    """``python -m exporter.trt.cli ...`` is ``tokenline-export ...`` (the TensorRT subcommands live there too)."""
+    from exporter.cli import main as export_main  # noqa: PLC0415
+
+    return export_main(argv)
 
 
 if __name__ == "__main__":

@@ -94,15 +94,20 @@ def calibration_batch(vit: ViT, calib_dir: Optional[Path], count: int) -> np.nda
 
         frames = [cv2.resize(f, (spec.width, spec.height), interpolation=cv2.INTER_CUBIC) for f in low]
         return np.stack([preprocess(f, spec) for f in frames])
+    return load_images(calib_dir, spec, count)
+
+
+def load_images(folder: Path, spec: mf.InputSpec, count: int) -> np.ndarray:
+    """Preprocess up to ``count`` images of ``folder`` (spread over it) exactly as the edge does: [N,3,H,W]."""
     arrays = []
-    for p in list_images(calib_dir, count):
+    for p in list_images(Path(folder), count):
         try:
             arrays.append(preprocess(read_image(p), spec))
         except ImageError as exc:
             log.warning("skipping calibration image: %s", exc)
     if not arrays:
-        raise ExportError(f"no readable calibration images in {calib_dir}")
-    return np.stack(arrays)
+        raise ExportError(f"no readable calibration images in {folder}")
+    return np.stack(arrays).astype(np.float32)
 
 
 # -- ONNX -------------------------------------------------------------------------------------------

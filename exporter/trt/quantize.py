@@ -115,22 +115,12 @@ def _input(model: onnx.ModelProto) -> tuple:
 
 def calibration_arrays(folder: Path, spec: InputSpec, count: int) -> np.ndarray:
     """Preprocess up to ``count`` images of ``folder`` (spread over it) exactly as the edge does: [N,3,H,W]."""
-    from exporter.export import ExportError, list_images  # noqa: PLC0415
-    from tokenline.preprocess import ImageError, preprocess, read_image  # noqa: PLC0415
+    from exporter.export import ExportError, load_images  # noqa: PLC0415
 
     try:
-        files = list_images(Path(folder), count)
+        return load_images(Path(folder), spec, count)
     except ExportError as exc:
         raise QuantizeError(str(exc)) from None
-    arrays = []
-    for p in files:
-        try:
-            arrays.append(preprocess(read_image(p), spec))
-        except ImageError as exc:
-            log.warning("skipping calibration image %s: %s", p.name, exc)
-    if not arrays:
-        raise QuantizeError(f"no readable calibration images in {folder}")
-    return np.stack(arrays).astype(np.float32)
 
 
 def _reader(name: str, data: np.ndarray, batch: int, progress: Optional[Callable[[str], None]]):

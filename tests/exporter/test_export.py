@@ -10,18 +10,9 @@ import pytest
 import torch
 
 from exporter.export import ExportError, ExportOptions, export_encoder
-from exporter.vit import MergeConfig, ViT, ViTConfig
+from exporter.vit import MergeConfig, ViT
+from tests.support.tiny_vit import tiny_vit
 from tokenline import manifest as mf
-
-
-def tiny_vit(seed: int = 0, **kw) -> ViT:
-    torch.manual_seed(seed)
-    cfg = ViTConfig(image_size=(48, 48), patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_hidden=64, **kw)
-    vit = ViT(cfg)
-    with torch.no_grad():
-        for p in vit.parameters():
-            p.normal_(0, 0.1)
-    return vit.eval()
 
 
 def _export(vit: ViT, out: Path, merge: MergeConfig, **opts) -> "mf.Manifest":

@@ -243,20 +243,6 @@ def test_bad_input_gives_clear_errors(tmp_path: Path) -> None:
 # -- our exporter's graphs must pass every target --------------------------------------------------------------
 
 
-def _tiny_vit(**kw):
-    import torch  # noqa: PLC0415
-
-    from exporter.vit import ViT, ViTConfig  # noqa: PLC0415
-
-    torch.manual_seed(0)
-    cfg = ViTConfig(image_size=(48, 48), patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_hidden=64, **kw)
-    vit = ViT(cfg)
-    with torch.no_grad():
-        for p in vit.parameters():
-            p.normal_(0, 0.1)
-    return vit.eval()
-
-
 EXPORTS = [  # (id, merge kwargs, batch, precision, vit kwargs)
     ("turbo-b2", dict(r=6, alpha=5.0, k=4), 2, "fp32", dict(num_registers=1)),
     ("tome-dynamic", dict(r=6, alpha=0.0, k=4), None, "fp32", {}),
@@ -275,7 +261,9 @@ def exported(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("exported")
     paths = {}
     for ident, merge, batch, precision, vit_kw in EXPORTS:
-        vit = _tiny_vit(**vit_kw)
+        from tests.support.tiny_vit import tiny_vit  # noqa: PLC0415 (torch only for these tests)
+
+        vit = tiny_vit(**vit_kw)
         vit.configure_merging(MergeConfig(**merge))
         path = out / f"{ident}.onnx"
         export_onnx(vit, path, batch, 17, precision, simplify=True)

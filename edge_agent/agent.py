@@ -325,7 +325,8 @@ class Agent:
             "outbox": dict(self.outbox.stats(), published=link["published"], inflight=link["inflight"],
                            publish_errors=link["publish_errors"], encode_errors=self.counters["encode_errors"],
                            write_errors=self.counters["outbox_write_errors"],
-                           no_subscriber_retries=link["no_subscriber_retries"]),
+                           no_subscriber_retries=link["no_subscriber_retries"],
+                           connection_drops=link["connection_drops"]),
             "originals": (dict(self.originals.stats(), errors=self.counters["originals_errors"])
                           if self.originals is not None else None),
             "commands": {"received": self.link.commands_received, "rejected": self.link.commands_rejected,

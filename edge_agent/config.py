@@ -171,6 +171,9 @@ class Mqtt(_Strict):
     no_subscriber_retry_s: float = Field(1.0, gt=0)
     reconnect_min_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
+    # A row that was the only one in flight each time the broker closed an established connection, this many
+    # times in a row, is moved to the outbox's rejected table (e.g. over the broker's message size limit).
+    reject_after_drops: int = Field(3, ge=1)
 
     @model_validator(mode="after")
     def _password(self) -> "Mqtt":

@@ -1,9 +1,22 @@
 """MQTT link (paho-mqtt 2.x, MQTT 5): publishes only from the outbox, QoS 1, deletes rows on PUBACK, in order.
 
-The publisher thread hands rows to paho in outbox order with at most ``inflight`` unacknowledged; paho itself
-retransmits those after a reconnect, then the cursor continues, so order is kept across broker restarts.
-PUBACK callbacks only enqueue the message id (paho calls them holding its own lock); the publisher thread
-turns them into outbox deletes. A PUBACK with a failure reason code moves the row to ``rejected`` (kept).
+The publisher thread hands rows to paho in outbox order with at most ``window`` unacknowledged. PUBACK
+callbacks only enqueue the message id (paho calls them holding its own lock); the publisher thread turns them
+into outbox deletes. A PUBACK with a failure reason code moves the row to ``rejected`` (kept).
+
+Connections: one paho client per connection attempt. When an attempt fails or a connection ends, the link
+throws that client away (with paho's own copies of the unacknowledged messages) and opens a new one after a
+backoff (``reconnect_min_s`` doubling to ``reconnect_max_s`` while nothing gets through), sending again from
+the outbox, oldest row first. The outbox is the only source of truth, so nothing is lost
+and the link decides what goes on the wire after a drop:
+
+- slow start: the window restarts at 1 and grows by one per acknowledged row up to ``mqtt.inflight``. A broker
+  that closes the connection after refusing a publish (Mosquitto 2.0 sends PUBACK 0x87 and then closes) would
+  otherwise reset the connection with the client's following publishes unread, and the refusal's PUBACK is
+  lost with the reset: paho would resend the same burst after every reconnect, for ever.
+- poison rows: a row that was the only one in flight each time an established connection dropped,
+  ``mqtt.reject_after_drops`` times in a row, is moved to ``rejected`` (e.g. larger than the broker's limit).
+
 Availability: last will ``offline`` (retained), ``online`` retained after every connect. Commands arrive on
 the device's ``cmd`` topic and are passed to a callback after validation.
 """
@@ -67,9 +80,21 @@ class MqttLink:
         if cfg.messages.message_expiry_s:
             self.props.MessageExpiryInterval = cfg.messages.message_expiry_s
 
-        m = cfg.mqtt
+        self._window = cfg.mqtt.inflight
+        self._strikes: Dict[int, int] = {}  # row id -> drops while it was the only row in flight
+        self._drops = 0  # consecutive drops without an acknowledged row: sets the backoff
+        self._dropped = threading.Event()
+        self._reopen_at = 0.0
+        self.connection_drops = 0
+        self._connected_at = 0.0
+        self.client = self._live = self._make_client()  # callbacks from any other (retired) client are ignored
+        self._thread = threading.Thread(target=self._publisher, name="mqtt-publisher", daemon=True)
+
+    def _make_client(self) -> mqtt.Client:
+        """A configured paho client for one connection attempt (the link, not paho, reconnects)."""
+        cfg, m = self.cfg, self.cfg.mqtt
         c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
-                        protocol=mqtt.MQTTv5)
+                        protocol=mqtt.MQTTv5, reconnect_on_failure=False)
         c.will_set(self.status_topic, payload=topics.STATUS_OFFLINE, qos=1, retain=True)
         password = read_secret(m.password, m.password_file, "mqtt.password_file")
         if m.username is not None:
@@ -81,22 +106,25 @@ class MqttLink:
                       cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
             if m.tls.insecure:
                 c.tls_insecure_set(True)
-        c.reconnect_delay_set(min_delay=m.reconnect_min_s, max_delay=m.reconnect_max_s)  # type: ignore[arg-type]
+        c.reconnect_delay_set(min_delay=0.05, max_delay=0.05)  # type: ignore[arg-type]  # paho's wait before it gives up
         c.max_inflight_messages_set(m.inflight)
         c.max_queued_messages_set(0)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
+        c.on_connect_fail = self._on_connect_fail
         c.on_publish = self._on_publish
         c.on_message = self._on_message
-        self.client = c
-        self._thread = threading.Thread(target=self._publisher, name="mqtt-publisher", daemon=True)
+        return c
 
     # -- paho callbacks (network thread) --------------------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if client is not self._live:
+            return
         if reason_code.is_failure:
-            log.warning("MQTT connect refused: %s", reason_code)
+            log.warning("MQTT connect refused: %s (retrying; the password file is read again each time)", reason_code)
             return
         self._connects += 1
+        self._connected_at = time.monotonic()
         log.info("MQTT connected to %s:%d", self.cfg.mqtt.host, self.cfg.mqtt.port)
         client.publish(self.status_topic, topics.STATUS_ONLINE, qos=1, retain=True)
         client.subscribe(self.cmd_topic, qos=1)
@@ -104,10 +132,20 @@ class MqttLink:
         self.connected.set()
         self._wake.set()
 
+    def _on_connect_fail(self, client, userdata) -> None:
+        if client is self._live and not self._stop.is_set():
+            self._dropped.set()
+            self._wake.set()
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if client is not self._live:
+            return
         if self.connected.is_set():
             (log.info if self._stop.is_set() else log.warning)("MQTT disconnected: %s", reason_code)
         self.connected.clear()
+        if not self._stop.is_set():
+            self._dropped.set()  # the publisher thread opens a new connection (see the module docstring)
+            self._wake.set()
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         self._acks.append((mid, bool(reason_code.is_failure), str(reason_code), int(reason_code.value)))
@@ -131,9 +169,12 @@ class MqttLink:
 
     # -- publisher thread -----------------------------------------------------------------------------------
     def start(self) -> None:
+        self._connect()
+        self._thread.start()
+
+    def _connect(self) -> None:
         self.client.connect_async(self.cfg.mqtt.host, self.cfg.mqtt.port, keepalive=self.cfg.mqtt.keepalive_s)
         self.client.loop_start()
-        self._thread.start()
 
     def wake(self) -> None:
         self._wake.set()
@@ -155,6 +196,9 @@ class MqttLink:
                 rewind = row if rewind is None else min(rewind, row)
             else:
                 done.append(row)
+            self._strikes.pop(row, None)
+            self._drops = 0
+            self._window = min(self.cfg.mqtt.inflight, self._window + 1)
         if done:
             self.outbox.delete(done)
         if rewind is not None:
@@ -162,6 +206,38 @@ class MqttLink:
             self._hold_until = time.monotonic() + self.cfg.mqtt.no_subscriber_retry_s
             log.warning("no subscriber took outbox rows from %d on; sending them again in %.1fs", rewind,
                         self.cfg.mqtt.no_subscriber_retry_s)
+
+    def _reopen_later(self) -> None:
+        """After a drop: forget the old client and its unacknowledged messages, schedule a new connection."""
+
+        old, self._live = self.client, None
+        old.disconnect()  # in case it got through meanwhile
+        old.loop_stop()  # its network thread ends by itself after a drop (reconnect_on_failure=False)
+        self.connected.clear()
+        self._drain_acks()  # acknowledgements that arrived before the drop
+        self.connection_drops += 1
+        rows = sorted(self._inflight.values())
+        self._inflight.clear()
+        if len(rows) == 1:  # the only row on the wire when the broker closed the connection
+            row = rows[0]
+            self._strikes[row] = strikes = self._strikes.get(row, 0) + 1
+            if strikes >= self.cfg.mqtt.reject_after_drops:
+                reason = (f"the broker closed the connection each of the {strikes} times this message was the only "
+                          "one in flight, without acknowledging it (over the broker's size limit, or refused)")
+                self.publish_errors += 1
+                log.error("outbox row %d: %s; moved to the outbox's rejected table", row, reason)
+                self.outbox.reject(row, reason)
+                self._strikes.pop(row, None)
+        self._cursor = 0  # everything still in the outbox goes again, oldest first
+        self._window = 1
+        if self._connected_at and time.monotonic() - self._connected_at > 10 * self.cfg.mqtt.reconnect_min_s:
+            self._drops = 0  # it was up for a while: start the backoff again from the minimum
+        self._connected_at = 0.0
+        self._drops += 1
+        m = self.cfg.mqtt
+        delay = min(m.reconnect_max_s, m.reconnect_min_s * 2 ** (self._drops - 1))
+        self._reopen_at = time.monotonic() + delay
+        log.info("MQTT connection ended with %d row(s) unacknowledged; connecting again in %.1fs", len(rows), delay)
 
     def _publisher(self) -> None:
         while True:
@@ -171,6 +247,18 @@ class MqttLink:
                 self._drain_acks()
                 if self._stop.is_set():
                     return
+                if self._dropped.is_set():
+                    self._dropped.clear()
+                    self._reopen_later()
+                if self._reopen_at and time.monotonic() >= self._reopen_at:
+                    self._reopen_at = 0.0
+                    try:
+                        self.client = self._live = self._make_client()
+                        self._connect()
+                    except Exception:  # noqa: BLE001 - e.g. the password file vanished: try again later
+                        log.exception("could not open a new MQTT connection")
+                        self._dropped.set()
+                        continue
                 if not self.connected.is_set():
                     continue
                 if self._remark:
@@ -178,7 +266,7 @@ class MqttLink:
                     self._replay_upto = max(self._replay_upto, self.outbox.max_id())
                 if time.monotonic() < self._hold_until:
                     continue
-                room = self.cfg.mqtt.inflight - len(self._inflight)
+                room = self._window - len(self._inflight)
                 if room <= 0:
                     continue
                 in_flight_rows = set(self._inflight.values())
@@ -202,7 +290,7 @@ class MqttLink:
                     self._inflight[info.mid] = row.id
                     self._cursor = row.id
                     self.published += 1
-                if len(self._inflight) < self.cfg.mqtt.inflight and self.outbox.count > len(self._inflight):
+                if len(self._inflight) < self._window and self.outbox.count > len(self._inflight):
                     self._wake.set()
             except Exception:  # noqa: BLE001 - keep publishing; the outbox still has everything
                 log.exception("publisher loop error")
@@ -242,4 +330,5 @@ class MqttLink:
 
     def stats(self) -> dict:
         return {"connected": self.connected.is_set(), "published": self.published, "inflight": len(self._inflight),
-                "publish_errors": self.publish_errors, "no_subscriber_retries": self.no_subscriber_retries}
+                "publish_errors": self.publish_errors, "no_subscriber_retries": self.no_subscriber_retries,
+                "connection_drops": self.connection_drops, "window": self._window}

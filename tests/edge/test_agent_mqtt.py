@@ -110,7 +110,6 @@ def test_outbox_cap_evicts_oldest_counted_then_delivers_the_rest(tmp_path, tiny_
         assert [r.seq for r in read_pending(Path(tmp_path / "outbox.sqlite"))] == list(range(20, 30))
         broker = Mosquitto(tmp_path / "broker", port=port).start()
         sub = Collector(broker.host, broker.port)
-        agent.link.client.reconnect_delay_set(0.2, 0.5)  # type: ignore[arg-type]
         assert sub.wait_for(lambda s: len(s.unique_seqs("cam-1")) >= 10, 30)
         assert sub.unique_seqs("cam-1") == list(range(20, 30)) and all(m.replayed for m in sub.messages)
         sub.close()

@@ -48,3 +48,33 @@ def test_tls_password_and_acl_refusals_are_kept(secured, tmp_path: Path, tiny_mo
     rows = db.execute("SELECT camera, seq, reason, payload FROM rejected ORDER BY seq").fetchall()
     assert [(r[0], r[1]) for r in rows] == [("cam9", 0), ("cam9", 1), ("cam9", 2)]
     assert "authori" in rows[0][2].lower() and wire.decode(rows[0][3]).camera == "cam9"  # kept for inspection
+
+
+def test_wrong_password_keeps_retrying_and_a_fixed_password_file_is_read_on_the_next_attempt(
+        secured, tmp_path: Path, tiny_model_dir: Path) -> None:  # noqa: F811
+    broker, tls_port, ca, pw = secured
+    secret = tmp_path / "mqtt.pw"
+    secret.write_text("not-the-password\n")
+    central = Conn(tls_port, "central", pw["central"], ca).connect()
+    assert central.subscribe(topics.TOKENS_FILTER) == 1
+    cfg = agent_config(tmp_path, tiny_model_dir, tls_port, [synthetic_camera("cam1", frames=5, line="line1")],
+                       device="jetson-a", site="plant1",
+                       mqtt={"username": "jetson-a", "password_file": str(secret),
+                             "tls": {"enabled": True, "ca_file": str(ca)}})
+    agent = Agent(parse_config(cfg)).start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (agent.outbox.inserted < 5 or agent.link.connection_drops < 2):
+            time.sleep(0.05)
+        snap = agent.snapshot()
+        assert agent.link.connection_drops >= 2 and not snap["mqtt_connected"]  # refused, retried, still alive
+        assert "MQTT not connected" in snap["problems"] and snap["outbox"]["pending"] == 5 and not central.messages
+        secret.write_text(pw["jetson-a"] + "\n")  # rotated credentials: no restart needed
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (agent.outbox.count or len(central.messages) < 5):
+            time.sleep(0.05)
+        assert sorted({wire.decode(p).seq for _, p in central.messages}) == list(range(5))
+        assert agent.snapshot()["mqtt_connected"]
+    finally:
+        agent.shutdown()
+        central.close()

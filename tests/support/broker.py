@@ -12,9 +12,23 @@ from typing import Optional
 
 
 def free_port() -> int:
+    """A free 127.0.0.1 port that stays free for a minute, even on a machine shared with other test runs.
+
+    A port that was only bound and closed can be handed to the next process that binds port 0 (seen in CI:
+    a broker started seconds later found its port taken). This one is connected once and closed by the
+    accepting side first, so it sits in TIME_WAIT for 60 s: the kernel hands it to no other ``bind(0)``, but
+    servers that set SO_REUSEADDR (Mosquitto, uvicorn, http.server, PostgreSQL) can still listen on it.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        s.listen(1)
+        port = int(s.getsockname()[1])
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            conn, _ = s.accept()
+            conn.close()
+            c.recv(1)  # wait for the accepting side's FIN, so that side enters TIME_WAIT, not this one
+    return port
 
 
 def mosquitto_binary() -> Optional[str]:

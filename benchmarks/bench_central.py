@@ -170,7 +170,11 @@ def bench_search(backends: Backends, kind: str, manifest: Manifest, n: int, quer
     t0 = time.perf_counter()
     if kind == "postgresql":
         with engine.begin() as c:
-            c.execute(text("SET maintenance_work_mem = '1GB'"))
+            # The HNSW graph must fit in maintenance_work_mem or the build slows down badly (about 1.2 KB/frame);
+            # set for the database, so the connection that builds the index has it.
+            db = c.execute(text("SELECT current_database()")).scalar_one()
+            c.execute(text(f"ALTER DATABASE {db} SET maintenance_work_mem = '{max(1, -(-n * 1400 // 2**30))}GB'"))
+        engine.dispose()
         store.register_model(engine, manifest)  # recreates the index
     searcher = Searcher(engine, parse_config({}).search)
     searcher.knn(model, unit(rng, D), 1, Filters())  # SQLite: loads the in-memory index

@@ -323,7 +323,8 @@ class MqttLink:
                 pass
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
         self.connected.clear()
         self.client.disconnect()
         self.client.loop_stop()

@@ -33,19 +33,20 @@ def test_a_message_the_broker_drops_the_connection_for_is_rejected_after_three_d
                                                                                      tiny_model_dir: Path) -> None:
     # Mosquitto answers a packet over max_packet_size with DISCONNECT 0x95 and no PUBACK: paho alone would
     # send it again after every reconnect and nothing behind it would ever leave the outbox.
-    broker = Mosquitto(tmp_path / "broker", extra_conf="max_packet_size 4096\n").start()
     big = 3  # seq of the oversize message
     assert len(payload(0, 4, 64, "int8")) < 1024 < 4096 < len(payload(big, 16, 384, "fp16"))
     outbox = Outbox(tmp_path / "outbox.sqlite", max_bytes=1 << 20, max_messages=1000)
     outbox.put_many([("cam1", TOPIC, lambda s: payload(s, 16, 384, "fp16") if s == big else payload(s, 4, 64, "int8"))
                      for _ in range(8)])
+    broker = Mosquitto(tmp_path / "broker", extra_conf="max_packet_size 4096\n")
     cfg = parse_config(agent_config(tmp_path, tiny_model_dir, broker.port, [synthetic_camera("cam1")],
                                     mqtt={"reconnect_min_s": 0.1, "reconnect_max_s": 0.4, "inflight": 4}))
-    sub = Collector(broker.host, broker.port)
-    assert sub.connected.wait(10)
     link = MqttLink(cfg, outbox, "00" * 16, lambda cmd: None)
-    link.start()
+    broker.start()
+    sub = Collector(broker.host, broker.port)
     try:
+        assert sub.connected.wait(10)
+        link.start()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and (outbox.count or len(sub.unique_seqs("cam1")) < 7):
             time.sleep(0.05)

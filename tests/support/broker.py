@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -29,6 +30,17 @@ def free_port() -> int:
             conn.close()
             c.recv(1)  # wait for the accepting side's FIN, so that side enters TIME_WAIT, not this one
     return port
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM the broker when the process that started it dies (a killed test run
+    or benchmark must not leave brokers behind). Linux only; elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def mosquitto_binary() -> Optional[str]:
@@ -71,7 +83,7 @@ class Mosquitto:
 
     def start(self, timeout: float = 10.0) -> "Mosquitto":
         self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, LargeBinary, func, select, text, type_coerce
 from sqlalchemy.orm import Session
 
 from central.config import SearchConfig
@@ -115,41 +115,63 @@ class MemoryIndex:
             c[value] = len(c)
         return c[value]
 
-    def _load(self, after_id: int) -> None:
+    def _load(self, after_id: int, chunk: int = 50_000) -> None:
+        """Append the model's rows with ``id > after_id``, ``chunk`` rows per query (keyset pagination).
+
+        Embeddings are read as the raw little-endian float32 bytes SQLite stores and converted with one
+        ``np.frombuffer`` per chunk, not one array per row: 1M frames load in seconds rather than a minute.
+        """
+        raw = type_coerce(Frame.global_embedding, LargeBinary)
+        need = self.dim * 4
+        while True:
+            with Session(self.engine) as s:
+                q = (select(Frame.id, raw, Frame.capture_us, Frame.site, Frame.line, Frame.camera)
+                     .where(Frame.model_id == self.model_id, Frame.id > after_id).order_by(Frame.id).limit(chunk))
+                rows = s.execute(q).all()
+            if not rows:
+                return
+            blobs = [r[1] for r in rows]
+            bad = next((r[0] for r, b in zip(rows, blobs) if len(b) != need), None)
+            if bad is not None:
+                raise SearchError(500, f"model {self.model_id}: frame row {bad} has a {len(blobs[0])}-byte embedding, "
+                                       f"expected {need} (dim {self.dim})")
+            ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+            emb = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(rows), self.dim).astype(np.float32)
+            ts = np.fromiter((r[2] for r in rows), np.int64, len(rows))
+            self.ids = np.concatenate([self.ids, ids])
+            self.emb = np.concatenate([self.emb, emb])
+            self.ts = np.concatenate([self.ts, ts])
+            for j, kind in enumerate(("site", "line", "camera")):
+                codes = np.fromiter((self._code(kind, r[3 + j]) for r in rows), np.int32, len(rows))
+                self.place[kind] = np.concatenate([self.place[kind], codes])
+            self.last_id = after_id = int(ids[-1])
+            if len(rows) < chunk:
+                return
+
+    def _prune(self) -> None:
+        """Drop the rows that are no longer in the table (the sweeper deleted them): reads ids only."""
         with Session(self.engine) as s:
-            q = (select(Frame.id, Frame.global_embedding, Frame.capture_us, Frame.site, Frame.line, Frame.camera)
-                 .where(Frame.model_id == self.model_id, Frame.id > after_id).order_by(Frame.id))
-            rows = s.execute(q).all()
-        if not rows:
-            return
-        ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-        emb = np.stack([r[1] for r in rows]).astype(np.float32)
-        if emb.shape[1] != self.dim:
-            raise SearchError(500, f"model {self.model_id}: stored embedding dim {emb.shape[1]} != {self.dim}")
-        ts = np.fromiter((r[2] for r in rows), np.int64, len(rows))
-        self.ids = np.concatenate([self.ids, ids])
-        self.emb = np.concatenate([self.emb, emb])
-        self.ts = np.concatenate([self.ts, ts])
-        for j, kind in enumerate(("site", "line", "camera")):
-            codes = np.fromiter((self._code(kind, r[3 + j]) for r in rows), np.int32, len(rows))
-            self.place[kind] = np.concatenate([self.place[kind], codes])
-        self.last_id = int(ids[-1])
+            alive = np.fromiter(s.scalars(select(Frame.id).where(Frame.model_id == self.model_id,
+                                                                  Frame.id <= self.last_id)), np.int64)
+        keep = np.isin(self.ids, alive, assume_unique=True)
+        if not keep.all():
+            self.ids, self.emb, self.ts = self.ids[keep], self.emb[keep], self.ts[keep]
+            self.place = {k: v[keep] for k, v in self.place.items()}
+            log.info("model %d: %d deleted frame(s) dropped from the index", self.model_id, int((~keep).sum()))
 
     def sync(self) -> None:
         """Cheap check per query: the largest id (appends) and the deletion counter the sweeper bumps in the
-        transaction that deletes frames (deletions -> full reload). Rows deleted behind central's back (manual
-        SQL) are noticed only after a restart."""
+        transaction that deletes frames (deletions -> the index drops the ids no longer in the table). Rows
+        deleted behind central's back (manual SQL) are noticed only at the sweeper's next deletion or a restart."""
         with self.lock:
             with Session(self.engine) as s:
                 mx = int(s.scalar(select(func.max(Frame.id)).where(Frame.model_id == self.model_id)) or 0)
                 gen = counter_total(s, FRAMES_DELETED)
             if gen != self.deletions:
                 if self.deletions >= 0:
-                    log.info("model %d: frames were deleted; reloading the index", self.model_id)
-                self.__init__(self.engine, self.model_id, self.dim)  # type: ignore[misc]
+                    self._prune()
                 self.deletions = gen
-                self._load(0)
-            elif mx != self.last_id:
+            if mx > self.last_id:
                 self._load(self.last_id)
 
     def knn(self, q: np.ndarray, k: int, f: Filters) -> List[Tuple[int, float]]:

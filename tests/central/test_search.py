@@ -183,3 +183,32 @@ def test_index_follows_appends_and_sweeper_deletions(engine, tiny_manifest, tmp_
     hits = searcher.search(model, q, 1000)
     assert len(hits) == 155 and min(h.frame.capture_us for h in hits) >= T0 + 150 * 1_000_000
     assert store.counter_totals(engine)["frames_deleted"] == 150
+
+
+def test_memory_index_loads_in_chunks_and_refuses_a_wrong_width_embedding(tmp_path, tiny_manifest):
+    from sqlalchemy import text
+
+    from central.search import MemoryIndex
+    from sql.db import make_engine
+    from sql.migrate import upgrade
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'central.db'}")  # the in-memory index is SQLite's
+    upgrade(engine)
+    model, msgs, _, _ = _populate(engine, tiny_manifest, n=50)
+    whole = MemoryIndex(engine, model.id, model.embedding_dim)
+    whole._load(0)
+    chunked = MemoryIndex(engine, model.id, model.embedding_dim)
+    chunked._load(0, chunk=7)  # 7 full chunks and a partial one
+    assert len(whole.ids) == 50 and whole.last_id == chunked.last_id == int(whole.ids[-1])
+    np.testing.assert_array_equal(whole.ids, chunked.ids)
+    np.testing.assert_array_equal(whole.emb, chunked.emb)
+    stored = {m.frame_id_hex: m.global_embedding for m in msgs}
+    with Session(engine) as s:
+        rows = s.execute(text("SELECT id, frame_id FROM frames ORDER BY id")).all()
+    for (rid, fid), e in zip(rows, whole.emb):
+        assert np.allclose(e, stored[fid], atol=1e-6)  # the raw float32 bytes are the stored embedding
+    with engine.begin() as c:
+        c.execute(text("UPDATE frames SET global_embedding = zeroblob(12) WHERE id = :i"), {"i": rows[3][0]})
+    with pytest.raises(SearchError) as ei:
+        MemoryIndex(engine, model.id, model.embedding_dim)._load(0)
+    assert ei.value.status == 500 and f"frame row {rows[3][0]}" in str(ei.value)

@@ -7,8 +7,8 @@ into outbox deletes. A PUBACK with a failure reason code moves the row to ``reje
 Connections: one paho client per connection attempt. When an attempt fails or a connection ends, the link
 throws that client away (with paho's own copies of the unacknowledged messages) and opens a new one after a
 backoff (``reconnect_min_s`` doubling to ``reconnect_max_s`` while nothing gets through), sending again from
-the outbox, oldest row first. The outbox is the only source of truth, so nothing is lost
-and the link decides what goes on the wire after a drop:
+the outbox, oldest row first. The outbox is the only source of truth, so nothing is lost and the link decides
+what goes on the wire after a drop:
 
 - slow start: the window restarts at 1 and grows by one per acknowledged row up to ``mqtt.inflight``. A broker
   that closes the connection after refusing a publish (Mosquitto 2.0 sends PUBACK 0x87 and then closes) would
@@ -64,7 +64,6 @@ class MqttLink:
         self._acks: Deque[Tuple[int, bool, str, int]] = deque()
         self._inflight: Dict[int, int] = {}  # mid -> outbox row id
         self._cursor = 0
-        self._connects = 0
         self._replay_upto = outbox.startup_max_id
         self._remark = False
         self.published = 0
@@ -123,7 +122,6 @@ class MqttLink:
         if reason_code.is_failure:
             log.warning("MQTT connect refused: %s (retrying; the password file is read again each time)", reason_code)
             return
-        self._connects += 1
         self._connected_at = time.monotonic()
         log.info("MQTT connected to %s:%d", self.cfg.mqtt.host, self.cfg.mqtt.port)
         client.publish(self.status_topic, topics.STATUS_ONLINE, qos=1, retain=True)
@@ -209,7 +207,6 @@ class MqttLink:
 
     def _reopen_later(self) -> None:
         """After a drop: forget the old client and its unacknowledged messages, schedule a new connection."""
-
         old, self._live = self.client, None
         old.disconnect()  # in case it got through meanwhile
         old.loop_stop()  # its network thread ends by itself after a drop (reconnect_on_failure=False)

@@ -131,9 +131,9 @@ class MemoryIndex:
             if not rows:
                 return
             blobs = [r[1] for r in rows]
-            bad = next((r[0] for r, b in zip(rows, blobs) if len(b) != need), None)
+            bad = next(((r[0], len(b)) for r, b in zip(rows, blobs) if len(b) != need), None)
             if bad is not None:
-                raise SearchError(500, f"model {self.model_id}: frame row {bad} has a {len(blobs[0])}-byte embedding, "
+                raise SearchError(500, f"model {self.model_id}: frame row {bad[0]} has a {bad[1]}-byte embedding, "
                                        f"expected {need} (dim {self.dim})")
             ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
             emb = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(rows), self.dim).astype(np.float32)

@@ -114,7 +114,7 @@ def _input(model: onnx.ModelProto) -> tuple:
 
 
 def calibration_arrays(folder: Path, spec: InputSpec, count: int) -> np.ndarray:
-    """Preprocess up to ``count`` images of ``folder`` (spread over it) exactly as the edge does: [N,3,H,W]."""
+    """``exporter.export.load_images`` (the edge's preprocessing), failing with ``QuantizeError``."""
     from exporter.export import ExportError, load_images  # noqa: PLC0415
 
     try:

@@ -211,4 +211,4 @@ def test_memory_index_loads_in_chunks_and_refuses_a_wrong_width_embedding(tmp_pa
         c.execute(text("UPDATE frames SET global_embedding = zeroblob(12) WHERE id = :i"), {"i": rows[3][0]})
     with pytest.raises(SearchError) as ei:
         MemoryIndex(engine, model.id, model.embedding_dim)._load(0)
-    assert ei.value.status == 500 and f"frame row {rows[3][0]}" in str(ei.value)
+    assert ei.value.status == 500 and f"frame row {rows[3][0]} has a 12-byte embedding" in str(ei.value)

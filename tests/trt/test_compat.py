@@ -260,9 +260,9 @@ def exported(tmp_path_factory) -> dict:
 
     out = tmp_path_factory.mktemp("exported")
     paths = {}
-    for ident, merge, batch, precision, vit_kw in EXPORTS:
-        from tests.support.tiny_vit import tiny_vit  # noqa: PLC0415 (torch only for these tests)
+    from tests.support.tiny_vit import tiny_vit  # noqa: PLC0415 (torch only for these tests)
 
+    for ident, merge, batch, precision, vit_kw in EXPORTS:
         vit = tiny_vit(**vit_kw)
         vit.configure_merging(MergeConfig(**merge))
         path = out / f"{ident}.onnx"

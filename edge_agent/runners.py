@@ -1,6 +1,6 @@
 """Encoder runners behind one interface: ONNX Runtime (TensorRT/CUDA/CPU providers) and native TensorRT.
 
-A runner takes float32 pixels [B, 3, H, W] and returns ``EncoderOutputs`` checked against the manifest
+A runner takes float32 pixels [B, 3, H, W] and returns a batched ``Summary`` checked against the manifest
 (shapes, dtype, finite values). A model whose inputs/outputs disagree with its manifest is refused at load
 with a ``RunnerError`` that says which tensor differs.
 """
@@ -8,13 +8,13 @@ with a ``RunnerError`` that says which tensor differs.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Protocol, Sequence
 
 import numpy as np
 
 from tokenline import manifest as mf
+from tokenline.summary import OUTPUT_NAMES, Summary, SummaryError, output_shapes
 
 log = logging.getLogger(__name__)
 
@@ -27,43 +27,23 @@ class RunnerUnavailable(RunnerError):
     """The runner's library (e.g. TensorRT) is not installed on this machine."""
 
 
-@dataclass
-class EncoderOutputs:
-    global_embedding: np.ndarray  # [B, D]
-    tokens: np.ndarray  # [B, K, D]
-    sizes: np.ndarray  # [B, K]
-    centroids: np.ndarray  # [B, K, 2]
-
-    def __len__(self) -> int:
-        return int(self.global_embedding.shape[0])
-
-
 class Runner(Protocol):
     """What the agent needs from an inference backend."""
 
     name: str
     batch_sizes: Sequence[int]  # fixed batch sizes the model accepts; [] = any
 
-    def run(self, pixels: np.ndarray) -> EncoderOutputs: ...
+    def run(self, pixels: np.ndarray) -> Summary: ...
 
     def close(self) -> None: ...
 
 
-def check_outputs(outs: Sequence[np.ndarray], b: int, k: int, d: int) -> EncoderOutputs:
+def check_outputs(outs: Sequence[np.ndarray], b: int, k: int, d: int) -> Summary:
     """Validate raw outputs (in manifest order) for a batch of ``b``; RunnerError names the bad tensor."""
-    want = [(b, d), (b, k, d), (b, k), (b, k, 2)]
-    if len(outs) != 4:
-        raise RunnerError(f"model returned {len(outs)} outputs, expected 4 {mf.OUTPUT_NAMES}")
-    fixed = []
-    for name, arr, shape in zip(mf.OUTPUT_NAMES, outs, want):
-        arr = np.asarray(arr)
-        if tuple(arr.shape) != shape:
-            raise RunnerError(f"output {name} has shape {tuple(arr.shape)}, manifest says {shape}")
-        arr = arr.astype(np.float32, copy=False)
-        if not np.all(np.isfinite(arr)):
-            raise RunnerError(f"output {name} contains NaN or Inf")
-        fixed.append(arr)
-    return EncoderOutputs(*fixed)
+    try:
+        return Summary.from_outputs(outs, k, d, b)
+    except SummaryError as exc:
+        raise RunnerError(str(exc)) from None
 
 
 def pad_batch(pixels: np.ndarray, sizes: Sequence[int]) -> List[np.ndarray]:
@@ -143,25 +123,22 @@ class OnnxRuntimeRunner:
         if len(shape) != 4 or shape[1] != 3 or shape[2] != spec.height or shape[3] != spec.width:
             raise RunnerError(f"{path}: input shape {shape}, manifest says [B, 3, {spec.height}, {spec.width}]")
         names = tuple(o.name for o in sess.get_outputs())
-        if names != mf.OUTPUT_NAMES:
-            raise RunnerError(f"{path}: outputs {names}, manifest says {mf.OUTPUT_NAMES}")
-        want = [(self.d,), (self.k, self.d), (self.k,), (self.k, 2)]
-        for o, w in zip(sess.get_outputs(), want):
+        if names != OUTPUT_NAMES:
+            raise RunnerError(f"{path}: outputs {names}, manifest says {OUTPUT_NAMES}")
+        for o, (_, w) in zip(sess.get_outputs(), output_shapes(self.k, self.d)):
             tail = tuple(o.shape[1:])
             if all(isinstance(x, int) for x in tail) and tail != w:
                 raise RunnerError(f"{path}: output {o.name} is [B, {', '.join(map(str, tail))}], "
                                   f"manifest says [B, {', '.join(map(str, w))}]")
 
-    def run(self, pixels: np.ndarray) -> EncoderOutputs:
+    def run(self, pixels: np.ndarray) -> Summary:
         n = pixels.shape[0]
         parts = []
         for chunk in pad_batch(pixels, self.batch_sizes):
             sess = self.sessions[None] if not self.batch_sizes else self.sessions[chunk.shape[0]]
             raw = sess.run(None, {self.manifest.input.name: chunk})
             parts.append(check_outputs(raw, chunk.shape[0], self.k, self.d))
-        cat = [np.concatenate([getattr(p, f) for p in parts])[:n]
-               for f in ("global_embedding", "tokens", "sizes", "centroids")]
-        return EncoderOutputs(*cat)
+        return Summary.concat(parts, n)
 
     def close(self) -> None:
         self.sessions.clear()
@@ -240,7 +217,7 @@ class TensorRTRunner:
             raise RunnerError(f"model.engine: {exc}") from None
         engine = self.loaded.engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        want = {manifest.input.name, *mf.OUTPUT_NAMES}
+        want = {manifest.input.name, *OUTPUT_NAMES}
         if set(names) != want:
             raise RunnerError(f"{path}: engine tensors {names}, manifest says {sorted(want)}")
         import tensorrt as trt  # noqa: PLC0415
@@ -260,14 +237,12 @@ class TensorRTRunner:
         self.context = engine.create_execution_context()
         self.cuda = _CudaRuntime()
         h, w = manifest.input.height, manifest.input.width
-        shapes = {self.input_name: (max_batch, 3, h, w), mf.OUT_GLOBAL: (max_batch, self.d),
-                  mf.OUT_TOKENS: (max_batch, self.k, self.d), mf.OUT_SIZES: (max_batch, self.k),
-                  mf.OUT_CENTROIDS: (max_batch, self.k, 2)}
+        shapes = dict(output_shapes(self.k, self.d, max_batch), **{self.input_name: (max_batch, 3, h, w)})
         self.buffers = {n: self.cuda.malloc(int(np.prod(s)) * 4) for n, s in shapes.items()}
         for n, ptr in self.buffers.items():
             self.context.set_tensor_address(n, ptr)
 
-    def run(self, pixels: np.ndarray) -> EncoderOutputs:
+    def run(self, pixels: np.ndarray) -> Summary:
         n = pixels.shape[0]
         parts = []
         for chunk in pad_batch(pixels, self.batch_sizes):
@@ -279,15 +254,13 @@ class TensorRTRunner:
             if not self.context.execute_async_v3(self.cuda.stream.value):
                 raise RunnerError("TensorRT execute_async_v3 failed (see the TensorRT log)")
             outs = []
-            for name, shape in zip(mf.OUTPUT_NAMES, [(b, self.d), (b, self.k, self.d), (b, self.k), (b, self.k, 2)]):
+            for name, shape in output_shapes(self.k, self.d, b):
                 host = np.empty(shape, dtype=np.float32)
                 self.cuda.copy(host.ctypes.data, self.buffers[name], host.nbytes, _CudaRuntime.D2H)
                 outs.append(host)
             self.cuda.sync()
             parts.append(check_outputs(outs, b, self.k, self.d))
-        cat = [np.concatenate([getattr(p, f) for p in parts])[:n]
-               for f in ("global_embedding", "tokens", "sizes", "centroids")]
-        return EncoderOutputs(*cat)
+        return Summary.concat(parts, n)
 
     def close(self) -> None:
         for ptr in getattr(self, "buffers", {}).values():

@@ -340,7 +340,6 @@ def export_encoder(
 
     k = merge.k
     d = vit.cfg.out_dim
-    bdim = -1 if main_path[1] is None else main_path[1]
     manifest = mf.Manifest(
         name=opts.name,
         family=family,
@@ -363,12 +362,7 @@ def export_encoder(
             floor=merge.floor or k,
         ),
         summary=mf.SummarySpec(k=k, dim=d),
-        outputs=[
-            mf.TensorSpec(name=mf.OUT_GLOBAL, shape=(bdim, d), dtype="float32"),
-            mf.TensorSpec(name=mf.OUT_TOKENS, shape=(bdim, k, d), dtype="float32"),
-            mf.TensorSpec(name=mf.OUT_SIZES, shape=(bdim, k), dtype="float32"),
-            mf.TensorSpec(name=mf.OUT_CENTROIDS, shape=(bdim, k, 2), dtype="float32"),
-        ],
+        outputs=mf.output_specs(k, d, main_path[1]),
         embedding_dim=d,
         files=files,
         text=text_spec,

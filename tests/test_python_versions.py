@@ -3,9 +3,11 @@
 
 The interpreters come from pyenv (``~/.pyenv/versions/3.8.*``) or ``python3.8`` / ``python3.10`` on PATH; a missing
 one skips loudly. Each virtual environment gets ``.[edge]`` (resolved by pip for that Python) plus what the tests
-themselves use: pytest, hypothesis, and onnx for the tiny test encoder. Both environments are installed at the same
-time (pip mostly waits on the network and the disk); the tests then run against this working tree, one Python
-after the other, all but the longest fault scenarios of the agent, which the main suite runs.
+themselves use: pytest, hypothesis, and onnx for the tiny test encoder, and rich, which docs/jetson.md installs
+next to it for ``tokenline-export build-engine`` (run on the device, in the same environment). Both environments
+are installed at the same time (pip mostly waits on the network and the disk); the tests then run against this
+working tree, one Python after the other, all but the longest fault scenarios of the agent, which the main suite
+runs.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VERSIONS = ("3.8", "3.10")
 EDGE_TESTS = ["tests/contract", "tests/runtime", "tests/edge"]
 LONG_SCENARIOS = "not sigkill_mid_stream and not broker_down_then_back and not outbox_cap_evicts"
-TEST_TOOLS = ["pytest", "hypothesis", "onnx"]
+TEST_TOOLS = ["pytest", "hypothesis", "onnx", "rich"]
 SOURCE = ["pyproject.toml", "README.md", "tokenline", "runtime", "edge_agent", "exporter", "central", "sql"]
 ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
 
@@ -93,3 +95,9 @@ def test_edge_installs_and_passes_its_tests(version: str, venvs) -> None:
     assert r.returncode == 0, f"edge tests failed on Python {version}:\n{tail}"
     assert " passed" in tail and " failed" not in tail, tail
     sys.stdout.write(f"Python {version}: {tail.strip().splitlines()[-1]}\n")
+    # the engine build runs in the same environment on the device: it gets as far as asking for TensorRT
+    r = _run([vpy, "-c", "import sys; from pathlib import Path; from tests.support.tiny_model import build_tiny_model; "
+                         "d = build_tiny_model(Path(sys.argv[1])); from exporter.cli import main; "
+                         "sys.exit(main(['build-engine', str(d)]))", vpy.parents[1] / "model"], ROOT, 300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "python3-libnvinfer" in out and "torch" not in out, out[-3000:]

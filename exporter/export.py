@@ -75,12 +75,11 @@ def export_encoder(
     trt_verdict = check_trt(out / main.path, progress) if opts.check_trt else {}
     text_spec = None
     if text is not None:
-        progress("exporting the text tower")
-        text_spec, text_files = export_text(text, out, opts.opset)
+        text_spec, text_files = export_text(text, out, opts.opset, progress)
         files.extend(text_files)
 
-    manifest = build_manifest(vit, merge, opts, family=family, source_path=source_path, source_sha256=source_sha256,
-                              files=files, stats=stats, table=table, text=text_spec)
+    manifest = build_manifest(vit, merge, opts, files, stats, table, text_spec, family=family, source_path=source_path,
+                              source_sha256=source_sha256)
     mpath = out / "manifest.json"
     manifest.write(mpath)
     progress(f"wrote {mpath}")
@@ -227,10 +226,11 @@ def check_trt(path: Path, progress: Progress) -> Dict[str, object]:
     return dict(check_onnx(path))
 
 
-def export_text(text, out: Path, opset: int):
+def export_text(text, out: Path, opset: int, progress: Progress):
     """Export a text tower next to the encoder; returns (TextSpec, [FileSpec])."""
     from exporter.text import export_text_onnx  # noqa: PLC0415
 
+    progress("exporting the text tower")
     info = export_text_onnx(text, out / "text_encoder.onnx", opset=opset)
     files = [mf.FileSpec(path="text_encoder.onnx", sha256=mf.sha256_file(out / "text_encoder.onnx"),
                          role="text_encoder")]

@@ -21,19 +21,9 @@ def input_spec(vit: ViT) -> mf.InputSpec:
     )
 
 
-def build_manifest(
-    vit: ViT,
-    merge: MergeConfig,
-    opts: ExportOptions,
-    *,
-    family: str,
-    source_path: str,
-    source_sha256: str,
-    files: List[mf.FileSpec],
-    stats: Dict[str, float],
-    table: Dict[str, object],
-    text: Optional[mf.TextSpec] = None,
-) -> mf.Manifest:
+def build_manifest(vit: ViT, merge: MergeConfig, opts: ExportOptions, files: List[mf.FileSpec], stats: Dict[str, float],
+                   table: Dict[str, object], text: Optional[mf.TextSpec], *, family: str, source_path: str,
+                   source_sha256: str) -> mf.Manifest:
     """The manifest of ``files``, written by ``export_encoder`` for ``vit`` configured with ``merge``.
 
     ``stats`` are the worst ``exporter.validate.compare`` numbers over the encoder files, ``table`` the

@@ -39,7 +39,9 @@ def setup(engine, db_url, tmp_path, tiny_manifest, tiny_model_dir):
 def test_roles_and_health(setup):
     client, toks, msgs, cfg, _ = setup
     assert client.get("/healthz").json()["status"] == "ok"
-    assert client.get("/v1/models").status_code == 401
+    r = client.get("/v1/models")
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert r.json() == {"error": "unauthorized", "detail": "missing bearer token"}  # every error has this shape
     assert client.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
     assert client.get("/v1/models", headers=toks["device"]).status_code == 403  # devices only upload
     assert client.get("/v1/models", headers=toks["viewer"]).json()["models"][0]["k"] == 16

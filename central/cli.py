@@ -155,7 +155,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise ConfigError(f"{args.image}: {exc.strerror or exc}") from None
     with Session(engine) as s:
-        model, query = build_query(s, EncoderPool(cfg.search.providers), image=image, text=args.text,
+        model, query = build_query(s, EncoderPool(cfg.search.providers), image=image, query_text=args.text,
                                    like_frame=args.like_frame, model_id=args.model_id)
     filters = Filters(args.site, args.line, args.camera, args.since_us, args.until_us)
     hits = Searcher(engine, cfg.search).search(model, query, args.k, filters, rerank=not args.no_rerank)

@@ -104,14 +104,14 @@ def resolve_model(session: Session, model_id: Optional[int]) -> ModelInfo:
 
 
 def build_query(session: Session, encoders: "EncoderPool", *, image: Optional[bytes] = None,
-                text: Optional[str] = None, like_frame: Optional[str] = None, model_id: Optional[int] = None,
+                query_text: Optional[str] = None, like_frame: Optional[str] = None, model_id: Optional[int] = None,
                 max_image_bytes: Optional[int] = None) -> Tuple[ModelInfo, Query]:
     """The model and the query for exactly one of: an example ``image`` (an encoded file: JPEG, PNG, ...),
-    a ``text`` (the model's text tower), or a stored frame (``like_frame``, its own model; never its own hit).
+    a ``query_text`` (the model's text tower), or a stored frame (``like_frame``, its own model; never its own hit).
 
     The one implementation behind the API's ``POST /v1/search`` and ``tokenline-central search``.
     """
-    given = [x for x in (image, text, like_frame) if x not in (None, "")]
+    given = [x for x in (image, query_text, like_frame) if x not in (None, "")]
     if len(given) != 1:
         raise Invalid("give exactly one of: image (file), q (text), like_frame (frame id)", reason=BAD_QUERY)
     if like_frame:
@@ -129,7 +129,7 @@ def build_query(session: Session, encoders: "EncoderPool", *, image: Optional[by
         if max_image_bytes is not None and len(image) > max_image_bytes:
             raise TooLarge("image too large", reason=BAD_QUERY)
         return model, Query.from_summary(model.id, enc.encode_image_bytes(image))
-    return model, Query.from_text(model.id, enc.encode_text(text or ""))
+    return model, Query.from_text(model.id, enc.encode_text(query_text or ""))
 
 
 def normalize(v: np.ndarray) -> np.ndarray:

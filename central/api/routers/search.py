@@ -24,8 +24,8 @@ async def search(svc: ServicesDep, session: SessionDep, _p: Viewer,
     """Search by an example image (multipart ``image``), a text (``q``) or a stored frame (``like_frame``)."""
     t0 = time.perf_counter()
     data = await image.read() if image is not None else None
-    model, query = build_query(session, svc.encoders, image=data, text=q, like_frame=like_frame, model_id=model_id,
-                               max_image_bytes=svc.cfg.originals.max_upload_bytes)
+    model, query = build_query(session, svc.encoders, image=data, query_text=q, like_frame=like_frame,
+                               model_id=model_id, max_image_bytes=svc.cfg.originals.max_upload_bytes)
     filters = Filters(site or None, line or None, camera or None, since_us, until_us)
     hits = svc.searcher.search(model, query, k, filters, rerank=rerank, rerank_weight=rerank_weight)
     dt = time.perf_counter() - t0

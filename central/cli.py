@@ -20,6 +20,13 @@ def _console():
     return Console()
 
 
+def _print_error(exc: Exception) -> None:
+    """One line, never wrapped, the message printed as written (no rich markup)."""
+    from rich.markup import escape
+
+    _console().print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -221,13 +228,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.fn(args) or 0)
     except (ConfigError, CentralError) as exc:
-        _console().print(f"[red]error:[/] {exc}")
+        _print_error(exc)
         return 2
     except Exception as exc:  # noqa: BLE001 - CLI boundary: one readable line, details in the log
         from tokenline.manifest import ManifestError
 
         if isinstance(exc, ManifestError):
-            _console().print(f"[red]error:[/] {exc}")
+            _print_error(exc)
             return 2
         raise
 

@@ -45,8 +45,8 @@ def test_cli_config_errors_name_the_key(tmp_path, capsys):
 
 
 def test_cli_search_answers_like_the_api(tmp_path, tiny_model_dir, capsys):
-    """The CLI builds queries with the API's code: no model, several models without --model-id, an unknown frame
-    are one-line errors (exit 2) with the API's words; the API answers the same cases 404 / 400 / 404."""
+    """The CLI builds queries with the API's code: no model, no text tower, several models without --model-id, an
+    unknown frame are one-line errors (exit 2) with the API's words; the API answers them 404 / 400 / 400 / 404."""
     from fastapi.testclient import TestClient
 
     from central.api import create_app
@@ -78,6 +78,9 @@ def test_cli_search_answers_like_the_api(tmp_path, tiny_model_dir, capsys):
     assert "no model is registered" in cli_error("--image", str(img))
     assert api_error({}, png) == (404, "no model is registered")
     assert main(["--db", url, "register-model", str(tiny_model_dir)]) == 0
+    no_text = "model 'tiny-test-encoder' has no text tower; search by example image instead"
+    assert no_text in cli_error("--text", "scratch")  # longer than a terminal line: still one line
+    assert api_error({"q": "scratch"}) == (400, no_text)
     other = build_tiny_model(tmp_path / "m2", size=32, patch=8, dim=384, seed=7, name="other-encoder")
     assert main(["--db", url, "register-model", str(other)]) == 0
     several = "several models are registered; say which with model_id"

@@ -39,7 +39,6 @@ from sql.migrate import upgrade  # noqa: E402
 from tokenline.frame_id import new_frame_id  # noqa: E402
 from tokenline.manifest import Manifest  # noqa: E402
 from tokenline.preprocess import read_image  # noqa: E402
-from tokenline.summary import Summary  # noqa: E402
 from tokenline.wire import TokenMessage, decode, encode  # noqa: E402
 
 console = Console(stderr=True)
@@ -76,7 +75,8 @@ def main() -> int:
         manifest = Manifest.from_file(model_dir)
         engine = make_engine(f"sqlite:///{tmp / 'neu.db'}")
         upgrade(engine)
-        model = store.register_model(engine, manifest, model_dir)
+        with Session(engine) as s, s.begin():
+            model = store.register_model(s, manifest, model_dir)
         enc = Encoder(model, ["CPUExecutionProvider"])
         files = sorted(p for p in args.images.glob("*.jpg"))
         if args.limit:
@@ -89,7 +89,7 @@ def main() -> int:
         for i, p in enumerate(track(files, description="encoding", console=console)):
             out = enc.encode_frame(read_image(p))
             msg = TokenMessage(new_frame_id(), "bench", "neu", "det", "cam", 1_700_000_000_000_000 + i, i,
-                               manifest.hash_bytes(), Summary(out.global_embedding, out.tokens, out.sizes, out.centroids))
+                               manifest.hash_bytes(), out)
             wire = decode(encode(msg, args.token_dtype))
             rows.append(store.frame_row(wire, model.id, 0))
             labels[wire.frame_id.hex()] = p.name.rsplit("_", 1)[0]
@@ -101,8 +101,9 @@ def main() -> int:
         variants = [("global only", False, 0.0)] + [(f"MaxSim re-rank w={w:g}", True, w) for w in args.weights]
         res = {v[0]: ([], []) for v in variants}
         for fid in track(list(labels), description="querying", console=console):
-            fr = store.get_frame(engine, fid)
-            q = Query(model.id, fr.global_embedding, fr.tokens, fr.sizes, exclude_frame_id=fid)
+            with Session(engine) as s:
+                fr = store.get_frame(s, fid)
+            q = Query.from_summary(model.id, fr.summary, exclude_frame_id=fid)
             # one real search returns every candidate with both scores; each variant re-sorts them
             hits = searcher.search(model, q, args.candidates, Filters(), rerank=True, rerank_weight=1.0)
             g = np.array([h.global_score for h in hits])

@@ -17,7 +17,7 @@ from central.ingest import IngestWorker
 from sql.db import make_engine
 from sql.migrate import upgrade
 from sql.models import Frame
-from tests.central.conftest import make_message
+from tests.central.conftest import make_message, tx
 from tests.deploy.test_broker_acl import Conn, secured  # noqa: F401 - the fixture is used by name
 from tokenline import topics
 from tokenline.wire import encode
@@ -32,7 +32,7 @@ def test_ingest_over_tls_with_a_password_file(secured, tmp_path: Path, tiny_mani
                         "ingest": {"batch_linger_ms": 20}}, where="central.yaml")
     engine = make_engine(f"sqlite:///{tmp_path / 'central.db'}")
     upgrade(engine)
-    store.register_model(engine, tiny_manifest)
+    tx(engine, store.register_model, tiny_manifest)
     worker = IngestWorker(engine, cfg.mqtt, cfg.ingest)
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()

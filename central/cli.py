@@ -12,6 +12,7 @@ from typing import List, Optional
 
 from central.config import CentralConfig, ConfigError, load_config
 from central.errors import CentralError
+from runtime.logs import add_log_level, setup_logging
 
 
 def _console():
@@ -25,11 +26,6 @@ def _print_error(exc: Exception) -> None:
     from rich.markup import escape
 
     _console().print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 def _cfg(args: argparse.Namespace) -> CentralConfig:
@@ -185,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokenline-central", description=__doc__)
     p.add_argument("--config", help="YAML/JSON configuration (defaults: docs/central.md)")
     p.add_argument("--db", help="database URL (overrides database.url)")
-    p.add_argument("--log-level", default="INFO")
+    add_log_level(p, "INFO")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("migrate", help="create or upgrade the schema (Alembic)").set_defaults(fn=cmd_migrate)
     s = sub.add_parser("serve", help="HTTP API + web page (+ background retention sweeper)")
@@ -224,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level)
     try:
         return int(args.fn(args) or 0)
     except (ConfigError, CentralError) as exc:

@@ -16,7 +16,7 @@ import numpy as np
 
 from central.errors import Internal, Invalid, Unavailable
 from central.store import ModelInfo
-from edge_agent.runners import OnnxRuntimeRunner, RunnerError
+from runtime.runners import OnnxRuntimeRunner, RunnerError
 from tokenline.manifest import ManifestError, verify_files
 from tokenline.preprocess import ImageError, decode_image, preprocess
 from tokenline.summary import Summary

@@ -82,10 +82,10 @@ class Ingestor:
         if model is None:
             raise Rejected("unknown_model", f"manifest hash {msg.manifest_hash.hex()} is not registered "
                                             "(tokenline-central register-model)")
-        if msg.dim != model.embedding_dim:
-            raise Rejected("dim_mismatch", f"D={msg.dim}, model {model.name!r} has {model.embedding_dim}")
-        if msg.k != model.k:
-            raise Rejected("token_count_mismatch", f"K={msg.k}, model {model.name!r} has {model.k}")
+        if msg.summary.dim != model.embedding_dim:
+            raise Rejected("dim_mismatch", f"D={msg.summary.dim}, model {model.name!r} has {model.embedding_dim}")
+        if msg.summary.k != model.k:
+            raise Rejected("token_count_mismatch", f"K={msg.summary.k}, model {model.name!r} has {model.k}")
         if msg.token_dtype not in self.cfg.allowed_token_dtypes:
             raise Rejected("dtype_not_allowed", f"token dtype {msg.token_dtype!r} not in {self.cfg.allowed_token_dtypes}")
         return msg, model
@@ -180,9 +180,10 @@ class IngestWorker:
     """The MQTT side: persistent MQTT 5 session, shared subscription, manual acks after each commit."""
 
     def __init__(self, engine: Engine, mqtt_cfg: MqttConfig, cfg: IngestConfig) -> None:
-        import paho.mqtt.client as mqtt
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
+
+        from runtime.mqtt import make_client
 
         self.mqtt_cfg, self.cfg = mqtt_cfg, cfg
         self.ingestor = Ingestor(engine, cfg, mqtt_cfg.client_id)
@@ -190,12 +191,7 @@ class IngestWorker:
         self.stop_event = threading.Event()
         self.connected = threading.Event()
         self.totals: Tally = Tally()
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=mqtt_cfg.client_id, protocol=mqtt.MQTTv5,
-                        manual_ack=True)
-        if mqtt_cfg.username:
-            c.username_pw_set(mqtt_cfg.username, mqtt_cfg.password)
-        if mqtt_cfg.tls_ca:
-            c.tls_set(ca_certs=mqtt_cfg.tls_ca, certfile=mqtt_cfg.tls_cert, keyfile=mqtt_cfg.tls_key)
+        c = make_client(mqtt_cfg, mqtt_cfg.client_id, manual_ack=True)
         c.reconnect_delay_set(1, 30)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect

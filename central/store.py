@@ -118,8 +118,9 @@ def frame_row(msg: "TokenMessage", model_id: int, received_us: int) -> Dict[str,
         "frame_id": msg.frame_id.hex(), "model_id": model_id, "device": msg.device, "site": msg.site,
         "line": msg.line, "camera": msg.camera, "capture_us": int(msg.capture_ts_us), "received_us": received_us,
         "seq": int(msg.seq), "flags": int(msg.flags), "token_dtype": msg.token_dtype,
-        "k": int(msg.tokens.shape[0]), "global_embedding": np.asarray(msg.global_embedding, np.float32),
-        "tokens": pack_tokens(msg.tokens), "sizes": pack_f32(msg.sizes), "centroids": pack_f32(msg.centroids),
+        "k": msg.summary.k, "global_embedding": np.asarray(msg.summary.global_embedding, np.float32),
+        "tokens": pack_tokens(msg.summary.tokens), "sizes": pack_f32(msg.summary.sizes),
+        "centroids": pack_f32(msg.summary.centroids),
         "legal_hold": False,
     }
 

@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Deque, Dict, List, Optional
 
@@ -26,10 +26,11 @@ from edge_agent.mqtt_link import MqttLink
 from edge_agent.originals import OriginalsStore, encode_jpeg
 from edge_agent.outbox import Outbox
 from edge_agent.queues import DropOldestQueue, FrameHub, Sample
-from edge_agent.runners import Runner, RunnerError, make_runner
+from runtime.runners import Runner, RunnerError, make_runner
 from tokenline import topics
 from tokenline.manifest import Manifest, ManifestError, verify_files
 from tokenline.preprocess import ImageError, preprocess
+from tokenline.summary import Summary
 from tokenline.wire import TokenMessage, WireError, encode, with_header
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,10 @@ class AgentError(RuntimeError):
 
 @dataclass
 class Result:
+    """A sampled frame and its summary, on its way to the outbox."""
+
     sample: Sample
-    global_embedding: np.ndarray
-    tokens: np.ndarray
-    sizes: np.ndarray
-    centroids: np.ndarray
+    summary: Summary
 
 
 def load_model(cfg: AgentConfig) -> Manifest:
@@ -216,18 +216,17 @@ class Agent:
                 self.counters["inference_batches"] += 1
                 self.counters["inference_frames"] += len(good)
                 for i, s in enumerate(good):
-                    self.results.put(Result(s, out.global_embedding[i], out.tokens[i], out.sizes[i],
-                                            out.centroids[i]))
+                    self.results.put(Result(s, out[i]))
         finally:
             self.inference_done.set()
 
     # -- outbox writer ----------------------------------------------------------------------------------------
     def _message_bytes(self, r: Result) -> bytes:
         s = r.sample
+        summary = replace(r.summary, centroids=np.clip(r.summary.centroids, 0.0, 1.0))
         msg = TokenMessage(frame_id=s.frame_id, device=self.cfg.device, site=self.cfg.site, line=s.line,
                            camera=s.camera, capture_ts_us=s.capture_ts_us, seq=0, manifest_hash=self.manifest_hash,
-                           global_embedding=r.global_embedding, tokens=r.tokens, sizes=r.sizes,
-                           centroids=np.clip(r.centroids, 0.0, 1.0), token_dtype=self.cfg.messages.token_dtype)
+                           summary=summary, token_dtype=self.cfg.messages.token_dtype)
         return encode(msg)
 
     def _writer_loop(self) -> None:

@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional
 from edge_agent import config as cfgmod
 from edge_agent.queues import FrameHub, Sample
 from edge_agent.sources import FrameError, FrameSource, SourceEnded, SourceError, check_frame, open_source
-from tokenline.wire import new_frame_id
+from tokenline.frame_id import new_frame_id
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class Sampler:
     """Decides per captured frame whether it is encoded; ``trigger()`` arms one frame in trigger mode."""
 
-    def __init__(self, cfg: cfgmod.Sampling) -> None:
+    def __init__(self, cfg: cfgmod.SamplingConfig) -> None:
         self.cfg = cfg
         self._count = 0
         self._last: Optional[float] = None
@@ -73,7 +73,7 @@ class CameraStats:
 class CameraWorker(threading.Thread):
     """Capture loop of one camera; puts sampled frames into the hub. Stops when ``stop`` is set."""
 
-    def __init__(self, cam: cfgmod.Camera, hub: FrameHub, stop: threading.Event,
+    def __init__(self, cam: cfgmod.CameraConfig, hub: FrameHub, stop: threading.Event,
                  paused: Callable[[], bool], source: Optional[FrameSource] = None) -> None:
         super().__init__(name=f"camera-{cam.name}", daemon=True)
         self.cam = cam

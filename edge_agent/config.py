@@ -1,7 +1,8 @@
 """Typed configuration of the edge agent: one YAML file, validated once at start, unknown keys rejected.
 
-Every key and its default is listed here and in ``docs/edge.md``; ``load_config`` raises ``ConfigError`` whose
-message names each offending key (``cameras[1].source.url: ...``).
+Every key and its default is listed here (the MQTT connection and TLS keys in ``tokenline.config``, shared with
+central) and in ``docs/edge.md``; ``load_config`` raises ``tokenline.config.ConfigError`` whose message names
+each offending key (``cameras[1].source.url: ...``).
 """
 
 from __future__ import annotations
@@ -9,23 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List, Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from tokenline.errors import describe, read_yaml
-
-NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
-
-
-class ConfigError(ValueError):
-    """A configuration file that cannot be read or does not validate; the message names the keys."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+from tokenline.config import NAME_PATTERN, MqttClientConfig, load_config_file, validate_config
+from tokenline.documents import StrictModel
 
 # -- sources --------------------------------------------------------------------------------------------------
-class UsbSource(_Strict):
+class UsbSourceConfig(StrictModel):
     """A V4L2/USB camera by index (``cv2.VideoCapture(index)``)."""
 
     kind: Literal["usb"]
@@ -34,14 +25,14 @@ class UsbSource(_Strict):
     height: Optional[int] = Field(None, gt=0)
 
 
-class UrlSource(_Strict):
+class UrlSourceConfig(StrictModel):
     """An RTSP/HTTP(S) stream (``cv2.VideoCapture(url, CAP_FFMPEG)``)."""
 
     kind: Literal["url"]
     url: str = Field(pattern=r"^(rtsp|rtsps|http|https)://")
 
 
-class GstreamerSource(_Strict):
+class GstreamerSourceConfig(StrictModel):
     """A GStreamer pipeline ending in ``appsink`` (Jetson CSI cameras: nvarguscamerasrc ...)."""
 
     kind: Literal["gstreamer"]
@@ -55,7 +46,7 @@ class GstreamerSource(_Strict):
         return v
 
 
-class FileSource(_Strict):
+class FileSourceConfig(StrictModel):
     """A video file; ``loop`` restarts it at the end, ``pace`` reads at the file's own frame rate."""
 
     kind: Literal["file"]
@@ -64,7 +55,7 @@ class FileSource(_Strict):
     pace: bool = True
 
 
-class FolderSource(_Strict):
+class FolderSourceConfig(StrictModel):
     """A folder watched for new image files (oldest first); each file is one frame."""
 
     kind: Literal["folder"]
@@ -74,7 +65,7 @@ class FolderSource(_Strict):
     delete_after_read: bool = False
 
 
-class SyntheticSource(_Strict):
+class SyntheticSourceConfig(StrictModel):
     """A synthetic conveyor camera: parts with defects drawn by OpenCV (demos and tests)."""
 
     kind: Literal["synthetic"]
@@ -88,10 +79,11 @@ class SyntheticSource(_Strict):
     fail_after: Optional[int] = Field(None, ge=1)  # the camera "disconnects" after N frames, then reopens
 
 
-Source = Union[UsbSource, UrlSource, GstreamerSource, FileSource, FolderSource, SyntheticSource]
+SourceConfig = Union[UsbSourceConfig, UrlSourceConfig, GstreamerSourceConfig, FileSourceConfig, FolderSourceConfig,
+                     SyntheticSourceConfig]
 
 
-class Sampling(_Strict):
+class SamplingConfig(StrictModel):
     """Which captured frames are encoded: at most ``max_fps``, every Nth, or one per trigger command."""
 
     mode: Literal["max_fps", "every_nth", "trigger"] = "max_fps"
@@ -99,19 +91,19 @@ class Sampling(_Strict):
     every_nth: int = Field(1, ge=1)
 
 
-class Backoff(_Strict):
+class BackoffConfig(StrictModel):
     initial_s: float = Field(0.5, gt=0)
     max_s: float = Field(30.0, gt=0)
     factor: float = Field(2.0, ge=1)
 
 
-class Camera(_Strict):
+class CameraConfig(StrictModel):
     name: str = Field(pattern=NAME_PATTERN)
     line: str = Field(pattern=NAME_PATTERN)
-    source: Source = Field(discriminator="kind")
-    sampling: Sampling = Sampling()
+    source: SourceConfig = Field(discriminator="kind")
+    sampling: SamplingConfig = SamplingConfig()
     roi: Optional[Tuple[int, int, int, int]] = None  # x, y, w, h in pixels of the captured frame
-    reopen: Backoff = Backoff()
+    reopen: BackoffConfig = BackoffConfig()
     queue_depth: int = Field(4, ge=1, le=1024)  # frames waiting for inference; oldest dropped beyond
 
     @field_validator("roi")
@@ -123,7 +115,7 @@ class Camera(_Strict):
 
 
 # -- model ----------------------------------------------------------------------------------------------------
-class Model(_Strict):
+class ModelConfig(StrictModel):
     dir: Path  # directory with manifest.json and the files it lists
     runner: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
     # "auto": TensorRT, CUDA, then CPU execution providers, whichever this onnxruntime build has
@@ -135,35 +127,15 @@ class Model(_Strict):
     verify_files: bool = True  # check sha256 of every file the manifest lists at start
 
 
-class Messages(_Strict):
+class MessagesConfig(StrictModel):
     token_dtype: Literal["int8", "int4", "fp16"] = "int8"
     results_queue: int = Field(64, ge=1)  # encoded frames waiting for the outbox writer; oldest dropped beyond
     message_expiry_s: Optional[int] = Field(None, ge=1)  # MQTT 5 message expiry interval
 
 
-class Tls(_Strict):
-    enabled: bool = False
-    ca_file: Optional[Path] = None
-    cert_file: Optional[Path] = None  # client certificate (mutual TLS)
-    key_file: Optional[Path] = None
-    insecure: bool = False  # skip host name verification (testing only)
+class MqttConfig(MqttClientConfig):
+    """The broker connection (``client_id`` default: tokenline-edge-<device>) and how the link publishes."""
 
-    @model_validator(mode="after")
-    def _pair(self) -> "Tls":
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together")
-        return self
-
-
-class Mqtt(_Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
-    client_id: Optional[str] = None  # default: tokenline-edge-<device>
-    username: Optional[str] = None
-    password: Optional[str] = None
-    password_file: Optional[Path] = None
-    keepalive_s: int = Field(30, ge=5)
-    tls: Tls = Tls()
     inflight: int = Field(32, ge=1, le=65535)  # unacknowledged QoS 1 messages at once
     # A PUBACK with reason "No matching subscribers" (MQTT 5, 0x10) means nobody took the message (e.g. central
     # not yet re-subscribed after a broker restart): keep it in the outbox and send it again after a pause.
@@ -175,21 +147,15 @@ class Mqtt(_Strict):
     # times in a row, is moved to the outbox's rejected table (e.g. over the broker's message size limit).
     reject_after_drops: int = Field(3, ge=1)
 
-    @model_validator(mode="after")
-    def _password(self) -> "Mqtt":
-        if self.password is not None and self.password_file is not None:
-            raise ValueError("give password or password_file, not both")
-        return self
 
-
-class Outbox(_Strict):
+class OutboxConfig(StrictModel):
     path: Path = Path("/var/lib/tokenline-edge/outbox.sqlite")
     max_bytes: int = Field(512 * 1024 * 1024, ge=1024)  # payload bytes kept; oldest evicted beyond
     max_messages: int = Field(1_000_000, ge=1)
     synchronous: Literal["FULL", "NORMAL"] = "FULL"  # FULL: durable on power loss; NORMAL: on process crash
 
 
-class Upload(_Strict):
+class UploadConfig(StrictModel):
     policy: Literal["all", "every_nth", "none", "on_request"] = "none"
     every_nth: int = Field(10, ge=1)
     url: Optional[str] = Field(None, pattern=r"^https?://")  # central's base URL, e.g. http://central:8080
@@ -201,7 +167,7 @@ class Upload(_Strict):
     retry_max_s: float = Field(300.0, gt=0)
 
     @model_validator(mode="after")
-    def _needs_url(self) -> "Upload":
+    def _needs_url(self) -> "UploadConfig":
         if self.policy != "none" and self.url is None:
             raise ValueError(f"policy {self.policy!r} needs url (central's base URL); use policy: none otherwise")
         if self.token is not None and self.token_file is not None:
@@ -209,32 +175,32 @@ class Upload(_Strict):
         return self
 
 
-class Originals(_Strict):
+class OriginalsConfig(StrictModel):
     enabled: bool = True
     dir: Path = Path("/var/lib/tokenline-edge/originals")
     jpeg_quality: int = Field(90, ge=1, le=100)
     max_age_s: float = Field(7 * 86400, gt=0)
     max_bytes: int = Field(10 * 1024**3, ge=1024)
-    upload: Upload = Upload()
+    upload: UploadConfig = UploadConfig()
 
 
-class HealthCfg(_Strict):
+class HealthConfig(StrictModel):
     http_host: str = "127.0.0.1"
     http_port: Optional[int] = Field(8765, ge=0, le=65535)  # None disables; 0 picks a free port
     file: Optional[Path] = None  # JSON written every stats interval
     watchdog: bool = True  # sd_notify WATCHDOG=1 when $NOTIFY_SOCKET / $WATCHDOG_USEC are set
 
 
-class AgentConfig(_Strict):
+class AgentConfig(StrictModel):
     device: str = Field(pattern=NAME_PATTERN)
     site: str = Field(pattern=NAME_PATTERN)
-    model: Model
-    cameras: List[Camera] = Field(min_length=1)
-    messages: Messages = Messages()
-    mqtt: Mqtt = Mqtt()
-    outbox: Outbox = Outbox()
-    originals: Originals = Originals()
-    health: HealthCfg = HealthCfg()
+    model: ModelConfig
+    cameras: List[CameraConfig] = Field(min_length=1)
+    messages: MessagesConfig = MessagesConfig()
+    mqtt: MqttConfig = MqttConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    originals: OriginalsConfig = OriginalsConfig()
+    health: HealthConfig = HealthConfig()
     stats_interval_s: float = Field(10.0, gt=0)
     shutdown_timeout_s: float = Field(10.0, gt=0)  # SIGTERM: time to finish in-flight work and flush
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -258,24 +224,9 @@ _SOURCE_TAGS = {"source": {"usb", "url", "gstreamer", "file", "folder", "synthet
 
 def parse_config(data: Any, where: str = "<config>") -> AgentConfig:
     """Validate a loaded mapping; ConfigError lists ``key: problem`` per error."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: the top level must be a mapping of keys, got {type(data).__name__}")
-    try:
-        return AgentConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(describe(where, "configuration", exc, tags=_SOURCE_TAGS)) from None
+    return validate_config(AgentConfig, data, where, tags=_SOURCE_TAGS)
 
 
 def load_config(path: Path | str) -> AgentConfig:
     """Read and validate a YAML configuration file. Relative paths inside stay as written."""
-    return parse_config(read_yaml(path, "configuration", ConfigError), where=str(path))
-
-
-def read_secret(value: Optional[str], file: Optional[Path], what: str) -> Optional[str]:
-    """The secret given inline or in a file (stripped); ConfigError when the file cannot be read."""
-    if file is None:
-        return value
-    try:
-        return Path(file).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"{what}: cannot read {file}: {exc.strerror or exc}") from None
+    return load_config_file(AgentConfig, path, tags=_SOURCE_TAGS)

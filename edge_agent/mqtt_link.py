@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import ssl
 import threading
 import time
 from collections import deque
@@ -35,8 +34,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.config import AgentConfig, read_secret
+from edge_agent.config import AgentConfig
 from edge_agent.outbox import Outbox
+from runtime.mqtt import make_client
 from tokenline import topics
 from tokenline.wire import FLAG_REPLAYED, WireError, with_flags
 
@@ -91,20 +91,9 @@ class MqttLink:
 
     def _make_client(self) -> mqtt.Client:
         """A configured paho client for one connection attempt (the link, not paho, reconnects)."""
-        cfg, m = self.cfg, self.cfg.mqtt
-        c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
-                        protocol=mqtt.MQTTv5, reconnect_on_failure=False)
+        m = self.cfg.mqtt
+        c = make_client(m, self.cfg.client_id, reconnect_on_failure=False)
         c.will_set(self.status_topic, payload=topics.STATUS_OFFLINE, qos=1, retain=True)
-        password = read_secret(m.password, m.password_file, "mqtt.password_file")
-        if m.username is not None:
-            c.username_pw_set(m.username, password)
-        if m.tls.enabled:
-            c.tls_set(ca_certs=str(m.tls.ca_file) if m.tls.ca_file else None,
-                      certfile=str(m.tls.cert_file) if m.tls.cert_file else None,
-                      keyfile=str(m.tls.key_file) if m.tls.key_file else None,
-                      cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-            if m.tls.insecure:
-                c.tls_insecure_set(True)
         c.reconnect_delay_set(min_delay=0.05, max_delay=0.05)  # type: ignore[arg-type]  # paho's wait before it gives up
         c.max_inflight_messages_set(m.inflight)
         c.max_queued_messages_set(0)

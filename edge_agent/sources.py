@@ -45,7 +45,8 @@ class FrameSource(Protocol):
 class CvCaptureSource:
     """cv2.VideoCapture over a USB index, a stream URL, a GStreamer pipeline or a video file."""
 
-    def __init__(self, cfg: cfgmod.UsbSource | cfgmod.UrlSource | cfgmod.GstreamerSource | cfgmod.FileSource) -> None:
+    def __init__(self, cfg: cfgmod.UsbSourceConfig | cfgmod.UrlSourceConfig | cfgmod.GstreamerSourceConfig
+                 | cfgmod.FileSourceConfig) -> None:
         self.cfg = cfg
         self.cap: Optional[cv2.VideoCapture] = None
         self._period = 0.0
@@ -53,25 +54,25 @@ class CvCaptureSource:
 
     def describe(self) -> str:
         c = self.cfg
-        if isinstance(c, cfgmod.UsbSource):
+        if isinstance(c, cfgmod.UsbSourceConfig):
             return f"usb:{c.index}"
-        if isinstance(c, cfgmod.UrlSource):
+        if isinstance(c, cfgmod.UrlSourceConfig):
             return c.url.split("@")[-1]  # never log credentials embedded in the URL
-        if isinstance(c, cfgmod.GstreamerSource):
+        if isinstance(c, cfgmod.GstreamerSourceConfig):
             return "gstreamer"
         return f"file:{c.path}"
 
     def open(self) -> None:
         c = self.cfg
-        if isinstance(c, cfgmod.UsbSource):
+        if isinstance(c, cfgmod.UsbSourceConfig):
             cap = cv2.VideoCapture(c.index)
             if c.width:
                 cap.set(cv2.CAP_PROP_FRAME_WIDTH, c.width)
             if c.height:
                 cap.set(cv2.CAP_PROP_FRAME_HEIGHT, c.height)
-        elif isinstance(c, cfgmod.UrlSource):
+        elif isinstance(c, cfgmod.UrlSourceConfig):
             cap = cv2.VideoCapture(c.url, cv2.CAP_FFMPEG)
-        elif isinstance(c, cfgmod.GstreamerSource):
+        elif isinstance(c, cfgmod.GstreamerSourceConfig):
             cap = cv2.VideoCapture(c.pipeline, cv2.CAP_GSTREAMER)
         else:
             if not Path(c.path).is_file():
@@ -81,7 +82,7 @@ class CvCaptureSource:
             cap.release()
             raise SourceError(f"cannot open {self.describe()}")
         self.cap = cap
-        if isinstance(c, cfgmod.FileSource) and c.pace:
+        if isinstance(c, cfgmod.FileSourceConfig) and c.pace:
             fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
             self._period = 1.0 / fps if 0 < fps < 1000 else 0.0
         self._next = time.monotonic()
@@ -97,7 +98,7 @@ class CvCaptureSource:
         ok, frame = self.cap.read()
         if ok and frame is not None:
             return frame
-        if isinstance(self.cfg, cfgmod.FileSource):
+        if isinstance(self.cfg, cfgmod.FileSourceConfig):
             if self.cfg.loop:
                 self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
                 ok, frame = self.cap.read()
@@ -116,7 +117,7 @@ class CvCaptureSource:
 class FolderWatchSource:
     """Each new image file in a folder is a frame (oldest mtime first). Corrupt files go to ``rejected/``."""
 
-    def __init__(self, cfg: cfgmod.FolderSource) -> None:
+    def __init__(self, cfg: cfgmod.FolderSourceConfig) -> None:
         self.cfg = cfg
         self.dir = Path(cfg.path)
         self._seen: Set[str] = set()
@@ -184,7 +185,7 @@ class FolderWatchSource:
 class SyntheticConveyorSource:
     """Frames from ``draw_conveyor_frame`` at ``fps``; optional corrupt frames and simulated disconnects."""
 
-    def __init__(self, cfg: cfgmod.SyntheticSource) -> None:
+    def __init__(self, cfg: cfgmod.SyntheticSourceConfig) -> None:
         self.cfg = cfg
         self.n = 0  # frames produced over the source's life (survives reopen)
         self._since_open = 0
@@ -220,11 +221,11 @@ class SyntheticConveyorSource:
         pass
 
 
-def open_source(cfg: cfgmod.Source) -> FrameSource:
+def open_source(cfg: cfgmod.SourceConfig) -> FrameSource:
     """Build (not yet open) the source for a camera's ``source`` config."""
-    if isinstance(cfg, cfgmod.FolderSource):
+    if isinstance(cfg, cfgmod.FolderSourceConfig):
         return FolderWatchSource(cfg)
-    if isinstance(cfg, cfgmod.SyntheticSource):
+    if isinstance(cfg, cfgmod.SyntheticSourceConfig):
         return SyntheticConveyorSource(cfg)
     return CvCaptureSource(cfg)
 

@@ -7,7 +7,9 @@ Topics (documented in ``docs/protocol.md``)::
     tokenline/v1/<site>/<device>/stats           JSON counters, periodic
     tokenline/v1/<site>/<device>/cmd             JSON commands to the device
 
-Every level is ``[A-Za-z0-9_.-]{1,64}`` (so never a wildcard, ``/``, ``$`` or empty).
+Every level is a name: ``[A-Za-z0-9_.-]{1,64}`` (so never a wildcard, ``/``, ``$`` or empty). ``NAME_PATTERN``
+is that rule for everything that ends up in a topic level: the wire format's name fields and the device, site,
+line and camera names (and central's subscription group) in both programs' configurations.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
+from tokenline.frame_id import FRAME_ID_HEX
+
 PREFIX = "tokenline/v1"
-LEVEL_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+NAME_RULE = "[A-Za-z0-9_.-]{1,64}"
+NAME_PATTERN = f"^{NAME_RULE}$"
+NAME_RE = re.compile(NAME_PATTERN)
 
 KIND_TOKENS = "tokens"
 KIND_STATUS = "status"
@@ -43,8 +49,8 @@ class TopicError(ValueError):
 
 
 def _level(name: str, value: object) -> str:
-    if not isinstance(value, str) or not LEVEL_RE.match(value):
-        raise TopicError(f"{name} must match [A-Za-z0-9_.-]{{1,64}}, got {value!r:.80}")
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise TopicError(f"{name} must match {NAME_RULE}, got {value!r:.80}")
     return value
 
 
@@ -136,7 +142,7 @@ def parse_command(payload: bytes) -> Command:
         _level("camera", camera)
     frame_id = data.get("frame_id")
     if action == "request_original":
-        if not isinstance(frame_id, str) or not re.fullmatch(r"[0-9a-f]{32}", frame_id):
+        if not isinstance(frame_id, str) or not FRAME_ID_HEX.fullmatch(frame_id):
             raise TopicError("request_original needs frame_id: 32 lowercase hex characters")
     elif frame_id is not None:
         raise TopicError(f"frame_id is only valid with request_original, not {action}")

@@ -3,20 +3,21 @@
 Byte-by-byte layout, size tables and rejection reasons are documented in ``docs/protocol.md``; this module
 is the only implementation. ``encode`` quantizes (int8 / packed int4 / fp16 tokens), ``decode`` validates
 everything and raises ``WireError`` with a machine-readable ``reason`` for anything it does not accept.
-Python 3.10, numpy only.
+Python 3.8+, numpy only.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import struct
-import time
 import zlib
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import numpy as np
+
+from tokenline.frame_id import FrameIdError, check_frame_id, frame_id_str
+from tokenline.summary import Summary
+from tokenline.topics import NAME_RE, NAME_RULE
 
 MAGIC = b"TKLN"
 VERSION = 1
@@ -34,16 +35,25 @@ KNOWN_FLAGS = FLAG_REPLAYED
 
 MAX_K = 1024
 MAX_D = 8192
-NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 NAME_FIELDS = ("device", "site", "line", "camera")
 
-# magic(4) version(1) token_dtype(1) global_dtype(1) flags(1) total_len(u32) frame_id(16) capture_ts_us(i64)
-# seq(u32) manifest_hash(16) K(u16) D(u16)
-_FIXED = struct.Struct("<4sBBBBI16sqI16sHH")
+# The fixed header, field by field (struct codes, little-endian, no padding); offsets derive from it.
+HEADER: Tuple[Tuple[str, str], ...] = (
+    ("magic", "4s"), ("version", "B"), ("token_dtype", "B"), ("global_dtype", "B"), ("flags", "B"),
+    ("total_len", "I"), ("frame_id", "16s"), ("capture_ts_us", "q"), ("seq", "I"), ("manifest_hash", "16s"),
+    ("k", "H"), ("d", "H"),
+)
+_FIXED = struct.Struct("<" + "".join(code for _, code in HEADER))
 FIXED_SIZE = _FIXED.size  # 60
 CRC_SIZE = 4
-_INT4_MAX = 7
 _CENTROID_SCALE = 65535.0
+
+
+def _field(name: str) -> Tuple[int, str]:
+    """(byte offset, little-endian struct format) of one header field."""
+    names = [n for n, _ in HEADER]
+    i = names.index(name)
+    return struct.calcsize("<" + "".join(code for _, code in HEADER[:i])), "<" + HEADER[i][1]
 
 
 class WireError(ValueError):
@@ -64,7 +74,7 @@ REASONS = (
 
 @dataclass(frozen=True, eq=False)
 class TokenMessage:
-    """One frame's summary as carried on the wire (arrays are float32, dequantized after ``decode``)."""
+    """One frame's summary as carried on the wire (the summary is float32, dequantized after ``decode``)."""
 
     frame_id: bytes
     device: str
@@ -74,10 +84,7 @@ class TokenMessage:
     capture_ts_us: int
     seq: int
     manifest_hash: bytes
-    global_embedding: np.ndarray
-    tokens: np.ndarray
-    sizes: np.ndarray
-    centroids: np.ndarray
+    summary: Summary
     token_dtype: str = "int8"
     flags: int = 0
 
@@ -86,89 +93,43 @@ class TokenMessage:
         return frame_id_str(self.frame_id)
 
     @property
-    def k(self) -> int:
-        return int(self.tokens.shape[0])
-
-    @property
-    def dim(self) -> int:
-        return int(self.global_embedding.shape[0])
-
-    @property
     def replayed(self) -> bool:
         return bool(self.flags & FLAG_REPLAYED)
 
 
-# -- frame ids (UUIDv7, RFC 9562) ---------------------------------------------------------------------------
-def new_frame_id(ts_us: Optional[int] = None) -> bytes:
-    """A 16-byte UUIDv7 for a frame captured at ``ts_us`` (Unix microseconds; now when None).
-
-    48-bit Unix milliseconds, version 7, the sub-millisecond part in the 12 ``rand_a`` bits (RFC 9562
-    method 3), so ids sort by capture time at microsecond resolution; 62 random bits follow.
-    """
-    if ts_us is None:
-        ts_us = time.time_ns() // 1000
-    if ts_us < 0:
-        raise ValueError("ts_us must be >= 0")
-    ms, sub_us = divmod(int(ts_us), 1000)
-    rand_a = (sub_us * 4096) // 1000
-    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
-    value = ((ms & ((1 << 48) - 1)) << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b
-    return value.to_bytes(16, "big")
-
-
-def frame_id_str(frame_id: bytes) -> str:
-    """32 lowercase hex chars (the form used in URLs and SQL)."""
-    if not isinstance(frame_id, (bytes, bytearray)) or len(frame_id) != 16:
-        raise ValueError("frame_id must be 16 bytes")
-    return bytes(frame_id).hex()
-
-
-def parse_frame_id(text: str) -> bytes:
-    """Inverse of ``frame_id_str``; raises WireError('bad_frame_id') unless it is a UUIDv7 in 32 hex chars."""
-    if not isinstance(text, str) or not re.fullmatch(r"[0-9a-f]{32}", text):
-        raise WireError("bad_frame_id", f"frame id must be 32 lowercase hex characters, got {text!r:.80}")
-    fid = bytes.fromhex(text)
-    _check_frame_id(fid)
-    return fid
-
-
-def frame_id_ts_ms(frame_id: bytes) -> int:
-    """Unix milliseconds encoded in a UUIDv7."""
-    return int.from_bytes(frame_id[:6], "big")
-
-
 def _check_frame_id(fid: bytes) -> None:
-    if (fid[6] >> 4) != 0x7 or (fid[8] >> 6) != 0b10:
-        raise WireError("bad_frame_id", f"frame id {fid.hex()} is not a UUIDv7 (version/variant bits)")
+    try:
+        check_frame_id(fid)
+    except FrameIdError as exc:
+        raise WireError(exc.reason, str(exc)) from None
 
 
 # -- quantization (pure) ------------------------------------------------------------------------------------
-def quantize_int8(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per row: returns (q int8 [..., D], scale float32 [...]); x ~= q * scale."""
+def quantize(x: np.ndarray, bits: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row quantization to ``bits`` (8 or 4): (q int8 [..., D] in [-qmax, qmax], scale float32
+    [...]) with qmax = 2**(bits-1) - 1 (127 or 7); x ~= q * scale. -qmax-1 is never produced (decode refuses it)."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 8 or 4, got {bits}")
+    qmax = (1 << (bits - 1)) - 1
     x = np.asarray(x, dtype=np.float32)
     amax = np.max(np.abs(x), axis=-1)
-    scale = (amax / 127.0).astype(np.float32)
+    scale = (amax / float(qmax)).astype(np.float32)
     safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    q = np.clip(np.rint(x / safe[..., None]), -127, 127).astype(np.int8)
+    q = np.clip(np.rint(x / safe[..., None]), -qmax, qmax).astype(np.int8)
     return q, scale
 
 
-def quantize_int4(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Symmetric int4 per row in [-7, 7]: returns (packed uint8 [..., ceil(D/2)], scale float32 [...]).
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """int8 values in [-8, 7], [..., D] -> packed uint8 [..., ceil(D/2)].
 
     Two values per byte, element 2i in the low nibble, 2i+1 in the high nibble, two's complement;
     an odd D pads the last high nibble with 0.
     """
-    x = np.asarray(x, dtype=np.float32)
-    amax = np.max(np.abs(x), axis=-1)
-    scale = (amax / _INT4_MAX).astype(np.float32)
-    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    q = np.clip(np.rint(x / safe[..., None]), -_INT4_MAX, _INT4_MAX).astype(np.int8)
+    q = np.asarray(q, dtype=np.int8)
     if q.shape[-1] % 2:
         q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), dtype=np.int8)], axis=-1)
     nib = (q.astype(np.int16) & 0x0F).astype(np.uint8)
-    packed = (nib[..., 0::2] | (nib[..., 1::2] << 4)).astype(np.uint8)
-    return packed, scale
+    return (nib[..., 0::2] | (nib[..., 1::2] << 4)).astype(np.uint8)
 
 
 def unpack_int4(packed: np.ndarray, d: int) -> np.ndarray:
@@ -199,7 +160,7 @@ def message_size(token_dtype: str, k: int, d: int, names: Tuple[str, str, str, s
 # -- encode -------------------------------------------------------------------------------------------------
 def _check_name(field: str, value: object) -> bytes:
     if not isinstance(value, str) or not NAME_RE.match(value):
-        raise WireError("bad_string", f"{field} must match [A-Za-z0-9_.-]{{1,64}}, got {value!r:.80}")
+        raise WireError("bad_string", f"{field} must match {NAME_RULE}, got {value!r:.80}")
     return value.encode("ascii")
 
 
@@ -224,10 +185,7 @@ def encode(msg: TokenMessage, token_dtype: Optional[str] = None) -> bytes:
         raise WireError("bad_flags", f"unknown flag bits in {msg.flags!r}")
     names = [_check_name(f, getattr(msg, f)) for f in NAME_FIELDS]
 
-    g = np.asarray(msg.global_embedding, dtype=np.float32)
-    t = np.asarray(msg.tokens, dtype=np.float32)
-    s = np.asarray(msg.sizes, dtype=np.float32)
-    c = np.asarray(msg.centroids, dtype=np.float32)
+    g, t, s, c = (np.asarray(a, dtype=np.float32) for a in msg.summary.arrays())
     if g.ndim != 1 or not 1 <= g.shape[0] <= MAX_D:
         raise WireError("bad_dims", f"global_embedding must be [D] with 1 <= D <= {MAX_D}, got {g.shape}")
     d = g.shape[0]
@@ -251,10 +209,10 @@ def encode(msg: TokenMessage, token_dtype: Optional[str] = None) -> bytes:
         parts += [g.astype("<f2").tobytes(), t.astype("<f2").tobytes()]
         gcode = GLOBAL_FP16
     else:
-        gq, gs = quantize_int8(g)
+        gq, gs = quantize(g, 8)
         parts += [np.asarray(gs, dtype="<f4").tobytes(), gq.tobytes()]
-        tq, ts = quantize_int8(t) if mode == "int8" else quantize_int4(t)
-        parts += [ts.astype("<f4").tobytes(), tq.tobytes()]
+        tq, ts = quantize(t, 8 if mode == "int8" else 4)
+        parts += [ts.astype("<f4").tobytes(), (tq if mode == "int8" else pack_int4(tq)).tobytes()]
         gcode = GLOBAL_INT8
     parts.append(s.astype("<f4").tobytes())
     parts.append(np.rint(c * _CENTROID_SCALE).astype("<u2").tobytes())
@@ -334,7 +292,7 @@ def decode(buf: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> TokenMessage:
         except UnicodeDecodeError:
             raise WireError("bad_string", f"{field} is not ASCII") from None
         if not NAME_RE.match(text):
-            raise WireError("bad_string", f"{field} {text!r} does not match [A-Za-z0-9_.-]{{1,64}}")
+            raise WireError("bad_string", f"{field} {text!r} does not match {NAME_RULE}")
         names.append(text)
 
     expect = message_size(mode, k, d, tuple(names))  # type: ignore[arg-type]
@@ -373,9 +331,11 @@ def decode(buf: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> TokenMessage:
     centroids = (r.array("<u2", 2 * k, "centroids").astype(np.float32) / _CENTROID_SCALE).reshape(k, 2)
     return TokenMessage(
         frame_id=fid, device=names[0], site=names[1], line=names[2], camera=names[3], capture_ts_us=ts_us,
-        seq=seq, manifest_hash=mhash, global_embedding=g, tokens=t, sizes=sizes, centroids=centroids,
-        token_dtype=mode, flags=flags,
+        seq=seq, manifest_hash=mhash, summary=Summary(g, t, sizes, centroids), token_dtype=mode, flags=flags,
     )
+
+
+_FLAGS, _SEQ = _field("flags"), _field("seq")
 
 
 def with_header(buf: bytes, *, flags: Optional[int] = None, seq: Optional[int] = None) -> bytes:
@@ -386,11 +346,11 @@ def with_header(buf: bytes, *, flags: Optional[int] = None, seq: Optional[int] =
     if flags is not None:
         if flags & ~KNOWN_FLAGS or flags < 0:
             raise WireError("bad_flags", f"unknown flag bits in {flags!r}")
-        b[7] = flags
+        struct.pack_into(_FLAGS[1], b, _FLAGS[0], flags)
     if seq is not None:
         if not 0 <= seq < 2**32:
             raise WireError("out_of_range", f"seq must be a uint32, got {seq!r}")
-        struct.pack_into("<I", b, 36, seq)
+        struct.pack_into(_SEQ[1], b, _SEQ[0], seq)
     return bytes(b) + struct.pack("<I", zlib.crc32(bytes(b)) & 0xFFFFFFFF)
 
 

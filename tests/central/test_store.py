@@ -53,10 +53,10 @@ def test_frames_roundtrip_and_duplicates_dropped(engine, tiny_manifest):
         assert len(s.scalars(select(Frame.frame_id)).all()) == 5
     fr = tx(engine, store.get_frame, msgs[2].frame_id.hex())
     tol = 2e-3 if engine.dialect.name == "postgresql" else 1e-6  # halfvec on PostgreSQL
-    assert np.allclose(fr.summary.global_embedding, msgs[2].global_embedding, atol=tol)
-    cos = (fr.summary.tokens * msgs[2].tokens).sum(1) / np.linalg.norm(fr.summary.tokens, axis=1)
+    assert np.allclose(fr.summary.global_embedding, msgs[2].summary.global_embedding, atol=tol)
+    cos = (fr.summary.tokens * msgs[2].summary.tokens).sum(1) / np.linalg.norm(fr.summary.tokens, axis=1)
     assert cos.min() > 0.999
-    assert np.array_equal(fr.summary.centroids, msgs[2].centroids) and fr.seq == 2
+    assert np.array_equal(fr.summary.centroids, msgs[2].summary.centroids) and fr.seq == 2
 
 
 def test_token_packing_keeps_cosine():

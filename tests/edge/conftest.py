@@ -1,18 +1,9 @@
-"""Fixtures for edge agent tests: the tiny ONNX model and a config builder."""
+"""Config builders for edge agent tests (the tiny ONNX model fixture is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Dict, List, Optional
-
-import pytest
-
-from tests.support.tiny_model import build_tiny_model
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), size=32, patch=8, dim=384)
 
 
 def synthetic_camera(name: str, seed: int = 0, frames: Optional[int] = 20, fps: float = 40.0, line: str = "line-1",

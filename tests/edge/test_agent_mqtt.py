@@ -62,10 +62,10 @@ def test_round_trip_every_message_decodes_and_matches_the_bare_encoder(mosquitto
         for n, m in enumerate(msgs):
             assert (m.device, m.site, m.line, m.token_dtype, m.flags) == ("edge-test", "site-a", line, "int8", 0)
             assert m.manifest_hash == manifest.hash_bytes()
-            assert cos(m.global_embedding, ref[0][n]) >= 0.999
-            assert cos(m.tokens, ref[1][n]).min() >= 0.999
-            np.testing.assert_allclose(m.sizes, ref[2][n])
-            np.testing.assert_allclose(m.centroids, ref[3][n], atol=1e-4)
+            assert cos(m.summary.global_embedding, ref[0][n]) >= 0.999
+            assert cos(m.summary.tokens, ref[1][n]).min() >= 0.999
+            np.testing.assert_allclose(m.summary.sizes, ref[2][n])
+            np.testing.assert_allclose(m.summary.centroids, ref[3][n], atol=1e-4)
             jpeg = tmp_path / "originals" / m.frame_id_hex[:8] / f"{m.frame_id_hex}.jpg"
             assert cv2.imread(str(jpeg)).shape == (64, 96, 3)  # the original is kept locally
     status = [(t, p, r) for t, p, r in sub.raw if t.endswith("/status")]
@@ -163,9 +163,9 @@ def test_corrupt_frames_and_vanishing_cameras_never_stop_the_daemon(mosquitto, t
 
 
 def test_commands_trigger_pause_and_request_original(mosquitto, tmp_path, tiny_model_dir) -> None:
-    from tests.edge.test_components import _Central
+    from tests.support.upload_server import UploadServer
 
-    central = _Central([])
+    central = UploadServer([])
     cams = [dict(synthetic_camera("trig", frames=None, fps=50), sampling={"mode": "trigger"}),
             synthetic_camera("cont", seed=3, frames=None, fps=20)]
     sub = Collector(mosquitto.host, mosquitto.port)

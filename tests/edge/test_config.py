@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from edge_agent.cli import main
-from edge_agent.config import ConfigError, load_config, parse_config
+from edge_agent.config import load_config, parse_config
 from tests.edge.conftest import agent_config, synthetic_camera
+from tokenline.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,19 +8,18 @@ import cv2
 import numpy as np
 from fastapi import APIRouter
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict
 
 from central import store
 from central.api.deps import Admin, ServicesDep, SessionDep, Viewer
 from central.errors import NotFound, Unprocessable
 from central.originals import read_original
+from tokenline.documents import StrictModel
 
 router = APIRouter(tags=["frames"])
 CACHE = {"Cache-Control": "private, max-age=300"}
 
 
-class HoldBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class HoldBody(StrictModel):
     hold: bool
 
 

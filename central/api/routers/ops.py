@@ -6,20 +6,21 @@ from typing import Any, Dict, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from sqlalchemy import text
 
 from central import store
 from central.api.deps import Admin, ServicesDep, SessionDep
 from central.api.metrics import render_metrics
 from central.errors import Unavailable
+from tokenline.documents import StrictModel
+from tokenline.topics import NAME_PATTERN
 
 router = APIRouter(tags=["ops"])
 
 
-class TokenBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+class TokenBody(StrictModel):
+    name: str = Field(pattern=NAME_PATTERN)
     role: Literal["viewer", "device", "admin"]
 
 

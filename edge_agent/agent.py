@@ -29,7 +29,7 @@ from edge_agent.queues import DropOldestQueue, FrameHub, Sample
 from runtime.runners import Runner, RunnerError, make_runner
 from tokenline import topics
 from tokenline.manifest import Manifest, ManifestError, verify_files
-from tokenline.preprocess import ImageError, preprocess
+from tokenline.preprocess import FrameGeometry, ImageError, frame_geometry, preprocess
 from tokenline.summary import Summary
 from tokenline.wire import TokenMessage, WireError, encode, with_header
 
@@ -42,10 +42,11 @@ class AgentError(RuntimeError):
 
 @dataclass
 class Result:
-    """A sampled frame and its summary, on its way to the outbox."""
+    """A sampled frame, its summary and its geometry (size, ROI), on its way to the outbox."""
 
     sample: Sample
     summary: Summary
+    geometry: Optional[FrameGeometry] = None
 
 
 def load_model(cfg: AgentConfig) -> Manifest:
@@ -64,6 +65,11 @@ class Agent:
         self.cfg = cfg
         self.manifest = manifest or load_model(cfg)
         self.manifest_hash = self.manifest.hash_bytes()
+        if cfg.messages.wire_version == 1 and (self.manifest.has_footprint
+                                               or self.manifest.summary.dim != self.manifest.embedding_dim):
+            raise AgentError(f"messages.wire_version: 1 cannot carry the {self.manifest.summary.method} summary of "
+                             f"model {self.manifest.name!r} (footprints, tokens of dim {self.manifest.summary.dim}); "
+                             "use 2 (upgrade central first)")
         if runner is None:
             try:
                 runner = make_runner(cfg.model, self.manifest, Path(cfg.model.dir))
@@ -195,10 +201,12 @@ class Agent:
                         if not any(self.hub.depths().values()):
                             return
                     continue
-                pixels, good = [], []
+                pixels, good, geometry = [], [], []
                 for s in batch:
                     try:
-                        pixels.append(preprocess(s.frame, spec, self.rois.get(s.camera)))
+                        roi = self.rois.get(s.camera)
+                        pixels.append(preprocess(s.frame, spec, roi))
+                        geometry.append(frame_geometry(s.frame, roi))
                         good.append(s)
                     except ImageError as exc:
                         self.counters["preprocess_errors"] += 1
@@ -216,7 +224,7 @@ class Agent:
                 self.counters["inference_batches"] += 1
                 self.counters["inference_frames"] += len(good)
                 for i, s in enumerate(good):
-                    self.results.put(Result(s, out[i]))
+                    self.results.put(Result(s, out[i], geometry[i]))
         finally:
             self.inference_done.set()
 
@@ -224,10 +232,13 @@ class Agent:
     def _message_bytes(self, r: Result) -> bytes:
         s = r.sample
         summary = replace(r.summary, centroids=np.clip(r.summary.centroids, 0.0, 1.0))
+        version = self.cfg.messages.wire_version
+        # v2 carries the frame's geometry: central draws footprints in the original frame's coordinates with it
+        meta = {"frame": r.geometry.to_json()} if version >= 2 and r.geometry is not None else None
         msg = TokenMessage(frame_id=s.frame_id, device=self.cfg.device, site=self.cfg.site, line=s.line,
                            camera=s.camera, capture_ts_us=s.capture_ts_us, seq=0, manifest_hash=self.manifest_hash,
-                           summary=summary, token_dtype=self.cfg.messages.token_dtype)
-        return encode(msg, version=self.cfg.messages.wire_version)
+                           summary=summary, token_dtype=self.cfg.messages.token_dtype, metadata=meta)
+        return encode(msg, version=version)
 
     def _writer_loop(self) -> None:
         try:

@@ -58,7 +58,8 @@ class Model(Base):
 
 
 class Frame(Base):
-    """One captured frame's tokens: metadata, global embedding, summary tokens, sizes and centroids."""
+    """One captured frame's tokens: metadata, global embedding, summary tokens, sizes and centroids, and for models
+    with a footprint summary the footprint and the frame's geometry (size, ROI)."""
 
     __tablename__ = "frames"
     __table_args__ = (
@@ -85,6 +86,8 @@ class Frame(Base):
     sizes: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [K]
     centroids: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [K, 2]
     legal_hold: Mapped[bool] = mapped_column(Boolean, default=False)
+    footprint: Mapped[Optional[bytes]] = mapped_column(LargeBinary, nullable=True)  # sql.types.pack_footprint
+    geometry: Mapped[Optional[str]] = mapped_column(Text, nullable=True)  # JSON: the wire's metadata.frame
 
 
 class Original(Base):

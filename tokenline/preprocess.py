@@ -3,15 +3,15 @@
 One implementation shared by the exporter (calibration/validation images), the edge agent (camera frames)
 and central (search by example image), so all three feed the encoder identical tensors. The same geometry maps
 positions back: ``input_rect`` is where the model input lies in the original frame (ROI, resize, centre crop or
-letterbox), ``input_to_frame`` and ``frame_to_input`` map boxes between the two (central draws footprints and
-reads drawn boxes with them).
+letterbox), ``input_to_frame`` and ``frame_to_input`` map boxes between the two and ``mask_to_frame`` a footprint
+(central draws footprints and reads drawn boxes with them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -158,6 +158,28 @@ def input_to_frame(box: Box, spec: InputSpec, geometry: FrameGeometry, clip: boo
     cx, cy, cw, ch = geometry.crop
     out = (max(out[0], cx), max(out[1], cy), min(out[2], cx + cw), min(out[3], cy + ch))
     return out if out[2] > out[0] and out[3] > out[1] else None
+
+
+def mask_to_frame(mask: np.ndarray, spec: InputSpec, geometry: FrameGeometry) -> List[Box]:
+    """A footprint mask [grid_h, grid_w] (True: the cells a token stands for) as boxes in pixels of the original
+    frame: one box per run of adjacent cells in a row, clipped to what the model saw (runs wholly in the padding
+    dropped). Drawing them draws the footprint on the frame."""
+    m = np.asarray(mask, bool)
+    gh, gw = m.shape
+    out: List[Box] = []
+    for r in range(gh):
+        c = 0
+        while c < gw:
+            if not m[r, c]:
+                c += 1
+                continue
+            start = c
+            while c < gw and m[r, c]:
+                c += 1
+            box = input_to_frame((start / gw, r / gh, c / gw, (r + 1) / gh), spec, geometry)
+            if box is not None:
+                out.append(box)
+    return out
 
 
 def frame_to_input(box: Box, spec: InputSpec, geometry: FrameGeometry) -> Optional[Box]:

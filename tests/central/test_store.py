@@ -15,7 +15,7 @@ from tests.central.conftest import make_message, tx, unit
 
 
 def test_migration_creates_schema_and_downgrades(engine):
-    assert current(engine) == "0001"
+    assert current(engine) == "0002"
     names = set(inspect(engine).get_table_names())
     assert {"devices", "models", "frames", "originals", "dead_letters", "api_tokens", "counters"} <= names
     if engine.dialect.name == "sqlite":
@@ -24,7 +24,7 @@ def test_migration_creates_schema_and_downgrades(engine):
     downgrade(engine, "base")
     assert "frames" not in set(inspect(engine).get_table_names())
     upgrade(engine)
-    assert current(engine) == "0001"
+    assert current(engine) == "0002"
 
 
 def test_register_model_is_idempotent_and_indexed(engine, tiny_manifest, tiny_model_dir):

@@ -1,4 +1,5 @@
-"""The search route: by an example image, a text or a stored frame (query building is central.search's)."""
+"""The search routes: whole-image search by an example image, a text or a stored frame, and region search by a
+crop or a box on a stored frame (query building is central.search's, region scoring central.regions')."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any, Dict, Optional
 from fastapi import APIRouter, File, Form, UploadFile
 
 from central.api.deps import ServicesDep, SessionDep, Viewer
-from central.search import Filters, build_query
+from central.regions import parse_box
+from central.search import Filters, build_query, build_region_query
 
 router = APIRouter(tags=["search"])
 
@@ -31,3 +33,26 @@ async def search(svc: ServicesDep, session: SessionDep, _p: Viewer,
     dt = time.perf_counter() - t0
     svc.metrics.observe_search(dt)
     return {"model": model.public(), "took_ms": round(dt * 1000, 2), "results": [h.public() for h in hits]}
+
+
+@router.post("/v1/search/region")
+async def search_region(svc: ServicesDep, session: SessionDep, _p: Viewer,
+                        image: Optional[UploadFile] = File(None), frame_id: Optional[str] = Form(None),
+                        box: Optional[str] = Form(None), model_id: Optional[int] = Form(None), k: int = Form(24),
+                        site: Optional[str] = Form(None), line: Optional[str] = Form(None),
+                        camera: Optional[str] = Form(None), since_us: Optional[int] = Form(None),
+                        until_us: Optional[int] = Form(None)) -> Dict[str, Any]:
+    """Frames that hold a region like the query anywhere: a crop (multipart ``image``) or a ``box``
+    (``x0,y0,x1,y1``, fractions of the frame) on a stored frame (``frame_id``); each result's best-matching
+    summary token and its footprint in the original frame's coordinates."""
+    t0 = time.perf_counter()
+    data = await image.read() if image is not None else None
+    model, query = build_region_query(session, svc.encoders, image=data, frame_id=frame_id,
+                                      box=None if box is None else parse_box(box), model_id=model_id,
+                                      max_image_bytes=svc.cfg.originals.max_upload_bytes)
+    filters = Filters(site or None, line or None, camera or None, since_us, until_us)
+    hits = svc.searcher.region_search(model, query, k, filters)
+    dt = time.perf_counter() - t0
+    svc.metrics.observe_search(dt)
+    return {"model": model.public(), "took_ms": round(dt * 1000, 2), "query": query.public(),
+            "results": [h.public() for h in hits]}

@@ -247,7 +247,8 @@ class Agent:
                         log.error("camera %s: cannot encode frame %s: %s (%s)", r.sample.camera,
                                   r.sample.frame_id.hex(), exc, exc.reason)
                         continue
-                    topic = topics.tokens_topic(self.cfg.site, r.sample.line, r.sample.camera)
+                    topic = topics.tokens_topic(self.cfg.site, self.cfg.device, r.sample.line, r.sample.camera,
+                                                self.cfg.mqtt.protocol)
                     entries.append((r.sample.camera, topic, lambda seq, b=buf: with_header(b, seq=seq)))
                 if entries:
                     try:
@@ -303,6 +304,12 @@ class Agent:
                 problems.append(f"{t.name} thread died")
         if not link["connected"]:
             problems.append("MQTT not connected")
+        outbox = self.outbox.stats()
+        if outbox["oldest_awaiting_s"] > self.cfg.health.max_unconfirmed_age_s:
+            problems.append(f"{outbox['awaiting_confirmation']} frame(s) awaiting central's confirmation, the oldest "
+                            f"for {outbox['oldest_awaiting_s']:.0f}s")
+        if link["subscribe_refused"]:
+            problems.append("the broker refused the command/acknowledgement subscription")
         for name, d in cams.items():
             if d["state"] in ("reopening", "failed"):
                 problems.append(f"camera {name} {d['state']}")
@@ -321,11 +328,12 @@ class Agent:
                                   "dropped": sum(self.hub.dropped.values())},
                        "results": {"depth": len(self.results), "capacity": self.results.capacity,
                                    "dropped": self.results.dropped}},
-            "outbox": dict(self.outbox.stats(), published=link["published"], inflight=link["inflight"],
+            "outbox": dict(outbox, published=link["published"], inflight=link["inflight"],
                            publish_errors=link["publish_errors"], encode_errors=self.counters["encode_errors"],
                            write_errors=self.counters["outbox_write_errors"],
                            no_subscriber_retries=link["no_subscriber_retries"],
-                           connection_drops=link["connection_drops"]),
+                           connection_drops=link["connection_drops"], protocol=link["protocol"],
+                           acks_received=link["acks_received"], acks_invalid=link["acks_invalid"]),
             "originals": (dict(self.originals.stats(), errors=self.counters["originals_errors"])
                           if self.originals is not None else None),
             "commands": {"received": self.link.commands_received, "rejected": self.link.commands_rejected,

@@ -336,6 +336,17 @@ def decode(buf: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> TokenMessage:
 
 
 _FLAGS, _SEQ = _field("flags"), _field("seq")
+_FRAME_ID = _field("frame_id")
+
+
+def peek_frame_id(buf: bytes) -> Optional[bytes]:
+    """The frame id field of a payload that at least starts like a token message (magic and a complete id),
+    without validating anything else; None otherwise. Central uses it to tell a device which of its messages
+    it rejected."""
+    off = _FRAME_ID[0]
+    if not isinstance(buf, (bytes, bytearray, memoryview)) or len(buf) < off + 16 or bytes(buf[:4]) != MAGIC:
+        return None
+    return bytes(buf[off:off + 16])
 
 
 def with_header(buf: bytes, *, flags: Optional[int] = None, seq: Optional[int] = None) -> bytes:

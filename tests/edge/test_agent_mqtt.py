@@ -69,7 +69,7 @@ def test_round_trip_every_message_decodes_and_matches_the_bare_encoder(mosquitto
             jpeg = tmp_path / "originals" / m.frame_id_hex[:8] / f"{m.frame_id_hex}.jpg"
             assert cv2.imread(str(jpeg)).shape == (64, 96, 3)  # the original is kept locally
     status = [(t, p, r) for t, p, r in sub.raw if t.endswith("/status")]
-    assert status[0] == ("tokenline/v1/site-a/edge-test/status", b"online", False)
+    assert status[0] == ("tokenline/v2/site-a/edge-test/status", b"online", False)
     assert status[-1][1] == b"offline"  # clean shutdown says offline itself
     stats = json.loads(next(p for t, p, _ in sub.raw if t.endswith("/stats")))
     assert set(stats) >= {"cameras", "inference", "queues", "outbox", "originals", "commands"}

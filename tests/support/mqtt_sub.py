@@ -1,7 +1,9 @@
-"""Test helper: a real MQTT 5 subscriber (paho) that decodes every token message with tokenline.wire.
+"""Test helper: a real MQTT 5 subscriber (paho) that decodes every token message with tokenline.wire and, like
+central, confirms each one to its device (protocol 2 acknowledgements on the device's ack topic).
 
 Persistent session (clean_start False, long session expiry) so QoS 1 messages published while it is
-disconnected - e.g. across a broker restart - are queued for it by the broker.
+disconnected - e.g. across a broker restart - are queued for it by the broker. ``confirm=False`` makes it a
+bare subscriber that confirms nothing (an edge then keeps its rows awaiting confirmation).
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tokenline import topics, wire
+from tokenline import acks, topics, wire
 
 
 class Collector:
-    def __init__(self, host: str, port: int, topic: str = topics.TOKENS_FILTER, extra: Tuple[str, ...] = ()) -> None:
+    def __init__(self, host: str, port: int, topic: str = topics.TOKENS_FILTER, extra: Tuple[str, ...] = (),
+                 confirm: bool = True) -> None:
         self.messages: List[wire.TokenMessage] = []
         self.raw: List[Tuple[str, bytes, bool]] = []  # (topic, payload, retain) of non-token topics
         self.errors: List[Tuple[str, str]] = []
+        self.confirmed: set = set()  # frame ids acknowledged as committed
         self.lock = threading.RLock()
         self.connected = threading.Event()
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
@@ -39,7 +43,11 @@ class Collector:
             self.connected.clear()
 
         def on_message(c, u, m):
-            if m.topic.endswith("/tokens"):
+            try:
+                t: Optional[topics.Topic] = topics.parse_topic(m.topic)
+            except topics.TopicError:
+                t = None
+            if t is not None and t.kind == topics.KIND_TOKENS:
                 try:
                     msg = wire.decode(m.payload)
                 except wire.WireError as exc:
@@ -48,6 +56,11 @@ class Collector:
                     return
                 with self.lock:
                     self.messages.append(msg)
+                    seen = msg.frame_id in self.confirmed
+                    self.confirmed.add(msg.frame_id)
+                if confirm and t.version >= 2:
+                    ack = acks.Ack(msg.frame_id, acks.DUPLICATE if seen else acks.COMMITTED)
+                    c.publish(topics.ack_topic(t.site, t.device or ""), acks.encode([ack]), qos=1)
             else:
                 with self.lock:
                     self.raw.append((m.topic, bytes(m.payload), bool(m.retain)))

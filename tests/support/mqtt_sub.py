@@ -8,9 +8,11 @@ bare subscriber that confirms nothing (an edge then keeps its rows awaiting conf
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import paho.mqtt.client as mqtt
@@ -22,7 +24,8 @@ from tokenline import acks, topics, wire
 
 class Collector:
     def __init__(self, host: str, port: int, topic: str = topics.TOKENS_FILTER, extra: Tuple[str, ...] = (),
-                 confirm: bool = True) -> None:
+                 confirm: bool = True, username: Optional[str] = None, password: Optional[str] = None,
+                 ca_file: Optional[Path] = None) -> None:
         self.messages: List[wire.TokenMessage] = []
         self.raw: List[Tuple[str, bytes, bool]] = []  # (topic, payload, retain) of non-token topics
         self.errors: List[Tuple[str, str]] = []
@@ -32,6 +35,11 @@ class Collector:
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                                   client_id=f"test-sub-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
         self.client.reconnect_delay_set(0.2, 1)  # type: ignore[arg-type]
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if ca_file is not None:
+            self.client.tls_set(ca_certs=str(ca_file), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        self.suback: List[int] = []  # reason codes of every SUBACK
         self.topics = (topic,) + extra
 
         def on_connect(c, u, flags, rc, props):
@@ -65,6 +73,11 @@ class Collector:
                 with self.lock:
                     self.raw.append((m.topic, bytes(m.payload), bool(m.retain)))
 
+        def on_subscribe(c, u, mid, reason_codes, props):
+            with self.lock:
+                self.suback.extend(rc.value for rc in reason_codes)
+
+        self.client.on_subscribe = on_subscribe
         self.client.on_connect = on_connect
         self.client.on_disconnect = on_disconnect
         self.client.on_message = on_message

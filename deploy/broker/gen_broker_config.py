@@ -13,9 +13,15 @@ broker after re-running (protocol 2 edges resend whatever the restart costs).
 
 Why the dynamic-security plugin and not an acl_file: Mosquitto 2.0 grants any SUBSCRIBE under an acl_file and
 only filters delivery, so a device could join central's shared group ``$share/central/...`` and take its turn in
-the round robin (the broker then drops those messages). The plugin refuses the SUBSCRIBE itself. Every listener
-replaces the client id with the username (``use_username_as_clientid``), so nobody can take over, or wipe with
-a clean start, another client's session; hence one user per central ingest worker.
+the round robin (the broker then drops those messages). The plugin refuses the SUBSCRIBE itself. It also binds
+each device's and service's client id to its user: a CONNECT with another client's id is refused before it can
+take over (or, with a clean start, wipe) that client's session; hence one user per central ingest worker.
+Not ``use_username_as_clientid``: with it, Mosquitto 2.0.11 refuses a CONNECT without a username but wipes the
+session of the client id it named first (tests/system/test_attacks.py, row 3).
+
+Client ids: a device connects as ``tokenline-edge-<id>`` (the edge agent's default ``mqtt.client_id``), a service
+with its user name as client id (central's ``mqtt.client_id``); the inventory's ``client_id`` overrides either.
+Admins are not bound (trusted operators with tools that pick their own ids).
 
 Roles (anything not granted is denied: publishing, subscribing, receiving):
   device D of site S with cameras (line L, camera C):
@@ -37,7 +43,8 @@ Inventory (YAML):
     - id: jetson-01
       site: plant-a
       cameras: [{line: line3, camera: cam1}, {line: line3, camera: cam2}]
-  services: [central-ingest-1, central-ingest-2]
+      # client_id: tokenline-edge-jetson-01     (the default)
+  services: [central-ingest-1, central-ingest-2]   # or {id: ..., client_id: ...}
   admins: [ops]
   bridges: [{id: bridge-plant-b, site: plant-b}]
 """
@@ -98,28 +105,41 @@ def load_inventory(path: Path) -> Dict[str, Any]:
     devices = []
     for i, dev in enumerate(data.get("devices") or []):
         where = f"devices[{i}]"
-        if not isinstance(dev, dict) or set(dev) - {"id", "site", "cameras"}:
-            raise InventoryError(f"{where}: needs exactly id, site, cameras")
+        if not isinstance(dev, dict) or set(dev) - {"id", "site", "cameras", "client_id"}:
+            raise InventoryError(f"{where}: needs id, site, cameras (and optionally client_id)")
         cams = []
         for j, cam in enumerate(dev.get("cameras") or []):
             if not isinstance(cam, dict) or set(cam) != {"line", "camera"}:
                 raise InventoryError(f"{where}.cameras[{j}]: needs line and camera")
             cams.append((_name(cam["line"], f"{where}.cameras[{j}].line"),
                          _name(cam["camera"], f"{where}.cameras[{j}].camera")))
-        devices.append({"id": _name(dev.get("id"), f"{where}.id"), "site": _name(dev.get("site"), f"{where}.site"),
-                        "cameras": cams})
+        dev_id = _name(dev.get("id"), f"{where}.id")
+        devices.append({"id": dev_id, "site": _name(dev.get("site"), f"{where}.site"), "cameras": cams,
+                        "client_id": _client_id(dev.get("client_id", f"tokenline-edge-{dev_id}"), f"{where}.client_id")})
     bridges = []
     for i, br in enumerate(data.get("bridges") or []):
         if not isinstance(br, dict) or set(br) != {"id", "site"}:
             raise InventoryError(f"bridges[{i}]: needs exactly id and site")
         bridges.append({"id": _name(br["id"], f"bridges[{i}].id"), "site": _name(br["site"], f"bridges[{i}].site")})
     ids = [d["id"] for d in devices]
-    services = [_name(s, "services[]") for s in data.get("services") or []]
+    services = []
+    for i, svc in enumerate(data.get("services") or []):
+        if isinstance(svc, dict):
+            if set(svc) - {"id", "client_id"} or "id" not in svc:
+                raise InventoryError(f"services[{i}]: a name, or {{id, client_id}}")
+            user = _name(svc["id"], f"services[{i}].id")
+            services.append({"id": user, "client_id": _client_id(svc.get("client_id", user), f"services[{i}].client_id")})
+        else:
+            services.append({"id": _name(svc, f"services[{i}]"), "client_id": svc})
     admins = [_name(a, "admins[]") for a in data.get("admins") or []]
-    users = ids + services + admins + [b["id"] for b in bridges]
+    users = ids + [s["id"] for s in services] + admins + [b["id"] for b in bridges]
     dupes = {u for u in users if users.count(u) > 1}
     if dupes:
         raise InventoryError(f"user names must be unique across devices, services and admins: {sorted(dupes)}")
+    cids = [d["client_id"] for d in devices] + [s["client_id"] for s in services] + [b["id"] for b in bridges]
+    dupes = {c for c in cids if cids.count(c) > 1}
+    if dupes:
+        raise InventoryError(f"client ids must be unique: {sorted(dupes)}")
     # two devices must not claim the same camera (protocol v1 topics name the camera, not the device)
     seen: Dict[str, str] = {}
     for d in devices:
@@ -129,6 +149,12 @@ def load_inventory(path: Path) -> Dict[str, Any]:
                 raise InventoryError(f"camera {key} is claimed by both {seen[key]} and {d['id']}")
             seen[key] = d["id"]
     return {"devices": devices, "services": services, "admins": admins, "bridges": bridges}
+
+
+def _client_id(value: object, where: str) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= 128 or any(c in value for c in "/+#\0"):
+        raise InventoryError(f"{where}: {value!r:.80} must be 1-128 characters without '/', '+', '#'")
+    return value
 
 
 def _acl(kind: str, topic: str) -> Dict[str, Any]:
@@ -184,20 +210,24 @@ def dynsec_config(inv: Dict[str, Any], passwords: Dict[str, str], allow_v1: bool
     for d in inv["devices"]:
         role = f"device-{d['id']}"
         roles.append({"rolename": role, "acls": device_acls(d, allow_v1)})
-        clients.append(dict({"username": d["id"], "textName": f"edge device {d['id']} ({d['site']})",
-                             "roles": [{"rolename": role}]}, **password_hash(passwords[d["id"]])))
+        clients.append(dict({"username": d["id"], "clientid": d["client_id"],
+                             "textName": f"edge device {d['id']} ({d['site']})", "roles": [{"rolename": role}]},
+                            **password_hash(passwords[d["id"]])))
     for b in inv["bridges"]:
         role = f"bridge-{b['id']}"
         roles.append({"rolename": role, "acls": bridge_acls(b["site"], allow_v1)})
-        clients.append(dict({"username": b["id"], "textName": f"bridge of site {b['site']}",
+        clients.append(dict({"username": b["id"], "clientid": b["id"], "textName": f"bridge of site {b['site']}",
                              "roles": [{"rolename": role}]}, **password_hash(passwords[b["id"]])))
-    for users, role, acls, what in ((inv["services"], "service", service_acls(group), "central ingest worker"),
-                                    (inv["admins"], "admin", admin_acls(), "administrator")):
-        if users:
-            roles.append({"rolename": role, "acls": acls})
-        for u in users:
-            clients.append(dict({"username": u, "textName": what, "roles": [{"rolename": role}]},
-                                **password_hash(passwords[u])))
+    if inv["services"]:
+        roles.append({"rolename": "service", "acls": service_acls(group)})
+    for svc in inv["services"]:
+        clients.append(dict({"username": svc["id"], "clientid": svc["client_id"], "textName": "central ingest worker",
+                             "roles": [{"rolename": "service"}]}, **password_hash(passwords[svc["id"]])))
+    if inv["admins"]:
+        roles.append({"rolename": "admin", "acls": admin_acls()})
+    for u in inv["admins"]:
+        clients.append(dict({"username": u, "textName": "administrator", "roles": [{"rolename": "admin"}]},
+                            **password_hash(passwords[u])))
     return {"defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False, "subscribe": False,
                                  "unsubscribe": True},
             "clients": clients, "groups": [], "roles": roles}
@@ -222,14 +252,13 @@ def broker_conf(root: Path, port: int, tls_dir: Path | None, require_certificate
         "# broker drops messages (protocol 2 edges resend what central has not confirmed)",
         "max_queued_messages 100000",
         "",
-        "# users, passwords and roles: dynamic-security.json (SUBSCRIBE is refused unless a role grants it)",
+        "# users, passwords, client ids and roles: dynamic-security.json (SUBSCRIBE is refused unless a role grants",
+        "# it; a CONNECT is refused unless its client id is the one bound to its user)",
         f"plugin {plugin}",
         f"plugin_opt_config_file {root / 'dynamic-security.json'}",
         "allow_anonymous false",
         "",
         f"listener {port}" + (f" {bind}" if bind else ""),
-        "# the client id is the username: nobody can take over (or wipe) another client's session",
-        "use_username_as_clientid true",
     ]
     if tls_dir is not None:
         conf += [f"cafile {tls_dir / 'ca.crt'}", f"certfile {tls_dir / 'server.crt'}", f"keyfile {tls_dir / 'server.key'}",
@@ -255,7 +284,7 @@ def generate(inv: Dict[str, Any], out: Path, port: int = 8883, tls_dir: Path | N
     out.mkdir(parents=True, exist_ok=True)
     creds_dir = out / "credentials"
     creds_dir.mkdir(mode=0o700, exist_ok=True)
-    users = [d["id"] for d in inv["devices"]] + list(inv["services"]) + list(inv["admins"]) + [
+    users = [d["id"] for d in inv["devices"]] + [s["id"] for s in inv["services"]] + list(inv["admins"]) + [
         b["id"] for b in inv["bridges"]]
     passwords: Dict[str, str] = {}
     for u in users:

@@ -26,7 +26,7 @@ from tokenline.wire import encode
 def test_ingest_over_tls_with_a_password_file(secured, tmp_path: Path, tiny_manifest) -> None:  # noqa: F811
     broker, tls_port, ca, pw = secured
     (tmp_path / "central.pw").write_text(pw["central"] + "\n")
-    cfg = parse_config({"mqtt": {"host": "127.0.0.1", "port": tls_port, "client_id": "central-tls",
+    cfg = parse_config({"mqtt": {"host": "127.0.0.1", "port": tls_port, "client_id": "central",
                                  "username": "central", "password_file": str(tmp_path / "central.pw"),
                                  "tls": {"enabled": True, "ca_file": str(ca)}},
                         "ingest": {"batch_linger_ms": 20}}, where="central.yaml")

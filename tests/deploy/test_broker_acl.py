@@ -52,9 +52,10 @@ def make_ca(d: Path) -> None:
 class Conn:
     """A paho MQTT 5 client with blocking helpers that report the broker's reason codes."""
 
-    def __init__(self, port: int, user: str, password: str, ca: Path | None = None) -> None:
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{user}-{time.monotonic_ns()}",
-                             protocol=mqtt.MQTTv5)
+    def __init__(self, port: int, user: str, password: str, ca: Path | None = None, client_id: str | None = None) -> None:
+        # the generated configuration binds a device to tokenline-edge-<id> and a service to its user name
+        cid = client_id or (f"tokenline-edge-{user}" if user.startswith("jetson") else user)
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
         self.c.username_pw_set(user, password)
         if ca is not None:
             self.c.tls_set(ca_certs=str(ca), tls_version=ssl.PROTOCOL_TLS_CLIENT)
@@ -133,10 +134,11 @@ def test_generated_files_and_permissions(tmp_path: Path) -> None:
         hashlib.pbkdf2_hmac("sha512", first.strip().encode(), salt, a["iterations"])).decode()
     conf = (out / "tokenline.conf").read_text()
     for line in ("plugin /opt/dynsec.so", f"plugin_opt_config_file {out / 'dynamic-security.json'}",
-                 "allow_anonymous false", "use_username_as_clientid true", "persistence true", "autosave_interval 60",
-                 "listener 8883"):
+                 "allow_anonymous false", "persistence true", "autosave_interval 60", "listener 8883"):
         assert line in conf.splitlines()
-    assert conf.index("listener 8883") < conf.index("use_username_as_clientid")  # a listener option
+    assert "use_username_as_clientid" not in conf  # see the generator's docstring
+    assert (clients["jetson-a"]["clientid"], clients["central"]["clientid"]) == ("tokenline-edge-jetson-a", "central")
+    assert "clientid" not in clients["ops"]
     assert (out / "credentials" / "jetson-a").stat().st_mode & 0o777 == 0o600
     gen.main([str(inv), "--out", str(out), "--plugin", "/opt/dynsec.so"])
     assert (out / "credentials" / "jetson-a").read_text() == first  # re-run keeps passwords
@@ -156,6 +158,10 @@ def test_generated_files_and_permissions(tmp_path: Path) -> None:
      "claimed by both"),
     ("services: [a]\nadmins: [a]", "unique"),
     ("device: []", "unknown keys"),
+    ("devices: [{id: a, site: s, cameras: [], client_id: x}]\nservices: [{id: b, client_id: x}]", "client ids"),
+    ("devices: [{id: a, site: s, cameras: [], client_id: 'a/b'}]", "devices\\[0\\].client_id"),
+    ("services: [{name: b}]", "services\\[0\\]"),
+    ("bridges: [{id: b}]", "bridges\\[0\\]"),
 ])
 def test_inventory_errors_name_the_key(tmp_path: Path, bad: str, msg: str) -> None:
     p = tmp_path / "inv.yaml"
@@ -183,6 +189,13 @@ def test_tls_auth_and_acl_enforced_by_the_real_broker(secured) -> None:
     assert ops.subscribe("tokenline/#").value < 128
     a = Conn(tls_port, "jetson-a", pw["jetson-a"], ca).connect()
     assert not a.reason.is_failure
+    # client ids are bound to users: jetson-b cannot take jetson-a's (nor central's) and knocks nobody off
+    for cid in ("tokenline-edge-jetson-a", "central"):
+        impostor = Conn(tls_port, "jetson-b", pw["jetson-b"], ca, client_id=cid).connect()
+        assert impostor.reason.value == 135, cid  # Not authorized, at CONNECT
+        impostor.close()
+    time.sleep(0.2)
+    assert a.c.is_connected()
     # the plugin refuses subscriptions outside a device's own cmd/ack topics at SUBSCRIBE time (0x87)
     for topic in ("tokenline/v2/plant1/jetson-b/cmd", "tokenline/v2/plant1/jetson-b/tokens/line2/cam7",
                   "tokenline/v2/plant1/+/ack", "tokenline/#", "#", "$SYS/#",

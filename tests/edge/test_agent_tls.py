@@ -18,7 +18,7 @@ def test_tls_password_and_acl_refusals_are_kept(secured, tmp_path: Path, tiny_mo
     broker, tls_port, ca, pw = secured
     (tmp_path / "mqtt.pw").write_text(pw["jetson-a"] + "\n")
     central = Collector("127.0.0.1", tls_port, topic=topics.shared("central", topics.TOKENS_FILTER),
-                        username="central", password=pw["central"], ca_file=ca)  # confirms like central
+                        username="central", password=pw["central"], ca_file=ca, client_id="central")  # confirms
     assert central.wait_for(lambda c: c.suback == [1], 5)
     cams = [synthetic_camera("cam1", frames=6, line="line1"),
             synthetic_camera("cam9", seed=9, frames=3, line="line1")]  # not in the ACL: the broker refuses it
@@ -52,7 +52,7 @@ def test_wrong_password_keeps_retrying_and_a_fixed_password_file_is_read_on_the_
     secret = tmp_path / "mqtt.pw"
     secret.write_text("not-the-password\n")
     central = Collector("127.0.0.1", tls_port, topic=topics.shared("central", topics.TOKENS_FILTER),
-                        username="central", password=pw["central"], ca_file=ca)
+                        username="central", password=pw["central"], ca_file=ca, client_id="central")
     assert central.wait_for(lambda c: c.suback == [1], 5)
     cfg = agent_config(tmp_path, tiny_model_dir, tls_port, [synthetic_camera("cam1", frames=5, line="line1")],
                        device="jetson-a", site="plant1",

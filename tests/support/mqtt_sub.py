@@ -25,7 +25,7 @@ from tokenline import acks, topics, wire
 class Collector:
     def __init__(self, host: str, port: int, topic: str = topics.TOKENS_FILTER, extra: Tuple[str, ...] = (),
                  confirm: bool = True, username: Optional[str] = None, password: Optional[str] = None,
-                 ca_file: Optional[Path] = None) -> None:
+                 ca_file: Optional[Path] = None, client_id: Optional[str] = None) -> None:
         self.messages: List[wire.TokenMessage] = []
         self.raw: List[Tuple[str, bytes, bool]] = []  # (topic, payload, retain) of non-token topics
         self.errors: List[Tuple[str, str]] = []
@@ -33,7 +33,7 @@ class Collector:
         self.lock = threading.RLock()
         self.connected = threading.Event()
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=f"test-sub-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
+                                  client_id=client_id or f"test-sub-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
         self.client.reconnect_delay_set(0.2, 1)  # type: ignore[arg-type]
         if username is not None:
             self.client.username_pw_set(username, password)

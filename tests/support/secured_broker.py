@@ -1,5 +1,5 @@
-"""A real Mosquitto configured by deploy/broker/gen_broker_config.py (dynamic-security plugin, client id bound to
-the username, persistence) from a test inventory; started on an ephemeral loopback port."""
+"""A real Mosquitto configured by deploy/broker/gen_broker_config.py (dynamic-security plugin: roles, client ids
+bound to users; persistence) from a test inventory; started on an ephemeral loopback port."""
 
 from __future__ import annotations
 

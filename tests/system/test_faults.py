@@ -6,87 +6,25 @@ reported drops, and prints the figures.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 import pytest
 import yaml
 
 from tests.edge.conftest import agent_config, synthetic_camera
 from tests.support.broker import Mosquitto, mosquitto_binary
+from tests.support.system_procs import CentralProcess as Central
+from tests.support.system_procs import read_health as edge_stats
+from tests.support.system_procs import spawn as start
+from tests.support.system_procs import wait_until
 from tests.support.tiny_model import build_tiny_model
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed (make test installs it)")
-
-
-def start(cmd: List[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-
-
-class Central:
-    """central's ingest worker on SQLite, as a real process that can be SIGKILLed and restarted."""
-
-    def __init__(self, tmp: Path, port: int, model_dir: Path) -> None:
-        self.tmp, self.db = tmp, tmp / "central.db"
-        self.cfg = tmp / "central.yaml"
-        self.cfg.write_text(yaml.safe_dump({
-            "database": {"url": f"sqlite:///{self.db}"},
-            "mqtt": {"host": "127.0.0.1", "port": port, "client_id": "central-fault-1"},
-            "ingest": {"batch_max": 20, "batch_linger_ms": 50},
-        }))
-        self.base = [sys.executable, "-m", "central.cli", "--config", str(self.cfg), "--log-level", "WARNING"]
-        for sub in (["migrate"], ["register-model", str(model_dir)]):
-            subprocess.run(self.base + sub, cwd=ROOT, check=True, capture_output=True, timeout=120)
-        self.proc: Optional[subprocess.Popen] = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        self.proc = start(self.base + ["ingest", "--no-migrate"], self.tmp / f"ingest-{self.starts}.log")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-    def rows(self) -> List[Tuple[str, str, int]]:
-        try:
-            with sqlite3.connect(self.db, timeout=10) as db:
-                return db.execute("SELECT frame_id, camera, seq FROM frames").fetchall()
-        except sqlite3.Error:
-            return []
-
-
-def wait_until(pred, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.25)
-    return pred()
-
-
-def edge_stats(health: Path) -> Dict:
-    try:
-        return json.loads(health.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 @pytest.fixture(scope="module")

@@ -44,8 +44,9 @@ class CentralProcess:
 
     def __init__(self, tmp: Path, port: int, model_dir: Path, client_id: str = "central-fault-1",
                  username: Optional[str] = None, password: Optional[str] = None, log_level: str = "WARNING",
-                 **ingest: Any) -> None:
-        self.tmp, self.db = Path(tmp), Path(tmp) / "central.db"
+                 db: Optional[Path] = None, **ingest: Any) -> None:
+        """``db``: the SQLite file (default ``tmp/central.db``); several workers may share one."""
+        self.tmp, self.db = Path(tmp), Path(db) if db is not None else Path(tmp) / "central.db"
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.cfg = self.tmp / "central.yaml"
         mqtt: Dict[str, Any] = {"host": "127.0.0.1", "port": port, "client_id": client_id}

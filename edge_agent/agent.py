@@ -78,6 +78,9 @@ class Agent:
                                  cfg.outbox.synchronous)
         except (OSError, sqlite3.Error) as exc:
             raise AgentError(f"outbox.path: cannot open {cfg.outbox.path}: {exc}") from None
+        moved = self.outbox.retopic(self._protocol_topic)
+        if moved:
+            log.info("outbox: %d message(s) moved to the topics of protocol %d", moved, cfg.mqtt.protocol)
         try:
             self.originals = OriginalsStore(cfg.originals) if cfg.originals.enabled else None
         except (OSError, sqlite3.Error) as exc:
@@ -158,6 +161,13 @@ class Agent:
         self.runner.close()
         log.info("agent stopped (outbox %s)", "empty" if flushed else "kept for replay")
         return flushed
+
+    def _protocol_topic(self, topic: str) -> str:
+        """Rows written under the other protocol's layout go out on this protocol's topics."""
+        try:
+            return topics.relayout(topic, self.cfg.device, self.cfg.mqtt.protocol)
+        except topics.TopicError:
+            return topic
 
     @property
     def paused(self) -> bool:

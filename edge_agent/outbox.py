@@ -309,6 +309,17 @@ class Outbox:
         """Move a row the broker refused (PUBACK reason code >= 0x80) to ``rejected``, kept for inspection."""
         self._write(lambda db: self._reject_locked(db, "id = ?", (row_id,), reason))
 
+    def retopic(self, convert: Callable[[str], str]) -> int:
+        """Move rows to the topic ``convert`` gives for their current one (a protocol upgrade); returns how many."""
+        with self._lock:
+            old = [r[0] for r in self._db.execute("SELECT DISTINCT topic FROM outbox")]
+        moves = [(convert(t), t) for t in old]
+        moves = [(new, t) for new, t in moves if new != t]
+        if not moves:
+            return 0
+        return self._write(lambda db: sum(db.execute("UPDATE outbox SET topic=? WHERE topic=?", m).rowcount
+                                          for m in moves))
+
     def max_id(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COALESCE(MAX(id), 0) FROM outbox").fetchone()[0])

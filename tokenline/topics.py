@@ -106,6 +106,15 @@ def ack_topic(site: str, device: str) -> str:
     return device_topic(KIND_ACK, site, device)
 
 
+def relayout(topic: str, device: str, version: int) -> str:
+    """A token topic in the layout of protocol ``version``; a v1 topic lacks the device level, ``device`` fills it.
+    Other topics come back unchanged (an edge moving the rows of its outbox across an upgrade or a downgrade)."""
+    t = parse_topic(topic)
+    if t.kind != KIND_TOKENS or t.version == version:
+        return topic
+    return tokens_topic(t.site, t.device or device, t.line or "", t.camera or "", version)
+
+
 def tokens_filter(site: Optional[str] = None) -> str:
     """Subscription filter for token messages of one site (or all sites when ``site`` is None)."""
     return TOKENS_FILTER if site is None else f"{PREFIX}/{_level('site', site)}/+/{KIND_TOKENS}/+/+"

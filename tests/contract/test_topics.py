@@ -89,3 +89,11 @@ def test_commands_round_trip() -> None:
 def test_bad_commands(payload: bytes, msg: str) -> None:
     with pytest.raises(TopicError, match=msg):
         parse_command(payload)
+
+
+def test_relayout_moves_token_topics_between_the_layouts() -> None:
+    v1 = topics.tokens_topic("s", "dev", "l", "c", version=1)
+    v2 = topics.tokens_topic("s", "dev", "l", "c")
+    assert topics.relayout(v1, "dev", 2) == v2 and topics.relayout(v2, "other", 1) == v1
+    assert topics.relayout(v2, "dev", 2) == v2
+    assert topics.relayout(topics.status_topic("s", "dev", 1), "dev", 2) == "tokenline/v1/s/dev/status"

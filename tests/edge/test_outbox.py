@@ -93,4 +93,8 @@ def test_an_outbox_written_by_a_protocol_1_agent_is_upgraded_in_place(tmp_path: 
 
     assert ob.confirm([Ack(pl[12:28], COMMITTED) for pl in payloads[:2]]) == (2, 0)  # frame ids were filled in
     assert [r.seq for r in ob.after(0, 10)] == [2]
+    from tokenline import topics
+
+    assert ob.retopic(lambda t: topics.relayout(t, "dev", 2)) == 1  # what is left goes out on the v2 topics
+    assert [r.topic for r in ob.after(0, 10)] == ["tokenline/v2/s/dev/tokens/l/a"]
     ob.close()

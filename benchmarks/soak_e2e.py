@@ -207,8 +207,8 @@ def report(results: List[Dict[str, Any]]) -> str:
         f"{r['workers']} central ingest worker(s) on SQLite, Mosquitto with the generated configuration (autosave "
         f"every 60 s). For {r['chaos_s']:.0f} s a chaos loop SIGKILLed a random process (broker, ingest worker or "
         f"edge) every {r['gaps'][0]:g}-{r['gaps'][1]:g} s and restarted it {r['downs'][0]:g}-{r['downs'][1]:g} s "
-        "later, so failures overlap (e.g. the broker dies while an ingest worker is down); the same seed gives the "
-        "same schedule for each protocol. Then the edges were paused and the soak waited for every outbox to empty "
+        "later, so failures overlap (e.g. the broker dies while an ingest worker is down); the same seed gives each "
+        "protocol the same random draws (the kills differ a little: a victim already down is not drawn). Then the edges were paused and the soak waited for every outbox to empty "
         "(drain).",
         "",
         "| edge protocol | SIGKILLs broker / ingest / edge | produced (committed to an edge outbox) | delivered "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 import zlib
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from tokenline import acks, wire
 from tokenline.acks import COMMITTED, DUPLICATE, REJECTED, Ack, AckError
 from tokenline.frame_id import new_frame_id
+from tokenline.summary import Summary
 
 
 def test_round_trip_and_layout() -> None:
@@ -86,6 +88,13 @@ def test_decode_never_raises_anything_else(data: bytes) -> None:
 
 
 def test_peek_frame_id_reads_only_what_starts_like_a_token_message() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 32)).astype(np.float32)
+    msg = wire.TokenMessage(frame_id=new_frame_id(), device="d", site="s", line="l", camera="c", capture_ts_us=1,
+                            seq=3, manifest_hash=bytes(16),
+                            summary=Summary(x[0], x[1:], np.ones(4, np.float32), np.full((4, 2), 0.5, np.float32)))
+    for version in wire.VERSIONS:
+        assert wire.peek_frame_id(wire.encode(msg, version=version)) == msg.frame_id
     fid = new_frame_id()
     head = b"TKLN" + bytes(8) + fid
     assert wire.peek_frame_id(head) == fid and wire.peek_frame_id(head + b"garbage") == fid

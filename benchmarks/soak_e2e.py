@@ -146,8 +146,9 @@ def run(args: argparse.Namespace, work: Path, model_dir: Path, protocol: int) ->
                     victims[i][1].kill()
                     down[i] = now + secs
                     kills[kind] += 1
+                    also = ", ".join(victims[j][0] for j in down if j != i)
                     print(f"  {now - t0:6.1f} s  SIGKILL {kind}, down {secs:.1f} s"
-                          + (f" (also down: {', '.join(victims[j][0] for j in down if j != i)})" if len(down) > 1 else ""))
+                          + (f" (also down: {also})" if also else ""))
                 next_kill = now + rng.uniform(args.min_gap, args.max_gap)
             time.sleep(0.5)
         for i in sorted(down):
@@ -183,7 +184,8 @@ def run(args: argparse.Namespace, work: Path, model_dir: Path, protocol: int) ->
     counters = dict(workers[0].query("SELECT name, SUM(value) FROM counters GROUP BY name"))
     return {
         "protocol": protocol, "edges": args.edges, "workers": args.workers, "gaps": (args.min_gap, args.max_gap),
-        "downs": (args.min_down, args.max_down), "fps": args.fps, "chaos_s": chaos_s, "drain_s": drain_s, "drained": drained,
+        "downs": (args.min_down, args.max_down), "fps": args.fps, "chaos_s": chaos_s, "drain_s": drain_s,
+        "drained": drained,
         "kills": dict(kills), "produced": sum(produced.values()), "delivered": len({r[0] for r in rows}),
         "lost": lost, "dup_frame_ids": len(rows) - len({r[0] for r in rows}),
         "dup_seqs": len(rows) - len(stored), "redeliveries": int(counters.get("duplicates", 0)),
@@ -195,8 +197,9 @@ def row(r: Dict[str, Any]) -> str:
     k = r["kills"]
     kills = f"{k.get('broker', 0)} / {k.get('ingest', 0)} / {k.get('edge', 0)}"
     return (f"| {r['protocol']} | {kills} | {r['produced']} | {r['delivered']} | **{r['lost']}** | "
-            f"{r['dup_frame_ids'] + r['dup_seqs']} | {r['redeliveries']} | {r['dead_letters']} | {r['max_age']:.0f} s | "
-            f"{r['max_pending']} | {r['drain_s']:.0f} s{'' if r['drained'] else ' (not drained)'} |")
+            f"{r['dup_frame_ids'] + r['dup_seqs']} | {r['redeliveries']} | {r['dead_letters']} | "
+            f"{r['max_age']:.0f} s | {r['max_pending']} | {r['drain_s']:.0f} s"
+            f"{'' if r['drained'] else ' (not drained)'} |")
 
 
 def report(results: List[Dict[str, Any]]) -> str:
@@ -208,8 +211,8 @@ def report(results: List[Dict[str, Any]]) -> str:
         f"every 60 s). For {r['chaos_s']:.0f} s a chaos loop SIGKILLed a random process (broker, ingest worker or "
         f"edge) every {r['gaps'][0]:g}-{r['gaps'][1]:g} s and restarted it {r['downs'][0]:g}-{r['downs'][1]:g} s "
         "later, so failures overlap (e.g. the broker dies while an ingest worker is down); the same seed gives each "
-        "protocol the same random draws (the kills differ a little: a victim already down is not drawn). Then the edges were paused and the soak waited for every outbox to empty "
-        "(drain).",
+        "protocol the same random draws (the kills differ a little: a victim already down is not drawn). Then the "
+        "edges were paused and the soak waited for every outbox to empty (drain).",
         "",
         "| edge protocol | SIGKILLs broker / ingest / edge | produced (committed to an edge outbox) | delivered "
         "(stored at central) | lost | stored twice | redeliveries dropped by central | dead letters | max backlog "
@@ -218,8 +221,9 @@ def report(results: List[Dict[str, Any]]) -> str:
         *[row(x) for x in results],
         "",
         "Max backlog age is the oldest frame waiting in any edge outbox (sampled every second): how long the "
-        "crashes delayed delivery. Frames an edge held only in memory when it was SIGKILLed were never committed, "
-        "so they are not counted as produced (the camera's next frames are).",
+        "crashes delayed delivery (under protocol 1 a frame leaves the outbox on its PUBACK, delivered or not). "
+        "Frames an edge held only in memory when it was SIGKILLed were never committed, so they are not counted as "
+        "produced (the camera's next frames are).",
     ])
 
 

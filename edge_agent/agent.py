@@ -318,7 +318,7 @@ class Agent:
         if outbox["oldest_awaiting_s"] > self.cfg.health.max_unconfirmed_age_s:
             problems.append(f"{outbox['awaiting_confirmation']} frame(s) awaiting central's confirmation, the oldest "
                             f"for {outbox['oldest_awaiting_s']:.0f}s")
-        if link["subscribe_refused"]:
+        if link["connected"] and not link["subscriptions_ok"]:
             problems.append("the broker refused the command/acknowledgement subscription")
         for name, d in cams.items():
             if d["state"] in ("reopening", "failed"):

@@ -81,7 +81,8 @@ class MqttLink:
         self.no_subscriber_retries = 0
         self.acks_received = 0  # acknowledgement messages from central
         self.acks_invalid = 0
-        self.subscribe_refused = 0
+        self.subscribe_refused = 0  # SUBACKs that refused a subscription (counted)
+        self.subscriptions_ok = True  # the latest SUBACK granted everything
         self._hold_until = 0.0
 
         self.props = Properties(PacketTypes.PUBLISH)
@@ -153,7 +154,10 @@ class MqttLink:
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         bad = [str(rc) for rc in reason_codes if rc.is_failure]
-        if bad and client is self._live:
+        if client is not self._live:
+            return
+        self.subscriptions_ok = not bad
+        if bad:
             self.subscribe_refused += 1
             log.error("the broker refused the subscription to %s: %s (commands%s cannot arrive; check the "
                       "broker's configuration for this device)", self.cmd_topic, ", ".join(bad),
@@ -234,7 +238,7 @@ class MqttLink:
         while self._confirms:
             entries.extend(self._confirms.popleft())
         if entries:
-            ok, refused = self.outbox.confirm(entries)
+            _, refused = self.outbox.confirm(entries)
             if refused:
                 log.error("central rejected %d frame(s): %s (moved to the outbox's rejected table)", refused,
                           sorted({a.reason for a in entries if not a.confirmed}))
@@ -378,4 +382,4 @@ class MqttLink:
                 "publish_errors": self.publish_errors, "no_subscriber_retries": self.no_subscriber_retries,
                 "connection_drops": self.connection_drops, "window": self._window, "protocol": self.protocol,
                 "acks_received": self.acks_received, "acks_invalid": self.acks_invalid,
-                "subscribe_refused": self.subscribe_refused}
+                "subscribe_refused": self.subscribe_refused, "subscriptions_ok": self.subscriptions_ok}

@@ -75,3 +75,26 @@ def test_wrong_password_keeps_retrying_and_a_fixed_password_file_is_read_on_the_
     finally:
         agent.shutdown()
         central.close()
+
+
+def test_a_protocol_1_edge_against_a_broker_without_v1_grants_says_so(secured, tmp_path: Path,  # noqa: F811
+                                                                       tiny_model_dir: Path) -> None:
+    broker, tls_port, ca, pw = secured  # generated without --allow-protocol-v1
+    (tmp_path / "mqtt.pw").write_text(pw["jetson-a"] + "\n")
+    cfg = agent_config(tmp_path, tiny_model_dir, tls_port, [synthetic_camera("cam1", frames=2, line="line1")],
+                       device="jetson-a", site="plant1",
+                       mqtt={"username": "jetson-a", "password_file": str(tmp_path / "mqtt.pw"), "protocol": 1,
+                             "tls": {"enabled": True, "ca_file": str(ca)}})
+    agent = Agent(parse_config(cfg)).start()
+    try:
+        deadline = time.monotonic() + 30
+        link = agent.link
+        while time.monotonic() < deadline and (agent.outbox.rejected < 2 or not link.connected.is_set()
+                                               or link.subscriptions_ok):
+            time.sleep(0.05)
+        assert agent.outbox.rejected == 2 and agent.outbox.count == 0  # v1 topics: publishes refused, rows kept
+        snap = agent.snapshot()  # connected again after the refusals, still without its command subscription
+        assert snap["mqtt_connected"] and snap["status"] == "degraded"
+        assert "the broker refused the command/acknowledgement subscription" in snap["problems"]
+    finally:
+        agent.shutdown()

@@ -39,6 +39,25 @@ def read_health(path: Path) -> Dict[str, Any]:
         return {}
 
 
+def prepare_database(db: Path, model_dir: Path) -> None:
+    """What ``tokenline-central migrate`` and ``register-model`` do, here in this process (quicker than two more
+    interpreters): the schema, and the model registered."""
+    from sqlalchemy.orm import Session
+
+    from central import store
+    from sql.db import make_engine
+    from sql.migrate import upgrade
+    from tokenline.manifest import Manifest
+
+    engine = make_engine(f"sqlite:///{db}")
+    try:
+        upgrade(engine)
+        with Session(engine) as s, s.begin():
+            store.register_model(s, Manifest.from_file(model_dir), model_dir)
+    finally:
+        engine.dispose()
+
+
 class CentralProcess:
     """central's ingest worker on SQLite (``python -m central.cli ingest``) as a real process."""
 
@@ -58,8 +77,7 @@ class CentralProcess:
             "ingest": dict({"batch_max": 20, "batch_linger_ms": 50}, **ingest),
         }))
         self.base = [sys.executable, "-m", "central.cli", "--config", str(self.cfg), "--log-level", log_level]
-        for sub in (["migrate"], ["register-model", str(model_dir)]):
-            subprocess.run(self.base + sub, cwd=ROOT, check=True, capture_output=True, timeout=120)
+        prepare_database(self.db, model_dir)
         self.proc: Optional[subprocess.Popen] = None
         self.starts = 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -99,158 +100,142 @@ def close(c: mqtt.Client) -> None:
     c.loop_stop()
 
 
-def test_row1_broker_sigkill_while_ingest_is_down_loses_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
-    frames = 100
+@dataclass
+class SecuredSystem:
+    """The generated broker, every user's password, central's ingest worker (subscribed) and the edges started."""
+
+    tmp: Path
+    model_dir: Path
+    broker: Mosquitto
+    pw: Dict[str, str]
+    central: CentralProcess
+    edges: List[EdgeProcess] = field(default_factory=list)
+
+    def edge(self, frames: int, device: str = "jetson-a", **kw: Any) -> EdgeProcess:
+        e = attack_edge(self.tmp, self.model_dir, self.broker.port, frames, device, self.pw[device], **kw)
+        self.edges.append(e)
+        return e
+
+
+@pytest.fixture
+def secured_system(tmp_path: Path, tiny_model_dir: Path):
     broker, pw = generated_broker(tmp_path, ATTACK_INVENTORY)  # autosave every 60 s: a crash loses the memory
     broker.start()
     central = CentralProcess(tmp_path / "central", broker.port, tiny_model_dir, username="central",
                              password=pw["central"], client_id="central", log_level="INFO").start()
-    edge = None
+    system = SecuredSystem(tmp_path, tiny_model_dir, broker, pw, central)
     try:
         assert central.subscribed(), central.log_text()
-        central.stop()  # ingest down: the broker queues for its persistent session and PUBACKs the edge
-        edge = attack_edge(tmp_path, tiny_model_dir, broker.port, frames, password=pw["jetson-a"],
-                           confirm_timeout_s=4.0, confirm_timeout_max_s=8.0)
-        assert wait_until(lambda: edge.outbox_stats().get("awaiting_confirmation") == frames, 60), edge.log_text()
-        before = edge.outbox_stats()
-        assert before["acked"] >= frames and before["pending"] == frames  # PUBACKed, kept: awaiting central
-        broker.kill()  # SIGKILL: what the broker held in memory is gone
-        broker.start()
-        central.start()
-        assert wait_until(lambda: delivered(edge, central, "jetson-a", frames), 90), \
-            (edge.outbox_stats(), len(frame_rows(central, "jetson-a")), edge.log_text())
-        time.sleep(1.0)  # anything redelivered late has its chance to (wrongly) show up twice
-        rows = assert_exactly_once(central, "jetson-a", frames)
-        out = edge.outbox_stats()
+        yield system
     finally:
-        if edge is not None:
-            edge.stop()
+        for e in system.edges:
+            e.stop()
         central.stop()
         broker.stop()
+
+
+def test_row1_broker_sigkill_while_ingest_is_down_loses_nothing(secured_system: SecuredSystem) -> None:
+    frames, s = 100, secured_system
+    s.central.stop()  # ingest down: the broker queues for its persistent session and PUBACKs the edge
+    edge = s.edge(frames, confirm_timeout_s=4.0, confirm_timeout_max_s=8.0)
+    assert wait_until(lambda: edge.outbox_stats().get("awaiting_confirmation") == frames, 60), edge.log_text()
+    before = edge.outbox_stats()
+    assert before["acked"] >= frames and before["pending"] == frames  # PUBACKed, kept: awaiting central
+    s.broker.kill()  # SIGKILL: what the broker held in memory is gone
+    s.broker.start()
+    s.central.start()
+    assert wait_until(lambda: delivered(edge, s.central, "jetson-a", frames), 90), \
+        (edge.outbox_stats(), len(frame_rows(s.central, "jetson-a")), edge.log_text())
+    time.sleep(1.0)  # anything redelivered late has its chance to (wrongly) show up twice
+    rows = assert_exactly_once(s.central, "jetson-a", frames)
+    out = edge.outbox_stats()
     print(f"\nrow 1: produced {frames}, stored {len(rows)} (distinct), resent by the edge {out['resent']}, "
           f"edge outbox {out['pending']} pending / {out['rejected']} rejected / {out['evicted']} evicted")
     assert all(r[2] & REPLAYED for r in rows)  # every stored frame came from a resend: the broker lost its copies
     assert out["resent"] >= frames and out["confirmed"] == frames and out["rejected"] == out["evicted"] == 0
 
 
-def test_row2_a_device_joining_centrals_shared_group_is_refused_at_subscribe(tmp_path: Path,
-                                                                            tiny_model_dir: Path) -> None:
-    frames = 40
-    broker, pw = generated_broker(tmp_path, ATTACK_INVENTORY)
-    broker.start()
-    central = CentralProcess(tmp_path / "central", broker.port, tiny_model_dir, username="central",
-                             password=pw["central"], client_id="central", log_level="INFO").start()
+def test_row2_a_device_joining_centrals_shared_group_is_refused_at_subscribe(secured_system: SecuredSystem) -> None:
+    frames, s = 40, secured_system
     stolen = [topics.shared("central", topics.TOKENS_FILTER), topics.shared("central", topics.V1_TOKENS_FILTER),
               topics.TOKENS_FILTER, "#"]
-    thief = Collector("127.0.0.1", broker.port, topic=stolen[0], extra=tuple(stolen[1:]), confirm=False,
-                      username="jetson-b", password=pw["jetson-b"], client_id="tokenline-edge-jetson-b")
-    edge = None
+    thief = Collector("127.0.0.1", s.broker.port, topic=stolen[0], extra=tuple(stolen[1:]), confirm=False,
+                      username="jetson-b", password=s.pw["jetson-b"], client_id="tokenline-edge-jetson-b")
     try:
         assert thief.wait_for(lambda c: len(c.suback) == len(stolen), 10)
         assert thief.suback == [0x87] * len(stolen)  # Not authorized, at SUBSCRIBE time
-        assert central.subscribed(), central.log_text()
-        edge = attack_edge(tmp_path, tiny_model_dir, broker.port, frames, password=pw["jetson-a"])
-        assert wait_until(lambda: delivered(edge, central, "jetson-a", frames), 60), \
+        edge = s.edge(frames)
+        assert wait_until(lambda: delivered(edge, s.central, "jetson-a", frames), 60), \
             (edge.outbox_stats(), edge.log_text())
-        rows = assert_exactly_once(central, "jetson-a", frames)
-        out = edge.outbox_stats()
+        rows = assert_exactly_once(s.central, "jetson-a", frames)
     finally:
-        if edge is not None:
-            edge.stop()
         thief.close()
-        central.stop()
-        broker.stop()
     print(f"\nrow 2: produced {frames}, stored {len(rows)}, taken by the would-be thief {thief.count()}")
-    assert thief.count() == 0 and not thief.raw and out["rejected"] == 0
+    assert thief.count() == 0 and not thief.raw and edge.outbox_stats()["rejected"] == 0
 
 
-def test_row3_a_device_using_centrals_client_id_cannot_wipe_its_session(tmp_path: Path,
-                                                                        tiny_model_dir: Path) -> None:
-    frames = 30
-    broker, pw = generated_broker(tmp_path, ATTACK_INVENTORY)
-    broker.start()
-    central = CentralProcess(tmp_path / "central", broker.port, tiny_model_dir, username="central",
-                             password=pw["central"], client_id="central", log_level="INFO").start()
-    edge = None
-    try:
-        assert central.subscribed(), central.log_text()
-        central.stop()  # its persistent session keeps queueing
-        # no resend within the test: whatever central stores must come from its preserved session
-        edge = attack_edge(tmp_path, tiny_model_dir, broker.port, frames, password=pw["jetson-a"],
-                           confirm_timeout_s=300.0, confirm_timeout_max_s=300.0)
-        assert wait_until(lambda: edge.outbox_stats().get("awaiting_confirmation") == frames, 60), edge.log_text()
-        # the attack: central's client id with a clean start and no session expiry, from a device's credentials,
-        # with a guessed password and with none (Mosquitto 2.0.11 wipes the session in that last case when
-        # use_username_as_clientid is set: the generated configuration binds client ids in the plugin instead)
-        for user, password in (("jetson-b", pw["jetson-b"]), ("central", "guessed"), (None, None)):
-            c, rc = paho_client(broker.port, user, password, client_id="central", clean_start=True)
-            assert rc is not None and rc.value == 0x87, (user, rc)  # Not authorized, at CONNECT
-            close(c)
-        central.start()
-        assert wait_until(lambda: delivered(edge, central, "jetson-a", frames), 60), \
-            (edge.outbox_stats(), central.log_text()[-2000:])
-        rows = assert_exactly_once(central, "jetson-a", frames)
-        out = edge.outbox_stats()
-    finally:
-        if edge is not None:
-            edge.stop()
-        central.stop()
-        broker.stop()
+def test_row3_a_device_using_centrals_client_id_cannot_wipe_its_session(secured_system: SecuredSystem) -> None:
+    frames, s = 30, secured_system
+    s.central.stop()  # its persistent session keeps queueing
+    # no resend within the test: whatever central stores must come from its preserved session
+    edge = s.edge(frames, confirm_timeout_s=300.0, confirm_timeout_max_s=300.0)
+    assert wait_until(lambda: edge.outbox_stats().get("awaiting_confirmation") == frames, 60), edge.log_text()
+    # the attack: central's client id with a clean start and no session expiry, from a device's credentials,
+    # with a guessed password and with none (Mosquitto 2.0.11 wipes the session in that last case when
+    # use_username_as_clientid is set: the generated configuration binds client ids in the plugin instead)
+    for user, password in (("jetson-b", s.pw["jetson-b"]), ("central", "guessed"), (None, None)):
+        c, rc = paho_client(s.broker.port, user, password, client_id="central", clean_start=True)
+        assert rc is not None and rc.value == 0x87, (user, rc)  # Not authorized, at CONNECT
+        close(c)
+    s.central.start()
+    assert wait_until(lambda: delivered(edge, s.central, "jetson-a", frames), 60), \
+        (edge.outbox_stats(), s.central.log_text()[-2000:])
+    rows = assert_exactly_once(s.central, "jetson-a", frames)
+    out = edge.outbox_stats()
     print(f"\nrow 3: produced {frames}, stored {len(rows)} from central's preserved session, resent {out['resent']}")
     assert not any(r[2] & REPLAYED for r in rows) and out["resent"] == 0  # the queued backlog survived
 
 
-def test_rows4_5_client_id_takeover_and_forged_device_names_are_refused(tmp_path: Path,
-                                                                         tiny_model_dir: Path) -> None:
-    frames = 120  # 4 s of frames at 30 fps: the takeover attempts happen while the edge streams
-    broker, pw = generated_broker(tmp_path, ATTACK_INVENTORY)
-    broker.start()
-    central = CentralProcess(tmp_path / "central", broker.port, tiny_model_dir, username="central",
-                             password=pw["central"], client_id="central", log_level="INFO").start()
-    edge = None
-    b_acks = Collector("127.0.0.1", broker.port, topic=topics.ack_topic("plant1", "jetson-b"), confirm=False,
-                       username="jetson-b", password=pw["jetson-b"], client_id="tokenline-edge-jetson-b")
+def test_rows4_5_client_id_takeover_and_forged_device_names_are_refused(secured_system: SecuredSystem) -> None:
+    frames, s = 120, secured_system  # 4 s of frames at 30 fps: the attempts happen while the edge streams
+    b_acks = Collector("127.0.0.1", s.broker.port, topic=topics.ack_topic("plant1", "jetson-b"), confirm=False,
+                       username="jetson-b", password=s.pw["jetson-b"], client_id="tokenline-edge-jetson-b")
     try:
-        assert central.subscribed(), central.log_text()
-        edge = attack_edge(tmp_path, tiny_model_dir, broker.port, frames, password=pw["jetson-a"], fps=30.0)
-        assert wait_until(lambda: len(frame_rows(central, "jetson-a")) >= 10, 60), edge.log_text()
+        edge = s.edge(frames, fps=30.0)
+        assert wait_until(lambda: len(frame_rows(s.central, "jetson-a")) >= 10, 60), edge.log_text()
         # row 5: jetson-b publishes on its own topic a frame that names jetson-a
-        manifest = Manifest.from_file(tiny_model_dir)
+        manifest = Manifest.from_file(s.model_dir)
         forged = make_message(manifest, np.random.default_rng(5), site="plant1", line="line2", camera="cam7",
                               device="jetson-a")
         own_topic = topics.tokens_topic("plant1", "jetson-b", "line2", "cam7")
         b_acks.client.publish(own_topic, wire.encode(forged), qos=1).wait_for_publish(10)
-        assert b_acks.wait_for(lambda c: len(c.raw) >= 1, 20), central.log_text()[-2000:]
+        assert b_acks.wait_for(lambda c: len(c.raw) >= 1, 20), s.central.log_text()[-2000:]
         # row 4: jetson-a's client id with jetson-b's credentials, with none, with a guessed password
-        for user, password in (("jetson-b", pw["jetson-b"]), (None, None), ("jetson-a", "guessed")):
-            c, rc = paho_client(broker.port, user, password, client_id="tokenline-edge-jetson-a")
+        for user, password in (("jetson-b", s.pw["jetson-b"]), (None, None), ("jetson-a", "guessed")):
+            c, rc = paho_client(s.broker.port, user, password, client_id="tokenline-edge-jetson-a")
             assert rc is not None and rc.value == 0x87, (user, rc)  # Not authorized, at CONNECT
             close(c)
         # and on jetson-a's topic: refused by the broker (a fresh connection: Mosquitto closes it after a refusal)
-        c, _ = paho_client(broker.port, "jetson-b", pw["jetson-b"], client_id="tokenline-edge-jetson-b")
+        c, _ = paho_client(s.broker.port, "jetson-b", s.pw["jetson-b"], client_id="tokenline-edge-jetson-b")
         refusal: Dict[str, Any] = {}
         c.on_publish = lambda cl, u, mid, rc, p: refusal.setdefault("rc", rc)
         c.publish(topics.tokens_topic("plant1", "jetson-a", "line1", "cam1"), wire.encode(forged), qos=1)
         assert wait_until(lambda: "rc" in refusal, 10, 0.05) and refusal["rc"].value == 0x87
         close(c)
-        assert wait_until(lambda: delivered(edge, central, "jetson-a", frames), 60), edge.log_text()
-        rows = assert_exactly_once(central, "jetson-a", frames)
+        assert wait_until(lambda: delivered(edge, s.central, "jetson-a", frames), 60), edge.log_text()
+        rows = assert_exactly_once(s.central, "jetson-a", frames)
         out = edge.stats()
     finally:
-        if edge is not None:
-            edge.stop()
         b_acks.close()
-        central.stop()
-        broker.stop()
-    broker_log = broker.log.read_text()
-    print(f"\nrows 4-5: jetson-a stored {len(rows)} of {frames}, connection drops {out['outbox']['connection_drops']}; "
-          f"forged frame -> {acks.decode(b_acks.raw[0][1])[0]}")
-    # row 4: the impostors were refused; jetson-a was never knocked off
-    assert out["outbox"]["connection_drops"] == 0 and "Client jetson-a already connected" not in broker_log
-    # row 5: nothing stored under jetson-a's name from jetson-b; a dead letter, and jetson-b told why
-    assert not central.query("SELECT 1 FROM frames WHERE frame_id = ?", (forged.frame_id_hex,))
-    assert central.query("SELECT reason, topic FROM dead_letters") == [("identity_mismatch", own_topic)]
     (verdict,) = acks.decode(b_acks.raw[0][1])
+    print(f"\nrows 4-5: jetson-a stored {len(rows)} of {frames}, connection drops {out['outbox']['connection_drops']}; "
+          f"forged frame -> {verdict.status_name} {verdict.reason}")
+    # row 4: the impostors were refused; jetson-a was never knocked off
+    assert out["outbox"]["connection_drops"] == 0
+    assert "tokenline-edge-jetson-a already connected" not in s.broker.log.read_text()
+    # row 5: nothing stored under jetson-a's name from jetson-b; a dead letter, and jetson-b told why
+    assert not s.central.query("SELECT 1 FROM frames WHERE frame_id = ?", (forged.frame_id_hex,))
+    assert s.central.query("SELECT reason, topic FROM dead_letters") == [("identity_mismatch", own_topic)]
     assert (verdict.frame_id, verdict.status, verdict.reason) == (forged.frame_id, acks.REJECTED, "identity_mismatch")
 
 

@@ -158,6 +158,12 @@ class MqttConfig(MqttClientConfig):
     # times in a row, is moved to the outbox's rejected table (e.g. over the broker's message size limit).
     reject_after_drops: int = Field(3, ge=1)
 
+    @model_validator(mode="after")
+    def _confirm_timeouts(self) -> "MqttConfig":
+        if self.confirm_timeout_max_s < self.confirm_timeout_s:
+            raise ValueError("confirm_timeout_max_s must be >= confirm_timeout_s")
+        return self
+
 
 class OutboxConfig(StrictModel):
     path: Path = Path("/var/lib/tokenline-edge/outbox.sqlite")

@@ -147,7 +147,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from sqlalchemy.orm import Session
 
     from central.encoder import EncoderPool
-    from central.search import Filters, Searcher, build_query
+    from central.search import Filters, Searcher, build_query, parse_labels
 
     cfg = _cfg(args)
     engine = _engine(cfg)
@@ -159,8 +159,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.image}: {exc.strerror or exc}") from None
     with Session(engine) as s:
         model, query = build_query(s, EncoderPool(cfg.search.providers), image=image, query_text=args.text,
-                                   like_frame=args.like_frame, model_id=args.model_id)
-    filters = Filters(args.site, args.line, args.camera, args.since_us, args.until_us)
+                                   like_frame=args.like_frame, model_id=args.model_id,
+                                   max_image_pixels=cfg.api.max_image_pixels)
+    filters = Filters(args.site, args.line, args.camera, args.since_us, args.until_us, parse_labels(args.label))
     hits = Searcher(engine, cfg.search).search(model, query, args.k, filters, rerank=not args.no_rerank)
     if args.json:
         print(json.dumps([h.public() for h in hits], indent=1))
@@ -212,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--camera")
     s.add_argument("--since-us", type=int)
     s.add_argument("--until-us", type=int)
+    s.add_argument("--label", action="append", metavar="NAME[=VALUE]",
+                   help="only frames with this label (and value); repeat for several")
     s.add_argument("--no-rerank", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_search)

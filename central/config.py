@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from tokenline.config import ConfigError  # noqa: F401 - central's modules import it from here
 from tokenline.config import NAME_PATTERN, MqttClientConfig, load_config_file, validate_config
 from tokenline.documents import StrictModel
+from tokenline.preprocess import DEFAULT_MAX_PIXELS
 
 
 class DatabaseConfig(StrictModel):
@@ -79,6 +80,11 @@ class SearchConfig(StrictModel):
 class ApiConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8080, gt=0, lt=65536)
+    # images decoded here (search uploads, thumbnails, uploaded originals' headers): larger ones are refused (400)
+    # from their header, before decoding
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
+    image_workers: int = Field(2, ge=1, le=64)  # threads that decode and encode images, off the event loop
+    image_queue: int = Field(8, ge=0)  # requests waiting for one of them; beyond, 503 "busy"
 
 
 class CentralConfig(StrictModel):

@@ -122,6 +122,7 @@ def frame_row(msg: "TokenMessage", model_id: int, received_us: int) -> Dict[str,
         "tokens": pack_tokens(msg.summary.tokens), "sizes": pack_f32(msg.summary.sizes),
         "centroids": pack_f32(msg.summary.centroids),
         "legal_hold": False,
+        "source": (msg.metadata or {}).get("source"), "labels": (msg.metadata or {}).get("labels") or None,
     }
 
 
@@ -179,7 +180,7 @@ def list_devices(session: Session) -> List[Dict[str, Any]]:
 
 
 _FRAME_META = ("frame_id", "model_id", "device", "site", "line", "camera", "capture_us", "received_us", "seq",
-               "flags", "token_dtype")
+               "flags", "token_dtype", "source", "labels")
 
 
 @dataclass
@@ -197,6 +198,8 @@ class FrameData:
     seq: int
     flags: int
     token_dtype: str
+    source: Optional[str]  # the file the frame came from (wire metadata), None for camera frames
+    labels: Optional[Dict[str, str]]  # its labels (wire metadata)
     legal_hold: bool
     summary: Summary
 

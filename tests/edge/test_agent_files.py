@@ -15,6 +15,7 @@ from edge_agent.synthetic import draw_conveyor_frame
 from tests.edge.conftest import agent_config
 from tests.support.broker import free_port
 from tests.support.mqtt_sub import Collector
+from tests.support.nodes import wait_for
 
 
 def fill(d: Path, n: int) -> None:
@@ -28,15 +29,6 @@ def folder_camera(d: Path, **source) -> dict:
             "source": dict({"kind": "folder", "path": str(d), "settle_s": 0.05, "poll_s": 0.02}, **source)}
 
 
-def wait_until(pred, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return bool(pred())
-
-
 def test_every_file_once_through_tiny_queues_with_its_metadata(mosquitto, tmp_path, tiny_model_dir) -> None:
     d = tmp_path / "in"
     fill(d, 60)
@@ -46,7 +38,7 @@ def test_every_file_once_through_tiny_queues_with_its_metadata(mosquitto, tmp_pa
                        messages={"results_queue": 1})
     agent = Agent(parse_config(cfg)).start()
     try:
-        assert wait_until(lambda: sub.count() >= 60 and not any(d.glob("*.jpg")), 60), \
+        assert wait_for(lambda: sub.count() >= 60 and not any(d.glob("*.jpg")), 60), \
             f"{sub.count()} messages, {len(list(d.glob('*.jpg')))} files left"
         snap = agent.snapshot()
     finally:
@@ -69,7 +61,7 @@ def test_a_full_outbox_makes_the_folder_wait_instead_of_evicting(tmp_path, tiny_
                        outbox={"max_messages": 12})
     agent = Agent(parse_config(cfg)).start()  # no broker: nothing leaves the outbox
     try:
-        assert wait_until(lambda: agent.outbox.count > 0, 30)
+        assert wait_for(lambda: agent.outbox.count > 0, 30)
         time.sleep(1.5)
         snap = agent.snapshot()
     finally:

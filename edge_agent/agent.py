@@ -19,7 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Deque, Dict, List, Optional
+from typing import Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -65,6 +65,28 @@ def load_model(cfg: AgentConfig) -> Manifest:
     return manifest
 
 
+def file_source_room(cfg: AgentConfig, manifest: Manifest) -> Tuple[int, int]:
+    """``(frames, bytes of the largest message)`` a file source keeps free in the outbox before it reads: every
+    frame that can be on its way (each camera's queue, the results queue, one batch) and its own."""
+    frames = sum(c.queue_depth for c in cfg.cameras) + cfg.messages.results_queue + cfg.model.batch_size + 1
+    names = (cfg.device, cfg.site, "x" * 64, "x" * 64)  # the longest line and camera names
+    largest = message_size(cfg.messages.token_dtype, manifest.summary.k, manifest.embedding_dim, names) + 6 \
+        + MAX_METADATA_BYTES
+    return frames, largest
+
+
+def room_problem(cfg: AgentConfig, manifest: Manifest) -> Optional[str]:
+    """Why file sources could never read (an outbox smaller than the room they keep free), else None."""
+    if not any(c.lossless for c in cfg.cameras):
+        return None
+    frames, largest = file_source_room(cfg, manifest)
+    if frames > cfg.outbox.max_messages or frames * largest > cfg.outbox.max_bytes:
+        return (f"outbox.max_messages/max_bytes: file sources keep room for {frames} messages of up to {largest} "
+                f"bytes ({frames * largest} bytes) before they read; the outbox holds {cfg.outbox.max_messages} "
+                f"messages, {cfg.outbox.max_bytes} bytes")
+    return None
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig, runner: Optional[Runner] = None, manifest: Optional[Manifest] = None) -> None:
         self.cfg = cfg
@@ -77,6 +99,9 @@ class Agent:
                 raise AgentError(str(exc)) from None
         self.runner = runner
         self.rois = {c.name: c.roi for c in cfg.cameras}
+        problem = room_problem(cfg, self.manifest)
+        if problem:
+            raise AgentError(problem)
         self.hub = FrameHub({c.name: c.queue_depth for c in cfg.cameras})
         self.results: DropOldestQueue[Result] = DropOldestQueue(cfg.messages.results_queue,
                                                                 keep=lambda r: r.sample.lossless)
@@ -105,12 +130,7 @@ class Agent:
         self.workers: Dict[str, CameraWorker] = {
             c.name: CameraWorker(c, self.hub, self.capture_stop, lambda: self._paused, journal=self.journal,
                                  drops=self.drops, room=self._outbox_room) for c in cfg.cameras}
-        # room a file source leaves in the outbox for the frames already on their way (queues and one batch)
-        self._pipeline_frames = sum(c.queue_depth for c in cfg.cameras) + cfg.messages.results_queue \
-            + cfg.model.batch_size
-        names = (cfg.device, cfg.site, "x" * 64, "x" * 64)  # the longest line and camera names
-        self._largest_message = message_size(cfg.messages.token_dtype, self.manifest.summary.k,
-                                             self.manifest.embedding_dim, names) + 6 + MAX_METADATA_BYTES
+        self._room_frames, self._largest_message = file_source_room(cfg, self.manifest)
         self._evicted_seen = self.outbox.evicted
         self._evicted_lock = threading.Lock()
         self._metadata_v1_warned = False
@@ -273,7 +293,7 @@ class Agent:
     def _outbox_room(self) -> bool:
         """Whether the outbox can take the frames already on their way and one more without evicting any: file
         sources wait while it cannot (the folder is their buffer), so an offline broker costs them no frame."""
-        ob, n = self.outbox, self._pipeline_frames + 1
+        ob, n = self.outbox, self._room_frames
         return ob.count + n <= ob.max_messages and ob.bytes + n * self._largest_message <= ob.max_bytes
 
     # -- outbox writer ----------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import ssl
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from edge_agent.agent import AgentError, load_model
+from edge_agent.agent import AgentError, load_model, room_problem
 from edge_agent.config import AgentConfig, FileSourceConfig, FolderSourceConfig
 from edge_agent.journal import journal_path
 from runtime.runners import RunnerError, make_runner
@@ -106,18 +106,19 @@ def _model(cfg: AgentConfig, load_runner: bool) -> Tuple[List[str], List[str]]:
         return [], [str(exc)]
     lines = [f"model {manifest.name!r} ({manifest.hash_bytes().hex()}): input {manifest.input.width}x"
              f"{manifest.input.height} {manifest.input.color_order}, K={manifest.summary.k}, D={manifest.embedding_dim}"]
+    problems = [p for p in (room_problem(cfg, manifest),) if p]
     if cfg.model.runner == "tensorrt" and cfg.model.engine is not None:
         p = _readable_file(cfg.model.engine, "model.engine")
         if p:
-            return lines, [p]
+            return lines, problems + [p]
     if load_runner:
         try:
             runner = make_runner(cfg.model, manifest, Path(cfg.model.dir))
         except RunnerError as exc:
-            return lines, [f"model: {exc}"]
+            return lines, problems + [f"model: {exc}"]
         lines.append(f"runner {runner.name}, batch sizes {list(runner.batch_sizes) or 'dynamic'}")
         runner.close()
-    return lines, []
+    return lines, problems
 
 
 def check(cfg: AgentConfig, load_runner: bool = True) -> Tuple[List[str], List[str]]:

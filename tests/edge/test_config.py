@@ -136,3 +136,16 @@ def test_check_config_reports_everything_run_would_fail_on(tmp_path: Path, tiny_
     p.write_text(yaml.safe_dump(d))
     assert main(["check-config", "--config", str(p), "--no-runner"]) == 2
     assert "mqtt.tls.ca_file" in capsys.readouterr().err
+
+
+def test_an_outbox_too_small_for_file_sources_is_refused(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
+    (tmp_path / "in").mkdir()
+    d = good(tmp_path, tiny_model_dir)
+    d["cameras"] = [{"name": "f", "line": "l", "source": {"kind": "folder", "path": str(tmp_path / "in")}}]
+    d["outbox"]["max_messages"] = 20  # a file source keeps room for 4 + 64 + 4 + 1 frames before it reads
+    p = tmp_path / "edge.yaml"
+    p.write_text(yaml.safe_dump(d))
+    assert main(["check-config", "--config", str(p), "--no-runner"]) == 2
+    assert "outbox.max_messages/max_bytes: file sources keep room for 73 messages" in capsys.readouterr().err
+    assert main(["run", "--config", str(p)]) == 2
+    assert "file sources keep room" in capsys.readouterr().err

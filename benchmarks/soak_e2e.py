@@ -40,8 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import write_section  # noqa: E402
 from tests.support.broker import Mosquitto  # noqa: E402
+from tests.support.nodes import wait_for  # noqa: E402
 from tests.support.secured_broker import generated_broker  # noqa: E402
-from tests.support.system_procs import CentralProcess, EdgeProcess, wait_until  # noqa: E402
+from tests.support.system_procs import CentralProcess, EdgeProcess  # noqa: E402
 from tests.support.tiny_model import build_tiny_model  # noqa: E402
 
 CONFIRM = {"confirm_timeout_s": 5.0, "confirm_timeout_max_s": 20.0}  # shorter than the defaults (30 / 600 s)
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace, work: Path, model_dir: Path, protocol: int) ->
             return all(o.get("pending") == 0 and o.get("inflight") == 0 for o in outs)
 
         time.sleep(3.0)  # frames sampled before the pause reach the outboxes
-        drained = wait_until(empty, args.drain_timeout, 1.0)
+        drained = wait_for(empty, args.drain_timeout, 1.0)
         drain_s = time.monotonic() - t_drain
     finally:
         for e in edges:

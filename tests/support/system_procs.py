@@ -11,24 +11,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
+
+from tests.support.nodes import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def spawn(cmd: List[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, step: float = 0.25) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return bool(pred())
 
 
 def read_health(path: Path) -> Dict[str, Any]:
@@ -125,7 +118,7 @@ class CentralProcess:
 
     def subscribed(self, timeout: float = 30) -> bool:
         """Wait for this run's "subscribed" line (needs ``log_level`` INFO)."""
-        return wait_until(lambda: "subscribed as group" in self.log_text(), timeout, 0.1)
+        return wait_for(lambda: "subscribed as group" in self.log_text(), timeout, 0.1)
 
 
 class EdgeProcess:

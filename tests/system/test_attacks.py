@@ -39,7 +39,7 @@ from tests.support.image_bombs import jpeg_bomb, png_bomb
 from tests.support.mqtt_sub import Collector
 from tests.support.nodes import CentralNode, EdgeNode, wait_for
 from tests.support.secured_broker import generated_broker
-from tests.support.system_procs import CentralProcess, EdgeProcess, wait_until
+from tests.support.system_procs import CentralProcess, EdgeProcess
 from tests.support.tiny_model import build_tiny_model
 from tokenline import acks, topics, wire
 from tokenline.manifest import Manifest
@@ -151,13 +151,13 @@ def test_row1_broker_sigkill_while_ingest_is_down_loses_nothing(secured_system: 
     frames, s = 100, secured_system
     s.central.stop()  # ingest down: the broker queues for its persistent session and PUBACKs the edge
     edge = s.edge(frames, confirm_timeout_s=4.0, confirm_timeout_max_s=8.0)
-    assert wait_until(lambda: edge.outbox_stats().get("awaiting_confirmation") == frames, 60), edge.log_text()
+    assert wait_for(lambda: edge.outbox_stats().get("awaiting_confirmation") == frames, 60), edge.log_text()
     before = edge.outbox_stats()
     assert before["acked"] >= frames and before["pending"] == frames  # PUBACKed, kept: awaiting central
     s.broker.kill()  # SIGKILL: what the broker held in memory is gone
     s.broker.start()
     s.central.start()
-    assert wait_until(lambda: delivered(edge, s.central, "jetson-a", frames), 90), \
+    assert wait_for(lambda: delivered(edge, s.central, "jetson-a", frames), 90), \
         (edge.outbox_stats(), len(frame_rows(s.central, "jetson-a")), edge.log_text())
     time.sleep(1.0)  # anything redelivered late has its chance to (wrongly) show up twice
     rows = assert_exactly_once(s.central, "jetson-a", frames)
@@ -178,7 +178,7 @@ def test_row2_a_device_joining_centrals_shared_group_is_refused_at_subscribe(sec
         assert thief.wait_for(lambda c: len(c.suback) == len(stolen), 10)
         assert thief.suback == [0x87] * len(stolen)  # Not authorized, at SUBSCRIBE time
         edge = s.edge(frames)
-        assert wait_until(lambda: delivered(edge, s.central, "jetson-a", frames), 60), \
+        assert wait_for(lambda: delivered(edge, s.central, "jetson-a", frames), 60), \
             (edge.outbox_stats(), edge.log_text())
         rows = assert_exactly_once(s.central, "jetson-a", frames)
     finally:
@@ -192,7 +192,7 @@ def test_row3_a_device_using_centrals_client_id_cannot_wipe_its_session(secured_
     s.central.stop()  # its persistent session keeps queueing
     # no resend within the test: whatever central stores must come from its preserved session
     edge = s.edge(frames, confirm_timeout_s=300.0, confirm_timeout_max_s=300.0)
-    assert wait_until(lambda: edge.outbox_stats().get("awaiting_confirmation") == frames, 60), edge.log_text()
+    assert wait_for(lambda: edge.outbox_stats().get("awaiting_confirmation") == frames, 60), edge.log_text()
     # the attack: central's client id with a clean start and no session expiry, from a device's credentials,
     # with a guessed password and with none (Mosquitto 2.0.11 wipes the session in that last case when
     # use_username_as_clientid is set: the generated configuration binds client ids in the plugin instead)
@@ -201,7 +201,7 @@ def test_row3_a_device_using_centrals_client_id_cannot_wipe_its_session(secured_
         assert rc is not None and rc.value == 0x87, (user, rc)  # Not authorized, at CONNECT
         close(c)
     s.central.start()
-    assert wait_until(lambda: delivered(edge, s.central, "jetson-a", frames), 60), \
+    assert wait_for(lambda: delivered(edge, s.central, "jetson-a", frames), 60), \
         (edge.outbox_stats(), s.central.log_text()[-2000:])
     rows = assert_exactly_once(s.central, "jetson-a", frames)
     out = edge.outbox_stats()
@@ -215,7 +215,7 @@ def test_rows4_5_client_id_takeover_and_forged_device_names_are_refused(secured_
                        username="jetson-b", password=s.pw["jetson-b"], client_id="tokenline-edge-jetson-b")
     try:
         edge = s.edge(frames, fps=30.0)
-        assert wait_until(lambda: len(frame_rows(s.central, "jetson-a")) >= 10, 60), edge.log_text()
+        assert wait_for(lambda: len(frame_rows(s.central, "jetson-a")) >= 10, 60), edge.log_text()
         # row 5: jetson-b publishes on its own topic a frame that names jetson-a
         manifest = Manifest.from_file(s.model_dir)
         forged = make_message(manifest, np.random.default_rng(5), site="plant1", line="line2", camera="cam7",
@@ -233,9 +233,9 @@ def test_rows4_5_client_id_takeover_and_forged_device_names_are_refused(secured_
         refusal: Dict[str, Any] = {}
         c.on_publish = lambda cl, u, mid, rc, p: refusal.setdefault("rc", rc)
         c.publish(topics.tokens_topic("plant1", "jetson-a", "line1", "cam1"), wire.encode(forged), qos=1)
-        assert wait_until(lambda: "rc" in refusal, 10, 0.05) and refusal["rc"].value == 0x87
+        assert wait_for(lambda: "rc" in refusal, 10, 0.05) and refusal["rc"].value == 0x87
         close(c)
-        assert wait_until(lambda: delivered(edge, s.central, "jetson-a", frames), 60), edge.log_text()
+        assert wait_for(lambda: delivered(edge, s.central, "jetson-a", frames), 60), edge.log_text()
         rows = assert_exactly_once(s.central, "jetson-a", frames)
         out = edge.stats()
     finally:
@@ -266,18 +266,18 @@ def test_rows2_3_on_a_broker_that_lets_them_through_end_to_end_acks_still_lose_n
         assert thief.wait_for(lambda c: c.suback == [1], 10)  # granted: the thief takes turns in the group
         fast = {"confirm_timeout_s": 1.0, "confirm_timeout_max_s": 2.0}
         edges.append(attack_edge(tmp_path, tiny_model_dir, broker.port, 30, device="jetson-a", **fast))
-        assert wait_until(lambda: delivered(edges[0], central, "jetson-a", 30), 90), edges[0].outbox_stats()
+        assert wait_for(lambda: delivered(edges[0], central, "jetson-a", 30), 90), edges[0].outbox_stats()
         taken = thief.count()
         thief.close()
         # the session wipe: central down with a backlog queued, an impostor takes its client id with a clean start
         central.stop()
         edges.append(attack_edge(tmp_path, tiny_model_dir, broker.port, 20, device="jetson-b", **fast))
-        assert wait_until(lambda: (edges[1].outbox_stats().get("acked") or 0) >= 20, 60), edges[1].log_text()
+        assert wait_for(lambda: (edges[1].outbox_stats().get("acked") or 0) >= 20, 60), edges[1].log_text()
         wiper, rc = paho_client(broker.port, None, None, client_id="central-ingest-1", clean_start=True)
         assert rc is not None and not rc.is_failure
         close(wiper)
         central.start()
-        assert wait_until(lambda: delivered(edges[1], central, "jetson-b", 20), 90), edges[1].outbox_stats()
+        assert wait_for(lambda: delivered(edges[1], central, "jetson-b", 20), 90), edges[1].outbox_stats()
         rows_a = assert_exactly_once(central, "jetson-a", 30)
         rows_b = assert_exactly_once(central, "jetson-b", 20)
         out_a, out_b = edges[0].outbox_stats(), edges[1].outbox_stats()

@@ -18,10 +18,10 @@ import yaml
 
 from tests.edge.conftest import agent_config, synthetic_camera
 from tests.support.broker import Mosquitto, mosquitto_binary
+from tests.support.nodes import wait_for
 from tests.support.system_procs import CentralProcess as Central
 from tests.support.system_procs import read_health as edge_stats
 from tests.support.system_procs import spawn as start
-from tests.support.system_procs import wait_until
 from tests.support.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed (make test installs it)")
@@ -43,15 +43,15 @@ def test_broker_restart_and_central_crash_mid_stream_lose_nothing(tmp_path: Path
     edge = start([sys.executable, "-m", "edge_agent", "run", "--config", str(tmp_path / "edge.yaml")],
                  tmp_path / "edge.log")
     try:
-        assert wait_until(lambda: len(central.rows()) >= 20, 60), "nothing arrived"
+        assert wait_for(lambda: len(central.rows()) >= 20, 60), "nothing arrived"
         broker.stop()  # broker restarts during streaming
         time.sleep(2.0)
         broker.start()
-        assert wait_until(lambda: len(central.rows()) >= 100, 60)
+        assert wait_for(lambda: len(central.rows()) >= 100, 60)
         central.kill()  # central killed mid-ingest (SIGKILL: no goodbye, no commit of the batch in hand)
         time.sleep(1.5)
         central.start()
-        assert wait_until(lambda: len(central.rows()) >= 2 * frames, 90), f"{len(central.rows())} arrived"
+        assert wait_for(lambda: len(central.rows()) >= 2 * frames, 90), f"{len(central.rows())} arrived"
         time.sleep(1.0)  # anything redelivered after the last commit has its chance to (wrongly) show up
         rows = central.rows()
     finally:
@@ -87,9 +87,9 @@ def test_outbox_disk_full_keeps_the_agent_running_and_counts_every_drop(tmp_path
                  tmp_path / "edge.log")
     health = tmp_path / "health.json"
     try:
-        assert wait_until(lambda: (edge_stats(health).get("outbox") or {}).get("write_errors", 0) > 0, 60), \
+        assert wait_for(lambda: (edge_stats(health).get("outbox") or {}).get("write_errors", 0) > 0, 60), \
             "the outbox never hit the full disk"
-        assert wait_until(lambda: edge_stats(health).get("inference", {}).get("frames", 0) >= frames, 60)
+        assert wait_for(lambda: edge_stats(health).get("inference", {}).get("frames", 0) >= frames, 60)
         assert edge.poll() is None, "the agent died on a full disk"
         broker.start()
         central = Central(tmp_path, broker.port, model_dir)
@@ -97,7 +97,7 @@ def test_outbox_disk_full_keeps_the_agent_running_and_counts_every_drop(tmp_path
         # what did fit on the disk reaches central (deleting it from a full disk may itself fail: the rows are
         # then sent again and central drops the duplicates by frame id)
         written = lambda: (edge_stats(health).get("outbox") or {}).get("inserted", -1)  # noqa: E731
-        assert wait_until(lambda: 0 < written() <= len(central.rows()), 60)
+        assert wait_for(lambda: 0 < written() <= len(central.rows()), 60)
         time.sleep(2.0)
         assert edge.poll() is None, "the agent died on a full disk"
         stats = edge_stats(health)

@@ -93,10 +93,10 @@ def frame_geometry_or_input(frame: FrameData, spec: InputSpec) -> Tuple[FrameGeo
 
 
 # -- queries (central.search.build_region_query resolves the model and picks one) -------------------------------
-def crop_query(encoders: "EncoderPool", model: ModelInfo, image: bytes) -> RegionQuery:
-    """The query of a crop (an encoded image file): its patch mean."""
+def crop_query(encoders: "EncoderPool", model: ModelInfo, image: bytes, max_pixels: int) -> RegionQuery:
+    """The query of a crop (an encoded image file, at most ``max_pixels`` by its header): its patch mean."""
     needs_footprints(model)
-    summary = encoders.get(model).encode_image_bytes(image)
+    summary = encoders.get(model).encode_image_bytes(image, max_pixels)
     if summary.patch_mean is None:
         raise Invalid(f"model {model.name!r} gives no patch mean", reason=BAD_QUERY)
     return RegionQuery(model.id, _unit(summary.patch_mean), "crop")

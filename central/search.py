@@ -3,7 +3,7 @@
 A query is a global embedding plus optional query tokens with weights (from an example image, a stored
 frame, or a text embedding as a single token); ``build_query`` makes one from what the API or the CLI
 was given, and resolves the model it belongs to. Candidates come only from the query's model; filters by site,
-line, camera and capture time apply before ranking. The re-rank score is
+line, camera, capture time and labels (the frame metadata's) apply before ranking. The re-rank score is
 ``(1 - w) * cosine(global) + w * MaxSim``, where MaxSim is the weighted mean over query tokens of the best
 cosine with any of the frame's summary tokens (late interaction); w is the configuration's, else the model's
 summary method's default (``DEFAULT_RERANK_WEIGHT``, measured in BENCHMARKS.md). Tokens that stand for no
@@ -13,10 +13,11 @@ footprint cell take no part. Region search (a crop, or a box on a stored frame) 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from sqlalchemy import Engine, LargeBinary, func, select, text, type_coerce
@@ -29,7 +30,10 @@ from central.regions import RegionQuery
 from central.store import FRAMES_DELETED, FrameData, ModelInfo
 from sql.db import is_postgres
 from sql.models import Frame
+from tokenline.preprocess import DEFAULT_MAX_PIXELS
 from tokenline.summary import Summary
+from tokenline.topics import NAME_RE, NAME_RULE
+from tokenline.wire.common import MAX_LABEL_VALUE
 
 if TYPE_CHECKING:  # pragma: no cover
     from central.encoder import EncoderPool
@@ -42,6 +46,9 @@ BAD_QUERY = "bad_query"  # the reason of every error raised here (the API's "err
 DEFAULT_RERANK_WEIGHT = {"informativity": 0.25, "slic": 0.5}
 
 
+LabelFilter = Tuple[str, Optional[str]]  # (name, value): the frame has this label with this value (any value: None)
+
+
 @dataclass(frozen=True)
 class Filters:
     site: Optional[str] = None
@@ -49,11 +56,56 @@ class Filters:
     camera: Optional[str] = None
     since_us: Optional[int] = None
     until_us: Optional[int] = None  # exclusive
+    labels: Tuple[LabelFilter, ...] = ()  # all must hold
 
 
-def frame_conditions(model_id: int, f: Filters) -> list:
+def parse_labels(items: Optional[Sequence[str]]) -> Tuple[LabelFilter, ...]:
+    """``["lot=17", "rework"]`` -> ``(("lot", "17"), ("rework", None))``: ``name=value`` or a bare ``name`` (the
+    label is present, whatever its value). ``Invalid`` for a name outside the label name rule."""
+    out: List[LabelFilter] = []
+    for item in items or ():
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        if not NAME_RE.match(name):
+            raise Invalid(f"label filter {item!r:.80}: the name must match {NAME_RULE}", reason=BAD_QUERY)
+        if len(value) > MAX_LABEL_VALUE:
+            raise Invalid(f"label filter {name}: the value is longer than {MAX_LABEL_VALUE}", reason=BAD_QUERY)
+        out.append((name, value if eq else None))
+    return tuple(out)
+
+
+def _json_path(name: str) -> str:
+    return f'$."{name}"'  # names match NAME_RE: no quotes to escape
+
+
+def label_conditions(labels: Sequence[LabelFilter], postgres: bool) -> list:
+    """SQL conditions on ``frames`` that hold when a frame carries every label in ``labels`` (PostgreSQL: JSONB
+    operators; SQLite: json_type / json_extract)."""
+    where: list = []
+    for i, (name, value) in enumerate(labels):
+        if postgres:
+            if value is None:
+                where.append(text(f"(frames.labels -> :lname{i}) IS NOT NULL").bindparams(**{f"lname{i}": name}))
+            else:
+                where.append(text(f"frames.labels @> CAST(:lval{i} AS jsonb)")
+                             .bindparams(**{f"lval{i}": json.dumps({name: value})}))
+        elif value is None:
+            where.append(func.json_type(Frame.labels, _json_path(name)).is_not(None))
+        else:
+            where += [func.json_type(Frame.labels, _json_path(name)) == "text",
+                      func.json_extract(Frame.labels, _json_path(name)) == value]
+    return where
+
+
+def label_ids(session: Session, model_id: int, labels: Sequence[LabelFilter]) -> np.ndarray:
+    """Row ids of the model's frames that carry every label in ``labels`` (SQLite)."""
+    q = select(Frame.id).where(Frame.model_id == model_id, *label_conditions(labels, postgres=False))
+    return np.fromiter(session.scalars(q), np.int64)
+
+
+def frame_conditions(model_id: int, f: Filters, postgres: bool) -> list:
     """SQL conditions on ``frames`` selecting the frames of ``model_id`` that pass the filters ``f``."""
-    where = [Frame.model_id == model_id]
+    where = [Frame.model_id == model_id, *label_conditions(f.labels, postgres)]
     for kind in ("site", "line", "camera"):
         if getattr(f, kind) is not None:
             where.append(getattr(Frame, kind) == getattr(f, kind))
@@ -128,7 +180,8 @@ def resolve_model(session: Session, model_id: Optional[int]) -> ModelInfo:
 
 def build_query(session: Session, encoders: "EncoderPool", *, image: Optional[bytes] = None,
                 query_text: Optional[str] = None, like_frame: Optional[str] = None, model_id: Optional[int] = None,
-                max_image_bytes: Optional[int] = None) -> Tuple[ModelInfo, Query]:
+                max_image_bytes: Optional[int] = None,
+                max_image_pixels: int = DEFAULT_MAX_PIXELS) -> Tuple[ModelInfo, Query]:
     """The model and the query for exactly one of: an example ``image`` (an encoded file: JPEG, PNG, ...),
     a ``query_text`` (the model's text tower), or a stored frame (``like_frame``, its own model; never its own hit).
 
@@ -151,14 +204,14 @@ def build_query(session: Session, encoders: "EncoderPool", *, image: Optional[by
     if image is not None:
         if max_image_bytes is not None and len(image) > max_image_bytes:
             raise TooLarge("image too large", reason=BAD_QUERY)
-        return model, Query.from_summary(model.id, enc.encode_image_bytes(image))
+        return model, Query.from_summary(model.id, enc.encode_image_bytes(image, max_image_pixels))
     return model, Query.from_text(model, enc.encode_text(query_text or ""))
 
 
 def build_region_query(session: Session, encoders: "EncoderPool", *, image: Optional[bytes] = None,
                        frame_id: Optional[str] = None, box: Optional[Tuple[float, float, float, float]] = None,
-                       model_id: Optional[int] = None,
-                       max_image_bytes: Optional[int] = None) -> Tuple[ModelInfo, RegionQuery]:
+                       model_id: Optional[int] = None, max_image_bytes: Optional[int] = None,
+                       max_image_pixels: int = DEFAULT_MAX_PIXELS) -> Tuple[ModelInfo, RegionQuery]:
     """The model and the region query for exactly one of: a crop (``image``, an encoded file) or a ``box`` on a
     stored frame (``frame_id``; the box as fractions of the frame, x0, y0, x1, y1). The one implementation
     behind the API's ``POST /v1/search/region``."""
@@ -168,7 +221,7 @@ def build_region_query(session: Session, encoders: "EncoderPool", *, image: Opti
         if max_image_bytes is not None and len(image) > max_image_bytes:
             raise TooLarge("image too large", reason=BAD_QUERY)
         model = resolve_model(session, model_id)
-        return model, regions.crop_query(encoders, model, image)
+        return model, regions.crop_query(encoders, model, image, max_image_pixels)
     if box is None:
         raise Invalid("a region query on a frame needs box=x0,y0,x1,y1 (fractions of the frame)", reason=BAD_QUERY)
     fr = store.get_frame(session, store.check_frame_id((frame_id or "").strip().lower()))
@@ -290,6 +343,10 @@ class MemoryIndex:
 
     def knn(self, q: np.ndarray, k: int, f: Filters) -> List[Tuple[int, float]]:
         self.sync()
+        wanted = None
+        if f.labels:  # one query over this model's frames, before the index is locked
+            with Session(self.engine) as s:
+                wanted = label_ids(s, self.model_id, f.labels)
         with self.lock:
             mask = np.ones(len(self.ids), bool)
             for kind in ("site", "line", "camera"):
@@ -301,6 +358,8 @@ class MemoryIndex:
                 mask &= self.ts >= f.since_us
             if f.until_us is not None:
                 mask &= self.ts < f.until_us
+            if wanted is not None:
+                mask &= np.isin(self.ids, wanted)
             sel = np.flatnonzero(mask)
             if sel.size == 0:
                 return []
@@ -336,7 +395,8 @@ class Searcher:
 
     def region_search(self, model: ModelInfo, query: RegionQuery, k: int, f: Filters = Filters()) -> List[regions.RegionHit]:
         """Region search (``central.regions``): the top ``k`` frames by their best-matching summary token."""
-        return regions.region_search(self.engine, model, query, k, frame_conditions(model.id, f), self.cfg.max_results)
+        return regions.region_search(self.engine, model, query, k,
+                                     frame_conditions(model.id, f, self.pg), self.cfg.max_results)
 
     def knn(self, model: ModelInfo, q: np.ndarray, k: int, f: Filters) -> List[Tuple[int, float]]:
         """Top ``k`` frames of ``model`` by cosine of the global embedding: ``[(row id, cosine)]``."""
@@ -359,6 +419,14 @@ class Searcher:
         if f.until_us is not None:
             where.append("capture_us < :until")
             params["until"] = int(f.until_us)
+        valued = {n: v for n, v in f.labels if v is not None}
+        if valued:  # the GIN index on labels answers containment
+            where.append("labels @> CAST(:labels AS jsonb)")
+            params["labels"] = json.dumps(valued)
+        for i, (name, value) in enumerate(f.labels):
+            if value is None:
+                where.append(f"(labels -> :label{i}) IS NOT NULL")
+                params[f"label{i}"] = name
         sql = (f"SELECT id, (global_embedding::halfvec({d}) <=> CAST(:q AS halfvec({d}))) AS dist FROM frames "
                f"WHERE {' AND '.join(where)} ORDER BY global_embedding::halfvec({d}) <=> CAST(:q AS halfvec({d})) "
                f"LIMIT :k")

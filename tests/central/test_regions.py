@@ -4,6 +4,8 @@ frame's coordinates (ROI and letterbox), old models refused with a clear error."
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import cv2
 import numpy as np
 import pytest
@@ -43,6 +45,9 @@ def _brute(engine, model, q, flt: Filters, k: int, exclude=None):
     for f in frames:
         if f.frame_id == exclude or not all(getattr(flt, a) in (None, getattr(f, a)) for a in ("site", "line", "camera")):
             continue
+        labels = f.labels or {}
+        if not all(n in labels and v in (None, labels[n]) for n, v in flt.labels):
+            continue
         if (flt.since_us is not None and f.capture_us < flt.since_us) or (flt.until_us is not None and f.capture_us >= flt.until_us):
             continue
         live = np.flatnonzero(f.summary.sizes > 0)
@@ -57,12 +62,15 @@ def test_region_search_equals_brute_force(engine, slic_manifest) -> None:
     rng = np.random.default_rng(0)
     msgs = [make_slic_message(slic_manifest, rng, site=f"s{i % 2}", line=f"l{i % 3}", ts_us=T0 + i, seq=i)
             for i in range(700)]
+    msgs = [replace(m, metadata={"labels": {"lot": str(i % 4), **({"rework": "y"} if i % 5 == 0 else {})}})
+            if i % 7 else m for i, m in enumerate(msgs)]
     _store(engine, model, msgs)
-    for qi, flt in enumerate([Filters(), Filters(site="s1"), Filters(line="l2", since_us=T0 + 100, until_us=T0 + 600)]):
+    for qi, flt in enumerate([Filters(), Filters(site="s1"), Filters(line="l2", since_us=T0 + 100, until_us=T0 + 600),
+                              Filters(labels=(("lot", "1"), ("rework", None)))]):
         q = unit(rng, slic_manifest.summary.dim)
         exclude = msgs[qi * 7].frame_id.hex() if qi == 1 else None
         hits = region_search(engine, model, RegionQuery(model.id, q, "crop", frame_id=exclude), 15,
-                             frame_conditions(model.id, flt), 200)
+                             frame_conditions(model.id, flt, engine.dialect.name == "postgresql"), 200)
         ref = _brute(engine, model, q, flt, 15, exclude)
         assert [h.frame.frame_id for h in hits] == [r[1] for r in ref]
         np.testing.assert_allclose([h.score for h in hits], [r[0] for r in ref], atol=1e-5)
@@ -168,7 +176,7 @@ def test_models_without_footprints_refuse_region_search(engine, db_url, tmp_path
     assert r.status_code == 400 and "has no footprints" in r.json()["detail"]
     with pytest.raises(Invalid, match="has no footprints"):
         region_search(engine, model, RegionQuery(model.id, unit(np.random.default_rng(2), 384), "crop"), 5,
-                      frame_conditions(model.id, Filters()), 10)
+                      frame_conditions(model.id, Filters(), False), 10)
     # whole-image search of an old model: the old re-rank weight and centroid-only matches
     searcher = Searcher(engine, SearchConfig())
     assert searcher.rerank_weight(model) == 0.25

@@ -201,3 +201,32 @@ def test_slic_models_rank_half_global_half_maxsim_over_tokens_with_footprints(en
         assert h.maxsim == pytest.approx(ms, abs=1e-4)
         assert h.score == pytest.approx(0.5 * h.global_score + 0.5 * ms, abs=1e-4)
         assert all(f.sizes[m["token"]] > 0 and m["mask"]["grid"] == [4, 4] for m in h.matches)
+
+
+def test_ingest_stores_slic_messages_and_refuses_what_does_not_fit_the_model(engine, slic_manifest) -> None:
+    """A v2 slic message is stored with its footprint and geometry; tokens of the wrong dimension (all a version 1
+    message can carry) and a missing or mis-sized footprint are dead letters with their reason."""
+    from central.config import IngestConfig
+    from central.ingest import Incoming, Ingestor
+    from tokenline import topics
+    from tokenline.summary import Summary
+    from tokenline.wire import encode
+
+    model = tx(engine, store.register_model, slic_manifest)
+    rng = np.random.default_rng(7)
+    topic = topics.tokens_topic("s1", "d1", "l1", "c1")
+    good = make_slic_message(slic_manifest, rng, frame={"width": 640, "height": 480, "roi": [0, 0, 320, 240]})
+    s = good.summary
+    wide = replace(good, frame_id=new_frame_id(T0 + 1), summary=Summary(s.global_embedding, unit(rng, 16, 384),
+                                                                         s.sizes, s.centroids, s.footprint))
+    no_fp = replace(good, frame_id=new_frame_id(T0 + 2), summary=Summary(s.global_embedding, s.tokens, s.sizes,
+                                                                          s.centroids))
+    small_fp = replace(good, frame_id=new_frame_id(T0 + 3), summary=Summary(
+        s.global_embedding, s.tokens, np.ones(16, np.float32), s.centroids, s.footprint[:2]))
+    res = Ingestor(engine, IngestConfig(), "w").process(
+        [Incoming(i, 1, topic, encode(m, "int8")) for i, m in enumerate([good, wide, no_fp, small_fp])])
+    assert res.stored == 1 and res.reasons == {"token_dim_mismatch": 1, "footprint_mismatch": 2}
+    fr = tx(engine, store.get_frame, good.frame_id.hex())
+    np.testing.assert_array_equal(fr.summary.footprint, s.footprint)
+    assert fr.geometry.to_json() == {"width": 640, "height": 480, "roi": [0, 0, 320, 240]}
+    assert fr.summary.tokens.shape == (16, 96) and fr.model_id == model.id

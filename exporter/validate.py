@@ -77,9 +77,10 @@ def compare(torch_out: Sequence[np.ndarray], ort_out: Sequence[np.ndarray], tol:
     ArgMax) on float scores: a near-tie that rounds differently in ONNX Runtime merges another token, which
     moves that image's embedding by ~1e-3. So for them, most images (>= half) must match within ``tol``, and
     every image must keep cosine >= 0.999 (0.99 in fp16) to torch. The summary head's clustering (ArgMin) has
-    the same kind of near-ties: a patch whose two nearest clusters tie may join the other one. So footprints
-    must agree on >= 95% of the cells (90% in fp16), and the tokens must match within 10 x ``tol`` on the images
-    whose global embedding and footprint both match exactly.
+    the same kind of near-ties: a patch whose two nearest clusters tie may join the other one, and the next
+    iterations follow it. So on the images whose global embedding matches within ``tol`` (the merges agreed)
+    footprints must agree on >= 90% of the cells (85% in fp16; a wrong graph agrees on about 1/K), and the tokens
+    must match within 10 x ``tol`` on the images whose global embedding and footprint both match exactly.
     """
     g_t, g_o = torch_out[0], ort_out[0]
     err = np.abs(g_t - g_o).max(axis=-1)  # per image
@@ -97,7 +98,7 @@ def compare(torch_out: Sequence[np.ndarray], ort_out: Sequence[np.ndarray], tol:
         "matched_fraction": float(exact.mean()),
         "global_cos_min": float(cos.min()),
         "token_err": float(tok[both].max()) if both.any() else float(tok.max()),
-        "footprint_agreement": float(same_cells.mean()),
+        "footprint_agreement": float(same_cells[exact].mean() if exact.any() else same_cells.mean()),
         "patch_mean_cos_min": float(pm_cos.min()),
     }
     problems = []
@@ -112,7 +113,7 @@ def compare(torch_out: Sequence[np.ndarray], ort_out: Sequence[np.ndarray], tol:
         problems.append(f"global embedding cosine {stats['global_cos_min']:.5f} < {floor}")
     if stats["patch_mean_cos_min"] < floor:
         problems.append(f"patch mean cosine {stats['patch_mean_cos_min']:.5f} < {floor}")
-    fp_floor = 0.9 if precision == "fp16" else 0.95
+    fp_floor = 0.85 if precision == "fp16" else 0.9
     if stats["footprint_agreement"] < fp_floor:
         problems.append(f"footprints agree on {stats['footprint_agreement']:.1%} of the cells (need >= {fp_floor:.0%})")
     if stats["token_err"] > max(10 * tol, 1e-3):

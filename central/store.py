@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import secrets
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,9 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from sqlalchemy import func, insert, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from central import segments
 from central.errors import Invalid
 from sql.db import is_postgres
 from sql.models import ApiToken, Counter, DeadLetter, Device, Frame, Model, Original
@@ -72,16 +73,11 @@ def _info(row: Model) -> ModelInfo:
                      Manifest.from_json(row.manifest_json, where=f"models[{row.id}]"))
 
 
-def hnsw_index_name(model_id: int) -> str:
-    return f"ix_frames_hnsw_m{int(model_id)}"
-
-
 def register_model(session: Session, manifest: Manifest, model_dir: Optional[str | Path] = None) -> ModelInfo:
-    """Register (or update the directory of) a manifest; on PostgreSQL create its partial HNSW index.
+    """Register (or update the directory of) a manifest.
 
-    Each model gets ``CREATE INDEX ... USING hnsw ((global_embedding::halfvec(D)) halfvec_cosine_ops)
-    WHERE model_id = <id>``: one index per model, so embeddings of different models are never compared.
-    The index is created in the caller's transaction, with the model's row.
+    On PostgreSQL no index is made here: each sealed segment gets its own per-model ANN index
+    (``central.segments``), so embeddings of different models (and widths) are never compared.
     """
     h = manifest.hash_bytes().hex()
     d = manifest.embedding_dim
@@ -95,16 +91,7 @@ def register_model(session: Session, manifest: Manifest, model_dir: Optional[str
         session.flush()
     elif mdir is not None:
         row.model_dir = mdir
-    info = _info(row)
-    if is_postgres(session.get_bind()):
-        if d > 4000:
-            log.warning("model %s: dim %d > 4000, pgvector cannot index halfvec; search is a sequential scan",
-                        info.name, d)
-        else:
-            session.execute(text(
-                f"CREATE INDEX IF NOT EXISTS {hnsw_index_name(info.id)} ON frames USING hnsw "
-                f"((global_embedding::halfvec({d})) halfvec_cosine_ops) WHERE model_id = {info.id}"))
-    return info
+    return _info(row)
 
 
 def list_models(session: Session) -> List[ModelInfo]:
@@ -125,25 +112,62 @@ def frame_row(msg: "TokenMessage", model_id: int, received_us: int) -> Dict[str,
     }
 
 
-def _insert_ignore(session: Session, table: Any, rows: Sequence[Dict[str, Any]], key: str) -> None:
-    dialect = session.get_bind().dialect.name
-    mod = postgresql if dialect == "postgresql" else sqlite
-    stmt = mod.insert(table).on_conflict_do_nothing(index_elements=[key])
-    session.execute(stmt, list(rows))
+# Columns written by ingest, in the order of the COPY (PostgreSQL) and the INSERT (SQLite).
+_INSERT_COLS = ("frame_id", "model_id", "device", "site", "line", "camera", "capture_us", "received_us", "seq", "flags",
+                "token_dtype", "k", "global_embedding", "tokens", "sizes", "centroids", "legal_hold")
+# Binary COPY field types; the halfvec field is sent as its binary wire form through the bytea dumper.
+_COPY_TYPES = ("text", "int4", "text", "text", "text", "text", "int8", "int8", "int8", "int2", "text", "int2", "bytea",
+               "bytea", "bytea", "bytea", "bool", "int8")
+
+
+def _halfvec_binary(v: np.ndarray) -> bytes:
+    """pgvector's binary ``halfvec``: uint16 dim, uint16 0, then big-endian float16 values."""
+    a = np.asarray(v, dtype=">f2").reshape(-1)
+    return struct.pack(">HH", a.shape[0], 0) + a.tobytes()
 
 
 def insert_frames(session: Session, rows: Sequence[Dict[str, Any]]) -> int:
-    """Insert rows not already present (by ``frame_id``); return how many were new. Caller commits."""
+    """Insert rows not already present (by ``frame_id``); return how many were new. Caller commits.
+
+    SQLite: one ``INSERT OR IGNORE`` per batch against the unique ``frame_id``. PostgreSQL: binary COPY into the
+    hot segment (no ANN index to update); ``frame_id`` is unique per segment, so the batch is first checked
+    against the segments that can hold its ids, under the shared hot lock (``central.segments``): a segment
+    sealed meanwhile waits for this transaction, and a concurrent duplicate in the hot segment fails the
+    unique index (the ingest then commits message by message and counts it as a duplicate).
+    """
     if not rows:
         return 0
     unique: Dict[str, Dict[str, Any]] = {}
     for r in rows:
         unique.setdefault(r["frame_id"], r)
-    existing = set(session.scalars(select(Frame.frame_id).where(Frame.frame_id.in_(list(unique)))))
+    conn = session.connection()
+    if not is_postgres(session.get_bind()):
+        raw = conn.connection.driver_connection
+        cur = raw.cursor()
+        before = raw.total_changes
+        cur.executemany(f"INSERT OR IGNORE INTO frames ({', '.join(_INSERT_COLS)}) VALUES "
+                        f"({', '.join('?' * len(_INSERT_COLS))})",
+                        [tuple(pack_f32(r[c]) if c == "global_embedding" else r[c] for c in _INSERT_COLS)
+                         for r in unique.values()])
+        cur.close()
+        return raw.total_changes - before
+    hot = segments.hot_segment(conn)
+    ids = sorted(unique)
+    check = [str(s.id) for s in segments.list_segments(conn)
+             if s.exact or s.rows is None or (s.rows and s.min_frame_id <= ids[-1] and s.max_frame_id >= ids[0])]
+    existing = set(conn.execute(text(f"SELECT frame_id FROM frames WHERE segment IN ({', '.join(check)}) "
+                                     "AND frame_id = ANY(:ids)"), {"ids": ids}).scalars())
     new = [r for fid, r in unique.items() if fid not in existing]
     if new:
-        # ON CONFLICT DO NOTHING as well: another worker may commit the same frame concurrently.
-        _insert_ignore(session, Frame.__table__, new, "frame_id")
+        raw = conn.connection.driver_connection
+        with raw.cursor() as cur, cur.copy(f"COPY frames ({', '.join(_INSERT_COLS)}, segment) FROM STDIN "
+                                           "(FORMAT BINARY)") as cp:
+            cp.set_types(list(_COPY_TYPES))
+            for r in new:
+                cp.write_row((r["frame_id"], r["model_id"], r["device"], r["site"], r["line"], r["camera"],
+                              r["capture_us"], r["received_us"], r["seq"], r["flags"], r["token_dtype"], r["k"],
+                              _halfvec_binary(r["global_embedding"]), r["tokens"], r["sizes"], r["centroids"],
+                              bool(r["legal_hold"]), hot))
     return len(new)
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from central import segments
@@ -159,15 +160,20 @@ def insert_frames(session: Session, rows: Sequence[Dict[str, Any]]) -> int:
                                      "AND frame_id = ANY(:ids)"), {"ids": ids}).scalars())
     new = [r for fid, r in unique.items() if fid not in existing]
     if new:
+        import psycopg
+
+        sql = f"COPY frames ({', '.join(_INSERT_COLS)}, segment) FROM STDIN (FORMAT BINARY)"
         raw = conn.connection.driver_connection
-        with raw.cursor() as cur, cur.copy(f"COPY frames ({', '.join(_INSERT_COLS)}, segment) FROM STDIN "
-                                           "(FORMAT BINARY)") as cp:
-            cp.set_types(list(_COPY_TYPES))
-            for r in new:
-                cp.write_row((r["frame_id"], r["model_id"], r["device"], r["site"], r["line"], r["camera"],
-                              r["capture_us"], r["received_us"], r["seq"], r["flags"], r["token_dtype"], r["k"],
-                              _halfvec_binary(r["global_embedding"]), r["tokens"], r["sizes"], r["centroids"],
-                              bool(r["legal_hold"]), hot))
+        try:
+            with raw.cursor() as cur, cur.copy(sql) as cp:
+                cp.set_types(list(_COPY_TYPES))
+                for r in new:
+                    cp.write_row((r["frame_id"], r["model_id"], r["device"], r["site"], r["line"], r["camera"],
+                                  r["capture_us"], r["received_us"], r["seq"], r["flags"], r["token_dtype"], r["k"],
+                                  _halfvec_binary(r["global_embedding"]), r["tokens"], r["sizes"], r["centroids"],
+                                  bool(r["legal_hold"]), hot))
+        except psycopg.Error as exc:  # as SQLAlchemy's own errors: IntegrityError, OperationalError, ...
+            raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
     return len(new)
 
 

@@ -178,7 +178,7 @@ def _sweep_tokens(engine: Engine, cfg: RetentionConfig, now: int) -> int:
     if is_postgres(engine):
         deleted += _drop_segments(engine, cfg, now)
         with engine.connect() as c:
-            closed = [s.id for s in segments.list_segments(c) if s.state not in segments.EXACT_STATES]
+            closed = [s.id for s in segments.list_segments(c) if s.state in segments.CLOSED_STATES]
         open_only = text(f"segment NOT IN ({', '.join(str(i) for i in closed)})") if closed else None
     default_cut = now - int(cfg.tokens_days * DAY_US)
     rules = []
@@ -217,7 +217,7 @@ def _drop_segments(engine: Engine, cfg: RetentionConfig, now: int) -> int:
     longer = [(si, li, now - int(d * DAY_US)) for si, li, d in _overrides(cfg, "tokens_days")
               if now - int(d * DAY_US) < default_cut]
     with engine.connect() as c:
-        due = [s for s in segments.list_segments(c) if s.state not in segments.EXACT_STATES and s.rows is not None
+        due = [s for s in segments.list_segments(c) if s.state in segments.CLOSED_STATES and s.rows is not None
                and (s.rows == 0 or (s.max_capture_us is not None and s.max_capture_us < default_cut))]
     dropped = 0
     for seg in due:

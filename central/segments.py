@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 KEPT = 0  # the segment of frames kept past their own segment's life
 HOT_LOCK = 0x746B6C6E  # shared by every ingest transaction (tokenline_hot_segment()), exclusive while sealing
 MAINTAINER_LOCK = HOT_LOCK + 1  # session lock: one maintainer per database
-EXACT_STATES = ("kept", "hot", "sealing")
+EXACT_STATES = ("kept", "hot", "sealing")  # searched by a scan
+CLOSED_STATES = ("sealing", "sealed")  # written no more: statistics fixed, dropped whole by retention
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ def _start_maintainer(engine, cfg: CentralConfig) -> None:
     """PostgreSQL: seal and index segments in the background (one process per database does it)."""
     from sql.db import is_postgres
 
-    if is_postgres(engine):
+    if is_postgres(engine) and cfg.segments.maintainer:
         from central.segments import SegmentMaintainer
 
         SegmentMaintainer(engine, cfg.segments).start()

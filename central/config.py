@@ -78,6 +78,7 @@ class SegmentsConfig(StrictModel):
     maintenance_work_mem_max_mb: int = Field(2048, ge=64)  # the build's memory is sized to the segment, up to this
     build_workers: int = Field(2, ge=0, le=64)  # max_parallel_maintenance_workers of one index build
     check_interval_s: float = Field(2.0, gt=0)  # how often the maintainer looks at the hot segment
+    maintainer: bool = True  # run it in serve/ingest (false for a serve on a read-only replica)
 
 
 class SearchConfig(StrictModel):

@@ -242,3 +242,19 @@ def test_maintainer_seals_full_segment_and_builds_once(engine, tiny_manifest):
     assert segments.build_indexes(engine, cfg) == []  # built once
     assert segments.build_memory_mb("halfvec", 1_000_000, 384, 16, 100_000) > segments.build_memory_mb(
         "bit", 1_000_000, 384, 16, 100_000) >= 64
+
+
+def test_segments_command_lists_and_seals(engine, db_url, tiny_manifest, capsys):
+    from central.cli import main
+
+    model = tx(engine, store.register_model, tiny_manifest)
+    _insert(engine, model, [make_message(tiny_manifest, np.random.default_rng(3), seq=i, ts_us=T0 + i) for i in range(5)])
+    assert main(["--db", db_url, "segments", "--seal"]) == 0
+    out = capsys.readouterr().out
+    if not _pg(engine):
+        assert "no segments" in out
+        return
+    assert "sealed" in out and "hot" in out and "halfvec" in out
+    with engine.connect() as c:
+        assert [(s.id, s.state, s.rows) for s in segments.list_segments(c)] == [(0, "kept", None), (1, "sealed", 5),
+                                                                                (2, "hot", None)]

@@ -123,19 +123,23 @@ def _ensure_partition(engine: Engine, seg: int) -> None:
         c.execute(text(f"ALTER TABLE frames ATTACH PARTITION {name} FOR VALUES IN ({int(seg)})"))
 
 
-def seal(engine: Engine, now: Optional[int] = None) -> int:
-    """Make a new segment hot and seal the current one; returns the sealed segment's id.
+def seal(engine: Engine, now: Optional[int] = None) -> Optional[int]:
+    """Make a new segment hot and seal the current one; returns the sealed segment's id (None when another
+    process sealed it first).
 
     Waits (exclusive hot lock) for the ingest transactions that hold the old segment, so none writes to it
     afterwards; then records its rows and capture / frame-id ranges, which stay fixed from here on."""
     now = now_us() if now is None else now
     with engine.connect() as c:
-        nxt = int(c.execute(text("SELECT max(id) + 1 FROM frame_segments")).scalar_one())
+        old, nxt = c.execute(text("SELECT (SELECT id FROM frame_segments WHERE state = 'hot'), "
+                                  "max(id) + 1 FROM frame_segments")).one()
     _ensure_partition(engine, nxt)
     with engine.begin() as c:
         c.execute(text("SET LOCAL lock_timeout = '60s'"))
         c.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": HOT_LOCK})
-        old = int(c.execute(text("SELECT id FROM frame_segments WHERE state = 'hot' FOR UPDATE")).scalar_one())
+        hot = int(c.execute(text("SELECT id FROM frame_segments WHERE state = 'hot' FOR UPDATE")).scalar_one())
+        if hot != old:
+            return None
         c.execute(text("UPDATE frame_segments SET state = 'sealing', sealed_us = :t WHERE id = :i"), {"t": now, "i": old})
         c.execute(text("INSERT INTO frame_segments (id, state, created_us) VALUES (:i, 'hot', :t)"), {"i": nxt, "t": now})
     with engine.begin() as c:
@@ -145,7 +149,7 @@ def seal(engine: Engine, now: Optional[int] = None) -> int:
                        "min_frame_id = :fa, max_frame_id = :fb WHERE id = :i"),
                   {"n": int(st[0]), "a": st[1], "b": st[2], "fa": st[3], "fb": st[4], "i": old})
     log.info("segment %d sealed (%d frames); segment %d is hot", old, int(st[0]), nxt)
-    return old
+    return int(old)
 
 
 def build_indexes(engine: Engine, cfg: SegmentsConfig, kind: Optional[str] = None) -> List[int]:
@@ -208,9 +212,9 @@ def seal_due(engine: Engine, cfg: SegmentsConfig, now: Optional[int] = None) -> 
 
 
 class SegmentMaintainer:
-    """Background thread of ``serve`` and ``ingest`` on PostgreSQL: seals the hot segment when it is full or old,
-    then builds the sealed segments' indexes. One per database is active (a session advisory lock); the others
-    wait to take over."""
+    """Background threads of ``serve`` and ``ingest`` on PostgreSQL: one seals the hot segment when it is full or
+    old, another builds the sealed segments' indexes (a build takes minutes; sealing must not wait for it). One
+    process per database is active (a session advisory lock); the others wait to take over."""
 
     def __init__(self, engine: Engine, cfg: SegmentsConfig) -> None:
         self.engine, self.cfg = engine, cfg
@@ -222,6 +226,13 @@ class SegmentMaintainer:
             seal(self.engine)
         build_indexes(self.engine, self.cfg)
 
+    def _loop(self, fn, stop: threading.Event) -> None:
+        while not stop.wait(self.cfg.check_interval_s):
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - retried at the next interval; ingest and search go on without it
+                log.exception("segment maintenance failed; retrying")
+
     def _run(self) -> None:
         while not self.stop_event.is_set():
             try:
@@ -231,14 +242,18 @@ class SegmentMaintainer:
                         self.stop_event.wait(self.cfg.check_interval_s * 5)
                         continue
                     lock_conn.commit()
+                    builder = threading.Thread(target=self._loop, name="segment-builds", daemon=True,
+                                               args=(lambda: build_indexes(self.engine, self.cfg), self.stop_event))
+                    builder.start()
                     try:
-                        while not self.stop_event.wait(self.cfg.check_interval_s):
-                            self.run_once()
+                        self._loop(lambda: seal(self.engine) if seal_due(self.engine, self.cfg) else None,
+                                   self.stop_event)
                     finally:
+                        builder.join()
                         lock_conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MAINTAINER_LOCK})
                         lock_conn.commit()
-            except Exception:  # noqa: BLE001 - the maintainer retries; ingest and search do not depend on it
-                log.exception("segment maintenance failed; retrying")
+            except Exception:  # noqa: BLE001 - e.g. the database restarted: take the lock again
+                log.exception("segment maintainer lost its connection; retrying")
                 self.stop_event.wait(self.cfg.check_interval_s * 5)
 
     def start(self) -> "SegmentMaintainer":

@@ -258,3 +258,28 @@ def test_segments_command_lists_and_seals(engine, db_url, tiny_manifest, capsys)
     with engine.connect() as c:
         assert [(s.id, s.state, s.rows) for s in segments.list_segments(c)] == [(0, "kept", None), (1, "sealed", 5),
                                                                                 (2, "hot", None)]
+
+
+def test_maintainer_threads_seal_and_build_in_the_background(engine, tiny_manifest):
+    """Two processes' maintainers on one database (one is active); frames arrive; a segment gets sealed and indexed."""
+    if not _pg(engine):
+        pytest.skip("segments are PostgreSQL's")
+    model = tx(engine, store.register_model, tiny_manifest)
+    rng = np.random.default_rng(8)
+    cfg = SegmentsConfig(seal_rows=50, check_interval_s=0.2)
+    ms = [segments.SegmentMaintainer(engine, cfg).start() for _ in range(2)]
+    try:
+        _insert(engine, model, [make_message(tiny_manifest, rng, seq=i, ts_us=T0 + i) for i in range(80)])
+        deadline = threading.Event()
+        for _ in range(300):
+            with engine.connect() as c:
+                segs = segments.list_segments(c)
+            if any(s.state == "sealed" for s in segs):
+                break
+            deadline.wait(0.2)
+    finally:
+        for m in ms:
+            m.stop()
+    sealed = [s for s in segs if s.state == "sealed"]
+    assert len(sealed) == 1 and sealed[0].rows == 80 and sealed[0].index_kind == "halfvec"
+    assert [s.state for s in segs].count("hot") == 1

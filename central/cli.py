@@ -109,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 try:
                     sweep(engine, blobs, cfg.retention)
                 except Exception:  # noqa: BLE001 - the sweeper retries on the next interval
-                    logging.getLogger("central.retention").exception("sweep failed")
+                    logging.getLogger(__name__).exception("sweep failed")
 
         threading.Thread(target=loop, name="sweeper", daemon=True).start()
     _console().print(f"[bold]tokenline central[/] on http://{cfg.api.host}:{args.port or cfg.api.port} "

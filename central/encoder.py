@@ -1,7 +1,7 @@
 """Query encoders for search: the registered model's ONNX image encoder (and text tower) under ONNX Runtime.
 
-Images go through ``tokenline.preprocess`` (the one implementation the edge uses too) and the edge's
-``OnnxRuntimeRunner`` (same session setup and output checks), so a query image is encoded exactly as a
+Images go through ``tokenline.preprocess`` (the one implementation the edge uses too) and the runtime's
+``OnnxRuntimeRunner`` (the edge's session setup and output checks), so a query image is encoded exactly as a
 camera frame is. Sessions are loaded lazily, once per model, and verified against the manifest's sha256s.
 """
 

@@ -227,7 +227,7 @@ class Agent:
         msg = TokenMessage(frame_id=s.frame_id, device=self.cfg.device, site=self.cfg.site, line=s.line,
                            camera=s.camera, capture_ts_us=s.capture_ts_us, seq=0, manifest_hash=self.manifest_hash,
                            summary=summary, token_dtype=self.cfg.messages.token_dtype)
-        return encode(msg)
+        return encode(msg, version=self.cfg.messages.wire_version)
 
     def _writer_loop(self) -> None:
         try:

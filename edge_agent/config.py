@@ -129,6 +129,8 @@ class ModelConfig(StrictModel):
 
 class MessagesConfig(StrictModel):
     token_dtype: Literal["int8", "int4", "fp16"] = "int8"
+    # Wire format version: 2 (sections: footprints, metadata); 1 only while central is older than this edge.
+    wire_version: Literal[1, 2] = 2
     results_queue: int = Field(64, ge=1)  # encoded frames waiting for the outbox writer; oldest dropped beyond
     message_expiry_s: Optional[int] = Field(None, ge=1)  # MQTT 5 message expiry interval
 

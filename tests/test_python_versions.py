@@ -5,9 +5,9 @@ The interpreters come from pyenv (``~/.pyenv/versions/3.8.*``) or ``python3.8`` 
 one skips loudly. Each virtual environment gets ``.[edge]`` (resolved by pip for that Python) plus what the tests
 themselves use: pytest, hypothesis, and onnx for the tiny test encoder, and rich, which docs/jetson.md installs
 next to it for ``tokenline-export build-engine`` (run on the device, in the same environment). Both environments
-are installed at the same time (pip mostly waits on the network and the disk); the tests then run against this
-working tree, one Python after the other, all but the longest fault scenarios of the agent, which the main suite
-runs.
+are installed at the same time from one wheel built first (pip mostly waits on the network and the disk); the
+tests then run against this working tree, one Python after the other, all but the longest fault scenarios of
+the agent, which the main suite runs.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _run(cmd, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
-def _install(version: str, py: Path, src: Path, where: Path) -> Union[Path, str]:
+def _install(version: str, py: Path, wheel: Path, where: Path) -> Union[Path, str]:
     """A virtual environment with ``.[edge]`` and the test tools: its python, or why it could not be made."""
     t0 = time.monotonic()
     venv = where / f"venv-{version}"
@@ -53,7 +53,7 @@ def _install(version: str, py: Path, src: Path, where: Path) -> Union[Path, str]
     if r.returncode:
         return f"venv failed: {r.stderr[-2000:]}"
     vpy = venv / "bin" / "python"
-    r = _run([vpy, "-m", "pip", "install", "-q", "--no-compile", "--disable-pip-version-check", f"{src}[edge]", *TEST_TOOLS],
+    r = _run([vpy, "-m", "pip", "install", "-q", "--no-compile", "--disable-pip-version-check", f"{wheel}[edge]", *TEST_TOOLS],
              where, 900)
     if r.returncode:
         return f"pip could not install .[edge] on Python {version}:\n{r.stdout[-3000:]}{r.stderr[-3000:]}"
@@ -73,8 +73,16 @@ def venvs(tmp_path_factory) -> Dict[str, Union[Path, str, None]]:
         else:
             shutil.copy2(ROOT / name, src / name)
     found = {v: _interpreter(v) for v in VERSIONS}
+    if not any(found.values()):
+        return {v: None for v in VERSIONS}
+    # one pure-Python wheel for both (two pip builds in the same tree race on its build/ folder)
+    r = _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check", "-w",
+              where / "dist", src], where, 600)
+    wheels = sorted((where / "dist").glob("tokenline-*.whl"))
+    if r.returncode or not wheels:
+        return {v: f"could not build the wheel: {r.stdout[-2000:]}{r.stderr[-2000:]}" for v in VERSIONS}
     with ThreadPoolExecutor(len(VERSIONS)) as pool:
-        jobs = {v: pool.submit(_install, v, py, src, where) for v, py in found.items() if py is not None}
+        jobs = {v: pool.submit(_install, v, py, wheels[0], where) for v, py in found.items() if py is not None}
         return {v: jobs[v].result() if v in jobs else None for v in VERSIONS}
 
 

@@ -1,4 +1,6 @@
-"""Contract: the wire format round-trips, rejects every malformed input with its reason, and meets its size targets."""
+"""Contract: wire format version 1 round-trips, rejects every malformed input with its reason, meets its size targets.
+
+Version 2 (sections, footprints, metadata) has its own file, test_wire_v2.py."""
 
 from __future__ import annotations
 
@@ -13,7 +15,15 @@ from hypothesis import strategies as st
 from tokenline import frame_id, wire
 from tokenline.frame_id import FrameIdError
 from tokenline.summary import Summary
-from tokenline.wire import TokenMessage, WireError, decode, encode
+from tokenline.wire import TokenMessage, WireError, decode
+from tokenline.wire import encode as encode_any
+
+V2_ONLY_REASONS = {"bad_section", "bad_metadata"}  # covered in test_wire_v2.py
+
+
+def encode(m: TokenMessage, mode=None) -> bytes:
+    """Version 1: what edges not yet upgraded send."""
+    return encode_any(m, mode, version=1)
 
 K, D = 16, 384
 
@@ -63,7 +73,7 @@ def test_round_trip_each_mode(mode: str, min_cos: float) -> None:
     assert cos(b.tokens, s.tokens).min() >= min_cos
     np.testing.assert_array_equal(b.sizes, s.sizes)
     np.testing.assert_allclose(b.centroids, s.centroids, atol=1.0 / 65535)
-    assert len(buf) == wire.message_size(mode, K, D, (m.device, m.site, m.line, m.camera))
+    assert len(buf) == wire.message_size_v1(mode, K, D, (m.device, m.site, m.line, m.camera))
 
 
 def test_global_embedding_cosine_at_least_0999_over_many_vectors() -> None:
@@ -80,7 +90,7 @@ def test_global_embedding_cosine_at_least_0999_over_many_vectors() -> None:
 
 def test_sizes_per_mode_for_k16_d384() -> None:
     names = ("jetson-01", "plant_a", "line.3", "cam-7")
-    sizes = {mode: wire.message_size(mode, K, D, names) for mode in ("int8", "int4", "fp16")}
+    sizes = {mode: wire.message_size_v1(mode, K, D, names) for mode in ("int8", "int4", "fp16")}
     # 60 fixed + 4 strings (1+len) + sections + sizes 64 + centroids 64 + crc 4
     strings = sum(1 + len(s) for s in names)
     assert sizes["int8"] == 60 + strings + (4 + 384) + (64 + 16 * 384) + 64 + 64 + 4
@@ -88,7 +98,7 @@ def test_sizes_per_mode_for_k16_d384() -> None:
     assert sizes["fp16"] == 60 + strings + 768 + 16 * 384 * 2 + 64 + 64 + 4
     assert sizes["int4"] <= 4096 < sizes["int8"]  # only packed int4 meets the 4 KB target at K=16, D=384
     longest = ("a" * 64,) * 4
-    assert wire.message_size("int4", K, D, longest) <= 4096 + 256  # worst-case names cost at most 256 bytes
+    assert wire.message_size_v1("int4", K, D, longest) <= 4096 + 256  # worst-case names cost at most 256 bytes
 
 
 def test_zero_vectors_and_odd_dims_round_trip() -> None:
@@ -123,7 +133,7 @@ def test_one_symmetric_quantizer_for_8_and_4_bits() -> None:
 
 
 def test_header_offsets_come_from_the_layout() -> None:
-    assert wire.FIXED_SIZE == 60 == struct.calcsize("<" + "".join(code for _, code in wire.HEADER))
+    assert wire.v1.FIXED_SIZE == 60 == struct.calcsize("<" + "".join(code for _, code in wire.v1.HEADER))
     buf = encode(make_msg())
     assert struct.unpack_from("<I", buf, 36)[0] == 4_000_000_000 and buf[7] == 0  # seq at 36, flags at 7
 
@@ -221,7 +231,7 @@ CASES = {
     "too_large": lambda b: bytes(b) + b"\0" * 70000,
     "truncated": lambda b: bytes(b[:30]),
     "bad_magic": _mut(0, b"XXXX"),
-    "bad_version": _mut(4, b"\x02"),
+    "bad_version": _mut(4, b"\x09"),
     "length_mismatch": lambda b: bytes(b) + b"\0",
     "bad_crc": lambda b: bytes(b[:-1]) + bytes([b[-1] ^ 1]),
     "bad_dtype": _mut(5, b"\x09"),
@@ -260,7 +270,7 @@ def test_more_rejections(mutate, reason: str) -> None:
 
 def test_every_documented_reason_is_covered() -> None:
     covered = set(CASES) | {"bad_value"}  # bad_value is encode-only (manifest_hash length)
-    assert covered == set(wire.REASONS)
+    assert covered | V2_ONLY_REASONS == set(wire.REASONS)
 
 
 @pytest.mark.parametrize("over,reason", [
@@ -307,17 +317,27 @@ def test_fuzz_random_bytes(data: bytes) -> None:
        st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6),
        st.booleans())
 def test_fuzz_mutated_messages(good: bytes, edits, seal: bool) -> None:
+    assert_decodes_or_rejects(mutated(good, edits, seal))
+
+
+def mutated(good: bytes, edits, seal: bool) -> bytes:
     b = bytearray(good)
     for pos, val in edits:
         b[pos % len(b)] = val
-    payload = reseal(b) if seal else bytes(b)
+    return reseal(b) if seal else bytes(b)
+
+
+def assert_decodes_or_rejects(payload: bytes) -> None:
+    """Decode raises nothing but WireError with a documented reason; whatever gets through is valid and
+    re-encodes in its own version."""
     try:
         m = decode(payload)
     except WireError as e:
         assert e.reason in wire.REASONS
-    else:  # whatever gets through is a valid message
+    else:
         s = m.summary
         assert np.all(np.isfinite(s.tokens)) and np.all(np.isfinite(s.global_embedding))
-        assert s.tokens.shape == (s.k, s.dim) and np.all(s.sizes >= 0)
+        assert s.tokens.shape[0] == s.k and np.all(s.sizes >= 0)
+        assert m.version == 2 or s.tokens.shape[1] == s.dim  # v1 tokens share the global dimension
         assert np.all((s.centroids >= 0) & (s.centroids <= 1))
-        decode(encode(m))  # and re-encodes
+        decode(encode_any(m, version=m.version))

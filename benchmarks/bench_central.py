@@ -182,7 +182,7 @@ def bench_ingest(backends: Backends, kind: str, manifest: Manifest, n: int, work
     with Session(engine) as s, s.begin():
         store.register_model(s, manifest)
     rng = np.random.default_rng(workers)
-    payloads = [(topics.tokens_topic(m.site, m.line, m.camera), encode(m, "int8")) for m in messages(manifest, n, rng)]
+    payloads = [(topics.tokens_topic(m.site, m.device, m.line, m.camera), encode(m, "int8")) for m in messages(manifest, n, rng)]
     broker = Mosquitto(tmp / f"broker-{kind}-{workers}-{backends.n}",
                        extra_conf=f"max_inflight_messages {batch_max}\n").start()
     ctx = mp.get_context("spawn")
@@ -237,7 +237,7 @@ def bench_commit_path(backends: Backends, kind: str, manifest: Manifest, n: int,
     with Session(engine) as s, s.begin():
         store.register_model(s, manifest)
     msgs = messages(manifest, n, np.random.default_rng(3))
-    inc = [Incoming(i, 1, topics.tokens_topic(m.site, m.line, m.camera), encode(m, "int8")) for i, m in enumerate(msgs)]
+    inc = [Incoming(i, 1, topics.tokens_topic(m.site, m.device, m.line, m.camera), encode(m, "int8")) for i, m in enumerate(msgs)]
     ing = Ingestor(engine, parse_config({}).ingest, "bench")
     c0, t0 = time.process_time(), time.perf_counter()
     for i in range(0, n, batch):

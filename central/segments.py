@@ -1,6 +1,6 @@
 """PostgreSQL frame segments: which one is hot, sealing it, building its ANN indexes once, and dropping it.
 
-``frames`` is partitioned by ``segment`` (migration 0002). New frames go to the one *hot* segment (no ANN
+``frames`` is partitioned by ``segment`` (migration 0003). New frames go to the one *hot* segment (no ANN
 index: COPY runs at full speed, search scans it exactly). Sealing makes the next segment hot under an
 exclusive advisory lock that every ingest transaction holds shared, so no transaction can still write the
 sealed segment afterwards; its statistics (rows, capture and frame-id ranges) are then fixed, and its

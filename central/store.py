@@ -110,15 +110,16 @@ def frame_row(msg: "TokenMessage", model_id: int, received_us: int) -> Dict[str,
         "tokens": pack_tokens(msg.summary.tokens), "sizes": pack_f32(msg.summary.sizes),
         "centroids": pack_f32(msg.summary.centroids),
         "legal_hold": False,
+        "source": (msg.metadata or {}).get("source"), "labels": (msg.metadata or {}).get("labels") or None,
     }
 
 
 # Columns written by ingest, in the order of the COPY (PostgreSQL) and the INSERT (SQLite).
 _INSERT_COLS = ("frame_id", "model_id", "device", "site", "line", "camera", "capture_us", "received_us", "seq", "flags",
-                "token_dtype", "k", "global_embedding", "tokens", "sizes", "centroids", "legal_hold")
+                "token_dtype", "k", "global_embedding", "tokens", "sizes", "centroids", "legal_hold", "source", "labels")
 # Binary COPY field types; the halfvec field is sent as its binary wire form through the bytea dumper.
 _COPY_TYPES = ("text", "int4", "text", "text", "text", "text", "int8", "int8", "int8", "int2", "text", "int2", "bytea",
-               "bytea", "bytea", "bytea", "bool", "int8")
+               "bytea", "bytea", "bytea", "bool", "text", "jsonb", "int8")
 
 
 def _halfvec_binary(v: np.ndarray) -> bytes:
@@ -127,33 +128,38 @@ def _halfvec_binary(v: np.ndarray) -> bytes:
     return struct.pack(">HH", a.shape[0], 0) + a.tobytes()
 
 
-def insert_frames(session: Session, rows: Sequence[Dict[str, Any]]) -> int:
-    """Insert rows not already present (by ``frame_id``); return how many were new. Caller commits.
+def insert_new_frames(session: Session, rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """Insert rows not already present (by ``frame_id``); return the frame ids that were new. Caller commits.
 
-    SQLite: one ``INSERT OR IGNORE`` per batch against the unique ``frame_id``. PostgreSQL: binary COPY into the
-    hot segment (no ANN index to update); ``frame_id`` is unique per segment, so the batch is first checked
-    against the segments that can hold its ids, under the shared hot lock (``central.segments``): a segment
-    sealed meanwhile waits for this transaction, and a concurrent duplicate in the hot segment fails the
-    unique index (the ingest then commits message by message and counts it as a duplicate).
+    SQLite: ``INSERT OR IGNORE`` against the unique ``frame_id`` (writers are serialised by SQLite's lock). PostgreSQL: binary COPY into the hot segment (no ANN index to
+    update); ``frame_id`` is unique per segment, so the batch is first checked against the segments that can
+    hold its ids, under the shared hot lock (``central.segments``): a segment sealed meanwhile waits for this
+    transaction, and a concurrent duplicate in the hot segment fails the unique index (the ingest then commits
+    message by message and counts it as a duplicate).
     """
     if not rows:
-        return 0
+        return []
     unique: Dict[str, Dict[str, Any]] = {}
     for r in rows:
         unique.setdefault(r["frame_id"], r)
     conn = session.connection()
+    ids = sorted(unique)
     if not is_postgres(session.get_bind()):
+        # Write first: a read would pin a snapshot that a concurrent writer's commit makes stale, and SQLite
+        # then refuses the write at once (SQLITE_BUSY, no busy wait). Row by row to learn which were new.
         raw = conn.connection.driver_connection
         cur = raw.cursor()
-        before = raw.total_changes
-        cur.executemany(f"INSERT OR IGNORE INTO frames ({', '.join(_INSERT_COLS)}) VALUES "
-                        f"({', '.join('?' * len(_INSERT_COLS))})",
-                        [tuple(pack_f32(r[c]) if c == "global_embedding" else r[c] for c in _INSERT_COLS)
-                         for r in unique.values()])
+        sql = (f"INSERT OR IGNORE INTO frames ({', '.join(_INSERT_COLS)}) VALUES "
+               f"({', '.join('?' * len(_INSERT_COLS))})")
+        added = []
+        for fid, r in unique.items():
+            before = raw.total_changes
+            cur.execute(sql, tuple(_sqlite_value(c, r[c]) for c in _INSERT_COLS))
+            if raw.total_changes != before:
+                added.append(fid)
         cur.close()
-        return raw.total_changes - before
+        return added
     hot = segments.hot_segment(conn)
-    ids = sorted(unique)
     check = [str(s.id) for s in segments.list_segments(conn)
              if s.exact or s.rows is None or (s.rows and s.min_frame_id <= ids[-1] and s.max_frame_id >= ids[0])]
     existing = set(conn.execute(text(f"SELECT frame_id FROM frames WHERE segment IN ({', '.join(check)}) "
@@ -168,13 +174,25 @@ def insert_frames(session: Session, rows: Sequence[Dict[str, Any]]) -> int:
             with raw.cursor() as cur, cur.copy(sql) as cp:
                 cp.set_types(list(_COPY_TYPES))
                 for r in new:
-                    cp.write_row((r["frame_id"], r["model_id"], r["device"], r["site"], r["line"], r["camera"],
-                                  r["capture_us"], r["received_us"], r["seq"], r["flags"], r["token_dtype"], r["k"],
-                                  _halfvec_binary(r["global_embedding"]), r["tokens"], r["sizes"], r["centroids"],
-                                  bool(r["legal_hold"]), hot))
+                    cp.write_row(tuple(_halfvec_binary(r[c]) if c == "global_embedding" else r[c]
+                                       for c in _INSERT_COLS) + (hot,))
         except psycopg.Error as exc:  # as SQLAlchemy's own errors: IntegrityError, OperationalError, ...
             raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
-    return len(new)
+    return [r["frame_id"] for r in new]
+
+
+def _sqlite_value(col: str, v: Any) -> Any:
+    """A row value as the sqlite3 driver takes it (what the ORM's column types would bind)."""
+    if col == "global_embedding":
+        return pack_f32(v)
+    if col == "labels":
+        return None if v is None else json.dumps(v)
+    return v
+
+
+def insert_frames(session: Session, rows: Sequence[Dict[str, Any]]) -> int:
+    """Insert rows not already present (by ``frame_id``); return how many were new. Caller commits."""
+    return len(insert_new_frames(session, rows))
 
 
 def touch_devices(session: Session, seen: Dict[str, tuple]) -> None:
@@ -209,7 +227,7 @@ def list_devices(session: Session) -> List[Dict[str, Any]]:
 
 
 _FRAME_META = ("frame_id", "model_id", "device", "site", "line", "camera", "capture_us", "received_us", "seq",
-               "flags", "token_dtype")
+               "flags", "token_dtype", "source", "labels")
 
 
 @dataclass
@@ -227,6 +245,8 @@ class FrameData:
     seq: int
     flags: int
     token_dtype: str
+    source: Optional[str]  # the file the frame came from (wire metadata), None for camera frames
+    labels: Optional[Dict[str, str]]  # its labels (wire metadata)
     legal_hold: bool
     summary: Summary
 
@@ -312,9 +332,16 @@ def add_original(session: Session, frame_id: str, sha256: str, location: str, si
 
 
 # -- dead letters and counters -----------------------------------------------------------------------
+# Reasons a later fix can cure (register the model, allow the dtype or protocol, fix a bug): such dead letters keep
+# their whole payload so that they can be replayed (central.dead_letters). Any other is kept truncated.
+REPLAYABLE = ("unknown_model", "dtype_not_allowed", "protocol_v1_refused", "internal_error")
+
+
 def dead_letter_row(topic: str, payload: bytes, reason: str, detail: str, max_bytes: int) -> Dict[str, Any]:
+    """A ``dead_letters`` row: the whole payload for a replayable reason, else its first ``max_bytes``."""
+    keep = payload if reason in REPLAYABLE else payload[:max_bytes]
     return {"received_us": now_us(), "topic": topic[:1024], "reason": reason[:64], "detail": detail[:2000],
-            "payload": bytes(payload[:max_bytes]), "payload_len": len(payload),
+            "payload": bytes(keep), "payload_len": len(payload),
             "payload_sha256": hashlib.sha256(payload).hexdigest()}
 
 
@@ -353,11 +380,16 @@ def table_stats(session: Session) -> Dict[str, Any]:
     return {"frames": frames, "dead_letters": dl, "originals": orig, "devices": devices}
 
 
-def list_dead_letters(session: Session, limit: int = 100) -> List[Dict[str, Any]]:
+def list_dead_letters(session: Session, limit: int = 100, reason: Optional[str] = None) -> List[Dict[str, Any]]:
+    """The latest dead letters (newest first); ``replayable``: the whole payload is kept."""
+    q = select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit)
+    if reason is not None:
+        q = q.where(DeadLetter.reason == reason)
     return [{"id": d.id, "received_us": d.received_us, "topic": d.topic, "reason": d.reason,
              "detail": d.detail, "payload_len": d.payload_len, "payload_sha256": d.payload_sha256,
-             "payload_head_hex": bytes(d.payload[:64]).hex()}
-            for d in session.scalars(select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit))]
+             "payload_head_hex": bytes(d.payload[:64]).hex(),
+             "replayable": 0 < d.payload_len == len(d.payload)}
+            for d in session.scalars(q)]
 
 
 # -- API tokens --------------------------------------------------------------------------------------
@@ -381,6 +413,26 @@ def lookup_token(session: Session, token: str) -> Optional[tuple]:
     return (row.name, row.role) if row else None
 
 
-def revoke_token(session: Session, name: str) -> int:
-    return session.execute(update(ApiToken).where(ApiToken.name == name, ApiToken.revoked_us.is_(None))
+def _token_info(t: ApiToken) -> Dict[str, Any]:
+    return {"id": t.id, "name": t.name, "role": t.role, "created_us": t.created_us, "revoked_us": t.revoked_us,
+            "fingerprint": t.token_sha256[:12]}
+
+
+def list_tokens(session: Session) -> List[Dict[str, Any]]:
+    """Every token ever created (the secret is never stored; ``fingerprint`` is the start of its sha256)."""
+    return [_token_info(t) for t in session.scalars(select(ApiToken).order_by(ApiToken.id))]
+
+
+def revoke_tokens(session: Session, name: Optional[str] = None, token_id: Optional[int] = None) -> int:
+    """Revoke the unrevoked tokens called ``name``, or the one with ``token_id``; returns how many were revoked
+    now. Requests with them are refused (401) once the API's token cache has expired them (seconds)."""
+    if (name is None) == (token_id is None):
+        raise ValueError("give name or token_id")
+    cond = ApiToken.name == name if name is not None else ApiToken.id == token_id
+    return session.execute(update(ApiToken).where(cond, ApiToken.revoked_us.is_(None))
                            .values(revoked_us=now_us())).rowcount
+
+
+def get_token(session: Session, token_id: int) -> Optional[Dict[str, Any]]:
+    t = session.get(ApiToken, token_id)
+    return None if t is None else _token_info(t)

@@ -115,7 +115,7 @@ def _wire(manifest, rng, n, ts0):
     out = []
     for i in range(n):
         m = make_message(manifest, rng, camera=f"c{i % 2}", ts_us=ts0 + i * 1000, seq=i)
-        out.append(Incoming(i, 1, topics.tokens_topic(m.site, m.line, m.camera), encode(m, "int8")))
+        out.append(Incoming(i, 1, topics.tokens_topic(m.site, m.device, m.line, m.camera), encode(m, "int8")))
     return out
 
 

@@ -10,8 +10,8 @@ segments under the hot-segment lock, so it stays unique across all of them (``ce
 waits for, so any insert (COPY or INSERT) lands in a segment that is still hot when it commits.
 SQLite keeps its single table: this revision changes nothing there.
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 Create Date: 2026-12-01 17:00:00
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ import time
 
 from alembic import op
 
-revision = '0002'
-down_revision = '0001'
+revision = '0003'
+down_revision = '0002'
 branch_labels = None
 depends_on = None
 
@@ -69,6 +69,7 @@ def upgrade() -> None:
     op.execute("ALTER TABLE frames ADD CONSTRAINT fk_frames_model_id_models FOREIGN KEY (model_id) REFERENCES models (id)")
     op.execute("CREATE INDEX ix_frames_place_ts ON frames (site, line, camera, capture_us)")
     op.execute("CREATE INDEX ix_frames_ts ON frames (capture_us)")
+    op.execute("CREATE INDEX ix_frames_labels ON frames USING gin (labels)")  # 0002's label filter index
 
 
 def downgrade() -> None:
@@ -87,6 +88,7 @@ def downgrade() -> None:
     op.execute("CREATE INDEX ix_frames_model_ts ON frames (model_id, capture_us)")
     op.execute("CREATE INDEX ix_frames_place_ts ON frames (site, line, camera, capture_us)")
     op.execute("CREATE INDEX ix_frames_ts ON frames (capture_us)")
+    op.execute("CREATE INDEX ix_frames_labels ON frames USING gin (labels)")
     op.execute("DROP FUNCTION tokenline_hot_segment()")
     op.execute("DROP TABLE frame_segments")
     # 0001's per-model HNSW indexes (what register_model created then)

@@ -286,7 +286,7 @@ def fill(engine, model_id: int, emb: np.ndarray, pool: list, pg_seal_rows: int =
                      "capture_us": T0 + i * FPS_US,
                      "received_us": T0 + i * FPS_US, "seq": i, "flags": 0, "token_dtype": "int8", "k": K,
                      "global_embedding": emb[i], "tokens": pool[i % 256], "sizes": sizes, "centroids": cents,
-                     "legal_hold": False} for i in range(a, b)]
+                     "legal_hold": False, "source": None, "labels": None} for i in range(a, b)]
             with Session(engine) as s, s.begin():
                 done += store.insert_frames(s, rows)
             if (b // chunk) % 40 == 0:
@@ -465,6 +465,15 @@ def _save(tmp: Path, name: str, data) -> None:
     (Path(os.environ.get("TOKENLINE_BENCH_OUT", tmp)) / f"{name}.json").write_text(json.dumps(data, indent=1))
 
 
+def _saved(name: str):
+    """A stage's results saved by an earlier run into $TOKENLINE_BENCH_OUT (``--resume``), or None."""
+    import json
+
+    out = os.environ.get("TOKENLINE_BENCH_OUT")
+    path = Path(out) / f"{name}.json" if out else None
+    return json.loads(path.read_text()) if path is not None and path.exists() else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=1_000_000)
@@ -478,6 +487,8 @@ def main() -> int:
     ap.add_argument("--no-postgres", action="store_true")
     ap.add_argument("--skip-search", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the stages an earlier run saved in $TOKENLINE_BENCH_OUT (same arguments) and run the rest")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     tmp = Path(tempfile.mkdtemp(prefix="tokenline-bench-"))
@@ -488,22 +499,30 @@ def main() -> int:
     prof_path = str(tmp / "worker.prof")
     try:
         manifest = Manifest.from_file(build_tiny_model(tmp / "model", size=32, patch=8, dim=D))
-        for r in range(args.runs):
-            for k in kinds:
-                for w in args.workers:
-                    prof = prof_path if (r == 0 and k == "postgresql" and w == 1) else ""
-                    ingest.setdefault((k, w), []).append(
-                        bench_ingest(backends, k, manifest, args.ingest_messages, w, args.batch_max, tmp, prof))
-        prof_table = profile_lines(prof_path) if Path(prof_path).exists() else []
-        commit = {k: bench_commit_path(backends, k, manifest, args.ingest_messages, args.batch_max) for k in kinds}
-        _save(tmp, "ingest", {"ingest": {f"{k}/{w}": v for (k, w), v in ingest.items()}, "commit": commit,
-                              "profile": prof_table})
+        saved = _saved("ingest") if args.resume else None
+        if saved is not None:
+            ingest = {(k.split("/")[0], int(k.split("/")[1])): v for k, v in saved["ingest"].items()}
+            commit, prof_table = saved["commit"], saved["profile"]
+            console.log("ingest and commit path: reused from the earlier run")
+        else:
+            for r in range(args.runs):
+                for k in kinds:
+                    for w in args.workers:
+                        prof = prof_path if (r == 0 and k == "postgresql" and w == 1) else ""
+                        ingest.setdefault((k, w), []).append(
+                            bench_ingest(backends, k, manifest, args.ingest_messages, w, args.batch_max, tmp, prof))
+            prof_table = profile_lines(prof_path) if Path(prof_path).exists() else []
+            commit = {k: bench_commit_path(backends, k, manifest, args.ingest_messages, args.batch_max) for k in kinds}
+            _save(tmp, "ingest", {"ingest": {f"{k}/{w}": v for (k, w), v in ingest.items()}, "commit": commit,
+                                  "profile": prof_table})
         search_sq, search_pg = None, None
         if not args.skip_search:
             emb, pool = dataset(args.frames)
             qs = queries(emb, args.queries)
-            search_sq = bench_sqlite_search(backends, manifest, emb, pool, qs)
-            _save(tmp, "sqlite", search_sq)
+            search_sq = _saved("sqlite") if args.resume else None
+            if search_sq is None:
+                search_sq = bench_sqlite_search(backends, manifest, emb, pool, qs)
+                _save(tmp, "sqlite", search_sq)
             if not args.no_postgres:
                 search_pg = bench_pg_search(backends, manifest, emb, pool, qs, args.seal_rows)
                 _save(tmp, "postgresql", search_pg)

@@ -195,13 +195,7 @@ def build_query(session: Session, encoders: "EncoderPool", *, image: Optional[by
     if len(given) != 1:
         raise Invalid("give exactly one of: image (file), q (text), like_frame (frame id)", reason=BAD_QUERY)
     if like_frame:
-        fr = store.get_frame(session, like_frame.strip().lower())
-        if fr is None:
-            raise NotFound(f"unknown frame {like_frame!r}", reason=BAD_QUERY)
-        if model_id is not None and model_id != fr.model_id:
-            raise Invalid("like_frame belongs to another model; embeddings of different models are never compared",
-                          reason=BAD_QUERY)
-        model = resolve_model(session, fr.model_id)
+        fr, model = stored_frame(session, like_frame, model_id, "like_frame")
         return model, Query.from_summary(model.id, fr.summary, exclude_frame_id=fr.frame_id)
     model = resolve_model(session, model_id)
     enc = encoders.get(model)
@@ -228,14 +222,20 @@ def build_region_query(session: Session, encoders: "EncoderPool", *, image: Opti
         return model, regions.crop_query(encoders, model, image, max_image_pixels)
     if box is None:
         raise Invalid("a region query on a frame needs box=x0,y0,x1,y1 (fractions of the frame)", reason=BAD_QUERY)
-    fr = store.get_frame(session, store.check_frame_id((frame_id or "").strip().lower()))
+    fr, model = stored_frame(session, frame_id or "", model_id, "frame_id")
+    return model, regions.box_query(fr, model, box)
+
+
+def stored_frame(session: Session, frame_id: str, model_id: Optional[int], field: str) -> Tuple[FrameData, ModelInfo]:
+    """A stored frame used as a query (``field`` names the form field) and its model; ``model_id``, when given,
+    must be that model (embeddings of different models are never compared)."""
+    fr = store.get_frame(session, frame_id.strip().lower())
     if fr is None:
         raise NotFound(f"unknown frame {frame_id!r}", reason=BAD_QUERY)
     if model_id is not None and model_id != fr.model_id:
-        raise Invalid("the frame belongs to another model; embeddings of different models are never compared",
+        raise Invalid(f"{field} belongs to another model; embeddings of different models are never compared",
                       reason=BAD_QUERY)
-    model = resolve_model(session, fr.model_id)
-    return model, regions.box_query(fr, model, box)
+    return fr, resolve_model(session, fr.model_id)
 
 
 def normalize(v: np.ndarray) -> np.ndarray:

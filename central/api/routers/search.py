@@ -33,9 +33,7 @@ async def search(svc: ServicesDep, session: SessionDep, _p: Viewer,
     t0 = time.perf_counter()
     filters = Filters(site or None, line or None, camera or None, since_us, until_us, parse_labels(label))
     limit = svc.cfg.originals.max_upload_bytes
-    if image is not None and image.size is not None and image.size > limit:
-        raise TooLarge(f"image is {image.size} bytes, limit {limit}", reason=BAD_QUERY)
-    data = await image.read() if image is not None else None
+    data = await _upload(image, limit)
     model, query = await svc.images.run(build_query, session, svc.encoders, image=data, query_text=q,
                                         like_frame=like_frame, model_id=model_id, max_image_bytes=limit,
                                         max_image_pixels=svc.cfg.api.max_image_pixels)
@@ -60,9 +58,7 @@ async def search_region(svc: ServicesDep, session: SessionDep, _p: Viewer,
     t0 = time.perf_counter()
     filters = Filters(site or None, line or None, camera or None, since_us, until_us, parse_labels(label))
     limit = svc.cfg.originals.max_upload_bytes
-    if image is not None and image.size is not None and image.size > limit:
-        raise TooLarge(f"image is {image.size} bytes, limit {limit}", reason=BAD_QUERY)
-    data = await image.read() if image is not None else None
+    data = await _upload(image, limit)
     model, query = await svc.images.run(build_region_query, session, svc.encoders, image=data, frame_id=frame_id,
                                         box=None if box is None else parse_box(box), model_id=model_id,
                                         max_image_bytes=limit, max_image_pixels=svc.cfg.api.max_image_pixels)
@@ -71,3 +67,12 @@ async def search_region(svc: ServicesDep, session: SessionDep, _p: Viewer,
     svc.metrics.observe_search(dt)
     return {"model": model.public(), "took_ms": round(dt * 1000, 2), "query": query.public(),
             "results": [h.public() for h in hits]}
+
+
+async def _upload(image: Optional[UploadFile], limit: int) -> Optional[bytes]:
+    """The uploaded query image's bytes (None when none was sent); refused by its declared size over ``limit``."""
+    if image is None:
+        return None
+    if image.size is not None and image.size > limit:
+        raise TooLarge(f"image is {image.size} bytes, limit {limit}", reason=BAD_QUERY)
+    return await image.read()

@@ -383,7 +383,8 @@ def product_rep(feats: Dict[str, np.ndarray], k: int) -> Rep:
     return Rep(tokens, fp)
 
 
-def product_rows(fs: "FeatureSets", model_dir: Path) -> List[dict]:
+def product_rows(fs: "FeatureSets", model_dir: Path, roles: Sequence[str] = ("encoder", "encoder_unmerged"),
+                 task1: bool = True) -> List[dict]:
     """The exported model's outputs (ONNX Runtime, merged as exported and the unmerged reference) on the same
     tasks: mosaics 3x3 at 224 px or 2x2 at 448 px (the model's input size), region queries = the patch mean of the
     query image tiled like a mosaic tile, anomaly with banks of calibration mosaics, ELPV and task 1 at 224."""
@@ -399,7 +400,7 @@ def product_rows(fs: "FeatureSets", model_dir: Path) -> List[dict]:
     qi = fs.neu.split["query"]
     q_lab = fs.neu.labels[qi]
     rows: List[dict] = []
-    for role in ("encoder", "encoder_unmerged"):
+    for role in roles:
         if not any(f.role == role for f in m.files):
             continue
         prod = Product(Path(model_dir), role)
@@ -429,7 +430,7 @@ def product_rows(fs: "FeatureSets", model_dir: Path) -> List[dict]:
                     probs, is_bank, _ = e
                     row["elpv"] = elpv_anomaly(probs, is_bank, Rep(quantize(erep.tokens, dt), erep.footprint))
                 rows.append(row)
-        if px == 224:  # task 1 through the product: global alone and 0.5 global + 0.5 MaxSim (central's default)
+        if px == 224 and task1:  # task 1 through the product: global alone and 0.5 global + 0.5 MaxSim (central's default)
             idx = fs.single_index()
             sf = cached_features(f"neu-single-{prod.name}", prod.key + f"|single|{idx.tolist()}",
                                  lambda i: fs.read(int(idx[i])), len(idx), prod.extractor, 4, fs.progress)
@@ -960,6 +961,9 @@ def main() -> int:
     ap.add_argument("--product", type=Path, action="append", default=[],
                     help="an exported slic model directory: its ONNX outputs (merged and unmerged) as product rows "
                          "(repeatable; e.g. 224 and 448 px exports)")
+    ap.add_argument("--product-roles", default="encoder,encoder_unmerged",
+                    help="encoder files of the product models: encoder (as exported), encoder_unmerged (reference)")
+    ap.add_argument("--no-task1", action="store_true", help="product rows without task 1 (600 more encodings)")
     ap.add_argument("--product-only", action="store_true",
                     help="only the product rows: the research tables stay as they are in BENCHMARKS.md")
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=True,
@@ -975,12 +979,14 @@ def main() -> int:
     with Progress(console=console, transient=True) as progress:
         fs = FeatureSets(neu_data(), progress)
         if args.product:
-            prows = [r for d in args.product for r in product_rows(fs, d)]
+            prows = [r for d in args.product for r in product_rows(fs, d, args.product_roles.split(","),
+                                                                    not args.no_task1)]
             t = md_table(prows, PRODUCT_COLS)
             print_md(console, "Product path (exported ONNX models)", t)
             if args.write:
+                extra = [f"--product-roles {args.product_roles}"] + (["--no-task1"] if args.no_task1 else [])
                 write_section("summary_product", "Summary tokens through the product path (exported ONNX models)",
-                              product_intro(args.product) + t + "\n")
+                              product_intro(args.product, extra) + t + "\n")
                 console.print("wrote BENCHMARKS.md (summary_product)")
         if args.product_only:
             return 0
@@ -1080,7 +1086,7 @@ def main() -> int:
     return 0
 
 
-def product_intro(dirs: Sequence[Path]) -> str:
+def product_intro(dirs: Sequence[Path], extra: Sequence[str] = ()) -> str:
     """What the product rows are, with the exported models' settings from their manifests."""
     from tokenline.manifest import Manifest
 
@@ -1098,7 +1104,7 @@ def product_intro(dirs: Sequence[Path]) -> str:
             "image tiled like a mosaic tile (central's crop query); tokens that stand for no footprint cell take no "
             "part (as at central); int8/int4 = the wire's per-token quantization. Task 1: leave-one-out over 600 "
             "NEU-DET images, MaxSim unweighted over the query tokens. Command: `python benchmarks/bench_summary.py "
-            "--product-only " + " ".join(f"--product {d}" for d in dirs) + "`.\n\n")
+            "--product-only " + " ".join(f"--product {d}" for d in dirs) + "".join(f" {e}" for e in extra) + "`.\n\n")
 
 
 def verdicts(rows: List[dict], t1: List[dict], fused: List[dict], n_p: int) -> str:

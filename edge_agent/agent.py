@@ -20,6 +20,7 @@ from typing import Deque, Dict, List, Optional
 import numpy as np
 
 from edge_agent import health
+from edge_agent.anomaly import EdgeScorer
 from edge_agent.capture import CameraWorker
 from edge_agent.config import AgentConfig
 from edge_agent.mqtt_link import MqttLink
@@ -28,6 +29,7 @@ from edge_agent.outbox import Outbox
 from edge_agent.queues import DropOldestQueue, FrameHub, Sample
 from runtime.runners import Runner, RunnerError, make_runner
 from tokenline import topics
+from tokenline.anomaly import AnomalyScore, BankError
 from tokenline.manifest import Manifest, ManifestError, verify_files
 from tokenline.preprocess import ImageError, preprocess
 from tokenline.summary import Summary
@@ -70,6 +72,10 @@ class Agent:
             except RunnerError as exc:
                 raise AgentError(str(exc)) from None
         self.runner = runner
+        try:
+            self.anomaly = EdgeScorer(cfg, self.manifest) if cfg.anomaly.enabled else None
+        except BankError as exc:
+            raise AgentError(f"anomaly: {exc}") from None
         self.rois = {c.name: c.roi for c in cfg.cameras}
         self.hub = FrameHub({c.name: c.queue_depth for c in cfg.cameras})
         self.results: DropOldestQueue[Result] = DropOldestQueue(cfg.messages.results_queue)
@@ -221,13 +227,15 @@ class Agent:
             self.inference_done.set()
 
     # -- outbox writer ----------------------------------------------------------------------------------------
-    def _message_bytes(self, r: Result) -> bytes:
+    def _message_bytes(self, r: Result, anomaly: Optional[AnomalyScore] = None) -> bytes:
         s = r.sample
         summary = replace(r.summary, centroids=np.clip(r.summary.centroids, 0.0, 1.0))
+        version = self.cfg.messages.wire_version
         msg = TokenMessage(frame_id=s.frame_id, device=self.cfg.device, site=self.cfg.site, line=s.line,
                            camera=s.camera, capture_ts_us=s.capture_ts_us, seq=0, manifest_hash=self.manifest_hash,
-                           summary=summary, token_dtype=self.cfg.messages.token_dtype)
-        return encode(msg, version=self.cfg.messages.wire_version)
+                           summary=summary, token_dtype=self.cfg.messages.token_dtype,
+                           anomaly=anomaly if version >= 2 else None)
+        return encode(msg, version=version)
 
     def _writer_loop(self) -> None:
         try:
@@ -238,10 +246,11 @@ class Agent:
                     if self.inference_done.is_set() and not len(self.results):
                         return
                     continue
-                entries = []
+                entries, alerts = [], []
                 for r in items:
+                    a = self.anomaly.score(r.sample.camera, r.summary) if self.anomaly is not None else None
                     try:
-                        buf = self._message_bytes(r)
+                        buf = self._message_bytes(r, a)
                     except WireError as exc:
                         self.counters["encode_errors"] += 1
                         log.error("camera %s: cannot encode frame %s: %s (%s)", r.sample.camera,
@@ -249,6 +258,10 @@ class Agent:
                         continue
                     topic = topics.tokens_topic(self.cfg.site, r.sample.line, r.sample.camera)
                     entries.append((r.sample.camera, topic, lambda seq, b=buf: with_header(b, seq=seq)))
+                    if a is not None and a.flagged and self.cfg.anomaly.alerts:
+                        s = r.sample
+                        alerts.append(self.anomaly.alert(a, s.frame_id.hex(), s.line, s.camera, s.capture_ts_us,
+                                                         r.summary))
                 if entries:
                     try:
                         self.outbox.put_many(entries)
@@ -259,6 +272,8 @@ class Agent:
                         log.error("outbox write failed, %d frame(s) dropped (counted): %s", len(entries), exc)
                         continue
                     self.link.wake()
+                for alert in alerts:  # the frames are in the outbox: tell the line now
+                    self.anomaly.sent(self.link.publish_alert(alert.topic, alert.to_json()))
                 now = time.monotonic()
                 for r in items:
                     self._latency.append((now - r.sample.t_captured) * 1000.0)
@@ -330,6 +345,7 @@ class Agent:
                           if self.originals is not None else None),
             "commands": {"received": self.link.commands_received, "rejected": self.link.commands_rejected,
                          "applied": self.counters["commands_applied"]},
+            "anomaly": self.anomaly.stats() if self.anomaly is not None else None,
         }
         return snap
 

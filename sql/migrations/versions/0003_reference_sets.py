@@ -4,7 +4,7 @@ Both dialects. ``frame_scores`` has no foreign key to ``frames`` (a partitioned 
 referenced by ``frame_id`` alone); the retention sweep drops scores whose frames it deleted.
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0002
 Create Date: 2026-12-01 18:30:00
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 
 revision = '0003'
-down_revision = '0001'
+down_revision = '0002'
 branch_labels = None
 depends_on = None
 

@@ -180,9 +180,10 @@ def create_set(session: Session, cfg: AnomalyConfig, *, name: str, model_id: Opt
     _check_mode(mode)
     if not frame_ids and since_us is None and until_us is None:
         raise Invalid("give frame ids or a time range (since_us / until_us)", reason=REASON)
+    frame_ids = [store.check_frame_id(str(f).strip().lower()) for f in frame_ids]
     if frame_ids and None in (model_id, site, line, camera):
         first = session.execute(select(Frame.model_id, Frame.site, Frame.line, Frame.camera)
-                                .where(Frame.frame_id == str(frame_ids[0]).strip().lower())).first()
+                                .where(Frame.frame_id == frame_ids[0])).first()
         if first is None:
             raise NotFound(f"frame {frame_ids[0]} is not stored", reason=REASON)
         model_id = first[0] if model_id is None else model_id

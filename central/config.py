@@ -34,6 +34,9 @@ class IngestConfig(StrictModel):
     dead_letter_max_bytes: int = Field(1024, ge=0)
     allowed_token_dtypes: List[Literal["int8", "int4", "fp16"]] = ["int8", "int4", "fp16"]
     retry_backoff_max_s: float = Field(30.0, gt=0)  # database unavailable: retry the batch, never ack early
+    # Also consume protocol v1 topics (edges not upgraded yet: no device in their token topics, so their identity
+    # is not bound by the broker, and no commit acknowledgements). Switch off once every edge runs protocol 2.
+    accept_protocol_v1: bool = True
 
 
 class LineOverride(StrictModel):

@@ -30,7 +30,7 @@ class EdgeScorer:
 
     def __init__(self, cfg: AgentConfig, manifest: Manifest) -> None:
         root = cfg.anomaly.dir or Path(cfg.model.dir) / "anomaly"
-        self.site, self.mode = cfg.site, cfg.messages.token_dtype
+        self.site, self.device, self.mode = cfg.site, cfg.device, cfg.messages.token_dtype
         self.hash16 = manifest.hash_bytes().hex()
         self.grid: Tuple[int, int] = tuple(manifest.encoder.grid)  # type: ignore[assignment]
         self.banks: Dict[str, Bank] = {}
@@ -70,7 +70,7 @@ class EdgeScorer:
     def alert(self, a: AnomalyScore, frame_id: str, line: str, camera: str, capture_us: int,
               summary: Summary) -> Alert:
         box = token_region(summary, a.token, self.grid).box if a.token >= 0 else (0.0, 0.0, 0.0, 0.0)
-        alert = Alert(frame_id=frame_id, site=self.site, line=line, camera=camera, capture_us=capture_us,
+        alert = Alert(frame_id=frame_id, site=self.site, device=self.device, line=line, camera=camera, capture_us=capture_us,
                       score=a.score, threshold=a.threshold, reference_set=a.set_id, set_version=a.set_version,
                       token=a.token, box=tuple(float(v) for v in box), source="edge", model=self.hash16)
         with self.lock:

@@ -44,6 +44,7 @@ class FrameMeta:
     model_id: int
     model_hash: str
     site: str
+    device: str
     line: str
     camera: str
     capture_us: int
@@ -80,7 +81,7 @@ def score_frames(bank: Bank, frames: Sequence[Tuple[FrameMeta, Summary]], grid: 
                "edge_score": meta.edge_score, "scored_us": now}
         alert = None
         if a.flagged:
-            alert = Alert(frame_id=meta.frame_id, site=meta.site, line=meta.line, camera=meta.camera,
+            alert = Alert(frame_id=meta.frame_id, site=meta.site, device=meta.device, line=meta.line, camera=meta.camera,
                           capture_us=meta.capture_us, score=a.score, threshold=a.threshold, reference_set=a.set_id,
                           set_version=a.set_version, token=a.token, box=tuple(float(v) for v in box),
                           source="central", model=meta.model_hash)
@@ -146,7 +147,7 @@ class Scorer:
                 continue
             edge = msg.anomaly
             same = edge is not None and (edge.set_id, edge.set_version) == (bank.info.set_id, bank.info.set_version)
-            meta = FrameMeta(msg.frame_id_hex, model.id, model.hash16, msg.site, msg.line, msg.camera,
+            meta = FrameMeta(msg.frame_id_hex, model.id, model.hash16, msg.site, msg.device, msg.line, msg.camera,
                              int(msg.capture_ts_us), float(edge.score) if same else None)
             groups.setdefault(key, []).append((meta, msg.summary))
             grids[key] = tuple(model.manifest.encoder.grid)
@@ -201,7 +202,7 @@ def backfill(engine: Engine, set_id: Optional[int] = None, batch: int = 500,
         if bank is None:
             continue
         done, last_id = 0, 0
-        cols = [Frame.id, Frame.frame_id, Frame.capture_us, Frame.k, Frame.tokens, Frame.sizes, Frame.centroids]
+        cols = [Frame.id, Frame.frame_id, Frame.device, Frame.capture_us, Frame.k, Frame.tokens, Frame.sizes, Frame.centroids]
         if bank.info.mode != "tokens":
             cols.append(Frame.global_embedding)
         while True:
@@ -220,8 +221,8 @@ def backfill(engine: Engine, set_id: Optional[int] = None, batch: int = 500,
                         g = (np.asarray(r.global_embedding, np.float32) if bank.info.mode != "tokens"
                              else np.zeros(1, np.float32))
                         summary = Summary(g, t, unpack_f32(r.sizes, (k,)), unpack_f32(r.centroids, (k, 2)))
-                        frames.append((FrameMeta(r.frame_id, row.model_id, hash16, row.site, row.line, row.camera,
-                                                 int(r.capture_us)), summary))
+                        frames.append((FrameMeta(r.frame_id, row.model_id, hash16, row.site, r.device, row.line,
+                                                 row.camera, int(r.capture_us)), summary))
                     scored += score_frames(bank, frames, grid)
                 s.execute(_insert(s, fs, update=True), [x.row for x in scored])
                 store.add_counters(s, "backfill", {SCORED: len(scored)})

@@ -86,7 +86,7 @@ def test_reference_set_from_the_api_then_ingest_scores_alerts_odd_frames_only_an
         normal = [frame_message(tiny_manifest, rng, T0 + 10**9 + i, seq=100 + i) for i in range(8)]
         odd = [frame_message(tiny_manifest, rng, T0 + 2 * 10**9 + i, seq=200 + i, odd=j) for i, j in ((0, 5), (1, 11))]
         live = normal[:4] + odd[:1] + normal[4:] + odd[1:]
-        _publish_all(pub, [(topics.tokens_topic("s1", "l1", "c1"), encode(m, "int8"), False) for m in live])
+        _publish_all(pub, [(topics.tokens_topic("s1", "d1", "l1", "c1"), encode(m, "int8"), False) for m in live])
         assert _wait_for(lambda: tx(engine, lambda s: s.scalar(select(func.count()).select_from(FrameScore))) == 10,
                          30), "".join(log.lines[-30:])
         with Session(engine) as s:
@@ -104,7 +104,7 @@ def test_reference_set_from_the_api_then_ingest_scores_alerts_odd_frames_only_an
         time.sleep(0.5)
         got = [topics.parse_alert(p) for t, p, _ in alerts.raw]
         assert [a.frame_id for a in got] == [m.frame_id.hex() for m in odd]  # odd frames only, once each
-        assert all(t == topics.alert_topic("s1", "l1", "c1") for t, _, _ in alerts.raw)
+        assert all(t == topics.alert_topic("s1", "d1", "l1", "c1") for t, _, _ in alerts.raw)
         assert {(a.source, a.reference_set, a.set_version, a.model) for a in got} == \
             {("central", rs["id"], 1, model.hash16)}
         assert [a.token for a in got] == [5, 11]
@@ -113,7 +113,7 @@ def test_reference_set_from_the_api_then_ingest_scores_alerts_odd_frames_only_an
         assert late.raw[0][2] and topics.parse_alert(late.raw[0][1]).frame_id == odd[1].frame_id.hex()
         late.close()
         # a redelivered odd frame is a duplicate: no second score, no second alert
-        _publish_all(pub, [(topics.tokens_topic("s1", "l1", "c1"), encode(odd[0], "int8"), False)])
+        _publish_all(pub, [(topics.tokens_topic("s1", "d1", "l1", "c1"), encode(odd[0], "int8"), False)])
         assert _wait_for(lambda: tx(engine, store.counter_totals).get("duplicates", 0) == 1)
         time.sleep(0.5)
         assert len(alerts.raw) == 2
@@ -310,8 +310,8 @@ def test_webhook_retries_then_delivers_and_gives_up_after_its_retries(engine):
     srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_address[1]}/hook"
-    alert = topics.Alert(frame_id="0" * 12 + "7" + "0" * 19, site="s1", line="l1", camera="c1", capture_us=1,
-                         score=0.9, threshold=0.5, reference_set=1, set_version=1, token=3, box=(0, 0, 0.5, 0.5),
+    alert = topics.Alert(frame_id="0" * 12 + "7" + "0" * 19, site="s1", device="d1", line="l1", camera="c1",
+                         capture_us=1, score=0.9, threshold=0.5, reference_set=1, set_version=1, token=3, box=(0, 0, 0.5, 0.5),
                          source="central", model="ab" * 16)
     try:
         hook = Webhook(WebhookConfig(url=url, retries=2, backoff_s=0.05, timeout_s=2), engine, "w1")

@@ -187,16 +187,18 @@ def test_anomaly_section_round_trip_and_older_readers_skip_it(monkeypatch) -> No
 
 
 def test_alert_topic_and_payload() -> None:
-    al = topics.Alert(frame_id="0" * 12 + "7" + "0" * 19, site="s1", line="l.1", camera="c-1", capture_us=5,
+    al = topics.Alert(frame_id="0" * 12 + "7" + "0" * 19, site="s1", device="d_1", line="l.1", camera="c-1",
+                      capture_us=5,
                       score=0.9, threshold=0.5, reference_set=3, set_version=2, token=9, box=(0.5, 0.25, 0.75, 0.5),
                       source="central", model="ab" * 16)
-    assert al.topic == "tokenline/v1/s1/l.1/c-1/alert"
+    assert al.topic == "tokenline/v2/s1/d_1/alert/l.1/c-1"  # the v2 layout: the device whose camera it is
     t = topics.parse_topic(al.topic)
-    assert (t.kind, t.site, t.line, t.camera) == ("alert", "s1", "l.1", "c-1")
+    assert (t.kind, t.site, t.device, t.line, t.camera) == ("alert", "s1", "d_1", "l.1", "c-1")
+    assert topics.ALERTS_FILTER == "tokenline/v2/+/+/alert/+/+"
     assert topics.parse_alert(al.to_json()) == al
     good = json.loads(al.to_json())
     for key, bad in (("score", "x"), ("box", [0, 0, 2, 1]), ("source", "nobody"), ("frame_id", "xyz"),
-                     ("token", -2), ("model", "AB" * 16), ("site", "a/b")):
+                     ("token", -2), ("model", "AB" * 16), ("site", "a/b"), ("device", "+")):
         with pytest.raises(topics.TopicError):
             topics.parse_alert(json.dumps(dict(good, **{key: bad})).encode())
     with pytest.raises(topics.TopicError, match="unknown"):

@@ -97,7 +97,7 @@ class AnomalyConfig(StrictModel):
     nprobe: int = Field(8, ge=1)  # inverted lists searched per token (BENCHMARKS.md anomaly: cost vs AUROC)
     min_token_size: float = Field(1.0, ge=0)  # tokens standing for fewer patches are not scored (empty ones)
     quantile: float = Field(0.99, gt=0, le=1)  # default threshold: this quantile of the leave-one-out scores
-    alerts: bool = True  # ingest workers publish alerts on tokenline/v1/<site>/<line>/<camera>/alert
+    alerts: bool = True  # ingest workers publish alerts on tokenline/v2/<site>/<device>/alert/<line>/<camera>
     webhook: WebhookConfig = WebhookConfig()
 
 

@@ -70,9 +70,10 @@ class EdgeScorer:
     def alert(self, a: AnomalyScore, frame_id: str, line: str, camera: str, capture_us: int,
               summary: Summary) -> Alert:
         box = token_region(summary, a.token, self.grid).box if a.token >= 0 else (0.0, 0.0, 0.0, 0.0)
-        alert = Alert(frame_id=frame_id, site=self.site, device=self.device, line=line, camera=camera, capture_us=capture_us,
-                      score=a.score, threshold=a.threshold, reference_set=a.set_id, set_version=a.set_version,
-                      token=a.token, box=tuple(float(v) for v in box), source="edge", model=self.hash16)
+        alert = Alert(frame_id=frame_id, site=self.site, device=self.device, line=line, camera=camera,
+                      capture_us=capture_us, score=a.score, threshold=a.threshold, reference_set=a.set_id,
+                      set_version=a.set_version, token=a.token, box=tuple(float(v) for v in box), source="edge",
+                      model=self.hash16)
         with self.lock:
             self.last_flagged = {"frame_id": frame_id, "camera": camera, "score": round(a.score, 6),
                                  "capture_us": capture_us}

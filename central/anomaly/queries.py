@@ -72,15 +72,15 @@ def _scored(r: FrameScore) -> ScoredFrame:
                        None if r.edge_score is None else float(r.edge_score), int(r.scored_us))
 
 
-def _filtered(q: Select, model_id: Optional[int], f: Filters) -> Select:
-    for col, v in ((FrameScore.model_id, model_id), (FrameScore.site, f.site), (FrameScore.line, f.line),
-                   (FrameScore.camera, f.camera)):
+def _filtered(q: Select, model_id: Optional[int], f: Filters, table: Any = FrameScore) -> Select:
+    """``q`` restricted to a model, a place and a capture-time range on ``table``'s columns (frames or scores)."""
+    for col, v in ((table.model_id, model_id), (table.site, f.site), (table.line, f.line), (table.camera, f.camera)):
         if v is not None:
             q = q.where(col == v)
     if f.since_us is not None:
-        q = q.where(FrameScore.capture_us >= f.since_us)
+        q = q.where(table.capture_us >= f.since_us)
     if f.until_us is not None:
-        q = q.where(FrameScore.capture_us < f.until_us)
+        q = q.where(table.capture_us < f.until_us)
     return q
 
 
@@ -175,14 +175,7 @@ def similar_region(session: Session, frame_id: str, token: Optional[int] = None,
     grid = tuple(next(m for m in store.list_models(session) if m.id == row.model_id).manifest.encoder.grid)
     q = summary.tokens[token] / max(float(np.linalg.norm(summary.tokens[token])), 1e-12)
     cols = [Frame.id, Frame.frame_id, Frame.site, Frame.line, Frame.camera, Frame.capture_us, Frame.k, Frame.tokens]
-    base = select(*cols).where(Frame.model_id == row.model_id, Frame.frame_id != frame_id)
-    for col, v in ((Frame.site, filters.site), (Frame.line, filters.line), (Frame.camera, filters.camera)):
-        if v is not None:
-            base = base.where(col == v)
-    if filters.since_us is not None:
-        base = base.where(Frame.capture_us >= filters.since_us)
-    if filters.until_us is not None:
-        base = base.where(Frame.capture_us < filters.until_us)
+    base = _filtered(select(*cols).where(Frame.frame_id != frame_id), row.model_id, filters, Frame)
     k = max(1, min(int(k), 200))
     best: List[Tuple[float, int, Any]] = []  # (sim, token, row) of the top k so far
     last = 0

@@ -81,10 +81,10 @@ def score_frames(bank: Bank, frames: Sequence[Tuple[FrameMeta, Summary]], grid: 
                "edge_score": meta.edge_score, "scored_us": now}
         alert = None
         if a.flagged:
-            alert = Alert(frame_id=meta.frame_id, site=meta.site, device=meta.device, line=meta.line, camera=meta.camera,
-                          capture_us=meta.capture_us, score=a.score, threshold=a.threshold, reference_set=a.set_id,
-                          set_version=a.set_version, token=a.token, box=tuple(float(v) for v in box),
-                          source="central", model=meta.model_hash)
+            alert = Alert(frame_id=meta.frame_id, site=meta.site, device=meta.device, line=meta.line,
+                          camera=meta.camera, capture_us=meta.capture_us, score=a.score, threshold=a.threshold,
+                          reference_set=a.set_id, set_version=a.set_version, token=a.token,
+                          box=tuple(float(v) for v in box), source="central", model=meta.model_hash)
         out.append(Scored(row, alert))
     return out
 
@@ -202,7 +202,8 @@ def backfill(engine: Engine, set_id: Optional[int] = None, batch: int = 500,
         if bank is None:
             continue
         done, last_id = 0, 0
-        cols = [Frame.id, Frame.frame_id, Frame.device, Frame.capture_us, Frame.k, Frame.tokens, Frame.sizes, Frame.centroids]
+        cols = [Frame.id, Frame.frame_id, Frame.device, Frame.capture_us, Frame.k, Frame.tokens, Frame.sizes,
+                Frame.centroids]
         if bank.info.mode != "tokens":
             cols.append(Frame.global_embedding)
         while True:

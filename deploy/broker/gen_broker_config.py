@@ -193,8 +193,9 @@ def device_acls(d: Dict[str, Any], allow_v1: bool) -> List[Dict[str, Any]]:
 
 def service_acls(group: str) -> List[Dict[str, Any]]:
     """Central's ingest workers: consume tokens (through the shared group), status and stats of both layouts;
-    publish acknowledgements, commands and anomaly alerts. Mosquitto 2.0 checks a shared subscription with its ``$share/<group>/``
-    prefix, so the grant names central's group (``mqtt.group``) and no other group can be joined."""
+    publish acknowledgements, commands and anomaly alerts. Mosquitto 2.0 checks a shared subscription with its
+    ``$share/<group>/`` prefix, so the grant names central's group (``mqtt.group``) and no other group can be
+    joined."""
     tokens = [f"{V2}/+/+/tokens/+/+", f"{V1}/+/+/+/tokens"]
     others = [f"{V2}/+/+/status", f"{V2}/+/+/stats", f"{V1}/+/+/status", f"{V1}/+/+/stats"]
     send = [f"{V2}/+/+/ack", f"{V2}/+/+/cmd", ALERTS, f"{V1}/+/+/cmd"]

@@ -82,7 +82,7 @@ def test_reference_set_from_the_api_then_ingest_scores_alerts_odd_frames_only_an
     alerts = Collector(mosquitto.host, mosquitto.port, topic=topics.ALERTS_FILTER)
     pub = _publisher(mosquitto)
     try:
-        log.wait("subscribed as group", 1)
+        log.wait("subscribed as group", 1, timeout=120)  # a loaded machine starts it slowly
         normal = [frame_message(tiny_manifest, rng, T0 + 10**9 + i, seq=100 + i) for i in range(8)]
         odd = [frame_message(tiny_manifest, rng, T0 + 2 * 10**9 + i, seq=200 + i, odd=j) for i, j in ((0, 5), (1, 11))]
         live = normal[:4] + odd[:1] + normal[4:] + odd[1:]
@@ -311,7 +311,8 @@ def test_webhook_retries_then_delivers_and_gives_up_after_its_retries(engine):
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_address[1]}/hook"
     alert = topics.Alert(frame_id="0" * 12 + "7" + "0" * 19, site="s1", device="d1", line="l1", camera="c1",
-                         capture_us=1, score=0.9, threshold=0.5, reference_set=1, set_version=1, token=3, box=(0, 0, 0.5, 0.5),
+                         capture_us=1, score=0.9, threshold=0.5, reference_set=1, set_version=1, token=3,
+                         box=(0, 0, 0.5, 0.5),
                          source="central", model="ab" * 16)
     try:
         hook = Webhook(WebhookConfig(url=url, retries=2, backoff_s=0.05, timeout_s=2), engine, "w1")

@@ -53,7 +53,7 @@ def test_edge_scores_like_central_and_both_alert_the_same_frames(mosquitto, tmp_
     log = LogTail(worker)
     alerts = Collector(mosquitto.host, mosquitto.port, topic=topics.ALERTS_FILTER)
     try:
-        log.wait("subscribed as group", 1)
+        log.wait("subscribed as group", 1, timeout=120)  # a loaded machine starts it slowly
         # 1. good frames, no local scoring: central stores them, then a reference set of all of them, exported
         agent = _run_agent(tmp_path / "run1", model_dir, mosquitto.port, seed=1)
         try:

@@ -3,8 +3,8 @@
 Both dialects. ``frame_scores`` has no foreign key to ``frames`` (a partitioned ``frames`` on PostgreSQL cannot be
 referenced by ``frame_id`` alone); the retention sweep drops scores whose frames it deleted.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-12-01 18:30:00
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from alembic import op
 import sqlalchemy as sa
 
 
-revision = '0003'
-down_revision = '0002'
+revision = '0004'
+down_revision = '0003'
 branch_labels = None
 depends_on = None
 

@@ -24,6 +24,7 @@ from typing import Deque, Dict, List, Optional, Tuple
 import numpy as np
 
 from edge_agent import health
+from edge_agent.anomaly import EdgeScorer
 from edge_agent.capture import CameraWorker
 from edge_agent.config import AgentConfig
 from edge_agent.drops import DropLog
@@ -34,6 +35,7 @@ from edge_agent.outbox import Outbox
 from edge_agent.queues import DropOldestQueue, FrameHub, Sample
 from runtime.runners import Runner, RunnerError, make_runner
 from tokenline import topics
+from tokenline.anomaly import AnomalyScore, BankError
 from tokenline.manifest import Manifest, ManifestError, verify_files
 from tokenline.preprocess import FrameGeometry, ImageError, frame_geometry, preprocess
 from tokenline.summary import Summary
@@ -104,6 +106,10 @@ class Agent:
             except RunnerError as exc:
                 raise AgentError(str(exc)) from None
         self.runner = runner
+        try:
+            self.anomaly = EdgeScorer(cfg, self.manifest) if cfg.anomaly.enabled else None
+        except BankError as exc:
+            raise AgentError(f"anomaly: {exc}") from None
         self.rois = {c.name: c.roi for c in cfg.cameras}
         problem = room_problem(cfg, self.manifest)
         if problem:
@@ -315,7 +321,7 @@ class Agent:
         return ob.count + n <= ob.max_messages and ob.bytes + n * self._largest_message <= ob.max_bytes
 
     # -- outbox writer ----------------------------------------------------------------------------------------
-    def _message_bytes(self, r: Result) -> bytes:
+    def _message_bytes(self, r: Result, anomaly: Optional[AnomalyScore] = None) -> bytes:
         s = r.sample
         summary = replace(r.summary, centroids=np.clip(r.summary.centroids, 0.0, 1.0))
         version = self.cfg.messages.wire_version
@@ -330,7 +336,8 @@ class Agent:
             metadata = {**(metadata or {}), "frame": r.geometry.to_json()}
         msg = TokenMessage(frame_id=s.frame_id, device=self.cfg.device, site=self.cfg.site, line=s.line,
                            camera=s.camera, capture_ts_us=s.capture_ts_us, seq=0, manifest_hash=self.manifest_hash,
-                           summary=summary, token_dtype=self.cfg.messages.token_dtype, metadata=metadata)
+                           summary=summary, token_dtype=self.cfg.messages.token_dtype, metadata=metadata,
+                           anomaly=anomaly if version >= 2 else None)
         buf = encode(msg, version=version)
         self._largest_message = max(self._largest_message, len(buf))
         return buf
@@ -344,10 +351,11 @@ class Agent:
                     if self.inference_done.is_set() and not len(self.results):
                         return
                     continue
-                entries, written = [], []
+                entries, written, alerts = [], [], []
                 for r in items:
+                    a = self.anomaly.score(r.sample.camera, r.summary) if self.anomaly is not None else None
                     try:
-                        buf = self._message_bytes(r)
+                        buf = self._message_bytes(r, a)
                     except WireError as exc:
                         self.counters["encode_errors"] += 1
                         log.error("camera %s: cannot encode frame %s: %s (%s)", r.sample.camera,
@@ -360,6 +368,10 @@ class Agent:
                                                 self.cfg.mqtt.protocol)
                     entries.append((r.sample.camera, topic, lambda seq, b=buf: with_header(b, seq=seq)))
                     written.append(r.sample)
+                    if a is not None and a.flagged and self.cfg.anomaly.alerts and self.cfg.mqtt.protocol >= 2:
+                        s = r.sample
+                        alerts.append(self.anomaly.alert(a, s.frame_id.hex(), s.line, s.camera, s.capture_ts_us,
+                                                         r.summary))
                 if entries:
                     try:
                         self.outbox.put_many(entries)
@@ -374,6 +386,8 @@ class Agent:
                         if s.ticket is not None:
                             s.ticket.committed()
                     self.link.wake()
+                for alert in alerts:  # the frames are in the outbox: tell the line now
+                    self.anomaly.sent(self.link.publish_alert(alert.topic, alert.to_json()))
                 now = time.monotonic()
                 for r in items:
                     self._latency.append((now - r.sample.t_captured) * 1000.0)
@@ -461,6 +475,7 @@ class Agent:
                          "applied": self.counters["commands_applied"]},
             "drops": {"total": self.drops.totals(), "recent": self.drops.recent(),
                       "window_s": self.drops.window_s},
+            "anomaly": self.anomaly.stats() if self.anomaly is not None else None,
         }
         return snap
 

@@ -15,9 +15,10 @@ from tests.central.conftest import make_message, tx, unit
 
 
 def test_migration_creates_schema_and_downgrades(engine):
-    assert current(engine) == "0004"
+    assert current(engine) == "0005"
     names = set(inspect(engine).get_table_names())
-    assert {"devices", "models", "frames", "originals", "dead_letters", "api_tokens", "counters"} <= names
+    assert {"devices", "models", "frames", "originals", "dead_letters", "api_tokens", "counters", "reference_sets",
+            "reference_frames", "frame_scores"} <= names
     if engine.dialect.name == "sqlite":
         with engine.connect() as c:
             assert c.execute(text("PRAGMA journal_mode")).scalar() == "wal"
@@ -30,11 +31,11 @@ def test_migration_creates_schema_and_downgrades(engine):
     downgrade(engine, "base")
     assert "frames" not in set(inspect(engine).get_table_names())
     upgrade(engine)
-    assert current(engine) == "0004"
+    assert current(engine) == "0005"
 
 
 def test_frame_metadata_migration_keeps_older_rows(engine, tiny_manifest):
-    """0001 -> 0002 adds frames.source and frames.labels, 0004 frames.footprint and frames.geometry (NULL for the
+    """0001 -> 0002 adds frames.source and frames.labels, 0005 frames.footprint and frames.geometry (NULL for the
     rows already there) and back."""
     downgrade(engine, "0001")
     model = tx(engine, store.register_model, tiny_manifest)

@@ -273,6 +273,11 @@ class ViT(nn.Module):
             return attn[:, :, 0, :].mean(dim=1)
         return attn.mean(dim=(1, 2))
 
+    def pre_merge(self, patches: Tokens, r: int) -> Tokens:
+        """Merge r patch embeddings before the first block: redundancy of the embeddings themselves (no
+        attention exists yet, so no semantic term)."""
+        return merge(patches, patches.x, r, 0.0)
+
     def forward_tokens(self, pixels: Tensor) -> Tuple[Tensor, Tokens]:
         """Run the blocks with merging. Returns (prefix tokens, final patch Tokens), after the final norm."""
         x = self.embed(pixels)
@@ -282,6 +287,11 @@ class ViT(nn.Module):
         sem = torch.zeros_like(size)
         ones_prefix = torch.ones(b, p, dtype=x.dtype, device=x.device)
         merged_yet = False
+        if self.schedule.pre_r:
+            t = self.pre_merge(Tokens(x[:, p:], size, pos, sem), self.schedule.pre_r)
+            x = torch.cat([x[:, :p], t.x], dim=1)
+            size, pos, sem = t.size, t.pos, t.sem
+            merged_yet = True
         for block, r in zip(self.blocks, self.schedule.r_per_block):
             log_size = torch.log(torch.cat([ones_prefix, size], dim=1)) if merged_yet else None
             x, keys, attn = block.attention(x, log_size)

@@ -100,7 +100,8 @@ def bench_ingest(backends: Backends, kind: str, manifest: Manifest, n: int, runs
     for r in range(runs):
         engine = make_engine(backends.url(kind))
         upgrade(engine)
-        store.register_model(engine, manifest)
+        with Session(engine) as s, s.begin():
+            store.register_model(s, manifest)
         payloads = [(topics.tokens_topic(m.site, m.line, m.camera), encode(m, "int8")) for m in messages(manifest, n, rng)]
         broker = Mosquitto(tmp / f"broker-{kind}-{r}").start()
         cfg = parse_config({"mqtt": {"host": broker.host, "port": broker.port, "client_id": f"bench-{r}"},
@@ -162,7 +163,8 @@ def bench_search(backends: Backends, kind: str, manifest: Manifest, n: int, quer
     rng = np.random.default_rng(1)
     engine = make_engine(backends.url(kind))
     upgrade(engine)
-    model = store.register_model(engine, manifest)
+    with Session(engine) as s, s.begin():
+        model = store.register_model(s, manifest)
     if kind == "postgresql":  # build the HNSW index after the bulk load, as one would for a migration
         with engine.begin() as c:
             c.execute(text(f"DROP INDEX {store.hnsw_index_name(model.id)}"))
@@ -175,7 +177,8 @@ def bench_search(backends: Backends, kind: str, manifest: Manifest, n: int, quer
             db = c.execute(text("SELECT current_database()")).scalar_one()
             c.execute(text(f"ALTER DATABASE {db} SET maintenance_work_mem = '{max(1, -(-n * 1400 // 2**30))}GB'"))
         engine.dispose()
-        store.register_model(engine, manifest)  # recreates the index
+        with Session(engine) as s, s.begin():
+            store.register_model(s, manifest)  # recreates the index
     searcher = Searcher(engine, parse_config({}).search)
     searcher.knn(model, unit(rng, D), 1, Filters())  # SQLite: loads the in-memory index
     index_s = time.perf_counter() - t0

@@ -80,8 +80,9 @@ def reference_exports(out: Path, r: int, k: int, batch: int):
     """Export the reference checkpoint merged (Turbo r) and unmerged with the lead's exporter."""
     from exporter.checkpoints import load_encoder
     from exporter.checkpoints.reference import reference_checkpoint
-    from exporter.export import export_onnx, input_spec
-    from exporter.vit import MergeConfig
+    from exporter.export import export_onnx
+    from exporter.manifest import input_spec
+    from exporter.options import MergeConfig
 
     loaded = load_encoder(reference_checkpoint())
     vit = loaded.vit.eval()
@@ -139,7 +140,7 @@ def main() -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from exporter.export import ort_session, run_batched
+    from exporter.validate import ort_session, run_batched
     from exporter.trt.compat import check_onnx
     from exporter.trt.quantize import QuantizeOptions, quantize_qdq
     from tokenline.preprocess import preprocess_batch, read_image

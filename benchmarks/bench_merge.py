@@ -50,8 +50,11 @@ def main() -> int:
 
     from exporter.checkpoints import load_encoder
     from exporter.checkpoints.reference import reference_checkpoint
-    from exporter.export import export_onnx, ort_session, run_batched, throughput
-    from exporter.vit import MergeConfig, gflops
+    from exporter.export import export_onnx
+    from exporter.manifest import input_spec
+    from exporter.options import MergeConfig
+    from exporter.validate import ort_session, run_batched, throughput
+    from exporter.vit import gflops
     from tokenline.preprocess import preprocess_batch, read_image
 
     console = Console()
@@ -64,8 +67,6 @@ def main() -> int:
     ckpt = args.checkpoint or reference_checkpoint()
     loaded = load_encoder(ckpt)
     vit = loaded.vit.eval()
-    from exporter.export import input_spec
-
     spec = input_spec(vit)
     configs = [("unmerged", MergeConfig(k=args.k))]
     for alpha in [float(a) for a in args.alphas.split(",")]:

@@ -74,7 +74,8 @@ def main() -> int:
         manifest = Manifest.from_file(model_dir)
         engine = make_engine(f"sqlite:///{tmp / 'neu.db'}")
         upgrade(engine)
-        model = store.register_model(engine, manifest, model_dir)
+        with Session(engine) as s, s.begin():
+            model = store.register_model(s, manifest, model_dir)
         enc = Encoder(model, ["CPUExecutionProvider"])
         files = sorted(p for p in args.images.glob("*.jpg"))
         if args.limit:
@@ -99,8 +100,9 @@ def main() -> int:
         variants = [("global only", False, 0.0)] + [(f"MaxSim re-rank w={w:g}", True, w) for w in args.weights]
         res = {v[0]: ([], []) for v in variants}
         for fid in track(list(labels), description="querying", console=console):
-            fr = store.get_frame(engine, fid)
-            q = Query(model.id, fr.global_embedding, fr.tokens, fr.sizes, exclude_frame_id=fid)
+            with Session(engine) as s:
+                fr = store.get_frame(s, fid)
+            q = Query.from_summary(model.id, fr.summary, exclude_frame_id=fid)
             # one real search returns every candidate with both scores; each variant re-sorts them
             hits = searcher.search(model, q, args.candidates, Filters(), rerank=True, rerank_weight=1.0)
             g = np.array([h.global_score for h in hits])

@@ -11,12 +11,20 @@ from pathlib import Path
 from typing import List, Optional
 
 from central.config import CentralConfig, ConfigError, load_config
+from central.errors import CentralError
 
 
 def _console():
     from rich.console import Console
 
     return Console()
+
+
+def _print_error(exc: Exception) -> None:
+    """One line, never wrapped, the message printed as written (no rich markup)."""
+    from rich.markup import escape
+
+    _console().print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
 
 
 def _setup_logging(level: str) -> None:
@@ -109,23 +117,29 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_create_token(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
     from central.store import create_token
 
     cfg = _cfg(args)
-    token = create_token(_engine(cfg), args.name, args.role)
+    with Session(_engine(cfg)) as s, s.begin():
+        token = create_token(s, args.name, args.role)
     _console().print(f"[green]{args.role} token for {args.name!r}[/] (shown once, stored hashed):")
     print(token)
     return 0
 
 
 def cmd_register_model(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
     from central.store import register_model
     from tokenline.manifest import Manifest, verify_files
 
     cfg = _cfg(args)
     manifest = Manifest.from_file(args.model_dir)
     verify_files(manifest, Path(args.model_dir))
-    info = register_model(_engine(cfg), manifest, args.model_dir)
+    with Session(_engine(cfg)) as s, s.begin():
+        info = register_model(s, manifest, args.model_dir)
     _console().print(f"[green]model {info.name!r}[/] id {info.id}, hash {info.hash16}, D={info.embedding_dim}, "
                      f"K={info.k}, text tower: {info.has_text}")
     return 0
@@ -134,32 +148,23 @@ def cmd_register_model(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     import json
 
+    from sqlalchemy.orm import Session
+
     from central.encoder import EncoderPool
-    from central.search import Filters, Query, Searcher
-    from central.store import get_frame, list_models
-    from tokenline.preprocess import read_image
+    from central.search import Filters, Searcher, build_query
 
     cfg = _cfg(args)
     engine = _engine(cfg)
-    models = {m.id: m for m in list_models(engine)}
-    if not models:
-        raise ConfigError("no model is registered (tokenline-central register-model <dir>)")
+    image = None
+    if args.image:
+        try:
+            image = Path(args.image).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{args.image}: {exc.strerror or exc}") from None
+    with Session(engine) as s:
+        model, query = build_query(s, EncoderPool(cfg.search.providers), image=image, query_text=args.text,
+                                   like_frame=args.like_frame, model_id=args.model_id)
     filters = Filters(args.site, args.line, args.camera, args.since_us, args.until_us)
-    if args.like_frame:
-        fr = get_frame(engine, args.like_frame)
-        if fr is None:
-            raise ConfigError(f"unknown frame {args.like_frame}")
-        model = models[fr.model_id]
-        query = Query(model.id, fr.global_embedding, fr.tokens, fr.sizes, exclude_frame_id=fr.frame_id)
-    else:
-        model = models[args.model_id] if args.model_id else next(iter(models.values()))
-        enc = EncoderPool(cfg.search.providers).get(model)
-        if args.image:
-            out = enc.encode_frame(read_image(args.image))
-            query = Query(model.id, out.global_embedding, out.tokens, out.sizes)
-        else:
-            v = enc.encode_text(args.text)
-            query = Query(model.id, v, v[None, :])
     hits = Searcher(engine, cfg.search).search(model, query, args.k, filters, rerank=not args.no_rerank)
     if args.json:
         print(json.dumps([h.public() for h in hits], indent=1))
@@ -222,14 +227,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     _setup_logging(args.log_level)
     try:
         return int(args.fn(args) or 0)
-    except ConfigError as exc:
-        _console().print(f"[red]error:[/] {exc}")
+    except (ConfigError, CentralError) as exc:
+        _print_error(exc)
         return 2
     except Exception as exc:  # noqa: BLE001 - CLI boundary: one readable line, details in the log
         from tokenline.manifest import ManifestError
 
         if isinstance(exc, ManifestError):
-            _console().print(f"[red]error:[/] {exc}")
+            _print_error(exc)
             return 2
         raise
 

@@ -9,82 +9,67 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Sequence
 
 import numpy as np
 
+from central.errors import Internal, Invalid, Unavailable
 from central.store import ModelInfo
 from edge_agent.runners import OnnxRuntimeRunner, RunnerError
 from tokenline.manifest import ManifestError, verify_files
 from tokenline.preprocess import ImageError, decode_image, preprocess
+from tokenline.summary import Summary
 
 log = logging.getLogger(__name__)
-
-
-class EncoderError(ValueError):
-    """Why a query could not be encoded; ``status`` is the HTTP answer (400 bad image, 501/503 unavailable)."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-
-
-@dataclass
-class Encoded:
-    global_embedding: np.ndarray  # [D]
-    tokens: np.ndarray  # [K, D]
-    sizes: np.ndarray  # [K]
-    centroids: np.ndarray  # [K, 2]
 
 
 class Encoder:
     """One model's image encoder (and text tower when the manifest has one)."""
 
     def __init__(self, model: ModelInfo, providers: Sequence[str]) -> None:
+        """``Unavailable`` when the model's directory is unknown here or its files do not verify or load."""
         if model.model_dir is None:
-            raise EncoderError(503, "model_not_loaded", f"model {model.name!r} is registered without a model "
-                               "directory; run `tokenline-central register-model <dir>` on this host")
+            raise Unavailable(f"model {model.name!r} is registered without a model directory; run "
+                              "`tokenline-central register-model <dir>` on this host", reason="model_not_loaded")
         self.model = model
         self.dir = Path(model.model_dir)
         try:
             verify_files(model.manifest, self.dir)
         except ManifestError as exc:
-            raise EncoderError(503, "model_files", str(exc)) from None
+            raise Unavailable(str(exc), reason="model_files") from None
         try:
             self.runner = OnnxRuntimeRunner(self.dir, model.manifest, providers=list(providers))
         except RunnerError as exc:
-            raise EncoderError(503, "model_load", str(exc)) from None
+            raise Unavailable(str(exc), reason="model_load") from None
         self._text = None
         self._tokenizer = None
         self._lock = threading.Lock()
 
-    def encode_pixels(self, pixels: np.ndarray) -> Encoded:
+    def encode_pixels(self, pixels: np.ndarray) -> Summary:
         with self._lock:
-            out = self.runner.run(pixels[None].astype(np.float32))
-        return Encoded(out.global_embedding[0], out.tokens[0], out.sizes[0], out.centroids[0])
+            return self.runner.run(pixels[None].astype(np.float32))[0]
 
-    def encode_frame(self, frame: np.ndarray) -> Encoded:
+    def encode_frame(self, frame: np.ndarray) -> Summary:
         return self.encode_pixels(preprocess(frame, self.model.manifest.input))
 
-    def encode_image_bytes(self, data: bytes) -> Encoded:
+    def encode_image_bytes(self, data: bytes) -> Summary:
+        """The summary of an encoded image file (JPEG, PNG, ...); ``Invalid`` when it does not decode."""
         try:
             frame = decode_image(data)
         except ImageError as exc:
-            raise EncoderError(400, "bad_image", f"query image: {exc}") from None
+            raise Invalid(f"query image: {exc}", reason="bad_image") from None
         return self.encode_frame(frame)
 
     def _load_text(self) -> None:
         spec = self.model.manifest.text
         if spec is None:
-            raise EncoderError(400, "no_text_tower", f"model {self.model.name!r} has no text tower; "
-                               "search by example image instead")
+            raise Invalid(f"model {self.model.name!r} has no text tower; search by example image instead",
+                          reason="no_text_tower")
         import onnxruntime as ort
 
         if not spec.tokenizer_files:
-            raise EncoderError(503, "tokenizer", f"model {self.model.name!r}: the export ships no tokenizer files")
+            raise Unavailable(f"model {self.model.name!r}: the export ships no tokenizer files", reason="tokenizer")
         path = self.dir / spec.tokenizer_files[0]
         if spec.tokenizer == "open_clip_bpe":
             from central.clip_bpe import ClipBpeTokenizer
@@ -104,7 +89,7 @@ class Encoder:
         """Unit-norm text embedding [D] in the image embedding's space."""
         text = (text or "").strip()
         if not text:
-            raise EncoderError(400, "empty_text", "text query is empty")
+            raise Invalid("text query is empty", reason="empty_text")
         with self._lock:
             if self._text is None:
                 self._load_text()
@@ -118,8 +103,8 @@ class Encoder:
             (vec,) = self._text.run([spec.output_name], feeds)
         v = np.asarray(vec, np.float32).reshape(-1)
         if v.shape[0] != self.model.embedding_dim:
-            raise EncoderError(500, "text_dim", f"text tower returned dim {v.shape[0]}, model has "
-                               f"{self.model.embedding_dim}")
+            raise Internal(f"text tower returned dim {v.shape[0]}, model has {self.model.embedding_dim}",
+                           reason="text_dim")
         return v / max(float(np.linalg.norm(v)), 1e-12)
 
 

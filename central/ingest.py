@@ -62,7 +62,8 @@ class Ingestor:
     def _model(self, hash16: str) -> Optional[store.ModelInfo]:
         m = self._models.get(hash16)
         if m is None and time.monotonic() - self._refreshed > 2.0:  # a newly registered model
-            self._models = {x.hash16: x for x in store.list_models(self.engine)}
+            with Session(self.engine) as s:
+                self._models = {x.hash16: x for x in store.list_models(s)}
             self._refreshed = time.monotonic()
             m = self._models.get(hash16)
         return m

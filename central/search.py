@@ -1,7 +1,8 @@
 """Search: exact (SQLite, in memory) or HNSW (pgvector) kNN on the global embedding, then MaxSim re-rank.
 
 A query is a global embedding plus optional query tokens with weights (from an example image, a stored
-frame, or a text embedding as a single token). Candidates come only from the query's model; filters by site,
+frame, or a text embedding as a single token); ``build_query`` makes one from what the API or the CLI
+was given, and resolves the model it belongs to. Candidates come only from the query's model; filters by site,
 line, camera and capture time apply before ranking. The re-rank score is
 ``(1 - w) * cosine(global) + w * MaxSim``, where MaxSim is the weighted mean over query tokens of the best
 cosine with any of the frame's summary tokens (late interaction).
@@ -12,27 +13,26 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from sqlalchemy import Engine, LargeBinary, func, select, text, type_coerce
 from sqlalchemy.orm import Session
 
+from central import store
 from central.config import SearchConfig
-from central.store import FRAMES_DELETED, FrameData, ModelInfo, counter_total, get_frames
+from central.errors import Internal, Invalid, NotFound, TooLarge
+from central.store import FRAMES_DELETED, FrameData, ModelInfo
 from sql.db import is_postgres
 from sql.models import Frame
+from tokenline.summary import Summary
+
+if TYPE_CHECKING:  # pragma: no cover
+    from central.encoder import EncoderPool
 
 log = logging.getLogger(__name__)
 
-
-class SearchError(ValueError):
-    """A query that cannot be answered (unknown model, wrong dimension, no text tower, ...)."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
+BAD_QUERY = "bad_query"  # the reason of every error raised here (the API's "error" field)
 
 
 @dataclass(frozen=True)
@@ -52,16 +52,29 @@ class Query:
     weights: Optional[np.ndarray] = None  # [Q], any positive scale
     exclude_frame_id: Optional[str] = None  # a stored frame used as the example is not its own result
 
+    @classmethod
+    def from_summary(cls, model_id: int, summary: Summary, exclude_frame_id: Optional[str] = None) -> "Query":
+        """An example's summary as a query: its summary tokens weighted by the patches each stands for."""
+        return cls(model_id, summary.global_embedding, summary.tokens, summary.sizes, exclude_frame_id)
+
+    @classmethod
+    def from_text(cls, model_id: int, embedding: np.ndarray) -> "Query":
+        """A text embedding as a query: the global embedding and a single query token."""
+        return cls(model_id, embedding, embedding[None, :], np.ones(1, np.float32))
+
 
 @dataclass
 class Hit:
     id: int
-    frame_id: str
     score: float
     global_score: float
     maxsim: Optional[float]
     frame: FrameData
     matches: List[Dict[str, Any]] = field(default_factory=list)  # best-matching summary tokens (centroids)
+
+    @property
+    def frame_id(self) -> str:
+        return self.frame.frame_id
 
     def public(self) -> Dict[str, Any]:
         meta = self.frame.meta()
@@ -69,6 +82,54 @@ class Hit:
         meta.pop("sizes", None)
         return {"frame_id": self.frame_id, "score": round(self.score, 6), "global_score": round(self.global_score, 6),
                 "maxsim": None if self.maxsim is None else round(self.maxsim, 6), "matches": self.matches, **meta}
+
+
+def resolve_model(session: Session, model_id: Optional[int]) -> ModelInfo:
+    """The model a query is for: ``model_id``'s, or the only one registered.
+
+    ``NotFound`` when none is registered or ``model_id`` is unknown; ``Invalid`` when several are registered
+    and ``model_id`` is None (embeddings of different models are never compared, so central does not guess).
+    """
+    models = store.list_models(session)
+    if not models:
+        raise NotFound("no model is registered", reason=BAD_QUERY)
+    if model_id is None:
+        if len(models) > 1:
+            raise Invalid("several models are registered; say which with model_id", reason=BAD_QUERY)
+        return models[0]
+    for m in models:
+        if m.id == model_id:
+            return m
+    raise NotFound(f"unknown model_id {model_id}", reason=BAD_QUERY)
+
+
+def build_query(session: Session, encoders: "EncoderPool", *, image: Optional[bytes] = None,
+                query_text: Optional[str] = None, like_frame: Optional[str] = None, model_id: Optional[int] = None,
+                max_image_bytes: Optional[int] = None) -> Tuple[ModelInfo, Query]:
+    """The model and the query for exactly one of: an example ``image`` (an encoded file: JPEG, PNG, ...),
+    a ``query_text`` (the model's text tower), or a stored frame (``like_frame``, its own model; never its own hit).
+
+    The one implementation behind the API's ``POST /v1/search`` and ``tokenline-central search``.
+    """
+    given = [x for x in (image, query_text, like_frame) if x not in (None, "")]
+    if len(given) != 1:
+        raise Invalid("give exactly one of: image (file), q (text), like_frame (frame id)", reason=BAD_QUERY)
+    if like_frame:
+        fr = store.get_frame(session, like_frame.strip().lower())
+        if fr is None:
+            raise NotFound(f"unknown frame {like_frame!r}", reason=BAD_QUERY)
+        if model_id is not None and model_id != fr.model_id:
+            raise Invalid("like_frame belongs to another model; embeddings of different models are never compared",
+                          reason=BAD_QUERY)
+        model = resolve_model(session, fr.model_id)
+        return model, Query.from_summary(model.id, fr.summary, exclude_frame_id=fr.frame_id)
+    model = resolve_model(session, model_id)
+    enc = encoders.get(model)
+    if image is not None:
+        if max_image_bytes is not None and len(image) > max_image_bytes:
+            raise TooLarge("image too large", reason=BAD_QUERY)
+        return model, Query.from_summary(model.id, enc.encode_image_bytes(image))
+    return model, Query.from_text(model.id, enc.encode_text(query_text or ""))
 
 
 def normalize(v: np.ndarray) -> np.ndarray:
@@ -133,8 +194,8 @@ class MemoryIndex:
             blobs = [r[1] for r in rows]
             bad = next(((r[0], len(b)) for r, b in zip(rows, blobs) if len(b) != need), None)
             if bad is not None:
-                raise SearchError(500, f"model {self.model_id}: frame row {bad[0]} has a {bad[1]}-byte embedding, "
-                                       f"expected {need} (dim {self.dim})")
+                raise Internal(f"model {self.model_id}: frame row {bad[0]} has a {bad[1]}-byte embedding, "
+                               f"expected {need} (dim {self.dim})", reason=BAD_QUERY)
             ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
             emb = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(rows), self.dim).astype(np.float32)
             ts = np.fromiter((r[2] for r in rows), np.int64, len(rows))
@@ -166,7 +227,7 @@ class MemoryIndex:
         with self.lock:
             with Session(self.engine) as s:
                 mx = int(s.scalar(select(func.max(Frame.id)).where(Frame.model_id == self.model_id)) or 0)
-                gen = counter_total(s, FRAMES_DELETED)
+                gen = store.counter_total(s, FRAMES_DELETED)
             if gen != self.deletions:
                 if self.deletions >= 0:
                     self._prune()
@@ -218,8 +279,8 @@ class Searcher:
         """Top ``k`` frames of ``model`` by cosine of the global embedding: ``[(row id, cosine)]``."""
         q = normalize(np.asarray(q, np.float32).reshape(-1))
         if q.shape[0] != model.embedding_dim:
-            raise SearchError(400, f"query dimension {q.shape[0]} != model {model.name!r} dimension "
-                                   f"{model.embedding_dim}; embeddings of different models are never compared")
+            raise Invalid(f"query dimension {q.shape[0]} != model {model.name!r} dimension {model.embedding_dim}; "
+                          "embeddings of different models are never compared", reason=BAD_QUERY)
         if not self.pg:
             return self._memindex(model).knn(q, k, f)
         d = int(model.embedding_dim)
@@ -255,7 +316,8 @@ class Searcher:
         n_cand = max(k, self.cfg.candidates) if use_tokens else k
         extra = 1 if query.exclude_frame_id else 0
         cands = self.knn(model, query.global_embedding, n_cand + extra, f)
-        frames = get_frames(self.engine, [c[0] for c in cands], model.embedding_dim)
+        with Session(self.engine) as s:
+            frames = store.get_frames(s, [c[0] for c in cands], model.embedding_dim)
         cands = [c for c in cands if c[0] in frames and frames[c[0]].frame_id != query.exclude_frame_id]
         if not cands:
             return []
@@ -264,10 +326,10 @@ class Searcher:
         if use_tokens:
             qt = normalize(query.tokens)
             qw = np.ones(len(qt), np.float32) if query.weights is None else np.asarray(query.weights, np.float32)
-            kmax = max(frames[c[0]].tokens.shape[0] for c in cands)
+            kmax = max(frames[c[0]].summary.k for c in cands)
             docs = np.zeros((len(cands), kmax, model.embedding_dim), np.float32)
             for i, c in enumerate(cands):
-                t = frames[c[0]].tokens
+                t = frames[c[0]].summary.tokens
                 docs[i, :len(t)] = t
             ms, best_per_token = maxsim_scores(qt, qw, docs)
             score = (1.0 - w) * gscore + w * ms
@@ -278,13 +340,14 @@ class Searcher:
         hits = []
         for i in order:
             fr = frames[cands[i][0]]
+            sm = fr.summary
             matches: List[Dict[str, Any]] = []
             if hits_tokens is not None:
-                per = hits_tokens[1][i][: fr.tokens.shape[0]]
+                per = hits_tokens[1][i][: sm.k]
                 for j in np.argsort(-per)[:3]:
                     matches.append({"token": int(j), "sim": round(float(per[j]), 4),
-                                    "x": round(float(fr.centroids[j, 0]), 4), "y": round(float(fr.centroids[j, 1]), 4),
-                                    "size": round(float(fr.sizes[j]), 2)})
-            hits.append(Hit(cands[i][0], fr.frame_id, float(score[i]), float(gscore[i]),
+                                    "x": round(float(sm.centroids[j, 0]), 4), "y": round(float(sm.centroids[j, 1]), 4),
+                                    "size": round(float(sm.sizes[j]), 2)})
+            hits.append(Hit(cands[i][0], float(score[i]), float(gscore[i]),
                             None if hits_tokens is None else float(hits_tokens[0][i]), fr, matches))
         return hits

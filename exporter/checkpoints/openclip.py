@@ -22,7 +22,6 @@ from exporter.checkpoints.base import (
     Converted,
     TokenizerInfo,
     Weights,
-    apply_preprocess,
     heads_for,
     map_blocks,
     patch_pos,
@@ -193,5 +192,5 @@ def convert(w: Weights, raw: RawCheckpoint, opts: ConversionOptions, size: Optio
         notes += tok_notes
     w.ignore(IGNORED)
     pre = (raw.open_clip_config or {}).get("preprocess_cfg") or {}
-    apply_preprocess(cfg, "open_clip", {"image_mean": pre["mean"], "image_std": pre["std"]} if "mean" in pre else None)
-    return Converted(cfg=cfg, state=state, text_cfg=text_cfg, text_state=text_state, tokenizer=tokenizer, notes=notes)
+    return Converted(cfg=cfg, state=state, text_cfg=text_cfg, text_state=text_state, tokenizer=tokenizer, notes=notes,
+                     preprocessing={"mean": pre["mean"], "std": pre["std"]} if "mean" in pre else {})

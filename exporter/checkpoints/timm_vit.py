@@ -23,7 +23,6 @@ from exporter.checkpoints.base import (
     ConversionOptions,
     Converted,
     Weights,
-    apply_preprocess,
     heads_for,
     map_blocks,
     patch_pos,
@@ -144,9 +143,9 @@ def convert(w: Weights, raw: RawCheckpoint, opts: ConversionOptions, size: Optio
     skipped = w.ignore(IGNORED)
     if skipped:
         notes.append(f"ignored the classifier head ({len(skipped)} tensors)")
-    apply_preprocess(cfg, "timm_vit", {"image_mean": pre["mean"], "image_std": pre["std"]} if "mean" in pre else None)
+    preprocessing = {"mean": pre["mean"], "std": pre["std"]} if "mean" in pre else {}
     if pre.get("interpolation") in ("bilinear", "bicubic", "nearest"):
-        cfg.interpolation = pre["interpolation"]
+        preprocessing["interpolation"] = pre["interpolation"]
     if pre:
         notes.append(f"timm config.json: {raw.config.get('architecture')}")
-    return Converted(cfg=cfg, state=state, notes=notes)
+    return Converted(cfg=cfg, state=state, notes=notes, preprocessing=preprocessing)

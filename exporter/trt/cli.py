@@ -1,16 +1,16 @@
-"""TensorRT subcommands of ``tokenline-export``: check-trt, quantize-int8, build-engine (also standalone).
+"""TensorRT subcommands of ``tokenline-export``: check-trt, quantize-int8, build-engine.
 
-``register_cli(subparsers)`` adds them to the exporter's argparse CLI; ``python -m exporter.trt.cli`` runs them
-on their own. Verdicts and summaries are printed as rich tables; exit code 1 means a check failed, 2 bad input.
+``register_cli(subparsers)`` adds them to the parser that ``exporter.cli.build_parser`` builds (run them with
+``tokenline-export`` or ``python -m exporter.cli``; neither imports torch for them). Verdicts and summaries are
+printed as rich tables; exit code 1 means a check failed, 2 bad input.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Tuple
 
 from exporter.trt.operators import DEFAULT_TARGETS, TARGETS
 
@@ -230,14 +230,3 @@ def cmd_build(args: argparse.Namespace) -> int:
                   sc.precision, ",".join(map(str, sc.batch_sizes)))
     console.print(t)
     return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m exporter.trt.cli ...`` is ``tokenline-export ...`` (the TensorRT subcommands live there too)."""
-    from exporter.cli import main as export_main  # noqa: PLC0415
-
-    return export_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

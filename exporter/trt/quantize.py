@@ -33,6 +33,8 @@ from typing import Callable, Dict, Iterator, List, Literal, Optional
 import numpy as np
 import onnx
 
+from exporter.calibration import load_images
+from exporter.errors import ExportError
 from tokenline.manifest import InputSpec
 
 log = logging.getLogger(__name__)
@@ -114,9 +116,7 @@ def _input(model: onnx.ModelProto) -> tuple:
 
 
 def calibration_arrays(folder: Path, spec: InputSpec, count: int) -> np.ndarray:
-    """``exporter.export.load_images`` (the edge's preprocessing), failing with ``QuantizeError``."""
-    from exporter.export import ExportError, load_images  # noqa: PLC0415
-
+    """``exporter.calibration.load_images`` (the edge's preprocessing), failing with ``QuantizeError``."""
     try:
         return load_images(Path(folder), spec, count)
     except ExportError as exc:

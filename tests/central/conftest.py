@@ -9,6 +9,7 @@ from typing import Optional
 
 import numpy as np
 import pytest
+from sqlalchemy.orm import Session
 
 from central.config import CentralConfig, parse_config
 from sql.db import make_engine
@@ -84,6 +85,13 @@ def config_for(tmp_path: Path, db_url: str, **sections) -> CentralConfig:
     for k, v in sections.items():
         data.setdefault(k, {}).update(v)
     return parse_config(data)
+
+
+def tx(engine, fn, *args, **kwargs):
+    """``fn(session, *args, **kwargs)`` in a session and transaction of its own, committed: a test's shorthand
+    for calling one ``central.store`` function (they all take the caller's session)."""
+    with Session(engine) as s, s.begin():
+        return fn(s, *args, **kwargs)
 
 
 def unit(rng: np.random.Generator, *shape: int) -> np.ndarray:

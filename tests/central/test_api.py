@@ -14,7 +14,7 @@ from central import store
 from central.api import create_app
 from central.blobs import BlobStore
 from central.retention import sweep
-from tests.central.conftest import config_for, make_message
+from tests.central.conftest import config_for, make_message, tx
 
 
 def _jpeg(seed: int) -> bytes:
@@ -26,20 +26,22 @@ def _jpeg(seed: int) -> bytes:
 def setup(engine, db_url, tmp_path, tiny_manifest, tiny_model_dir):
     cfg = config_for(tmp_path, db_url, originals={"max_upload_bytes": 50_000},
                      retention={"originals_days": 1, "tokens_days": 10})
-    model = store.register_model(engine, tiny_manifest, tiny_model_dir)
+    model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
     rng = np.random.default_rng(0)
     msgs = [make_message(tiny_manifest, rng, seq=i, ts_us=store.now_us() - i) for i in range(20)]
     with Session(engine) as s, s.begin():
         store.insert_frames(s, [store.frame_row(m, model.id, store.now_us()) for m in msgs])
     client = TestClient(create_app(cfg, engine))
-    toks = {r: {"Authorization": "Bearer " + store.create_token(engine, r, r)} for r in ("viewer", "device", "admin")}
+    toks = {r: {"Authorization": "Bearer " + tx(engine, store.create_token, r, r)} for r in ("viewer", "device", "admin")}
     return client, toks, msgs, cfg, model
 
 
 def test_roles_and_health(setup):
     client, toks, msgs, cfg, _ = setup
     assert client.get("/healthz").json()["status"] == "ok"
-    assert client.get("/v1/models").status_code == 401
+    r = client.get("/v1/models")
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert r.json() == {"error": "unauthorized", "detail": "missing bearer token"}  # every error has this shape
     assert client.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
     assert client.get("/v1/models", headers=toks["device"]).status_code == 403  # devices only upload
     assert client.get("/v1/models", headers=toks["viewer"]).json()["models"][0]["k"] == 16

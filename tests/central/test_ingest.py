@@ -20,7 +20,7 @@ from central import store
 from sql.db import make_engine
 from sql.migrate import upgrade
 from sql.models import DeadLetter, Frame
-from tests.central.conftest import make_message
+from tests.central.conftest import make_message, tx
 from tokenline import topics
 from tokenline.wire import encode
 
@@ -91,7 +91,7 @@ def test_sigkill_between_receive_and_commit_redelivers_without_loss_or_duplicate
         db_url, mosquitto, tmp_path, tiny_manifest):
     engine = make_engine(db_url)
     upgrade(engine)
-    store.register_model(engine, tiny_manifest)
+    tx(engine, store.register_model, tiny_manifest)
     rng = np.random.default_rng(0)
     msgs = [make_message(tiny_manifest, rng, seq=i, camera=f"c{i % 3}") for i in range(60)]
     items = [(topics.tokens_topic(m.site, m.line, m.camera), encode(m, "int8"), False) for m in msgs]
@@ -115,7 +115,7 @@ def test_sigkill_between_receive_and_commit_redelivers_without_loss_or_duplicate
         with Session(engine) as s:
             ids = set(s.scalars(select(Frame.frame_id)))
         assert ids == {m.frame_id.hex() for m in msgs}
-        assert _wait_for(lambda: store.counter_totals(engine).get("duplicates", 0) >= 5)
+        assert _wait_for(lambda: tx(engine, store.counter_totals).get("duplicates", 0) >= 5)
         assert _count(engine, DeadLetter) == 0
     finally:
         w2.terminate()
@@ -130,7 +130,7 @@ def test_hostile_payloads_become_dead_letters(db_url, mosquitto, tmp_path, tiny_
 
     engine = make_engine(db_url)
     upgrade(engine)
-    store.register_model(engine, tiny_manifest)
+    tx(engine, store.register_model, tiny_manifest)
     rng = np.random.default_rng(1)
     good = make_message(tiny_manifest, rng)
     raw = bytearray(encode(good, "int8"))
@@ -168,11 +168,11 @@ def test_hostile_payloads_become_dead_letters(db_url, mosquitto, tmp_path, tiny_
             if reason:
                 assert got_reason == reason, (reason, got_reason, detail)
             assert plen == len(p) and kept == min(len(p), 65536) and detail
-        assert _wait_for(lambda: store.list_devices(engine) and
-                         {x["device"]: x for x in store.list_devices(engine)}["d7"]["last_stats"] == {"fps": 3.5})
-        st = {x["device"]: x for x in store.list_devices(engine)}["d7"]
+        assert _wait_for(lambda: tx(engine, store.list_devices) and
+                         {x["device"]: x for x in tx(engine, store.list_devices)}["d7"]["last_stats"] == {"fps": 3.5})
+        st = {x["device"]: x for x in tx(engine, store.list_devices)}["d7"]
         assert st["status"] == "online" and st["site"] == "s1"
-        assert store.counter_totals(engine)["dead_letters"] == len(hostile)
+        assert tx(engine, store.counter_totals)["dead_letters"] == len(hostile)
     finally:
         w.terminate()
         w.wait(10)

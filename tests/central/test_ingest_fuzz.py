@@ -14,7 +14,7 @@ from central.ingest import Incoming, Ingestor
 from central.store import register_model
 from sql.db import make_engine
 from sql.migrate import upgrade
-from tests.central.conftest import make_message
+from tests.central.conftest import make_message, tx
 from tokenline.wire import encode
 
 TOPIC = "tokenline/v1/s1/l1/c1/tokens"
@@ -25,7 +25,7 @@ def _setup(tmp: Path, manifest, model_dir: Path):
     if "ingestor" not in _state:
         eng = make_engine(f"sqlite:///{tmp / 'fuzz.db'}")
         upgrade(eng)
-        register_model(eng, manifest, model_dir)
+        tx(eng, register_model, manifest, model_dir)
         _state.update(ingestor=Ingestor(eng, IngestConfig(), "fuzz"),
                       valid=encode(make_message(manifest, np.random.default_rng(0))))
     return _state["ingestor"], _state["valid"]

@@ -19,7 +19,7 @@ from central.originals import store_original
 from central.retention import sweep
 from sql.db import make_engine
 from sql.migrate import upgrade
-from tests.central.conftest import config_for, make_message
+from tests.central.conftest import config_for, make_message, tx
 from tests.support.broker import free_port
 
 
@@ -49,7 +49,7 @@ def test_page_searches_and_shows_results(tmp_path, tiny_manifest, tiny_model_dir
     engine = make_engine(url)
     upgrade(engine)
     cfg = config_for(tmp_path, url, retention={"originals_days": 1, "tokens_days": 10})
-    model = store.register_model(engine, tiny_manifest, tiny_model_dir)
+    model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
     rng = np.random.default_rng(0)
     now = store.now_us()
     msgs = [make_message(tiny_manifest, rng, seq=i, ts_us=now - i, line="l3") for i in range(12)]
@@ -58,14 +58,15 @@ def test_page_searches_and_shows_results(tmp_path, tiny_manifest, tiny_model_dir
     blobs = BlobStore(cfg.originals.root)
     for i, m in enumerate(msgs[:11]):
         body = cv2.imencode(".jpg", np.full((64, 64, 3), 20 * i, np.uint8))[1].tobytes()
-        store_original(engine, blobs, cfg.retention, m.frame_id.hex(), body, hashlib.sha256(body).hexdigest(), 1 << 20)
+        with Session(engine) as s:
+            store_original(s, blobs, cfg.retention, m.frame_id.hex(), body, hashlib.sha256(body).hexdigest(), 1 << 20)
     # one original expired by policy -> the page must say so
     from sql.models import Original
 
     with Session(engine) as s, s.begin():
         s.get(Original, msgs[10].frame_id.hex()).stored_us = now - 3 * 86_400_000_000
     sweep(engine, blobs, cfg.retention)
-    token = store.create_token(engine, "qa", "viewer")
+    token = tx(engine, store.create_token, "qa", "viewer")
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(cfg, engine), host="127.0.0.1", port=port, log_level="warning"))

@@ -18,12 +18,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from central import store
+from central.api.errors import http_status
 from central.blobs import BlobStore
 from central.config import parse_config
-from central.originals import DAY_US, OriginalError, read_original, store_original
+from central.errors import CentralError
+from central.originals import DAY_US, read_original, store_original
 from central.retention import sweep
 from sql.models import Frame, Original
-from tests.central.conftest import make_message
+from tests.central.conftest import make_message, tx
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,7 +37,8 @@ def jpeg(seed: int, size: int = 24) -> bytes:
 
 
 def put(engine, blobs, ret, fid: str, body: bytes, max_bytes: int = 1 << 20):
-    return store_original(engine, blobs, ret, fid, body, hashlib.sha256(body).hexdigest(), max_bytes)
+    with Session(engine) as s:
+        return store_original(s, blobs, ret, fid, body, hashlib.sha256(body).hexdigest(), max_bytes)
 
 
 def ret_cfg(**kw):
@@ -57,19 +60,19 @@ def test_upload_contract(engine, tmp_path):
     blobs, ret = BlobStore(tmp_path / "o"), ret_cfg()
     body = jpeg(1)
     r = put(engine, blobs, ret, fid(1), body)
-    assert r.status == 201 and read_original(engine, blobs, fid(1)) == body
-    assert put(engine, blobs, ret, fid(1), body).status == 200  # idempotent retry
+    assert r.created and tx(engine, read_original, blobs, fid(1)) == body
+    assert not put(engine, blobs, ret, fid(1), body).created  # idempotent retry
     cases = [("G" * 32, body, None, 400), (fid(2), b"not a jpeg at all", None, 400),
              (fid(1), jpeg(2), None, 409), (fid(3), body, "0" * 64, 422), (fid(4), body + b"\0" * 100, None, 413)]
     for frame_id, data, sha, status in cases:
-        with pytest.raises(OriginalError) as ei:
-            store_original(engine, blobs, ret, frame_id, data, sha or hashlib.sha256(data).hexdigest(), len(body) + 50)
-        assert ei.value.status == status, (frame_id, status, ei.value.detail)
-    with pytest.raises(OriginalError) as ei:
-        read_original(engine, blobs, fid(9))
-    assert ei.value.status == 404
+        with Session(engine) as s, pytest.raises(CentralError) as ei:
+            store_original(s, blobs, ret, frame_id, data, sha or hashlib.sha256(data).hexdigest(), len(body) + 50)
+        assert http_status(ei.value) == status, (frame_id, status, ei.value.detail)
+    with pytest.raises(CentralError) as ei:
+        tx(engine, read_original, blobs, fid(9))
+    assert http_status(ei.value) == 404
     # content addressing: same bytes for two frames share one blob
-    assert put(engine, blobs, ret, fid(5), body).status == 201
+    assert put(engine, blobs, ret, fid(5), body).created
     assert len(list(blobs.iter_blobs())) == 1
 
 
@@ -77,7 +80,7 @@ def test_age_overrides_hold_and_410(engine, tmp_path, tiny_manifest):
     blobs = BlobStore(tmp_path / "o")
     ret = ret_cfg(originals_days=10, tokens_days=100,
                   lines=[{"site": "s1", "line": "fast", "originals_days": 1, "tokens_days": 2}])
-    model = store.register_model(engine, tiny_manifest)
+    model = tx(engine, store.register_model, tiny_manifest)
     rng = np.random.default_rng(0)
     now = store.now_us()
     msgs = {name: make_message(tiny_manifest, rng, line=line, ts_us=now - age * DAY_US)
@@ -90,13 +93,13 @@ def test_age_overrides_hold_and_410(engine, tmp_path, tiny_manifest):
         if name.startswith("ancient"):
             continue
         f = m.frame_id.hex()
-        with pytest.raises(OriginalError) if name in ("old_default", "old_fast", "held") else _nullctx():
+        with pytest.raises(CentralError) if name in ("old_default", "old_fast", "held") else _nullctx():
             put(engine, blobs, ret, f, jpeg(i))  # already too old to keep -> 410 at upload
         if name in ("old_default", "old_fast", "held"):
             # stored earlier, when it was young
             put(engine, blobs, ret_cfg(originals_days=1000, tokens_days=1000), f, jpeg(i))
         set_stored(engine, f, m.capture_ts_us)
-    assert store.set_legal_hold(engine, msgs["held"].frame_id.hex(), True)
+    assert tx(engine, store.set_legal_hold, msgs["held"].frame_id.hex(), True)
 
     rep = sweep(engine, blobs, ret, now=now)
     assert rep.expired == 2 and rep.tokens_deleted == 2
@@ -104,19 +107,19 @@ def test_age_overrides_hold_and_410(engine, tmp_path, tiny_manifest):
     assert state == {"old_default": "deleted", "young_default": "kept", "old_fast": "deleted", "young_fast": "kept",
                      "held": "kept", "ancient": None, "ancient_fast": None}
     for n in ("old_default", "old_fast"):
-        with pytest.raises(OriginalError) as ei:
-            read_original(engine, blobs, msgs[n].frame_id.hex())
-        assert ei.value.status == 410
-        with pytest.raises(OriginalError) as ei:  # a retried upload of a deleted original is 410 too
+        with pytest.raises(CentralError) as ei:
+            tx(engine, read_original, blobs, msgs[n].frame_id.hex())
+        assert http_status(ei.value) == 410
+        with pytest.raises(CentralError) as ei:  # a retried upload of a deleted original is 410 too
             put(engine, blobs, ret, msgs[n].frame_id.hex(), jpeg(99))
-        assert ei.value.status == 410
-    assert read_original(engine, blobs, msgs["held"].frame_id.hex())
+        assert http_status(ei.value) == 410
+    assert tx(engine, read_original, blobs, msgs["held"].frame_id.hex())
     with Session(engine) as s:
         left = set(s.scalars(select(Frame.frame_id)))
     assert msgs["ancient"].frame_id.hex() not in left and msgs["ancient_fast"].frame_id.hex() not in left
     assert msgs["held"].frame_id.hex() in left
     # releasing the hold lets the next sweep delete it
-    store.set_legal_hold(engine, msgs["held"].frame_id.hex(), False)
+    tx(engine, store.set_legal_hold, msgs["held"].frame_id.hex(), False)
     assert sweep(engine, blobs, ret, now=now).expired == 1
     assert _blob_set(blobs) == _live_shas(engine)
 
@@ -131,14 +134,14 @@ def test_size_cap_oldest_first_skips_holds_and_shared_blobs(engine, tmp_path):
         set_stored(engine, fid(i), now - 1_000_000 * (60 - i))
     put(engine, blobs, ret, fid(100), bodies[1])  # newest, shares blob of frame 1
     set_stored(engine, fid(100), now - 1_000_000)
-    store.set_legal_hold(engine, fid(0), True)  # oldest but held (no frame row: hold set on the original)
+    tx(engine, store.set_legal_hold, fid(0), True)  # oldest but held (no frame row: hold set on the original)
     sizes = [len(b) for b in bodies]
     total = sum(sizes) + sizes[1]
     cap = total - sizes[1] - sizes[2] - sizes[3] + 1  # needs frames 1..3 gone (0 is held)
     rep = sweep(engine, blobs, ret_cfg(originals_days=1000, tokens_days=1000, originals_max_bytes=cap))
     assert rep.capped == 3 and rep.kept_bytes <= cap
     assert [_state(engine, fid(i)) for i in range(8)] == ["kept", "deleted", "deleted", "deleted"] + ["kept"] * 4
-    assert read_original(engine, blobs, fid(100)) == bodies[1]  # shared blob survived its twin's deletion
+    assert tx(engine, read_original, blobs, fid(100)) == bodies[1]  # shared blob survived its twin's deletion
     assert _blob_set(blobs) == _live_shas(engine)
 
 
@@ -150,9 +153,9 @@ def test_crash_states_are_finished_by_next_sweep(engine, tmp_path):
         put(engine, blobs, ret, fid(i), jpeg(i))
     with Session(engine) as s, s.begin():  # crash after step 1 of a deletion
         s.get(Original, fid(0)).state = "deleting"
-    with pytest.raises(OriginalError) as ei:
-        read_original(engine, blobs, fid(0))
-    assert ei.value.status == 410
+    with pytest.raises(CentralError) as ei:
+        tx(engine, read_original, blobs, fid(0))
+    assert http_status(ei.value) == 410
     orphan_key, _ = blobs.put(jpeg(50))  # crash between blob write and row commit of an upload
     (blobs.tmp / "dead.123.part").write_bytes(b"partial")  # crash during the write itself
     old = time.time() - 10

@@ -9,9 +9,11 @@ from sqlalchemy.orm import Session
 
 from central import store
 from central.config import SearchConfig
-from central.encoder import Encoder, EncoderError
-from central.search import Filters, Query, SearchError, Searcher, maxsim_scores
-from tests.central.conftest import make_message, unit
+from central.api.errors import http_status
+from central.encoder import Encoder
+from central.errors import Internal, Invalid
+from central.search import Filters, Query, Searcher, maxsim_scores
+from tests.central.conftest import make_message, tx, unit
 from tests.support.tiny_model import build_tiny_model
 from tokenline.manifest import Manifest
 from tokenline.preprocess import preprocess
@@ -21,7 +23,7 @@ T0 = 1_700_000_000_000_000
 
 
 def _populate(engine, manifest, n=N, seed=0):
-    model = store.register_model(engine, manifest)
+    model = tx(engine, store.register_model, manifest)
     rng = np.random.default_rng(seed)
     centers = unit(rng, 20, manifest.embedding_dim)
     msgs = []
@@ -50,7 +52,7 @@ def _brute(frames, model, q, flt, k):
           and (flt.camera is None or f.camera == flt.camera)
           and (flt.since_us is None or f.capture_us >= flt.since_us)
           and (flt.until_us is None or f.capture_us < flt.until_us)]
-    sims = np.array([float(f.global_embedding @ q) for f in ok])
+    sims = np.array([float(f.summary.global_embedding @ q) for f in ok])
     order = sorted(range(len(ok)), key=lambda i: (-sims[i], ok[i].frame_id))[:k]
     return [ok[i] for i in order], sims[order]
 
@@ -95,10 +97,10 @@ def test_maxsim_rerank_matches_reference(engine, tiny_manifest):
     cands = searcher.knn(model, probe.global_embedding, 51, Filters())
     ref = []
     for row_id, g in cands:
-        f = store.get_frames(engine, [row_id], 384)[row_id]
+        f = tx(engine, store.get_frames, [row_id], 384)[row_id]
         if f.frame_id == probe.frame_id.hex():
             continue
-        ms = np.mean([max(float(t @ d) for d in f.tokens) for t in probe.tokens / np.linalg.norm(probe.tokens, axis=1, keepdims=True)])
+        ms = np.mean([max(float(t @ d) for d in f.summary.tokens) for t in probe.tokens / np.linalg.norm(probe.tokens, axis=1, keepdims=True)])
         ref.append((0.5 * g + 0.5 * ms, f.frame_id))
     ref.sort(key=lambda t: -t[0])
     assert [h.frame_id for h in hits] == [fid for _, fid in ref[:10]]
@@ -118,7 +120,7 @@ def test_maxsim_scores_weighted_mean_of_best_matches():
 def test_never_mixes_models(engine, tiny_manifest, tmp_path):
     model, msgs, rng, _ = _populate(engine, tiny_manifest, n=200)
     other_dir = build_tiny_model(tmp_path / "m2", size=32, patch=8, dim=384, seed=7, name="other-encoder")
-    other = store.register_model(engine, Manifest.from_file(other_dir))
+    other = tx(engine, store.register_model, Manifest.from_file(other_dir))
     assert other.id != model.id
     om = [make_message(Manifest.from_file(other_dir), rng, seq=i) for i in range(50)]
     with Session(engine) as s, s.begin():
@@ -127,14 +129,14 @@ def test_never_mixes_models(engine, tiny_manifest, tmp_path):
     hits = searcher.search(other, Query(other.id, om[0].global_embedding, om[0].tokens, om[0].sizes), 100)
     assert len(hits) == 50 and {h.frame.model_id for h in hits} == {other.id}
     small = build_tiny_model(tmp_path / "m3", size=32, patch=8, dim=64, seed=1, name="narrow")
-    narrow = store.register_model(engine, Manifest.from_file(small))
-    with pytest.raises(SearchError):
+    narrow = tx(engine, store.register_model, Manifest.from_file(small))
+    with pytest.raises(Invalid):
         searcher.search(narrow, Query(narrow.id, om[0].global_embedding), 5)
 
 
 def test_search_by_example_image_finds_the_frame(engine, tiny_manifest, tiny_model_dir):
     """Frames encoded by the real ONNX encoder; a query image (re-encoded) finds its own frame first."""
-    model = store.register_model(engine, tiny_manifest, tiny_model_dir)
+    model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
     enc = Encoder(model, ["CPUExecutionProvider"])
     rng = np.random.default_rng(3)
     images = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(40)]
@@ -155,10 +157,10 @@ def test_search_by_example_image_finds_the_frame(engine, tiny_manifest, tiny_mod
     assert np.allclose(q.global_embedding, ref.global_embedding, atol=1e-6)
     hits = Searcher(engine, SearchConfig()).search(model, Query(model.id, q.global_embedding, q.tokens, q.sizes), 5)
     assert hits[0].frame_id == rows[17]["frame_id"] and hits[0].score > 0.99
-    with pytest.raises(EncoderError) as ei:
+    with pytest.raises(Invalid) as ei:
         enc.encode_image_bytes(b"\x00garbage")
-    assert ei.value.status == 400
-    with pytest.raises(EncoderError) as ei:
+    assert http_status(ei.value) == 400
+    with pytest.raises(Invalid) as ei:
         enc.encode_text("scratch")
     assert ei.value.reason == "no_text_tower"
 
@@ -182,7 +184,7 @@ def test_index_follows_appends_and_sweeper_deletions(engine, tiny_manifest, tmp_
     assert rep.tokens_deleted == 150
     hits = searcher.search(model, q, 1000)
     assert len(hits) == 155 and min(h.frame.capture_us for h in hits) >= T0 + 150 * 1_000_000
-    assert store.counter_totals(engine)["frames_deleted"] == 150
+    assert tx(engine, store.counter_totals)["frames_deleted"] == 150
 
 
 def test_memory_index_loads_in_chunks_and_refuses_a_wrong_width_embedding(tmp_path, tiny_manifest):
@@ -209,6 +211,6 @@ def test_memory_index_loads_in_chunks_and_refuses_a_wrong_width_embedding(tmp_pa
         assert np.allclose(e, stored[fid], atol=1e-6)  # the raw float32 bytes are the stored embedding
     with engine.begin() as c:
         c.execute(text("UPDATE frames SET global_embedding = zeroblob(12) WHERE id = :i"), {"i": rows[3][0]})
-    with pytest.raises(SearchError) as ei:
+    with pytest.raises(Internal) as ei:
         MemoryIndex(engine, model.id, model.embedding_dim)._load(0)
-    assert ei.value.status == 500 and f"frame row {rows[3][0]} has a 12-byte embedding" in str(ei.value)
+    assert http_status(ei.value) == 500 and f"frame row {rows[3][0]} has a 12-byte embedding" in str(ei.value)

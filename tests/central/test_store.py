@@ -11,7 +11,7 @@ from central import store
 from sql.migrate import current, downgrade, upgrade
 from sql.models import Frame
 from sql.types import pack_tokens, unpack_tokens
-from tests.central.conftest import make_message, unit
+from tests.central.conftest import make_message, tx, unit
 
 
 def test_migration_creates_schema_and_downgrades(engine):
@@ -28,8 +28,8 @@ def test_migration_creates_schema_and_downgrades(engine):
 
 
 def test_register_model_is_idempotent_and_indexed(engine, tiny_manifest, tiny_model_dir):
-    a = store.register_model(engine, tiny_manifest)
-    b = store.register_model(engine, tiny_manifest, tiny_model_dir)
+    a = tx(engine, store.register_model, tiny_manifest)
+    b = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
     assert a.id == b.id and b.model_dir == str(tiny_model_dir.resolve())
     assert a.hash16 == tiny_manifest.hash_bytes().hex() and (a.embedding_dim, a.k) == (384, 16)
     if engine.dialect.name == "postgresql":
@@ -40,7 +40,7 @@ def test_register_model_is_idempotent_and_indexed(engine, tiny_manifest, tiny_mo
 
 
 def test_frames_roundtrip_and_duplicates_dropped(engine, tiny_manifest):
-    model = store.register_model(engine, tiny_manifest)
+    model = tx(engine, store.register_model, tiny_manifest)
     rng = np.random.default_rng(1)
     msgs = [make_message(tiny_manifest, rng, seq=i) for i in range(5)]
     rows = [store.frame_row(m, model.id, store.now_us()) for m in msgs]
@@ -51,12 +51,12 @@ def test_frames_roundtrip_and_duplicates_dropped(engine, tiny_manifest):
     with Session(engine) as s:
         assert s.scalar(select(Frame.id).order_by(Frame.id.desc()).limit(1)) is not None
         assert len(s.scalars(select(Frame.frame_id)).all()) == 5
-    fr = store.get_frame(engine, msgs[2].frame_id.hex())
+    fr = tx(engine, store.get_frame, msgs[2].frame_id.hex())
     tol = 2e-3 if engine.dialect.name == "postgresql" else 1e-6  # halfvec on PostgreSQL
-    assert np.allclose(fr.global_embedding, msgs[2].global_embedding, atol=tol)
-    cos = (fr.tokens * msgs[2].tokens).sum(1) / np.linalg.norm(fr.tokens, axis=1)
+    assert np.allclose(fr.summary.global_embedding, msgs[2].global_embedding, atol=tol)
+    cos = (fr.summary.tokens * msgs[2].tokens).sum(1) / np.linalg.norm(fr.summary.tokens, axis=1)
     assert cos.min() > 0.999
-    assert np.array_equal(fr.centroids, msgs[2].centroids) and fr.seq == 2
+    assert np.array_equal(fr.summary.centroids, msgs[2].centroids) and fr.seq == 2
 
 
 def test_token_packing_keeps_cosine():
@@ -70,16 +70,16 @@ def test_token_packing_keeps_cosine():
 
 
 def test_api_tokens_hashed_with_roles(engine):
-    tok = store.create_token(engine, "qa-anna", "viewer")
-    assert store.lookup_token(engine, tok) == ("qa-anna", "viewer")
-    assert store.lookup_token(engine, tok + "x") is None
+    tok = tx(engine, store.create_token, "qa-anna", "viewer")
+    assert tx(engine, store.lookup_token, tok) == ("qa-anna", "viewer")
+    assert tx(engine, store.lookup_token, tok + "x") is None
     with engine.connect() as c:
         stored = c.execute(text("SELECT token_sha256 FROM api_tokens")).scalar()
     assert tok not in stored and len(stored) == 64
-    assert store.revoke_token(engine, "qa-anna") == 1
-    assert store.lookup_token(engine, tok) is None
+    assert tx(engine, store.revoke_token, "qa-anna") == 1
+    assert tx(engine, store.lookup_token, tok) is None
     with pytest.raises(ValueError):
-        store.create_token(engine, "x", "root")
+        tx(engine, store.create_token, "x", "root")
 
 
 def test_counters_accumulate(engine):
@@ -88,4 +88,4 @@ def test_counters_accumulate(engine):
     with Session(engine) as s, s.begin():
         store.add_counters(s, "w1", {"stored": 2})
         store.add_counters(s, "w2", {"stored": 1})
-    assert store.counter_totals(engine) == {"stored": 6, "dead_letters": 1}
+    assert tx(engine, store.counter_totals) == {"stored": 6, "dead_letters": 1}

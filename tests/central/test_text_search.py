@@ -15,7 +15,7 @@ from central.clip_bpe import ClipBpeTokenizer, bytes_to_unicode
 from central.config import SearchConfig
 from central.encoder import Encoder
 from central.search import Query, Searcher
-from tests.central.conftest import make_message
+from tests.central.conftest import make_message, tx
 from tokenline import manifest as mf
 
 MERGES = ["s c", "sc r", "a t", "c h</w>", "scr at", "scrat ch</w>", "p i", "t </w>", "pi t</w>"]
@@ -74,7 +74,7 @@ def test_text_query_through_onnx_text_tower(tmp_path, engine, tiny_model_dir):
                                                  role="text_encoder"),
                                      mf.FileSpec(path=vocab.name, sha256=mf.sha256_file(vocab), role="tokenizer")]})
     man.write(d / "manifest.json")
-    model = store.register_model(engine, mf.Manifest.from_file(d), d)
+    model = tx(engine, store.register_model, mf.Manifest.from_file(d), d)
     assert model.has_text
     enc = Encoder(model, ["CPUExecutionProvider"])
     v = enc.encode_text("Scratch")

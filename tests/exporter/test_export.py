@@ -9,8 +9,10 @@ import onnx
 import pytest
 import torch
 
-from exporter.export import ExportError, ExportOptions, export_encoder
-from exporter.vit import MergeConfig, ViT
+from exporter.errors import ExportError
+from exporter.export import export_encoder
+from exporter.options import ExportOptions, MergeConfig
+from exporter.vit import ViT
 from tests.support.tiny_vit import tiny_vit
 from tokenline import manifest as mf
 

@@ -11,7 +11,6 @@ import pytest
 from onnx import TensorProto, helper
 
 from exporter.cli import main as export_main
-from exporter.trt.cli import main as trt_main
 from tokenline import manifest as mf
 
 
@@ -23,8 +22,9 @@ def _out(capsys) -> str:
 def _tiny_export(out: Path) -> mf.Manifest:
     import torch  # noqa: PLC0415
 
-    from exporter.export import ExportOptions, export_encoder  # noqa: PLC0415
-    from exporter.vit import MergeConfig, ViT, ViTConfig  # noqa: PLC0415
+    from exporter.export import export_encoder  # noqa: PLC0415
+    from exporter.options import ExportOptions, MergeConfig  # noqa: PLC0415
+    from exporter.vit import ViT, ViTConfig  # noqa: PLC0415
 
     torch.manual_seed(0)
     vit = ViT(ViTConfig(image_size=(48, 48), patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_hidden=64))
@@ -53,13 +53,13 @@ def test_check_trt_exit_codes_and_table(tmp_path: Path, capsys) -> None:
     bad.CopyFrom(good)
     bad.opset_import[0].version = 19
     onnx.save(bad, str(tmp_path / "bad.onnx"))
-    assert trt_main(["check-trt", str(tmp_path / "bad.onnx"), "--target", "jetpack5,jetpack6"]) == 1
+    assert export_main(["check-trt", str(tmp_path / "bad.onnx"), "--target", "jetpack5,jetpack6"]) == 1
     out = _out(capsys)
     assert "FAILS" in out and "opset" in out and "trt10" not in out.split("problems")[0]
-    assert trt_main(["check-trt", str(tmp_path / "missing.onnx")]) == 2
+    assert export_main(["check-trt", str(tmp_path / "missing.onnx")]) == 2
     assert "no such ONNX file" in _out(capsys)
     with pytest.raises(SystemExit):
-        trt_main(["check-trt", str(tmp_path / "good.onnx"), "--target", "jetpack4"])
+        export_main(["check-trt", str(tmp_path / "good.onnx"), "--target", "jetpack4"])
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_quantize_int8_writes_qdq_and_updates_the_manifest(export_dir: Path, tmp
     for i in range(6):
         cv2.imwrite(str(calib / f"f{i}.png"), cv2.resize(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8), (64, 64)))
     before = mf.Manifest.from_file(export_dir)
-    assert trt_main(["quantize-int8", str(export_dir), "--calib", str(calib), "--count", "6"]) == 0
+    assert export_main(["quantize-int8", str(export_dir), "--calib", str(calib), "--count", "6"]) == 0
     after = mf.Manifest.from_file(export_dir)
     qdq = after.file("encoder_qdq")
     assert qdq.precision == "int8" and qdq.batch == 2 and after.hash() != before.hash()
@@ -87,7 +87,7 @@ def test_quantize_int8_writes_qdq_and_updates_the_manifest(export_dir: Path, tmp
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
     out = _out(capsys)
     assert "manifest updated" in out and "FAILS" not in out
-    assert trt_main(["quantize-int8", str(export_dir), "--calib", str(tmp_path / "none")]) == 2
+    assert export_main(["quantize-int8", str(export_dir), "--calib", str(tmp_path / "none")]) == 2
     assert "does not exist" in _out(capsys)
 
 

@@ -256,7 +256,7 @@ EXPORTS = [  # (id, merge kwargs, batch, precision, vit kwargs)
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict:
     from exporter.export import export_onnx  # noqa: PLC0415
-    from exporter.vit import MergeConfig  # noqa: PLC0415
+    from exporter.options import MergeConfig  # noqa: PLC0415
 
     out = tmp_path_factory.mktemp("exported")
     paths = {}

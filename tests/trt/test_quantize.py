@@ -47,7 +47,8 @@ def fp32_model(tmp_path_factory) -> Path:
     import torch  # noqa: PLC0415
 
     from exporter.export import export_onnx  # noqa: PLC0415
-    from exporter.vit import MergeConfig, ViT, ViTConfig  # noqa: PLC0415
+    from exporter.options import MergeConfig  # noqa: PLC0415
+    from exporter.vit import ViT, ViTConfig  # noqa: PLC0415
 
     torch.manual_seed(0)
     cfg = ViTConfig(image_size=(48, 48), patch_size=8, embed_dim=64, depth=4, num_heads=4, mlp_hidden=128)
@@ -149,3 +150,26 @@ def test_bad_calibration_input_is_a_clear_error(fp32_model: Path, tmp_path: Path
         quantize_qdq(fp32_model, tmp_path / "q.onnx", np.zeros((4, 3, 32, 32), np.float32))
     with pytest.raises(ValueError, match="scope"):
         QuantizeOptions(scope="some")
+
+
+def test_int8_calibration_imports_no_torch(tmp_path: Path) -> None:
+    """quantize and the calibration images it reads import no torch (INT8 runs where torch is not installed)."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    import cv2  # noqa: PLC0415
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((64, 80, 3), 128, np.uint8))
+    code = (
+        "import sys\n"
+        "from exporter.trt.quantize import calibration_arrays\n"
+        "from tokenline.manifest import InputSpec\n"
+        "spec = InputSpec(height=48, width=48, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize='resize')\n"
+        f"print(calibration_arrays({str(tmp_path)!r}, spec, 4).shape)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'torch')\n"
+        "assert not bad, bad\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(1, 3, 48, 48)"

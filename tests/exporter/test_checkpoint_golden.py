@@ -1,6 +1,6 @@
 """Parity of converted timm and open_clip checkpoints with outputs the real libraries computed (golden fixtures).
 
-The fixtures come from ``tests/fixtures/make_golden.py`` (run in a separate venv: timm and open_clip need a
+The fixtures come from ``tests/exporter/fixtures/make_golden.py`` (run in a separate venv: timm and open_clip need a
 torchvision that cannot import beside this venv's torch).
 """
 

@@ -1,0 +1,56 @@
+"""FastAPI dependencies: the app's services, one database session per request, the caller by role."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Callable, Iterator, Optional
+
+from fastapi import Depends, Header, Request
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from central.api.metrics import Metrics
+from central.auth import Principal, TokenCache, authorize
+from central.blobs import BlobStore
+from central.config import CentralConfig
+from central.encoder import EncoderPool
+from central.search import Searcher
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the routes share for the app's lifetime (``app.state.services``)."""
+
+    cfg: CentralConfig
+    engine: Engine
+    blobs: BlobStore
+    searcher: Searcher
+    encoders: EncoderPool
+    tokens: TokenCache
+    metrics: Metrics
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def session(svc: Annotated[Services, Depends(services)]) -> Iterator[Session]:
+    """A session for the request, closed after it; routes that write commit it themselves."""
+    with Session(svc.engine) as s:
+        yield s
+
+
+def require(*roles: str) -> Callable[..., Principal]:
+    """A dependency that admits a bearer token of one of ``roles`` (admins always)."""
+
+    def dep(request: Request, authorization: Optional[str] = Header(None)) -> Principal:
+        return authorize(services(request).tokens, authorization, roles)
+
+    return dep
+
+
+ServicesDep = Annotated[Services, Depends(services)]
+SessionDep = Annotated[Session, Depends(session)]
+Viewer = Annotated[Principal, Depends(require("viewer"))]
+Device = Annotated[Principal, Depends(require("device"))]
+Admin = Annotated[Principal, Depends(require())]

@@ -1,0 +1,98 @@
+"""What an export is asked to do: the validated option models ``ExportOptions`` and ``MergeConfig``.
+
+Every option and its default is declared here, once, with its description (``tokenline-export export --help``
+shows them). Unknown keys are rejected; a bad value raises ``OptionsError`` naming the key. Checks that need the
+model (K against its patch count, the merge schedule) are made by ``ViT.configure_merging``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Dict, List, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from exporter.errors import OptionsError
+
+# largest abs difference of the global embedding between ONNX Runtime and torch, per precision
+DEFAULT_TOLERANCE: Dict[str, float] = {"fp32": 1e-4, "fp16": 2e-2}
+
+
+class _Options(BaseModel):
+    """Strict, frozen options whose validation errors are ``OptionsError``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    what: ClassVar[str] = "options"
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise OptionsError(type(self).__name__, self.what, exc) from None
+
+
+class MergeConfig(_Options):
+    """Token merging and summary head settings (the static schedule is derived from these).
+
+    At most one of ``r``, ``r_list`` and ``target`` is given; none of them: no merging.
+    """
+
+    what: ClassVar[str] = "merge settings"
+
+    r: Optional[int] = Field(None, description="tokens merged in every block")
+    r_list: Optional[List[int]] = Field(None, description="tokens merged per block (one entry per block)")
+    target: Optional[int] = Field(None, description="patch tokens left after the last block")
+    alpha: float = Field(0.0, description="Turbo's weight of semantic value (0 = ToMe)")
+    floor: int = Field(0, description="fewest patch tokens a block may leave (0: K)")
+    k: int = Field(16, description="summary tokens per image")
+    summary_alpha: Optional[float] = Field(None, description="alpha of the summary head (None: alpha)")
+
+    @property
+    def method(self) -> str:
+        if not (self.r or self.r_list or self.target):
+            return "none"
+        return "turbo" if self.alpha else "tome"
+
+    def unmerged(self) -> "MergeConfig":
+        """The same summary head (K, alphas) without merging in the blocks: the reference encoder."""
+        return MergeConfig(k=self.k, alpha=self.alpha, summary_alpha=self.summary_alpha)
+
+
+class ExportOptions(_Options):
+    """Where and how ``export_encoder`` writes and validates the ONNX files."""
+
+    what: ClassVar[str] = "export options"
+
+    out_dir: Path = Field(description="output directory")
+    name: str = Field(description="model name in the manifest")
+    precision: Literal["fp32", "fp16"] = Field("fp32", description="weights and activations of the graph")
+    batch_sizes: List[int] = Field([1], description="fixed batch sizes, one file each; [] -> one dynamic-batch file")
+    opset: int = Field(17, description="ONNX opset (>= 17)")
+    simplify: bool = Field(True, description="onnxslim: folds shape arithmetic so fixed-batch graphs are fully static")
+    calib_dir: Optional[Path] = Field(None, description="folder of calibration images (None: synthetic images)")
+    calib_count: int = Field(16, description="calibration images (spread over the folder)")
+    export_unmerged: bool = Field(True, description="also write the unmerged encoder (reference for comparisons)")
+    bench_runs: int = Field(5, ge=1, description="timed ONNX Runtime runs (median)")
+    bench_batch: int = Field(8, ge=1, description="batch of the throughput runs for a dynamic-batch file")
+    tolerance: Optional[float] = Field(None, ge=0, description="max abs error vs torch (None: "
+                                     + ", ".join(f"{v:g} in {k}" for k, v in DEFAULT_TOLERANCE.items()) + ")")
+    check_trt: bool = Field(True, description="run the TensorRT parser compatibility check")
+
+    @field_validator("opset")
+    @classmethod
+    def _opset(cls, v: int) -> int:
+        if v < 17:
+            raise ValueError(f"opset {v} is too old: LayerNorm-era graphs need >= 17")
+        return v
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batches(cls, v: List[int]) -> List[int]:
+        if any(b < 1 for b in v):
+            raise ValueError("batch sizes must be >= 1")
+        return v
+
+    @property
+    def max_abs_error(self) -> float:
+        """``tolerance``, or the precision's default."""
+        return self.tolerance if self.tolerance is not None else DEFAULT_TOLERANCE[self.precision]

@@ -1,0 +1,111 @@
+"""ONNX Runtime checks of an exported encoder: run it in batches, compare it with torch, measure its throughput."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from tokenline import manifest as mf
+
+
+def ort_session(path: Path, threads: int = 0):
+    """A CPU ONNX Runtime session of ``path`` (``threads`` 0: ONNX Runtime's default), warnings silenced."""
+    import onnxruntime as ort  # noqa: PLC0415
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def run_batched(session, x: np.ndarray, batch: Optional[int]) -> List[np.ndarray]:
+    """Run a session over x in chunks of its fixed batch (padding the last chunk); outputs concatenated."""
+    n = x.shape[0]
+    step = batch or n
+    outs: List[List[np.ndarray]] = []
+    for i in range(0, n, step):
+        chunk = x[i : i + step]
+        pad = step - chunk.shape[0]
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+        res = session.run(None, {mf.INPUT_NAME: chunk.astype(np.float32)})
+        outs.append([r[: step - pad] for r in res])
+    return [np.concatenate([o[j] for o in outs]) for j in range(len(outs[0]))]
+
+
+def throughput(session, x: np.ndarray, runs: int) -> float:
+    """Median images/s of ``runs`` timed passes (one warm-up) over the batch x."""
+    session.run(None, {mf.INPUT_NAME: x})
+    rates = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run(None, {mf.INPUT_NAME: x})
+        rates.append(x.shape[0] / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def throughput_side_by_side(sessions: Sequence, x: np.ndarray, rounds: int, runs: int = 2) -> List[float]:
+    """Median images/s of each session over ``rounds`` rounds of ``throughput(session, x, runs)``, the sessions
+    interleaved within every round so that all see the same machine state."""
+    rates: List[List[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for session, r in zip(sessions, rates):
+            r.append(throughput(session, x, runs))
+    return [statistics.median(r) for r in rates]
+
+
+def token_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per image: worst (1 - cosine) between a token of ``a`` and its best match in ``b`` (order-free)."""
+    sim = np.einsum("bkd,bjd->bkj", a, b)
+    return 1.0 - sim.max(axis=-1).min(axis=-1)
+
+
+def compare(torch_out: Sequence[np.ndarray], ort_out: Sequence[np.ndarray], tol: float, merged: bool,
+            precision: str) -> Tuple[Dict[str, float], List[str]]:
+    """ONNX Runtime vs torch on the same images: statistics and the list of failed checks (empty = pass).
+
+    Unmerged graphs must match everywhere within ``tol``. Merged graphs take discrete decisions (TopK,
+    ArgMax) on float scores: a near-tie that rounds differently in ONNX Runtime merges another token, which
+    moves that image's embedding by ~1e-3. So for them, most images (>= half) must match within ``tol``, and
+    every image must keep cosine >= 0.999 (0.99 in fp16) to torch.
+    """
+    g_t, g_o = torch_out[0], ort_out[0]
+    err = np.abs(g_t - g_o).max(axis=-1)  # per image
+    cos = (g_t * g_o).sum(-1)
+    tok = token_error(ort_out[1], torch_out[1])
+    exact = err <= tol
+    stats = {
+        "max_abs_err": float(err.max()),
+        "max_rel_err": float(err.max() / max(float(np.abs(g_t).max()), 1e-12)),
+        "matched_fraction": float(exact.mean()),
+        "global_cos_min": float(cos.min()),
+        "token_err": float(tok[exact].max()) if exact.any() else float(tok.max()),
+        "sizes_err": float(np.abs(torch_out[2].sum(-1) - ort_out[2].sum(-1)).max()),
+    }
+    problems = []
+    if stats["sizes_err"] > 1e-3:
+        problems.append(f"token sizes do not add up to the patch count (error {stats['sizes_err']:.3g})")
+    if not merged and not exact.all():
+        problems.append(f"max abs error {stats['max_abs_err']:.3g} of the global embedding > tolerance {tol:g}")
+    if merged and stats["matched_fraction"] < 0.5:
+        problems.append(f"only {stats['matched_fraction']:.0%} of the images match within {tol:g} (need >= 50%)")
+    floor = 0.99 if precision == "fp16" else 0.999
+    if stats["global_cos_min"] < floor:
+        problems.append(f"global embedding cosine {stats['global_cos_min']:.5f} < {floor}")
+    if stats["token_err"] > max(10 * tol, 1e-3):
+        problems.append(f"summary token error {stats['token_err']:.3g} > {max(10 * tol, 1e-3):g}")
+    return stats, problems
+
+
+def worst(stats: Dict[str, float], new: Dict[str, float]) -> Dict[str, float]:
+    """``compare`` statistics of several files combined: the worst of each (lowest cosine and match fraction)."""
+    out = dict(stats)
+    for k, v in new.items():
+        pick = min if k in ("global_cos_min", "matched_fraction") else max
+        out[k] = pick(out.get(k, v), v)
+    return out

@@ -23,6 +23,7 @@ import numpy as np
 from exporter.schedule import make_schedule
 from exporter.vit import ViTConfig, gflops
 
+MEASURE = "p10-loss-mixture"  # the name of Fidelity.loss in manifests
 SPEEDUPS: Tuple[float, ...] = (1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0)
 NEIGHBOURS = 10  # the k of the neighbour measures (precision@10 is what retrieval users watch)
 MIN_IMAGES = 50  # fewer calibration images than this cannot say anything about neighbours

@@ -231,7 +231,8 @@ class ViT(nn.Module):
         if floor < k:
             raise ScheduleError(f"floor {floor} is below K = {k}: the summary head needs at least K tokens")
         self.merge_cfg = mc
-        self.schedule = make_schedule(self.cfg.num_patches, self.cfg.depth, mc.r, mc.r_list, mc.target, floor=floor)
+        self.schedule = make_schedule(self.cfg.num_patches, self.cfg.depth, mc.r, mc.r_list, mc.target, floor=floor,
+                                      pre_r=mc.pre_r)
         self.summary_steps = summary_steps(self.schedule.final_patches, k)
         return self.schedule
 

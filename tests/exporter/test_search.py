@@ -121,17 +121,14 @@ def test_search_refuses_too_few_images_and_a_negative_budget() -> None:
 
 def test_search_on_a_tiny_model_is_deterministic_and_within_budget() -> None:
     """The real forward pass of every candidate on 60 smooth random images, searched twice."""
-    from exporter.schedule import make_schedule, summary_steps
-    from exporter.vit import MergeConfig
+    from exporter.options import MergeConfig
 
     vit = tiny_vit(seed=1)
     g = torch.Generator().manual_seed(0)
     images = torch.nn.functional.interpolate(torch.rand(60, 3, 6, 6, generator=g), size=(48, 48), mode="bilinear")
 
     def embed(c: Candidate) -> np.ndarray:
-        vit.configure_merging(MergeConfig(r_list=list(c.r_per_block), alpha=c.alpha, k=4))
-        vit.schedule = make_schedule(36, 3, r_list=list(c.r_per_block), floor=4, pre_r=c.pre_r)
-        vit.summary_steps = summary_steps(vit.schedule.final_patches, 4)
+        vit.configure_merging(MergeConfig(r_list=list(c.r_per_block), pre_r=c.pre_r, alpha=c.alpha, k=4))
         with torch.inference_mode():
             return vit(images)[0].numpy()
 

@@ -38,3 +38,15 @@ def retrieval_metrics(emb: np.ndarray, labels: np.ndarray, k: int = 10) -> Dict[
     ranks = np.arange(1, rel.shape[1] + 1)
     ap = (rel * hits / ranks).sum(axis=1) / np.maximum(rel.sum(axis=1), 1)
     return {"1nn": nn1, f"p@{k}": p_at_k, "map": float(ap.mean())}
+
+
+def split_halves(labels: np.ndarray, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """A seeded half of each class's images (calibration) and the other half (held out), as sorted indices."""
+    rng = np.random.default_rng(seed)
+    first, second = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        first.append(idx[: len(idx) // 2])
+        second.append(idx[len(idx) // 2 :])
+    return np.sort(np.concatenate(first)), np.sort(np.concatenate(second))

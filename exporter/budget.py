@@ -1,14 +1,15 @@
 """Choose the merge schedule by a fidelity budget: the schedule search (``exporter.search``) run on the model.
 
 ``export_encoder`` calls ``choose_schedule`` first when ``MergeConfig.budget`` is set: the unmerged encoder's
-global embeddings of the calibration images are the reference, every candidate the search asks for is run on
-the same images with torch, and the chosen candidate becomes an ordinary ``MergeConfig`` (per-block r, pre_r,
-alpha), so the rest of the export does not know a search happened. ``search_spec`` is what the manifest keeps.
+global embeddings of the calibration images are the reference, every candidate the search asks for (``grid``:
+each schedule shape with ToMe's score and with the configured alpha) is run on the same images with torch, and
+the chosen candidate becomes an ordinary ``MergeConfig`` (per-block r, pre_r, alpha), so the rest of the export
+does not know a search happened. ``search_spec`` is what the manifest keeps.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, List, Tuple
 
 import numpy as np
 import torch
@@ -36,6 +37,12 @@ def config_of(c: Candidate, merge: MergeConfig) -> MergeConfig:
                        summary_alpha=merge.summary_alpha)
 
 
+def grid(vit: ViT, merge: MergeConfig) -> List[Candidate]:
+    """The candidates a budget search tries: every shape of ``exporter.search`` with ToMe's score (alpha 0) and
+    with ``merge.alpha`` (Turbo's, 5 unless given)."""
+    return candidates(vit.cfg, merge.floor or merge.k, alphas=sorted({0.0, float(merge.alpha)}))
+
+
 def choose_schedule(vit: ViT, merge: MergeConfig, calib: np.ndarray,
                     progress: Callable[[str], None] = lambda _m: None) -> Tuple[MergeConfig, SearchResult]:
     """Search the schedule grid for ``merge.budget`` on ``calib``; returns the chosen settings (unmerged when
@@ -46,13 +53,12 @@ def choose_schedule(vit: ViT, merge: MergeConfig, calib: np.ndarray,
     progress(f"schedule search: embedding {len(calib)} calibration images with the unmerged encoder")
     vit.configure_merging(unmerged)
     ref = global_embeddings(vit, calib)
-    grid = candidates(vit.cfg, merge.floor or merge.k, alphas=(merge.alpha,))
 
     def embed(c: Candidate) -> np.ndarray:
         vit.configure_merging(config_of(c, merge))
         return global_embeddings(vit, calib)
 
-    result = search(grid, embed, ref, merge.budget, progress=lambda m: progress(f"schedule search: {m}"))
+    result = search(grid(vit, merge), embed, ref, merge.budget, progress=lambda m: progress(f"schedule search: {m}"))
     chosen = config_of(result.chosen.candidate, merge) if result.chosen else unmerged
     vit.configure_merging(chosen)
     return chosen, result

@@ -43,7 +43,9 @@ def test_budget_export_records_the_search_in_the_manifest(tmp_path: Path) -> Non
     assert s.calibration_images == 60 and s.candidates_evaluated == len(res.search.points)
     assert s.schedule == chosen.candidate.name and s.flop_speedup == pytest.approx(chosen.candidate.speedup)
     assert man.merge.r_per_block == list(chosen.candidate.r_per_block) and man.merge.pre_r == chosen.candidate.pre_r
-    assert man.merge.alpha == 5.0 and man.merge.alpha_scale == 30.0 and man.merge.method == "turbo"
+    assert {p.candidate.alpha for p in res.search.points} == {0.0, 5.0}  # ToMe's score and the configured alpha
+    assert man.merge.alpha == chosen.candidate.alpha and man.merge.alpha_scale == 30.0
+    assert man.merge.method == ("turbo" if chosen.candidate.alpha else "tome")
     assert man.validation.gflops < man.validation.gflops_unmerged
     again = _export(tmp_path / "b", calib, budget=3.0)  # deterministic: same points, same choice
     assert again.search == res.search

@@ -44,8 +44,10 @@ from sql.types import pack_f32, pack_tokens  # noqa: E402
 from tests.support.broker import Mosquitto  # noqa: E402
 from tests.support.tiny_model import build_tiny_model  # noqa: E402
 from tokenline import topics  # noqa: E402
+from tokenline.frame_id import new_frame_id  # noqa: E402
 from tokenline.manifest import Manifest  # noqa: E402
-from tokenline.wire import TokenMessage, encode, new_frame_id  # noqa: E402
+from tokenline.summary import Summary  # noqa: E402
+from tokenline.wire import TokenMessage, encode  # noqa: E402
 
 console = Console(stderr=True)
 K, D = 16, 384
@@ -89,8 +91,9 @@ def messages(manifest: Manifest, n: int, rng) -> List[TokenMessage]:
         t /= np.linalg.norm(t, axis=1, keepdims=True)
         g = t.mean(0)
         out.append(TokenMessage(new_frame_id(), "dev1", "s1", f"l{i % 4}", f"c{i % 8}", 1_700_000_000_000_000 + i,
-                                i & 0xFFFFFFFF, manifest.hash_bytes(), (g / np.linalg.norm(g)).astype(np.float32),
-                                t.astype(np.float32), np.ones(K, np.float32), rng.uniform(0, 1, (K, 2)).astype(np.float32)))
+                                i & 0xFFFFFFFF, manifest.hash_bytes(),
+                                Summary((g / np.linalg.norm(g)).astype(np.float32), t.astype(np.float32),
+                                        np.ones(K, np.float32), rng.uniform(0, 1, (K, 2)).astype(np.float32))))
     return out
 
 
@@ -102,7 +105,7 @@ def bench_ingest(backends: Backends, kind: str, manifest: Manifest, n: int, runs
         upgrade(engine)
         with Session(engine) as s, s.begin():
             store.register_model(s, manifest)
-        payloads = [(topics.tokens_topic(m.site, m.line, m.camera), encode(m, "int8")) for m in messages(manifest, n, rng)]
+        payloads = [(topics.tokens_topic(m.site, m.device, m.line, m.camera), encode(m, "int8")) for m in messages(manifest, n, rng)]
         broker = Mosquitto(tmp / f"broker-{kind}-{r}").start()
         cfg = parse_config({"mqtt": {"host": broker.host, "port": broker.port, "client_id": f"bench-{r}"},
                             "ingest": {"batch_max": 100, "batch_linger_ms": 20}})

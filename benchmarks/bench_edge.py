@@ -4,7 +4,8 @@ Side by side in one run, rounds interleaved, medians reported:
 - bare encoder: ONNX Runtime CPU session on pre-built input tensors at the agent's batch size (images/s);
 - pipeline: the whole agent in-process with a synthetic conveyor camera producing frames as fast as it can,
   through preprocessing, batched inference, quantization, the SQLite outbox and a real Mosquitto broker until
-  every message is PUBACKed and deleted (frames/s), once with the production defaults (outbox
+  every message is PUBACKed (frames/s; under protocol 2 a PUBACKed row stays awaiting central's confirmation,
+  and nothing confirms here), once with the production defaults (outbox
   synchronous=FULL, JPEG originals stored) and once lean (synchronous=NORMAL, no originals).
 - bytes per message for each token mode next to the JPEG of the same frame (synthetic 640x480 and, when
   present, NEU-DET 200x200).
@@ -22,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List
 
@@ -103,17 +105,20 @@ def stage_costs(model_dir: Path, reps: int = 40) -> Dict[str, float]:
     from edge_agent.originals import encode_jpeg
     from edge_agent.synthetic import draw_conveyor_frame
     from tokenline.manifest import Manifest
+    from tokenline.frame_id import new_frame_id
     from tokenline.preprocess import preprocess
-    from tokenline.wire import TokenMessage, encode, new_frame_id
+    from tokenline.summary import Summary
+    from tokenline.wire import TokenMessage, encode
 
     m = Manifest.from_file(model_dir)
     frame = draw_conveyor_frame(3, 640, 480)
     rng = np.random.default_rng(0)
     k, d = m.summary.k, m.embedding_dim
     msg = TokenMessage(frame_id=new_frame_id(), device="d", site="s", line="l", camera="c", capture_ts_us=1, seq=0,
-                       manifest_hash=m.hash_bytes(), global_embedding=rng.standard_normal(d).astype(np.float32),
-                       tokens=rng.standard_normal((k, d)).astype(np.float32), sizes=np.ones(k, np.float32),
-                       centroids=np.full((k, 2), 0.5, np.float32))
+                       manifest_hash=m.hash_bytes(),
+                       summary=Summary(rng.standard_normal(d).astype(np.float32),
+                                       rng.standard_normal((k, d)).astype(np.float32), np.ones(k, np.float32),
+                                       np.full((k, 2), 0.5, np.float32)))
     stages = {"synthetic camera: draw a 640x480 frame": lambda: draw_conveyor_frame(3, 640, 480),
               f"preprocess 640x480 -> {m.input.width}x{m.input.height} (tokenline.preprocess)":
                   lambda: preprocess(frame, m.input),
@@ -134,11 +139,12 @@ def stage_costs(model_dir: Path, reps: int = 40) -> Dict[str, float]:
 def message_sizes(model_dir: Path, neu_det: Path | None) -> List[Dict[str, object]]:
     """Bytes per message per token mode and the JPEG (quality 90) of the same frame."""
     from edge_agent.originals import encode_jpeg
-    from edge_agent.runners import OnnxRuntimeRunner
     from edge_agent.synthetic import draw_conveyor_frame
+    from runtime.runners import OnnxRuntimeRunner
+    from tokenline.frame_id import new_frame_id
     from tokenline.manifest import Manifest
     from tokenline.preprocess import preprocess, read_image
-    from tokenline.wire import TokenMessage, decode, encode, new_frame_id
+    from tokenline.wire import TokenMessage, decode, encode
 
     m = Manifest.from_file(model_dir)
     runner = OnnxRuntimeRunner(model_dir, m, providers=["CPUExecutionProvider"])
@@ -149,18 +155,17 @@ def message_sizes(model_dir: Path, neu_det: Path | None) -> List[Dict[str, objec
             frames[f"NEU-DET {first[0].name} 200x200"] = read_image(first[0])
     rows = []
     for label, frame in frames.items():
-        out = runner.run(preprocess(frame, m.input)[None])
+        out = runner.run(preprocess(frame, m.input)[None])[0]
         msg = TokenMessage(frame_id=new_frame_id(), device="jetson-01", site="plant_a", line="line.3", camera="cam-7",
                            capture_ts_us=time.time_ns() // 1000, seq=1, manifest_hash=m.hash_bytes(),
-                           global_embedding=out.global_embedding[0], tokens=out.tokens[0], sizes=out.sizes[0],
-                           centroids=np.clip(out.centroids[0], 0, 1))
+                           summary=replace(out, centroids=np.clip(out.centroids, 0, 1)))
         row: Dict[str, object] = {"frame": label, "jpeg": len(encode_jpeg(frame, 90))}
         for mode in ("int8", "int4", "fp16"):
             buf = encode(msg, mode)
-            back = decode(buf)
-            g = out.global_embedding[0]
+            back = decode(buf).summary
+            g = out.global_embedding
             cos_g = float(back.global_embedding @ g / (np.linalg.norm(back.global_embedding) * np.linalg.norm(g)))
-            t = out.tokens[0]
+            t = out.tokens
             cos_t = float(np.min(np.sum(back.tokens * t, -1) /
                                  (np.linalg.norm(back.tokens, axis=-1) * np.linalg.norm(t, axis=-1) + 1e-12)))
             row[mode] = (len(buf), cos_g, cos_t)
@@ -234,7 +239,7 @@ def main() -> int:
         f"Model: {model_label}. ONNX Runtime CPU, batch {args.batch}, {args.frames} frames per run, "
         f"{args.runs} rounds interleaved, medians. Pipeline = synthetic 640x480 camera -> preprocessing -> "
         f"batched inference -> {args.token_dtype} quantization -> SQLite outbox -> real Mosquitto (QoS 1), timed "
-        "until every message is PUBACKed and deleted from the outbox. "
+        "until every message is PUBACKed (marked awaiting central's confirmation in the outbox). "
         f"Load average {load_before:.1f} before and {load_after:.1f} after the run on {cores} cores"
         + (" (other work was running on this machine)." if load_before > 0.5 * cores else "."),
         "",

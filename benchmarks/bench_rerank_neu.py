@@ -36,9 +36,10 @@ from central.encoder import Encoder  # noqa: E402
 from central.search import Filters, Query, Searcher  # noqa: E402
 from sql.db import make_engine  # noqa: E402
 from sql.migrate import upgrade  # noqa: E402
+from tokenline.frame_id import new_frame_id  # noqa: E402
 from tokenline.manifest import Manifest  # noqa: E402
 from tokenline.preprocess import read_image  # noqa: E402
-from tokenline.wire import TokenMessage, decode, encode, new_frame_id  # noqa: E402
+from tokenline.wire import TokenMessage, decode, encode  # noqa: E402
 
 console = Console(stderr=True)
 NEU = ROOT.parent / "shared" / "datasets" / "neu-det" / "images"
@@ -88,7 +89,7 @@ def main() -> int:
         for i, p in enumerate(track(files, description="encoding", console=console)):
             out = enc.encode_frame(read_image(p))
             msg = TokenMessage(new_frame_id(), "bench", "neu", "det", "cam", 1_700_000_000_000_000 + i, i,
-                               manifest.hash_bytes(), out.global_embedding, out.tokens, out.sizes, out.centroids)
+                               manifest.hash_bytes(), out)
             wire = decode(encode(msg, args.token_dtype))
             rows.append(store.frame_row(wire, model.id, 0))
             labels[wire.frame_id.hex()] = p.name.rsplit("_", 1)[0]

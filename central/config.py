@@ -5,59 +5,54 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from tokenline.errors import describe, read_yaml
-
-
-class ConfigError(ValueError):
-    """A configuration file that cannot be read or does not validate; the message names the key."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from tokenline.config import ConfigError  # noqa: F401 - central's modules import it from here
+from tokenline.config import NAME_PATTERN, MqttClientConfig, load_config_file, validate_config
+from tokenline.documents import StrictModel
+from tokenline.preprocess import DEFAULT_MAX_PIXELS
 
 
-class DatabaseConfig(_Strict):
+class DatabaseConfig(StrictModel):
     # SQLite (embedded default, WAL) or postgresql://... (pgvector required).
     url: str = "sqlite:///central.db"
 
 
-class MqttConfig(_Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(1883, gt=0, lt=65536)
+class MqttConfig(MqttClientConfig):
+    """The broker connection (keys shared with the edge: ``tokenline.config``) and the ingest subscription."""
+
     client_id: str = Field("central-ingest-1", min_length=1, max_length=128)  # stable: the session is persistent
-    group: str = Field("central", pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # shared-subscription group
-    username: Optional[str] = None
-    password: Optional[str] = None
-    tls_ca: Optional[str] = None  # CA file; enables TLS when set
-    tls_cert: Optional[str] = None
-    tls_key: Optional[str] = None
-    keepalive_s: int = Field(30, gt=0)
+    group: str = Field("central", pattern=NAME_PATTERN)  # shared-subscription group
     session_expiry_s: int = Field(7 * 24 * 3600, ge=0)  # broker keeps queued messages this long offline
 
 
-class IngestConfig(_Strict):
+class IngestConfig(StrictModel):
     batch_max: int = Field(100, gt=0)  # keep <= the broker's max_inflight_messages (unacked QoS 1 limit)
     batch_linger_ms: int = Field(200, ge=0)  # longest a received message waits for its batch to commit
     max_message_bytes: int = Field(65536, gt=0)
-    dead_letter_max_bytes: int = Field(65536, ge=0)  # raw bytes kept per dead letter
+    # raw bytes kept of a dead letter that no fix can cure (garbage); replayable ones (store.REPLAYABLE) are kept whole
+    dead_letter_max_bytes: int = Field(1024, ge=0)
     allowed_token_dtypes: List[Literal["int8", "int4", "fp16"]] = ["int8", "int4", "fp16"]
     retry_backoff_max_s: float = Field(30.0, gt=0)  # database unavailable: retry the batch, never ack early
+    # Also consume protocol v1 topics (edges not upgraded yet: no device in their token topics, so their identity
+    # is not bound by the broker, and no commit acknowledgements). Switch off once every edge runs protocol 2.
+    accept_protocol_v1: bool = True
 
 
-class LineOverride(_Strict):
+class LineOverride(StrictModel):
     site: str
     line: str
     originals_days: Optional[float] = Field(None, ge=0)
     tokens_days: Optional[float] = Field(None, ge=0)
 
 
-class RetentionConfig(_Strict):
+class RetentionConfig(StrictModel):
     originals_days: float = Field(30.0, ge=0)
     originals_max_bytes: Optional[int] = Field(None, gt=0)  # size cap, oldest deleted first
     tokens_days: float = Field(365.0, ge=0)  # tokens live longer than originals
     lines: List[LineOverride] = []
+    dead_letters_days: float = Field(30.0, ge=0)  # dead letters older than this are deleted
+    dead_letters_max_bytes: int = Field(256 * 1024 * 1024, gt=0)  # beyond (payload+detail+topic), oldest first
     sweep_interval_s: float = Field(600.0, gt=0)  # for `serve`'s background sweeper
     orphan_grace_s: float = Field(3600.0, ge=0)  # unreferenced blobs younger than this are left alone
     batch: int = Field(500, gt=0)
@@ -74,12 +69,12 @@ class RetentionConfig(_Strict):
         return self
 
 
-class OriginalsConfig(_Strict):
+class OriginalsConfig(StrictModel):
     root: str = "originals"  # content-addressed filesystem store
     max_upload_bytes: int = Field(10 * 1024 * 1024, gt=0)
 
 
-class SearchConfig(_Strict):
+class SearchConfig(StrictModel):
     candidates: int = Field(200, gt=0)  # global-embedding candidates handed to the MaxSim re-rank
     rerank: bool = True
     rerank_weight: float = Field(0.25, ge=0, le=1)  # score = (1-w)*global cosine + w*MaxSim (NEU-DET: BENCHMARKS.md)
@@ -88,12 +83,17 @@ class SearchConfig(_Strict):
     providers: List[str] = ["CPUExecutionProvider"]  # ONNX Runtime execution providers, in order
 
 
-class ApiConfig(_Strict):
+class ApiConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8080, gt=0, lt=65536)
+    # images decoded here (search uploads, thumbnails, uploaded originals' headers): larger ones are refused (400)
+    # from their header, before decoding
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
+    image_workers: int = Field(2, ge=1, le=64)  # threads that decode and encode images, off the event loop
+    image_queue: int = Field(8, ge=0)  # requests waiting for one of them; beyond, 503 "busy"
 
 
-class CentralConfig(_Strict):
+class CentralConfig(StrictModel):
     database: DatabaseConfig = DatabaseConfig()
     mqtt: MqttConfig = MqttConfig()
     ingest: IngestConfig = IngestConfig()
@@ -104,18 +104,11 @@ class CentralConfig(_Strict):
 
 
 def parse_config(data: object, where: str = "<config>") -> CentralConfig:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: top level must be a mapping")
-    try:
-        return CentralConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(describe(where, "configuration", exc)) from None
+    return validate_config(CentralConfig, {} if data is None else data, where)
 
 
 def load_config(path: Optional[str | Path]) -> CentralConfig:
     """Read YAML/JSON from ``path``; ``None`` gives all defaults."""
     if path is None:
         return CentralConfig()
-    return parse_config(read_yaml(path, "config", ConfigError), where=str(path))
+    return load_config_file(CentralConfig, path)

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import signal
@@ -118,7 +117,9 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=40, help="frames per synthetic camera")
     ap.add_argument("--no-wait", action="store_true", help="stop the services right after the search")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from runtime.logs import setup_logging
+
+    setup_logging("WARNING")
 
     def on_sigterm(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt  # stop the services on the way out, as for Ctrl-C

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import List, Optional
 
 from edge_agent import __version__
-from edge_agent.config import AgentConfig, ConfigError, load_config, parse_config
+from edge_agent.config import AgentConfig, load_config, parse_config
+from runtime.logs import add_log_level, setup_logging
+from tokenline.config import ConfigError
 
-log = logging.getLogger("edge_agent")
+log = logging.getLogger(__name__)
 
 
 def _say(text: str) -> None:
@@ -26,32 +28,6 @@ def _say(text: str) -> None:
         Console(highlight=False).print(text)
     except ImportError:
         print(text)
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def _check(cfg: AgentConfig, load_runner: bool) -> str:
-    """Validate what the config points at (manifest, files, runner); returns a summary; raises on problems."""
-    from edge_agent.agent import AgentError, load_model
-    from edge_agent.runners import RunnerError, make_runner
-
-    manifest = load_model(cfg)
-    lines = [f"model {manifest.name!r} ({manifest.hash_bytes().hex()}): input {manifest.input.width}x"
-             f"{manifest.input.height} {manifest.input.color_order}, K={manifest.summary.k}, D={manifest.embedding_dim}"]
-    if load_runner:
-        try:
-            runner = make_runner(cfg.model, manifest, Path(cfg.model.dir))
-        except RunnerError as exc:
-            raise AgentError(str(exc)) from None
-        lines.append(f"runner {runner.name}, batch sizes {list(runner.batch_sizes) or 'dynamic'}")
-        runner.close()
-    for c in cfg.cameras:
-        lines.append(f"camera {c.name} (line {c.line}): {c.source.kind}, sampling {c.sampling.mode}")
-    lines.append(f"mqtt {cfg.mqtt.host}:{cfg.mqtt.port} tls={cfg.mqtt.tls.enabled} as {cfg.client_id}; "
-                 f"tokens {cfg.messages.token_dtype}; outbox {cfg.outbox.path} (max {cfg.outbox.max_bytes} B)")
-    return "\n".join(lines)
 
 
 def run_agent(cfg: AgentConfig, until_idle: bool = False) -> int:
@@ -90,20 +66,24 @@ def simulate_config(args: argparse.Namespace) -> AgentConfig:
             "outbox": {"path": str(work / "outbox.sqlite")},
             "originals": {"dir": str(work / "originals")},
             "health": {"http_port": None, "file": str(work / "health.json")},
-            "stats_interval_s": 2.0, "log_level": args.log_level}
+            "stats_interval_s": 2.0, "log_level": getattr(args, "log_level", "INFO")}
     return parse_config(data, where="simulate")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="tokenline-edge", description="tokenline edge agent")
     p.add_argument("--version", action="version", version=f"tokenline-edge {__version__}")
+    add_log_level(p, None)  # default: the configuration's log_level
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the agent (daemon)")
     r.add_argument("--config", required=True, type=Path)
-    c = sub.add_parser("check-config", help="validate a configuration and the model it points at")
+    c = sub.add_parser("check-config", help="validate a configuration and everything it points at (model, password, "
+                                             "certificate and token files, camera folders, writable paths)")
     c.add_argument("--config", required=True, type=Path)
     c.add_argument("--no-runner", action="store_true", help="do not load the model into the runner")
     s = sub.add_parser("simulate", help="run with synthetic conveyor cameras (demo, tests)")
+    for sp in (r, c, s):
+        add_log_level(sp, None)
     s.add_argument("--model-dir", required=True, type=Path)
     s.add_argument("--mqtt-host", default="127.0.0.1")
     s.add_argument("--mqtt-port", type=int, default=1883)
@@ -115,7 +95,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     s.add_argument("--device", default="sim-01")
     s.add_argument("--site", default="demo")
     s.add_argument("--line", default="line-1")
-    s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     args = p.parse_args(argv)
 
     from edge_agent.agent import AgentError
@@ -125,10 +104,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             cfg = simulate_config(args)
         else:
             cfg = load_config(args.config)
-        _setup_logging(cfg.log_level)
+        setup_logging(getattr(args, "log_level", cfg.log_level))
         if args.cmd == "check-config":
-            summary = _check(cfg, load_runner=not args.no_runner)
-            _say(f"[bold green]configuration OK[/bold green]: {args.config}\n{summary}")
+            from edge_agent.preflight import check
+
+            lines, problems = check(cfg, load_runner=not args.no_runner)
+            if problems:
+                print(f"error: {args.config}: {len(problems)} problem(s) `run` would fail on:", file=sys.stderr)
+                for p in problems:
+                    print(f"  {p}", file=sys.stderr)
+                return 2
+            _say(f"[bold green]configuration OK[/bold green]: {args.config}\n" + "\n".join(lines))
             return 0
         _say(f"[bold]tokenline-edge {__version__}[/bold] {cfg.site}/{cfg.device}: {len(cfg.cameras)} camera(s), "
              f"MQTT {cfg.mqtt.host}:{cfg.mqtt.port}")

@@ -22,9 +22,9 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 
-from edge_agent.config import Originals as OriginalsCfg
-from edge_agent.config import read_secret
-from tokenline.wire import frame_id_str
+from edge_agent.config import OriginalsConfig
+from tokenline.config import read_secret
+from tokenline.frame_id import frame_id_str
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def classify_status(status: int) -> str:
 class OriginalsStore:
     """JPEG files + SQLite index + upload queue, with an uploader thread."""
 
-    def __init__(self, cfg: OriginalsCfg) -> None:
+    def __init__(self, cfg: OriginalsConfig) -> None:
         self.cfg = cfg
         self.dir = Path(cfg.dir)
         self.dir.mkdir(parents=True, exist_ok=True)

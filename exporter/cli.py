@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Type, get_args
@@ -13,10 +12,9 @@ from pydantic import BaseModel, ValidationError
 from exporter.errors import ExportError, OptionsError
 from exporter.options import ExportOptions, MergeConfig
 from exporter.trt.cli import register_cli
-from tokenline.errors import key_path
+from runtime.logs import add_log_level, setup_logging
+from tokenline.documents import key_path
 from tokenline.manifest import Family, ManifestError
-
-log = logging.getLogger("tokenline.export")
 
 TURBO_ALPHA = 5.0  # the CLI merges with Turbo unless --alpha 0 (ToMe) is given
 BUDGET_CALIB_COUNT = 256  # calibration images of a --budget search when --calib-count is not given
@@ -162,7 +160,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``tokenline-export`` command line: ``export`` and the TensorRT subcommands of ``exporter.trt.cli``."""
     parser = argparse.ArgumentParser(prog="tokenline-export", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_log_level(parser, "WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
     add_export_parser(sub)
     register_cli(sub)
@@ -172,8 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)
     return int(args.func(args) or 0)
 
 

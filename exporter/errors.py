@@ -6,7 +6,7 @@ from typing import Any, Dict, List
 
 from pydantic import ValidationError
 
-from tokenline.errors import describe
+from tokenline.documents import describe
 
 
 class ExportError(RuntimeError):
@@ -14,7 +14,7 @@ class ExportError(RuntimeError):
 
 
 class OptionsError(ExportError):
-    """Options that do not validate. The message names every bad key (``tokenline.errors.describe``);
+    """Options that do not validate. The message names every bad key (``tokenline.documents.describe``);
     ``errors`` keeps pydantic's list (``loc``, ``msg``, ``type``) for callers that name keys their own way,
     as the CLI does with its flags."""
 

@@ -10,18 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from exporter.errors import OptionsError
+from tokenline.documents import StrictModel
 
 # largest abs difference of the global embedding between ONNX Runtime and torch, per precision
 DEFAULT_TOLERANCE: Dict[str, float] = {"fp32": 1e-4, "fp16": 2e-2}
 
 
-class _Options(BaseModel):
+class _Options(StrictModel):
     """Strict, frozen options whose validation errors are ``OptionsError``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     what: ClassVar[str] = "options"
 
     def __init__(self, **values: Any) -> None:

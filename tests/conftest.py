@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: data set location, a real Mosquitto broker."""
+"""Shared pytest fixtures: data set location, a real Mosquitto broker, the tiny ONNX encoder."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.broker import Mosquitto, mosquitto_binary
+from tests.support.tiny_model import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 NEU_DET = ROOT.parent / "shared" / "datasets" / "neu-det" / "images"
@@ -28,3 +29,9 @@ def mosquitto(tmp_path: Path):
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny real ONNX encoder (K=16, D=384) with its manifest (tests/support/tiny_model.py)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), size=32, patch=8, dim=384)

@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import List, Literal, Optional, Tuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tokenline.errors import describe
+from tokenline.documents import StrictModel, describe
 from tokenline.summary import OUTPUT_NAMES, output_shapes
 
 SCHEMA = "tokenline.manifest/1"
@@ -32,11 +32,7 @@ class ManifestError(ValueError):
     """A manifest that is missing, unreadable or does not follow the schema."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TensorSpec(_Strict):
+class TensorSpec(StrictModel):
     """One ONNX input/output. ``-1`` in ``shape`` marks the dynamic batch axis."""
 
     name: str
@@ -44,7 +40,7 @@ class TensorSpec(_Strict):
     dtype: Literal["float32", "float16", "int64", "int32"]
 
 
-class InputSpec(_Strict):
+class InputSpec(StrictModel):
     """How a camera frame becomes the encoder's input tensor (NCHW float)."""
 
     name: str = INPUT_NAME
@@ -67,7 +63,7 @@ class InputSpec(_Strict):
         return v
 
 
-class EncoderSpec(_Strict):
+class EncoderSpec(StrictModel):
     """Shape of the ViT the exporter built."""
 
     embed_dim: int = Field(gt=0)
@@ -79,7 +75,7 @@ class EncoderSpec(_Strict):
     has_cls: bool
 
 
-class SearchSpec(_Strict):
+class SearchSpec(StrictModel):
     """How ``tokenline-export export --budget`` chose the schedule, and what it measured on the calibration images."""
 
     budget: float = Field(ge=0)  # points of the label-free loss the schedule had to stay within
@@ -94,7 +90,7 @@ class SearchSpec(_Strict):
     flop_speedup: float = Field(gt=0)  # unmerged GFLOPs / chosen GFLOPs
 
 
-class MergeSpec(_Strict):
+class MergeSpec(StrictModel):
     """Token-merging schedule baked into the graph (static shapes)."""
 
     method: Literal["none", "tome", "turbo"]
@@ -117,7 +113,7 @@ class MergeSpec(_Strict):
         return self
 
 
-class SummarySpec(_Strict):
+class SummarySpec(StrictModel):
     """Summary tokens (after Fwd2Bot, training-free): K tokens of dim D, unit-norm, with sizes and centroids."""
 
     k: int = Field(gt=0)
@@ -127,7 +123,7 @@ class SummarySpec(_Strict):
     centroid_units: Literal["normalized_xy"] = "normalized_xy"  # (x, y) in [0, 1] of the model input
 
 
-class FileSpec(_Strict):
+class FileSpec(StrictModel):
     """A file the exporter wrote, relative to the manifest's directory."""
 
     path: str
@@ -137,7 +133,7 @@ class FileSpec(_Strict):
     batch: Optional[int] = None  # None: dynamic batch
 
 
-class TextSpec(_Strict):
+class TextSpec(StrictModel):
     """Text tower exported as its own ONNX (for text search at central)."""
 
     onnx: str
@@ -155,7 +151,7 @@ def output_specs(k: int, d: int, batch: Optional[int]) -> List[TensorSpec]:
     return [TensorSpec(name=n, shape=s, dtype="float32") for n, s in output_shapes(k, d, -1 if batch is None else batch)]
 
 
-class ValidationSpec(_Strict):
+class ValidationSpec(StrictModel):
     """What the exporter measured before it accepted the export."""
 
     max_abs_err_vs_torch: float
@@ -171,7 +167,7 @@ class ValidationSpec(_Strict):
     gflops_unmerged: Optional[float] = None
 
 
-class Manifest(_Strict):
+class Manifest(StrictModel):
     """The whole manifest. ``from_file`` / ``write`` round-trip it; ``hash`` names it on the wire."""
 
     schema_: Literal["tokenline.manifest/1"] = Field(SCHEMA, alias="schema")

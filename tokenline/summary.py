@@ -54,13 +54,16 @@ class Summary:
 
     ``global_embedding`` [D] and ``tokens`` [K, D] are unit-norm (after dequantization: nearly);
     ``sizes`` [K] count the patches each token stands for; ``centroids`` [K, 2] are (x, y) in [0, 1] of the
-    model input.
+    model input. ``footprint`` [grid_h, grid_w] (uint8), when the model gives one, names for every patch of
+    the model input the token that stands for it; sizes and centroids then derive from it
+    (``boxes_from_footprint``).
     """
 
     global_embedding: np.ndarray
     tokens: np.ndarray
     sizes: np.ndarray
     centroids: np.ndarray
+    footprint: Optional[np.ndarray] = None
 
     # -- shape ----------------------------------------------------------------------------------------------
     def arrays(self) -> Tuple[np.ndarray, ...]:
@@ -88,7 +91,7 @@ class Summary:
         """Frame ``i`` of a batch."""
         if not self.batched:
             raise TypeError("only a batch can be indexed")
-        return Summary(*(a[i] for a in self.arrays()))
+        return Summary(*(a[i] for a in self.arrays()), footprint=None if self.footprint is None else self.footprint[i])
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -114,4 +117,21 @@ class Summary:
         if not parts:
             raise SummaryError("nothing to concatenate")
         joined = [np.concatenate(arrs)[:n] for arrs in zip(*(p.arrays() for p in parts))]
-        return cls(*joined)
+        fps = [p.footprint for p in parts]
+        footprint = None if any(f is None for f in fps) else np.concatenate(fps)[:n]
+        return cls(*joined, footprint=footprint)
+
+
+def boxes_from_footprint(footprint: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Sizes [K] (patches per token) and centroids [K, 2] (mean patch centre, (x, y) in [0, 1]) of one frame's
+    footprint [grid_h, grid_w]; a token that stands for no patch has size 0 and centroid (0.5, 0.5)."""
+    fp = np.asarray(footprint)
+    gh, gw = fp.shape
+    flat = fp.reshape(-1).astype(np.int64)
+    ys, xs = np.divmod(np.arange(gh * gw), gw)
+    sizes = np.bincount(flat, minlength=k)[:k].astype(np.float32)
+    sx = np.bincount(flat, weights=(xs + 0.5) / gw, minlength=k)[:k]
+    sy = np.bincount(flat, weights=(ys + 0.5) / gh, minlength=k)[:k]
+    safe = np.maximum(sizes, 1.0)
+    cent = np.stack([np.where(sizes > 0, sx / safe, 0.5), np.where(sizes > 0, sy / safe, 0.5)], axis=-1)
+    return sizes, cent.astype(np.float32)

@@ -14,6 +14,7 @@ from central.auth import Principal, TokenCache, authorize
 from central.blobs import BlobStore
 from central.config import CentralConfig
 from central.encoder import EncoderPool
+from central.images import ImagePool
 from central.search import Searcher
 
 
@@ -28,6 +29,7 @@ class Services:
     encoders: EncoderPool
     tokens: TokenCache
     metrics: Metrics
+    images: ImagePool  # image decoding and encoding, off the event loop
 
 
 def services(request: Request) -> Services:

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Literal, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
 from exporter.text import TextConfig, TextTower, TokenizerInfo
 from exporter.vit import Act, ViT, ViTConfig, grid_of, resample_pos_embed
+from tokenline.documents import StrictModel
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -40,10 +41,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or converted; the message says what to do, no traceback needed."""
 
 
-class ConversionOptions(BaseModel):
+class ConversionOptions(StrictModel):
     """What the weights cannot tell and no config.json says. ``None`` everywhere means: use the default."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_heads: Optional[int] = Field(None, gt=0, description="image tower heads (default embed_dim // 64)")
     text_num_heads: Optional[int] = Field(None, gt=0, description="text tower heads (default width // 64)")

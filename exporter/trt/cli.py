@@ -14,7 +14,7 @@ from typing import List, Tuple
 
 from exporter.trt.operators import DEFAULT_TARGETS, TARGETS
 
-log = logging.getLogger("tokenline.export.trt")
+log = logging.getLogger(__name__)
 
 
 def _targets(text: str) -> List[str]:

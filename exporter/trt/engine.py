@@ -1,10 +1,10 @@
-"""TensorRT engines: build from ONNX, name, describe in a sidecar JSON, and load only when they match.
+"""TensorRT engines: build from ONNX, name, write the sidecar; the engine cache that builds or reuses them.
 
-Self-contained on purpose (no torch, no other ``exporter`` module, Python 3.10): the edge agent may vendor this
-file. TensorRT-independent logic - naming, the sidecar, checking a sidecar against the running runtime, the
-cache decision - is made of pure functions tested without TensorRT. ``probe_runtime`` asks the machine (TensorRT
-version, GPU name and compute capability through the CUDA driver); ``build_engine`` and ``load_engine`` use
-TensorRT's documented Python API and support TensorRT 8.5 (JetPack 5), 8.6 and 10.x (JetPack 6).
+Building needs no torch and no other ``exporter`` module (Python 3.8+, so it runs on the device that builds):
+``build_engine`` uses TensorRT's documented Python API (8.5 on JetPack 5, 8.6, 10.x on JetPack 6). What an engine
+is checked against before it runs - the sidecar, ``verify_engine``, ``probe_runtime``, ``load_engine`` - lives in
+``runtime.engine``, which the edge agent uses too. Naming and the cache decision are pure functions tested
+without TensorRT.
 
 The engine file is exactly what TensorRT serialised (trtexec and DeepStream load it); metadata lives next to it
 in ``<engine>.json``.
@@ -12,55 +12,42 @@ in ``<engine>.json``.
 
 from __future__ import annotations
 
-import ctypes
 import datetime as _dt
-import hashlib
-import json
 import logging
 import os
 import re
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from runtime.engine import (
+    EngineError,
+    EngineMismatch,
+    LoadedEngine,
+    RuntimeInfo,
+    Sidecar,
+    engine_io,
+    import_tensorrt,
+    load_engine,
+    probe_runtime,
+    rebuild_hint,
+    sidecar_path,
+    trt_logger,
+    verify_engine,
+    write_sidecar,
+)
+from tokenline.manifest import sha256_file
+
 log = logging.getLogger(__name__)
 
-SIDECAR_SCHEMA = "tokenline.engine/1"
 Precision = str  # "fp16" | "int8" | "fp32"
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
-class EngineError(RuntimeError):
-    """An engine cannot be built or loaded."""
-
-
-class EngineMismatch(EngineError):
-    """An engine exists but was built for another TensorRT/GPU/model, or its file changed since it was built."""
-
-    def __init__(self, engine: Path, reasons: Sequence[str], rebuild_hint: str) -> None:
-        self.engine = Path(engine)
-        self.reasons = list(reasons)
-        msg = f"refusing TensorRT engine {engine}:\n" + "\n".join(f"  - {r}" for r in reasons)
-        super().__init__(f"{msg}\n{rebuild_hint}")
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# pure: runtime description, names, sidecar, validation, cache policy
-
-
-@dataclass(frozen=True)
-class RuntimeInfo:
-    """What an engine depends on: TensorRT version and the GPU (name, compute capability)."""
-
-    trt_version: str
-    gpu_name: str
-    compute_capability: Tuple[int, int]
-
-    @property
-    def sm(self) -> str:
-        return f"sm{self.compute_capability[0]}{self.compute_capability[1]}"
+# pure: names, build options, cache policy
 
 
 def slug(text: str) -> str:
@@ -87,19 +74,6 @@ def engine_name(model: str, precision: Precision, batch_sizes: Sequence[int], ru
     dla = f"_dla{dla_core}" if dla_core is not None else ""
     return (f"{slug(model)}_{precision}_{batch_tag(batch_sizes)}_{slug(runtime.gpu_name)}-{runtime.sm}{dla}"
             f"_trt{slug(runtime.trt_version)}.engine")
-
-
-def sidecar_path(engine: Path) -> Path:
-    engine = Path(engine)
-    return engine.with_name(engine.name + ".json")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -134,121 +108,6 @@ class BuildOptions:
 
 
 @dataclass(frozen=True)
-class Sidecar:
-    """Metadata written next to an engine (``<engine>.json``)."""
-
-    model: str
-    precision: Precision
-    batch_sizes: List[int]
-    trt_version: str
-    gpu_name: str
-    compute_capability: List[int]
-    build_flags: Dict[str, Any]
-    engine_sha256: str
-    onnx_sha256: str
-    onnx_file: str
-    manifest_hash: Optional[str]
-    created_at: str
-    schema: str = SIDECAR_SCHEMA
-    io: List[Dict[str, Any]] = field(default_factory=list)  # name, mode, dtype, shape as TensorRT reports them
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any], where: str) -> "Sidecar":
-        if not isinstance(data, dict):
-            raise EngineError(f"{where}: sidecar must be a JSON object")
-        if data.get("schema") != SIDECAR_SCHEMA:
-            raise EngineError(f"{where}: sidecar schema {data.get('schema')!r}, expected {SIDECAR_SCHEMA!r}")
-        names = {f for f in cls.__dataclass_fields__}
-        missing = sorted(n for n in names if n not in data and n not in ("schema", "io"))
-        extra = sorted(k for k in data if k not in names)
-        if missing or extra:
-            raise EngineError(f"{where}: sidecar keys missing {missing} / unknown {extra}")
-        try:
-            sc = cls(**data)
-            cc = [int(v) for v in sc.compute_capability]
-        except (TypeError, ValueError) as exc:
-            raise EngineError(f"{where}: malformed sidecar ({exc})") from None
-        if len(cc) != 2:
-            raise EngineError(f"{where}: compute_capability must be [major, minor]")
-        for key in ("engine_sha256", "onnx_sha256"):
-            if not re.fullmatch(r"[0-9a-f]{64}", str(getattr(sc, key))):
-                raise EngineError(f"{where}: {key} is not a sha256 hex digest")
-        return sc
-
-
-def write_sidecar(engine: Path, sidecar: Sidecar) -> Path:
-    path = sidecar_path(engine)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(sidecar.to_json(), encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
-def read_sidecar(engine: Path) -> Sidecar:
-    path = sidecar_path(engine)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EngineError(f"{engine}: no sidecar {path.name} next to it (engines built elsewhere cannot be "
-                          "verified; rebuild it with `tokenline-export build-engine`)") from None
-    except OSError as exc:
-        raise EngineError(f"{path}: cannot read sidecar ({exc.strerror or exc})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise EngineError(f"{path}: sidecar is not JSON ({exc})") from None
-    return Sidecar.from_dict(data, str(path))
-
-
-def rebuild_hint(sidecar: Optional[Sidecar], engine: Path) -> str:
-    model_dir = engine.parent
-    onnx_file = sidecar.onnx_file if sidecar else "<model.onnx>"
-    prec = sidecar.precision if sidecar else "fp16"
-    batches = ",".join(str(b) for b in sidecar.batch_sizes) if sidecar else "1"
-    return (f"Rebuild it on this device: tokenline-export build-engine {model_dir / onnx_file} --precision {prec} "
-            f"--batch {batches} --out {model_dir}  (or let the engine cache rebuild it: --rebuild-on-mismatch)")
-
-
-def mismatches(sidecar: Sidecar, runtime: RuntimeInfo, engine_sha256: Optional[str] = None,
-               onnx_sha256: Optional[str] = None, manifest_hash: Optional[str] = None) -> List[str]:
-    """Every reason the engine described by ``sidecar`` must not run here (empty list: it may)."""
-    out: List[str] = []
-    if sidecar.trt_version != runtime.trt_version:
-        out.append(f"built with TensorRT {sidecar.trt_version}, this runtime is TensorRT {runtime.trt_version} "
-                   "(engines only load in the exact TensorRT version that built them)")
-    if sidecar.gpu_name != runtime.gpu_name or tuple(sidecar.compute_capability) != runtime.compute_capability:
-        cc = ".".join(str(v) for v in sidecar.compute_capability)
-        out.append(f"built for GPU {sidecar.gpu_name!r} (compute {cc}), this device is {runtime.gpu_name!r} "
-                   f"(compute {runtime.compute_capability[0]}.{runtime.compute_capability[1]})")
-    if engine_sha256 is not None and engine_sha256 != sidecar.engine_sha256:
-        out.append(f"engine file sha256 {engine_sha256[:12]}... differs from the sidecar's "
-                   f"{sidecar.engine_sha256[:12]}... (file changed or truncated after the build)")
-    if onnx_sha256 is not None and onnx_sha256 != sidecar.onnx_sha256:
-        out.append(f"source ONNX sha256 {onnx_sha256[:12]}... differs from the one the engine was built from "
-                   f"({sidecar.onnx_sha256[:12]}...)")
-    if manifest_hash is not None and sidecar.manifest_hash is not None and manifest_hash != sidecar.manifest_hash:
-        out.append(f"manifest hash {manifest_hash[:12]}... differs from the engine's {sidecar.manifest_hash[:12]}...")
-    return out
-
-
-def verify_engine(engine: Path, runtime: RuntimeInfo, onnx_path: Optional[Path] = None,
-                  manifest_hash: Optional[str] = None) -> Sidecar:
-    """Read the sidecar and hash the engine (and ONNX when given); raise EngineMismatch unless all agree."""
-    engine = Path(engine)
-    if not engine.is_file():
-        raise EngineError(f"{engine}: no such engine file")
-    sc = read_sidecar(engine)
-    onnx_sha = sha256_file(onnx_path) if onnx_path is not None and Path(onnx_path).is_file() else None
-    reasons = mismatches(sc, runtime, sha256_file(engine), onnx_sha, manifest_hash)
-    if reasons:
-        raise EngineMismatch(engine, reasons, rebuild_hint(sc, engine))
-    return sc
-
-
-@dataclass(frozen=True)
 class CacheDecision:
     """What the engine cache does for a request: ``use`` the file, ``build`` it, or ``rebuild`` a stale one."""
 
@@ -277,83 +136,11 @@ def cache_decision(cache_dir: Path, model: str, onnx_path: Path, options: BuildO
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# machine probe (CUDA driver API through ctypes: works on Jetson and x86 without extra Python packages)
-
-
-def _cuda_device(index: int = 0) -> Tuple[str, Tuple[int, int]]:
-    lib = None
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            lib = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    if lib is None:
-        raise EngineError("no NVIDIA driver (libcuda) on this machine: TensorRT engines need an NVIDIA GPU")
-
-    def check(rc: int, what: str) -> None:
-        if rc != 0:
-            raise EngineError(f"CUDA driver call {what} failed with error {rc}")
-
-    check(lib.cuInit(0), "cuInit")
-    dev = ctypes.c_int()
-    check(lib.cuDeviceGet(ctypes.byref(dev), index), f"cuDeviceGet({index})")
-    buf = ctypes.create_string_buffer(256)
-    check(lib.cuDeviceGetName(buf, 256, dev), "cuDeviceGetName")
-    major, minor = ctypes.c_int(), ctypes.c_int()
-    check(lib.cuDeviceGetAttribute(ctypes.byref(major), 75, dev), "cuDeviceGetAttribute(major)")
-    check(lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev), "cuDeviceGetAttribute(minor)")
-    return buf.value.decode(errors="replace").strip(), (major.value, minor.value)
-
-
-def probe_gpu(index: int = 0) -> Tuple[str, Tuple[int, int]]:
-    """GPU name and compute capability of device ``index``."""
-    return _cuda_device(index)
-
-
-def probe_runtime(device: int = 0) -> RuntimeInfo:
-    """The running TensorRT version and GPU. Raises EngineError when TensorRT or the GPU is missing."""
-    try:
-        import tensorrt as trt  # noqa: PLC0415
-    except ImportError:
-        raise EngineError("TensorRT's Python bindings are not installed (on a Jetson they come with JetPack: "
-                          "`sudo apt install python3-libnvinfer`; see docs/jetson.md)") from None
-    name, cc = probe_gpu(device)
-    return RuntimeInfo(trt_version=str(trt.__version__), gpu_name=name, compute_capability=cc)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # TensorRT: build
-
-
-def _trt():
-    try:
-        import tensorrt as trt  # noqa: PLC0415
-    except ImportError:
-        raise EngineError("TensorRT's Python bindings are not installed; see docs/jetson.md") from None
-    return trt
 
 
 def _trt_major(trt) -> int:
     return int(str(trt.__version__).split(".")[0])
-
-
-class _LogBridge:
-    """A trt.ILogger that forwards to ``logging`` (built lazily because the base class lives in tensorrt)."""
-
-    @staticmethod
-    def make(trt):
-        class Bridge(trt.ILogger):
-            def __init__(self) -> None:
-                trt.ILogger.__init__(self)
-
-            def log(self, severity, msg) -> None:  # noqa: D401 - TensorRT callback
-                S = trt.ILogger.Severity
-                level = {S.INTERNAL_ERROR: logging.CRITICAL, S.ERROR: logging.ERROR, S.WARNING: logging.WARNING,
-                         S.INFO: logging.INFO}.get(severity, logging.DEBUG)
-                log.log(level, "TensorRT: %s", msg)
-
-        return Bridge()
 
 
 def _progress_monitor(trt, report: Callable[[str], None]):
@@ -420,31 +207,18 @@ def _network_io(network) -> List[Tuple[str, Tuple[int, ...], bool]]:
     return items
 
 
-def _engine_io(engine) -> List[Dict[str, Any]]:
-    """I/O tensors through the tensor-name API (TensorRT 8.5+; the binding API is gone in 10)."""
-    trt = _trt()
-    out = []
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        mode = engine.get_tensor_mode(name)
-        out.append({"name": name, "mode": "input" if mode == trt.TensorIOMode.INPUT else "output",
-                    "dtype": str(engine.get_tensor_dtype(name)).split(".")[-1],
-                    "shape": [int(d) for d in engine.get_tensor_shape(name)]})
-    return out
-
-
 def build_engine(onnx_path: Path, out_dir: Path, model: str, options: BuildOptions,
                  manifest_hash: Optional[str] = None, progress: Optional[Callable[[str], None]] = None,
                  runtime: Optional[RuntimeInfo] = None) -> Path:
     """Parse ``onnx_path``, build an engine with ``options``, write it and its sidecar into ``out_dir``."""
-    trt = _trt()
+    trt = import_tensorrt()
     report = progress or (lambda msg: log.info("%s", msg))
     runtime = runtime or probe_runtime()
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     if not onnx_path.is_file():
         raise EngineError(f"{onnx_path}: no such ONNX file")
     out_dir.mkdir(parents=True, exist_ok=True)
-    logger = _LogBridge.make(trt)
+    logger = trt_logger(trt)
     builder = trt.Builder(logger)
     flags = 0
     if _trt_major(trt) < 10:  # explicit batch is the only mode in 10.x (the flag is deprecated there)
@@ -526,7 +300,7 @@ def build_engine(onnx_path: Path, out_dir: Path, model: str, options: BuildOptio
     _atomic_write(engine_path, bytes(memoryview(serialized)))
     try:
         engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
-        io = _engine_io(engine) if engine is not None else []
+        io = engine_io(engine) if engine is not None else []
     except Exception as exc:  # noqa: BLE001 - the I/O listing is informative only
         log.warning("could not list engine I/O (%s)", exc)
         io = []
@@ -558,38 +332,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     tmp.replace(path)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# TensorRT: load
-
-
-@dataclass
-class LoadedEngine:
-    """A deserialised engine with its verified sidecar; keep ``runtime`` alive as long as the engine."""
-
-    path: Path
-    sidecar: Sidecar
-    engine: Any  # tensorrt.ICudaEngine
-    runtime: Any  # tensorrt.Runtime
-    io: List[Dict[str, Any]]
-
-    def create_execution_context(self):
-        return self.engine.create_execution_context()
-
-
-def load_engine(engine_path: Path, onnx_path: Optional[Path] = None, manifest_hash: Optional[str] = None,
-                runtime: Optional[RuntimeInfo] = None) -> LoadedEngine:
-    """Verify the sidecar against this machine and the file hashes, then deserialise. Raises EngineMismatch."""
-    trt = _trt()
-    runtime = runtime or probe_runtime()
-    engine_path = Path(engine_path)
-    sc = verify_engine(engine_path, runtime, onnx_path, manifest_hash)
-    trt_runtime = trt.Runtime(_LogBridge.make(trt))
-    engine = trt_runtime.deserialize_cuda_engine(engine_path.read_bytes())
-    if engine is None:
-        raise EngineError(f"TensorRT could not deserialise {engine_path}. {rebuild_hint(sc, engine_path)}")
-    return LoadedEngine(engine_path, sc, engine, trt_runtime, _engine_io(engine))
 
 
 class EngineCache:

@@ -16,7 +16,9 @@ from sql.db import make_engine
 from sql.migrate import upgrade
 from tests.support.tiny_model import build_tiny_model
 from tokenline.manifest import Manifest
-from tokenline.wire import TokenMessage, new_frame_id
+from tokenline.frame_id import new_frame_id
+from tokenline.summary import Summary
+from tokenline.wire import TokenMessage
 
 _db_counter = itertools.count()
 
@@ -112,5 +114,5 @@ def make_message(manifest: Manifest, rng: np.random.Generator, *, site: str = "s
     cent = rng.uniform(0, 1, (k, 2)).astype(np.float32)
     return TokenMessage(frame_id=new_frame_id(ts_us), device=device, site=site, line=line, camera=camera,
                         capture_ts_us=ts_us, seq=seq, manifest_hash=manifest.hash_bytes(),
-                        global_embedding=g.astype(np.float32), tokens=tokens.astype(np.float32),
-                        sizes=np.ones(k, np.float32), centroids=cent, token_dtype="int8")
+                        summary=Summary(g.astype(np.float32), tokens.astype(np.float32), np.ones(k, np.float32),
+                                        cent), token_dtype="int8")

@@ -3,6 +3,8 @@ never mixing models, and search by example image through the registered ONNX enc
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from sqlalchemy.orm import Session
@@ -68,7 +70,7 @@ def test_global_knn_matches_brute_force(engine, tiny_manifest):
     recalls = []
     frames = _load_all(engine)
     for qi in range(10):
-        q = unit(rng, 384) if qi % 2 else msgs[qi * 37].global_embedding
+        q = unit(rng, 384) if qi % 2 else msgs[qi * 37].summary.global_embedding
         for flt in FILTERS:
             ref, ref_sims = _brute(frames, model, q, flt, 10)
             hits = searcher.search(model, Query(model.id, q), 10, flt)
@@ -90,17 +92,18 @@ def test_maxsim_rerank_matches_reference(engine, tiny_manifest):
     cfg = SearchConfig(candidates=50, rerank=True, rerank_weight=0.5)
     searcher = Searcher(engine, cfg)
     probe = msgs[5]
-    q = Query(model.id, probe.global_embedding, probe.tokens, probe.sizes, exclude_frame_id=probe.frame_id.hex())
+    q = Query(model.id, probe.summary.global_embedding, probe.summary.tokens, probe.summary.sizes,
+              exclude_frame_id=probe.frame_id.hex())
     hits = searcher.search(model, q, 10)
     assert probe.frame_id.hex() not in [h.frame_id for h in hits]
     # reference: the same candidates (exact on SQLite), scored naively one by one
-    cands = searcher.knn(model, probe.global_embedding, 51, Filters())
+    cands = searcher.knn(model, probe.summary.global_embedding, 51, Filters())
     ref = []
     for row_id, g in cands:
         f = tx(engine, store.get_frames, [row_id], 384)[row_id]
         if f.frame_id == probe.frame_id.hex():
             continue
-        ms = np.mean([max(float(t @ d) for d in f.summary.tokens) for t in probe.tokens / np.linalg.norm(probe.tokens, axis=1, keepdims=True)])
+        ms = np.mean([max(float(t @ d) for d in f.summary.tokens) for t in probe.summary.tokens / np.linalg.norm(probe.summary.tokens, axis=1, keepdims=True)])
         ref.append((0.5 * g + 0.5 * ms, f.frame_id))
     ref.sort(key=lambda t: -t[0])
     assert [h.frame_id for h in hits] == [fid for _, fid in ref[:10]]
@@ -126,12 +129,13 @@ def test_never_mixes_models(engine, tiny_manifest, tmp_path):
     with Session(engine) as s, s.begin():
         store.insert_frames(s, [store.frame_row(m, other.id, T0) for m in om])
     searcher = Searcher(engine, SearchConfig())
-    hits = searcher.search(other, Query(other.id, om[0].global_embedding, om[0].tokens, om[0].sizes), 100)
+    hits = searcher.search(other, Query(other.id, om[0].summary.global_embedding, om[0].summary.tokens,
+                                        om[0].summary.sizes), 100)
     assert len(hits) == 50 and {h.frame.model_id for h in hits} == {other.id}
     small = build_tiny_model(tmp_path / "m3", size=32, patch=8, dim=64, seed=1, name="narrow")
     narrow = tx(engine, store.register_model, Manifest.from_file(small))
     with pytest.raises(Invalid):
-        searcher.search(narrow, Query(narrow.id, om[0].global_embedding), 5)
+        searcher.search(narrow, Query(narrow.id, om[0].summary.global_embedding), 5)
 
 
 def test_search_by_example_image_finds_the_frame(engine, tiny_manifest, tiny_model_dir):
@@ -144,8 +148,7 @@ def test_search_by_example_image_finds_the_frame(engine, tiny_manifest, tiny_mod
     for i, img in enumerate(images):
         out = enc.encode_frame(img)
         m = make_message(tiny_manifest, rng, seq=i, ts_us=T0 + i)
-        m = type(m)(**{**m.__dict__, "global_embedding": out.global_embedding, "tokens": out.tokens,
-                       "sizes": out.sizes, "centroids": out.centroids})
+        m = replace(m, summary=out)
         rows.append(store.frame_row(m, model.id, T0))
     with Session(engine) as s, s.begin():
         store.insert_frames(s, rows)
@@ -172,7 +175,7 @@ def test_index_follows_appends_and_sweeper_deletions(engine, tiny_manifest, tmp_
 
     model, msgs, rng, _ = _populate(engine, tiny_manifest, n=300)  # capture times T0 .. T0+299 s
     searcher = Searcher(engine, SearchConfig(rerank=False, max_results=1000))
-    q = Query(model.id, msgs[0].global_embedding)
+    q = Query(model.id, msgs[0].summary.global_embedding)
     assert len(searcher.search(model, q, 1000)) == 300
     extra = [make_message(tiny_manifest, rng, seq=1000 + i, ts_us=T0 + 10**9) for i in range(5)]
     with Session(engine) as s, s.begin():
@@ -204,7 +207,7 @@ def test_memory_index_loads_in_chunks_and_refuses_a_wrong_width_embedding(tmp_pa
     assert len(whole.ids) == 50 and whole.last_id == chunked.last_id == int(whole.ids[-1])
     np.testing.assert_array_equal(whole.ids, chunked.ids)
     np.testing.assert_array_equal(whole.emb, chunked.emb)
-    stored = {m.frame_id_hex: m.global_embedding for m in msgs}
+    stored = {m.frame_id_hex: m.summary.global_embedding for m in msgs}
     with Session(engine) as s:
         rows = s.execute(text("SELECT id, frame_id FROM frames ORDER BY id")).all()
     for (rid, fid), e in zip(rows, whole.emb):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -84,9 +85,9 @@ def test_text_query_through_onnx_text_tower(tmp_path, engine, tiny_model_dir):
     # frames whose tokens contain that direction rank first (late interaction with one query token)
     rng = np.random.default_rng(0)
     msgs = [make_message(model.manifest, rng, seq=i) for i in range(30)]
-    t = msgs[7].tokens.copy()
+    t = msgs[7].summary.tokens.copy()
     t[3] = v
-    msgs[7] = type(msgs[7])(**{**msgs[7].__dict__, "tokens": t})
+    msgs[7] = replace(msgs[7], summary=replace(msgs[7].summary, tokens=t))
     with Session(engine) as s, s.begin():
         store.insert_frames(s, [store.frame_row(m, model.id, 0) for m in msgs])
     hits = Searcher(engine, SearchConfig(rerank_weight=0.5)).search(model, Query(model.id, v, v[None, :]), 3)

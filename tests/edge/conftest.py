@@ -1,18 +1,9 @@
-"""Fixtures for edge agent tests: the tiny ONNX model and a config builder."""
+"""Config builders for edge agent tests (the tiny ONNX model fixture is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Dict, List, Optional
-
-import pytest
-
-from tests.support.tiny_model import build_tiny_model
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), size=32, patch=8, dim=384)
 
 
 def synthetic_camera(name: str, seed: int = 0, frames: Optional[int] = 20, fps: float = 40.0, line: str = "line-1",
@@ -28,7 +19,8 @@ def agent_config(tmp: Path, model_dir: Path, port: int, cameras: List[Dict[str, 
     cfg: Dict[str, Any] = {
         "device": "edge-test", "site": "site-a", "model": {"dir": str(model_dir), "batch_size": 4},
         "cameras": cameras,
-        "mqtt": {"host": "127.0.0.1", "port": port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
+        "mqtt": {"host": "127.0.0.1", "port": port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0,
+                 "confirm_timeout_s": 3.0, "confirm_timeout_max_s": 10.0},
         "outbox": {"path": str(tmp / "outbox.sqlite"), "synchronous": "NORMAL"},
         "originals": {"dir": str(tmp / "originals"), "jpeg_quality": 80},
         "health": {"http_port": None, "file": str(tmp / "health.json")},

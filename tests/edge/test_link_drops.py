@@ -15,17 +15,19 @@ from tests.edge.conftest import agent_config, synthetic_camera
 from tests.support.broker import Mosquitto
 from tests.support.mqtt_sub import Collector
 from tokenline import topics, wire
+from tokenline.frame_id import new_frame_id
+from tokenline.summary import Summary
 
-TOPIC = topics.tokens_topic("site-a", "line-1", "cam1")
+TOPIC = topics.tokens_topic("site-a", "edge-test", "line-1", "cam1")
 
 
 def payload(seq: int, k: int, d: int, dtype: str) -> bytes:
     rng = np.random.default_rng(seq)
     x = rng.standard_normal((k + 1, d)).astype(np.float32)
     msg = wire.TokenMessage(
-        frame_id=wire.new_frame_id(), device="edge-test", site="site-a", line="line-1", camera="cam1",
-        capture_ts_us=1_700_000_000_000_000 + seq, seq=seq, manifest_hash=bytes(16), global_embedding=x[0],
-        tokens=x[1:], sizes=np.ones(k, np.float32), centroids=np.full((k, 2), 0.5, np.float32))
+        frame_id=new_frame_id(), device="edge-test", site="site-a", line="line-1", camera="cam1",
+        capture_ts_us=1_700_000_000_000_000 + seq, seq=seq, manifest_hash=bytes(16),
+        summary=Summary(x[0], x[1:], np.ones(k, np.float32), np.full((k, 2), 0.5, np.float32)))
     return wire.encode(msg, dtype)
 
 

@@ -4,23 +4,21 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-import cv2
-import numpy as np
 from fastapi import APIRouter
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
 
-from central import store
+from central import images, store
 from central.api.deps import Admin, ServicesDep, SessionDep, Viewer
-from central.errors import NotFound, Unprocessable
+from central.errors import NotFound
 from central.originals import read_original
+from tokenline.documents import StrictModel
 
 router = APIRouter(tags=["frames"])
 CACHE = {"Cache-Control": "private, max-age=300"}
 
 
-class HoldBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class HoldBody(StrictModel):
     hold: bool
 
 
@@ -41,17 +39,11 @@ def original(frame_id: str, svc: ServicesDep, session: SessionDep, _p: Viewer) -
 
 
 @router.get("/v1/frames/{frame_id}/thumbnail", response_class=Response)
-def thumbnail(frame_id: str, svc: ServicesDep, session: SessionDep, _p: Viewer, size: int = 160) -> Response:
-    data = read_original(session, svc.blobs, frame_id)
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise Unprocessable("stored original does not decode", reason="bad_original")
-    size = max(16, min(int(size), 512))
-    h, w = img.shape[:2]
-    s = size / max(h, w)
-    small = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 85])
-    return Response(buf.tobytes(), media_type="image/jpeg", headers=CACHE)
+async def thumbnail(frame_id: str, svc: ServicesDep, session: SessionDep, _p: Viewer, size: int = 160) -> Response:
+    """A JPEG thumbnail of the original, decoded and encoded on the image pool (never on the event loop)."""
+    data = await run_in_threadpool(read_original, session, svc.blobs, frame_id)
+    jpeg = await svc.images.run(images.thumbnail, data, max(16, min(int(size), 512)), svc.cfg.api.max_image_pixels)
+    return Response(jpeg, media_type="image/jpeg", headers=CACHE)
 
 
 @router.put("/v1/frames/{frame_id}/hold")

@@ -1,11 +1,21 @@
-"""Human error messages for validated documents (manifest, edge and central configs): one line per bad key."""
+"""Validated YAML/JSON documents (manifest, edge and central configs): the strict base, reading, error lines.
+
+Every document is a ``StrictModel`` (unknown keys rejected, frozen); ``read_yaml`` loads one from a file and
+``describe`` turns pydantic's errors into one human line per bad key (``cameras[1].source.url: ...``).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Collection, Mapping, Tuple, Type
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class StrictModel(BaseModel):
+    """Base of every validated document: unknown keys are errors, values are frozen after validation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def key_path(loc: Tuple[Any, ...], tags: Mapping[str, Collection[str]] = {}) -> str:  # noqa: B006

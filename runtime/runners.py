@@ -2,7 +2,8 @@
 
 A runner takes float32 pixels [B, 3, H, W] and returns a batched ``Summary`` checked against the manifest
 (shapes, dtype, finite values). A model whose inputs/outputs disagree with its manifest is refused at load
-with a ``RunnerError`` that says which tensor differs.
+with a ``RunnerError`` that says which tensor differs. The edge agent runs camera frames through it, central
+its query images, so both encode alike. Error messages name the edge configuration's ``model.*`` keys.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import List, Optional, Protocol, Sequence
 
 import numpy as np
 
+from runtime.cuda import CudaError, CudaStream, CudaUnavailable
+from runtime.engine import EngineError, load_engine
 from tokenline import manifest as mf
 from tokenline.summary import OUTPUT_NAMES, Summary, SummaryError, output_shapes
 
@@ -144,54 +147,14 @@ class OnnxRuntimeRunner:
         self.sessions.clear()
 
 
-class _CudaRuntime:
-    """The few CUDA runtime calls the TensorRT runner needs, through ctypes (no pycuda/cuda-python needed)."""
-
-    H2D, D2H = 1, 2  # cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost
-
-    def __init__(self) -> None:
-        import ctypes  # noqa: PLC0415
-
-        self.ct = ctypes
-        for name in ("libcudart.so", "libcudart.so.12", "libcudart.so.11.0"):
-            try:
-                self.lib = ctypes.CDLL(name)
-                break
-            except OSError:
-                continue
-        else:
-            raise RunnerUnavailable("model.runner 'tensorrt' needs the CUDA runtime (libcudart.so), not found")
-        self.stream = ctypes.c_void_p()
-        self._check(self.lib.cudaStreamCreate(ctypes.byref(self.stream)), "cudaStreamCreate")
-
-    def _check(self, rc: int, what: str) -> None:
-        if rc != 0:
-            raise RunnerError(f"CUDA {what} failed with error code {rc}")
-
-    def malloc(self, nbytes: int) -> int:
-        ptr = self.ct.c_void_p()
-        self._check(self.lib.cudaMalloc(self.ct.byref(ptr), self.ct.c_size_t(max(1, nbytes))), "cudaMalloc")
-        return int(ptr.value)
-
-    def copy(self, dst: int, src: int, nbytes: int, kind: int) -> None:
-        self._check(self.lib.cudaMemcpyAsync(self.ct.c_void_p(dst), self.ct.c_void_p(src), self.ct.c_size_t(nbytes),
-                                             kind, self.stream), "cudaMemcpyAsync")
-
-    def sync(self) -> None:
-        self._check(self.lib.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-
-    def free(self, ptr: int) -> None:
-        self.lib.cudaFree(self.ct.c_void_p(ptr))
-
-
 class TensorRTRunner:
     """Native TensorRT engine runner (JetPack 5: TensorRT 8.5; JetPack 6: 10.x). Imports ``tensorrt`` lazily.
 
-    The engine is loaded through ``exporter.trt.engine.load_engine`` (torch-free), which refuses an engine whose
-    sidecar does not match this GPU and TensorRT version or whose hashes do not match the ONNX and manifest,
-    with the command to rebuild it. Execution uses the name-based I/O API that TensorRT 8.5 and 10 share
-    (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``) with device buffers from the CUDA runtime,
-    allocated once for the largest batch. Not exercised on this project's CI (no TensorRT there): the tests
+    The engine is loaded through ``runtime.engine.load_engine``, which refuses an engine whose sidecar does not
+    match this GPU and TensorRT version or whose hashes do not match the ONNX and manifest, with the command to
+    rebuild it. Execution uses the name-based I/O API that TensorRT 8.5 and 10 share (``set_input_shape``,
+    ``set_tensor_address``, ``execute_async_v3``) with device buffers from ``runtime.cuda``, allocated once for
+    the largest batch. Not exercised on this project's CI (no TensorRT there): the tests
     cover the "not installed" path and skip the rest loudly.
     """
 
@@ -202,7 +165,6 @@ class TensorRTRunner:
             raise RunnerUnavailable(
                 f"model.runner 'tensorrt' needs the tensorrt Python package (JetPack), which is not importable "
                 f"here ({exc}); use model.runner: onnxruntime") from None
-        from exporter.trt.engine import EngineError, load_engine  # noqa: PLC0415  (torch-free module)
 
         path = Path(engine_path)
         if not path.is_file():
@@ -235,10 +197,15 @@ class TensorRTRunner:
             max_batch = int(in_shape[0])
             self.batch_sizes = [max_batch]
         self.context = engine.create_execution_context()
-        self.cuda = _CudaRuntime()
         h, w = manifest.input.height, manifest.input.width
         shapes = dict(output_shapes(self.k, self.d, max_batch), **{self.input_name: (max_batch, 3, h, w)})
-        self.buffers = {n: self.cuda.malloc(int(np.prod(s)) * 4) for n, s in shapes.items()}
+        try:
+            self.cuda = CudaStream()
+            self.buffers = {n: self.cuda.malloc(int(np.prod(s)) * 4) for n, s in shapes.items()}
+        except CudaUnavailable:
+            raise RunnerUnavailable("model.runner 'tensorrt' needs the CUDA runtime (libcudart.so), not found") from None
+        except CudaError as exc:
+            raise RunnerError(str(exc)) from None
         for n, ptr in self.buffers.items():
             self.context.set_tensor_address(n, ptr)
 
@@ -250,13 +217,13 @@ class TensorRTRunner:
             b = chunk.shape[0]
             if self.dynamic:
                 self.context.set_input_shape(self.input_name, tuple(chunk.shape))
-            self.cuda.copy(self.buffers[self.input_name], chunk.ctypes.data, chunk.nbytes, _CudaRuntime.H2D)
-            if not self.context.execute_async_v3(self.cuda.stream.value):
+            self.cuda.copy(self.buffers[self.input_name], chunk.ctypes.data, chunk.nbytes, CudaStream.H2D)
+            if not self.context.execute_async_v3(self.cuda.handle):
                 raise RunnerError("TensorRT execute_async_v3 failed (see the TensorRT log)")
             outs = []
             for name, shape in output_shapes(self.k, self.d, b):
                 host = np.empty(shape, dtype=np.float32)
-                self.cuda.copy(host.ctypes.data, self.buffers[name], host.nbytes, _CudaRuntime.D2H)
+                self.cuda.copy(host.ctypes.data, self.buffers[name], host.nbytes, CudaStream.D2H)
                 outs.append(host)
             self.cuda.sync()
             parts.append(check_outputs(outs, b, self.k, self.d))

@@ -1,0 +1,66 @@
+"""Encoder runners: ONNX Runtime against a bare session, fixed-batch padding, refusal of a model that disagrees
+with its manifest, provider resolution; the TensorRT runner's "not installed" path (the rest skips loudly)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.runners import (OnnxRuntimeRunner, RunnerError, RunnerUnavailable, TensorRTRunner, pad_batch,
+                             resolve_providers)
+from tests.support.tiny_model import build_tiny_model, reference_outputs
+from tokenline.manifest import Manifest
+from tokenline.preprocess import preprocess
+
+
+def test_onnxruntime_runner_matches_bare_session(tiny_model_dir: Path) -> None:
+    m = Manifest.from_file(tiny_model_dir)
+    r = OnnxRuntimeRunner(tiny_model_dir, m, providers=["auto"])
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for _ in range(3)]  # camera-sized BGR frames
+    px = np.stack([preprocess(f, m.input) for f in frames])
+    out = r.run(px)
+    ref = reference_outputs(tiny_model_dir, px)
+    np.testing.assert_allclose(out.tokens, ref[1], atol=1e-6)
+    assert out.global_embedding.shape == (3, 384) and out.centroids.shape == (3, 16, 2) and "CPU" in r.name
+
+
+def test_fixed_batch_model_is_padded(tmp_path: Path) -> None:
+    d = build_tiny_model(tmp_path / "b2", batch=2, dim=16)
+    m = Manifest.from_file(d)
+    r = OnnxRuntimeRunner(d, m)
+    assert r.batch_sizes == [2]
+    px = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    out = r.run(px)
+    assert out.tokens.shape == (3, 16, 16)
+    np.testing.assert_allclose(out.tokens[2], r.run(px[2:3]).tokens[0], atol=1e-6)
+    assert [c.shape[0] for c in pad_batch(px, [1, 4])] == [4]
+    assert [c.shape[0] for c in pad_batch(np.zeros((9, 1)), [1, 4])] == [4, 4, 1]
+
+
+def test_runner_refuses_a_model_that_disagrees_with_its_manifest(tmp_path: Path) -> None:
+    d = build_tiny_model(tmp_path / "m", dim=32, output_dims=(64, 16))
+    with pytest.raises(RunnerError, match="global_embedding is \\[B, 32\\], manifest says \\[B, 64\\]"):
+        OnnxRuntimeRunner(d, Manifest.from_file(d))
+
+
+def test_provider_resolution() -> None:
+    assert resolve_providers(["auto"], ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert resolve_providers(["auto"], ["CUDAExecutionProvider", "CPUExecutionProvider", "TensorrtExecutionProvider"]) \
+        == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    with pytest.raises(RunnerError, match="model.providers"):
+        resolve_providers(["CUDAExecutionProvider"], ["CPUExecutionProvider"])
+
+
+def test_tensorrt_runner(tiny_model_dir: Path, tmp_path: Path) -> None:
+    m = Manifest.from_file(tiny_model_dir)
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(RunnerUnavailable, match="tensorrt"):
+            TensorRTRunner(tmp_path / "x.engine", m)
+        pytest.skip("tensorrt is not installed here: only the 'unavailable' path of the native runner is tested")
+    with pytest.raises(RunnerError, match="does not exist"):
+        TensorRTRunner(tmp_path / "x.engine", m)

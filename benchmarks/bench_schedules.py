@@ -9,8 +9,8 @@ torch global embeddings, cached under out/merge-study (no lock needed).
    informativity terms: alpha = 0 is redundancy only, large alpha is [CLS] attention only) and the shapes the
    search leaves out ("early", "pre"), all measured on both halves.
 3. Throughput (ONNX Runtime CPU, 2 intra-op threads, batch 8, under /tmp/tokenline-bench.lock): the unmerged
-   encoder, the budget picks and the grid candidates of 2., side by side in interleaved rounds; speed-up = median
-   over rounds of each round's ratio to the unmerged model.
+   encoder, the budget picks, the grid candidates of 2., the sweep's first alpha and the shapes left out, side
+   by side in interleaved rounds; speed-up = median over rounds of each round's ratio to the unmerged model.
 
 Writes BENCHMARKS.md sections ``merge_schedules_<size>px`` and ``merge_budget_<size>px``, the plot
 docs/img/merge_pareto_<size>px.png and results.json in the study's cache folder (out/merge-study).
@@ -62,7 +62,7 @@ def main() -> int:
     ap.add_argument("--levels", default="1.5,2", help="also measure the grid's alpha-0 candidates at these speed-ups")
     ap.add_argument("--budgets", default="1", help="budgets (points) for the search")
     ap.add_argument("--time", action=argparse.BooleanOptionalAction, default=True, help="the throughput runs")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
@@ -77,10 +77,7 @@ def main() -> int:
     from exporter.vit import gflops
 
     console = Console()
-    paths, labels, classes = load_neu_det()
-    if args.per_class:
-        keep = np.concatenate([np.flatnonzero(labels == c)[: args.per_class] for c in range(len(classes))])
-        paths, labels = [paths[i] for i in keep], labels[keep]
+    paths, labels, classes = load_neu_det(per_class=args.per_class)
     calib_half, held = split_halves(labels)
     calib = calib_half
     if args.calib_per_class:  # the first n of each class in the (seeded, shuffled) calibration half
@@ -164,7 +161,7 @@ def main() -> int:
 
     if args.time:
         timed = {"unmerged"} | {p["chosen"] for p in picks.values() if p["chosen"]}
-        timed |= {n for n in measured if n in by_name}
+        timed |= {n for n in measured if n in by_name} | set(extra) | set(sweep[:1])
         from exporter.manifest import input_spec
         from tokenline.preprocess import preprocess_batch, read_image
 

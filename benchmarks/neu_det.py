@@ -11,14 +11,18 @@ ROOT = Path(__file__).resolve().parents[1]
 NEU_DET = ROOT.parent / "shared" / "datasets" / "neu-det" / "images"
 
 
-def load_neu_det(folder: Path = NEU_DET) -> Tuple[List[Path], np.ndarray, List[str]]:
-    """Image paths, integer labels and class names (the class is the file name's prefix)."""
+def load_neu_det(folder: Path = NEU_DET, per_class: int = 0) -> Tuple[List[Path], np.ndarray, List[str]]:
+    """Image paths, integer labels and class names (the class is the file name's prefix); ``per_class`` > 0
+    keeps the first that many images of each class."""
     if not folder.is_dir():
         raise SystemExit(f"NEU-DET not found at {folder} (expected ../shared/datasets/neu-det/images)")
     paths = sorted(folder.glob("*.jpg"))
     names = [p.stem.rsplit("_", 1)[0] for p in paths]
     classes = sorted(set(names))
     labels = np.array([classes.index(n) for n in names])
+    if per_class:
+        keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(len(classes))])
+        paths, labels = [paths[i] for i in keep], labels[keep]
     return paths, labels, classes
 
 

@@ -1,4 +1,4 @@
-"""`tokenline-central`: serve | ingest | migrate | search | sweep | token | dead-letters | register-model."""
+"""`tokenline-central`: serve | ingest | migrate | search | sweep | segments | token | dead-letters | register-model."""
 
 from __future__ import annotations
 
@@ -45,6 +45,41 @@ def _engine(cfg: CentralConfig, migrate: bool = False):
     return engine
 
 
+def _start_maintainer(engine, cfg: CentralConfig) -> None:
+    """PostgreSQL: seal and index segments in the background (one process per database does it)."""
+    from sql.db import is_postgres
+
+    if is_postgres(engine) and cfg.segments.maintainer:
+        from central.segments import SegmentMaintainer
+
+        SegmentMaintainer(engine, cfg.segments).start()
+
+
+def cmd_segments(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from central import segments
+    from sql.db import is_postgres
+
+    cfg = _cfg(args)
+    engine = _engine(cfg)
+    if not is_postgres(engine):
+        _console().print("SQLite keeps one frames table: no segments")
+        return 0
+    if args.seal:
+        segments.seal(engine)
+    if args.seal or args.build:
+        segments.build_indexes(engine, cfg.segments)
+    with engine.connect() as c:
+        segs = segments.list_segments(c)
+    table = Table("segment", "state", "frames", "captured from (us)", "to (us)", "index")
+    for sg in segs:
+        table.add_row(str(sg.id), sg.state, "" if sg.rows is None else f"{sg.rows:,}", str(sg.min_capture_us or ""),
+                      str(sg.max_capture_us or ""), sg.index_kind or "")
+    _console().print(table)
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from sql.migrate import current
 
@@ -65,6 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = _engine(cfg, migrate=not args.no_migrate)
     app = create_app(cfg, engine)
     stop = threading.Event()
+    _start_maintainer(engine, cfg)
     if not args.no_sweeper:
         blobs = BlobStore(cfg.originals.root)
 
@@ -89,6 +125,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     cfg = _cfg(args)
     engine = _engine(cfg, migrate=not args.no_migrate)
     worker = IngestWorker(engine, cfg.mqtt, cfg.ingest)
+    _start_maintainer(engine, cfg)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     signal.signal(signal.SIGINT, lambda *_: worker.stop())
     logging.getLogger(__name__).info("ingest worker %r on %s:%d, group %r", cfg.mqtt.client_id, cfg.mqtt.host,
@@ -306,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-migrate", action="store_true")
     s.set_defaults(fn=cmd_ingest)
     sub.add_parser("sweep", help="one retention pass").set_defaults(fn=cmd_sweep)
+    s = sub.add_parser("segments", help="PostgreSQL: list frame segments; --seal seals the hot one now")
+    s.add_argument("--seal", action="store_true", help="seal the hot segment and build its index (waits for it)")
+    s.add_argument("--build", action="store_true", help="build the indexes of sealed segments that lack them")
+    s.set_defaults(fn=cmd_segments)
     s = sub.add_parser("create-token", help="create a bearer token (printed once); same as `token create`")
     s.add_argument("name")
     s.add_argument("--role", choices=("viewer", "device", "admin"), required=True)

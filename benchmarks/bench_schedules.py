@@ -120,6 +120,8 @@ def main() -> int:
                         "evaluated": [p.candidate.name for p in res.points]}
             for p in res.points:
                 specs[p.candidate.name] = spec_of(p.candidate)
+                if (study_dir(args.image_size, len(paths)) / f"{specs[p.candidate.name].key}.npy").exists():
+                    embed_both(p.candidate.name, specs[p.candidate.name])  # cached on all images: free
             console.print(f"budget {b:g}: {len(res.points)} candidates evaluated on {len(calib)} images, chose "
                           f"{picks[b]['chosen'] or 'nothing (unmerged)'}")
             if res.chosen:
@@ -293,8 +295,14 @@ def plot(rows, picks, sweep, path: Path, size: int) -> None:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for (label, pts), color in zip(sorted(groups.items()), colors * 3):
         pts = sorted(pts, key=xkey)
-        ax.plot([xkey(r) for r in pts], [r["dp10_held"] for r in pts], "o-" if len(pts) > 1 else "o", color=color,
-                label=label, ms=5, lw=1, ls="--" if pts[0]["alpha"] else "-")
+        ax.plot([xkey(r) for r in pts], [r["dp10_held"] for r in pts], marker="o", color=color, label=label, ms=5,
+                lw=1, ls=("--" if pts[0]["alpha"] else "-") if len(pts) > 1 else "none")
+    for n in sweep:  # the alpha sweep at one r: points labelled with their alpha
+        r = rows[n]
+        ax.plot([xkey(r)], [r["dp10_held"]], marker="x", color="grey", ls="none",
+                label="alpha sweep" if n == sweep[0] else None)
+        ax.annotate(f"alpha {r['alpha']:g}", (xkey(r), r["dp10_held"]), textcoords="offset points", xytext=(5, -3),
+                    fontsize=6, color="grey")
     for b, p in picks.items():
         if p["chosen"]:
             r = rows[p["chosen"]]

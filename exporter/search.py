@@ -61,8 +61,8 @@ class Fidelity:
     ``KAPPA`` x the points of top-10 neighbour disagreement (100 x (1 - ``nn_agreement``)). P@10 can only
     fall where a neighbour changes, and only when the newcomer is of another kind than the one it replaced;
     ``KAPPA`` is about the largest ratio of P@10 drop to disagreement (both in points) among the merge
-    schedules measured on NEU-DET halves of 600 images (0.02 to 0.074; BENCHMARKS.md,
-    merge_schedules_224px), so the estimate errs on the safe side there. Disagreement grows with the number
+    schedules measured on NEU-DET halves of 600 images when it was set (0.02 to 0.074), so the estimate errs
+    on the safe side there (BENCHMARKS.md, merge_schedules_224px, sets it against the measured drop). Disagreement grows with the number
     of calibration images (more near neighbours to swap), so a larger calibration set is stricter.
     """
 

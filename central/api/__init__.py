@@ -2,7 +2,7 @@
 
 Layout: ``deps`` (services, a session per request, the caller by role), ``errors`` (domain errors to HTTP,
 one handler), ``metrics`` (request counting and the Prometheus text), ``routers/`` (ops, registry,
-originals, frames, search, page).
+originals, frames, search, anomaly, page).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 from central.api.deps import Services
 from central.api.errors import error_response
 from central.api.metrics import Metrics, count_requests
-from central.api.routers import frames, ops, originals, page, registry, search
+from central.api.routers import anomaly, frames, ops, originals, page, registry, search
 from central.auth import TokenCache
 from central.blobs import BlobStore
 from central.config import CentralConfig
@@ -39,7 +39,7 @@ def create_app(cfg: CentralConfig, engine: Optional[Engine] = None) -> FastAPI:
     app.router.on_shutdown.append(svc.images.close)
     count_requests(app, svc.metrics)
     app.add_exception_handler(CentralError, error_response)
-    for module in (ops, registry, originals, frames, search, page):
+    for module in (ops, registry, originals, frames, search, anomaly, page):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
     return app

@@ -11,14 +11,18 @@ ROOT = Path(__file__).resolve().parents[1]
 NEU_DET = ROOT.parent / "shared" / "datasets" / "neu-det" / "images"
 
 
-def load_neu_det(folder: Path = NEU_DET) -> Tuple[List[Path], np.ndarray, List[str]]:
-    """Image paths, integer labels and class names (the class is the file name's prefix)."""
+def load_neu_det(folder: Path = NEU_DET, per_class: int = 0) -> Tuple[List[Path], np.ndarray, List[str]]:
+    """Image paths, integer labels and class names (the class is the file name's prefix); ``per_class`` > 0
+    keeps the first that many images of each class."""
     if not folder.is_dir():
         raise SystemExit(f"NEU-DET not found at {folder} (expected ../shared/datasets/neu-det/images)")
     paths = sorted(folder.glob("*.jpg"))
     names = [p.stem.rsplit("_", 1)[0] for p in paths]
     classes = sorted(set(names))
     labels = np.array([classes.index(n) for n in names])
+    if per_class:
+        keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(len(classes))])
+        paths, labels = [paths[i] for i in keep], labels[keep]
     return paths, labels, classes
 
 
@@ -38,3 +42,15 @@ def retrieval_metrics(emb: np.ndarray, labels: np.ndarray, k: int = 10) -> Dict[
     ranks = np.arange(1, rel.shape[1] + 1)
     ap = (rel * hits / ranks).sum(axis=1) / np.maximum(rel.sum(axis=1), 1)
     return {"1nn": nn1, f"p@{k}": p_at_k, "map": float(ap.mean())}
+
+
+def split_halves(labels: np.ndarray, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """A seeded half of each class's images (calibration) and the other half (held out), as sorted indices."""
+    rng = np.random.default_rng(seed)
+    first, second = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        first.append(idx[: len(idx) // 2])
+        second.append(idx[len(idx) // 2 :])
+    return np.sort(np.concatenate(first)), np.sort(np.concatenate(second))

@@ -17,6 +17,7 @@ from tokenline.documents import key_path
 from tokenline.manifest import Family, ManifestError
 
 TURBO_ALPHA = 5.0  # the CLI merges with Turbo unless --alpha 0 (ToMe) is given
+BUDGET_CALIB_COUNT = 256  # calibration images of a --budget search when --calib-count is not given
 
 
 def _int_list(text: str) -> List[int]:
@@ -66,6 +67,10 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     merge.add_argument("--r-list", dest="r_list", type=_int_list, default=unset,
                        help=_help(MergeConfig, "r_list", ", comma-separated"))
     merge.add_argument("--target-tokens", dest="target", type=int, default=unset, help=_help(MergeConfig, "target"))
+    merge.add_argument("--budget", dest="budget", type=float, default=unset,
+                       help=_help(MergeConfig, "budget", f"; needs --calib, {BUDGET_CALIB_COUNT} images unless "
+                                                         "--calib-count says otherwise"))
+    p.add_argument("--pre-r", dest="pre_r", type=int, default=unset, help=_help(MergeConfig, "pre_r"))
     p.add_argument("--alpha", dest="alpha", type=float, default=TURBO_ALPHA,
                    help=f"{MergeConfig.model_fields['alpha'].description} (default here: {TURBO_ALPHA:g}, Turbo)")
     p.add_argument("--floor", dest="floor", type=int, default=unset, help=_help(MergeConfig, "floor"))
@@ -110,8 +115,11 @@ def _given(args: argparse.Namespace, model: Type[BaseModel]) -> Dict[str, Any]:
 
 
 def _flag_errors(errors: Sequence[Dict[str, Any]], flags: Dict[str, str]) -> str:
-    """pydantic errors on one line, each named by the flag that set the field."""
-    return "; ".join(f"{flags.get(str(e['loc'][0]), key_path(e['loc']))}: {e['msg']}" for e in errors)
+    """pydantic errors on one line, each named by the flag that set the field (errors of the whole model by none)."""
+    def where(loc: Sequence[Any]) -> str:
+        return f"{flags.get(str(loc[0]), key_path(loc))}: " if loc else ""
+
+    return "; ".join(f"{where(e['loc'])}{e['msg']}" for e in errors)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -125,7 +133,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     try:
         merge = MergeConfig(**_given(args, MergeConfig))
-        opts = ExportOptions(**{**_given(args, ExportOptions), "name": args.name or args.checkpoint.stem})
+        given = _given(args, ExportOptions)
+        if merge.budget is not None:
+            given.setdefault("calib_count", BUDGET_CALIB_COUNT)
+        opts = ExportOptions(**{**given, "name": args.name or args.checkpoint.stem})
         with console.status("loading checkpoint") as status:
             options = ConversionOptions(num_heads=args.num_heads, text_num_heads=args.text_num_heads,
                                         act=args.act, ln_eps=args.ln_eps)

@@ -1,11 +1,12 @@
 """Export pipeline: ViT + merge settings -> validated ONNX files + manifest (the exporter's main job).
 
 ``export_encoder`` runs the steps in order, each reported to ``progress``: calibration images
-(``exporter.calibration``); the summary head's centring and projection fitted on them (``fit_summary``); per batch, a trace to ONNX (opset >= 17, fp32 or fp16, fixed batches or a dynamic
-batch; onnx.checker, optional simplification) validated by ONNX Runtime against torch on those images
-(``exporter.validate``; the export fails over tolerance); the unmerged reference and the merged vs unmerged
-cosine; ONNX Runtime throughput; TensorRT parser compatibility; the text tower when there is one; and finally
-manifest.json (``exporter.manifest``).
+(``exporter.calibration``); with a fidelity budget, the schedule search on them (``exporter.budget``); the
+summary head's centring and projection fitted on them (``fit_summary``); per batch, a trace to ONNX (opset >= 17, fp32 or fp16, fixed batches or a dynamic batch; onnx.checker, optional
+simplification) validated by ONNX Runtime against torch on those images (``exporter.validate``; the export
+fails over tolerance); the unmerged reference and the merged vs unmerged cosine; ONNX Runtime throughput;
+TensorRT parser compatibility; the text tower when there is one; and finally manifest.json
+(``exporter.manifest``).
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import numpy as np
 import torch
 
 from exporter import __version__
+from exporter.budget import choose_schedule, search_spec
 from exporter.calibration import calibration_images
 from exporter.errors import ExportError
 from exporter.manifest import build_manifest, input_spec
 from exporter.options import ExportOptions, MergeConfig
 from exporter.summary_head import fit_projection
+from exporter.search import SearchError, SearchResult
 from exporter.validate import compare, ort_session, run_batched, throughput, throughput_side_by_side, worst
 from exporter.vit import ViT, gflops
 from tokenline import manifest as mf
@@ -45,6 +48,7 @@ class ExportResult:
     manifest_path: Path
     table: Dict[str, object]
     trt_verdict: Dict[str, object] = field(default_factory=dict)
+    search: Optional[SearchResult] = None  # the schedule search, when a budget chose the schedule
 
 
 # -- the pipeline -----------------------------------------------------------------------------------
@@ -59,7 +63,8 @@ def export_encoder(
     text=None,
     progress: Progress = lambda _msg: None,
 ) -> ExportResult:
-    """Export ``vit`` with merge settings ``merge`` into ``opts.out_dir``; returns the manifest and a table."""
+    """Export ``vit`` with merge settings ``merge`` into ``opts.out_dir``; returns the manifest and a table.
+    With ``merge.budget`` the schedule is chosen first by the schedule search on the calibration images."""
     out = Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vit = vit.eval()
@@ -67,6 +72,9 @@ def export_encoder(
 
     progress("preparing calibration images")
     calib = calibration_images(input_spec(vit), opts.calib_dir, opts.calib_count)
+    searched = None
+    if merge.budget is not None:
+        merge, searched = search_schedule(vit, merge, opts, calib, progress)
     projection = fit_summary(vit, calib, "synthetic" if opts.calib_dir is None else "calibration", progress)
     files, stats = export_validated(vit, merge, opts, calib, progress)
     main = files[0]
@@ -84,14 +92,29 @@ def export_encoder(
         files.extend(text_files)
 
     manifest = build_manifest(vit, merge, opts, files, stats, table, text_spec, projection, family=family,
-                              source_path=source_path, source_sha256=source_sha256)
+                              source_path=source_path, source_sha256=source_sha256,
+                              search=search_spec(searched) if searched else None)
     mpath = out / "manifest.json"
     manifest.write(mpath)
     progress(f"wrote {mpath}")
-    return ExportResult(manifest=manifest, manifest_path=mpath, table=table, trt_verdict=trt_verdict)
+    return ExportResult(manifest=manifest, manifest_path=mpath, table=table, trt_verdict=trt_verdict, search=searched)
 
 
 # -- the steps --------------------------------------------------------------------------------------
+def search_schedule(vit: ViT, merge: MergeConfig, opts: ExportOptions, calib: np.ndarray,
+                    progress: Progress) -> Tuple[MergeConfig, SearchResult]:
+    """The schedule ``merge.budget`` allows on the user's calibration images (``exporter.budget``)."""
+    if opts.calib_dir is None:
+        raise ExportError("a budget is measured on your own images: give a folder of calibration images (--calib)")
+    try:
+        chosen, result = choose_schedule(vit, merge, calib, progress)
+    except SearchError as exc:
+        raise ExportError(f"schedule search: {exc}") from None
+    progress(f"schedule search: chose {result.chosen.candidate.name}" if result.chosen else
+             f"schedule search: no candidate within {merge.budget:g} points; exporting unmerged")
+    return chosen, result
+
+
 def encoder_file(kind: str, precision: str, batch: Optional[int]) -> str:
     """File name of an encoder (``kind`` = its manifest role): ``encoder_fp32_b4.onnx``,
     ``encoder_unmerged_fp16_bdyn.onnx``..."""

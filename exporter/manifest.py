@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from exporter import __version__
+from exporter.merge import SEMANTIC_SCALE
 from exporter.options import ExportOptions, MergeConfig
 from exporter.vit import ViT
 from tokenline import manifest as mf
@@ -31,12 +32,14 @@ def summary_spec(vit: ViT, merge: MergeConfig, projection: mf.ProjectionSpec) ->
 
 def build_manifest(vit: ViT, merge: MergeConfig, opts: ExportOptions, files: List[mf.FileSpec], stats: Dict[str, float],
                    table: Dict[str, object], text: Optional[mf.TextSpec], projection: mf.ProjectionSpec, *,
-                   family: str, source_path: str, source_sha256: str) -> mf.Manifest:
+                   family: str, source_path: str, source_sha256: str,
+                   search: Optional[mf.SearchSpec] = None) -> mf.Manifest:
     """The manifest of ``files``, written by ``export_encoder`` for ``vit`` configured with ``merge``.
 
     ``stats`` are the worst ``exporter.validate.compare`` numbers over the encoder files, ``table`` the
     measurements of the export (cosine vs unmerged, throughput, GFLOPs), ``projection`` the summary head's fitted
-    centring and projection; ``files[0]`` is the main encoder, whose batch the outputs are listed for.
+    centring and projection; ``files[0]`` is the main encoder, whose batch the outputs are listed for;
+    ``search`` records how a fidelity budget chose the schedule.
     """
     cfg, schedule, k = vit.cfg, vit.schedule, merge.k
     d = cfg.out_dim
@@ -57,9 +60,9 @@ def build_manifest(vit: ViT, merge: MergeConfig, opts: ExportOptions, files: Lis
             grid=cfg.grid, num_prefix_tokens=cfg.num_prefix, has_cls=cfg.class_token,
         ),
         merge=mf.MergeSpec(
-            method=merge.method, alpha=merge.alpha, r_per_block=schedule.r_per_block,
-            tokens_per_block=vit.tokens_per_block, final_tokens=schedule.final_patches + cfg.num_prefix,
-            floor=merge.floor or k,
+            method=merge.method, alpha=merge.alpha, alpha_scale=SEMANTIC_SCALE, pre_r=schedule.pre_r,
+            r_per_block=schedule.r_per_block, tokens_per_block=vit.tokens_per_block,
+            final_tokens=schedule.final_patches + cfg.num_prefix, floor=merge.floor or k, search=search,
         ),
         summary=summary,
         outputs=mf.output_specs(summary.method, mf.Layout(k, d, summary.dim, summary.footprint_grid), files[0].batch),

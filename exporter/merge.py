@@ -14,9 +14,14 @@ Semantic value. S(a) = the attention the [CLS] query pays to a (the [CLS] row of
 over heads; for models without [CLS], the mean attention a receives from all queries). Both are
 probabilities that sum to 1 over the tokens, so alpha has the same meaning at every depth.
 
-Informativity-driven merge score (Turbo):
+Informativity-driven merge score (Turbo), on the reference code's scale:
 
-    E(a) = R(a) - alpha * S(a)
+    E(a) = R(a) - alpha * SEMANTIC_SCALE * S(a),        SEMANTIC_SCALE = 30
+
+Turbo's reference implementation multiplies the head-averaged [CLS] attention by 30 before alpha, and its
+released settings use alpha = 5; the constant here makes our alpha mean the same thing (alpha = 5 weighs
+S by 150). Exports made before this scale (manifests whose merge section has no ``alpha_scale``) used
+E = R - alpha * S, so their alpha 5 is 1/6 on this scale.
 
 The r tokens of A with the highest E are merged into dst(a); the rest of A and all of B are kept. With
 alpha = 0 this is ToMe's bipartite soft matching.
@@ -50,6 +55,9 @@ import torch
 from torch import Tensor
 
 
+SEMANTIC_SCALE = 30.0  # Turbo's reference factor on the head-averaged [CLS] attention (see module docstring)
+
+
 class Tokens(NamedTuple):
     """Patch tokens and what they carry through merging (prefix tokens excluded)."""
 
@@ -69,14 +77,14 @@ def _gather_rows(t: Tensor, idx: Tensor) -> Tensor:
 
 
 def merge_scores(metric: Tensor, sem: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    """E = R - alpha * S for the tokens of A, and each one's best destination in B.
+    """E = R - alpha * SEMANTIC_SCALE * S for the tokens of A, and each one's best destination in B.
 
     metric: [B, N, Ck] keys averaged over heads; sem: [B, N]. Returns (E [B, Na], dst [B, Na]).
     """
     m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     a, b = m[:, ::2], m[:, 1::2]
     redundancy, dst = (a @ b.transpose(1, 2)).max(dim=-1)
-    score = redundancy - alpha * sem[:, ::2] if alpha else redundancy
+    score = redundancy - (alpha * SEMANTIC_SCALE) * sem[:, ::2] if alpha else redundancy
     return score, dst
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Literal, Optional
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from exporter.errors import OptionsError
 from tokenline.documents import StrictModel
@@ -42,7 +42,9 @@ class MergeConfig(_Options):
     r: Optional[int] = Field(None, description="tokens merged in every block")
     r_list: Optional[List[int]] = Field(None, description="tokens merged per block (one entry per block)")
     target: Optional[int] = Field(None, description="patch tokens left after the last block")
-    alpha: float = Field(0.0, description="Turbo's weight of semantic value (0 = ToMe)")
+    pre_r: int = Field(0, ge=0, description="tokens merged before the first block, on the patch embeddings")
+    alpha: float = Field(0.0, description="Turbo's weight of semantic value on the reference scale, "
+                                          "E = R - alpha * 30 * S (0 = ToMe)")
     floor: int = Field(0, description="fewest patch tokens a block may leave (0: K)")
     k: int = Field(16, description="summary tokens per image")
     summary_layer: Optional[int] = Field(None, ge=1, description="block whose output feeds the summary head "
@@ -51,16 +53,25 @@ class MergeConfig(_Options):
                              "images (0 or >= the width: centred only)")
     summary_iters: int = Field(3, ge=1, description="clustering iterations of the summary head")
     summary_lam: float = Field(0.5, ge=0, description="spatial weight of the summary head's clustering")
+    budget: Optional[float] = Field(None, ge=0, description="choose the schedule: the fastest whose label-free loss "
+                                    "on the calibration images stays within this many points (exporter.search)")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "MergeConfig":
+        if self.budget is not None and (self.r or self.r_list or self.target or self.pre_r):
+            raise ValueError("budget chooses the schedule: give it without r, r_list, target or pre_r")
+        return self
 
     @property
     def method(self) -> str:
-        if not (self.r or self.r_list or self.target):
+        if not (self.r or self.r_list or self.target or self.pre_r):
             return "none"
         return "turbo" if self.alpha else "tome"
 
     def unmerged(self) -> "MergeConfig":
         """The same summary head without merging in the blocks: the reference encoder."""
-        return MergeConfig(**{**self.model_dump(), "r": None, "r_list": None, "target": None, "floor": 0})
+        return MergeConfig(**{**self.model_dump(), "r": None, "r_list": None, "target": None, "pre_r": 0, "floor": 0,
+                              "budget": None})
 
 
 class ExportOptions(_Options):
@@ -75,7 +86,7 @@ class ExportOptions(_Options):
     opset: int = Field(17, description="ONNX opset (>= 17)")
     simplify: bool = Field(True, description="onnxslim: folds shape arithmetic so fixed-batch graphs are fully static")
     calib_dir: Optional[Path] = Field(None, description="folder of calibration images (None: synthetic images)")
-    calib_count: int = Field(16, description="calibration images (spread over the folder)")
+    calib_count: int = Field(16, ge=1, description="calibration images (spread over the folder)")
     export_unmerged: bool = Field(True, description="also write the unmerged encoder (reference for comparisons)")
     bench_runs: int = Field(5, ge=1, description="timed ONNX Runtime runs (median)")
     bench_batch: int = Field(8, ge=1, description="batch of the throughput runs for a dynamic-batch file")

@@ -1,4 +1,5 @@
-"""Human summary of an export: the final tables the CLI prints (tokens per block, GFLOPs, speed, errors)."""
+"""Human summary of an export: the final tables the CLI prints (schedule search, tokens per block, GFLOPs, speed,
+errors)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,33 @@ from rich.console import Console
 from rich.table import Table
 
 from exporter.export import ExportResult
+from exporter.search import MEASURE, SearchResult
 
 
 def _fmt(v: object, spec: str = ".3g") -> str:
     return "-" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
+def render_search(result: SearchResult, console: Console) -> None:
+    """Every schedule the search evaluated, cheapest first: the Pareto front marked, the choice highlighted."""
+    front = {id(p) for p in result.pareto}
+    table = Table(title=f"schedule search within {result.budget:g} points ({MEASURE}; "
+                        f"{result.points[0].fidelity.images if result.points else 0} calibration images)")
+    for col in ("pick", "schedule", "FLOP speed-up", "loss (pt)", "NN agreement", "cosine (mean / min)", "Pareto"):
+        table.add_column(col, justify="left" if col in ("pick", "schedule") else "right", no_wrap=col == "pick")
+    for p in sorted(result.points, key=lambda p: p.candidate.gflops):
+        c, f = p.candidate, p.fidelity
+        style = "bold green" if p is result.chosen else "dim" if f.loss > result.budget else None
+        table.add_row("chosen" if p is result.chosen else "", c.name, f"{c.speedup:.2f}x", f"{f.loss:.2f}",
+                      f"{f.nn_agreement:.3f}", f"{f.cosine_mean:.4f} / {f.cosine_min:.4f}",
+                      "*" if id(p) in front else "", style=style)
+    console.print(table)
+
+
 def render_result(result: ExportResult, console: Console) -> None:
     t, m = result.table, result.manifest
+    if result.search is not None:
+        render_search(result.search, console)
     merged = t["tokens_per_block"]
     unmerged = t.get("tokens_per_block_unmerged")
     blocks = Table(title="tokens per block", show_lines=False)

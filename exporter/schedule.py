@@ -1,7 +1,8 @@
 """Merge schedules: how many tokens each block merges (constant r, a per-block list, or a target count).
 
 The schedule is fixed at export time, so every tensor shape in the exported graph is static. Counts are of
-patch tokens; prefix tokens ([CLS], registers) are never merged and not counted here.
+patch tokens; prefix tokens ([CLS], registers) are never merged and not counted here. ``pre_r`` tokens can
+also be merged before the first block, on the patch embeddings themselves.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ class Schedule:
     r_per_block: List[int]  # tokens merged in block i (after its attention)
     patches_per_block: List[int]  # patch tokens entering block i
     final_patches: int
+    pre_r: int = 0  # tokens merged before the first block (on the patch embeddings)
 
     @property
     def total_merged(self) -> int:
-        return sum(self.r_per_block)
+        return self.pre_r + sum(self.r_per_block)
 
 
 def _clip(r: int, n: int, floor: int) -> int:
@@ -37,18 +39,22 @@ def make_schedule(
     r_list: Optional[Sequence[int]] = None,
     target: Optional[int] = None,
     floor: int = 1,
+    pre_r: int = 0,
 ) -> Schedule:
     """Build a schedule from exactly one of ``r`` (constant), ``r_list`` (one per block) or ``target``.
 
     ``floor`` is the fewest patch tokens any block may leave (the summary head needs at least K). With
     ``target`` the smallest constant r that reaches the target is used and the last merges are trimmed so
-    exactly ``target`` tokens remain.
+    exactly ``target`` tokens remain. ``pre_r`` tokens are merged before the first block (clipped like any
+    step: at most half, never below the floor).
     """
     given = [v is not None for v in (r, r_list, target)]
     if sum(given) > 1:
         raise ScheduleError("give only one of r, r_list and target")
     if floor < 1 or floor > num_patches:
         raise ScheduleError(f"floor {floor} must be between 1 and the patch count {num_patches}")
+    if pre_r < 0:
+        raise ScheduleError("pre_r must be >= 0")
     if r_list is not None:
         r_list = [int(v) for v in r_list]
         if len(r_list) != depth:
@@ -62,7 +68,7 @@ def make_schedule(
         floor = target
         wanted = [num_patches] * depth  # clipped below to half per block, stopping at the target
         for const in range(0, num_patches + 1):
-            trial = _apply(num_patches, [const] * depth, floor)
+            trial = _apply(num_patches, [const] * depth, floor, pre_r)
             if trial.final_patches <= target:
                 wanted = [const] * depth
                 break
@@ -70,14 +76,15 @@ def make_schedule(
         if r is not None and r < 0:
             raise ScheduleError("r must be >= 0")
         wanted = [int(r or 0)] * depth
-    return _apply(num_patches, wanted, floor)
+    return _apply(num_patches, wanted, floor, pre_r)
 
 
-def _apply(num_patches: int, wanted: Sequence[int], floor: int) -> Schedule:
-    n, rs, ns = num_patches, [], []
+def _apply(num_patches: int, wanted: Sequence[int], floor: int, pre_r: int = 0) -> Schedule:
+    pre = _clip(pre_r, num_patches, floor)
+    n, rs, ns = num_patches - pre, [], []
     for want in wanted:
         ns.append(n)
         rr = _clip(want, n, floor)
         rs.append(rr)
         n -= rr
-    return Schedule(r_per_block=rs, patches_per_block=ns, final_patches=n)
+    return Schedule(r_per_block=rs, patches_per_block=ns, final_patches=n, pre_r=pre)

@@ -245,7 +245,8 @@ class ViT(nn.Module):
         if not 1 <= layer <= self.cfg.depth:
             raise ScheduleError(f"summary layer {layer}: the model has blocks 1..{self.cfg.depth}")
         self.merge_cfg = mc
-        self.schedule = make_schedule(self.cfg.num_patches, self.cfg.depth, mc.r, mc.r_list, mc.target, floor=floor)
+        self.schedule = make_schedule(self.cfg.num_patches, self.cfg.depth, mc.r, mc.r_list, mc.target, floor=floor,
+                                      pre_r=mc.pre_r)
         self.summary_layer = layer
         d_in = self.cfg.embed_dim
         dim = mc.summary_dim if 0 < mc.summary_dim < d_in else d_in
@@ -283,6 +284,11 @@ class ViT(nn.Module):
         norm = self.norm if self.norm is not None else self.fc_norm
         return norm(x) if norm is not None else x
 
+    def pre_merge(self, patches: Tokens, r: int) -> Tokens:
+        """Merge r patch embeddings before the first block: redundancy of the embeddings themselves (no
+        attention exists yet, so no semantic term)."""
+        return merge(patches, patches.x, r, 0.0)
+
     def forward_tokens(self, pixels: Tensor) -> Tuple[Tensor, Tokens]:
         """Run the blocks with merging. Returns (prefix tokens, final patch Tokens), after the final norm; the
         Tokens carry the summary layer's features (``feat``) and the footprint cells (``src``) through the merges."""
@@ -293,6 +299,10 @@ class ViT(nn.Module):
                    None, self.patch_cells.expand(b, -1, -1).to(x.dtype))
         ones_prefix = torch.ones(b, p, dtype=x.dtype, device=x.device)
         merged_yet = False
+        if self.schedule.pre_r:
+            t = self.pre_merge(t, self.schedule.pre_r)
+            x = torch.cat([x[:, :p], t.x], dim=1)
+            merged_yet = True
         for i, (block, r) in enumerate(zip(self.blocks, self.schedule.r_per_block)):
             log_size = torch.log(torch.cat([ones_prefix, t.size], dim=1)) if merged_yet else None
             x, keys, attn = block.attention(x, log_size)

@@ -78,15 +78,34 @@ class EncoderSpec(StrictModel):
     has_cls: bool
 
 
+class SearchSpec(StrictModel):
+    """How ``tokenline-export export --budget`` chose the schedule, and what it measured on the calibration images."""
+
+    budget: float = Field(ge=0)  # points of the label-free loss the schedule had to stay within
+    measure: str  # the label-free loss (exporter.search.MEASURE)
+    loss: float  # that loss of the chosen schedule on the calibration images, points
+    nn_agreement: float  # fraction of the unmerged encoder's 10 nearest neighbours the chosen schedule keeps
+    cosine_mean: float  # global embedding vs the unmerged encoder's
+    cosine_min: float
+    calibration_images: int = Field(gt=0)
+    candidates_evaluated: int = Field(gt=0)
+    schedule: str  # the chosen candidate: shape, nominal speed-up, merges
+    flop_speedup: float = Field(gt=0)  # unmerged GFLOPs / chosen GFLOPs
+
+
 class MergeSpec(StrictModel):
     """Token-merging schedule baked into the graph (static shapes)."""
 
     method: Literal["none", "tome", "turbo"]
     alpha: float = 0.0
+    # Turbo's score is E = R - alpha * alpha_scale * S; exports before the reference scale wrote no alpha_scale (1)
+    alpha_scale: float = 1.0
+    pre_r: int = Field(0, ge=0)  # tokens merged before the first block
     r_per_block: List[int]
     tokens_per_block: List[int]  # tokens entering each block, prefix tokens included
     final_tokens: int
     floor: int = 0
+    search: Optional[SearchSpec] = None  # set when the schedule was chosen by a fidelity budget
 
     @model_validator(mode="after")
     def _consistent(self) -> "MergeSpec":

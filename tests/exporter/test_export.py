@@ -24,8 +24,9 @@ def _export(vit: ViT, out: Path, merge: MergeConfig, **opts) -> "mf.Manifest":
     return export_encoder(vit, merge, o, family="timm_vit", source_path="tiny.safetensors", source_sha256="a" * 64)
 
 
-@pytest.mark.parametrize("merge", [MergeConfig(k=4), MergeConfig(r=6, alpha=5.0, k=4), MergeConfig(r=6, alpha=0.0, k=4)],
-                         ids=["unmerged", "turbo", "tome"])
+@pytest.mark.parametrize("merge", [MergeConfig(k=4), MergeConfig(r=6, alpha=5.0, k=4), MergeConfig(r=6, alpha=0.0, k=4),
+                                   MergeConfig(pre_r=9, r=4, alpha=5.0, k=4)],
+                         ids=["unmerged", "turbo", "tome", "pre-merge"])
 def test_round_trip_fixed_batch_static_and_scatter_free(tmp_path: Path, merge: MergeConfig) -> None:
     import onnxruntime as ort
 
@@ -63,9 +64,13 @@ def test_round_trip_fixed_batch_static_and_scatter_free(tmp_path: Path, merge: M
     assert man.summary.method == "slic" and man.summary.layer == 2 and man.summary.footprint_grid == (6, 6)
     assert man.summary.projection.fitted_on == "synthetic" and man.summary.projection.method == "centre"
     assert man.merge.method == ("none" if not merge.r else "turbo" if merge.alpha else "tome")
-    assert man.merge.tokens_per_block[0] == 36 + 2  # [CLS] + 1 register never merged
-    if merge.r:
+    assert man.merge.tokens_per_block[0] == 36 - merge.pre_r + 2  # [CLS] + 1 register never merged
+    assert man.merge.pre_r == merge.pre_r
+    if merge.pre_r:
+        assert man.merge.tokens_per_block == [29, 25, 21] and man.merge.final_tokens == 17
+    elif merge.r:
         assert man.merge.tokens_per_block == [38, 32, 26] and man.merge.final_tokens == 20
+    if merge.r:
         assert man.file("encoder_unmerged").batch == 2
         assert 0.0 < res.table["cosine_vs_unmerged_min"] <= 1.0 + 1e-6
         assert res.table["gflops"] < res.table["gflops_unmerged"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exporter.merge import Tokens, merge, merge_scores
+from exporter.merge import SEMANTIC_SCALE, Tokens, merge, merge_scores
 from exporter.schedule import ScheduleError, make_schedule
 
 
@@ -95,6 +95,29 @@ def test_semantic_value_protects_salient_tokens() -> None:
     assert kept(out_turbo)  # Turbo keeps it
 
 
+def test_alpha_is_on_turbo_reference_scale() -> None:
+    """E = R - alpha * 30 * S (Turbo's reference code): at alpha = 5 a token the [CLS] query attends to 4x more
+    than average (S = 4/256 among 256 tokens) is kept over a less redundant one, which the unscaled score
+    (E = R - 5 S, this exporter before the fix) would not do."""
+    assert SEMANTIC_SCALE == 30.0
+    t, metric = _tokens(b=1, n=6, seed=2)
+    redundancy, dst = merge_scores(metric, t.sem, alpha=0.0)
+    score, dst5 = merge_scores(metric, t.sem, alpha=5.0)
+    torch.testing.assert_close(score, redundancy - 150.0 * t.sem[:, ::2])
+    assert torch.equal(dst, dst5)  # alpha changes who merges, never where to
+
+    metric = torch.zeros(1, 4, 3)
+    metric[0, 1] = torch.tensor([1.0, 0.0, 0.0])  # B: tokens 1 and 3
+    metric[0, 3] = torch.tensor([0.0, 1.0, 0.0])
+    metric[0, 0] = torch.tensor([1.0, 0.5, 0.0])  # A: token 0, cos 0.89 to token 1 (more redundant, salient)
+    metric[0, 2] = torch.tensor([1.0, 1.0, 0.5])  # A: token 2, cos 0.67 to either (less redundant)
+    sem = torch.tensor([[4 / 256, 1 / 256, 1 / 256, 1 / 256]])
+    scores, _ = merge_scores(metric, sem, alpha=5.0)
+    assert int(scores.argmax()) == 1  # token 2 goes first: token 0's semantic value protects it
+    unscaled, _ = merge_scores(metric, sem * (1 / SEMANTIC_SCALE), alpha=5.0)  # = R - 5 S
+    assert int(unscaled.argmax()) == 0
+
+
 def test_merge_rejects_more_than_half() -> None:
     t, metric = _tokens(n=10)
     with pytest.raises(ValueError, match="at most 5"):
@@ -118,3 +141,14 @@ def test_schedules_constant_list_target_and_floor() -> None:
         make_schedule(196, 12, r=1, target=50)
     with pytest.raises(ScheduleError, match="target"):
         make_schedule(196, 12, target=8, floor=16)
+
+
+def test_schedule_merges_before_the_first_block() -> None:
+    s = make_schedule(196, 12, r=8, floor=16, pre_r=50)
+    assert s.pre_r == 50 and s.patches_per_block[0] == 146 and s.final_patches == 146 - 96
+    assert s.total_merged == 50 + 96
+    assert make_schedule(196, 12, pre_r=150, floor=16).pre_r == 98  # at most half in one step
+    assert make_schedule(40, 2, pre_r=30, floor=32).pre_r == 8  # never below the floor
+    with pytest.raises(ScheduleError, match="pre_r"):
+        make_schedule(196, 12, pre_r=-1)
+

@@ -1,0 +1,46 @@
+"""Side-by-side ONNX Runtime CPU timing of several models, in interleaved rounds under the benchmark lock.
+
+Other developers share this machine's cores: every timing run holds /tmp/tokenline-bench.lock (quality runs do
+not), rounds interleave the models so that each sees the same machine state, and a model's speed-up is the
+median over rounds of its ratio to the base model in the same round.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import statistics
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List
+
+import numpy as np
+
+LOCK = Path("/tmp/tokenline-bench.lock")
+
+
+@contextmanager
+def bench_lock() -> Iterator[None]:
+    """Hold the machine's benchmark lock for the duration of a timing run."""
+    with open(LOCK, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def time_side_by_side(paths: Dict[str, Path], x: np.ndarray, rounds: int, threads: int, base: str,
+                      step: Callable[[], None] = lambda: None) -> Dict[str, dict]:
+    """{name: {img_s, ratio, rounds}} for ONNX models run on the batch ``x``; ``ratio`` is against ``base``."""
+    from exporter.validate import ort_session, throughput
+
+    with bench_lock():
+        sessions = {name: ort_session(p, threads=threads) for name, p in paths.items()}
+        rates: Dict[str, List[float]] = {name: [] for name in sessions}
+        for _ in range(rounds):
+            for name, sess in sessions.items():
+                rates[name].append(throughput(sess, x, 1))
+            step()
+    ref = rates[base]
+    return {name: {"img_s": statistics.median(r), "ratio": statistics.median(a / b for a, b in zip(r, ref)),
+                   "rounds": len(r)} for name, r in rates.items()}

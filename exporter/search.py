@@ -1,0 +1,231 @@
+"""Schedule search: the fastest merge schedule whose label-free fidelity to the unmerged encoder fits a budget.
+
+Everything here is a pure, deterministic function of numbers the caller measured:
+
+- ``candidates`` lays a fixed grid over the schedule space: for every schedule shape (``FAMILIES``) and
+  every nominal speed-up in ``SPEEDUPS`` the least aggressive setting of that shape whose FLOP model
+  (``exporter.vit.gflops``) reaches the speed-up. Cost is that FLOP count, so "fastest" never depends on
+  a noisy timing.
+- ``fidelity`` compares the global embeddings of calibration images under a candidate with the unmerged
+  encoder's, without labels: an estimate of the precision@10 drop in points from the share of nearest
+  neighbours that change (see ``Fidelity``), which is the number the budget bounds.
+- ``search`` walks each shape from mild to aggressive, stops a shape at its first candidate over the
+  budget, and ``choose`` returns the cheapest candidate within it; ``pareto`` is what gets printed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from exporter.schedule import make_schedule
+from exporter.vit import ViTConfig, gflops
+
+MEASURE = "kappa-nn-disagreement@10"  # the name of Fidelity.loss in manifests
+KAPPA = 0.07  # share of changed top-10 neighbours counted as lost precision (see Fidelity)
+SPEEDUPS: Tuple[float, ...] = (1.1, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0)
+NEIGHBOURS = 10  # the k of the neighbour measures (precision@10 is what retrieval users watch)
+MIN_IMAGES = 50  # fewer calibration images than this cannot say anything about neighbours
+
+
+class SearchError(ValueError):
+    """The search cannot run as asked (too few calibration images, a bad budget)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One schedule of the grid: shape, the speed-up level it stands for, and what it merges."""
+
+    family: str
+    level: float  # nominal FLOP speed-up this candidate was built to reach
+    alpha: float
+    pre_r: int
+    r_per_block: Tuple[int, ...]
+    gflops: float
+    speedup: float  # FLOP model: unmerged GFLOPs / this candidate's
+    final_patches: int
+
+    @property
+    def name(self) -> str:
+        pre = f"pre {self.pre_r} + " if self.pre_r else ""
+        return f"{self.family} {self.level:g}x ({pre}r {','.join(map(str, self.r_per_block))}; alpha {self.alpha:g})"
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Label-free fidelity of a candidate's global embeddings to the unmerged encoder's on the same images.
+
+    ``p10_loss`` (points) is the budget's measure: an estimate of the precision@10 drop made without labels,
+    ``KAPPA`` x the points of top-10 neighbour disagreement (100 x (1 - ``nn_agreement``)). P@10 can only
+    fall where a neighbour changes, and only when the newcomer is of another kind than the one it replaced;
+    ``KAPPA`` is about the largest ratio of P@10 drop to disagreement (both in points) among the merge
+    schedules measured on NEU-DET halves of 600 images when it was set (0.02 to 0.074), so the estimate errs
+    on the safe side there (BENCHMARKS.md, merge_schedules_224px, sets it against the measured drop). Disagreement grows with the number
+    of calibration images (more near neighbours to swap), so a larger calibration set is stricter.
+    """
+
+    p10_loss: float  # points
+    nn_agreement: float  # mean fraction of the unmerged top-10 neighbours the candidate keeps
+    cosine_mean: float  # global embedding vs unmerged
+    cosine_min: float
+    images: int
+
+    @property
+    def loss(self) -> float:
+        return self.p10_loss
+
+
+@dataclass(frozen=True)
+class Point:
+    candidate: Candidate
+    fidelity: Fidelity
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    budget: float
+    points: Tuple[Point, ...]  # every candidate evaluated, in evaluation order
+    chosen: Optional[Point]  # None: nothing fits, do not merge
+
+    @property
+    def pareto(self) -> List[Point]:
+        return pareto(self.points)
+
+
+# -- the grid ----------------------------------------------------------------------------------------
+def _shape(family: str, level: float, n: int, depth: int) -> Tuple[int, List[int]]:
+    """(pre_r, wanted r per block) of ``family`` at strength ``level`` (higher merges more)."""
+    if family == "constant":
+        return 0, [int(level)] * depth
+    if family == "decreasing":  # linear from level in block 0 down to level / depth in the last
+        return 0, [int(round(level * (depth - i) / depth)) for i in range(depth)]
+    if family == "early":  # each block merges the fraction ``level`` of the tokens it sees
+        rs, left = [], n
+        for _ in range(depth):
+            rs.append(int(left * level))
+            left -= rs[-1]
+        return 0, rs
+    if family == "pre":  # a quarter of the patches merged before block 0, then constant r
+        return n // 4, [int(level)] * depth
+    if family == "floor":  # constant r until a quarter of the patches is left (the floor below), then none
+        return 0, [int(level)] * depth
+    raise SearchError(f"unknown schedule family {family!r}")
+
+
+SHAPES: Tuple[str, ...] = ("constant", "decreasing", "early", "floor", "pre")  # what _shape can build
+# The grid a search walks. "early" and "pre" were no better than these at equal FLOPs on the reference model, and
+# pre-merging ran slower than its FLOPs (BENCHMARKS.md, merge_schedules_224px), so the search leaves them out.
+FAMILIES: Tuple[str, ...] = ("constant", "decreasing", "floor")
+_LEVELS = {  # strengths tried for each family, mild to aggressive
+    "constant": lambda n: [float(r) for r in range(1, n // 2 + 1)],
+    "decreasing": lambda n: [float(r) for r in range(1, n // 2 + 1)],
+    "early": lambda n: [f / 400 for f in range(1, 201)],
+    "floor": lambda n: [float(r) for r in range(1, n // 2 + 1)],
+    "pre": lambda n: [float(r) for r in range(0, n // 2 + 1)],
+}
+
+
+def _floor(family: str, n: int, floor: int) -> int:
+    return max(floor, n // 4) if family == "floor" else floor
+
+
+def candidates(cfg: ViTConfig, floor: int, alphas: Sequence[float] = (5.0,),
+               families: Sequence[str] = FAMILIES, speedups: Sequence[float] = SPEEDUPS) -> List[Candidate]:
+    """The grid: per family and alpha, the mildest strength reaching each nominal FLOP speed-up (deduplicated)."""
+    n, depth, p = cfg.num_patches, cfg.depth, cfg.num_prefix
+    base = gflops(cfg, [n + p] * depth, [0] * depth)
+    out: List[Candidate] = []
+    seen = set()  # a schedule two shapes share is kept once, under the first shape
+    for family in families:
+        built = []  # (speedup, pre_r, r_per_block, gflops, final) for every strength, in order
+        for level in _LEVELS[family](n):
+            pre, wanted = _shape(family, level, n, depth)
+            s = make_schedule(n, depth, r_list=wanted, floor=_floor(family, n, floor), pre_r=pre)
+            g = gflops(cfg, [m + p for m in s.patches_per_block], s.r_per_block)
+            built.append((base / g, s.pre_r, tuple(s.r_per_block), g, s.final_patches))
+        for target in speedups:
+            hit = next((b for b in built if b[0] >= target), None)
+            if hit is None or hit[1:3] in seen:
+                continue
+            seen.add(hit[1:3])
+            for alpha in alphas:
+                out.append(Candidate(family=family, level=target, alpha=float(alpha), pre_r=hit[1],
+                                     r_per_block=hit[2], gflops=hit[3], speedup=hit[0], final_patches=hit[4]))
+    return out
+
+
+# -- fidelity ----------------------------------------------------------------------------------------
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def neighbours(emb: np.ndarray, k: int = NEIGHBOURS) -> np.ndarray:
+    """Indices of each row's k nearest other rows by cosine, nearest first (ties by index: deterministic)."""
+    e = _unit(emb)
+    sim = e @ e.T
+    np.fill_diagonal(sim, -np.inf)
+    return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+
+
+def fidelity(ref: np.ndarray, emb: np.ndarray, k: int = NEIGHBOURS) -> Fidelity:
+    """Label-free fidelity of ``emb`` to ``ref`` (global embeddings of the same images, row by row)."""
+    if ref.shape != emb.shape:
+        raise SearchError(f"embeddings differ in shape: {ref.shape} vs {emb.shape}")
+    n = ref.shape[0]
+    if n <= k:
+        raise SearchError(f"{n} calibration images cannot rank {k} neighbours")
+    nr, ne = neighbours(ref, k), neighbours(emb, k)
+    agree = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(nr.tolist(), ne.tolist())]))
+    cos = (_unit(ref) * _unit(emb)).sum(axis=1)
+    return Fidelity(p10_loss=KAPPA * 100.0 * (1.0 - agree), nn_agreement=agree, cosine_mean=float(cos.mean()),
+                    cosine_min=float(cos.min()), images=n)
+
+
+# -- choice ------------------------------------------------------------------------------------------
+def _order(p: Point) -> tuple:
+    c = p.candidate
+    return (c.gflops, p.fidelity.loss, c.family, c.alpha, c.pre_r, c.r_per_block)
+
+
+def pareto(points: Sequence[Point]) -> List[Point]:
+    """Points no other point beats on both cost (GFLOPs) and loss, cheapest first."""
+    front: List[Point] = []
+    for p in sorted(points, key=_order):
+        if not front or p.fidelity.loss < front[-1].fidelity.loss:
+            front.append(p)
+    return front
+
+
+def choose(points: Sequence[Point], budget: float) -> Optional[Point]:
+    """The cheapest point whose loss is within ``budget`` (ties: lower loss, then name); None if none fits."""
+    fits = [p for p in points if p.fidelity.loss <= budget]
+    return min(fits, key=_order) if fits else None
+
+
+def search(cands: Sequence[Candidate], embed: Callable[[Candidate], np.ndarray], ref: np.ndarray, budget: float,
+           progress: Callable[[str], None] = lambda _m: None) -> SearchResult:
+    """Evaluate ``cands`` (grouped by family and alpha, mild to aggressive) until each group leaves the budget.
+
+    ``embed(candidate)`` returns the calibration images' global embeddings under that candidate, ``ref``
+    the unmerged encoder's. A group stops at its first candidate over the budget: a stronger one of the same
+    shape merges more, and a lucky measurement below the budget would be noise, not a better schedule.
+    """
+    if not budget >= 0:
+        raise SearchError(f"budget must be >= 0 points, got {budget}")
+    if ref.shape[0] < MIN_IMAGES:
+        raise SearchError(f"the schedule search needs at least {MIN_IMAGES} calibration images, got {ref.shape[0]}")
+    groups: Dict[Tuple[str, float], List[Candidate]] = {}
+    for c in cands:
+        groups.setdefault((c.family, c.alpha), []).append(c)
+    points: List[Point] = []
+    for (family, alpha), group in groups.items():
+        for c in sorted(group, key=lambda c: c.gflops, reverse=True):
+            f = fidelity(ref, embed(c))
+            points.append(Point(c, f))
+            progress(f"{c.name}: {c.speedup:.2f}x FLOPs, loss {f.loss:.2f} points")
+            if f.loss > budget:
+                break
+    return SearchResult(budget=float(budget), points=tuple(points), chosen=choose(points, budget))

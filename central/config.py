@@ -32,6 +32,8 @@ class IngestConfig(StrictModel):
     dead_letter_max_bytes: int = Field(65536, ge=0)  # raw bytes kept per dead letter
     allowed_token_dtypes: List[Literal["int8", "int4", "fp16"]] = ["int8", "int4", "fp16"]
     retry_backoff_max_s: float = Field(30.0, gt=0)  # database unavailable: retry the batch, never ack early
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Optional[int] = Field(None, ge=0, lt=65536)  # this worker's /metrics (batches, lag); None = off
 
 
 class LineOverride(StrictModel):
@@ -72,13 +74,18 @@ class SearchConfig(StrictModel):
     rerank: bool = True
     rerank_weight: float = Field(0.25, ge=0, le=1)  # score = (1-w)*global cosine + w*MaxSim (NEU-DET: BENCHMARKS.md)
     ef_search: int = Field(200, gt=0)  # pgvector hnsw.ef_search
-    max_results: int = Field(200, gt=0)
+    max_results: int = Field(200, gt=0)  # the largest page (k) of one search request
+    max_depth: int = Field(2000, gt=0)  # how deep paging goes into one search's ranking (cursor after cursor)
     providers: List[str] = ["CPUExecutionProvider"]  # ONNX Runtime execution providers, in order
 
 
 class ApiConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8080, gt=0, lt=65536)
+    # POST /v1/frames/{id}/original/request publishes the edge's request_original command with this MQTT client id
+    # (default: mqtt.client_id + "-api"; never an ingest worker's, whose persistent session it would take over).
+    command_client_id: Optional[str] = Field(None, min_length=1, max_length=128)
+    original_request_timeout_s: float = Field(120.0, gt=0)  # after this, a request with no upload is "no_answer"
 
 
 class CentralConfig(StrictModel):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 from sqlalchemy import Engine, LargeBinary, func, select, text, type_coerce
@@ -176,7 +176,7 @@ class MemoryIndex:
             c[value] = len(c)
         return c[value]
 
-    def _load(self, after_id: int, chunk: int = 50_000) -> None:
+    def _load(self, after_id: int, chunk: int = 50_000, on_rows: Optional[Callable[[int], None]] = None) -> None:
         """Append the model's rows with ``id > after_id``, ``chunk`` rows per query (keyset pagination).
 
         Embeddings are read as the raw little-endian float32 bytes SQLite stores and converted with one
@@ -206,6 +206,8 @@ class MemoryIndex:
                 codes = np.fromiter((self._code(kind, r[3 + j]) for r in rows), np.int32, len(rows))
                 self.place[kind] = np.concatenate([self.place[kind], codes])
             self.last_id = after_id = int(ids[-1])
+            if on_rows is not None:
+                on_rows(len(rows))
             if len(rows) < chunk:
                 return
 
@@ -220,7 +222,7 @@ class MemoryIndex:
             self.place = {k: v[keep] for k, v in self.place.items()}
             log.info("model %d: %d deleted frame(s) dropped from the index", self.model_id, int((~keep).sum()))
 
-    def sync(self) -> None:
+    def sync(self, on_rows: Optional[Callable[[int], None]] = None) -> None:
         """Cheap check per query: the largest id (appends) and the deletion counter the sweeper bumps in the
         transaction that deletes frames (deletions -> the index drops the ids no longer in the table). Rows
         deleted behind central's back (manual SQL) are noticed only at the sweeper's next deletion or a restart."""
@@ -233,7 +235,7 @@ class MemoryIndex:
                     self._prune()
                 self.deletions = gen
             if mx > self.last_id:
-                self._load(self.last_id)
+                self._load(self.last_id, on_rows=on_rows)
 
     def knn(self, q: np.ndarray, k: int, f: Filters) -> List[Tuple[int, float]]:
         self.sync()
@@ -275,6 +277,12 @@ class Searcher:
                 idx = self._indexes[model.id] = MemoryIndex(self.engine, model.id, model.embedding_dim)
             return idx
 
+    def warm(self, model: ModelInfo, on_rows: Optional[Callable[[int], None]] = None) -> None:
+        """Load ``model``'s index now (SQLite: every embedding into memory, ``on_rows(n)`` per chunk), so the first
+        search does not pay for it; PostgreSQL's HNSW index lives in the server."""
+        if not self.pg:
+            self._memindex(model).sync(on_rows)
+
     def knn(self, model: ModelInfo, q: np.ndarray, k: int, f: Filters) -> List[Tuple[int, float]]:
         """Top ``k`` frames of ``model`` by cosine of the global embedding: ``[(row id, cosine)]``."""
         q = normalize(np.asarray(q, np.float32).reshape(-1))
@@ -309,7 +317,7 @@ class Searcher:
 
     def search(self, model: ModelInfo, query: Query, k: int, f: Filters = Filters(),
                rerank: Optional[bool] = None, rerank_weight: Optional[float] = None) -> List[Hit]:
-        k = max(1, min(int(k), self.cfg.max_results))
+        k = max(1, min(int(k), self.cfg.max_depth + 1))  # pages are cut from this ranking (central.paging)
         rerank = self.cfg.rerank if rerank is None else rerank
         w = self.cfg.rerank_weight if rerank_weight is None else float(rerank_weight)
         use_tokens = rerank and query.tokens is not None and len(query.tokens) > 0 and w > 0

@@ -1,33 +1,56 @@
-"""The search route: by an example image, a text or a stored frame (query building is central.search's)."""
+"""The search route: by an example image, a text or a stored frame (query building is central.search's), paged by
+cursor (central.paging)."""
 
 from __future__ import annotations
 
+import hashlib
 import time
-from typing import Any, Dict, Optional
+from typing import Optional
 
 from fastapi import APIRouter, File, Form, UploadFile
 
+from central import paging
 from central.api.deps import ServicesDep, SessionDep, Viewer
+from central.api.schemas import SearchOut, errors
+from central.api.validation import finite, name_filter, page_size, time_range
 from central.search import Filters, build_query
 
 router = APIRouter(tags=["search"])
 
 
-@router.post("/v1/search")
+@router.post("/v1/search", response_model=SearchOut, responses=errors(400, 401, 403, 404, 413, 422, 503))
 async def search(svc: ServicesDep, session: SessionDep, _p: Viewer,
-                 image: Optional[UploadFile] = File(None), q: Optional[str] = Form(None),
-                 like_frame: Optional[str] = Form(None), model_id: Optional[int] = Form(None),
-                 k: int = Form(24), site: Optional[str] = Form(None), line: Optional[str] = Form(None),
-                 camera: Optional[str] = Form(None), since_us: Optional[int] = Form(None),
-                 until_us: Optional[int] = Form(None), rerank: Optional[bool] = Form(None),
-                 rerank_weight: Optional[float] = Form(None)) -> Dict[str, Any]:
-    """Search by an example image (multipart ``image``), a text (``q``) or a stored frame (``like_frame``)."""
+                 image: Optional[UploadFile] = File(None, description="an example image (JPEG, PNG, ...)"),
+                 q: Optional[str] = Form(None, description="a text (models with a text tower)"),
+                 like_frame: Optional[str] = Form(None, description="a stored frame's id"),
+                 model_id: Optional[int] = Form(None, ge=1, description="required when several models are registered"),
+                 k: int = Form(24, description="results per page, 1..search.max_results"),
+                 site: Optional[str] = Form(None), line: Optional[str] = Form(None),
+                 camera: Optional[str] = Form(None),
+                 since_us: Optional[int] = Form(None, description="capture time from (Unix µs)"),
+                 until_us: Optional[int] = Form(None, description="capture time until (exclusive)"),
+                 rerank: Optional[bool] = Form(None, description="MaxSim re-rank (default: search.rerank)"),
+                 rerank_weight: Optional[float] = Form(None, description="0..1 (default: search.rerank_weight)"),
+                 cursor: Optional[str] = Form(None, description="next_cursor of the previous page (same query and "
+                                                                "filters)")) -> SearchOut:
+    """Search by an example image (multipart ``image``), a text (``q``) or a stored frame (``like_frame``); the
+    results come best first, ``k`` per page, with ``next_cursor`` for the next page."""
     t0 = time.perf_counter()
+    page_size("k", k, svc.cfg.search.max_results)
+    finite("rerank_weight", rerank_weight, 0.0, 1.0)
+    time_range(since_us, until_us)
+    filters = Filters(name_filter("site", site), name_filter("line", line), name_filter("camera", camera),
+                      since_us, until_us)
     data = await image.read() if image is not None else None
     model, query = build_query(session, svc.encoders, image=data, query_text=q, like_frame=like_frame,
                                model_id=model_id, max_image_bytes=svc.cfg.originals.max_upload_bytes)
-    filters = Filters(site or None, line or None, camera or None, since_us, until_us)
-    hits = svc.searcher.search(model, query, k, filters, rerank=rerank, rerank_weight=rerank_weight)
+    fp = paging.fingerprint(kind="search", model=model.id, filters=filters, rerank=rerank, w=rerank_weight,
+                            image=None if data is None else hashlib.sha256(data).hexdigest(), q=q,
+                            like=like_frame)
+    cur = paging.decode(cursor, "search", fp)
+    hits, nxt = paging.search_page(svc.searcher, model, query, k, filters, fp=fp, after=cur,
+                                   max_depth=svc.cfg.search.max_depth, rerank=rerank, rerank_weight=rerank_weight)
     dt = time.perf_counter() - t0
     svc.metrics.observe_search(dt)
-    return {"model": model.public(), "took_ms": round(dt * 1000, 2), "results": [h.public() for h in hits]}
+    return SearchOut.model_validate({"model": model.public(), "took_ms": round(dt * 1000, 2),
+                                     "results": [h.public() for h in hits], "next_cursor": nxt})

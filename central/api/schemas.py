@@ -1,0 +1,210 @@
+"""The API's response documents (typed, in the OpenAPI spec). Times are Unix microseconds (UTC), ids 32 hex.
+
+Listing items allow extra fields, so that a field another module adds to a frame (labels, a score) passes
+through without being dropped by the response model; the fields named here are always there.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(description="machine-readable reason, e.g. bad_image, gone, invalid_parameter")
+    detail: str = Field(description="for people: what is wrong and what to do")
+    parameter: Optional[str] = Field(None, description="the request parameter at fault (422 invalid_parameter)")
+
+
+ERRORS: Dict[int | str, Dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 410, 413, 422,
+                                                                                 500, 503)}
+
+
+def errors(*codes: int) -> Dict[int | str, Dict[str, Any]]:
+    """The ``responses=`` of a route: these error statuses, each with the ``ErrorOut`` body."""
+    return {c: ERRORS[c] for c in codes}
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+    database: str
+
+
+class MeOut(BaseModel):
+    name: str
+    role: Literal["viewer", "device", "admin"]
+
+
+class ModelOut(Out):
+    id: int
+    hash: str = Field(description="the manifest's 16-byte wire hash, hex")
+    short_hash: str = Field(description="first 8 hex characters of hash (what people compare)")
+    name: str
+    embedding_dim: int
+    k: int = Field(description="summary tokens per frame")
+    has_text: bool
+    searchable: bool = Field(description="this host has the model's files (can encode query images)")
+    family: str
+    merge: str
+    registered_us: int
+    frames: int = 0
+    last_capture_us: Optional[int] = None
+
+
+class ModelsOut(BaseModel):
+    models: List[ModelOut]
+
+
+class DeviceOut(Out):
+    device: str
+    site: str
+    status: str = Field(description="retained online / offline from the device, or unknown")
+    online: bool
+    first_seen_us: int
+    last_seen_us: int
+    stats_ts_us: Optional[int] = Field(None, description="when the device made its last stats")
+    frames_per_s: Optional[float] = Field(None, description="sum of the cameras' frame rates")
+    inference_ms_p50: Optional[float] = None
+    backlog: Optional[int] = Field(None, description="messages in the device's outbox not yet confirmed")
+    oldest_unconfirmed_s: Optional[float] = Field(None, description="age of the oldest frame awaiting confirmation")
+    drops: Optional[int] = Field(None, description="frames dropped by overload or evicted from the outbox")
+    problems: List[str] = []
+    cameras: Dict[str, Dict[str, Any]] = {}
+    last_stats: Optional[Dict[str, Any]] = None
+
+
+class DevicesOut(BaseModel):
+    now_us: int
+    devices: List[DeviceOut]
+
+
+class CameraOut(Out):
+    site: str
+    line: str
+    camera: str
+    device: str
+    frames: int
+    first_capture_us: int
+    last_capture_us: int
+
+
+class CamerasOut(BaseModel):
+    cameras: List[CameraOut]
+
+
+class FrameItem(Out):
+    """A frame in a listing: metadata, no tokens."""
+
+    frame_id: str
+    model_id: int
+    device: str
+    site: str
+    line: str
+    camera: str
+    capture_us: int
+    received_us: int
+    seq: int
+    flags: int
+    token_dtype: str
+    legal_hold: bool
+    k: int
+
+
+class BrowseItem(FrameItem):
+    original: Optional[Literal["kept", "deleting", "deleted"]] = Field(
+        None, description="state of the original at central; null when none was uploaded")
+
+
+class FramesOut(BaseModel):
+    frames: List[BrowseItem]
+    next_cursor: Optional[str] = Field(None, description="give it as cursor for the next page; null at the end")
+
+
+class Match(Out):
+    token: int
+    sim: float
+    x: float = Field(description="centroid of the token's patches, 0..1 of the model input's width")
+    y: float
+    size: float = Field(description="patches the token stands for")
+
+
+class SearchHit(FrameItem):
+    score: float
+    global_score: float
+    maxsim: Optional[float] = None
+    matches: List[Match] = []
+
+
+class SearchOut(BaseModel):
+    model: ModelOut
+    took_ms: float
+    results: List[SearchHit]
+    next_cursor: Optional[str] = Field(None, description="give it as cursor, with the same query and filters, for "
+                                                         "the next page; null at the end")
+
+
+class FrameMeta(FrameItem):
+    centroids: List[List[float]]
+    sizes: List[float]
+
+
+class OriginalOut(Out):
+    state: Literal["kept", "deleting", "deleted"]
+    bytes: int
+    stored_us: int
+    expires_us: int
+    legal_hold: bool
+    deleted_reason: Optional[str] = None
+
+
+class FrameOut(BaseModel):
+    frame: Optional[FrameMeta] = Field(None, description="null when only the original is known (tokens expired)")
+    original: Optional[OriginalOut] = None
+
+
+class HoldOut(BaseModel):
+    frame_id: str
+    legal_hold: bool
+
+
+class OriginalRequestOut(BaseModel):
+    frame_id: str
+    state: Literal["stored", "deleted", "queued_on_edge", "not_on_edge", "device_offline", "requested", "no_answer",
+                   "failed", "none"]
+    detail: str
+    requested_us: Optional[int] = None
+    device: Optional[str] = None
+    request_id: Optional[str] = None
+
+
+class StoredOut(BaseModel):
+    frame_id: str
+    sha256: str
+    expires_us: int
+    stored: bool
+
+
+class TokenOut(BaseModel):
+    name: str
+    role: str
+    token: str
+
+
+class DeadLetterOut(Out):
+    id: int
+    received_us: int
+    topic: str
+    reason: str
+    detail: str
+    payload_len: int
+    payload_sha256: str
+    payload_head_hex: str
+
+
+class DeadLettersOut(BaseModel):
+    dead_letters: List[DeadLetterOut]

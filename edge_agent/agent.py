@@ -107,7 +107,8 @@ class Agent:
         self.health_server: Optional[health.HealthServer] = None
         if cfg.health.http_port is not None:
             try:
-                self.health_server = health.HealthServer(cfg.health.http_host, cfg.health.http_port, self.snapshot)
+                self.health_server = health.HealthServer(cfg.health.http_host, cfg.health.http_port, self.snapshot,
+                                                         metrics=self._metrics())
             except OSError as exc:
                 raise AgentError(f"health.http_port: cannot listen on {cfg.health.http_host}:"
                                  f"{cfg.health.http_port}: {exc.strerror or exc}") from None
@@ -159,6 +160,19 @@ class Agent:
         self.runner.close()
         log.info("agent stopped (outbox %s)", "empty" if flushed else "kept for replay")
         return flushed
+
+    def _metrics(self):  # noqa: ANN202 - Optional[Callable[[], bytes]]
+        """``/metrics`` from the snapshot (``edge_agent.metrics``), or None without prometheus-client installed."""
+        try:
+            from edge_agent import metrics
+        except ImportError:  # pragma: no cover - the edge extra installs it
+            return None
+        try:
+            registry = metrics.make_registry(self.snapshot)
+        except ImportError:
+            log.warning("prometheus-client is not installed: no /metrics (pip install 'tokenline[edge]')")
+            return None
+        return lambda: metrics.render(registry)
 
     @property
     def paused(self) -> bool:

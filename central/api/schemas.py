@@ -26,8 +26,9 @@ ERRORS: Dict[int | str, Dict[str, Any]] = {code: {"model": ErrorOut} for code in
 
 
 def errors(*codes: int) -> Dict[int | str, Dict[str, Any]]:
-    """The ``responses=`` of a route: these error statuses, each with the ``ErrorOut`` body."""
-    return {c: ERRORS[c] for c in codes}
+    """The ``responses=`` of a route: these error statuses and 422 (any route refuses unknown parameters), each
+    with the ``ErrorOut`` body."""
+    return {c: ERRORS[c] for c in sorted({*codes, 422})}
 
 
 class HealthOut(BaseModel):

@@ -32,6 +32,11 @@ class TokenCache:
         self._c: Dict[str, Tuple[float, Optional[tuple]]] = {}
         self._lock = threading.Lock()
 
+    def clear(self) -> None:
+        """Forget every cached lookup (after a revocation through this process: effective at once)."""
+        with self._lock:
+            self._c.clear()
+
     def get(self, token: str) -> Optional[tuple]:
         """``(name, role)`` of a valid token, else None."""
         now = time.monotonic()

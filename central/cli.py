@@ -1,4 +1,4 @@
-"""`tokenline-central`: serve | ingest | migrate | search | sweep | create-token | register-model | models.
+"""`tokenline-central`: serve | ingest | migrate | search | sweep | token | dead-letters | register-model | models.
 
 The conventions of ``runtime.cli``: ``--config``, ``--db``, ``--log-level``/``-v`` and ``--debug`` anywhere on the
 line; results on stdout (``--json`` for machines), people's messages on stderr; every expected error is one line
@@ -177,7 +177,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     engine = _engine(cfg)
     rep = sweep(engine, BlobStore(cfg.originals.root), cfg.retention)
     _say(f"sweep: resumed {rep.resumed}, expired {rep.expired}, over cap {rep.capped}, freed {rep.bytes_freed} B, "
-         f"tokens deleted {rep.tokens_deleted}, orphans {rep.orphans_removed}, kept {rep.kept_bytes} B")
+         f"tokens deleted {rep.tokens_deleted}, orphans {rep.orphans_removed}, "
+         f"dead letters deleted {rep.dead_letters_deleted}, kept {rep.kept_bytes} B")
     for e in rep.errors:
         _say(f"[yellow]{e}[/]")
     return 0
@@ -194,6 +195,106 @@ def cmd_create_token(args: argparse.Namespace) -> int:
         token = create_token(s, args.name, args.role)
     _say(f"[green]{args.role} token for {args.name!r}[/] (shown once, stored hashed)")
     print(token, flush=True)
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from central.store import list_tokens
+
+    with Session(_engine(_cfg(args))) as s:
+        tokens = list_tokens(s)
+    if args.json:
+        print_json(tokens)
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"{len(tokens)} token(s)")
+    for col in ("id", "name", "role", "created", "revoked", "fingerprint"):
+        table.add_column(col)
+    for t in tokens:
+        table.add_row(str(t["id"]), t["name"], t["role"], format_time_us(t["created_us"]), format_time_us(t["revoked_us"]),
+                      t["fingerprint"])
+    _console().print(table)
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from central.errors import NotFound
+    from central.store import revoke_tokens
+
+    if (args.name is None) == (args.id is None):
+        raise ConfigError("token revoke: give a token's NAME or --id ID")
+    with Session(_engine(_cfg(args))) as s, s.begin():
+        n = revoke_tokens(s, name=args.name, token_id=args.id)
+    what = f"named {args.name!r}" if args.name is not None else f"with id {args.id}"
+    if not n:
+        raise NotFound(f"no unrevoked token {what}")
+    _console().print(f"[green]revoked {n} token(s) {what}[/] (running APIs refuse them within seconds)")
+    return 0
+
+
+def cmd_dead_letters_list(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from central.dead_letters import counts_by_reason
+    from central.store import list_dead_letters
+
+    engine = _engine(_cfg(args))
+    with Session(engine) as s:
+        rows = list_dead_letters(s, args.limit, args.reason)
+    if args.json:
+        print_json(rows)
+        return 0
+    from rich.table import Table
+
+    summary = Table(title="dead letters by reason")
+    for col in ("reason", "kept", "replayable"):
+        summary.add_column(col)
+    for reason, n, whole in counts_by_reason(engine):
+        summary.add_row(reason, str(n), str(whole))
+    _console().print(summary)
+    table = Table(title=f"latest {len(rows)}")
+    for col in ("id", "received", "reason", "topic", "bytes", "replayable", "detail"):
+        table.add_column(col)
+    for d in rows:
+        table.add_row(str(d["id"]), format_time_us(d["received_us"]), d["reason"], d["topic"], str(d["payload_len"]),
+                      "yes" if d["replayable"] else "no", d["detail"][:80])
+    _console().print(table)
+    return 0
+
+
+def cmd_dead_letters_show(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from central.errors import NotFound
+    from sql.models import DeadLetter
+
+    with Session(_engine(_cfg(args))) as s:
+        d = s.get(DeadLetter, args.id)
+        if d is None:
+            raise NotFound(f"no dead letter with id {args.id}")
+        payload = bytes(d.payload)
+        print(f"id {d.id}  received {format_time_us(d.received_us)}  reason {d.reason}\ntopic {d.topic}\n"
+              f"detail {d.detail}\n{d.payload_len} bytes, sha256 {d.payload_sha256}, "
+              f"{'whole (replayable)' if 0 < d.payload_len == len(payload) else f'first {len(payload)} kept'}")
+    for i in range(0, min(len(payload), 256), 16):
+        chunk = payload[i:i + 16]
+        print(f"{i:08x}  {chunk.hex(' '):<47}  {''.join(chr(b) if 32 <= b < 127 else '.' for b in chunk)}")
+    return 0
+
+
+def cmd_dead_letters_replay(args: argparse.Namespace) -> int:
+    from central.dead_letters import replay
+
+    cfg = _cfg(args)
+    rep = replay(_engine(cfg), cfg.ingest, reason=args.reason, ids=args.id or (), limit=args.limit)
+    failing = ", ".join(f"{r} {n}" for r, n in sorted(rep.still_failing.items())) or "none"
+    _console().print(f"replayed {rep.replayed()}: committed {rep.committed}, already stored {rep.duplicates}, "
+                     f"status {rep.status}; still failing: {failing}; not replayable (truncated) {rep.not_replayable}")
     return 0
 
 
@@ -254,7 +355,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from sqlalchemy.orm import Session
 
     from central.encoder import EncoderPool
-    from central.search import Filters, Searcher, build_query
+    from central.search import Filters, Searcher, build_query, parse_labels
 
     cfg = _cfg(args)
     engine = _engine(cfg)
@@ -266,8 +367,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             raise CliError(f"--image {args.image}: {exc.strerror or exc}") from None
     with Session(engine) as s:
         model, query = build_query(s, EncoderPool(cfg.search.providers), image=image, query_text=args.text,
-                                   like_frame=args.like_frame, model_id=args.model_id)
-    filters = Filters(args.site, args.line, args.camera, args.since_us, args.until_us)
+                                   like_frame=args.like_frame, model_id=args.model_id,
+                                   max_image_pixels=cfg.api.max_image_pixels)
+    filters = Filters(args.site, args.line, args.camera, args.since_us, args.until_us, parse_labels(args.label))
     hits = Searcher(engine, cfg.search).search(model, query, args.k, filters, rerank=not args.no_rerank)
     if args.json:
         print_json([h.public() for h in hits])
@@ -310,10 +412,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-migrate", action="store_true")
     s.set_defaults(fn=cmd_ingest)
     sub.add_parser("sweep", help="one retention pass").set_defaults(fn=cmd_sweep)
-    s = sub.add_parser("create-token", help="create a bearer token; prints only the token on stdout")
+    s = sub.add_parser("create-token", help="create a bearer token; prints only the token on stdout; same as "
+                                            "`token create`")
     s.add_argument("name")
     s.add_argument("--role", choices=("viewer", "device", "admin"), required=True)
     s.set_defaults(fn=cmd_create_token)
+    tok = sub.add_parser("token", help="bearer tokens: create | list | revoke").add_subparsers(dest="token_cmd",
+                                                                                               required=True)
+    s = tok.add_parser("create", help="create a bearer token (printed once, stored hashed)")
+    s.add_argument("name")
+    s.add_argument("--role", choices=("viewer", "device", "admin"), required=True)
+    s.set_defaults(fn=cmd_create_token)
+    s = tok.add_parser("list", help="every token: id, name, role, created, revoked, fingerprint")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_token_list)
+    s = tok.add_parser("revoke", help="revoke the tokens called NAME, or the one with --id")
+    s.add_argument("name", nargs="?")
+    s.add_argument("--id", type=int)
+    s.set_defaults(fn=cmd_token_revoke)
+    dl = sub.add_parser("dead-letters", help="dead letters: list | show | replay").add_subparsers(
+        dest="dl_cmd", required=True)
+    s = dl.add_parser("list", help="counts by reason and the latest dead letters")
+    s.add_argument("--reason")
+    s.add_argument("--limit", type=int, default=20)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_dead_letters_list)
+    s = dl.add_parser("show", help="one dead letter with a hex dump of its first bytes")
+    s.add_argument("id", type=int)
+    s.set_defaults(fn=cmd_dead_letters_show)
+    s = dl.add_parser("replay", help="ingest replayable dead letters again (after a fix, e.g. register-model); "
+                                     "those that commit are removed")
+    s.add_argument("--reason")
+    s.add_argument("--id", type=int, action="append")
+    s.add_argument("--limit", type=int)
+    s.set_defaults(fn=cmd_dead_letters_replay)
     s = sub.add_parser("register-model", help="register an exported model directory (manifest.json + ONNX)")
     s.add_argument("model_dir")
     s.set_defaults(fn=cmd_register_model)
@@ -339,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--camera")
     s.add_argument("--since-us", type=int)
     s.add_argument("--until-us", type=int)
+    s.add_argument("--label", action="append", metavar="NAME[=VALUE]",
+                   help="only frames with this label (and value); repeat for several")
     s.add_argument("--no-rerank", action="store_true")
     s.add_argument("--json", action="store_true", help="the results as JSON on stdout")
     s.set_defaults(fn=cmd_search)

@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from tokenline.config import ConfigError  # noqa: F401 - central's modules import it from here
 from tokenline.config import NAME_PATTERN, MqttClientConfig, load_config_file, validate_config
 from tokenline.documents import StrictModel
+from tokenline.preprocess import DEFAULT_MAX_PIXELS
 
 
 class DatabaseConfig(StrictModel):
@@ -29,7 +30,8 @@ class IngestConfig(StrictModel):
     batch_max: int = Field(100, gt=0)  # keep <= the broker's max_inflight_messages (unacked QoS 1 limit)
     batch_linger_ms: int = Field(200, ge=0)  # longest a received message waits for its batch to commit
     max_message_bytes: int = Field(65536, gt=0)
-    dead_letter_max_bytes: int = Field(65536, ge=0)  # raw bytes kept per dead letter
+    # raw bytes kept of a dead letter that no fix can cure (garbage); replayable ones (store.REPLAYABLE) are kept whole
+    dead_letter_max_bytes: int = Field(1024, ge=0)
     allowed_token_dtypes: List[Literal["int8", "int4", "fp16"]] = ["int8", "int4", "fp16"]
     retry_backoff_max_s: float = Field(30.0, gt=0)  # database unavailable: retry the batch, never ack early
     metrics_host: str = "127.0.0.1"
@@ -48,6 +50,8 @@ class RetentionConfig(StrictModel):
     originals_max_bytes: Optional[int] = Field(None, gt=0)  # size cap, oldest deleted first
     tokens_days: float = Field(365.0, ge=0)  # tokens live longer than originals
     lines: List[LineOverride] = []
+    dead_letters_days: float = Field(30.0, ge=0)  # dead letters older than this are deleted
+    dead_letters_max_bytes: int = Field(256 * 1024 * 1024, gt=0)  # beyond (payload+detail+topic), oldest first
     sweep_interval_s: float = Field(600.0, gt=0)  # for `serve`'s background sweeper
     orphan_grace_s: float = Field(3600.0, ge=0)  # unreferenced blobs younger than this are left alone
     batch: int = Field(500, gt=0)
@@ -82,6 +86,11 @@ class SearchConfig(StrictModel):
 class ApiConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8080, gt=0, lt=65536)
+    # images decoded here (search uploads, thumbnails, uploaded originals' headers): larger ones are refused (400)
+    # from their header, before decoding
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
+    image_workers: int = Field(2, ge=1, le=64)  # threads that decode and encode images, off the event loop
+    image_queue: int = Field(8, ge=0)  # requests waiting for one of them; beyond, 503 "busy"
     # POST /v1/frames/{id}/original/request publishes the edge's request_original command with this MQTT client id
     # (default: mqtt.client_id + "-api"; never an ingest worker's, whose persistent session it would take over).
     command_client_id: Optional[str] = Field(None, min_length=1, max_length=128)

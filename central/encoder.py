@@ -18,7 +18,7 @@ from central.errors import Internal, Invalid, Unavailable
 from central.store import ModelInfo
 from runtime.runners import OnnxRuntimeRunner, RunnerError
 from tokenline.manifest import ManifestError, verify_files
-from tokenline.preprocess import ImageError, decode_image, preprocess
+from tokenline.preprocess import DEFAULT_MAX_PIXELS, ImageError, decode_image, preprocess
 from tokenline.summary import Summary
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,14 @@ class Encoder:
     def encode_frame(self, frame: np.ndarray) -> Summary:
         return self.encode_pixels(preprocess(frame, self.model.manifest.input))
 
-    def encode_image_bytes(self, data: bytes) -> Summary:
-        """The summary of an encoded image file (JPEG, PNG, ...); ``Invalid`` when it does not decode."""
+    def encode_image_bytes(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Summary:
+        """The summary of an encoded image file (JPEG, PNG, ...); ``Invalid`` when it does not decode or its
+        header declares more than ``max_pixels`` (reason ``too_many_pixels``, nothing decoded)."""
         try:
-            frame = decode_image(data)
+            frame = decode_image(data, max_pixels)
         except ImageError as exc:
-            raise Invalid(f"query image: {exc}", reason="bad_image") from None
+            reason = "too_many_pixels" if exc.reason == "too_many_pixels" else "bad_image"
+            raise Invalid(f"query image: {exc}", reason=reason) from None
         return self.encode_frame(frame)
 
     def _load_text(self) -> None:

@@ -12,6 +12,7 @@ from central import store
 from central.blobs import BlobStore
 from central.config import RetentionConfig
 from central.errors import Conflict, Gone, Invalid, NotFound, TooLarge, Unprocessable
+from tokenline.preprocess import DEFAULT_MAX_PIXELS, ImageError, check_image
 
 DAY_US = 86_400 * 1_000_000
 
@@ -42,9 +43,11 @@ def check_upload_size(size: int, max_bytes: int) -> None:
 
 
 def store_original(session: Session, blobs: BlobStore, retention: RetentionConfig, frame_id: str, body: bytes,
-                   sha256_header: Optional[str], max_bytes: int) -> StoreResult:
+                   sha256_header: Optional[str], max_bytes: int,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> StoreResult:
     """Validate and store one upload per the contract (``Invalid``, ``TooLarge``, ``Unprocessable``,
-    ``Conflict``, ``Gone``).
+    ``Conflict``, ``Gone``). A JPEG whose header declares more than ``max_pixels`` is refused (``Invalid``,
+    reason ``too_many_pixels``) before it is stored: thumbnails decode what is stored.
 
     Commits ``session`` itself, under the blob store's lock: the sweeper's reference check must see the new
     row before it may unlink a blob with the same content. The session must hold no pending changes.
@@ -53,6 +56,11 @@ def store_original(session: Session, blobs: BlobStore, retention: RetentionConfi
     check_upload_size(len(body), max_bytes)
     if not is_jpeg(body):
         raise Invalid("body is not a JPEG (no SOI/EOI markers)", reason="not_jpeg")
+    try:
+        check_image(body, max_pixels)
+    except ImageError as exc:
+        raise Invalid(f"original: {exc}", reason="too_many_pixels" if exc.reason == "too_many_pixels"
+                      else "not_jpeg") from None
     sha = hashlib.sha256(body).hexdigest()
     if sha256_header is None or sha256_header.strip().lower() != sha:
         raise Unprocessable(f"X-Tokenline-Sha256 {sha256_header!r} does not match the body's sha256 {sha}",

@@ -1,4 +1,5 @@
-"""Retention sweeper: deletes originals past their age or over the size cap, and expired tokens, crash-safely.
+"""Retention sweeper: deletes originals past their age or over the size cap, expired tokens and dead letters (by age
+and over their size cap, oldest first), crash-safely.
 
 Deleting an original is three steps, each durable before the next: (1) the row is marked ``deleting`` and
 committed (reads answer 410 from here on), (2) the blob is unlinked unless another kept row shares it
@@ -20,7 +21,7 @@ from central.blobs import BlobStore
 from central.config import RetentionConfig
 from central.originals import DAY_US
 from central.store import FRAMES_DELETED, add_counters, now_us
-from sql.models import Frame, Original
+from sql.models import DeadLetter, Frame, Original
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class SweepReport:
     blobs_unlinked: int = 0
     tokens_deleted: int = 0
     orphans_removed: int = 0
+    dead_letters_deleted: int = 0
     kept_bytes: int = 0
     errors: List[str] = field(default_factory=list)
 
@@ -154,6 +156,9 @@ def sweep(engine: Engine, blobs: BlobStore, cfg: RetentionConfig, now: Optional[
     # 4. orphans: blobs that no kept/deleting row references (an upload died before commit)
     rep.orphans_removed = _sweep_orphans(engine, blobs, cfg, now)
 
+    # 5. dead letters: by age, then the oldest while over the size cap
+    rep.dead_letters_deleted = sweep_dead_letters(engine, cfg, now)
+
     with Session(engine) as s:
         rep.kept_bytes = int(s.scalar(select(func.coalesce(func.sum(Original.bytes), 0))
                                       .where(Original.state == "kept")) or 0)
@@ -184,6 +189,55 @@ def _sweep_tokens(engine: Engine, cfg: RetentionConfig, now: int) -> int:
                 add_counters(s, "retention", {FRAMES_DELETED: n})
                 deleted += n
     return deleted
+
+
+def _dead_letter_size():
+    """What a dead letter weighs against ``dead_letters_max_bytes``: its stored payload, detail and topic."""
+    return (func.length(DeadLetter.payload) + func.length(DeadLetter.detail) + func.length(DeadLetter.topic))
+
+
+def sweep_dead_letters(engine: Engine, cfg: RetentionConfig, now: Optional[int] = None) -> int:
+    """Delete dead letters older than ``dead_letters_days``, then the oldest until the rest weigh at most
+    ``dead_letters_max_bytes``; returns how many. Counted as ``dead_letters_deleted``."""
+    now = now_us() if now is None else now
+    deleted = 0
+    cut = now - int(cfg.dead_letters_days * DAY_US)
+    while True:
+        with Session(engine) as s, s.begin():
+            ids = list(s.scalars(select(DeadLetter.id).where(DeadLetter.received_us < cut)
+                                 .order_by(DeadLetter.id).limit(cfg.batch)))
+            if not ids:
+                break
+            deleted += _delete_dead_letters(s, ids)
+    with Session(engine) as s:
+        total = int(s.scalar(select(func.coalesce(func.sum(_dead_letter_size()), 0))) or 0)
+    excess = total - cfg.dead_letters_max_bytes
+    last_id = 0
+    while excess > 0:
+        with Session(engine) as s, s.begin():
+            rows = s.execute(select(DeadLetter.id, _dead_letter_size()).where(DeadLetter.id > last_id)
+                             .order_by(DeadLetter.id).limit(cfg.batch)).all()
+            if not rows:
+                break
+            pick = []
+            for rid, size in rows:
+                if excess <= 0:
+                    break
+                pick.append(rid)
+                excess -= int(size)
+            last_id = pick[-1]
+            deleted += _delete_dead_letters(s, pick)
+    if deleted:
+        log.info("dead letters: %d deleted (older than %s days or over %d bytes)", deleted, cfg.dead_letters_days,
+                 cfg.dead_letters_max_bytes)
+    return deleted
+
+
+def _delete_dead_letters(session: Session, ids: List[int]) -> int:
+    n = session.execute(delete(DeadLetter).where(DeadLetter.id.in_(ids)),
+                        execution_options={"synchronize_session": False}).rowcount
+    add_counters(session, "retention", {"dead_letters_deleted": n})
+    return n
 
 
 def _sweep_orphans(engine: Engine, blobs: BlobStore, cfg: RetentionConfig, now: int) -> int:

@@ -3,17 +3,18 @@
 A query is a global embedding plus optional query tokens with weights (from an example image, a stored
 frame, or a text embedding as a single token); ``build_query`` makes one from what the API or the CLI
 was given, and resolves the model it belongs to. Candidates come only from the query's model; filters by site,
-line, camera and capture time apply before ranking. The re-rank score is
+line, camera, capture time and labels (the frame metadata's) apply before ranking. The re-rank score is
 ``(1 - w) * cosine(global) + w * MaxSim``, where MaxSim is the weighted mean over query tokens of the best
 cosine with any of the frame's summary tokens (late interaction).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from sqlalchemy import Engine, LargeBinary, func, select, text, type_coerce
@@ -25,7 +26,10 @@ from central.errors import Internal, Invalid, NotFound, TooLarge
 from central.store import FRAMES_DELETED, FrameData, ModelInfo
 from sql.db import is_postgres
 from sql.models import Frame
+from tokenline.preprocess import DEFAULT_MAX_PIXELS
 from tokenline.summary import Summary
+from tokenline.topics import NAME_RE, NAME_RULE
+from tokenline.wire.common import MAX_LABEL_VALUE
 
 if TYPE_CHECKING:  # pragma: no cover
     from central.encoder import EncoderPool
@@ -35,6 +39,9 @@ log = logging.getLogger(__name__)
 BAD_QUERY = "bad_query"  # the reason of every error raised here (the API's "error" field)
 
 
+LabelFilter = Tuple[str, Optional[str]]  # (name, value): the frame has this label with this value (any value: None)
+
+
 @dataclass(frozen=True)
 class Filters:
     site: Optional[str] = None
@@ -42,6 +49,38 @@ class Filters:
     camera: Optional[str] = None
     since_us: Optional[int] = None
     until_us: Optional[int] = None  # exclusive
+    labels: Tuple[LabelFilter, ...] = ()  # all must hold
+
+
+def parse_labels(items: Optional[Sequence[str]]) -> Tuple[LabelFilter, ...]:
+    """``["lot=17", "rework"]`` -> ``(("lot", "17"), ("rework", None))``: ``name=value`` or a bare ``name`` (the
+    label is present, whatever its value). ``Invalid`` for a name outside the label name rule."""
+    out: List[LabelFilter] = []
+    for item in items or ():
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        if not NAME_RE.match(name):
+            raise Invalid(f"label filter {item!r:.80}: the name must match {NAME_RULE}", reason=BAD_QUERY)
+        if len(value) > MAX_LABEL_VALUE:
+            raise Invalid(f"label filter {name}: the value is longer than {MAX_LABEL_VALUE}", reason=BAD_QUERY)
+        out.append((name, value if eq else None))
+    return tuple(out)
+
+
+def _json_path(name: str) -> str:
+    return f'$."{name}"'  # names match NAME_RE: no quotes to escape
+
+
+def label_ids(session: Session, model_id: int, labels: Sequence[LabelFilter]) -> np.ndarray:
+    """Row ids of the model's frames that carry every label in ``labels`` (SQLite: json_extract / json_type)."""
+    q = select(Frame.id).where(Frame.model_id == model_id)
+    for name, value in labels:
+        if value is None:
+            q = q.where(func.json_type(Frame.labels, _json_path(name)).is_not(None))
+        else:
+            q = q.where(func.json_type(Frame.labels, _json_path(name)) == "text",
+                        func.json_extract(Frame.labels, _json_path(name)) == value)
+    return np.fromiter(session.scalars(q), np.int64)
 
 
 @dataclass
@@ -105,7 +144,8 @@ def resolve_model(session: Session, model_id: Optional[int]) -> ModelInfo:
 
 def build_query(session: Session, encoders: "EncoderPool", *, image: Optional[bytes] = None,
                 query_text: Optional[str] = None, like_frame: Optional[str] = None, model_id: Optional[int] = None,
-                max_image_bytes: Optional[int] = None) -> Tuple[ModelInfo, Query]:
+                max_image_bytes: Optional[int] = None,
+                max_image_pixels: int = DEFAULT_MAX_PIXELS) -> Tuple[ModelInfo, Query]:
     """The model and the query for exactly one of: an example ``image`` (an encoded file: JPEG, PNG, ...),
     a ``query_text`` (the model's text tower), or a stored frame (``like_frame``, its own model; never its own hit).
 
@@ -128,7 +168,7 @@ def build_query(session: Session, encoders: "EncoderPool", *, image: Optional[by
     if image is not None:
         if max_image_bytes is not None and len(image) > max_image_bytes:
             raise TooLarge("image too large", reason=BAD_QUERY)
-        return model, Query.from_summary(model.id, enc.encode_image_bytes(image))
+        return model, Query.from_summary(model.id, enc.encode_image_bytes(image, max_image_pixels))
     return model, Query.from_text(model.id, enc.encode_text(query_text or ""))
 
 
@@ -239,6 +279,10 @@ class MemoryIndex:
 
     def knn(self, q: np.ndarray, k: int, f: Filters) -> List[Tuple[int, float]]:
         self.sync()
+        wanted = None
+        if f.labels:  # one query over this model's frames, before the index is locked
+            with Session(self.engine) as s:
+                wanted = label_ids(s, self.model_id, f.labels)
         with self.lock:
             mask = np.ones(len(self.ids), bool)
             for kind in ("site", "line", "camera"):
@@ -250,6 +294,8 @@ class MemoryIndex:
                 mask &= self.ts >= f.since_us
             if f.until_us is not None:
                 mask &= self.ts < f.until_us
+            if wanted is not None:
+                mask &= np.isin(self.ids, wanted)
             sel = np.flatnonzero(mask)
             if sel.size == 0:
                 return []
@@ -304,6 +350,14 @@ class Searcher:
         if f.until_us is not None:
             where.append("capture_us < :until")
             params["until"] = int(f.until_us)
+        valued = {n: v for n, v in f.labels if v is not None}
+        if valued:  # the GIN index on labels answers containment
+            where.append("labels @> CAST(:labels AS jsonb)")
+            params["labels"] = json.dumps(valued)
+        for i, (name, value) in enumerate(f.labels):
+            if value is None:
+                where.append(f"(labels -> :label{i}) IS NOT NULL")
+                params[f"label{i}"] = name
         sql = (f"SELECT id, (global_embedding::halfvec({d}) <=> CAST(:q AS halfvec({d}))) AS dist FROM frames "
                f"WHERE {' AND '.join(where)} ORDER BY global_embedding::halfvec({d}) <=> CAST(:q AS halfvec({d})) "
                f"LIMIT :k")

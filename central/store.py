@@ -66,7 +66,9 @@ class ModelInfo:
         return {"id": self.id, "hash": self.hash16, "short_hash": self.hash16[:8], "name": self.name,
                 "embedding_dim": self.embedding_dim, "k": self.k, "has_text": self.has_text,
                 "searchable": self.model_dir is not None, "family": self.manifest.family,
-                "merge": self.manifest.merge.method, "registered_us": self.registered_us}
+                "merge": self.manifest.merge.method, "registered_us": self.registered_us,
+                "input": {"width": self.manifest.input.width, "height": self.manifest.input.height,
+                          "resize": self.manifest.input.resize}}
 
 
 def _info(row: Model) -> ModelInfo:
@@ -152,6 +154,7 @@ def frame_row(msg: "TokenMessage", model_id: int, received_us: int) -> Dict[str,
         "tokens": pack_tokens(msg.summary.tokens), "sizes": pack_f32(msg.summary.sizes),
         "centroids": pack_f32(msg.summary.centroids),
         "legal_hold": False,
+        "source": (msg.metadata or {}).get("source"), "labels": (msg.metadata or {}).get("labels") or None,
     }
 
 
@@ -209,7 +212,7 @@ def list_devices(session: Session) -> List[Dict[str, Any]]:
 
 
 _FRAME_META = ("frame_id", "model_id", "device", "site", "line", "camera", "capture_us", "received_us", "seq",
-               "flags", "token_dtype")
+               "flags", "token_dtype", "source", "labels")
 
 
 @dataclass
@@ -227,6 +230,8 @@ class FrameData:
     seq: int
     flags: int
     token_dtype: str
+    source: Optional[str]  # the file the frame came from (wire metadata), None for camera frames
+    labels: Optional[Dict[str, str]]  # its labels (wire metadata)
     legal_hold: bool
     summary: Summary
 
@@ -352,9 +357,16 @@ def add_original(session: Session, frame_id: str, sha256: str, location: str, si
 
 
 # -- dead letters and counters -----------------------------------------------------------------------
+# Reasons a later fix can cure (register the model, allow the dtype or protocol, fix a bug): such dead letters keep
+# their whole payload so that they can be replayed (central.dead_letters). Any other is kept truncated.
+REPLAYABLE = ("unknown_model", "dtype_not_allowed", "protocol_v1_refused", "internal_error")
+
+
 def dead_letter_row(topic: str, payload: bytes, reason: str, detail: str, max_bytes: int) -> Dict[str, Any]:
+    """A ``dead_letters`` row: the whole payload for a replayable reason, else its first ``max_bytes``."""
+    keep = payload if reason in REPLAYABLE else payload[:max_bytes]
     return {"received_us": now_us(), "topic": topic[:1024], "reason": reason[:64], "detail": detail[:2000],
-            "payload": bytes(payload[:max_bytes]), "payload_len": len(payload),
+            "payload": bytes(keep), "payload_len": len(payload),
             "payload_sha256": hashlib.sha256(payload).hexdigest()}
 
 
@@ -393,11 +405,16 @@ def table_stats(session: Session) -> Dict[str, Any]:
     return {"frames": frames, "dead_letters": dl, "originals": orig, "devices": devices}
 
 
-def list_dead_letters(session: Session, limit: int = 100) -> List[Dict[str, Any]]:
+def list_dead_letters(session: Session, limit: int = 100, reason: Optional[str] = None) -> List[Dict[str, Any]]:
+    """The latest dead letters (newest first); ``replayable``: the whole payload is kept."""
+    q = select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit)
+    if reason is not None:
+        q = q.where(DeadLetter.reason == reason)
     return [{"id": d.id, "received_us": d.received_us, "topic": d.topic, "reason": d.reason,
              "detail": d.detail, "payload_len": d.payload_len, "payload_sha256": d.payload_sha256,
-             "payload_head_hex": bytes(d.payload[:64]).hex()}
-            for d in session.scalars(select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit))]
+             "payload_head_hex": bytes(d.payload[:64]).hex(),
+             "replayable": 0 < d.payload_len == len(d.payload)}
+            for d in session.scalars(q)]
 
 
 # -- API tokens --------------------------------------------------------------------------------------
@@ -421,6 +438,26 @@ def lookup_token(session: Session, token: str) -> Optional[tuple]:
     return (row.name, row.role) if row else None
 
 
-def revoke_token(session: Session, name: str) -> int:
-    return session.execute(update(ApiToken).where(ApiToken.name == name, ApiToken.revoked_us.is_(None))
+def _token_info(t: ApiToken) -> Dict[str, Any]:
+    return {"id": t.id, "name": t.name, "role": t.role, "created_us": t.created_us, "revoked_us": t.revoked_us,
+            "fingerprint": t.token_sha256[:12]}
+
+
+def list_tokens(session: Session) -> List[Dict[str, Any]]:
+    """Every token ever created (the secret is never stored; ``fingerprint`` is the start of its sha256)."""
+    return [_token_info(t) for t in session.scalars(select(ApiToken).order_by(ApiToken.id))]
+
+
+def revoke_tokens(session: Session, name: Optional[str] = None, token_id: Optional[int] = None) -> int:
+    """Revoke the unrevoked tokens called ``name``, or the one with ``token_id``; returns how many were revoked
+    now. Requests with them are refused (401) once the API's token cache has expired them (seconds)."""
+    if (name is None) == (token_id is None):
+        raise ValueError("give name or token_id")
+    cond = ApiToken.name == name if name is not None else ApiToken.id == token_id
+    return session.execute(update(ApiToken).where(cond, ApiToken.revoked_us.is_(None))
                            .values(revoked_us=now_us())).rowcount
+
+
+def get_token(session: Session, token_id: int) -> Optional[Dict[str, Any]]:
+    t = session.get(ApiToken, token_id)
+    return None if t is None else _token_info(t)

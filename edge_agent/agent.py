@@ -4,6 +4,10 @@ Threads: one per camera, one inference thread (batches across cameras), one writ
 to the outbox, store the JPEG original), the MQTT publisher, the originals uploader and a stats/watchdog
 ticker. ``shutdown()`` stops capture, finishes the frames already sampled, commits them, tries to flush the
 outbox within ``shutdown_timeout_s`` and disconnects cleanly; anything unsent stays in the outbox.
+
+Frames of file sources (``Sample.lossless``) are never dropped: each stage waits for room in the next, and a
+frame's ticket tells its source when it is committed to the outbox (or failed). Every frame lost anywhere else
+is recorded in the drop log (a warning, and a problem in the health snapshot while recent).
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Deque, Dict, List, Optional
+from typing import Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from edge_agent import health
 from edge_agent.capture import CameraWorker
 from edge_agent.config import AgentConfig
+from edge_agent.drops import DropLog
+from edge_agent.journal import FileJournal, journal_path
 from edge_agent.mqtt_link import MqttLink
 from edge_agent.originals import OriginalsStore, encode_jpeg
 from edge_agent.outbox import Outbox
@@ -31,7 +37,7 @@ from tokenline import topics
 from tokenline.manifest import Manifest, ManifestError, verify_files
 from tokenline.preprocess import ImageError, preprocess
 from tokenline.summary import Summary
-from tokenline.wire import TokenMessage, WireError, encode, with_header
+from tokenline.wire import MAX_METADATA_BYTES, TokenMessage, WireError, encode, message_size, with_header
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,28 @@ def load_model(cfg: AgentConfig) -> Manifest:
     return manifest
 
 
+def file_source_room(cfg: AgentConfig, manifest: Manifest) -> Tuple[int, int]:
+    """``(frames, bytes of the largest message)`` a file source keeps free in the outbox before it reads: every
+    frame that can be on its way (each camera's queue, the results queue, one batch) and its own."""
+    frames = sum(c.queue_depth for c in cfg.cameras) + cfg.messages.results_queue + cfg.model.batch_size + 1
+    names = (cfg.device, cfg.site, "x" * 64, "x" * 64)  # the longest line and camera names
+    largest = message_size(cfg.messages.token_dtype, manifest.summary.k, manifest.embedding_dim, names) + 6 \
+        + MAX_METADATA_BYTES
+    return frames, largest
+
+
+def room_problem(cfg: AgentConfig, manifest: Manifest) -> Optional[str]:
+    """Why file sources could never read (an outbox smaller than the room they keep free), else None."""
+    if not any(c.lossless for c in cfg.cameras):
+        return None
+    frames, largest = file_source_room(cfg, manifest)
+    if frames > cfg.outbox.max_messages or frames * largest > cfg.outbox.max_bytes:
+        return (f"outbox.max_messages/max_bytes: file sources keep room for {frames} messages of up to {largest} "
+                f"bytes ({frames * largest} bytes) before they read; the outbox holds {cfg.outbox.max_messages} "
+                f"messages, {cfg.outbox.max_bytes} bytes")
+    return None
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig, runner: Optional[Runner] = None, manifest: Optional[Manifest] = None) -> None:
         self.cfg = cfg
@@ -71,8 +99,20 @@ class Agent:
                 raise AgentError(str(exc)) from None
         self.runner = runner
         self.rois = {c.name: c.roi for c in cfg.cameras}
+        problem = room_problem(cfg, self.manifest)
+        if problem:
+            raise AgentError(problem)
         self.hub = FrameHub({c.name: c.queue_depth for c in cfg.cameras})
-        self.results: DropOldestQueue[Result] = DropOldestQueue(cfg.messages.results_queue)
+        self.results: DropOldestQueue[Result] = DropOldestQueue(cfg.messages.results_queue,
+                                                                keep=lambda r: r.sample.lossless)
+        self.drops = DropLog(cfg.health.drop_window_s)
+        self.journal: Optional[FileJournal] = None
+        if any(c.lossless for c in cfg.cameras):
+            path = journal_path(cfg.outbox.path)
+            try:
+                self.journal = FileJournal(path, cfg.outbox.synchronous)
+            except (OSError, sqlite3.Error) as exc:
+                raise AgentError(f"outbox.path: cannot open the file journal {path}: {exc}") from None
         try:
             self.outbox = Outbox(cfg.outbox.path, cfg.outbox.max_bytes, cfg.outbox.max_messages,
                                  cfg.outbox.synchronous)
@@ -88,7 +128,12 @@ class Agent:
         self.inference_done = threading.Event()
         self.writer_done = threading.Event()
         self.workers: Dict[str, CameraWorker] = {
-            c.name: CameraWorker(c, self.hub, self.capture_stop, lambda: self._paused) for c in cfg.cameras}
+            c.name: CameraWorker(c, self.hub, self.capture_stop, lambda: self._paused, journal=self.journal,
+                                 drops=self.drops, room=self._outbox_room) for c in cfg.cameras}
+        self._room_frames, self._largest_message = file_source_room(cfg, self.manifest)
+        self._evicted_seen = self.outbox.evicted
+        self._evicted_lock = threading.Lock()
+        self._metadata_v1_warned = False
         self._stats_stop = threading.Event()
         self._threads: List[threading.Thread] = [
             threading.Thread(target=self._inference_loop, name="inference", daemon=True),
@@ -157,6 +202,8 @@ class Agent:
         if self.originals is not None:
             self.originals.stop()
         self.outbox.close()
+        if self.journal is not None:
+            self.journal.close()
         self.runner.close()
         log.info("agent stopped (outbox %s)", "empty" if flushed else "kept for replay")
         return flushed
@@ -231,6 +278,9 @@ class Agent:
                         self.counters["preprocess_errors"] += 1
                         self.workers[s.camera].stats.errors += 1
                         log.warning("camera %s: frame not usable: %s", s.camera, exc)
+                        if s.ticket is not None:
+                            s.ticket.failed(f"preprocessing: {exc}", retry=False)
+                        self.drops.add("preprocess_error", detail=f"camera {s.camera}: {exc}")
                 if not good:
                     continue
                 try:
@@ -238,23 +288,57 @@ class Agent:
                 except Exception as exc:  # noqa: BLE001 - a failing batch is counted, the loop goes on
                     self.counters["inference_errors"] += 1
                     log.error("inference failed on a batch of %d: %s", len(good), exc)
+                    self._failed(good, "inference_error", f"inference failed: {exc}")
                     time.sleep(0.05)
                     continue
                 self.counters["inference_batches"] += 1
                 self.counters["inference_frames"] += len(good)
                 for i, s in enumerate(good):
-                    self.results.put(Result(s, out[i]))
+                    r = Result(s, out[i])
+                    if s.lossless:
+                        if not self.results.put_wait(r, self.writer_done.is_set):
+                            self._failed([s], "results_full", "the outbox writer stopped")
+                    else:
+                        dropped = self.results.put(r)
+                        if dropped is not None:
+                            self.drops.add("results_full", detail="encoded frames come faster than they are "
+                                                                  "written to the outbox")
         finally:
             self.inference_done.set()
+
+    def _failed(self, samples: List[Sample], kind: str, reason: str) -> None:
+        """Frames that did not make it for a reason that is not theirs: a file source reads its file again,
+        a live camera's frame is a drop."""
+        live = 0
+        for s in samples:
+            if s.ticket is not None:
+                s.ticket.failed(reason, retry=True)
+            elif not s.lossless:
+                live += 1
+        self.drops.add(kind, live, detail=reason)
+
+    def _outbox_room(self) -> bool:
+        """Whether the outbox can take the frames already on their way and one more without evicting any: file
+        sources wait while it cannot (the folder is their buffer), so an offline broker costs them no frame."""
+        ob, n = self.outbox, self._room_frames
+        return ob.count + n <= ob.max_messages and ob.bytes + n * self._largest_message <= ob.max_bytes
 
     # -- outbox writer ----------------------------------------------------------------------------------------
     def _message_bytes(self, r: Result) -> bytes:
         s = r.sample
         summary = replace(r.summary, centroids=np.clip(r.summary.centroids, 0.0, 1.0))
+        metadata = s.metadata
+        if metadata is not None and self.cfg.messages.wire_version < 2:
+            metadata = None  # version 1 has no metadata section
+            if not self._metadata_v1_warned:
+                self._metadata_v1_warned = True
+                log.warning("messages.wire_version 1 carries no metadata: file names and labels are not sent")
         msg = TokenMessage(frame_id=s.frame_id, device=self.cfg.device, site=self.cfg.site, line=s.line,
                            camera=s.camera, capture_ts_us=s.capture_ts_us, seq=0, manifest_hash=self.manifest_hash,
-                           summary=summary, token_dtype=self.cfg.messages.token_dtype)
-        return encode(msg, version=self.cfg.messages.wire_version)
+                           summary=summary, token_dtype=self.cfg.messages.token_dtype, metadata=metadata)
+        buf = encode(msg, version=self.cfg.messages.wire_version)
+        self._largest_message = max(self._largest_message, len(buf))
+        return buf
 
     def _writer_loop(self) -> None:
         try:
@@ -265,7 +349,7 @@ class Agent:
                     if self.inference_done.is_set() and not len(self.results):
                         return
                     continue
-                entries = []
+                entries, written = [], []
                 for r in items:
                     try:
                         buf = self._message_bytes(r)
@@ -273,18 +357,26 @@ class Agent:
                         self.counters["encode_errors"] += 1
                         log.error("camera %s: cannot encode frame %s: %s (%s)", r.sample.camera,
                                   r.sample.frame_id.hex(), exc, exc.reason)
+                        if r.sample.ticket is not None:
+                            r.sample.ticket.failed(f"cannot encode: {exc}", retry=False)
+                        self.drops.add("encode_error", detail=str(exc))
                         continue
                     topic = topics.tokens_topic(self.cfg.site, r.sample.line, r.sample.camera)
                     entries.append((r.sample.camera, topic, lambda seq, b=buf: with_header(b, seq=seq)))
+                    written.append(r.sample)
                 if entries:
                     try:
                         self.outbox.put_many(entries)
                     except sqlite3.OperationalError as exc:  # e.g. "database or disk is full"
-                        # the frames are lost, but counted and reported; the agent keeps running and
-                        # writes again as soon as the disk has room (the outbox drains on PUBACKs)
+                        # live frames are lost, but counted and reported; files are read again; the agent keeps
+                        # running and writes again as soon as the disk has room (the outbox drains on PUBACKs)
                         self.counters["outbox_write_errors"] += len(entries)
-                        log.error("outbox write failed, %d frame(s) dropped (counted): %s", len(entries), exc)
+                        log.error("outbox write failed, %d frame(s) not written: %s", len(entries), exc)
+                        self._failed(written, "outbox_write_error", f"outbox write failed: {exc}")
                         continue
+                    for s in written:
+                        if s.ticket is not None:
+                            s.ticket.committed()
                     self.link.wake()
                 now = time.monotonic()
                 for r in items:
@@ -297,6 +389,7 @@ class Agent:
                         except Exception as exc:  # noqa: BLE001 - a full disk must not stop the tokens
                             self.counters["originals_errors"] += 1
                             log.error("cannot store original %s: %s", r.sample.frame_id.hex(), exc)
+                            self.drops.add("original_not_stored", detail=str(exc))
         except Exception:  # noqa: BLE001 - e.g. the outbox disk failed: log loudly, health goes red
             log.exception("outbox writer failed")
             self.state = "failed"
@@ -316,8 +409,13 @@ class Agent:
         cams = {}
         for name, w in self.workers.items():
             d = w.stats.as_dict()
-            d.update(queue_depth=depths.get(name, 0), queue_dropped=self.hub.dropped.get(name, 0))
+            d.update(queue_depth=depths.get(name, 0), queue_dropped=self.hub.dropped.get(name, 0),
+                     source=w.source_stats())
             cams[name] = d
+        with self._evicted_lock:  # the outbox logs its evictions; the drop log reports them in /health
+            evicted = self.outbox.evicted
+            new, self._evicted_seen = evicted - self._evicted_seen, evicted
+        self.drops.add("outbox_evicted", new, detail="outbox.max_bytes / max_messages")
         link = self.link.stats()
         problems = []
         now = time.monotonic()
@@ -333,6 +431,7 @@ class Agent:
         for name, d in cams.items():
             if d["state"] in ("reopening", "failed"):
                 problems.append(f"camera {name} {d['state']}")
+        problems.extend(self.drops.problems())
         snap = {
             "device": self.cfg.device, "site": self.cfg.site, "ts": time.time(),
             "uptime_s": round(now - self.started, 1), "state": self.state,
@@ -357,6 +456,8 @@ class Agent:
                           if self.originals is not None else None),
             "commands": {"received": self.link.commands_received, "rejected": self.link.commands_rejected,
                          "applied": self.counters["commands_applied"], "recent": list(self._command_log)},
+            "drops": {"total": self.drops.totals(), "recent": self.drops.recent(),
+                      "window_s": self.drops.window_s},
         }
         return snap
 

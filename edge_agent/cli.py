@@ -30,28 +30,6 @@ def _say(text: str) -> None:
         print(text)
 
 
-def _check(cfg: AgentConfig, load_runner: bool) -> str:
-    """Validate what the config points at (manifest, files, runner); returns a summary; raises on problems."""
-    from edge_agent.agent import AgentError, load_model
-    from runtime.runners import RunnerError, make_runner
-
-    manifest = load_model(cfg)
-    lines = [f"model {manifest.name!r} ({manifest.hash_bytes().hex()}): input {manifest.input.width}x"
-             f"{manifest.input.height} {manifest.input.color_order}, K={manifest.summary.k}, D={manifest.embedding_dim}"]
-    if load_runner:
-        try:
-            runner = make_runner(cfg.model, manifest, Path(cfg.model.dir))
-        except RunnerError as exc:
-            raise AgentError(str(exc)) from None
-        lines.append(f"runner {runner.name}, batch sizes {list(runner.batch_sizes) or 'dynamic'}")
-        runner.close()
-    for c in cfg.cameras:
-        lines.append(f"camera {c.name} (line {c.line}): {c.source.kind}, sampling {c.sampling.mode}")
-    lines.append(f"mqtt {cfg.mqtt.host}:{cfg.mqtt.port} tls={cfg.mqtt.tls.enabled} as {cfg.client_id}; "
-                 f"tokens {cfg.messages.token_dtype}; outbox {cfg.outbox.path} (max {cfg.outbox.max_bytes} B)")
-    return "\n".join(lines)
-
-
 def run_agent(cfg: AgentConfig, until_idle: bool = False) -> int:
     """Run until SIGTERM/SIGINT (or, with ``until_idle``, until every source ended and the outbox is empty)."""
     from edge_agent.agent import Agent
@@ -99,7 +77,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the agent (daemon)")
     r.add_argument("--config", required=True, type=Path)
-    c = sub.add_parser("check-config", help="validate a configuration and the model it points at")
+    c = sub.add_parser("check-config", help="validate a configuration and everything it points at (model, password, "
+                                             "certificate and token files, camera folders, writable paths)")
     c.add_argument("--config", required=True, type=Path)
     c.add_argument("--no-runner", action="store_true", help="do not load the model into the runner")
     s = sub.add_parser("simulate", help="run with synthetic conveyor cameras (demo, tests)")
@@ -127,8 +106,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             cfg = load_config(args.config)
         setup_logging(getattr(args, "log_level", cfg.log_level))
         if args.cmd == "check-config":
-            summary = _check(cfg, load_runner=not args.no_runner)
-            _say(f"[bold green]configuration OK[/bold green]: {args.config}\n{summary}")
+            from edge_agent.preflight import check
+
+            lines, problems = check(cfg, load_runner=not args.no_runner)
+            if problems:
+                print(f"error: {args.config}: {len(problems)} problem(s) `run` would fail on:", file=sys.stderr)
+                for p in problems:
+                    print(f"  {p}", file=sys.stderr)
+                return 2
+            _say(f"[bold green]configuration OK[/bold green]: {args.config}\n" + "\n".join(lines))
             return 0
         _say(f"[bold]tokenline-edge {__version__}[/bold] {cfg.site}/{cfg.device}: {len(cfg.cameras)} camera(s), "
              f"MQTT {cfg.mqtt.host}:{cfg.mqtt.port}")

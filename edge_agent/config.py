@@ -7,13 +7,16 @@ each offending key (``cameras[1].source.url: ...``).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, List, Literal, Optional, Tuple, Union
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 from pydantic import Field, field_validator, model_validator
 
 from tokenline.config import NAME_PATTERN, MqttClientConfig, load_config_file, validate_config
 from tokenline.documents import StrictModel
+from tokenline.preprocess import DEFAULT_MAX_PIXELS
+from tokenline.wire import WireError, check_metadata
 
 # -- sources --------------------------------------------------------------------------------------------------
 class UsbSourceConfig(StrictModel):
@@ -47,22 +50,74 @@ class GstreamerSourceConfig(StrictModel):
 
 
 class FileSourceConfig(StrictModel):
-    """A video file; ``loop`` restarts it at the end, ``pace`` reads at the file's own frame rate."""
+    """A video file; ``loop`` restarts it at the end, ``pace`` reads at the file's own frame rate.
+
+    Read without loss (back-pressure, no time-based sampling by default) and once: opened only when complete
+    (``settle_s``), and a file already read to its end is not read again after a restart (the file journal);
+    a restart in the middle resumes where the committed frames end.
+    """
 
     kind: Literal["file"]
     path: Path
     loop: bool = False
     pace: bool = True
+    settle_s: float = Field(2.0, ge=0)  # size and mtime unchanged this long before the file is opened
+
+
+# Names a writer gives a file while it is still writing it (write, then rename to the final name).
+TEMP_PATTERNS = [".*", "*.tmp", "*.temp", "*.part", "*.partial", "*.crdownload", "*.filepart", "*~"]
+IMAGE_PATTERNS = ["*.jpg", "*.jpeg", "*.png", "*.bmp", "*.tif", "*.tiff", "*.webp"]
 
 
 class FolderSourceConfig(StrictModel):
-    """A folder watched for new image files (oldest first); each file is one frame."""
+    """A folder watched for new image files (oldest first); each file is one frame, read once, never dropped.
+
+    A file is read when it is complete: its name matches ``patterns`` and none of ``ignore`` (a writer that
+    writes ``x.jpg.tmp`` and renames it to ``x.jpg`` is never read half-written), its size and mtime have not
+    changed for ``settle_s``, and (Linux, where a read lease can tell) no process has it open for writing.
+    Files read are remembered across restarts (the file journal next to the outbox), so nothing is sent twice.
+    """
 
     kind: Literal["folder"]
     path: Path
-    pattern: str = "*.jpg"
+    patterns: List[str] = Field(default_factory=lambda: list(IMAGE_PATTERNS), min_length=1)  # case-insensitive
+    ignore: List[str] = Field(default_factory=lambda: list(TEMP_PATTERNS))  # temporary names, case-insensitive
+    recursive: bool = False  # also sub-folders (never rejected/)
+    settle_s: float = Field(2.0, ge=0)
     poll_s: float = Field(0.2, gt=0)
-    delete_after_read: bool = False
+    delete_after_read: bool = False  # delete a file (and its sidecar) once its frame is committed to the outbox
+    capture_time: Literal["read", "mtime"] = "read"  # the frame's capture time: when read, or the file's mtime
+    sidecar: bool = False  # labels from <file name>.json next to the image, e.g. a.jpg.json: {"lot": "17"}
+    path_labels: Optional[str] = None  # regex on the path below the folder; its named groups become labels
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # larger images (declared in the header) are rejected
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "pattern" in data:
+            raise ValueError("pattern was renamed patterns (a list, case-insensitive), e.g. patterns: ['*.jpg']")
+        return data
+
+    @field_validator("patterns", "ignore")
+    @classmethod
+    def _globs(cls, v: List[str]) -> List[str]:
+        bad = [p for p in v if not p or "/" in p]
+        if bad:
+            raise ValueError(f"patterns match file names, not paths (no '/', not empty): {bad}")
+        return v
+
+    @field_validator("path_labels")
+    @classmethod
+    def _regex(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        try:
+            rx = re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        if not rx.groupindex:
+            raise ValueError("needs named groups, e.g. '(?P<lot>[^/]+)/(?P<part>[^_]+)_' (each becomes a label)")
+        return v
 
 
 class SyntheticSourceConfig(StrictModel):
@@ -84,9 +139,14 @@ SourceConfig = Union[UsbSourceConfig, UrlSourceConfig, GstreamerSourceConfig, Fi
 
 
 class SamplingConfig(StrictModel):
-    """Which captured frames are encoded: at most ``max_fps``, every Nth, or one per trigger command."""
+    """Which frames are encoded: ``all``, at most ``max_fps``, every Nth, or one per trigger command.
 
-    mode: Literal["max_fps", "every_nth", "trigger"] = "max_fps"
+    Live cameras drop what is not sampled. File sources (``folder``, ``file``: default ``all``) never skip a
+    frame for time: ``max_fps`` paces their reading, ``trigger`` waits for the command before reading the next
+    file, and only ``every_nth`` skips (deliberately: skipped files are journaled, never deleted).
+    """
+
+    mode: Literal["all", "max_fps", "every_nth", "trigger"] = "max_fps"
     max_fps: float = Field(5.0, gt=0)
     every_nth: int = Field(1, ge=1)
 
@@ -97,14 +157,27 @@ class BackoffConfig(StrictModel):
     factor: float = Field(2.0, ge=1)
 
 
+LOSSLESS_KINDS = ("folder", "file")  # sources that wait for room instead of dropping (they can wait)
+
+
 class CameraConfig(StrictModel):
     name: str = Field(pattern=NAME_PATTERN)
     line: str = Field(pattern=NAME_PATTERN)
     source: SourceConfig = Field(discriminator="kind")
-    sampling: SamplingConfig = SamplingConfig()
+    sampling: SamplingConfig = SamplingConfig()  # default: every frame for file sources, max_fps 5 for cameras
     roi: Optional[Tuple[int, int, int, int]] = None  # x, y, w, h in pixels of the captured frame
     reopen: BackoffConfig = BackoffConfig()
-    queue_depth: int = Field(4, ge=1, le=1024)  # frames waiting for inference; oldest dropped beyond
+    # frames waiting for inference; beyond it a live camera's oldest frame is dropped, a file source waits
+    queue_depth: int = Field(4, ge=1, le=1024)
+    labels: Dict[str, str] = {}  # carried in every frame's metadata (wire v2), filterable at central
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_sampling(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "sampling" not in data and isinstance(data.get("source"), dict) \
+                and data["source"].get("kind") in LOSSLESS_KINDS:
+            return dict(data, sampling={"mode": "all"})
+        return data
 
     @field_validator("roi")
     @classmethod
@@ -112,6 +185,20 @@ class CameraConfig(StrictModel):
         if v is not None and (v[0] < 0 or v[1] < 0 or v[2] <= 0 or v[3] <= 0):
             raise ValueError("roi is [x, y, w, h] with x, y >= 0 and w, h > 0")
         return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: Dict[str, str]) -> Dict[str, str]:
+        try:
+            check_metadata({"labels": v})
+        except WireError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @property
+    def lossless(self) -> bool:
+        """File sources wait for room in the queues and are never sampled by time."""
+        return self.source.kind in LOSSLESS_KINDS
 
 
 # -- model ----------------------------------------------------------------------------------------------------
@@ -131,7 +218,8 @@ class MessagesConfig(StrictModel):
     token_dtype: Literal["int8", "int4", "fp16"] = "int8"
     # Wire format version: 2 (sections: footprints, metadata); 1 only while central is older than this edge.
     wire_version: Literal[1, 2] = 2
-    results_queue: int = Field(64, ge=1)  # encoded frames waiting for the outbox writer; oldest dropped beyond
+    # encoded frames waiting for the outbox writer; beyond it a live camera's oldest is dropped, file frames wait
+    results_queue: int = Field(64, ge=1)
     message_expiry_s: Optional[int] = Field(None, ge=1)  # MQTT 5 message expiry interval
 
 
@@ -191,6 +279,7 @@ class HealthConfig(StrictModel):
     http_port: Optional[int] = Field(8765, ge=0, le=65535)  # None disables; 0 picks a free port
     file: Optional[Path] = None  # JSON written every stats interval
     watchdog: bool = True  # sd_notify WATCHDOG=1 when $NOTIFY_SOCKET / $WATCHDOG_USEC are set
+    drop_window_s: float = Field(60.0, gt=0)  # a dropped frame keeps /health degraded this long
 
 
 class AgentConfig(StrictModel):

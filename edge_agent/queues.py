@@ -1,4 +1,5 @@
-"""Bounded queues with an explicit overload policy: when full, the oldest item is dropped and counted."""
+"""Bounded queues with an explicit overload policy: a live camera's oldest item is dropped and counted when full;
+a file source's item (``Sample.lossless``) is never dropped: its producer waits for room (back-pressure)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Deque, Dict, Generic, List, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Generic, List, Optional, Sequence, TypeVar
 
 import numpy as np
 
+if TYPE_CHECKING:  # pragma: no cover
+    from edge_agent.sources import Ticket
+
 T = TypeVar("T")
+WAIT_STEP_S = 0.2  # how often a waiting producer looks at its stop condition
 
 
 @dataclass
@@ -23,13 +28,18 @@ class Sample:
     capture_ts_us: int
     frame_id: bytes
     t_captured: float  # time.monotonic() at capture, for latency
+    metadata: Optional[Dict[str, Any]] = None  # wire v2 metadata: {"source": file name, "labels": {...}}
+    ticket: Optional["Ticket"] = None  # a file source's: told when the frame is committed, skipped or failed
+    lossless: bool = False  # from a file source: waits for room, never dropped
 
 
 class DropOldestQueue(Generic[T]):
-    """FIFO of at most ``capacity`` items; ``put`` on a full queue drops the oldest item and counts it."""
+    """FIFO of at most ``capacity`` items; ``put`` on a full queue drops the oldest item ``keep`` does not protect
+    (the new one when all are protected) and counts it; ``put_wait`` waits for room instead."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, keep: Callable[[T], bool] = lambda _item: False) -> None:
         self.capacity = capacity
+        self.keep = keep
         self._items: Deque[T] = deque()
         self._cond = threading.Condition()
         self.dropped = 0
@@ -39,11 +49,27 @@ class DropOldestQueue(Generic[T]):
         with self._cond:
             old = None
             if len(self._items) >= self.capacity:
-                old = self._items.popleft()
+                i = next((i for i, x in enumerate(self._items) if not self.keep(x)), None)
+                if i is None:
+                    self.dropped += 1
+                    return item
+                old = self._items[i]
+                del self._items[i]
                 self.dropped += 1
             self._items.append(item)
-            self._cond.notify()
+            self._cond.notify_all()
             return old
+
+    def put_wait(self, item: T, give_up: Callable[[], bool]) -> bool:
+        """Append once there is room; False (nothing queued) when ``give_up()`` turns true while waiting."""
+        with self._cond:
+            while len(self._items) >= self.capacity:
+                if give_up():
+                    return False
+                self._cond.wait(WAIT_STEP_S)
+            self._items.append(item)
+            self._cond.notify_all()
+            return True
 
     def get_many(self, max_items: int, timeout: float) -> List[T]:
         """Wait up to ``timeout`` for one item, then take up to ``max_items`` without waiting."""
@@ -53,6 +79,8 @@ class DropOldestQueue(Generic[T]):
             out = []
             while self._items and len(out) < max_items:
                 out.append(self._items.popleft())
+            if out:
+                self._cond.notify_all()  # producers waiting for room
             return out
 
     def __len__(self) -> int:
@@ -61,7 +89,8 @@ class DropOldestQueue(Generic[T]):
 
 
 class FrameHub:
-    """Per-camera bounded frame queues (drop-oldest, counted) drained round-robin into cross-camera batches."""
+    """Per-camera bounded frame queues drained round-robin into cross-camera batches: a live camera's oldest frame
+    is dropped (counted) when its queue is full, a file source waits for room (``put_wait``)."""
 
     def __init__(self, capacities: Dict[str, int]) -> None:
         self._queues: Dict[str, Deque[Sample]] = {name: deque() for name in capacities}
@@ -81,8 +110,20 @@ class FrameHub:
                 self.dropped[sample.camera] += 1
                 dropped = True
             q.append(sample)
-            self._cond.notify()
+            self._cond.notify_all()
             return not dropped
+
+    def put_wait(self, sample: Sample, give_up: Callable[[], bool]) -> bool:
+        """Queue a frame once its camera's queue has room; False when ``give_up()`` turns true first."""
+        with self._cond:
+            q = self._queues[sample.camera]
+            while len(q) >= self.capacity[sample.camera]:
+                if give_up():
+                    return False
+                self._cond.wait(WAIT_STEP_S)
+            q.append(sample)
+            self._cond.notify_all()
+            return True
 
     def _total(self) -> int:
         return sum(len(q) for q in self._queues.values())
@@ -105,6 +146,8 @@ class FrameHub:
                 if left <= 0 or not out:
                     break
                 self._cond.wait(left)
+            if out:
+                self._cond.notify_all()  # file sources waiting for room
         return out
 
     def _take_round(self, out: List[Sample], max_items: int) -> None:

@@ -1,17 +1,18 @@
-"""Frame sources behind one small interface: OpenCV captures (USB, RTSP/HTTP, GStreamer, file), folders, synthetic.
+"""Frame sources behind one small interface: OpenCV captures (USB, RTSP/HTTP, GStreamer) and a synthetic conveyor.
 
-``open_source(cfg)`` builds one from its config. A source's ``read()`` returns a BGR frame, ``None`` when no
-frame is ready yet (an empty folder), raises ``SourceEnded`` at the end of a finite source, ``SourceError`` when
+A source's ``read()`` returns a BGR frame (or a ``Captured``: the frame with what the source knows about it),
+``None`` when no frame is ready yet, raises ``SourceEnded`` at the end of a finite source, ``SourceError`` when
 the camera failed (the worker reopens it with backoff) and ``FrameError`` for one bad frame (counted, skipped).
+The file sources (a watched folder, a video file) are ``edge_agent.filesources``; ``capture.open_source``
+builds any of them from its config.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
-from pathlib import Path
-from typing import Optional, Protocol, Set
+from dataclasses import dataclass
+from typing import Dict, Optional, Protocol, Union
 
 import cv2
 import numpy as np
@@ -34,23 +35,45 @@ class FrameError(ValueError):
     """One frame could not be decoded; the source itself is fine."""
 
 
+class Ticket(Protocol):
+    """How a file source learns what became of a frame it handed on (called from the pipeline's threads)."""
+
+    def committed(self) -> None: ...  # the frame is in the outbox
+
+    def skipped(self) -> None: ...  # sampling passed it over (deliberately)
+
+    def failed(self, reason: str, retry: bool) -> None: ...  # not encoded; ``retry``: the failure was not the file's
+
+
+@dataclass
+class Captured:
+    """A frame and what its source knows about it; live sources return the bare array instead."""
+
+    frame: np.ndarray
+    capture_ts_us: Optional[int] = None  # None: the time it was read
+    frame_id: Optional[bytes] = None  # None: a new UUIDv7 for the capture time
+    source: Optional[str] = None  # the file it came from (metadata "source")
+    labels: Optional[Dict[str, str]] = None  # labels of this frame (metadata "labels", over the camera's)
+    ticket: Optional[Ticket] = None
+
+
+Read = Union[np.ndarray, Captured, None]
+
+
 class FrameSource(Protocol):
     def open(self) -> None: ...
 
-    def read(self) -> Optional[np.ndarray]: ...
+    def read(self) -> Read: ...
 
     def close(self) -> None: ...
 
 
 class CvCaptureSource:
-    """cv2.VideoCapture over a USB index, a stream URL, a GStreamer pipeline or a video file."""
+    """cv2.VideoCapture over a USB index, a stream URL or a GStreamer pipeline (live cameras)."""
 
-    def __init__(self, cfg: cfgmod.UsbSourceConfig | cfgmod.UrlSourceConfig | cfgmod.GstreamerSourceConfig
-                 | cfgmod.FileSourceConfig) -> None:
+    def __init__(self, cfg: cfgmod.UsbSourceConfig | cfgmod.UrlSourceConfig | cfgmod.GstreamerSourceConfig) -> None:
         self.cfg = cfg
         self.cap: Optional[cv2.VideoCapture] = None
-        self._period = 0.0
-        self._next = 0.0
 
     def describe(self) -> str:
         c = self.cfg
@@ -58,9 +81,7 @@ class CvCaptureSource:
             return f"usb:{c.index}"
         if isinstance(c, cfgmod.UrlSourceConfig):
             return c.url.split("@")[-1]  # never log credentials embedded in the URL
-        if isinstance(c, cfgmod.GstreamerSourceConfig):
-            return "gstreamer"
-        return f"file:{c.path}"
+        return "gstreamer"
 
     def open(self) -> None:
         c = self.cfg
@@ -72,114 +93,25 @@ class CvCaptureSource:
                 cap.set(cv2.CAP_PROP_FRAME_HEIGHT, c.height)
         elif isinstance(c, cfgmod.UrlSourceConfig):
             cap = cv2.VideoCapture(c.url, cv2.CAP_FFMPEG)
-        elif isinstance(c, cfgmod.GstreamerSourceConfig):
-            cap = cv2.VideoCapture(c.pipeline, cv2.CAP_GSTREAMER)
         else:
-            if not Path(c.path).is_file():
-                raise SourceError(f"video file {c.path} does not exist")
-            cap = cv2.VideoCapture(str(c.path))
+            cap = cv2.VideoCapture(c.pipeline, cv2.CAP_GSTREAMER)
         if not cap.isOpened():
             cap.release()
             raise SourceError(f"cannot open {self.describe()}")
         self.cap = cap
-        if isinstance(c, cfgmod.FileSourceConfig) and c.pace:
-            fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
-            self._period = 1.0 / fps if 0 < fps < 1000 else 0.0
-        self._next = time.monotonic()
 
     def read(self) -> Optional[np.ndarray]:
         if self.cap is None:
             raise SourceError("not open")
-        if self._period:
-            delay = self._next - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            self._next = max(self._next + self._period, time.monotonic() - self._period)
         ok, frame = self.cap.read()
         if ok and frame is not None:
             return frame
-        if isinstance(self.cfg, cfgmod.FileSourceConfig):
-            if self.cfg.loop:
-                self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
-                ok, frame = self.cap.read()
-                if ok and frame is not None:
-                    return frame
-                raise SourceError(f"{self.describe()}: cannot rewind")
-            raise SourceEnded(self.describe())
         raise SourceError(f"{self.describe()}: read failed (disconnected?)")
 
     def close(self) -> None:
         if self.cap is not None:
             self.cap.release()
             self.cap = None
-
-
-class FolderWatchSource:
-    """Each new image file in a folder is a frame (oldest mtime first). Corrupt files go to ``rejected/``."""
-
-    def __init__(self, cfg: cfgmod.FolderSourceConfig) -> None:
-        self.cfg = cfg
-        self.dir = Path(cfg.path)
-        self._seen: Set[str] = set()
-        self._last_poll = 0.0
-
-    def describe(self) -> str:
-        return f"folder:{self.dir}"
-
-    def open(self) -> None:
-        if not self.dir.is_dir():
-            raise SourceError(f"folder {self.dir} does not exist")
-
-    def _pending(self) -> list:
-        try:
-            files = [p for p in self.dir.glob(self.cfg.pattern) if p.is_file()]
-        except OSError as exc:
-            raise SourceError(f"{self.dir}: {exc}") from None
-        names = {p.name for p in files}
-        self._seen &= names  # forget files that are gone, so the set stays bounded
-        new = [p for p in files if p.name not in self._seen]
-
-        def key(p: Path):
-            try:
-                return (p.stat().st_mtime_ns, p.name)
-            except OSError:
-                return (0, p.name)
-        return sorted(new, key=key)
-
-    def read(self) -> Optional[np.ndarray]:
-        if not self.dir.is_dir():
-            raise SourceError(f"folder {self.dir} disappeared")
-        pending = self._pending()
-        if not pending:
-            time.sleep(self.cfg.poll_s)
-            return None
-        path = pending[0]
-        self._seen.add(path.name)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise FrameError(f"{path}: {exc.strerror or exc}") from None
-        frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-        if frame is None:
-            self._reject(path)
-            raise FrameError(f"{path.name}: not a decodable image (moved to rejected/)")
-        if self.cfg.delete_after_read:
-            try:
-                path.unlink()
-            except OSError:
-                pass
-        return frame
-
-    def _reject(self, path: Path) -> None:
-        try:
-            dest = self.dir / "rejected"
-            dest.mkdir(exist_ok=True)
-            shutil.move(str(path), str(dest / path.name))
-        except OSError as exc:
-            log.warning("cannot move %s to rejected/: %s", path, exc)
-
-    def close(self) -> None:
-        pass
 
 
 class SyntheticConveyorSource:
@@ -219,15 +151,6 @@ class SyntheticConveyorSource:
 
     def close(self) -> None:
         pass
-
-
-def open_source(cfg: cfgmod.SourceConfig) -> FrameSource:
-    """Build (not yet open) the source for a camera's ``source`` config."""
-    if isinstance(cfg, cfgmod.FolderSourceConfig):
-        return FolderWatchSource(cfg)
-    if isinstance(cfg, cfgmod.SyntheticSourceConfig):
-        return SyntheticConveyorSource(cfg)
-    return CvCaptureSource(cfg)
 
 
 def check_frame(frame: object) -> np.ndarray:

@@ -12,7 +12,7 @@ from sqlalchemy import (BigInteger, Boolean, ForeignKey, Index, Integer, LargeBi
                         String, Text, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from sql.types import Embedding
+from sql.types import Embedding, Labels
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -65,6 +65,7 @@ class Frame(Base):
         Index("ix_frames_model_ts", "model_id", "capture_us"),
         Index("ix_frames_place_ts", "site", "line", "camera", "capture_us"),
         Index("ix_frames_ts", "capture_us"),
+        Index("ix_frames_labels", "labels", postgresql_using="gin").ddl_if(dialect="postgresql"),
         {"sqlite_autoincrement": True},
     )
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -85,6 +86,8 @@ class Frame(Base):
     sizes: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [K]
     centroids: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [K, 2]
     legal_hold: Mapped[bool] = mapped_column(Boolean, default=False)
+    source: Mapped[Optional[str]] = mapped_column(String(255), nullable=True)  # metadata: the file it came from
+    labels = mapped_column(Labels, nullable=True)  # metadata: {name: text} (camera's and file's labels)
 
 
 class Original(Base):

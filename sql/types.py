@@ -7,7 +7,8 @@ from typing import Any, Optional
 import numpy as np
 from pgvector import HalfVector
 from pgvector.sqlalchemy import HALFVEC
-from sqlalchemy import LargeBinary
+from sqlalchemy import JSON, LargeBinary
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
@@ -43,6 +44,11 @@ class Embedding(TypeDecorator):
         if isinstance(value, (bytes, bytearray, memoryview)):
             return np.frombuffer(bytes(value), dtype="<f4").astype(np.float32)
         return np.asarray(value, dtype=np.float32)
+
+
+# Free-form labels ({name: text}): JSONB on PostgreSQL (a GIN index answers "labels @> {...}"), JSON text on
+# SQLite (json_extract). Python None is SQL NULL, not the JSON text 'null'.
+Labels = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 
 def pack_tokens(tokens: np.ndarray) -> bytes:

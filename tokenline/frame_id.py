@@ -6,6 +6,7 @@ format carries it, central stores it. Python 3.8+, standard library only.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -20,11 +21,13 @@ class FrameIdError(ValueError):
     reason = "bad_frame_id"
 
 
-def new_frame_id(ts_us: Optional[int] = None) -> bytes:
+def new_frame_id(ts_us: Optional[int] = None, seed: Optional[bytes] = None) -> bytes:
     """A 16-byte UUIDv7 for a frame captured at ``ts_us`` (Unix microseconds; now when None).
 
     48-bit Unix milliseconds, version 7, the sub-millisecond part in the 12 ``rand_a`` bits (RFC 9562
-    method 3), so ids sort by capture time at microsecond resolution; 62 random bits follow.
+    method 3), so ids sort by capture time at microsecond resolution; 62 random bits follow. With ``seed``
+    those bits are taken from its SHA-256 instead: a frame read again (a video file resumed after a crash)
+    gets the id it had, and central keeps it once.
     """
     if ts_us is None:
         ts_us = time.time_ns() // 1000
@@ -32,7 +35,8 @@ def new_frame_id(ts_us: Optional[int] = None) -> bytes:
         raise ValueError("ts_us must be >= 0")
     ms, sub_us = divmod(int(ts_us), 1000)
     rand_a = (sub_us * 4096) // 1000
-    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    bits = os.urandom(8) if seed is None else hashlib.sha256(seed).digest()[:8]
+    rand_b = int.from_bytes(bits, "big") & ((1 << 62) - 1)
     value = ((ms & ((1 << 48) - 1)) << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b
     return value.to_bytes(16, "big")
 

@@ -1,7 +1,9 @@
 """Frame -> encoder input tensor, exactly as the manifest's input spec says (numpy + OpenCV, no torch).
 
-One implementation shared by the exporter (calibration/validation images), the edge agent (camera frames)
-and central (search by example image), so all three feed the encoder identical tensors.
+One implementation shared by the exporter (calibration/validation images), the edge agent (camera frames, image
+files) and central (search by example image, thumbnails), so all three feed the encoder identical tensors and
+decode untrusted files the same guarded way: the header's declared size is checked (``tokenline.imagesize``)
+before OpenCV decodes anything.
 """
 
 from __future__ import annotations
@@ -11,11 +13,18 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from tokenline.imagesize import HeaderError, declared_size
 from tokenline.manifest import InputSpec
 
 
 class ImageError(ValueError):
-    """An image that cannot be read or decoded."""
+    """An image that cannot be read or decoded, or that is refused before decoding; ``reason`` says which:
+    ``empty``, ``unknown_format``, ``bad_header``, ``too_many_pixels``, ``undecodable``, ``unreadable`` (a file),
+    ``bad_image`` (a frame that cannot be preprocessed)."""
+
+    def __init__(self, message: str, reason: str = "bad_image") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _cv2():
@@ -28,28 +37,49 @@ def _cv2():
 
 _INTERP = {"bilinear": 1, "bicubic": 2, "area": 3, "nearest": 0}  # cv2.INTER_* values
 
+# Pixels (width x height, as the header declares them) above which an image is refused without decoding:
+# 50 MP decode to 150 MB of BGR. Each program has its own configuration key for it (docs/edge.md, central.md).
+DEFAULT_MAX_PIXELS = 50_000_000
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Decode JPEG/PNG/... bytes into an HxWx3 uint8 BGR frame; ImageError when it is not an image."""
-    cv2 = _cv2()
+
+def check_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tuple[str, int, int]:
+    """``(format, width, height)`` from the header; ``ImageError`` when empty, of an unknown format, malformed
+    or over ``max_pixels``. Nothing is decoded: a 600-byte file claiming 65000x65000 costs nothing."""
     if not data:
-        raise ImageError("empty image data")
-    frame = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        raise ImageError("empty image data", reason="empty")
+    try:
+        fmt, width, height = declared_size(data)
+    except HeaderError as exc:
+        raise ImageError(str(exc), reason=exc.reason) from None
+    if width * height > max_pixels:
+        raise ImageError(f"{fmt} image of {width}x{height} = {width * height:,} pixels is over the limit of "
+                         f"{max_pixels:,}", reason="too_many_pixels")
+    return fmt, width, height
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode image bytes into an HxWx3 uint8 BGR frame, after ``check_image``; ImageError otherwise."""
+    cv2 = _cv2()
+    check_image(data, max_pixels)
+    try:
+        frame = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error as exc:  # e.g. OpenCV's own size limits, a decoder that gives up
+        raise ImageError(f"not decodable: {str(exc).strip().splitlines()[-1][:200]}", reason="undecodable") from None
     if frame is None:
-        raise ImageError("not a decodable image")
+        raise ImageError("not a decodable image", reason="undecodable")
     return frame
 
 
-def read_image(path: Path | str) -> np.ndarray:
-    """Read an image file as an HxWx3 uint8 BGR frame."""
+def read_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file as an HxWx3 uint8 BGR frame (``decode_image``'s checks)."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise ImageError(f"{path}: {exc.strerror or exc}") from None
+        raise ImageError(f"{path}: {exc.strerror or exc}", reason="unreadable") from None
     try:
-        return decode_image(data)
+        return decode_image(data, max_pixels)
     except ImageError as exc:
-        raise ImageError(f"{path}: {exc}") from None
+        raise ImageError(f"{path}: {exc}", reason=exc.reason) from None
 
 
 def _resize(frame: np.ndarray, spec: InputSpec) -> np.ndarray:

@@ -25,6 +25,7 @@ from central.commands import OriginalRequests
 from central.config import CentralConfig
 from central.encoder import EncoderPool
 from central.errors import CentralError
+from central.images import ImagePool
 from central.search import Searcher
 from sql.db import make_engine
 
@@ -34,13 +35,14 @@ def create_app(cfg: CentralConfig, engine: Optional[Engine] = None) -> FastAPI:
     engine = engine or make_engine(cfg.database.url)
     svc = Services(cfg=cfg, engine=engine, blobs=BlobStore(cfg.originals.root), searcher=Searcher(engine, cfg.search),
                    encoders=EncoderPool(cfg.search.providers), tokens=TokenCache(engine), metrics=Metrics(engine),
-                   original_requests=OriginalRequests(cfg))
+                   images=ImagePool(cfg.api.image_workers, cfg.api.image_queue), original_requests=OriginalRequests(cfg))
     app = FastAPI(title="tokenline central", version="0.1.0", docs_url=None, redoc_url=None,
                   dependencies=[Depends(reject_unknown)],
                   description="Token retrieval service: search frames by example image or text; browse frames; "
                               "originals and their retention; devices. Every /v1 route takes a bearer token "
                               "(Authorize). Times are Unix microseconds (UTC).")
     app.state.services = svc
+    app.router.on_shutdown.append(svc.images.close)
     count_requests(app, svc.metrics)
     app.add_exception_handler(CentralError, error_response)
     app.add_exception_handler(RequestValidationError, validation_error)

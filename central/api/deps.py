@@ -20,6 +20,7 @@ from central.blobs import BlobStore
 from central.commands import OriginalRequests
 from central.config import CentralConfig
 from central.encoder import EncoderPool
+from central.images import ImagePool
 from central.search import Searcher
 
 
@@ -34,6 +35,7 @@ class Services:
     encoders: EncoderPool
     tokens: TokenCache
     metrics: Metrics
+    images: ImagePool  # image decoding and encoding, off the event loop
     original_requests: OriginalRequests
 
 

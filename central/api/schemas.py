@@ -53,6 +53,7 @@ class ModelOut(Out):
     family: str
     merge: str
     registered_us: int
+    input: Dict[str, Any] = Field(description="the encoder's input: width, height, resize (how a frame is fitted)")
     frames: int = 0
     last_capture_us: Optional[int] = None
 
@@ -112,6 +113,8 @@ class FrameItem(Out):
     seq: int
     flags: int
     token_dtype: str
+    source: Optional[str] = Field(None, description="the file the frame came from (file sources); null for cameras")
+    labels: Optional[Dict[str, str]] = Field(None, description="the frame's labels (wire metadata)")
     legal_hold: bool
     k: int
 

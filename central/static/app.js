@@ -61,6 +61,11 @@ function card(hit) {
   meta.innerHTML = `<span class="score">${hit.score.toFixed(3)}</span> (global ${hit.global_score.toFixed(3)}` +
     (hit.maxsim === null ? "" : `, MaxSim ${hit.maxsim.toFixed(3)}`) + `)<br>`;
   meta.appendChild(document.createTextNode(`${hit.site}/${hit.line}/${hit.camera} · ${when} UTC`));
+  if (hit.source || hit.labels) {   // frame metadata: the file it came from and its labels (text, never HTML)
+    const labels = Object.entries(hit.labels || {}).map(([k, v]) => v === "" ? k : `${k}=${v}`).join(" ");
+    meta.appendChild(document.createElement("br"));
+    meta.appendChild(document.createTextNode([hit.source, labels].filter(Boolean).join(" · ")));
+  }
   c.appendChild(meta);
   c.addEventListener("click", () => showDetail(hit));
   thumbnail(hit.frame_id, box);
@@ -94,6 +99,7 @@ async function runSearch(ev) {
   for (const [key, id] of [["site", "site"], ["line", "line"], ["camera", "camera"], ["k", "k"]]) {
     if ($(id).value.trim()) fd.append(key, $(id).value.trim());
   }
+  for (const l of $("labels").value.trim().split(/\s+/)) if (l) fd.append("label", l);
   if ($("since").value) fd.append("since_us", toUs($("since").value));
   if ($("until").value) fd.append("until_us", toUs($("until").value));
   fd.append("rerank", $("rerank").checked ? "true" : "false");

@@ -15,7 +15,7 @@ from tests.central.conftest import make_message, tx, unit
 
 
 def test_migration_creates_schema_and_downgrades(engine):
-    assert current(engine) == "0001"
+    assert current(engine) == "0002"
     names = set(inspect(engine).get_table_names())
     assert {"devices", "models", "frames", "originals", "dead_letters", "api_tokens", "counters"} <= names
     if engine.dialect.name == "sqlite":
@@ -24,7 +24,25 @@ def test_migration_creates_schema_and_downgrades(engine):
     downgrade(engine, "base")
     assert "frames" not in set(inspect(engine).get_table_names())
     upgrade(engine)
-    assert current(engine) == "0001"
+    assert current(engine) == "0002"
+
+
+def test_frame_metadata_migration_keeps_older_rows(engine, tiny_manifest):
+    """0001 -> 0002 adds frames.source and frames.labels (NULL for the rows already there) and back."""
+    downgrade(engine, "0001")
+    model = tx(engine, store.register_model, tiny_manifest)
+    row = store.frame_row(make_message(tiny_manifest, np.random.default_rng(0)), model.id, 1)
+    row = {k: v for k, v in row.items() if k not in ("source", "labels")}
+    with Session(engine) as s, s.begin():
+        s.execute(Frame.__table__.insert().values(**row))  # what 0001's code stored
+    upgrade(engine)
+    assert {"source", "labels"} <= {c["name"] for c in inspect(engine).get_columns("frames")}
+    with Session(engine) as s:
+        fr = store.get_frame(s, row["frame_id"])
+    assert fr.source is None and fr.labels is None
+    downgrade(engine, "0001")
+    assert "labels" not in {c["name"] for c in inspect(engine).get_columns("frames")}
+    upgrade(engine)
 
 
 def test_register_model_is_idempotent_and_indexed(engine, tiny_manifest, tiny_model_dir):
@@ -76,7 +94,7 @@ def test_api_tokens_hashed_with_roles(engine):
     with engine.connect() as c:
         stored = c.execute(text("SELECT token_sha256 FROM api_tokens")).scalar()
     assert tok not in stored and len(stored) == 64
-    assert tx(engine, store.revoke_token, "qa-anna") == 1
+    assert tx(engine, store.revoke_tokens, "qa-anna") == 1
     assert tx(engine, store.lookup_token, tok) is None
     with pytest.raises(ValueError):
         tx(engine, store.create_token, "x", "root")

@@ -111,3 +111,41 @@ def test_unusable_outbox_path_is_a_clear_startup_error(tmp_path: Path, tiny_mode
     p.write_text(yaml.safe_dump(d))
     assert main(["run", "--config", str(p)]) == 2
     assert "outbox.path: cannot open" in capsys.readouterr().err
+
+
+def test_check_config_reports_everything_run_would_fail_on(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
+    d = good(tmp_path, tiny_model_dir)
+    d["model"]["dir"] = str(tmp_path / "no-model")
+    d["mqtt"].update(username="edge", password_file=str(tmp_path / "missing.pw"),
+                     tls={"enabled": True, "ca_file": str(tmp_path / "missing-ca.pem")})
+    d["originals"].update(upload={"policy": "on_request", "url": "https://central", "token_file":
+                                  str(tmp_path / "missing.token")})
+    (tmp_path / "not-a-pem.crt").write_text("hello")
+    d["cameras"] = [{"name": "f", "line": "l", "source": {"kind": "folder", "path": str(tmp_path / "no-folder")}},
+                    {"name": "v", "line": "l", "source": {"kind": "file", "path": str(tmp_path / "no.mp4")}}]
+    p = tmp_path / "edge.yaml"
+    p.write_text(yaml.safe_dump(d))
+    assert main(["check-config", "--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    for key in ("model.dir", "mqtt.password_file", "mqtt.tls.ca_file", "originals.upload.token_file",
+                "cameras[0].source.path: folder", "cameras[1].source.path"):
+        assert f"  {key}" in err, (key, err)
+    assert "6 problem(s)" in err
+    d = good(tmp_path, tiny_model_dir)  # a CA that is not a certificate
+    d["mqtt"]["tls"] = {"enabled": True, "ca_file": str(tmp_path / "not-a-pem.crt")}
+    p.write_text(yaml.safe_dump(d))
+    assert main(["check-config", "--config", str(p), "--no-runner"]) == 2
+    assert "mqtt.tls.ca_file" in capsys.readouterr().err
+
+
+def test_an_outbox_too_small_for_file_sources_is_refused(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
+    (tmp_path / "in").mkdir()
+    d = good(tmp_path, tiny_model_dir)
+    d["cameras"] = [{"name": "f", "line": "l", "source": {"kind": "folder", "path": str(tmp_path / "in")}}]
+    d["outbox"]["max_messages"] = 20  # a file source keeps room for 4 + 64 + 4 + 1 frames before it reads
+    p = tmp_path / "edge.yaml"
+    p.write_text(yaml.safe_dump(d))
+    assert main(["check-config", "--config", str(p), "--no-runner"]) == 2
+    assert "outbox.max_messages/max_bytes: file sources keep room for 73 messages" in capsys.readouterr().err
+    assert main(["run", "--config", str(p)]) == 2
+    assert "file sources keep room" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Frame sources: synthetic conveyor, watched folder, video file (corrupt frames, disconnects, end)."""
+"""Frame sources: synthetic conveyor and video file (corrupt frames, disconnects, end); folders: test_filesources."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from edge_agent import config as C
-from edge_agent.sources import FolderWatchSource, FrameError, SourceEnded, SourceError, SyntheticConveyorSource
+from edge_agent.filesources import VideoFileSource
+from edge_agent.sources import SourceEnded, SourceError, SyntheticConveyorSource
 from edge_agent.synthetic import draw_conveyor_frame
 
 
@@ -29,50 +30,26 @@ def test_synthetic_source_is_deterministic_with_corruption_and_disconnect() -> N
         src.read()
 
 
-def test_folder_source_reads_new_files_and_rejects_corrupt_ones(tmp_path: Path) -> None:
-    d = tmp_path / "in"
-    src = FolderWatchSource(C.FolderSourceConfig(kind="folder", path=d, poll_s=0.01))
-    with pytest.raises(SourceError, match="does not exist"):
-        src.open()
-    d.mkdir()
-    src.open()
-    assert src.read() is None
-    cv2.imwrite(str(d / "a.jpg"), draw_conveyor_frame(0, 64, 48))
-    (d / "b.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    assert src.read().shape == (48, 64, 3)
-    with pytest.raises(FrameError, match="not a decodable image"):
-        src.read()
-    assert (d / "rejected" / "b.jpg").exists() and src.read() is None
-    for p in d.rglob("*"):
-        p.unlink() if p.is_file() else None
-    (d / "rejected").rmdir()
-    d.rmdir()
-    with pytest.raises(SourceError, match="disappeared"):
-        src.read()
-
-
 def test_video_file_source_reads_to_the_end_or_loops(tmp_path: Path) -> None:
-    from edge_agent.sources import CvCaptureSource
-
     path = tmp_path / "clip.avi"
     vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (96, 64))
     assert vw.isOpened(), "OpenCV cannot write MJPG/AVI here"
     for i in range(5):
         vw.write(draw_conveyor_frame(i, 96, 64))
     vw.release()
-    src = CvCaptureSource(C.FileSourceConfig(kind="file", path=path, pace=False))
+    src = VideoFileSource(C.FileSourceConfig(kind="file", path=path, pace=False, settle_s=0))
     src.open()
     frames = [src.read() for _ in range(5)]
-    assert all(f.shape == (64, 96, 3) for f in frames)
+    assert all(f.frame.shape == (64, 96, 3) for f in frames)
     with pytest.raises(SourceEnded):
         src.read()
     src.close()
-    loop = CvCaptureSource(C.FileSourceConfig(kind="file", path=path, pace=False, loop=True))
+    loop = VideoFileSource(C.FileSourceConfig(kind="file", path=path, pace=False, loop=True, settle_s=0))
     loop.open()
     assert len([loop.read() for _ in range(12)]) == 12
     loop.close()
     with pytest.raises(SourceError, match="does not exist"):
-        CvCaptureSource(C.FileSourceConfig(kind="file", path=tmp_path / "none.avi")).open()
+        VideoFileSource(C.FileSourceConfig(kind="file", path=tmp_path / "none.avi")).open()
     with pytest.raises(SourceError, match="cannot open"):
         (tmp_path / "junk.avi").write_bytes(b"junk" * 100)
-        CvCaptureSource(C.FileSourceConfig(kind="file", path=tmp_path / "junk.avi")).open()
+        VideoFileSource(C.FileSourceConfig(kind="file", path=tmp_path / "junk.avi", settle_s=0)).open()

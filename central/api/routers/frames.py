@@ -6,16 +6,15 @@ from __future__ import annotations
 import datetime as dt
 from typing import Optional
 
-import cv2
-import numpy as np
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
-from central import paging, store
+from central import images, paging, store
 from central.api.deps import Admin, ServicesDep, SessionDep, Viewer
 from central.api.schemas import FrameOut, FramesOut, HoldOut, OriginalRequestOut, errors
 from central.api.validation import name_filter, page_size, time_range
-from central.errors import NotFound, Unprocessable
+from central.errors import NotFound
 from central.originals import read_original
 from tokenline.documents import StrictModel
 
@@ -80,18 +79,13 @@ def original(frame_id: str, svc: ServicesDep, session: SessionDep, _p: Viewer,
 
 
 @router.get("/v1/frames/{frame_id}/thumbnail", response_class=Response,
-            responses={**JPEG, **errors(400, 401, 403, 404, 410, 422)})
-def thumbnail(frame_id: str, svc: ServicesDep, session: SessionDep, _p: Viewer,
-              size: int = Query(160, ge=16, le=512, description="longest side in pixels")) -> Response:
-    data = read_original(session, svc.blobs, frame_id)
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise Unprocessable("stored original does not decode", reason="bad_original")
-    h, w = img.shape[:2]
-    s = size / max(h, w)
-    small = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 85])
-    return Response(buf.tobytes(), media_type="image/jpeg", headers=CACHE)
+            responses={**JPEG, **errors(400, 401, 403, 404, 410)})
+async def thumbnail(frame_id: str, svc: ServicesDep, session: SessionDep, _p: Viewer,
+                    size: int = Query(160, ge=16, le=512, description="longest side in pixels")) -> Response:
+    """A JPEG thumbnail of the original, decoded and encoded on the image pool (never on the event loop)."""
+    data = await run_in_threadpool(read_original, session, svc.blobs, frame_id)
+    jpeg = await svc.images.run(images.thumbnail, data, size, svc.cfg.api.max_image_pixels)
+    return Response(jpeg, media_type="image/jpeg", headers=CACHE)
 
 
 @router.put("/v1/frames/{frame_id}/hold", response_model=HoldOut, responses=errors(400, 401, 403, 404, 422))

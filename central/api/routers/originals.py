@@ -6,6 +6,7 @@ from typing import Optional
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from central.api.deps import Device, ServicesDep, SessionDep
 from central.errors import Invalid, TooLarge
@@ -30,6 +31,7 @@ async def put_original(frame_id: str, request: Request, svc: ServicesDep, sessio
         body += chunk
         if len(body) > limit:
             raise TooLarge(f"body exceeds {limit} bytes")
-    res = store_original(session, svc.blobs, svc.cfg.retention, frame_id, bytes(body), x_tokenline_sha256, limit)
+    res = await run_in_threadpool(store_original, session, svc.blobs, svc.cfg.retention, frame_id, bytes(body),
+                                  x_tokenline_sha256, limit, svc.cfg.api.max_image_pixels)
     return JSONResponse({"frame_id": frame_id, "sha256": res.sha256, "expires_us": res.expires_us,
                          "stored": res.created}, status_code=201 if res.created else 200)

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Optional
+from typing import List, Optional
 
 from fastapi import APIRouter, File, Form, UploadFile
+from starlette.concurrency import run_in_threadpool
 
 from central import paging
 from central.api.deps import ServicesDep, SessionDep, Viewer
 from central.api.schemas import SearchOut, errors
 from central.api.validation import finite, name_filter, page_size, time_range
-from central.search import Filters, build_query
+from central.errors import TooLarge
+from central.search import BAD_QUERY, Filters, build_query, parse_labels
 
 router = APIRouter(tags=["search"])
 
@@ -31,25 +33,34 @@ async def search(svc: ServicesDep, session: SessionDep, _p: Viewer,
                  until_us: Optional[int] = Form(None, description="capture time until (exclusive)"),
                  rerank: Optional[bool] = Form(None, description="MaxSim re-rank (default: search.rerank)"),
                  rerank_weight: Optional[float] = Form(None, description="0..1 (default: search.rerank_weight)"),
+                 label: Optional[List[str]] = Form(None, description="repeatable: name=value, or name for any value"),
                  cursor: Optional[str] = Form(None, description="next_cursor of the previous page (same query and "
                                                                 "filters)")) -> SearchOut:
     """Search by an example image (multipart ``image``), a text (``q``) or a stored frame (``like_frame``); the
-    results come best first, ``k`` per page, with ``next_cursor`` for the next page."""
+    results come best first, ``k`` per page, with ``next_cursor`` for the next page.
+
+    ``label`` (repeatable) keeps frames carrying that label: ``name=value``, or ``name`` for any value. Decoding
+    and encoding the query run on the image pool, the search on a worker thread: never on the event loop."""
     t0 = time.perf_counter()
     page_size("k", k, svc.cfg.search.max_results)
     finite("rerank_weight", rerank_weight, 0.0, 1.0)
     time_range(since_us, until_us)
     filters = Filters(name_filter("site", site), name_filter("line", line), name_filter("camera", camera),
-                      since_us, until_us)
+                      since_us, until_us, parse_labels(label))
+    limit = svc.cfg.originals.max_upload_bytes
+    if image is not None and image.size is not None and image.size > limit:
+        raise TooLarge(f"image is {image.size} bytes, limit {limit}", reason=BAD_QUERY)
     data = await image.read() if image is not None else None
-    model, query = build_query(session, svc.encoders, image=data, query_text=q, like_frame=like_frame,
-                               model_id=model_id, max_image_bytes=svc.cfg.originals.max_upload_bytes)
+    model, query = await svc.images.run(build_query, session, svc.encoders, image=data, query_text=q,
+                                        like_frame=like_frame, model_id=model_id, max_image_bytes=limit,
+                                        max_image_pixels=svc.cfg.api.max_image_pixels)
     fp = paging.fingerprint(kind="search", model=model.id, filters=filters, rerank=rerank, w=rerank_weight,
                             image=None if data is None else hashlib.sha256(data).hexdigest(), q=q,
                             like=like_frame)
     cur = paging.decode(cursor, "search", fp)
-    hits, nxt = paging.search_page(svc.searcher, model, query, k, filters, fp=fp, after=cur,
-                                   max_depth=svc.cfg.search.max_depth, rerank=rerank, rerank_weight=rerank_weight)
+    hits, nxt = await run_in_threadpool(paging.search_page, svc.searcher, model, query, k, filters, fp=fp, after=cur,
+                                        max_depth=svc.cfg.search.max_depth, rerank=rerank,
+                                        rerank_weight=rerank_weight)
     dt = time.perf_counter() - t0
     svc.metrics.observe_search(dt)
     return SearchOut.model_validate({"model": model.public(), "took_ms": round(dt * 1000, 2),

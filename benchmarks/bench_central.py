@@ -105,7 +105,7 @@ def bench_ingest(backends: Backends, kind: str, manifest: Manifest, n: int, runs
         upgrade(engine)
         with Session(engine) as s, s.begin():
             store.register_model(s, manifest)
-        payloads = [(topics.tokens_topic(m.site, m.line, m.camera), encode(m, "int8")) for m in messages(manifest, n, rng)]
+        payloads = [(topics.tokens_topic(m.site, m.device, m.line, m.camera), encode(m, "int8")) for m in messages(manifest, n, rng)]
         broker = Mosquitto(tmp / f"broker-{kind}-{r}").start()
         cfg = parse_config({"mqtt": {"host": broker.host, "port": broker.port, "client_id": f"bench-{r}"},
                             "ingest": {"batch_max": 100, "batch_linger_ms": 20}})

@@ -4,7 +4,8 @@ Side by side in one run, rounds interleaved, medians reported:
 - bare encoder: ONNX Runtime CPU session on pre-built input tensors at the agent's batch size (images/s);
 - pipeline: the whole agent in-process with a synthetic conveyor camera producing frames as fast as it can,
   through preprocessing, batched inference, quantization, the SQLite outbox and a real Mosquitto broker until
-  every message is PUBACKed and deleted (frames/s), once with the production defaults (outbox
+  every message is PUBACKed (frames/s; under protocol 2 a PUBACKed row stays awaiting central's confirmation,
+  and nothing confirms here), once with the production defaults (outbox
   synchronous=FULL, JPEG originals stored) and once lean (synchronous=NORMAL, no originals).
 - bytes per message for each token mode next to the JPEG of the same frame (synthetic 640x480 and, when
   present, NEU-DET 200x200).
@@ -238,7 +239,7 @@ def main() -> int:
         f"Model: {model_label}. ONNX Runtime CPU, batch {args.batch}, {args.frames} frames per run, "
         f"{args.runs} rounds interleaved, medians. Pipeline = synthetic 640x480 camera -> preprocessing -> "
         f"batched inference -> {args.token_dtype} quantization -> SQLite outbox -> real Mosquitto (QoS 1), timed "
-        "until every message is PUBACKed and deleted from the outbox. "
+        "until every message is PUBACKed (marked awaiting central's confirmation in the outbox). "
         f"Load average {load_before:.1f} before and {load_after:.1f} after the run on {cores} cores"
         + (" (other work was running on this machine)." if load_before > 0.5 * cores else "."),
         "",

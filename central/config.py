@@ -36,6 +36,9 @@ class IngestConfig(StrictModel):
     retry_backoff_max_s: float = Field(30.0, gt=0)  # database unavailable: retry the batch, never ack early
     metrics_host: str = "127.0.0.1"
     metrics_port: Optional[int] = Field(None, ge=0, lt=65536)  # this worker's /metrics (batches, lag); None = off
+    # Also consume protocol v1 topics (edges not upgraded yet: no device in their token topics, so their identity
+    # is not bound by the broker, and no commit acknowledgements). Switch off once every edge runs protocol 2.
+    accept_protocol_v1: bool = True
 
 
 class LineOverride(StrictModel):

@@ -1,8 +1,16 @@
-"""MQTT ingest: a shared-subscription worker that validates token messages and commits them in batches.
+"""MQTT ingest: a shared-subscription worker that validates token messages, commits them in batches and confirms
+each committed frame to its device.
 
-A message is acknowledged (manual PUBACK) only after the transaction that holds its row, or its dead letter,
-has committed, so a worker that dies loses nothing: the broker redelivers unacknowledged messages of the
-persistent session, and redelivered frames are dropped by the ``frames.frame_id`` unique constraint.
+After the transaction that holds a batch's rows and dead letters has committed, the worker publishes commit
+acknowledgements (``tokenline.acks``) on each device's ``ack`` topic - committed, duplicate, or rejected with the
+dead letter's reason - and only then PUBACKs the batch. Edges of protocol 2 keep a frame until it is confirmed,
+so nothing the broker loses (a crash, a hijacked subscription, a wiped session) is lost for good; edges of
+protocol 1 rely on the PUBACK, which still comes only after the commit. A worker that dies loses nothing either:
+the broker redelivers unacknowledged messages of the persistent session, and redelivered frames are dropped by
+the ``frames.frame_id`` unique constraint.
+
+Identity: a protocol 2 token topic names the device (the broker lets a device publish only under its own name),
+and a payload whose device differs from its topic's is rejected as ``identity_mismatch``.
 """
 
 from __future__ import annotations
@@ -22,8 +30,8 @@ from sqlalchemy.orm import Session
 
 from central import store
 from central.config import IngestConfig, MqttConfig
-from tokenline import topics
-from tokenline.wire import TokenMessage, WireError, decode
+from tokenline import acks, topics
+from tokenline.wire import TokenMessage, WireError, decode, peek_frame_id
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +44,9 @@ class Incoming:
     payload: bytes
 
 
+DeviceKey = Tuple[str, str]  # (site, device) of a protocol 2 topic: where its acknowledgements go
+
+
 @dataclass
 class BatchResult:
     stored: int = 0
@@ -44,6 +55,7 @@ class BatchResult:
     status: int = 0
     reasons: Dict[str, int] = field(default_factory=dict)
     captures_s: List[float] = field(default_factory=list)  # capture times (s) of the frames committed
+    acks: Dict[DeviceKey, List[acks.Ack]] = field(default_factory=dict)  # to publish once committed
 
 
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 86400.0)
@@ -100,12 +112,17 @@ class Ingestor:
         return m
 
     def validate_tokens(self, topic: topics.Topic, payload: bytes) -> Tuple[TokenMessage, store.ModelInfo]:
+        if topic.version == 1 and not self.cfg.accept_protocol_v1:
+            raise Rejected("protocol_v1_refused", "protocol v1 topics are not accepted (ingest.accept_protocol_v1)")
         if len(payload) > self.cfg.max_message_bytes:
             raise Rejected("too_large", f"{len(payload)} bytes > max_message_bytes {self.cfg.max_message_bytes}")
         try:
             msg = decode(payload, max_bytes=self.cfg.max_message_bytes)
         except WireError as exc:
             raise Rejected(exc.reason, str(exc)) from None
+        if topic.device is not None and msg.device != topic.device:
+            raise Rejected("identity_mismatch", f"message claims device {msg.device!r}, published on the topic of "
+                                                f"device {topic.device!r}")
         if (msg.site, msg.line, msg.camera) != (topic.site, topic.line, topic.camera):
             raise Rejected("topic_mismatch", f"message is from {msg.site}/{msg.line}/{msg.camera}, published on "
                                              f"{topic.site}/{topic.line}/{topic.camera}")
@@ -122,20 +139,26 @@ class Ingestor:
         return msg, model
 
     def process(self, batch: Sequence[Incoming]) -> BatchResult:
-        """Commit one batch; raises OperationalError (database unavailable) so the caller retries unacked."""
+        """Commit one batch; raises OperationalError (database unavailable) so the caller retries unacked.
+
+        ``BatchResult.acks`` holds, per device of a protocol 2 topic, what became of each of its frames."""
         res = BatchResult()
         rows: List[dict] = []
         dead: List[dict] = []
         seen: Dict[str, tuple] = {}
         status_updates: List[Tuple[topics.Topic, bytes]] = []
+        outcomes: List[Tuple[DeviceKey, bytes, str]] = []  # (device, frame id, dead-letter reason or "")
         received = store.now_us()
         for m in batch:
+            t: Optional[topics.Topic] = None
             try:
                 t = topics.parse_topic(m.topic)
                 if t.kind == topics.KIND_TOKENS:
                     msg, model = self.validate_tokens(t, m.payload)
                     rows.append(store.frame_row(msg, model.id, received))
                     seen[msg.device] = (msg.site, received)
+                    if t.device is not None:
+                        outcomes.append(((t.site, t.device), msg.frame_id, ""))
                 elif t.kind in (topics.KIND_STATUS, topics.KIND_STATS):
                     self._check_status(t, m.payload)
                     status_updates.append((t, m.payload))
@@ -151,22 +174,37 @@ class Ingestor:
                 log.exception("unexpected error validating a message on %r", m.topic)
                 dead.append(store.dead_letter_row(m.topic, m.payload, "internal_error", repr(exc),
                                                   self.cfg.dead_letter_max_bytes))
+            else:
+                continue
+            fid = peek_frame_id(m.payload)  # tell the device, when the topic names it and the id is readable
+            if t is not None and t.kind == topics.KIND_TOKENS and t.device is not None and fid is not None:
+                outcomes.append(((t.site, t.device), fid, dead[-1]["reason"]))
+        new: set = set()
         try:
-            self._commit(rows, dead, seen, status_updates, res)
+            new.update(self._commit(rows, dead, seen, status_updates, res))
         except OperationalError:
             raise
         except (DBAPIError, SQLAlchemyError) as exc:  # a row the database refuses: isolate it
             log.warning("batch commit failed (%s); committing message by message", exc.__class__.__name__)
             res = BatchResult()
+            refused = {}
             for r in rows:
                 try:
-                    self._commit([r], [], {}, [], res)
+                    new.update(self._commit([r], [], {}, [], res))
                 except OperationalError:
                     raise
                 except (DBAPIError, SQLAlchemyError) as e2:
                     self._commit([], [store.dead_letter_row("", b"", "db_error", f"frame {r['frame_id']}: {e2}",
                                                             0)], {}, [], res)
+                    refused[r["frame_id"]] = "db_error"
             self._commit([], dead, seen, status_updates, res)
+            outcomes = [(d, fid, reason or refused.get(fid.hex(), "")) for d, fid, reason in outcomes]
+        for device, fid, reason in outcomes:
+            if reason:
+                ack = acks.Ack(fid, acks.REJECTED, reason)
+            else:
+                ack = acks.Ack(fid, acks.COMMITTED if fid.hex() in new else acks.DUPLICATE)
+            res.acks.setdefault(device, []).append(ack)
         for d in dead:
             res.reasons[d["reason"]] = res.reasons.get(d["reason"], 0) + 1
         return res
@@ -185,9 +223,11 @@ class Ingestor:
                 raise Rejected("bad_stats", f"stats payload is not JSON: {exc}") from None
 
     def _commit(self, rows: List[dict], dead: List[dict], seen: Dict[str, tuple],
-                status_updates: List[Tuple[topics.Topic, bytes]], res: BatchResult) -> None:
+                status_updates: List[Tuple[topics.Topic, bytes]], res: BatchResult) -> List[str]:
+        """One transaction; returns the frame ids that were new."""
         with Session(self.engine) as s, s.begin():
-            new = store.insert_frames(s, rows)
+            new_ids = store.insert_new_frames(s, rows)
+            new = len(new_ids)
             store.touch_devices(s, seen)
             for t, payload in status_updates:
                 text = payload.decode("utf-8", "replace")
@@ -204,9 +244,11 @@ class Ingestor:
                                                 "status_updates": len(status_updates)})
         res.stored += new
         res.duplicates += len(rows) - new
-        res.captures_s.extend(r["capture_us"] / 1e6 for r in rows)
+        fresh = set(new_ids)  # lag of first arrivals only: a resent duplicate says nothing about the pipeline
+        res.captures_s.extend(r["capture_us"] / 1e6 for r in rows if r["frame_id"] in fresh)
         res.dead += len(dead)
         res.status += len(status_updates)
+        return new_ids
 
 
 class IngestWorker:
@@ -247,10 +289,10 @@ class IngestWorker:
         from paho.mqtt.subscribeoptions import SubscribeOptions
 
         group = self.mqtt_cfg.group
-        subs = [(f"$share/{group}/{topics.TOKENS_FILTER}", SubscribeOptions(qos=1)),
-                (topics.STATUS_FILTER, SubscribeOptions(qos=1)),
-                (topics.STATS_FILTER, SubscribeOptions(qos=1))]
-        client.subscribe(subs)
+        filters = [topics.shared(group, topics.TOKENS_FILTER), topics.STATUS_FILTER, topics.STATS_FILTER]
+        if self.cfg.accept_protocol_v1:
+            filters += [topics.shared(group, topics.V1_TOKENS_FILTER), topics.V1_STATUS_FILTER, topics.V1_STATS_FILTER]
+        client.subscribe([(f, SubscribeOptions(qos=1)) for f in filters])
         self._connect_failures = 0
         log.info("connected to %s:%d (session present: %s)", self.mqtt_cfg.host, self.mqtt_cfg.port,
                  flags.session_present)
@@ -275,7 +317,8 @@ class IngestWorker:
         if bad:
             log.error("subscription refused: %s", ", ".join(bad))
             return
-        log.info("subscribed as group %r (shared tokens, status, stats)", self.mqtt_cfg.group)
+        log.info("subscribed as group %r (shared tokens, status, stats%s)", self.mqtt_cfg.group,
+                 "; protocol v1 topics too" if self.cfg.accept_protocol_v1 else "")
         self.metrics.connected.set(1)
         self.connected.set()
 
@@ -344,11 +387,12 @@ class IngestWorker:
                 if self.stop_event.wait(delay):
                     return  # not acknowledged: the broker redelivers them to the next session
                 delay = min(delay * 2, self.cfg.retry_backoff_max_s)
+        confirmed = self._confirm(res.acks)
         for m in batch:
             if m.qos > 0:
                 self.client.ack(m.mid, m.qos)
         self.totals.update({"stored": res.stored, "duplicates": res.duplicates, "dead_letters": res.dead,
-                            "status": res.status})
+                            "status": res.status, "acks": confirmed})
         mx = self.metrics
         mx.commit.observe(time.perf_counter() - t0)
         mx.batch.observe(len(batch))
@@ -361,6 +405,21 @@ class IngestWorker:
             mx.lag.observe(max(0.0, now - t))
         log.info("committed batch of %d: stored %d, duplicates %d, dead letters %d%s", len(batch), res.stored,
                  res.duplicates, res.dead, f" {res.reasons}" if res.reasons else "")
+
+    def _confirm(self, by_device: Dict[DeviceKey, List[acks.Ack]]) -> int:
+        """Publish the batch's commit acknowledgements, one message (or more, past ``acks.MAX_ENTRIES``) per
+        device. A lost acknowledgement costs the edge a resend after its timeout, which comes back a duplicate."""
+        from paho.mqtt.client import MQTT_ERR_NO_CONN, MQTT_ERR_SUCCESS
+
+        n = 0
+        for (site, device), entries in by_device.items():
+            topic = topics.ack_topic(site, device)
+            for payload in acks.batches(entries):
+                info = self.client.publish(topic, payload, qos=topics.ACK_QOS)
+                if info.rc not in (MQTT_ERR_SUCCESS, MQTT_ERR_NO_CONN):  # not connected: paho sends it later
+                    log.warning("could not publish acknowledgements to %s: rc %d", topic, info.rc)
+            n += len(entries)
+        return n
 
     def stop(self) -> None:
         self.stop_event.set()

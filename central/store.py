@@ -165,10 +165,10 @@ def _insert_ignore(session: Session, table: Any, rows: Sequence[Dict[str, Any]],
     session.execute(stmt, list(rows))
 
 
-def insert_frames(session: Session, rows: Sequence[Dict[str, Any]]) -> int:
-    """Insert rows not already present (by ``frame_id``); return how many were new. Caller commits."""
+def insert_new_frames(session: Session, rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """Insert rows not already present (by ``frame_id``); return the frame ids that were new. Caller commits."""
     if not rows:
-        return 0
+        return []
     unique: Dict[str, Dict[str, Any]] = {}
     for r in rows:
         unique.setdefault(r["frame_id"], r)
@@ -177,7 +177,12 @@ def insert_frames(session: Session, rows: Sequence[Dict[str, Any]]) -> int:
     if new:
         # ON CONFLICT DO NOTHING as well: another worker may commit the same frame concurrently.
         _insert_ignore(session, Frame.__table__, new, "frame_id")
-    return len(new)
+    return [r["frame_id"] for r in new]
+
+
+def insert_frames(session: Session, rows: Sequence[Dict[str, Any]]) -> int:
+    """Insert rows not already present (by ``frame_id``); return how many were new. Caller commits."""
+    return len(insert_new_frames(session, rows))
 
 
 def touch_devices(session: Session, seen: Dict[str, tuple]) -> None:

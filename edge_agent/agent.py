@@ -118,6 +118,9 @@ class Agent:
                                  cfg.outbox.synchronous)
         except (OSError, sqlite3.Error) as exc:
             raise AgentError(f"outbox.path: cannot open {cfg.outbox.path}: {exc}") from None
+        moved = self.outbox.retopic(self._protocol_topic)
+        if moved:
+            log.info("outbox: %d message(s) moved to the topics of protocol %d", moved, cfg.mqtt.protocol)
         try:
             self.originals = OriginalsStore(cfg.originals) if cfg.originals.enabled else None
         except (OSError, sqlite3.Error) as exc:
@@ -220,6 +223,13 @@ class Agent:
             log.warning("prometheus-client is not installed: no /metrics (pip install 'tokenline[edge]')")
             return None
         return lambda: metrics.render(registry)
+
+    def _protocol_topic(self, topic: str) -> str:
+        """Rows written under the other protocol's layout go out on this protocol's topics."""
+        try:
+            return topics.relayout(topic, self.cfg.device, self.cfg.mqtt.protocol)
+        except topics.TopicError:
+            return topic
 
     @property
     def paused(self) -> bool:
@@ -361,7 +371,8 @@ class Agent:
                             r.sample.ticket.failed(f"cannot encode: {exc}", retry=False)
                         self.drops.add("encode_error", detail=str(exc))
                         continue
-                    topic = topics.tokens_topic(self.cfg.site, r.sample.line, r.sample.camera)
+                    topic = topics.tokens_topic(self.cfg.site, self.cfg.device, r.sample.line, r.sample.camera,
+                                                self.cfg.mqtt.protocol)
                     entries.append((r.sample.camera, topic, lambda seq, b=buf: with_header(b, seq=seq)))
                     written.append(r.sample)
                 if entries:
@@ -428,6 +439,12 @@ class Agent:
                 problems.append(f"{t.name} thread died")
         if not link["connected"]:
             problems.append("MQTT not connected")
+        outbox = self.outbox.stats()
+        if outbox["oldest_awaiting_s"] > self.cfg.health.max_unconfirmed_age_s:
+            problems.append(f"{outbox['awaiting_confirmation']} frame(s) awaiting central's confirmation, the oldest "
+                            f"for {outbox['oldest_awaiting_s']:.0f}s")
+        if link["connected"] and not link["subscriptions_ok"]:
+            problems.append("the broker refused the command/acknowledgement subscription")
         for name, d in cams.items():
             if d["state"] in ("reopening", "failed"):
                 problems.append(f"camera {name} {d['state']}")
@@ -447,11 +464,12 @@ class Agent:
                                   "dropped": sum(self.hub.dropped.values())},
                        "results": {"depth": len(self.results), "capacity": self.results.capacity,
                                    "dropped": self.results.dropped}},
-            "outbox": dict(self.outbox.stats(), published=link["published"], inflight=link["inflight"],
+            "outbox": dict(outbox, published=link["published"], inflight=link["inflight"],
                            publish_errors=link["publish_errors"], encode_errors=self.counters["encode_errors"],
                            write_errors=self.counters["outbox_write_errors"],
                            no_subscriber_retries=link["no_subscriber_retries"],
-                           connection_drops=link["connection_drops"]),
+                           connection_drops=link["connection_drops"], protocol=link["protocol"],
+                           acks_received=link["acks_received"], acks_invalid=link["acks_invalid"]),
             "originals": (dict(self.originals.stats(), errors=self.counters["originals_errors"])
                           if self.originals is not None else None),
             "commands": {"received": self.link.commands_received, "rejected": self.link.commands_rejected,

@@ -226,6 +226,15 @@ class MessagesConfig(StrictModel):
 class MqttConfig(MqttClientConfig):
     """The broker connection (``client_id`` default: tokenline-edge-<device>) and how the link publishes."""
 
+    # 2: device-bound topics, and a frame leaves the outbox only when central confirms its commit (resent when no
+    # confirmation comes within confirm_timeout_s, doubling per resend up to confirm_timeout_max_s).
+    # 1: the old topic layout, rows deleted on the broker's PUBACK: only for a central older than protocol 2.
+    protocol: Literal[1, 2] = 2
+    confirm_timeout_s: float = Field(30.0, gt=0)
+    confirm_timeout_max_s: float = Field(600.0, gt=0)
+    # protocol 2: a persistent session, so that central's confirmations (and commands) sent while the agent is
+    # disconnected or restarting are queued by the broker for this long
+    session_expiry_s: int = Field(86400, ge=0)
     inflight: int = Field(32, ge=1, le=65535)  # unacknowledged QoS 1 messages at once
     # A PUBACK with reason "No matching subscribers" (MQTT 5, 0x10) means nobody took the message (e.g. central
     # not yet re-subscribed after a broker restart): keep it in the outbox and send it again after a pause.
@@ -236,6 +245,12 @@ class MqttConfig(MqttClientConfig):
     # A row that was the only one in flight each time the broker closed an established connection, this many
     # times in a row, is moved to the outbox's rejected table (e.g. over the broker's message size limit).
     reject_after_drops: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _confirm_timeouts(self) -> "MqttConfig":
+        if self.confirm_timeout_max_s < self.confirm_timeout_s:
+            raise ValueError("confirm_timeout_max_s must be >= confirm_timeout_s")
+        return self
 
 
 class OutboxConfig(StrictModel):
@@ -279,6 +294,8 @@ class HealthConfig(StrictModel):
     http_port: Optional[int] = Field(8765, ge=0, le=65535)  # None disables; 0 picks a free port
     file: Optional[Path] = None  # JSON written every stats interval
     watchdog: bool = True  # sd_notify WATCHDOG=1 when $NOTIFY_SOCKET / $WATCHDOG_USEC are set
+    # status "degraded" while a frame has waited longer than this for central's confirmation (protocol 2)
+    max_unconfirmed_age_s: float = Field(300.0, gt=0)
     drop_window_s: float = Field(60.0, gt=0)  # a dropped frame keeps /health degraded this long
 
 

@@ -57,8 +57,9 @@ def write_health_file(path: Path, snapshot: dict) -> None:
 
 
 class HealthServer:
-    """GET /health -> {"status": ...} (200 when healthy, 503 otherwise); GET /stats -> the full snapshot;
-    GET /metrics -> ``metrics()`` (Prometheus text, ``edge_agent.metrics``) when given."""
+    """GET /health -> {"status", "state", "problems", "awaiting_confirmation", "oldest_awaiting_s", "pending"} (200
+    when healthy, 503 otherwise); GET /stats -> the full snapshot; GET /metrics -> ``metrics()`` (Prometheus text,
+    ``edge_agent.metrics``) when given."""
 
     def __init__(self, host: str, port: int, snapshot: Callable[[], dict],
                  metrics: Optional[Callable[[], bytes]] = None) -> None:
@@ -78,8 +79,12 @@ class HealthServer:
                     self.send_error(404)
                     return
                 snap = get()
-                body = snap if self.path == "/stats" else {"status": snap.get("status"), "state": snap.get("state"),
-                                                           "problems": snap.get("problems", [])}
+                outbox = snap.get("outbox") or {}
+                body = snap if self.path == "/stats" else {
+                    "status": snap.get("status"), "state": snap.get("state"), "problems": snap.get("problems", []),
+                    "awaiting_confirmation": outbox.get("awaiting_confirmation", 0),
+                    "oldest_awaiting_s": outbox.get("oldest_awaiting_s", 0.0),
+                    "pending": outbox.get("pending", 0)}
                 data = json.dumps(body).encode()
                 self.send_response(200 if snap.get("status") == "ok" or self.path == "/stats" else 503)
                 self.send_header("Content-Type", "application/json")

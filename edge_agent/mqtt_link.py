@@ -1,8 +1,12 @@
-"""MQTT link (paho-mqtt 2.x, MQTT 5): publishes only from the outbox, QoS 1, deletes rows on PUBACK, in order.
+"""MQTT link (paho-mqtt 2.x, MQTT 5): publishes only from the outbox, QoS 1, in order; rows leave the outbox when
+central confirms them (protocol 2) or, with ``mqtt.protocol: 1``, on the broker's PUBACK.
 
 The publisher thread hands rows to paho in outbox order with at most ``window`` unacknowledged. PUBACK
-callbacks only enqueue the message id (paho calls them holding its own lock); the publisher thread turns them
-into outbox deletes. A PUBACK with a failure reason code moves the row to ``rejected`` (kept).
+callbacks and central's acknowledgements (on the device's ``ack`` topic) only enqueue what arrived (paho calls
+them holding its own lock); the publisher thread applies them to the outbox: a PUBACK marks a row as awaiting
+confirmation (protocol 1: deletes it), a confirmation deletes it, a rejection by central or a PUBACK with a
+failure reason code moves it to ``rejected`` (kept). Rows whose confirmation does not come in time are handed
+back by the outbox (``requeue_due``) and sent again, flagged replayed; central drops duplicates by frame id.
 
 Connections: one paho client per connection attempt. When an attempt fails or a connection ends, the link
 throws that client away (with paho's own copies of the unacknowledged messages) and opens a new one after a
@@ -28,7 +32,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Callable, Deque, Dict, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -37,7 +41,7 @@ from paho.mqtt.properties import Properties
 from edge_agent.config import AgentConfig
 from edge_agent.outbox import Outbox
 from runtime.mqtt import make_client
-from tokenline import topics
+from tokenline import acks, topics
 from tokenline.wire import FLAG_REPLAYED, WireError, with_flags
 
 NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK reason code: accepted, but no subscription matched
@@ -55,13 +59,17 @@ class MqttLink:
         self.cfg = cfg
         self.outbox = outbox
         self.on_command = on_command
-        self.status_topic = topics.status_topic(cfg.site, cfg.device)
-        self.stats_topic = topics.stats_topic(cfg.site, cfg.device)
-        self.cmd_topic = topics.cmd_topic(cfg.site, cfg.device)
+        self.protocol = cfg.mqtt.protocol
+        self.status_topic = topics.status_topic(cfg.site, cfg.device, self.protocol)
+        self.stats_topic = topics.stats_topic(cfg.site, cfg.device, self.protocol)
+        self.cmd_topic = topics.cmd_topic(cfg.site, cfg.device, self.protocol)
+        self.ack_topic: Optional[str] = topics.ack_topic(cfg.site, cfg.device) if self.protocol >= 2 else None
         self.connected = threading.Event()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._acks: Deque[Tuple[int, bool, str, int]] = deque()
+        self._acks: Deque[Tuple[int, bool, str, int]] = deque()  # PUBACKs
+        self._confirms: Deque[List[acks.Ack]] = deque()  # central's acknowledgements
+        self._next_requeue = 0.0
         self._inflight: Dict[int, int] = {}  # mid -> outbox row id
         self._cursor = 0
         self._replay_upto = outbox.startup_max_id
@@ -71,6 +79,10 @@ class MqttLink:
         self.commands_rejected = 0
         self.publish_errors = 0
         self.no_subscriber_retries = 0
+        self.acks_received = 0  # acknowledgement messages from central
+        self.acks_invalid = 0
+        self.subscribe_refused = 0  # SUBACKs that refused a subscription (counted)
+        self.subscriptions_ok = True  # the latest SUBACK granted everything
         self._hold_until = 0.0
 
         self.props = Properties(PacketTypes.PUBLISH)
@@ -102,6 +114,7 @@ class MqttLink:
         c.on_connect_fail = self._on_connect_fail
         c.on_publish = self._on_publish
         c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
         return c
 
     # -- paho callbacks (network thread) --------------------------------------------------------------------
@@ -114,7 +127,8 @@ class MqttLink:
         self._connected_at = time.monotonic()
         log.info("MQTT connected to %s:%d", self.cfg.mqtt.host, self.cfg.mqtt.port)
         client.publish(self.status_topic, topics.STATUS_ONLINE, qos=1, retain=True)
-        client.subscribe(self.cmd_topic, qos=1)
+        subs = [(self.cmd_topic, 1)] + ([(self.ack_topic, topics.ACK_QOS)] if self.ack_topic else [])
+        client.subscribe(subs)
         self._remark = True  # rows that waited for this connection go out flagged as replayed
         self.connected.set()
         self._wake.set()
@@ -138,7 +152,29 @@ class MqttLink:
         self._acks.append((mid, bool(reason_code.is_failure), str(reason_code), int(reason_code.value)))
         self._wake.set()
 
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        bad = [str(rc) for rc in reason_codes if rc.is_failure]
+        if client is not self._live:
+            return
+        self.subscriptions_ok = not bad
+        if bad:
+            self.subscribe_refused += 1
+            log.error("the broker refused the subscription to %s: %s (commands%s cannot arrive; check the "
+                      "broker's configuration for this device)", self.cmd_topic, ", ".join(bad),
+                      " and central's confirmations" if self.ack_topic else "")
+
     def _on_message(self, client, userdata, message) -> None:
+        if self.ack_topic is not None and message.topic == self.ack_topic:
+            try:
+                entries = acks.decode(message.payload)
+            except acks.AckError as exc:
+                self.acks_invalid += 1
+                log.warning("ignored an acknowledgement that does not parse: %s", exc)
+                return
+            self.acks_received += 1
+            self._confirms.append(entries)
+            self._wake.set()
+            return
         if message.topic != self.cmd_topic:
             return
         self.commands_received += 1
@@ -160,14 +196,20 @@ class MqttLink:
         self._thread.start()
 
     def _connect(self) -> None:
-        self.client.connect_async(self.cfg.mqtt.host, self.cfg.mqtt.port, keepalive=self.cfg.mqtt.keepalive_s)
+        m = self.cfg.mqtt
+        if self.protocol >= 2:  # persistent session: confirmations sent while we are away wait at the broker
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = m.session_expiry_s
+            self.client.connect_async(m.host, m.port, keepalive=m.keepalive_s, clean_start=False, properties=props)
+        else:
+            self.client.connect_async(m.host, m.port, keepalive=m.keepalive_s)
         self.client.loop_start()
 
     def wake(self) -> None:
         self._wake.set()
 
     def _drain_acks(self) -> None:
-        done = []
+        done: List[int] = []
         rewind = None
         while self._acks:
             mid, failed, reason, code = self._acks.popleft()
@@ -187,7 +229,19 @@ class MqttLink:
             self._drops = 0
             self._window = min(self.cfg.mqtt.inflight, self._window + 1)
         if done:
-            self.outbox.delete(done)
+            m = self.cfg.mqtt
+            if self.protocol >= 2:  # the broker has it; the outbox keeps it until central confirms
+                self.outbox.mark_sent(done, m.confirm_timeout_s, m.confirm_timeout_max_s)
+            else:
+                self.outbox.delete(done)
+        entries: List[acks.Ack] = []
+        while self._confirms:
+            entries.extend(self._confirms.popleft())
+        if entries:
+            _, refused = self.outbox.confirm(entries)
+            if refused:
+                log.error("central rejected %d frame(s): %s (moved to the outbox's rejected table)", refused,
+                          sorted({a.reason for a in entries if not a.confirmed}))
         if rewind is not None:
             self._cursor = min(self._cursor, rewind - 1)
             self._hold_until = time.monotonic() + self.cfg.mqtt.no_subscriber_retry_s
@@ -250,6 +304,13 @@ class MqttLink:
                 if self._remark:
                     self._remark = False
                     self._replay_upto = max(self._replay_upto, self.outbox.max_id())
+                if self.protocol >= 2 and time.monotonic() >= self._next_requeue:
+                    self._next_requeue = time.monotonic() + 0.5
+                    first = self.outbox.requeue_due()
+                    if first is not None:
+                        log.warning("no confirmation from central in time for outbox rows from %d on: sending them "
+                                    "again (%d resent in total)", first, self.outbox.resent)
+                        self._cursor = min(self._cursor, first - 1)
                 if time.monotonic() < self._hold_until:
                     continue
                 room = self._window - len(self._inflight)
@@ -264,7 +325,7 @@ class MqttLink:
                         break
                     room -= 1
                     payload = row.payload
-                    if row.id <= self._replay_upto:
+                    if row.id <= self._replay_upto or row.sends:
                         try:
                             payload = with_flags(payload, FLAG_REPLAYED)
                         except (WireError, IndexError):
@@ -287,7 +348,8 @@ class MqttLink:
             self.client.publish(self.stats_topic, json.dumps(stats, separators=(",", ":")), qos=0)
 
     def flush(self, timeout: float) -> bool:
-        """Wait until the outbox is empty and nothing is in flight (or ``timeout``); True when flushed."""
+        """Wait until the outbox is empty, i.e. every row delivered (confirmed by central; under protocol 1,
+        PUBACKed), and nothing is in flight (or ``timeout``); True when flushed."""
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -318,4 +380,6 @@ class MqttLink:
     def stats(self) -> dict:
         return {"connected": self.connected.is_set(), "published": self.published, "inflight": len(self._inflight),
                 "publish_errors": self.publish_errors, "no_subscriber_retries": self.no_subscriber_retries,
-                "connection_drops": self.connection_drops, "window": self._window}
+                "connection_drops": self.connection_drops, "window": self._window, "protocol": self.protocol,
+                "acks_received": self.acks_received, "acks_invalid": self.acks_invalid,
+                "subscribe_refused": self.subscribe_refused, "subscriptions_ok": self.subscriptions_ok}

@@ -1,11 +1,17 @@
-"""MQTT topic names and command payloads of the tokenline v1 protocol: builders, filters and validating parsers.
+"""MQTT topic names and command payloads of the tokenline protocol: builders, filters and validating parsers.
 
-Topics (documented in ``docs/protocol.md``)::
+Topics of protocol v2 (documented in ``docs/protocol.md``): every topic a device publishes or reads carries its
+device id, so the broker binds identity (a device's credentials grant only ``tokenline/v2/<site>/<device>/...``)::
 
-    tokenline/v1/<site>/<line>/<camera>/tokens   binary token messages (tokenline.wire), QoS 1
-    tokenline/v1/<site>/<device>/status          retained "online" / "offline" (last will)
-    tokenline/v1/<site>/<device>/stats           JSON counters, periodic
-    tokenline/v1/<site>/<device>/cmd             JSON commands to the device
+    tokenline/v2/<site>/<device>/tokens/<line>/<camera>   binary token messages (tokenline.wire), QoS 1
+    tokenline/v2/<site>/<device>/status                   retained "online" / "offline" (last will)
+    tokenline/v2/<site>/<device>/stats                    JSON counters, periodic
+    tokenline/v2/<site>/<device>/cmd                      JSON commands to the device
+    tokenline/v2/<site>/<device>/ack                      commit acknowledgements to the device (tokenline.acks)
+
+Protocol v1 (edges from before the upgrade) used ``tokenline/v1/<site>/<line>/<camera>/tokens`` and
+``tokenline/v1/<site>/<device>/status|stats|cmd``, without acknowledgements: ``parse_topic`` still reads it
+(``Topic.version`` 1, ``device`` None for tokens) and the builders write it with ``version=1``.
 
 Every level is a name: ``[A-Za-z0-9_.-]{1,64}`` (so never a wildcard, ``/``, ``$`` or empty). ``NAME_PATTERN``
 is that rule for everything that ends up in a topic level: the wire format's name fields and the device, site,
@@ -21,7 +27,10 @@ from typing import Any, Dict, Optional
 
 from tokenline.frame_id import FRAME_ID_HEX
 
-PREFIX = "tokenline/v1"
+PREFIX = "tokenline/v2"
+PREFIX_V1 = "tokenline/v1"  # the layout of protocol v1 (no device in token topics, no acknowledgements)
+PREFIXES = {1: PREFIX_V1, 2: PREFIX}
+VERSIONS = (1, 2)
 NAME_RULE = "[A-Za-z0-9_.-]{1,64}"
 NAME_PATTERN = f"^{NAME_RULE}$"
 NAME_RE = re.compile(NAME_PATTERN)
@@ -30,15 +39,21 @@ KIND_TOKENS = "tokens"
 KIND_STATUS = "status"
 KIND_STATS = "stats"
 KIND_CMD = "cmd"
+KIND_ACK = "ack"
+DEVICE_KINDS = (KIND_STATUS, KIND_STATS, KIND_CMD, KIND_ACK)  # <prefix>/<site>/<device>/<kind>
 
 STATUS_ONLINE = "online"
 STATUS_OFFLINE = "offline"
 
 TOKENS_QOS = 1
-# Subscription filters for consumers (central): all sites, or one site.
-TOKENS_FILTER = f"{PREFIX}/+/+/+/{KIND_TOKENS}"
+ACK_QOS = 1
+# Subscription filters for consumers (central): all sites and devices.
+TOKENS_FILTER = f"{PREFIX}/+/+/{KIND_TOKENS}/+/+"
 STATUS_FILTER = f"{PREFIX}/+/+/{KIND_STATUS}"
 STATS_FILTER = f"{PREFIX}/+/+/{KIND_STATS}"
+V1_TOKENS_FILTER = f"{PREFIX_V1}/+/+/+/{KIND_TOKENS}"
+V1_STATUS_FILTER = f"{PREFIX_V1}/+/+/{KIND_STATUS}"
+V1_STATS_FILTER = f"{PREFIX_V1}/+/+/{KIND_STATS}"
 
 COMMANDS = ("trigger", "pause", "resume", "request_original")
 MAX_COMMAND_BYTES = 4096
@@ -54,51 +69,97 @@ def _level(name: str, value: object) -> str:
     return value
 
 
-def tokens_topic(site: str, line: str, camera: str) -> str:
-    return f"{PREFIX}/{_level('site', site)}/{_level('line', line)}/{_level('camera', camera)}/{KIND_TOKENS}"
+def _prefix(version: int) -> str:
+    if version not in PREFIXES:
+        raise TopicError(f"protocol version must be one of {VERSIONS}, got {version!r}")
+    return PREFIXES[version]
 
 
-def status_topic(site: str, device: str) -> str:
-    return f"{PREFIX}/{_level('site', site)}/{_level('device', device)}/{KIND_STATUS}"
+def tokens_topic(site: str, device: str, line: str, camera: str, version: int = 2) -> str:
+    """The topic a device publishes a camera's token messages on (v1: without the device level)."""
+    s, ln, c = _level("site", site), _level("line", line), _level("camera", camera)
+    if version == 1:
+        return f"{PREFIX_V1}/{s}/{ln}/{c}/{KIND_TOKENS}"
+    return f"{_prefix(version)}/{s}/{_level('device', device)}/{KIND_TOKENS}/{ln}/{c}"
 
 
-def stats_topic(site: str, device: str) -> str:
-    return f"{PREFIX}/{_level('site', site)}/{_level('device', device)}/{KIND_STATS}"
+def device_topic(kind: str, site: str, device: str, version: int = 2) -> str:
+    """``<prefix>/<site>/<device>/<kind>`` for status, stats, cmd and (v2 only) ack."""
+    if kind not in DEVICE_KINDS or (kind == KIND_ACK and version == 1):
+        raise TopicError(f"no {kind!r} topic in protocol v{version}")
+    return f"{_prefix(version)}/{_level('site', site)}/{_level('device', device)}/{kind}"
 
 
-def cmd_topic(site: str, device: str) -> str:
-    return f"{PREFIX}/{_level('site', site)}/{_level('device', device)}/{KIND_CMD}"
+def status_topic(site: str, device: str, version: int = 2) -> str:
+    return device_topic(KIND_STATUS, site, device, version)
+
+
+def stats_topic(site: str, device: str, version: int = 2) -> str:
+    return device_topic(KIND_STATS, site, device, version)
+
+
+def cmd_topic(site: str, device: str, version: int = 2) -> str:
+    return device_topic(KIND_CMD, site, device, version)
+
+
+def ack_topic(site: str, device: str) -> str:
+    return device_topic(KIND_ACK, site, device)
+
+
+def relayout(topic: str, device: str, version: int) -> str:
+    """A token topic in the layout of protocol ``version``; a v1 topic lacks the device level, ``device`` fills it.
+    Other topics come back unchanged (an edge moving the rows of its outbox across an upgrade or a downgrade)."""
+    t = parse_topic(topic)
+    if t.kind != KIND_TOKENS or t.version == version:
+        return topic
+    return tokens_topic(t.site, t.device or device, t.line or "", t.camera or "", version)
 
 
 def tokens_filter(site: Optional[str] = None) -> str:
     """Subscription filter for token messages of one site (or all sites when ``site`` is None)."""
-    return TOKENS_FILTER if site is None else f"{PREFIX}/{_level('site', site)}/+/+/{KIND_TOKENS}"
+    return TOKENS_FILTER if site is None else f"{PREFIX}/{_level('site', site)}/+/{KIND_TOKENS}/+/+"
+
+
+def shared(group: str, topic_filter: str) -> str:
+    """An MQTT 5 shared subscription: the broker hands each message to one member of ``group``."""
+    return f"$share/{_level('group', group)}/{topic_filter}"
 
 
 @dataclass(frozen=True)
 class Topic:
-    """A parsed topic. ``line``/``camera`` are set for tokens, ``device`` for status/stats/cmd."""
+    """A parsed topic. ``line``/``camera`` are set for tokens; ``device`` for everything of v2 and for v1's
+    status/stats/cmd (v1 token topics do not name the device)."""
 
     kind: str
     site: str
     line: Optional[str] = None
     camera: Optional[str] = None
     device: Optional[str] = None
+    version: int = 2
 
 
 def parse_topic(topic: str) -> Topic:
-    """Validate and split a concrete topic name; TopicError names the offending level."""
+    """Validate and split a concrete topic name (v2 or v1); TopicError names the offending level."""
     if not isinstance(topic, str):
         raise TopicError(f"topic must be a string, got {type(topic).__name__}")
     parts = topic.split("/")
-    if len(parts) < 2 or "/".join(parts[:2]) != PREFIX:
-        raise TopicError(f"topic {topic!r:.120} does not start with {PREFIX}/")
+    head = "/".join(parts[:2])
+    if len(parts) < 2 or head not in (PREFIX, PREFIX_V1):
+        raise TopicError(f"topic {topic!r:.120} does not start with {PREFIX}/ or {PREFIX_V1}/")
     rest = parts[2:]
+    if head == PREFIX:
+        if len(rest) == 5 and rest[2] == KIND_TOKENS:
+            return Topic(kind=KIND_TOKENS, site=_level("site", rest[0]), device=_level("device", rest[1]),
+                         line=_level("line", rest[3]), camera=_level("camera", rest[4]))
+        if len(rest) == 3 and rest[2] in DEVICE_KINDS:
+            return Topic(kind=rest[2], site=_level("site", rest[0]), device=_level("device", rest[1]))
+        raise TopicError(f"topic {topic!r:.120} is not <site>/<device>/tokens/<line>/<camera> or "
+                         f"<site>/<device>/{'|'.join(DEVICE_KINDS)}")
     if len(rest) == 4 and rest[3] == KIND_TOKENS:
         return Topic(kind=KIND_TOKENS, site=_level("site", rest[0]), line=_level("line", rest[1]),
-                     camera=_level("camera", rest[2]))
+                     camera=_level("camera", rest[2]), version=1)
     if len(rest) == 3 and rest[2] in (KIND_STATUS, KIND_STATS, KIND_CMD):
-        return Topic(kind=rest[2], site=_level("site", rest[0]), device=_level("device", rest[1]))
+        return Topic(kind=rest[2], site=_level("site", rest[0]), device=_level("device", rest[1]), version=1)
     raise TopicError(f"topic {topic!r:.120} is not <site>/<line>/<camera>/tokens or <site>/<device>/status|stats|cmd")
 
 

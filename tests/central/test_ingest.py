@@ -21,8 +21,9 @@ from sql.db import make_engine
 from sql.migrate import upgrade
 from sql.models import DeadLetter, Frame
 from tests.central.conftest import make_message, tx
-from tokenline import topics
-from tokenline.wire import encode
+from tests.support.mqtt_sub import Collector
+from tokenline import acks, topics
+from tokenline.wire import encode, peek_frame_id
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,7 +95,7 @@ def test_sigkill_between_receive_and_commit_redelivers_without_loss_or_duplicate
     tx(engine, store.register_model, tiny_manifest)
     rng = np.random.default_rng(0)
     msgs = [make_message(tiny_manifest, rng, seq=i, camera=f"c{i % 3}") for i in range(60)]
-    items = [(topics.tokens_topic(m.site, m.line, m.camera), encode(m, "int8"), False) for m in msgs]
+    items = [(topics.tokens_topic(m.site, m.device, m.line, m.camera), encode(m, "int8"), False) for m in msgs]
 
     w = _worker(tmp_path, db_url, mosquitto, linger_ms=60_000)  # holds the batch: received, not committed
     log = LogTail(w)
@@ -136,27 +137,33 @@ def test_hostile_payloads_become_dead_letters(db_url, mosquitto, tmp_path, tiny_
     raw = bytearray(encode(good, "int8"))
     flipped = bytes(raw[:100]) + bytes([raw[100] ^ 0xFF]) + bytes(raw[101:])
     unknown = make_message(Manifest.from_file(build_tiny_model(tmp_path / "u", seed=9, name="unregistered")), rng)
-    t = topics.tokens_topic("s1", "l1", "c1")
+    t = topics.tokens_topic("s1", "d1", "l1", "c1")
+    forged = encode(make_message(tiny_manifest, rng, device="d1"), "int8")
     hostile = [
         (t, b"", "truncated"), (t, b"\x00" * 10, None), (t, bytes(rng.integers(0, 256, 3000, np.uint8)), None),
         (t, flipped, "bad_crc"), (t, bytes(raw[:-7]), None), (t, b"\xff" * 70000, "too_large"),
-        (topics.tokens_topic("s1", "l1", "other-camera"), bytes(raw), "topic_mismatch"),
+        (topics.tokens_topic("s1", "d1", "l1", "other-camera"), bytes(raw), "topic_mismatch"),
+        (topics.tokens_topic("s1", "d2", "l1", "c1"), forged, "identity_mismatch"),  # d2 claims to be d1
         (t, encode(unknown, "int8"), "unknown_model"),
-        ("tokenline/v1/s1/d1/status", b"\xde\xad", "bad_status"),
-        ("tokenline/v1/s1/d1/stats", b"{not json", "bad_stats"),
+        ("tokenline/v2/s1/d1/status", b"\xde\xad", "bad_status"),
+        ("tokenline/v2/s1/d1/stats", b"{not json", "bad_stats"),
     ]
     good2 = make_message(tiny_manifest, rng, device="d7")
+    good_v1 = make_message(tiny_manifest, rng, device="d8")  # an edge still on protocol 1
+    acked = Collector(mosquitto.host, mosquitto.port, topic="tokenline/v2/+/+/ack")
     w = _worker(tmp_path, db_url, mosquitto, linger_ms=50)
     pub = _publisher(mosquitto)
     try:
         log = LogTail(w)
         log.wait("subscribed as group", 1)
         _publish_all(pub, [(tp, p, False) for tp, p, _ in hostile] +
-                     [(t, encode(good2, "int4"), False),
-                      ("tokenline/v1/s1/d7/status", b"online", True),
-                      ("tokenline/v1/s1/d7/stats", json.dumps({"fps": 3.5}).encode(), False)])
+                     [(topics.tokens_topic("s1", "d7", "l1", "c1"), encode(good2, "int4"), False),
+                      (topics.tokens_topic("s1", "d8", "l1", "c1", version=1), encode(good_v1), False),
+                      ("tokenline/v2/s1/d7/status", b"online", True),
+                      ("tokenline/v2/s1/d7/stats", json.dumps({"fps": 3.5}).encode(), False),
+                      ("tokenline/v1/s1/d8/status", b"online", True)])
         assert _wait_for(lambda: _count(engine, DeadLetter) == len(hostile)), "".join(log.lines[-30:])
-        assert _wait_for(lambda: _count(engine, Frame) == 1)
+        assert _wait_for(lambda: _count(engine, Frame) == 2)
         assert w.poll() is None  # still alive
         import hashlib
 
@@ -171,11 +178,24 @@ def test_hostile_payloads_become_dead_letters(db_url, mosquitto, tmp_path, tiny_
             assert plen == len(p) and kept == (len(p) if whole else min(len(p), 1024)) and detail
         assert _wait_for(lambda: tx(engine, store.list_devices) and
                          {x["device"]: x for x in tx(engine, store.list_devices)}["d7"]["last_stats"] == {"fps": 3.5})
-        st = {x["device"]: x for x in tx(engine, store.list_devices)}["d7"]
-        assert st["status"] == "online" and st["site"] == "s1"
+        devices = {x["device"]: x for x in tx(engine, store.list_devices)}
+        assert devices["d7"]["status"] == "online" and devices["d7"]["site"] == "s1"
+        assert "d8" in devices  # the protocol 1 edge's frame and status are taken too
         assert tx(engine, store.counter_totals)["dead_letters"] == len(hostile)
+        # every token message with a readable frame id is answered on its topic's device's ack topic
+        want = {("d1", p[12:28], by_sha[hashlib.sha256(p).hexdigest()][0]) for tp, p, _ in hostile
+                if tp == t and peek_frame_id(p) is not None}
+        want |= {("d1", bytes(raw[12:28]), "topic_mismatch"), ("d2", forged[12:28], "identity_mismatch"),
+                 ("d7", good2.frame_id, "")}
+        assert acked.wait_for(lambda c: len(c.raw) >= 3, 10)
+        time.sleep(0.3)
+        got = {(tp.split("/")[3], a.frame_id, a.reason) for tp, p, _ in acked.raw for a in acks.decode(p)}
+        assert got == want
+        statuses = {a.frame_id: a.status for _, p, _ in acked.raw for a in acks.decode(p)}
+        assert statuses[good2.frame_id] == acks.COMMITTED and good_v1.frame_id not in statuses  # v1: PUBACK only
     finally:
         w.terminate()
         w.wait(10)
         pub.loop_stop()
         pub.disconnect()
+        acked.close()

@@ -1,5 +1,6 @@
 """Property-based fuzzing of central's ingest path: whatever arrives, the batch is committed, every message is
-accounted for (stored, duplicate or dead letter with a reason) and nothing raises."""
+accounted for (stored, duplicate or dead letter with a reason), every token message on a protocol 2 topic whose
+frame id can be read gets exactly one acknowledgement for that topic's device, and nothing raises."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from central.store import register_model
 from sql.db import make_engine
 from sql.migrate import upgrade
 from tests.central.conftest import make_message, tx
-from tokenline.wire import encode
+from tokenline.wire import encode, peek_frame_id
 
-TOPIC = "tokenline/v1/s1/l1/c1/tokens"
+TOPIC = "tokenline/v2/s1/d1/tokens/l1/c1"
 _state: dict = {}
 
 
@@ -31,8 +32,10 @@ def _setup(tmp: Path, manifest, model_dir: Path):
     return _state["ingestor"], _state["valid"]
 
 
-topics = st.one_of(st.just(TOPIC), st.just("tokenline/v1/s1/d1/status"), st.just("tokenline/v1/s1/d1/stats"),
-                   st.text(max_size=80), st.just("tokenline/v1/s1/l1/c1/tokens/extra"), st.just("$SYS/x"))
+topics = st.one_of(st.just(TOPIC), st.just("tokenline/v2/s1/d1/status"), st.just("tokenline/v2/s1/d1/stats"),
+                   st.just("tokenline/v2/s1/d2/tokens/l1/c1"), st.just("tokenline/v1/s1/l1/c1/tokens"),
+                   st.just("tokenline/v1/s1/d1/status"), st.just("tokenline/v2/s1/d1/ack"),
+                   st.text(max_size=80), st.just("tokenline/v2/s1/d1/tokens/l1/c1/extra"), st.just("$SYS/x"))
 
 
 @st.composite
@@ -65,5 +68,12 @@ def test_fuzzed_batches_never_raise_and_account_for_every_message(tmp_path_facto
         res = ingestor.process(batch)
         assert res.stored + res.duplicates + res.dead + res.status == len(batch)
         assert sum(res.reasons.values()) == res.dead
-
+        expected: dict = {}
+        for t, p in items:
+            if t.startswith("tokenline/v2/s1/") and "/tokens/l1/c1" in t and not t.endswith("extra") \
+                    and peek_frame_id(p) is not None:
+                expected[("s1", t.split("/")[3])] = expected.get(("s1", t.split("/")[3]), 0) + 1
+        assert {d: len(a) for d, a in res.acks.items()} == expected
+        for a in (x for v in res.acks.values() for x in v):
+            assert a.confirmed or a.reason  # every rejection names its reason
     check()

@@ -26,7 +26,7 @@ from tokenline.wire import encode
 def test_ingest_over_tls_with_a_password_file(secured, tmp_path: Path, tiny_manifest) -> None:  # noqa: F811
     broker, tls_port, ca, pw = secured
     (tmp_path / "central.pw").write_text(pw["central"] + "\n")
-    cfg = parse_config({"mqtt": {"host": "127.0.0.1", "port": tls_port, "client_id": "central-tls",
+    cfg = parse_config({"mqtt": {"host": "127.0.0.1", "port": tls_port, "client_id": "central",
                                  "username": "central", "password_file": str(tmp_path / "central.pw"),
                                  "tls": {"enabled": True, "ca_file": str(ca)}},
                         "ingest": {"batch_linger_ms": 20}}, where="central.yaml")
@@ -43,7 +43,7 @@ def test_ingest_over_tls_with_a_password_file(secured, tmp_path: Path, tiny_mani
         msgs = [make_message(tiny_manifest, rng, site="plant1", line="line1", camera="cam1", device="jetson-a",
                              seq=i) for i in range(3)]
         for m in msgs:
-            assert not device.publish(topics.tokens_topic("plant1", "line1", "cam1"), encode(m)).is_failure
+            assert not device.publish(topics.tokens_topic("plant1", "jetson-a", "line1", "cam1"), encode(m)).is_failure
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and worker.totals["stored"] < 3:
             time.sleep(0.05)

@@ -44,7 +44,7 @@ def stored(engine, tiny_manifest):
             m = replace(m, metadata={"source": f"lot-{LOTS[i % 3]}/img_{i:04d}.png", "labels": _labels(i)})
         msgs.append(m)
     ing = Ingestor(engine, IngestConfig(), "w-test")
-    res = ing.process([Incoming(i, 1, topics.tokens_topic(m.site, m.line, m.camera), encode(m))
+    res = ing.process([Incoming(i, 1, topics.tokens_topic(m.site, m.device, m.line, m.camera), encode(m))
                        for i, m in enumerate(msgs)])
     assert res.stored == 60 and res.dead == 0
     return model, msgs, center

@@ -91,8 +91,9 @@ def test_replay_after_registering_the_model(engine, tiny_manifest, tiny_model_di
     msgs[4] = replace(msgs[4], token_dtype="fp16")
     cfg = IngestConfig(allowed_token_dtypes=["int8"])
     ing = Ingestor(engine, cfg, "w1")
-    items = [Incoming(i, 1, topics.tokens_topic(m.site, m.line, m.camera), encode(m)) for i, m in enumerate(msgs)]
-    items.append(Incoming(9, 1, topics.tokens_topic("s1", "l1", "c1"), b"\x00garbage" * 8000))
+    items = [Incoming(i, 1, topics.tokens_topic(m.site, m.device, m.line, m.camera), encode(m))
+             for i, m in enumerate(msgs)]
+    items.append(Incoming(9, 1, topics.tokens_topic("s1", "d1", "l1", "c1"), b"\x00garbage" * 8000))
     res = ing.process(items)  # no model registered yet
     assert res.dead == 6 and res.reasons == {"unknown_model": 5, "bad_magic": 1}
     with Session(engine) as s:

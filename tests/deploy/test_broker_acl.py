@@ -1,9 +1,11 @@
-"""Broker security with the real Mosquitto: generated credentials and ACLs, TLS, wrong passwords refused,
-devices confined to their own topics."""
+"""Broker security with the real Mosquitto: the generated dynamic-security configuration, TLS, wrong passwords
+refused, devices confined to their own topics (publishing refused by PUBACK, subscribing refused by SUBACK)."""
 
 from __future__ import annotations
 
-import importlib.util
+import base64
+import hashlib
+import json
 import ssl
 import subprocess
 import threading
@@ -14,12 +16,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.support.broker import Mosquitto, free_port, mosquitto_binary
+from tests.support.broker import mosquitto_binary
+from tests.support.secured_broker import generated_broker, load_generator
+from tokenline import topics
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("gen_broker_config", ROOT / "deploy" / "broker" / "gen_broker_config.py")
-gen = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gen)  # type: ignore[union-attr]
+gen = load_generator()
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed (make test installs it)")
 
@@ -51,9 +52,10 @@ def make_ca(d: Path) -> None:
 class Conn:
     """A paho MQTT 5 client with blocking helpers that report the broker's reason codes."""
 
-    def __init__(self, port: int, user: str, password: str, ca: Path | None = None) -> None:
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{user}-{time.monotonic_ns()}",
-                             protocol=mqtt.MQTTv5)
+    def __init__(self, port: int, user: str, password: str, ca: Path | None = None, client_id: str | None = None) -> None:
+        # the generated configuration binds a device to tokenline-edge-<id> and a service to its user name
+        cid = client_id or (f"tokenline-edge-{user}" if user.startswith("jetson") else user)
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
         self.c.username_pw_set(user, password)
         if ca is not None:
             self.c.tls_set(ca_certs=str(ca), tls_version=ssl.PROTOCOL_TLS_CLIENT)
@@ -95,19 +97,13 @@ class Conn:
 
 @pytest.fixture
 def secured(tmp_path: Path):
-    inv_file = tmp_path / "inventory.yaml"
-    inv_file.write_text(INVENTORY)
+    """The generated configuration with a TLS listener: (broker, its port, the CA file, passwords by user)."""
     tls = tmp_path / "tls"
     tls.mkdir()
     make_ca(tls)
-    out = tmp_path / "broker-conf"
-    tls_port = free_port()
-    assert gen.main([str(inv_file), "--out", str(out), "--port", str(tls_port), "--tls-dir", str(tls)]) == 0
-    passwords = {u: (out / "credentials" / u).read_text().strip() for u in ("jetson-a", "jetson-b", "central", "ops")}
-    # per_listener_settings is false: the generated password file and ACLs apply to every listener
-    broker = Mosquitto(tmp_path / "broker", allow_anonymous=False, extra_conf=(out / "tokenline.conf").read_text())
+    broker, passwords = generated_broker(tmp_path, INVENTORY, tls_dir=tls)
     broker.start()
-    yield broker, tls_port, tls / "ca.crt", passwords
+    yield broker, broker.port, tls / "ca.crt", passwords
     broker.stop()
 
 
@@ -115,17 +111,44 @@ def test_generated_files_and_permissions(tmp_path: Path) -> None:
     inv = tmp_path / "inv.yaml"
     inv.write_text(INVENTORY)
     out = tmp_path / "o"
-    gen.main([str(inv), "--out", str(out)])
-    acl = (out / "acl").read_text()
-    assert "user jetson-a\ntopic write tokenline/v1/plant1/line1/cam1/tokens" in acl
-    assert "topic read tokenline/v1/plant1/jetson-a/cmd" in acl
-    assert "line2/cam7" not in acl.split("user jetson-b")[0]
-    assert (out / "credentials" / "jetson-a").stat().st_mode & 0o777 == 0o600
+    assert gen.main([str(inv), "--out", str(out), "--plugin", "/opt/dynsec.so"]) == 0
+    doc = json.loads((out / "dynamic-security.json").read_text())
+    assert doc["defaultACLAccess"] == {"publishClientSend": False, "publishClientReceive": False, "subscribe": False,
+                                       "unsubscribe": True}
+    roles = {r["rolename"]: {(a["acltype"], a["topic"]) for a in r["acls"]} for r in doc["roles"]}
+    assert roles["device-jetson-a"] == {
+        ("publishClientSend", "tokenline/v2/plant1/jetson-a/tokens/line1/cam1"),
+        ("publishClientSend", "tokenline/v2/plant1/jetson-a/status"),
+        ("publishClientSend", "tokenline/v2/plant1/jetson-a/stats"),
+        ("subscribeLiteral", "tokenline/v2/plant1/jetson-a/cmd"), ("subscribeLiteral", "tokenline/v2/plant1/jetson-a/ack"),
+        ("publishClientReceive", "tokenline/v2/plant1/jetson-a/cmd"),
+        ("publishClientReceive", "tokenline/v2/plant1/jetson-a/ack")}
+    assert ("subscribePattern", "$share/central/tokenline/v2/+/+/tokens/+/+") in roles["service"]
+    assert not any(t.startswith("tokenline/v2/+/+/tokens") for k, t in roles["service"] if k.startswith("subscribe"))
+    clients = {c["username"]: c for c in doc["clients"]}
+    assert [r["rolename"] for r in clients["jetson-b"]["roles"]] == ["device-jetson-b"]
+    a = clients["jetson-a"]
+    salt = base64.b64decode(a["salt"])
     first = (out / "credentials" / "jetson-a").read_text()
-    gen.main([str(inv), "--out", str(out)])
+    assert len(salt) == 12 and a["password"] == base64.b64encode(
+        hashlib.pbkdf2_hmac("sha512", first.strip().encode(), salt, a["iterations"])).decode()
+    conf = (out / "tokenline.conf").read_text()
+    for line in ("plugin /opt/dynsec.so", f"plugin_opt_config_file {out / 'dynamic-security.json'}",
+                 "allow_anonymous false", "persistence true", "autosave_interval 60", "listener 8883"):
+        assert line in conf.splitlines()
+    assert "use_username_as_clientid" not in conf  # see the generator's docstring
+    assert (clients["jetson-a"]["clientid"], clients["central"]["clientid"]) == ("tokenline-edge-jetson-a", "central")
+    assert "clientid" not in clients["ops"]
+    assert (out / "credentials" / "jetson-a").stat().st_mode & 0o777 == 0o600
+    gen.main([str(inv), "--out", str(out), "--plugin", "/opt/dynsec.so"])
     assert (out / "credentials" / "jetson-a").read_text() == first  # re-run keeps passwords
-    gen.main([str(inv), "--out", str(out), "--rotate"])
+    gen.main([str(inv), "--out", str(out), "--plugin", "/opt/dynsec.so", "--rotate", "--allow-protocol-v1"])
     assert (out / "credentials" / "jetson-a").read_text() != first
+    doc = json.loads((out / "dynamic-security.json").read_text())
+    v1 = {a["topic"] for r in doc["roles"] if r["rolename"] == "device-jetson-a" for a in r["acls"]
+          if "/v1/" in a["topic"]}
+    assert v1 == {"tokenline/v1/plant1/line1/cam1/tokens", "tokenline/v1/plant1/jetson-a/status",
+                  "tokenline/v1/plant1/jetson-a/stats", "tokenline/v1/plant1/jetson-a/cmd"}
 
 
 @pytest.mark.parametrize("bad,msg", [
@@ -135,6 +158,10 @@ def test_generated_files_and_permissions(tmp_path: Path) -> None:
      "claimed by both"),
     ("services: [a]\nadmins: [a]", "unique"),
     ("device: []", "unknown keys"),
+    ("devices: [{id: a, site: s, cameras: [], client_id: x}]\nservices: [{id: b, client_id: x}]", "client ids"),
+    ("devices: [{id: a, site: s, cameras: [], client_id: 'a/b'}]", "devices\\[0\\].client_id"),
+    ("services: [{name: b}]", "services\\[0\\]"),
+    ("bridges: [{id: b}]", "bridges\\[0\\]"),
 ])
 def test_inventory_errors_name_the_key(tmp_path: Path, bad: str, msg: str) -> None:
     p = tmp_path / "inv.yaml"
@@ -162,28 +189,43 @@ def test_tls_auth_and_acl_enforced_by_the_real_broker(secured) -> None:
     assert ops.subscribe("tokenline/#").value < 128
     a = Conn(tls_port, "jetson-a", pw["jetson-a"], ca).connect()
     assert not a.reason.is_failure
-    # mosquitto 2.0 grants SUBSCRIBE and enforces read ACLs at delivery: a subscribes to b's topics and must
-    # receive nothing from them
-    for topic in ("tokenline/v1/plant1/jetson-b/cmd", "tokenline/v1/plant1/line2/cam7/tokens",
-                  "tokenline/v1/plant1/jetson-a/cmd"):
-        a.subscribe(topic)
+    # client ids are bound to users: jetson-b cannot take jetson-a's (nor central's) and knocks nobody off
+    for cid in ("tokenline-edge-jetson-a", "central"):
+        impostor = Conn(tls_port, "jetson-b", pw["jetson-b"], ca, client_id=cid).connect()
+        assert impostor.reason.value == 135, cid  # Not authorized, at CONNECT
+        impostor.close()
+    time.sleep(0.2)
+    assert a.c.is_connected()
+    # the plugin refuses subscriptions outside a device's own cmd/ack topics at SUBSCRIBE time (0x87)
+    for topic in ("tokenline/v2/plant1/jetson-b/cmd", "tokenline/v2/plant1/jetson-b/tokens/line2/cam7",
+                  "tokenline/v2/plant1/+/ack", "tokenline/#", "#", "$SYS/#",
+                  topics.shared("central", topics.TOKENS_FILTER), "$share/x/tokenline/v2/plant1/jetson-a/cmd"):
+        assert a.subscribe(topic).value == 135, topic
+    for own in ("tokenline/v2/plant1/jetson-a/cmd", "tokenline/v2/plant1/jetson-a/ack"):
+        assert a.subscribe(own).value == 1
     b = Conn(tls_port, "jetson-b", pw["jetson-b"], ca).connect()
-    b.subscribe("tokenline/v1/plant1/jetson-b/cmd")
-    assert a.publish("tokenline/v1/plant1/line1/cam1/tokens", b"own-a").value < 128  # own camera: accepted
-    assert b.publish("tokenline/v1/plant1/line2/cam7/tokens", b"own-b").value < 128
-    forger = Conn(tls_port, "jetson-a", pw["jetson-a"], ca).connect()
-    assert forger.publish("tokenline/v1/plant1/line2/cam7/tokens", b"forged").value == 135  # Not authorized
-    forger.close()
+    assert b.subscribe("tokenline/v2/plant1/jetson-b/cmd").value == 1
+    assert a.publish("tokenline/v2/plant1/jetson-a/tokens/line1/cam1", b"own-a").value < 128  # own camera: accepted
+    assert b.publish("tokenline/v2/plant1/jetson-b/tokens/line2/cam7", b"own-b").value < 128
     central = Conn(tls_port, "central", pw["central"], ca).connect()
+    assert central.subscribe("tokenline/v2/+/+/tokens/+/+").value == 135  # tokens only through its shared group
     for dev in ("jetson-a", "jetson-b"):
-        assert central.publish(f"tokenline/v1/plant1/{dev}/cmd", dev.encode()).value < 128
+        assert central.publish(f"tokenline/v2/plant1/{dev}/cmd", dev.encode()).value < 128
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and not (a.messages and b.messages and len(ops.messages) >= 4):
         time.sleep(0.02)
     time.sleep(0.3)  # let anything that should not arrive have its chance
-    tokens_seen = sorted(p for t, p in ops.messages if t.endswith("/tokens"))
-    assert tokens_seen == [b"own-a", b"own-b"]  # the forged message never reached anyone
-    assert a.messages == [("tokenline/v1/plant1/jetson-a/cmd", b"jetson-a")]  # nothing of b's
-    assert b.messages == [("tokenline/v1/plant1/jetson-b/cmd", b"jetson-b")]
-    for c in (ops, a, b, central):
+    assert a.messages == [("tokenline/v2/plant1/jetson-a/cmd", b"jetson-a")]  # nothing of b's
+    assert b.messages == [("tokenline/v2/plant1/jetson-b/cmd", b"jetson-b")]
+    a.close()
+    # Mosquitto closes the connection after a refused publish; a second connection with jetson-a's credentials
+    # takes over its client id (the username): forge from a fresh connection each time
+    for topic in ("tokenline/v2/plant1/jetson-b/tokens/line2/cam7", "tokenline/v1/plant1/line1/cam1/tokens"):
+        forger = Conn(tls_port, "jetson-a", pw["jetson-a"], ca).connect()
+        assert forger.publish(topic, b"forged").value == 135, topic  # v1 only with --allow-protocol-v1
+        forger.close()
+    time.sleep(0.3)
+    tokens_seen = sorted(p for t, p in ops.messages if "/tokens" in t)
+    assert tokens_seen == [b"own-a", b"own-b"]  # the forged messages never reached anyone
+    for c in (ops, b, central):
         c.close()

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_central_compose_example_validates() -> None:
     cfg = load_config(ROOT / "deploy" / "compose" / "central.example.yaml")
-    assert cfg.mqtt.tls.enabled and cfg.mqtt.password_file == Path("/etc/tokenline/mqtt.password")
+    assert cfg.mqtt.tls.enabled and cfg.mqtt.password_file == Path("/etc/tokenline/mqtt-1.password")
+    assert cfg.mqtt.username == cfg.mqtt.client_id  # the generated broker configuration binds a service's id
     assert cfg.mqtt.port == 8883 and cfg.database.url.startswith("postgresql://")
     assert "central.example.yaml" in (ROOT / "deploy" / "compose" / "docker-compose.yml").read_text()
 

@@ -69,7 +69,7 @@ def test_round_trip_every_message_decodes_and_matches_the_bare_encoder(mosquitto
             jpeg = tmp_path / "originals" / m.frame_id_hex[:8] / f"{m.frame_id_hex}.jpg"
             assert cv2.imread(str(jpeg)).shape == (64, 96, 3)  # the original is kept locally
     status = [(t, p, r) for t, p, r in sub.raw if t.endswith("/status")]
-    assert status[0] == ("tokenline/v1/site-a/edge-test/status", b"online", False)
+    assert status[0] == ("tokenline/v2/site-a/edge-test/status", b"online", False)
     assert status[-1][1] == b"offline"  # clean shutdown says offline itself
     stats = json.loads(next(p for t, p, _ in sub.raw if t.endswith("/stats")))
     assert set(stats) >= {"cameras", "inference", "queues", "outbox", "originals", "commands"}
@@ -94,6 +94,43 @@ def test_broker_down_then_back_everything_delivered_in_order(mosquitto, tmp_path
     finally:
         agent.shutdown()
         sub.close()
+
+
+def test_frames_wait_for_centrals_confirmation_and_health_says_so(mosquitto, tmp_path, tiny_model_dir) -> None:
+    import urllib.error
+    import urllib.request
+
+    bare = Collector(mosquitto.host, mosquitto.port, confirm=False)  # receives, never confirms
+    agent = start_agent(tmp_path, tiny_model_dir, mosquitto.port, [synthetic_camera("cam-1", frames=6)],
+                        mqtt={"confirm_timeout_s": 1.0, "confirm_timeout_max_s": 1.0},
+                        health={"http_port": 0, "max_unconfirmed_age_s": 1.5})
+    url = f"http://127.0.0.1:{agent.health_server.port}/health"
+    try:
+        assert bare.wait_for(lambda s: len(s.unique_seqs("cam-1")) == 6, 30)
+        assert bare.wait_for(lambda s: agent.outbox.resent >= 6, 10)  # unconfirmed: sent again, flagged replayed
+        assert any(m.replayed for m in bare.messages) and agent.outbox.count == 6
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and agent.snapshot()["status"] == "ok":
+            time.sleep(0.1)
+        snap = agent.snapshot()
+        assert snap["outbox"]["acked"] >= 6 and snap["outbox"]["pending"] == 6 and snap["outbox"]["oldest_pending_s"] > 1.5
+        assert any("awaiting central's confirmation" in p for p in snap["problems"])
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url, timeout=5)
+        body = json.loads(err.value.read())
+        assert err.value.code == 503 and body["pending"] == 6 and "oldest_awaiting_s" in body
+        central = Collector(mosquitto.host, mosquitto.port)  # now something confirms: the next resends do it
+        try:
+            assert central.wait_for(lambda s: agent.outbox.count == 0, 20), agent.snapshot()["outbox"]
+        finally:
+            central.close()
+        out = agent.snapshot()["outbox"]
+        assert out["confirmed"] == 6 and out["awaiting_confirmation"] == 0 and out["oldest_awaiting_s"] == 0
+        with urllib.request.urlopen(url, timeout=5) as r:
+            assert json.loads(r.read())["awaiting_confirmation"] == 0
+    finally:
+        agent.shutdown()
+        bare.close()
 
 
 def test_outbox_cap_evicts_oldest_counted_then_delivers_the_rest(tmp_path, tiny_model_dir) -> None:

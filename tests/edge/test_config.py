@@ -46,6 +46,8 @@ def test_valid_config_and_defaults(tmp_path: Path, tiny_model_dir: Path) -> None
      d.update(messages={"token_dtype": "int2"}), "messages.token_dtype", "Input should be"),
     (lambda d: d["originals"].update(upload={"policy": "all"}), "originals.upload", "needs url"),
     (lambda d: d["mqtt"].update(tls={"enabled": True, "cert_file": "c.pem"}), "mqtt.tls", "go together"),
+    (lambda d: d["mqtt"].update(protocol=3), "mqtt.protocol", "Input should be"),
+    (lambda d: d["mqtt"].update(confirm_timeout_s=60, confirm_timeout_max_s=30), "mqtt", "confirm_timeout_max_s"),
     (lambda d: d["cameras"][0].update(source={"kind": "url", "url": "ftp://x"}), "cameras[0].source.url", "pattern"),
     (lambda d: d["cameras"][0].update(source={"kind": "gstreamer", "pipeline": "videotestsrc ! fakesink"}),
      "cameras[0].source.pipeline", "appsink"),

@@ -18,7 +18,7 @@ from tokenline import topics, wire
 from tokenline.frame_id import new_frame_id
 from tokenline.summary import Summary
 
-TOPIC = topics.tokens_topic("site-a", "line-1", "cam1")
+TOPIC = topics.tokens_topic("site-a", "edge-test", "line-1", "cam1")
 
 
 def payload(seq: int, k: int, d: int, dtype: str) -> bytes:

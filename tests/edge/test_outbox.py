@@ -36,3 +36,65 @@ def test_outbox_order_seq_persistence_and_eviction(tmp_path: Path) -> None:
     db = sqlite3.connect(str(p))
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("SELECT reason FROM rejected").fetchone()[0] == "Not authorized"
+
+
+def _token_payload(seq: int) -> bytes:
+    """The head of a token message (what the outbox reads its frame id from) and a body."""
+    from tokenline.frame_id import new_frame_id
+
+    return b"TKLN" + bytes(8) + new_frame_id() + seq.to_bytes(4, "little") + b"x" * 60
+
+
+def test_rows_wait_for_central_then_leave_resend_or_move_to_rejected(tmp_path: Path) -> None:
+    from tokenline.acks import COMMITTED, DUPLICATE, REJECTED, Ack
+
+    ob = Outbox(tmp_path / "ob.sqlite", max_bytes=1 << 20, max_messages=100)
+    ob.put_many([("a", "t/a", _token_payload) for _ in range(4)])
+    rows = ob.after(0, 10)
+    fids = [r.payload[12:28] for r in rows]
+    assert ob.mark_sent([r.id for r in rows], timeout_s=30, max_timeout_s=600) == 4
+    assert ob.after(0, 10) == [] and ob.count == 4  # PUBACKed: kept, awaiting central, not sent again yet
+    n, age = ob.awaiting()
+    assert n == 4 and 0 <= age < 5 and ob.stats()["awaiting_confirmation"] == 4
+    ok, bad = ob.confirm([Ack(fids[0], COMMITTED), Ack(fids[1], DUPLICATE), Ack(fids[2], REJECTED, "unknown_model"),
+                          Ack(b"\x07" * 16, COMMITTED)])  # an id this outbox does not hold is ignored
+    assert (ok, bad) == (2, 1) and ob.count == 1 and ob.confirmed == 2 and ob.duplicates == 1
+    assert ob.rejected == 1 and ob.rejected_by_central == 1
+    assert ob.requeue_due() is None  # not overdue yet
+    now_us = 10**18  # far in the future: everything awaiting is overdue
+    assert ob.requeue_due(now_us) == rows[3].id and ob.resent == 1
+    again = ob.after(0, 10)
+    assert [r.id for r in again] == [rows[3].id] and again[0].sends == 1  # sent before: goes out flagged replayed
+    ob.mark_sent([rows[3].id], timeout_s=30, max_timeout_s=45)  # the second wait is doubled, capped at 45 s
+    ob.close()
+    db = sqlite3.connect(str(tmp_path / "ob.sqlite"))
+    (due, created), = db.execute("SELECT due_us, created_us FROM outbox").fetchall()
+    assert 44e6 < due - created < 50e6
+    assert db.execute("SELECT reason FROM rejected").fetchall() == [("central: unknown_model",)]
+
+
+def test_an_outbox_written_by_a_protocol_1_agent_is_upgraded_in_place(tmp_path: Path) -> None:
+    p = tmp_path / "old.sqlite"
+    old = sqlite3.connect(str(p))
+    old.executescript("""
+        CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL,
+                             camera TEXT NOT NULL, seq INTEGER NOT NULL, created_us INTEGER NOT NULL);
+        CREATE TABLE seqs (camera TEXT PRIMARY KEY, next_seq INTEGER NOT NULL);
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);""")
+    payloads = [_token_payload(i) for i in range(3)]
+    old.executemany("INSERT INTO outbox(topic, payload, camera, seq, created_us) VALUES (?, ?, 'a', ?, 1)",
+                    [("tokenline/v1/s/l/a/tokens", pl, i) for i, pl in enumerate(payloads)])
+    old.execute("INSERT INTO seqs VALUES ('a', 3)")
+    old.commit()
+    old.close()
+    ob = Outbox(p, max_bytes=1 << 20, max_messages=100)
+    assert ob.count == 3 and ob.next_seqs() == {"a": 3} and [r.seq for r in ob.after(0, 10)] == [0, 1, 2]
+    from tokenline.acks import COMMITTED, Ack
+
+    assert ob.confirm([Ack(pl[12:28], COMMITTED) for pl in payloads[:2]]) == (2, 0)  # frame ids were filled in
+    assert [r.seq for r in ob.after(0, 10)] == [2]
+    from tokenline import topics
+
+    assert ob.retopic(lambda t: topics.relayout(t, "dev", 2)) == 1  # what is left goes out on the v2 topics
+    assert [r.topic for r in ob.after(0, 10)] == ["tokenline/v2/s/dev/tokens/l/a"]
+    ob.close()

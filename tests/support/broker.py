@@ -53,11 +53,12 @@ def mosquitto_binary() -> Optional[str]:
 class Mosquitto:
     """One mosquitto process with persistence in ``workdir``; ``stop()``/``start()`` keep port and state.
 
-    ``extra_conf`` is appended to the generated config (listeners for TLS, ACL files, ...).
+    ``extra_conf`` is appended to the generated config (listeners for TLS, ACL files, ...). ``config`` replaces
+    it all but the logging (e.g. what ``deploy/broker/gen_broker_config.py`` writes, listening on ``port``).
     """
 
     def __init__(self, workdir: Path, port: Optional[int] = None, extra_conf: str = "",
-                 allow_anonymous: bool = True) -> None:
+                 allow_anonymous: bool = True, config: Optional[str] = None) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise RuntimeError("mosquitto is not installed (Debian package 'mosquitto'; `make test` installs it)")
@@ -70,16 +71,19 @@ class Mosquitto:
         self.log = self.workdir / "mosquitto.log"
         # Started as root, mosquitto drops to user "mosquitto", which cannot read pytest's private tmp dirs.
         run_as = "user root\n" if os.geteuid() == 0 else ""
+        logging = f"log_dest file {self.log}\nlog_type error\nlog_type warning\nlog_type notice\n"
+        self.proc: Optional[subprocess.Popen] = None
+        if config is not None:
+            self.conf.write_text(run_as + logging + config)
+            return
         self.conf.write_text(
             run_as + f"listener {self.port} 127.0.0.1\n"
             f"allow_anonymous {'true' if allow_anonymous else 'false'}\n"
             f"persistence true\npersistence_location {self.workdir}/\n"
             "autosave_interval 1\n"
             "max_queued_messages 0\nmax_inflight_messages 100\n"
-            f"log_dest file {self.log}\nlog_type error\nlog_type warning\nlog_type notice\n"
-            + extra_conf
+            + logging + extra_conf
         )
-        self.proc: Optional[subprocess.Popen] = None
 
     def start(self, timeout: float = 10.0) -> "Mosquitto":
         self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,

@@ -1,33 +1,45 @@
-"""Test helper: a real MQTT 5 subscriber (paho) that decodes every token message with tokenline.wire.
+"""Test helper: a real MQTT 5 subscriber (paho) that decodes every token message with tokenline.wire and, like
+central, confirms each one to its device (protocol 2 acknowledgements on the device's ack topic).
 
 Persistent session (clean_start False, long session expiry) so QoS 1 messages published while it is
-disconnected - e.g. across a broker restart - are queued for it by the broker.
+disconnected - e.g. across a broker restart - are queued for it by the broker. ``confirm=False`` makes it a
+bare subscriber that confirms nothing (an edge then keeps its rows awaiting confirmation).
 """
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tokenline import topics, wire
+from tokenline import acks, topics, wire
 
 
 class Collector:
-    def __init__(self, host: str, port: int, topic: str = topics.TOKENS_FILTER, extra: Tuple[str, ...] = ()) -> None:
+    def __init__(self, host: str, port: int, topic: str = topics.TOKENS_FILTER, extra: Tuple[str, ...] = (),
+                 confirm: bool = True, username: Optional[str] = None, password: Optional[str] = None,
+                 ca_file: Optional[Path] = None, client_id: Optional[str] = None) -> None:
         self.messages: List[wire.TokenMessage] = []
         self.raw: List[Tuple[str, bytes, bool]] = []  # (topic, payload, retain) of non-token topics
         self.errors: List[Tuple[str, str]] = []
+        self.confirmed: set = set()  # frame ids acknowledged as committed
         self.lock = threading.RLock()
         self.connected = threading.Event()
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=f"test-sub-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
+                                  client_id=client_id or f"test-sub-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
         self.client.reconnect_delay_set(0.2, 1)  # type: ignore[arg-type]
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if ca_file is not None:
+            self.client.tls_set(ca_certs=str(ca_file), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        self.suback: List[int] = []  # reason codes of every SUBACK
         self.topics = (topic,) + extra
 
         def on_connect(c, u, flags, rc, props):
@@ -39,7 +51,11 @@ class Collector:
             self.connected.clear()
 
         def on_message(c, u, m):
-            if m.topic.endswith("/tokens"):
+            try:
+                t: Optional[topics.Topic] = topics.parse_topic(m.topic)
+            except topics.TopicError:
+                t = None
+            if t is not None and t.kind == topics.KIND_TOKENS:
                 try:
                     msg = wire.decode(m.payload)
                 except wire.WireError as exc:
@@ -48,10 +64,20 @@ class Collector:
                     return
                 with self.lock:
                     self.messages.append(msg)
+                    seen = msg.frame_id in self.confirmed
+                    self.confirmed.add(msg.frame_id)
+                if confirm and t.version >= 2:
+                    ack = acks.Ack(msg.frame_id, acks.DUPLICATE if seen else acks.COMMITTED)
+                    c.publish(topics.ack_topic(t.site, t.device or ""), acks.encode([ack]), qos=1)
             else:
                 with self.lock:
                     self.raw.append((m.topic, bytes(m.payload), bool(m.retain)))
 
+        def on_subscribe(c, u, mid, reason_codes, props):
+            with self.lock:
+                self.suback.extend(rc.value for rc in reason_codes)
+
+        self.client.on_subscribe = on_subscribe
         self.client.on_connect = on_connect
         self.client.on_disconnect = on_disconnect
         self.client.on_message = on_message

@@ -6,87 +6,25 @@ reported drops, and prints the figures.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 import pytest
 import yaml
 
 from tests.edge.conftest import agent_config, synthetic_camera
 from tests.support.broker import Mosquitto, mosquitto_binary
+from tests.support.nodes import wait_for
+from tests.support.system_procs import CentralProcess as Central
+from tests.support.system_procs import read_health as edge_stats
+from tests.support.system_procs import spawn as start
 from tests.support.tiny_model import build_tiny_model
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed (make test installs it)")
-
-
-def start(cmd: List[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-
-
-class Central:
-    """central's ingest worker on SQLite, as a real process that can be SIGKILLed and restarted."""
-
-    def __init__(self, tmp: Path, port: int, model_dir: Path) -> None:
-        self.tmp, self.db = tmp, tmp / "central.db"
-        self.cfg = tmp / "central.yaml"
-        self.cfg.write_text(yaml.safe_dump({
-            "database": {"url": f"sqlite:///{self.db}"},
-            "mqtt": {"host": "127.0.0.1", "port": port, "client_id": "central-fault-1"},
-            "ingest": {"batch_max": 20, "batch_linger_ms": 50},
-        }))
-        self.base = [sys.executable, "-m", "central.cli", "--config", str(self.cfg), "--log-level", "WARNING"]
-        for sub in (["migrate"], ["register-model", str(model_dir)]):
-            subprocess.run(self.base + sub, cwd=ROOT, check=True, capture_output=True, timeout=120)
-        self.proc: Optional[subprocess.Popen] = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        self.proc = start(self.base + ["ingest", "--no-migrate"], self.tmp / f"ingest-{self.starts}.log")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-    def rows(self) -> List[Tuple[str, str, int]]:
-        try:
-            with sqlite3.connect(self.db, timeout=10) as db:
-                return db.execute("SELECT frame_id, camera, seq FROM frames").fetchall()
-        except sqlite3.Error:
-            return []
-
-
-def wait_until(pred, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.25)
-    return pred()
-
-
-def edge_stats(health: Path) -> Dict:
-    try:
-        return json.loads(health.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 @pytest.fixture(scope="module")
@@ -105,15 +43,15 @@ def test_broker_restart_and_central_crash_mid_stream_lose_nothing(tmp_path: Path
     edge = start([sys.executable, "-m", "edge_agent", "run", "--config", str(tmp_path / "edge.yaml")],
                  tmp_path / "edge.log")
     try:
-        assert wait_until(lambda: len(central.rows()) >= 20, 60), "nothing arrived"
+        assert wait_for(lambda: len(central.rows()) >= 20, 60), "nothing arrived"
         broker.stop()  # broker restarts during streaming
         time.sleep(2.0)
         broker.start()
-        assert wait_until(lambda: len(central.rows()) >= 100, 60)
+        assert wait_for(lambda: len(central.rows()) >= 100, 60)
         central.kill()  # central killed mid-ingest (SIGKILL: no goodbye, no commit of the batch in hand)
         time.sleep(1.5)
         central.start()
-        assert wait_until(lambda: len(central.rows()) >= 2 * frames, 90), f"{len(central.rows())} arrived"
+        assert wait_for(lambda: len(central.rows()) >= 2 * frames, 90), f"{len(central.rows())} arrived"
         time.sleep(1.0)  # anything redelivered after the last commit has its chance to (wrongly) show up
         rows = central.rows()
     finally:
@@ -149,9 +87,9 @@ def test_outbox_disk_full_keeps_the_agent_running_and_counts_every_drop(tmp_path
                  tmp_path / "edge.log")
     health = tmp_path / "health.json"
     try:
-        assert wait_until(lambda: (edge_stats(health).get("outbox") or {}).get("write_errors", 0) > 0, 60), \
+        assert wait_for(lambda: (edge_stats(health).get("outbox") or {}).get("write_errors", 0) > 0, 60), \
             "the outbox never hit the full disk"
-        assert wait_until(lambda: edge_stats(health).get("inference", {}).get("frames", 0) >= frames, 60)
+        assert wait_for(lambda: edge_stats(health).get("inference", {}).get("frames", 0) >= frames, 60)
         assert edge.poll() is None, "the agent died on a full disk"
         broker.start()
         central = Central(tmp_path, broker.port, model_dir)
@@ -159,7 +97,7 @@ def test_outbox_disk_full_keeps_the_agent_running_and_counts_every_drop(tmp_path
         # what did fit on the disk reaches central (deleting it from a full disk may itself fail: the rows are
         # then sent again and central drops the duplicates by frame id)
         written = lambda: (edge_stats(health).get("outbox") or {}).get("inserted", -1)  # noqa: E731
-        assert wait_until(lambda: 0 < written() <= len(central.rows()), 60)
+        assert wait_for(lambda: 0 < written() <= len(central.rows()), 60)
         time.sleep(2.0)
         assert edge.poll() is None, "the agent died on a full disk"
         stats = edge_stats(health)

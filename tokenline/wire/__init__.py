@@ -27,7 +27,8 @@ message_size_v1 = v1.message_size
 __all__ = [
     "CRC_SIZE", "DEFAULT_MAX_BYTES", "DTYPE_CODES", "FLAG_REPLAYED", "KNOWN_FLAGS", "MAGIC", "MAX_METADATA_BYTES",
     "REASONS", "VERSION", "VERSIONS", "TokenMessage", "WireError", "check_metadata", "decode", "encode",
-    "message_size", "message_size_v1", "pack_int4", "quantize", "unpack_int4", "with_flags", "with_header",
+    "message_size", "message_size_v1", "pack_int4", "peek_frame_id", "quantize", "unpack_int4", "with_flags",
+    "with_header",
 ]
 
 
@@ -68,6 +69,17 @@ def _offset(header, name: str) -> int:
 
 _FLAGS_AT, _SEQ_AT = _offset(v1.HEADER, "flags"), _offset(v1.HEADER, "seq")
 assert (_FLAGS_AT, _SEQ_AT) == (_offset(v2.HEADER, "flags"), _offset(v2.HEADER, "seq"))
+_FRAME_ID_AT = _offset(v1.HEADER, "frame_id")  # the same in both versions, too
+assert _FRAME_ID_AT == _offset(v2.HEADER, "frame_id")
+
+
+def peek_frame_id(buf: bytes) -> Optional[bytes]:
+    """The frame id field of a payload that at least starts like a token message (magic and a complete id, any
+    version), without validating anything else; None otherwise. Central uses it to tell a device which of its
+    messages it rejected (tokenline.acks)."""
+    if not isinstance(buf, (bytes, bytearray, memoryview)) or len(buf) < _FRAME_ID_AT + 16 or bytes(buf[:4]) != MAGIC:
+        return None
+    return bytes(buf[_FRAME_ID_AT:_FRAME_ID_AT + 16])
 
 
 def with_header(buf: bytes, *, flags: Optional[int] = None, seq: Optional[int] = None) -> bytes:

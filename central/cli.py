@@ -358,6 +358,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from central.search import Filters, Searcher, build_query, parse_labels
 
     cfg = _cfg(args)
+    filters = Filters(args.site, args.line, args.camera, args.since_us, args.until_us, parse_labels(args.label))
     engine = _engine(cfg)
     image = None
     if args.image:
@@ -369,7 +370,6 @@ def cmd_search(args: argparse.Namespace) -> int:
         model, query = build_query(s, EncoderPool(cfg.search.providers), image=image, query_text=args.text,
                                    like_frame=args.like_frame, model_id=args.model_id,
                                    max_image_pixels=cfg.api.max_image_pixels)
-    filters = Filters(args.site, args.line, args.camera, args.since_us, args.until_us, parse_labels(args.label))
     hits = Searcher(engine, cfg.search).search(model, query, args.k, filters, rerank=not args.no_rerank)
     if args.json:
         print_json([h.public() for h in hits])

@@ -14,9 +14,12 @@ process; ``progress`` tells where it stands from what central already receives, 
 ``failed``          the command could not be published (broker unreachable, not authorized): ``detail`` says why
 ==================  =========================================================================================
 
-The command is published by a short-lived client of its own (``api.command_client_id``, default
-``<mqtt.client_id>-api``): a connection per request, clean start, no session, so it never takes over an ingest
-worker's persistent session. Requests are kept in memory for the serving process (a restart forgets them; the
+The command goes to the device's protocol 2 command topic (``tokenline/v2/<site>/<device>/cmd``), and to its
+protocol 1 topic when nobody subscribes to that one and ``ingest.accept_protocol_v1`` is on. It is published by a
+short-lived client of its own (``api.command_client_id``, default ``<mqtt.client_id>-api``; with
+``api.command_username``, as that broker user: the generated broker configuration's ``apis`` role, which may
+publish commands and nothing else): a connection per request, clean start, no session, so it never takes over
+an ingest worker's persistent session. Requests are kept in memory for the serving process (a restart forgets them; the
 original still arrives and the state then reads ``stored``).
 """
 
@@ -59,7 +62,11 @@ def publish_command(cfg: CentralConfig, topic: str, payload: bytes, timeout_s: f
     from runtime.mqtt import make_client
 
     client_id = cfg.api.command_client_id or f"{cfg.mqtt.client_id}-api"
-    c = make_client(cfg.mqtt, client_id, reconnect_on_failure=False)
+    conn = cfg.mqtt
+    if cfg.api.command_username is not None:  # the broker user of the API (inventory `apis`): commands only
+        conn = conn.model_copy(update={"username": cfg.api.command_username, "password": cfg.api.command_password,
+                                       "password_file": cfg.api.command_password_file})
+    c = make_client(conn, client_id, reconnect_on_failure=False)
     done = threading.Event()
     result: Dict[str, Any] = {}
 
@@ -115,6 +122,10 @@ class OriginalRequests:
         try:
             cmd = topics.Command(action="request_original", frame_id=fid, request_id=req.request_id)
             req.publish_code = publish_command(self.cfg, topics.cmd_topic(fr.site, fr.device), cmd.to_json())
+            if req.publish_code == NO_MATCHING_SUBSCRIBERS and self.cfg.ingest.accept_protocol_v1:
+                # nobody on the device's protocol 2 command topic: an edge not upgraded yet listens on protocol 1's
+                req.publish_code = publish_command(self.cfg, topics.cmd_topic(fr.site, fr.device, version=1),
+                                                   cmd.to_json())
         except Unavailable as exc:
             req.error = exc.detail
         log.info("original of %s requested from %s/%s by %s: %s", fid, fr.site, fr.device, by,

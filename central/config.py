@@ -95,9 +95,21 @@ class ApiConfig(StrictModel):
     image_workers: int = Field(2, ge=1, le=64)  # threads that decode and encode images, off the event loop
     image_queue: int = Field(8, ge=0)  # requests waiting for one of them; beyond, 503 "busy"
     # POST /v1/frames/{id}/original/request publishes the edge's request_original command with this MQTT client id
-    # (default: mqtt.client_id + "-api"; never an ingest worker's, whose persistent session it would take over).
+    # (default: mqtt.client_id + "-api"; never an ingest worker's, whose persistent session it would take over) and,
+    # when command_username is set, as that broker user: the inventory's `apis` entry of
+    # deploy/broker/gen_broker_config.py, bound to that client id and allowed to publish commands only
+    # (docs/deployment.md). Unset: mqtt.username and its password.
     command_client_id: Optional[str] = Field(None, min_length=1, max_length=128)
+    command_username: Optional[str] = Field(None, min_length=1)
+    command_password: Optional[str] = None
+    command_password_file: Optional[Path] = None
     original_request_timeout_s: float = Field(120.0, gt=0)  # after this, a request with no upload is "no_answer"
+
+    @model_validator(mode="after")
+    def _command_password(self) -> "ApiConfig":
+        if self.command_password is not None and self.command_password_file is not None:
+            raise ValueError("give command_password or command_password_file, not both")
+        return self
 
 
 class CentralConfig(StrictModel):

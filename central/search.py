@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from central import store
 from central.config import SearchConfig
-from central.errors import Internal, Invalid, NotFound, TooLarge
+from central.errors import BadParameter, Internal, Invalid, NotFound, TooLarge
 from central.store import FRAMES_DELETED, FrameData, ModelInfo
 from sql.db import is_postgres
 from sql.models import Frame
@@ -54,32 +54,22 @@ class Filters:
 
 def parse_labels(items: Optional[Sequence[str]]) -> Tuple[LabelFilter, ...]:
     """``["lot=17", "rework"]`` -> ``(("lot", "17"), ("rework", None))``: ``name=value`` or a bare ``name`` (the
-    label is present, whatever its value). ``Invalid`` for a name outside the label name rule."""
+    label is present, whatever its value). ``BadParameter("label")`` (422) for a name outside the label name rule."""
     out: List[LabelFilter] = []
     for item in items or ():
         name, eq, value = item.partition("=")
         name = name.strip()
         if not NAME_RE.match(name):
-            raise Invalid(f"label filter {item!r:.80}: the name must match {NAME_RULE}", reason=BAD_QUERY)
+            raise BadParameter("label", f"{item!r:.80}: the name must match {NAME_RULE}")
         if len(value) > MAX_LABEL_VALUE:
-            raise Invalid(f"label filter {name}: the value is longer than {MAX_LABEL_VALUE}", reason=BAD_QUERY)
+            raise BadParameter("label", f"{name}: the value is longer than {MAX_LABEL_VALUE}")
         out.append((name, value if eq else None))
     return tuple(out)
 
 
-def _json_path(name: str) -> str:
-    return f'$."{name}"'  # names match NAME_RE: no quotes to escape
-
-
 def label_ids(session: Session, model_id: int, labels: Sequence[LabelFilter]) -> np.ndarray:
     """Row ids of the model's frames that carry every label in ``labels`` (SQLite: json_extract / json_type)."""
-    q = select(Frame.id).where(Frame.model_id == model_id)
-    for name, value in labels:
-        if value is None:
-            q = q.where(func.json_type(Frame.labels, _json_path(name)).is_not(None))
-        else:
-            q = q.where(func.json_type(Frame.labels, _json_path(name)) == "text",
-                        func.json_extract(Frame.labels, _json_path(name)) == value)
+    q = select(Frame.id).where(Frame.model_id == model_id, *store.label_clauses(labels, postgres=False))
     return np.fromiter(session.scalars(q), np.int64)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from sqlalchemy import and_, delete, func, insert, or_, select, text, update
+from sqlalchemy import and_, delete, func, insert, or_, select, text, type_coerce, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -277,14 +277,32 @@ def get_frames(session: Session, ids: Sequence[int], dim: int) -> Dict[int, Fram
 _LIST_COLS = ("id", *_FRAME_META, "legal_hold", "k")
 
 
+def label_clauses(labels: Sequence[Tuple[str, Optional[str]]], postgres: bool) -> List[Any]:
+    """SQL conditions: a frame carries every label ``(name, value)`` (``value`` None: any value). Names follow
+    the label name rule (checked by ``search.parse_labels``), so they need no quoting in a JSON path."""
+    out: List[Any] = []
+    for name, value in labels:
+        if postgres:  # the GIN index on labels answers both
+            col = type_coerce(Frame.labels, postgresql.JSONB)
+            out.append(col.has_key(name) if value is None else col.contains({name: value}))
+        elif value is None:
+            out.append(func.json_type(Frame.labels, f'$."{name}"').is_not(None))
+        else:
+            out += [func.json_type(Frame.labels, f'$."{name}"') == "text",
+                    func.json_extract(Frame.labels, f'$."{name}"') == value]
+    return out
+
+
 def browse_frames(session: Session, *, model_id: Optional[int] = None, site: Optional[str] = None,
                   line: Optional[str] = None, camera: Optional[str] = None, since_us: Optional[int] = None,
-                  until_us: Optional[int] = None, before: Optional[Tuple[int, int]] = None,
-                  limit: int = 50) -> List[Dict[str, Any]]:
+                  until_us: Optional[int] = None, labels: Sequence[Tuple[str, Optional[str]]] = (),
+                  before: Optional[Tuple[int, int]] = None, limit: int = 50) -> List[Dict[str, Any]]:
     """The latest frames (newest capture first, ties by row id) with the search filters, after the keyset
     ``before`` = (capture_us, row id) of the last frame already listed; metadata only, with the original's state."""
     cols = [getattr(Frame, n) for n in _LIST_COLS]
     q = select(*cols, Original.state).outerjoin(Original, Original.frame_id == Frame.frame_id)
+    if labels:
+        q = q.where(*label_clauses(labels, is_postgres(session.get_bind())))
     for col, v in ((Frame.model_id, model_id), (Frame.site, site), (Frame.line, line), (Frame.camera, camera)):
         if v is not None:
             q = q.where(col == v)

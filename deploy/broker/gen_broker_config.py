@@ -20,7 +20,8 @@ Not ``use_username_as_clientid``: with it, Mosquitto 2.0.11 refuses a CONNECT wi
 session of the client id it named first (tests/system/test_attacks.py, row 3).
 
 Client ids: a device connects as ``tokenline-edge-<id>`` (the edge agent's default ``mqtt.client_id``), a service
-with its user name as client id (central's ``mqtt.client_id``); the inventory's ``client_id`` overrides either.
+or an api user with its user name as client id (central's ``mqtt.client_id``, ``api.command_client_id``); the
+inventory's ``client_id`` overrides any of them.
 Admins are not bound (trusted operators with tools that pick their own ids).
 
 Roles (anything not granted is denied: publishing, subscribing, receiving):
@@ -33,6 +34,9 @@ Roles (anything not granted is denied: publishing, subscribing, receiving):
   service users (one per central ingest worker): subscribe to the token filters of both layouts through
     central's shared group only ($share/<--group>/...), to the status and stats filters, and publish
     acknowledgements and commands (tokenline/v2/+/+/ack, .../cmd, tokenline/v1/+/+/cmd)
+  api users (central's API process, which publishes request_original when someone asks for an original; its
+    api.command_username and api.command_client_id): publish tokenline/v2/+/+/cmd (and tokenline/v1/+/+/cmd),
+    nothing else: no subscription, no tokens, no acknowledgements
   admin users: publish, subscribe and receive tokenline/#
   bridges (a site broker's bridge user, deploy/broker/site-bridge.conf.template): speaks for every device of
     its site: publishes their tokens, status and stats, subscribes to their cmd and ack topics; the site
@@ -45,6 +49,7 @@ Inventory (YAML):
       cameras: [{line: line3, camera: cam1}, {line: line3, camera: cam2}]
       # client_id: tokenline-edge-jetson-01     (the default)
   services: [central-ingest-1, central-ingest-2]   # or {id: ..., client_id: ...}
+  apis: [central-api]                               # or {id: ..., client_id: ...}
   admins: [ops]
   bridges: [{id: bridge-plant-b, site: plant-b}]
 """
@@ -99,9 +104,10 @@ def load_inventory(path: Path) -> Dict[str, Any]:
         raise InventoryError(f"{path}: {exc}") from None
     if not isinstance(data, dict):
         raise InventoryError(f"{path}: top level must be a mapping")
-    unknown = set(data) - {"devices", "services", "admins", "bridges"}
+    unknown = set(data) - {"devices", "services", "apis", "admins", "bridges"}
     if unknown:
-        raise InventoryError(f"{path}: unknown keys {sorted(unknown)} (allowed: devices, services, admins, bridges)")
+        raise InventoryError(f"{path}: unknown keys {sorted(unknown)} (allowed: devices, services, apis, admins, "
+                             "bridges)")
     devices = []
     for i, dev in enumerate(data.get("devices") or []):
         where = f"devices[{i}]"
@@ -122,21 +128,13 @@ def load_inventory(path: Path) -> Dict[str, Any]:
             raise InventoryError(f"bridges[{i}]: needs exactly id and site")
         bridges.append({"id": _name(br["id"], f"bridges[{i}].id"), "site": _name(br["site"], f"bridges[{i}].site")})
     ids = [d["id"] for d in devices]
-    services = []
-    for i, svc in enumerate(data.get("services") or []):
-        if isinstance(svc, dict):
-            if set(svc) - {"id", "client_id"} or "id" not in svc:
-                raise InventoryError(f"services[{i}]: a name, or {{id, client_id}}")
-            user = _name(svc["id"], f"services[{i}].id")
-            services.append({"id": user, "client_id": _client_id(svc.get("client_id", user), f"services[{i}].client_id")})
-        else:
-            services.append({"id": _name(svc, f"services[{i}]"), "client_id": svc})
+    services, apis = _bound_users(data, "services"), _bound_users(data, "apis")
     admins = [_name(a, "admins[]") for a in data.get("admins") or []]
-    users = ids + [s["id"] for s in services] + admins + [b["id"] for b in bridges]
+    users = ids + [s["id"] for s in services + apis] + admins + [b["id"] for b in bridges]
     dupes = {u for u in users if users.count(u) > 1}
     if dupes:
         raise InventoryError(f"user names must be unique across devices, services and admins: {sorted(dupes)}")
-    cids = [d["client_id"] for d in devices] + [s["client_id"] for s in services] + [b["id"] for b in bridges]
+    cids = [d["client_id"] for d in devices] + [s["client_id"] for s in services + apis] + [b["id"] for b in bridges]
     dupes = {c for c in cids if cids.count(c) > 1}
     if dupes:
         raise InventoryError(f"client ids must be unique: {sorted(dupes)}")
@@ -148,7 +146,22 @@ def load_inventory(path: Path) -> Dict[str, Any]:
             if key in seen:
                 raise InventoryError(f"camera {key} is claimed by both {seen[key]} and {d['id']}")
             seen[key] = d["id"]
-    return {"devices": devices, "services": services, "admins": admins, "bridges": bridges}
+    return {"devices": devices, "services": services, "apis": apis, "admins": admins, "bridges": bridges}
+
+
+def _bound_users(data: Dict[str, Any], key: str) -> List[Dict[str, str]]:
+    """``services`` or ``apis``: names, or ``{id, client_id}``; the client id defaults to the name."""
+    out = []
+    for i, entry in enumerate(data.get(key) or []):
+        if isinstance(entry, dict):
+            if set(entry) - {"id", "client_id"} or "id" not in entry:
+                raise InventoryError(f"{key}[{i}]: a name, or {{id, client_id}}")
+            user = _name(entry["id"], f"{key}[{i}].id")
+            out.append({"id": user, "client_id": _client_id(entry.get("client_id", user), f"{key}[{i}].client_id")})
+        else:
+            user = _name(entry, f"{key}[{i}]")
+            out.append({"id": user, "client_id": user})
+    return out
 
 
 def _client_id(value: object, where: str) -> str:
@@ -199,6 +212,11 @@ def bridge_acls(site: str, allow_v1: bool) -> List[Dict[str, Any]]:
             + [_acl("publishClientReceive", t) for t in read])
 
 
+def api_acls() -> List[Dict[str, Any]]:
+    """Central's API process: publish the devices' commands (request_original), nothing else."""
+    return [_acl("publishClientSend", t) for t in (f"{V2}/+/+/cmd", f"{V1}/+/+/cmd")]
+
+
 def admin_acls() -> List[Dict[str, Any]]:
     return [_acl(kind, "tokenline/#") for kind in ("publishClientSend", "publishClientReceive", "subscribePattern")]
 
@@ -223,6 +241,11 @@ def dynsec_config(inv: Dict[str, Any], passwords: Dict[str, str], allow_v1: bool
     for svc in inv["services"]:
         clients.append(dict({"username": svc["id"], "clientid": svc["client_id"], "textName": "central ingest worker",
                              "roles": [{"rolename": "service"}]}, **password_hash(passwords[svc["id"]])))
+    if inv["apis"]:
+        roles.append({"rolename": "api", "acls": api_acls()})
+    for api in inv["apis"]:
+        clients.append(dict({"username": api["id"], "clientid": api["client_id"], "textName": "central API (commands)",
+                             "roles": [{"rolename": "api"}]}, **password_hash(passwords[api["id"]])))
     if inv["admins"]:
         roles.append({"rolename": "admin", "acls": admin_acls()})
     for u in inv["admins"]:
@@ -284,8 +307,8 @@ def generate(inv: Dict[str, Any], out: Path, port: int = 8883, tls_dir: Path | N
     out.mkdir(parents=True, exist_ok=True)
     creds_dir = out / "credentials"
     creds_dir.mkdir(mode=0o700, exist_ok=True)
-    users = [d["id"] for d in inv["devices"]] + [s["id"] for s in inv["services"]] + list(inv["admins"]) + [
-        b["id"] for b in inv["bridges"]]
+    users = [d["id"] for d in inv["devices"]] + [s["id"] for s in inv["services"] + inv["apis"]] + list(
+        inv["admins"]) + [b["id"] for b in inv["bridges"]]
     passwords: Dict[str, str] = {}
     for u in users:
         f = creds_dir / u

@@ -123,6 +123,10 @@ def test_cli_expected_errors_are_one_line(tmp_path, tiny_model_dir, tiny_manifes
     assert "query image" in _one_line_error(capsys, ["search", "--image", str(notimg), "--db", url])
     assert "--image" in _one_line_error(capsys, ["search", "--image", str(tmp_path / "missing.png"), "--db", url])
     assert "no model with id 9" in _one_line_error(capsys, ["--db", url, "models", "remove", "9"])
+    assert "label" in _one_line_error(capsys, ["search", "--like-frame", "0" * 32, "--label", "a b", "--db", url])
+    assert "no unrevoked token named 'nobody'" in _one_line_error(capsys, ["--db", url, "token", "revoke", "nobody"])
+    assert "NAME or --id" in _one_line_error(capsys, ["--db", url, "token", "revoke"])
+    assert "no dead letter with id 99" in _one_line_error(capsys, ["--db", url, "dead-letters", "show", "99"])
     assert "not-a-model" in _one_line_error(capsys, ["--db", url, "register-model", str(tmp_path / "not-a-model")])
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"database: {{url: '{url}'}}\n")

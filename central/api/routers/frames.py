@@ -4,7 +4,7 @@ download), a thumbnail, the legal hold, and asking the edge for an original cent
 from __future__ import annotations
 
 import datetime as dt
-from typing import Optional
+from typing import List, Optional
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
@@ -15,6 +15,7 @@ from central.api.deps import Admin, ServicesDep, SessionDep, Viewer
 from central.api.schemas import FrameOut, FramesOut, HoldOut, OriginalRequestOut, errors
 from central.api.validation import name_filter, page_size, time_range
 from central.errors import NotFound
+from central.search import parse_labels
 from central.originals import read_original
 from tokenline.documents import StrictModel
 
@@ -32,12 +33,14 @@ def browse(svc: ServicesDep, session: SessionDep, _p: Viewer,
            model_id: Optional[int] = Query(None, ge=1), site: Optional[str] = None, line: Optional[str] = None,
            camera: Optional[str] = None, since_us: Optional[int] = Query(None, description="capture time, Unix µs"),
            until_us: Optional[int] = Query(None, description="exclusive"),
+           label: Optional[List[str]] = Query(None, description="repeatable: name=value, or name for any value"),
            limit: int = Query(48, description="frames per page (at most search.max_results)"),
            cursor: Optional[str] = Query(None, description="next_cursor of the previous page")) -> FramesOut:
     """The latest frames, newest capture first, with the search's filters; page with ``next_cursor``."""
     page_size("limit", limit, svc.cfg.search.max_results)
     f = {"model_id": model_id, "site": name_filter("site", site), "line": name_filter("line", line),
-         "camera": name_filter("camera", camera), "since_us": since_us, "until_us": until_us}
+         "camera": name_filter("camera", camera), "since_us": since_us, "until_us": until_us,
+         "labels": parse_labels(label)}
     time_range(since_us, until_us)
     fp = paging.fingerprint(kind="frames", **f)
     cur = paging.decode(cursor, "frames", fp)

@@ -14,6 +14,10 @@ from fastapi.responses import FileResponse, HTMLResponse
 STATIC = Path(__file__).resolve().parents[2] / "static"
 DOCS_ASSETS = Path(fastapi_offline.__file__).resolve().parent / "static"
 TITLE = "tokenline central"
+# The docs pages may load nothing from elsewhere (ReDoc's sidebar links a logo on its CDN): offline by policy.
+OFFLINE = {"Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; "
+                                      "style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+                                      "worker-src 'self' blob:; connect-src 'self'"}
 
 router = APIRouter(include_in_schema=False)
 
@@ -25,15 +29,19 @@ def index() -> FileResponse:
 
 @router.get("/docs")
 def swagger_ui() -> HTMLResponse:
-    return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{TITLE} - API", oauth2_redirect_url=None,
+    page = get_swagger_ui_html(openapi_url="/openapi.json", title=f"{TITLE} - API", oauth2_redirect_url=None,
                                swagger_js_url="/static/docs/swagger-ui-bundle.js",
                                swagger_css_url="/static/docs/swagger-ui.css",
                                swagger_favicon_url="/static/docs/favicon.png",
                                swagger_ui_parameters={"persistAuthorization": True})
+    page.headers.update(OFFLINE)
+    return page
 
 
 @router.get("/redoc")
 def redoc() -> HTMLResponse:
-    return get_redoc_html(openapi_url="/openapi.json", title=f"{TITLE} - API reference",
+    page = get_redoc_html(openapi_url="/openapi.json", title=f"{TITLE} - API reference",
                           redoc_js_url="/static/docs/redoc.standalone.js", redoc_favicon_url="/static/docs/favicon.png",
                           with_google_fonts=False)
+    page.headers.update(OFFLINE)
+    return page

@@ -1,16 +1,22 @@
-"""Benchmarks central: ingest msgs/s through Mosquitto, search latency p50/p95, sweep rate (SQLite, PostgreSQL).
+"""Benchmarks central at scale: ingest msg/s through Mosquitto with 1/2/4 worker processes, search at 1M frames
+(latency, recall@10 against exact search, start-up), index builds, and retention (SQLite and PostgreSQL).
 
-    python benchmarks/bench_central.py                 # 10k and 100k frames, both backends
-    python benchmarks/bench_central.py --sizes 10000   # quicker
+    python benchmarks/bench_central.py                    # 1M frames, both backends (about an hour on 2 cores)
+    python benchmarks/bench_central.py --frames 100000    # quicker
 
 Writes the ``central`` section of BENCHMARKS.md. Synthetic but shaped like real traffic: K=16, D=384 unit-norm
-tokens in 200 clusters, int8 on the wire. Each number is the median of ``--runs`` runs.
+tokens in 200 clusters, int8 on the wire, capture times at 1,000 frames/s (so the hot PostgreSQL segment of the
+search benchmark holds the last minute). Ingest numbers are medians of ``--runs`` runs; one run side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import logging
+import multiprocessing as mp
+import os
+import pstats
 import shutil
 import statistics
 import sys
@@ -18,7 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -26,20 +32,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rich.console import Console  # noqa: E402
-from rich.progress import track  # noqa: E402
 from sqlalchemy import insert, text  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from benchmarks._report import write_section  # noqa: E402
-from central import store  # noqa: E402
+from central import segments, store  # noqa: E402
 from central.blobs import BlobStore  # noqa: E402
 from central.config import parse_config  # noqa: E402
-from central.ingest import IngestWorker  # noqa: E402
+from central.originals import DAY_US  # noqa: E402
 from central.retention import sweep  # noqa: E402
 from central.search import Filters, Query, Searcher  # noqa: E402
 from sql.db import make_engine  # noqa: E402
 from sql.migrate import upgrade  # noqa: E402
-from sql.models import Frame, Original  # noqa: E402
+from sql.models import Original  # noqa: E402
 from sql.types import pack_f32, pack_tokens  # noqa: E402
 from tests.support.broker import Mosquitto  # noqa: E402
 from tests.support.tiny_model import build_tiny_model  # noqa: E402
@@ -51,6 +56,9 @@ from tokenline.wire import TokenMessage, encode  # noqa: E402
 
 console = Console(stderr=True)
 K, D = 16, 384
+T0 = 1_700_000_000_000_000
+FPS_US = 1000  # capture spacing: 1,000 frames/s
+HOT = 60_000  # frames of the last minute at 1,000 frames/s: the hot segment of the search benchmark
 
 
 class Backends:
@@ -73,6 +81,18 @@ class Backends:
             c.execute(f"CREATE DATABASE b{self.n}")
         return self.pg.get_uri().replace("/postgres?", f"/b{self.n}?", 1)
 
+    def drop(self, url: str) -> None:
+        if url.startswith("sqlite"):
+            p = Path(url.split("///", 1)[1])
+            for f in p.parent.glob(p.name + "*"):
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+            return
+        import psycopg
+
+        name = url.split("/")[-1].split("?")[0]
+        with psycopg.connect(self.pg.get_uri(), autocommit=True) as c:
+            c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
     def close(self) -> None:
         if self.pg is not None:
             self.pg.cleanup()
@@ -86,128 +106,327 @@ def unit(rng, *shape):
 def messages(manifest: Manifest, n: int, rng) -> List[TokenMessage]:
     centers = unit(rng, 200, D)
     out = []
+    t0 = time.time_ns() // 1000
     for i in range(n):
         t = centers[i % 200] + 0.8 * unit(rng, K, D)
         t /= np.linalg.norm(t, axis=1, keepdims=True)
         g = t.mean(0)
-        out.append(TokenMessage(new_frame_id(), "dev1", "s1", f"l{i % 4}", f"c{i % 8}", 1_700_000_000_000_000 + i,
-                                i & 0xFFFFFFFF, manifest.hash_bytes(),
+        ts = t0 + i * FPS_US
+        out.append(TokenMessage(new_frame_id(ts), f"dev{i % 8}", "s1", f"l{i % 4}", f"c{i % 8}", ts, i & 0xFFFFFFFF,
+                                manifest.hash_bytes(),
                                 Summary((g / np.linalg.norm(g)).astype(np.float32), t.astype(np.float32),
                                         np.ones(K, np.float32), rng.uniform(0, 1, (K, 2)).astype(np.float32))))
     return out
 
 
-def bench_ingest(backends: Backends, kind: str, manifest: Manifest, n: int, runs: int, tmp: Path) -> float:
-    rng = np.random.default_rng(0)
-    rates = []
-    for r in range(runs):
-        engine = make_engine(backends.url(kind))
-        upgrade(engine)
-        with Session(engine) as s, s.begin():
-            store.register_model(s, manifest)
-        payloads = [(topics.tokens_topic(m.site, m.device, m.line, m.camera), encode(m, "int8")) for m in messages(manifest, n, rng)]
-        broker = Mosquitto(tmp / f"broker-{kind}-{r}").start()
-        cfg = parse_config({"mqtt": {"host": broker.host, "port": broker.port, "client_id": f"bench-{r}"},
-                            "ingest": {"batch_max": 100, "batch_linger_ms": 20}})
-        worker = IngestWorker(engine, cfg.mqtt, cfg.ingest)
-        th = threading.Thread(target=worker.run, daemon=True)
-        th.start()
-        worker.connected.wait(10)
-        import paho.mqtt.client as mqtt
+# -- ingest: worker processes on a shared subscription -----------------------------------------------------------
+def _worker_main(url: str, host: str, port: int, client_id: str, batch_max: int, profile: str, ready, go, stop) -> None:
+    """One ingest worker process (``IngestWorker``, as ``tokenline-central ingest`` runs it): built, then it
+    connects when ``go`` is set; ``ready`` once subscribed."""
+    from central.ingest import IngestWorker
 
-        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-pub", protocol=mqtt.MQTTv5)
-        pub.max_inflight_messages_set(200)
-        pub.connect(broker.host, broker.port)
-        pub.loop_start()
-        t0 = time.perf_counter()
-        infos = [pub.publish(t, p, qos=1) for t, p in payloads]
-        for i in infos:
-            i.wait_for_publish(60)
-        while worker.totals["stored"] < n and time.perf_counter() - t0 < 300:
-            time.sleep(0.01)
-        dt = time.perf_counter() - t0
-        assert worker.totals["stored"] == n, worker.totals
-        rates.append(n / dt)
-        worker.stop()
-        th.join(10)
-        pub.loop_stop()
-        pub.disconnect()
-        broker.stop()
-        engine.dispose()
-        console.log(f"ingest {kind} run {r + 1}: {n / dt:,.0f} msg/s")
-    return statistics.median(rates)
+    logging.basicConfig(level=logging.WARNING)
+    engine = make_engine(url)
+    cfg = parse_config({"mqtt": {"host": host, "port": port, "client_id": client_id},
+                        "ingest": {"batch_max": batch_max, "batch_linger_ms": 20}})
+    worker = IngestWorker(engine, cfg.mqtt, cfg.ingest)
+    threading.Thread(target=lambda: (stop.wait(), worker.stop()), daemon=True).start()
+    threading.Thread(target=lambda: (worker.connected.wait(120), ready.set()), daemon=True).start()
+    go.wait(300)
+    prof = cProfile.Profile() if profile else None
+    if prof:
+        prof.enable()
+    worker.run()
+    if prof:
+        prof.disable()
+        prof.dump_stats(profile)
 
 
-def fill(engine, model_id: int, n: int, rng) -> None:
-    """Bulk-load ``n`` synthetic frames (a pool of token blobs cycled; embeddings all distinct)."""
+def _publisher_main(host: str, port: int, payloads: List[Tuple[str, bytes]], started, done) -> None:
+    import paho.mqtt.client as mqtt
+
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-pub", protocol=mqtt.MQTTv5)
+    pub.max_inflight_messages_set(1000)
+    pub.max_queued_messages_set(0)
+    pub.connect(host, port)
+    pub.loop_start()
+    started.set()
+    infos = [pub.publish(t, p, qos=1) for t, p in payloads]
+    for i in infos:
+        i.wait_for_publish(300)
+    pub.loop_stop()
+    pub.disconnect()
+    done.set()
+
+
+def _start_workers(ctx, url, broker, workers, batch_max, profile, go, stop):
+    procs, readies = [], []
+    for w in range(workers):
+        ready = ctx.Event()
+        p = ctx.Process(target=_worker_main, args=(url, broker.host, broker.port, f"bench-w{w}", batch_max,
+                                                   profile if w == 0 else "", ready, go, stop))
+        p.start()
+        procs.append(p)
+        readies.append(ready)
+    return procs, readies
+
+
+def bench_ingest(backends: Backends, kind: str, manifest: Manifest, n: int, workers: int, batch_max: int, tmp: Path,
+                 profile: str = "") -> Dict[str, float]:
+    """Drain a backlog of ``n`` messages queued in Mosquitto for ``workers`` persistent sessions of one shared
+    subscription: the workers subscribe once, go away, the messages are published, the workers come back and
+    the clock runs from their reconnect to the last row committed (the publisher does not compete for CPU)."""
+    url = backends.url(kind)
+    engine = make_engine(url)
+    upgrade(engine)
+    with Session(engine) as s, s.begin():
+        store.register_model(s, manifest)
+    rng = np.random.default_rng(workers)
+    payloads = [(topics.tokens_topic(m.site, m.device, m.line, m.camera), encode(m, "int8")) for m in messages(manifest, n, rng)]
+    broker = Mosquitto(tmp / f"broker-{kind}-{workers}-{backends.n}",
+                       extra_conf=f"max_inflight_messages {batch_max}\n").start()
+    ctx = mp.get_context("spawn")
+    go, stop = ctx.Event(), ctx.Event()
+    go.set()
+    procs, readies = _start_workers(ctx, url, broker, workers, batch_max, "", go, stop)  # sessions, subscriptions
+    for r in readies:
+        r.wait(120)
+    stop.set()
+    for p in procs:
+        p.join(60)
+    done, started = ctx.Event(), ctx.Event()
+    pub = ctx.Process(target=_publisher_main, args=(broker.host, broker.port, payloads, started, done))
+    pub.start()
+    pub.join(600)
+    go, stop = ctx.Event(), ctx.Event()
+    procs, readies = _start_workers(ctx, url, broker, workers, batch_max, profile, go, stop)
+    time.sleep(3 + 2 * workers)  # let the processes import and build their workers
+    t0 = time.perf_counter()
+    go.set()
+    stored = 0
+    while time.perf_counter() - t0 < 900:
+        with Session(engine) as s:
+            stored = store.counter_total(s, "stored")
+        if stored >= n:
+            break
+        time.sleep(0.05)
+    dt = time.perf_counter() - t0
+    stop.set()
+    for p in procs:
+        p.join(60)
+    with engine.connect() as c:
+        rows = c.execute(text("SELECT count(*), count(DISTINCT frame_id) FROM frames")).one()
+    with Session(engine) as s:
+        dups = store.counter_total(s, "duplicates")
+    broker.stop()
+    engine.dispose()
+    backends.drop(url)
+    ok = rows[0] == rows[1] == n
+    console.log(f"ingest {kind} x{workers}: {n / dt:,.0f} msg/s, rows {rows[0]:,} distinct {rows[1]:,} dups {dups}")
+    return {"rate": n / dt, "ok": float(ok), "dups": float(dups)}
+
+
+def bench_commit_path(backends: Backends, kind: str, manifest: Manifest, n: int, batch: int) -> Dict[str, float]:
+    """The worker's own cost without the broker: ``Ingestor.process`` (decode, validate, insert, commit) over
+    ``n`` encoded messages in batches; wall msg/s and the process's CPU microseconds per message."""
+    from central.ingest import Incoming, Ingestor
+
+    url = backends.url(kind)
+    engine = make_engine(url)
+    upgrade(engine)
+    with Session(engine) as s, s.begin():
+        store.register_model(s, manifest)
+    msgs = messages(manifest, n, np.random.default_rng(3))
+    inc = [Incoming(i, 1, topics.tokens_topic(m.site, m.device, m.line, m.camera), encode(m, "int8")) for i, m in enumerate(msgs)]
+    ing = Ingestor(engine, parse_config({}).ingest, "bench")
+    c0, t0 = time.process_time(), time.perf_counter()
+    for i in range(0, n, batch):
+        ing.process(inc[i:i + batch])
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    engine.dispose()
+    backends.drop(url)
+    console.log(f"commit path {kind}: {n / dt:,.0f} msg/s, {1e6 * cpu / n:.0f} us CPU/msg")
+    return {"rate": n / dt, "cpu_us": 1e6 * cpu / n}
+
+
+# -- search at scale --------------------------------------------------------------------------------------------
+def dataset(n: int, seed: int = 1) -> Tuple[np.ndarray, list]:
+    """``n`` unit global embeddings around 200 cluster centres, and a pool of 256 packed token blobs."""
+    rng = np.random.default_rng(seed)
     centers = unit(rng, 200, D)
     pool = []
     for j in range(256):
         t = centers[j % 200] + 0.8 * unit(rng, K, D)
         t /= np.linalg.norm(t, axis=1, keepdims=True)
-        pool.append((pack_tokens(t), t.mean(0)))
-    sizes, cents = pack_f32(np.ones(K)), pack_f32(rng.uniform(0, 1, (K, 2)))
-    chunk = 5000
-    for start in track(range(0, n, chunk), description=f"loading {n:,} frames", console=console):
-        rows = []
-        for i in range(start, min(n, start + chunk)):
-            tok, mean = pool[i % 256]
-            g = mean + 0.05 * rng.standard_normal(D).astype(np.float32)
-            rows.append({"frame_id": new_frame_id().hex(), "model_id": model_id, "device": "dev1", "site": "s1",
-                         "line": f"l{i % 4}", "camera": f"c{i % 8}", "capture_us": 1_700_000_000_000_000 + i,
-                         "received_us": 0, "seq": i, "flags": 0, "token_dtype": "int8", "k": K,
-                         "global_embedding": g / np.linalg.norm(g), "tokens": tok, "sizes": sizes,
-                         "centroids": cents, "legal_hold": False})
-        with Session(engine) as s, s.begin():
-            s.execute(insert(Frame), rows)
+        pool.append(pack_tokens(t))
+    emb = np.empty((n, D), np.float32)
+    for a in range(0, n, 100_000):
+        b = min(n, a + 100_000)
+        g = centers[np.arange(a, b) % 200] + 0.25 * unit(rng, b - a, D)
+        emb[a:b] = g / np.linalg.norm(g, axis=1, keepdims=True)
+    return emb, pool
 
 
-def bench_search(backends: Backends, kind: str, manifest: Manifest, n: int, queries: int) -> Dict[str, float]:
-    rng = np.random.default_rng(1)
-    engine = make_engine(backends.url(kind))
-    upgrade(engine)
-    with Session(engine) as s, s.begin():
-        model = store.register_model(s, manifest)
-    if kind == "postgresql":  # build the HNSW index after the bulk load, as one would for a migration
-        with engine.begin() as c:
-            c.execute(text(f"DROP INDEX {store.hnsw_index_name(model.id)}"))
-    fill(engine, model.id, n, rng)
-    t0 = time.perf_counter()
-    if kind == "postgresql":
-        with engine.begin() as c:
-            # The HNSW graph must fit in maintenance_work_mem or the build slows down badly (about 1.2 KB/frame);
-            # set for the database, so the connection that builds the index has it.
-            db = c.execute(text("SELECT current_database()")).scalar_one()
-            c.execute(text(f"ALTER DATABASE {db} SET maintenance_work_mem = '{max(1, -(-n * 1400 // 2**30))}GB'"))
-        engine.dispose()
-        with Session(engine) as s, s.begin():
-            store.register_model(s, manifest)  # recreates the index
-    searcher = Searcher(engine, parse_config({}).search)
-    searcher.knn(model, unit(rng, D), 1, Filters())  # SQLite: loads the in-memory index
-    index_s = time.perf_counter() - t0
-    qs = []
-    for _ in range(queries):
-        t = unit(rng, K, D)
-        g = t.mean(0)
-        qs.append(Query(model.id, g / np.linalg.norm(g), t, np.ones(K, np.float32)))
-    out = {"index_s": index_s}
-    for label, rerank, flt in (("global", False, Filters()), ("rerank", True, Filters()),
-                               ("rerank_filtered", True, Filters(line="l1", camera="c1"))):
+def fill(engine, model_id: int, emb: np.ndarray, pool: list, pg_seal_rows: int = 0) -> float:
+    """Load the frames through ``store.insert_frames`` (COPY on PostgreSQL), sealing every ``pg_seal_rows``
+    and leaving the last ``HOT`` hot; returns rows/s of the load."""
+    n = len(emb)
+    sizes, cents = pack_f32(np.ones(K)), pack_f32(np.full((K, 2), 0.5))
+    chunk, t0, done = 5000, time.perf_counter(), 0
+    bounds = []
+    if pg_seal_rows:
+        edge = n - min(HOT, n // 5)
+        bounds = sorted(set(list(range(pg_seal_rows, edge, pg_seal_rows)) + [edge]))
+    start = 0
+    for stop_at in bounds + [n]:
+        for a in range(start, stop_at, chunk):
+            b = min(stop_at, a + chunk)
+            rows = [{"frame_id": new_frame_id(T0 + i * FPS_US).hex(), "model_id": model_id, "device": f"dev{i % 8}",
+                     "site": "s1", "line": f"l{(i // 200) % 4}", "camera": f"c{(i // 200) % 8}",
+                     "capture_us": T0 + i * FPS_US,
+                     "received_us": T0 + i * FPS_US, "seq": i, "flags": 0, "token_dtype": "int8", "k": K,
+                     "global_embedding": emb[i], "tokens": pool[i % 256], "sizes": sizes, "centroids": cents,
+                     "legal_hold": False, "source": None, "labels": None} for i in range(a, b)]
+            with Session(engine) as s, s.begin():
+                done += store.insert_frames(s, rows)
+            if (b // chunk) % 40 == 0:
+                console.log(f"loaded {b:,} / {n:,}")
+        start = stop_at
+        if pg_seal_rows and stop_at < n:
+            segments.seal(engine)
+    return done / (time.perf_counter() - t0)
+
+
+def queries(emb: np.ndarray, m: int, seed: int = 7) -> List[Query]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in rng.choice(len(emb), m, replace=False):  # a stored frame's neighbourhood, perturbed
+        g = emb[i] + 0.05 * unit(rng, D)
+        t = g[None, :] + 0.8 * unit(rng, K, D)
+        out.append(Query(0, g / np.linalg.norm(g), t / np.linalg.norm(t, axis=1, keepdims=True), np.ones(K, np.float32)))
+    return out
+
+
+FLT = Filters(line="l1", camera="c1")  # 1/8 of the frames (camera c1 is on line l1), from every cluster
+
+
+def exact_top(emb: np.ndarray, q: np.ndarray, k: int, mask: np.ndarray = None) -> set:
+    sims = emb @ q
+    if mask is not None:
+        sims = np.where(mask, sims, -np.inf)
+    return set(np.argpartition(-sims, k)[:k].tolist())
+
+
+def measure(searcher: Searcher, model, qs: List[Query], emb_ref: np.ndarray, row_of: Dict[int, int]) -> Dict[str, float]:
+    """Latency p50/p95 (global, rerank, filtered) and recall@10 of the global kNN against exact search."""
+    out: Dict[str, float] = {}
+    n = len(emb_ref)
+    mask = (np.arange(n) // 200) % 8 == 1  # camera c1 (of line l1): every cluster has frames there
+    for label, rerank, flt in (("global", False, Filters()), ("rerank", True, Filters()), ("filtered", True, FLT)):
         lat = []
         for q in qs:
+            q = Query(model.id, q.global_embedding, q.tokens, q.weights)
             t1 = time.perf_counter()
             searcher.search(model, q, 10, flt, rerank=rerank)
             lat.append((time.perf_counter() - t1) * 1000)
         lat.sort()
         out[f"{label}_p50"] = lat[len(lat) // 2]
         out[f"{label}_p95"] = lat[int(len(lat) * 0.95) - 1]
-    console.log(f"search {kind} n={n:,}: {out}")
+    for label, flt, m in (("recall", Filters(), None), ("recall_filtered", FLT, mask)):
+        rec = []
+        for q in qs:
+            got = {row_of[i] for i, _ in searcher.knn(model, q.global_embedding, 10, flt)}
+            rec.append(len(got & exact_top(emb_ref, q.global_embedding, 10, m)) / 10)
+        out[label] = float(np.mean(rec))
+    return out
+
+
+def row_map(engine, n: int) -> Dict[int, int]:
+    """Surrogate id -> position in the data set (seq holds the position)."""
+    with engine.connect() as c:
+        return {int(i): int(s) for i, s in c.execute(text("SELECT id, seq FROM frames"))}
+
+
+def bench_sqlite_search(backends: Backends, manifest: Manifest, emb, pool, qs) -> Dict[str, float]:
+    url = backends.url("sqlite")
+    engine = make_engine(url)
+    upgrade(engine)
+    with Session(engine) as s, s.begin():
+        model = store.register_model(s, manifest)
+    res: Dict[str, float] = {"load_rows_s": fill(engine, model.id, emb, pool)}
+    t0 = time.perf_counter()
+    Searcher(engine, parse_config({}).search).knn(model, emb[0], 1, Filters())  # writes the vector files
+    res["first_build_s"] = time.perf_counter() - t0
     engine.dispose()
+    os.system("sync")
+    t0 = time.perf_counter()  # a restart: new engine and searcher, files already next to the database
+    engine = make_engine(url)
+    searcher = Searcher(engine, parse_config({}).search)
+    searcher.search(model, Query(model.id, qs[0].global_embedding), 10)
+    res["startup_s"] = time.perf_counter() - t0
+    res.update(measure(searcher, model, qs, emb, row_map(engine, len(emb))))
+    exact = Searcher(engine, parse_config({"search": {"exact_max_rows": 10**9}}).search)
+    lat = []
+    for q in qs[:20]:
+        t1 = time.perf_counter()
+        exact.knn(model, q.global_embedding, 10, Filters())
+        lat.append((time.perf_counter() - t1) * 1000)
+    res["exact_p50"] = statistics.median(lat)
+    # retention: 100k frames past tokens_days, deleted row by row
+    cut_n = min(100_000, len(emb) // 10)
+    now = T0 + cut_n * FPS_US + 365 * DAY_US
+    t0 = time.perf_counter()
+    rep = sweep(engine, BlobStore(backends.root / "sq-originals"), parse_config({}).retention, now=now)
+    res["retention_s"], res["retention_n"] = time.perf_counter() - t0, rep.tokens_deleted
+    console.log(f"search sqlite: {res}")
+    engine.dispose()
+    backends.drop(url)
+    return res
+
+
+def bench_pg_search(backends: Backends, manifest: Manifest, emb, pool, qs, seal_rows: int) -> Dict[str, Dict[str, float]]:
+    url = backends.url("postgresql")
+    engine = make_engine(url)
+    upgrade(engine)
+    with Session(engine) as s, s.begin():
+        model = store.register_model(s, manifest)
+    load = fill(engine, model.id, emb, pool, pg_seal_rows=seal_rows)
+    ref = emb.astype(np.float16).astype(np.float32)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)  # what PostgreSQL stores (halfvec), exactly
+    rows = row_map(engine, len(emb))
+    out: Dict[str, Dict[str, float]] = {}
+    cfg = parse_config({})
+    for kind in ("halfvec", "bit"):
+        with engine.begin() as c:  # the other kind's indexes go; the segments wait for theirs
+            for sg in segments.list_segments(c):
+                if sg.index_kind:
+                    c.execute(text(f"DROP INDEX IF EXISTS {segments.index_name(sg.id, model.id)}"))
+            c.execute(text("UPDATE frame_segments SET state = 'sealing', index_kind = NULL WHERE state = 'sealed'"))
+        t0 = time.perf_counter()
+        built = segments.build_indexes(engine, cfg.segments, kind=kind)
+        res = {"load_rows_s": load, "build_s": time.perf_counter() - t0, "segments": float(len(built))}
+        searcher = Searcher(engine, cfg.search)
+        t0 = time.perf_counter()
+        searcher.knn(model, qs[0].global_embedding, 10, Filters())
+        res["startup_s"] = time.perf_counter() - t0
+        res.update(measure(searcher, model, qs, ref, rows))
+        console.log(f"search postgresql {kind}: {res}")
+        out[kind] = res
+    # retention: seal the hot segment, then every frame is past tokens_days: whole segments dropped
+    segments.seal(engine)
+    now = T0 + len(emb) * FPS_US + 366 * DAY_US
+    t0 = time.perf_counter()
+    rep = sweep(engine, BlobStore(backends.root / "pg-originals"), cfg.retention, now=now)
+    out["retention"] = {"s": time.perf_counter() - t0, "n": float(rep.tokens_deleted)}
+    console.log(f"retention postgresql: {out['retention']}")
+    engine.dispose()
+    backends.drop(url)
     return out
 
 
 def bench_sweep(backends: Backends, kind: str, n: int, tmp: Path) -> float:
-    engine = make_engine(backends.url(kind))
+    url = backends.url(kind)
+    engine = make_engine(url)
     upgrade(engine)
     blobs = BlobStore(tmp / f"sweep-{kind}")
     rows = []
@@ -223,31 +442,90 @@ def bench_sweep(backends: Backends, kind: str, n: int, tmp: Path) -> float:
     dt = time.perf_counter() - t0
     assert rep.expired == n, rep
     engine.dispose()
-    console.log(f"sweep {kind}: {n / dt:,.0f} originals/s")
+    backends.drop(url)
     return n / dt
+
+
+def profile_lines(path: str, top: int = 12) -> List[str]:
+    st = pstats.Stats(path)
+    total = st.total_tt
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]  # by own time
+    out = ["| function | own s | own % | calls |", "|---|---:|---:|---:|"]
+    for (file, line, fn), (cc, nc, tt, ct, _) in rows:
+        where = f"{Path(file).name}:{line} {fn}" if line else fn
+        out.append(f"| `{where}` | {tt:.2f} | {100 * tt / total:.0f} | {nc:,} |")
+    return out
+
+
+def _save(tmp: Path, name: str, data) -> None:
+    """Each stage's results as it finishes (into $TOKENLINE_BENCH_OUT when set): a run that fails late loses nothing."""
+    import json
+
+    Path(os.environ.get("TOKENLINE_BENCH_OUT", tmp)).mkdir(parents=True, exist_ok=True)
+    (Path(os.environ.get("TOKENLINE_BENCH_OUT", tmp)) / f"{name}.json").write_text(json.dumps(data, indent=1))
+
+
+def _saved(name: str):
+    """A stage's results saved by an earlier run into $TOKENLINE_BENCH_OUT (``--resume``), or None."""
+    import json
+
+    out = os.environ.get("TOKENLINE_BENCH_OUT")
+    path = Path(out) / f"{name}.json" if out else None
+    return json.loads(path.read_text()) if path is not None and path.exists() else None
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
-    ap.add_argument("--ingest-messages", type=int, default=3000)
+    ap.add_argument("--frames", type=int, default=1_000_000)
+    ap.add_argument("--ingest-messages", type=int, default=20_000)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--batch-max", type=int, default=500)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--seal-rows", type=int, default=parse_config({}).segments.seal_rows)
     ap.add_argument("--sweep-originals", type=int, default=5000)
     ap.add_argument("--no-postgres", action="store_true")
+    ap.add_argument("--skip-search", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the stages an earlier run saved in $TOKENLINE_BENCH_OUT (same arguments) and run the rest")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     tmp = Path(tempfile.mkdtemp(prefix="tokenline-bench-"))
-    import os
-
     load_before = os.getloadavg()
     kinds = ["sqlite"] + ([] if args.no_postgres else ["postgresql"])
     backends = Backends(tmp, not args.no_postgres)
+    ingest: Dict[Tuple[str, int], List[Dict[str, float]]] = {}
+    prof_path = str(tmp / "worker.prof")
     try:
         manifest = Manifest.from_file(build_tiny_model(tmp / "model", size=32, patch=8, dim=D))
-        ingest = {k: bench_ingest(backends, k, manifest, args.ingest_messages, args.runs, tmp) for k in kinds}
-        search = {(k, n): bench_search(backends, k, manifest, n, args.queries) for n in args.sizes for k in kinds}
+        saved = _saved("ingest") if args.resume else None
+        if saved is not None:
+            ingest = {(k.split("/")[0], int(k.split("/")[1])): v for k, v in saved["ingest"].items()}
+            commit, prof_table = saved["commit"], saved["profile"]
+            console.log("ingest and commit path: reused from the earlier run")
+        else:
+            for r in range(args.runs):
+                for k in kinds:
+                    for w in args.workers:
+                        prof = prof_path if (r == 0 and k == "postgresql" and w == 1) else ""
+                        ingest.setdefault((k, w), []).append(
+                            bench_ingest(backends, k, manifest, args.ingest_messages, w, args.batch_max, tmp, prof))
+            prof_table = profile_lines(prof_path) if Path(prof_path).exists() else []
+            commit = {k: bench_commit_path(backends, k, manifest, args.ingest_messages, args.batch_max) for k in kinds}
+            _save(tmp, "ingest", {"ingest": {f"{k}/{w}": v for (k, w), v in ingest.items()}, "commit": commit,
+                                  "profile": prof_table})
+        search_sq, search_pg = None, None
+        if not args.skip_search:
+            emb, pool = dataset(args.frames)
+            qs = queries(emb, args.queries)
+            search_sq = _saved("sqlite") if args.resume else None
+            if search_sq is None:
+                search_sq = bench_sqlite_search(backends, manifest, emb, pool, qs)
+                _save(tmp, "sqlite", search_sq)
+            if not args.no_postgres:
+                search_pg = bench_pg_search(backends, manifest, emb, pool, qs, args.seal_rows)
+                _save(tmp, "postgresql", search_pg)
         sweeps = {k: statistics.median(bench_sweep(backends, k, args.sweep_originals, tmp / f"r{r}")
                                        for r in range(args.runs)) for k in kinds}
     finally:
@@ -255,29 +533,64 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     load_after = os.getloadavg()
+    msg_bytes = len(encode(messages(manifest, 1, np.random.default_rng(0))[0], "int8"))
     lines = [f"Load average (1/5/15 min) before: {load_before[0]:.1f}/{load_before[1]:.1f}/{load_before[2]:.1f}, "
              f"after: {load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f} on {os.cpu_count()} cores — this "
-             "machine is shared with other engineers' test runs, so absolute latencies are pessimistic and noisy.", "",
-             f"Synthetic frames, K={K} summary tokens, D={D}; int8 tokens on the wire ({len(encode(messages(manifest, 1, np.random.default_rng(0))[0], 'int8')):,} B/message).",
-             "", "### Ingest through Mosquitto (one worker, batches of <= 100, commit then ack)", "",
-             "| backend | messages | msg/s (median of %d) |" % args.runs, "|---|---:|---:|"]
+             "machine is shared with other engineers' work, so absolute numbers are pessimistic and noisy.", "",
+             f"Synthetic frames, K={K} summary tokens, D={D}; int8 tokens on the wire ({msg_bytes:,} B/message).", "",
+             f"### Ingest through Mosquitto ({args.ingest_messages:,} messages, N worker processes on one shared "
+             f"subscription, batches of <= {args.batch_max}, commit then ack)", "",
+             "A backlog queued in Mosquitto for the workers' persistent sessions, drained: msg/s from the workers' "
+             "reconnect to the last row committed (broker, workers and database share the 2 cores; the publisher "
+             "ran before). Every run checked: rows = distinct frame ids = messages.", "",
+             "| backend | workers | msg/s (median of %d) | runs | all stored, no duplicates |" % args.runs,
+             "|---|---:|---:|---|---|"]
+    for (k, w), rs in ingest.items():
+        each = ", ".join(f"{r['rate']:,.0f}" for r in rs)
+        lines.append(f"| {k} | {w} | {statistics.median(r['rate'] for r in rs):,.0f} | {each} | "
+                     f"{'yes' if all(r['ok'] for r in rs) else 'NO'} |")
+    lines += ["", f"The commit path alone (`Ingestor.process` on {args.ingest_messages:,} encoded messages in batches "
+              f"of {args.batch_max}, one process, no broker): what one worker can take per core.", "",
+              "| backend | msg/s | CPU µs per message |", "|---|---:|---:|"]
     for k in kinds:
-        lines.append(f"| {k} | {args.ingest_messages:,} | {ingest[k]:,.0f} |")
-    lines += ["", f"### Search latency, top-10 ({args.queries} queries; ms)", "",
-              "global = kNN on the global embedding only; rerank = kNN for 200 candidates + MaxSim over 16 tokens; "
-              "filtered = rerank with line+camera filters (1/8 of the frames). SQLite: exact in-memory index; "
-              "PostgreSQL: pgvector HNSW (halfvec, m=16, ef_construction=64, ef_search=200, iterative scan).", "",
-              "| backend | frames | index load/build s | global p50 | global p95 | rerank p50 | rerank p95 | filtered p50 | filtered p95 |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for (k, n), r in search.items():
-        lines.append(f"| {k} | {n:,} | {r['index_s']:.1f} | {r['global_p50']:.1f} | {r['global_p95']:.1f} | "
-                     f"{r['rerank_p50']:.1f} | {r['rerank_p95']:.1f} | {r['rerank_filtered_p50']:.1f} | "
-                     f"{r['rerank_filtered_p95']:.1f} |")
-    if max(args.sizes) < 1_000_000:
-        lines += ["", "1M frames was not measured: loading 1M synthetic frames (about 6.4 GB of token rows per "
-                  "backend) and building the HNSW index does not fit the few minutes this 2-core machine allows. "
-                  "Run `python benchmarks/bench_central.py --sizes 1000000` on a server to fill it in."]
-    lines += ["", f"### Retention sweep ({args.sweep_originals:,} expired originals of 1 KiB)", "",
+        lines.append(f"| {k} | {commit[k]['rate']:,.0f} | {commit[k]['cpu_us']:,.0f} |")
+    if prof_table:
+        lines += ["", "CPU profile of one PostgreSQL worker (cProfile, the worker's main thread: decode, validate, COPY, "
+                  "commit; top entries by own time):", ""] + prof_table
+    if search_sq is not None:
+        fr = args.frames
+        lines += ["", f"### Search at {fr:,} frames, top-10 ({args.queries} queries; ms)", "",
+                  "global = kNN on the global embedding; rerank = 200 candidates + MaxSim over 16 tokens; filtered = "
+                  "rerank with line+camera filters (1/8 of the frames). recall@10 of the global kNN against exact "
+                  "search over the stored vectors (filtered: with the same filter). SQLite: memory-mapped vector files, "
+                  "1,000 nearest by Hamming distance of 1-bit codes re-scored exactly. PostgreSQL: "
+                  f"{fr - min(HOT, fr // 5):,} frames in sealed segments of <= {args.seal_rows:,} with their HNSW "
+                  "index (m=16, ef_construction=64, ef_search=200, iterative scan) and the last minute "
+                  f"({min(HOT, fr // 5):,} frames at 1,000 frames/s) in the hot segment, searched exactly; `bit` = HNSW over binary_quantize codes, "
+                  "1,000 candidates re-scored exactly.", "",
+                  "| backend | index | global p50 | global p95 | rerank p50 | rerank p95 | filtered p50 | filtered p95 "
+                  "| recall@10 | recall@10 filtered |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        rows = [("sqlite", "1-bit codes + exact", search_sq)]
+        if search_pg:
+            rows += [("postgresql", "HNSW halfvec", search_pg["halfvec"]), ("postgresql", "HNSW bit + exact", search_pg["bit"])]
+        for k, label, r in rows:
+            lines.append(f"| {k} | {label} | {r['global_p50']:.1f} | {r['global_p95']:.1f} | {r['rerank_p50']:.1f} | "
+                         f"{r['rerank_p95']:.1f} | {r['filtered_p50']:.1f} | {r['filtered_p95']:.1f} | "
+                         f"{r['recall']:.3f} | {r['recall_filtered']:.3f} |")
+        lines += ["", "| backend | what | value |", "|---|---|---:|",
+                  f"| sqlite | load {fr:,} frames (rows/s, INSERT OR IGNORE in batches of 5,000) | {search_sq['load_rows_s']:,.0f} |",
+                  f"| sqlite | first build of the vector files (s, reads every row once) | {search_sq['first_build_s']:.1f} |",
+                  f"| sqlite | start-up to first search with the files present (s) | {search_sq['startup_s']:.2f} |",
+                  f"| sqlite | exact scan of every embedding, global p50 (ms, for comparison) | {search_sq['exact_p50']:.0f} |",
+                  f"| sqlite | retention: {int(search_sq['retention_n']):,} frames deleted row by row (s) | {search_sq['retention_s']:.1f} |"]
+        if search_pg:
+            h, b, rt = search_pg["halfvec"], search_pg["bit"], search_pg["retention"]
+            lines += [f"| postgresql | load {fr:,} frames (rows/s, binary COPY in batches of 5,000, sealing as it goes) | {h['load_rows_s']:,.0f} |",
+                      f"| postgresql | build the halfvec HNSW indexes of {int(h['segments'])} sealed segments (s) | {h['build_s']:.0f} |",
+                      f"| postgresql | build the bit HNSW indexes of the same segments (s) | {b['build_s']:.0f} |",
+                      f"| postgresql | first search after the build (s) | {h['startup_s']:.2f} |",
+                      f"| postgresql | retention: {int(rt['n']):,} expired frames, whole segments dropped (s) | {rt['s']:.1f} |"]
+    lines += ["", f"### Retention sweep of originals ({args.sweep_originals:,} expired originals of 1 KiB)", "",
               "| backend | originals/s (median of %d) |" % args.runs, "|---|---:|"]
     for k in kinds:
         lines.append(f"| {k} | {sweeps[k]:,.0f} |")

@@ -1,4 +1,5 @@
-"""`tokenline-central`: serve | ingest | migrate | search | sweep | token | dead-letters | register-model | models.
+"""`tokenline-central`: serve | ingest | migrate | search | sweep | segments | token | dead-letters | register-model |
+models.
 
 The conventions of ``runtime.cli``: ``--config``, ``--db``, ``--log-level``/``-v`` and ``--debug`` anywhere on the
 line; results on stdout (``--json`` for machines), people's messages on stderr; every expected error is one line
@@ -83,6 +84,41 @@ def _engine(cfg: CentralConfig, migrate: bool = False):
     return open_database(cfg.database.url, migrate=migrate)
 
 
+def _start_maintainer(engine, cfg: CentralConfig) -> None:
+    """PostgreSQL: seal and index segments in the background (one process per database does it)."""
+    from sql.db import is_postgres
+
+    if is_postgres(engine) and cfg.segments.maintainer:
+        from central.segments import SegmentMaintainer
+
+        SegmentMaintainer(engine, cfg.segments).start()
+
+
+def cmd_segments(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from central import segments
+    from sql.db import is_postgres
+
+    cfg = _cfg(args)
+    engine = _engine(cfg)
+    if not is_postgres(engine):
+        _say("SQLite keeps one frames table: no segments")
+        return 0
+    if args.seal:
+        segments.seal(engine)
+    if args.seal or args.build:
+        segments.build_indexes(engine, cfg.segments)
+    with engine.connect() as c:
+        segs = segments.list_segments(c)
+    table = Table("segment", "state", "frames", "captured from (us)", "to (us)", "index")
+    for sg in segs:
+        table.add_row(str(sg.id), sg.state, "" if sg.rows is None else f"{sg.rows:,}", str(sg.min_capture_us or ""),
+                      str(sg.max_capture_us or ""), sg.index_kind or "")
+    _console().print(table)
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from sql.migrate import current
 
@@ -136,6 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.no_warm_up:
         warm_up(app.state.services, engine)
     stop = threading.Event()
+    _start_maintainer(engine, cfg)
     if not args.no_sweeper:
         blobs = BlobStore(cfg.originals.root)
 
@@ -162,6 +199,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     cfg = _cfg(args)
     engine = _engine(cfg, migrate=not args.no_migrate)
     worker = IngestWorker(engine, cfg.mqtt, cfg.ingest)
+    _start_maintainer(engine, cfg)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     signal.signal(signal.SIGINT, lambda *_: worker.stop())
     log.info("ingest worker %r on %s:%d, group %r", cfg.mqtt.client_id, cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.group)
@@ -412,6 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-migrate", action="store_true")
     s.set_defaults(fn=cmd_ingest)
     sub.add_parser("sweep", help="one retention pass").set_defaults(fn=cmd_sweep)
+    s = sub.add_parser("segments", help="PostgreSQL: list frame segments; --seal seals the hot one now")
+    s.add_argument("--seal", action="store_true", help="seal the hot segment and build its index (waits for it)")
+    s.add_argument("--build", action="store_true", help="build the indexes of sealed segments that lack them")
+    s.set_defaults(fn=cmd_segments)
     s = sub.add_parser("create-token", help="create a bearer token; prints only the token on stdout; same as "
                                             "`token create`")
     s.add_argument("name")

@@ -76,6 +76,20 @@ class OriginalsConfig(StrictModel):
     max_upload_bytes: int = Field(10 * 1024 * 1024, gt=0)
 
 
+class SegmentsConfig(StrictModel):
+    """PostgreSQL only: how the hot segment is sealed and how sealed segments are indexed (``central.segments``)."""
+
+    seal_rows: int = Field(200_000, gt=0)  # seal the hot segment (searched exactly) once it holds this many frames
+    seal_max_age_s: float = Field(3600.0, gt=0)  # ... or once its oldest frame arrived this long ago
+    index: Literal["halfvec", "bit"] = "halfvec"  # HNSW on halfvec cosine, or on binary codes + exact re-rank
+    hnsw_m: int = Field(16, ge=2, le=100)
+    hnsw_ef_construction: int = Field(64, ge=4, le=1000)
+    maintenance_work_mem_max_mb: int = Field(2048, ge=64)  # the build's memory is sized to the segment, up to this
+    build_workers: int = Field(2, ge=0, le=64)  # max_parallel_maintenance_workers of one index build
+    check_interval_s: float = Field(2.0, gt=0)  # how often the maintainer looks at the hot segment
+    maintainer: bool = True  # run it in serve/ingest (false for a serve on a read-only replica)
+
+
 class SearchConfig(StrictModel):
     candidates: int = Field(200, gt=0)  # global-embedding candidates handed to the MaxSim re-rank
     rerank: bool = True
@@ -83,6 +97,8 @@ class SearchConfig(StrictModel):
     ef_search: int = Field(200, gt=0)  # pgvector hnsw.ef_search
     max_results: int = Field(200, gt=0)  # the largest page (k) of one search request
     max_depth: int = Field(2000, gt=0)  # how deep paging goes into one search's ranking (cursor after cursor)
+    binary_candidates: int = Field(1000, gt=0, le=1000)  # nearest by Hamming distance, then re-scored exactly
+    exact_max_rows: int = Field(50_000, gt=0)  # SQLite: up to this many frames pass the filters, score them all
     providers: List[str] = ["CPUExecutionProvider"]  # ONNX Runtime execution providers, in order
 
 
@@ -119,6 +135,7 @@ class CentralConfig(StrictModel):
     retention: RetentionConfig = RetentionConfig()
     originals: OriginalsConfig = OriginalsConfig()
     search: SearchConfig = SearchConfig()
+    segments: SegmentsConfig = SegmentsConfig()
     api: ApiConfig = ApiConfig()
 
 

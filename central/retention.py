@@ -6,6 +6,7 @@ committed (reads answer 410 from here on), (2) the blob is unlinked unless anoth
 (content addressing), (3) the row becomes a ``deleted`` tombstone. A sweep that dies anywhere is finished by
 the next one, which first completes every ``deleting`` row; blobs no row references (an upload that died
 before its commit) are removed after a grace period. Legal holds exempt a frame's original and tokens.
+On PostgreSQL, tokens go a whole segment (partition) at a time (``_drop_segments``).
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ import logging
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
-from sqlalchemy import Engine, and_, delete, func, select, tuple_, update
+from sqlalchemy import Engine, and_, delete, func, select, text, tuple_, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from central import segments
 from central.blobs import BlobStore
 from central.config import RetentionConfig
 from central.originals import DAY_US
 from central.store import FRAMES_DELETED, add_counters, now_us
+from sql.db import is_postgres
 from sql.models import DeadLetter, Frame, Original
 
 log = logging.getLogger(__name__)
@@ -167,17 +171,34 @@ def sweep(engine: Engine, blobs: BlobStore, cfg: RetentionConfig, now: Optional[
 
 
 def _sweep_tokens(engine: Engine, cfg: RetentionConfig, now: int) -> int:
+    """Delete token rows past their line's ``tokens_days``, never a held frame.
+
+    SQLite: row by row. PostgreSQL: a sealed segment whose newest frame is past the default retention is
+    dropped whole (``_drop_segments``); rows are deleted one by one only in the hot and kept segments, and
+    for lines whose override is shorter than the default (wherever they are), so a frame under the default
+    policy lives at most one segment's span past ``tokens_days``."""
     ovr = _overrides(cfg, "tokens_days")
-    rules = [(and_(Frame.site == si, Frame.line == li), now - int(d * DAY_US)) for si, li, d in ovr]
-    overridden = [(si, li) for si, li, _ in ovr]
+    deleted = 0
+    open_only = None
+    if is_postgres(engine):
+        deleted += _drop_segments(engine, cfg, now)
+        with engine.connect() as c:
+            closed = [s.id for s in segments.list_segments(c) if s.state in segments.CLOSED_STATES]
+        open_only = text(f"segment NOT IN ({', '.join(str(i) for i in closed)})") if closed else None
     default_cut = now - int(cfg.tokens_days * DAY_US)
+    rules = []
+    for si, li, d in ovr:
+        cut = now - int(d * DAY_US)
+        cond = and_(Frame.site == si, Frame.line == li, Frame.capture_us < cut)
+        rules.append(and_(cond, open_only) if open_only is not None and cut <= default_cut else cond)
     default_where = [Frame.capture_us < default_cut]
+    overridden = [(si, li) for si, li, _ in ovr]
     if overridden:
         default_where.append(tuple_(Frame.site, Frame.line).not_in(overridden))
-    rules.append((and_(*default_where), None))
-    deleted = 0
-    for cond, cut in rules:
-        where = and_(cond, Frame.capture_us < cut) if cut is not None else cond
+    if open_only is not None:
+        default_where.append(open_only)
+    rules.append(and_(*default_where))
+    for where in rules:
         while True:
             with Session(engine) as s, s.begin():
                 ids = list(s.scalars(select(Frame.id).where(where, _frame_free()).limit(cfg.batch)))
@@ -185,10 +206,45 @@ def _sweep_tokens(engine: Engine, cfg: RetentionConfig, now: int) -> int:
                     break
                 n = s.execute(delete(Frame).where(Frame.id.in_(ids)),
                               execution_options={"synchronize_session": False}).rowcount
-                # same transaction: search's in-memory indexes watch this counter to notice deletions
+                # same transaction: search's vector indexes watch this counter to notice deletions
                 add_counters(s, "retention", {FRAMES_DELETED: n})
                 deleted += n
     return deleted
+
+
+def _drop_segments(engine: Engine, cfg: RetentionConfig, now: int) -> int:
+    """PostgreSQL: drop every sealed segment whose newest frame is past the default ``tokens_days``.
+
+    In the same transaction, frames that must stay move to the kept segment first: held ones, and those of
+    lines whose override keeps them longer and whose own cutoff they have not reached. Returns the frames
+    dropped."""
+    default_cut = now - int(cfg.tokens_days * DAY_US)
+    longer = [(si, li, now - int(d * DAY_US)) for si, li, d in _overrides(cfg, "tokens_days")
+              if now - int(d * DAY_US) < default_cut]
+    with engine.connect() as c:
+        due = [s for s in segments.list_segments(c) if s.state in segments.CLOSED_STATES and s.rows is not None
+               and (s.rows == 0 or (s.max_capture_us is not None and s.max_capture_us < default_cut))]
+    dropped = 0
+    for seg in due:
+        try:
+            with Session(engine) as s, s.begin():
+                s.execute(text("SET LOCAL lock_timeout = '10s'"))
+                keep = "legal_hold"
+                params: dict = {"seg": seg.id, "kept": segments.KEPT}
+                for i, (si, li, cut) in enumerate(longer):
+                    keep += f" OR (site = :s{i} AND line = :l{i} AND capture_us >= :c{i})"
+                    params.update({f"s{i}": si, f"l{i}": li, f"c{i}": cut})
+                moved = s.execute(text(f"UPDATE frames SET segment = :kept WHERE segment = :seg AND ({keep})"),
+                                  params).rowcount
+                n = int(s.execute(text(f"SELECT count(*) FROM {segments.partition(seg.id)}")).scalar_one())
+                s.execute(text(f"DROP TABLE {segments.partition(seg.id)}"))
+                s.execute(text("DELETE FROM frame_segments WHERE id = :i"), {"i": seg.id})
+                add_counters(s, "retention", {FRAMES_DELETED: n})
+            log.info("segment %d dropped: %d frames deleted, %d kept (held or longer retention)", seg.id, n, moved)
+            dropped += n
+        except OperationalError as exc:  # lock timeout behind a long query: the next sweep tries again
+            log.warning("segment %d not dropped this time: %s", seg.id, exc.__class__.__name__)
+    return dropped
 
 
 def _dead_letter_size():

@@ -1,4 +1,4 @@
-"""Search: exact (SQLite, in memory) or HNSW (pgvector) kNN on the global embedding, then MaxSim re-rank.
+"""Search: kNN on the global embedding (SQLite: vector files; PostgreSQL: segments), then MaxSim re-rank.
 
 A query is a global embedding plus optional query tokens with weights (from an example image, a stored
 frame, or a text embedding as a single token); ``build_query`` makes one from what the API or the CLI
@@ -10,17 +10,21 @@ cosine with any of the frame's summary tokens (late interaction).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
+import tempfile
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from sqlalchemy import Engine, LargeBinary, func, select, text, type_coerce
 from sqlalchemy.orm import Session
 
-from central import store
+from central import segments, store
 from central.config import SearchConfig
 from central.errors import BadParameter, Internal, Invalid, NotFound, TooLarge
 from central.store import FRAMES_DELETED, FrameData, ModelInfo
@@ -182,23 +186,142 @@ def maxsim_scores(q_tokens: np.ndarray, q_weights: np.ndarray, doc_tokens: np.nd
     return scores, sims.max(axis=2)
 
 
-class MemoryIndex:
-    """Exact index of one model's global embeddings for SQLite, kept in sync with the table by polling.
+def binary_codes(emb: np.ndarray) -> np.ndarray:
+    """1-bit codes of embeddings [N, D] (bit = value > 0, pgvector's ``binary_quantize``): uint64 [N, ceil(D/64)]."""
+    e = np.asarray(emb, np.float32).reshape(-1, emb.shape[-1])
+    words = -(-e.shape[1] // 64)
+    packed = np.zeros((e.shape[0], words * 8), np.uint8)
+    packed[:, : -(-e.shape[1] // 8)] = np.packbits(e > 0, axis=1)
+    return packed.view(np.uint64)
 
-    ``sync()`` appends rows with a larger ``id`` (frames is append-only with AUTOINCREMENT ids) and reloads
-    everything when the row count shows deletions (the sweeper).
+
+def hamming(codes_t: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Hamming distances of column-major codes ``codes_t`` [W, N] to one code ``q`` [W] (one pass per word)."""
+    h = np.bitwise_count(codes_t[0] ^ q[0]).astype(np.uint16)
+    for j in range(1, codes_t.shape[0]):
+        h += np.bitwise_count(codes_t[j] ^ q[j])
+    return h
+
+
+_COLUMNS = {"ids": np.int64, "ts": np.int64, "site": np.int32, "line": np.int32, "camera": np.int32}
+
+
+class VectorIndex:
+    """SQLite's index of one model's global embeddings, in files next to the database, kept in sync by polling.
+
+    Files (``<db>.vectors/m<model>/``): float32 embeddings, 1-bit codes, row ids, capture times and site/line/
+    camera codes, appended as rows arrive, plus ``alive`` (rows the sweeper deleted) and ``meta.json`` (rows
+    written, last id, deletion generation). Embeddings are memory-mapped and the rest is small, so a restart
+    reads no frame rows. A query scores every row passing the filters exactly when there are at most
+    ``exact_max_rows``; beyond that it takes the ``binary_candidates`` nearest by Hamming distance of the codes
+    and scores those exactly (frames is append-only with AUTOINCREMENT ids, so ``id > last_id`` finds appends;
+    the sweeper's deletion counter says when to re-read which ids are still alive). Writers of the files
+    (several processes on one database) serialize on a ``flock``; a file set that does not match the database
+    (another database, another width) is rebuilt.
     """
 
-    def __init__(self, engine: Engine, model_id: int, dim: int) -> None:
+    def __init__(self, engine: Engine, model_id: int, dim: int, directory: Path) -> None:
         self.engine, self.model_id, self.dim = engine, model_id, dim
-        self.ids = np.zeros(0, np.int64)
-        self.emb = np.zeros((0, dim), np.float32)
-        self.ts = np.zeros(0, np.int64)
-        self.place: Dict[str, np.ndarray] = {k: np.zeros(0, np.int32) for k in ("site", "line", "camera")}
-        self.codes: Dict[str, Dict[str, int]] = {k: {} for k in ("site", "line", "camera")}
-        self.last_id = 0
-        self.deletions = -1  # deletion counter seen at the last load; -1 = never loaded
+        self.dir = Path(directory)
+        self.words = -(-dim // 64)
         self.lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.n = 0
+        self.last_id = 0
+        self.last_frame_id = ""
+        self.deletions = -1
+        self.codes: Dict[str, Dict[str, int]] = {k: {} for k in ("site", "line", "camera")}
+        self.cols = {k: np.zeros(0, t) for k, t in _COLUMNS.items()}
+        self.alive = np.zeros(0, bool)
+        self._bits_buf = np.zeros((self.words, 0), np.uint64)
+        self.bits_t = self._bits_buf
+        self.emb: np.ndarray = np.zeros((0, self.dim), np.float32)
+        self.stamp: Optional[float] = None  # meta.json's mtime when read
+
+    # -- files ---------------------------------------------------------------------------------------------------
+    def _path(self, name: str) -> Path:
+        return self.dir / name
+
+    def _read_meta(self) -> Optional[dict]:
+        try:
+            return json.loads(self._path("meta.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _write_meta(self) -> None:
+        meta = {"version": 1, "dim": self.dim, "count": self.n, "last_id": self.last_id,
+                "last_frame_id": self.last_frame_id, "deletions": self.deletions, "codes": self.codes}
+        tmp = self._path("meta.json.tmp")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, self._path("meta.json"))
+        self.stamp = self._path("meta.json").stat().st_mtime
+
+    def _open_files(self, meta: dict) -> bool:
+        """Map the files as ``meta`` describes them; False when they are missing or too short."""
+        n, d = int(meta["count"]), self.dim
+        try:
+            cols = {k: np.fromfile(self._path(k), t, count=n) for k, t in _COLUMNS.items()}
+            alive = np.fromfile(self._path("alive"), np.uint8, count=n).astype(bool)
+            bits = np.fromfile(self._path("bits"), np.uint64, count=n * self.words).reshape(n, self.words)
+            size = self._path("emb").stat().st_size
+        except OSError:
+            return False
+        if any(len(v) != n for v in cols.values()) or len(alive) != n or bits.shape[0] != n or size < n * d * 4:
+            return False
+        self.n, self.cols, self.alive = n, cols, alive
+        self._bits_buf = np.ascontiguousarray(bits.T)
+        self.bits_t = self._bits_buf
+        self._map_emb()
+        self.last_id, self.last_frame_id = int(meta["last_id"]), str(meta["last_frame_id"])
+        self.deletions, self.codes = int(meta["deletions"]), meta["codes"]
+        return True
+
+    def _matches_db(self, meta: dict) -> bool:
+        if meta.get("version") != 1 or int(meta.get("dim", -1)) != self.dim:
+            return False
+        if int(meta.get("count", 0)) == 0:
+            return True
+        with Session(self.engine) as s:
+            fid = s.scalar(select(Frame.frame_id).where(Frame.id == int(meta["last_id"]),
+                                                        Frame.model_id == self.model_id))
+        return fid == meta.get("last_frame_id")
+
+    def _truncate_files(self) -> None:
+        """Cut every file to ``self.n`` rows (a writer that died after appending, before its meta.json)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        sizes = {**{k: np.dtype(t).itemsize for k, t in _COLUMNS.items()}, "alive": 1, "bits": 8 * self.words,
+                 "emb": 4 * self.dim}
+        for name, size in sizes.items():
+            with open(self._path(name), "ab") as fh:
+                fh.truncate(self.n * size)
+
+    def _append(self, ids, ts, place: Dict[str, np.ndarray], emb: np.ndarray, frame_id: str) -> None:
+        """Append rows to the files and to the arrays in memory (codes grow with spare capacity)."""
+        bits = binary_codes(emb)
+        for name, arr in (("ids", ids), ("ts", ts), *place.items(), ("alive", np.ones(len(ids), np.uint8)),
+                          ("bits", bits), ("emb", emb.astype(np.float32))):
+            with open(self._path(name), "ab") as fh:
+                fh.write(np.ascontiguousarray(arr).tobytes())
+        n, m = self.n, len(ids)
+        for k, v in (("ids", ids), ("ts", ts), *place.items()):
+            self.cols[k] = np.concatenate([self.cols[k], v])
+        self.alive = np.concatenate([self.alive, np.ones(m, bool)])
+        cap = self._bits_buf.shape[1]
+        if n + m > cap:
+            buf = np.zeros((self.words, max(2 * cap, n + m, 1024)), np.uint64)
+            buf[:, :n] = self.bits_t
+            self._bits_buf = buf
+        self._bits_buf[:, n:n + m] = bits.T
+        self.bits_t = self._bits_buf[:, :n + m]
+        self.n = n + m
+        self.last_id, self.last_frame_id = int(ids[-1]), frame_id
+        self._map_emb()
+
+    def _map_emb(self) -> None:
+        d = self.dim
+        self.emb = np.memmap(self._path("emb"), np.float32, "r", shape=(self.n, d)) if self.n else np.zeros((0, d), np.float32)
 
     def _code(self, kind: str, value: str) -> int:
         c = self.codes[kind]
@@ -206,118 +329,168 @@ class MemoryIndex:
             c[value] = len(c)
         return c[value]
 
-    def _load(self, after_id: int, chunk: int = 50_000, on_rows: Optional[Callable[[int], None]] = None) -> None:
-        """Append the model's rows with ``id > after_id``, ``chunk`` rows per query (keyset pagination).
-
-        Embeddings are read as the raw little-endian float32 bytes SQLite stores and converted with one
-        ``np.frombuffer`` per chunk, not one array per row: 1M frames load in seconds rather than a minute.
-        """
+    def _load_rows(self, chunk: int = 50_000, on_rows: Optional[Callable[[int], None]] = None) -> int:
+        """Append the model's rows with ``id > last_id`` to the files (keyset pagination, one ``frombuffer`` per
+        chunk of raw float32 embedding bytes; ``on_rows(n)`` after each); returns how many."""
         raw = type_coerce(Frame.global_embedding, LargeBinary)
-        need = self.dim * 4
+        need, added = self.dim * 4, 0
         while True:
             with Session(self.engine) as s:
-                q = (select(Frame.id, raw, Frame.capture_us, Frame.site, Frame.line, Frame.camera)
-                     .where(Frame.model_id == self.model_id, Frame.id > after_id).order_by(Frame.id).limit(chunk))
-                rows = s.execute(q).all()
+                rows = s.execute(select(Frame.id, raw, Frame.capture_us, Frame.site, Frame.line, Frame.camera,
+                                        Frame.frame_id)
+                                 .where(Frame.model_id == self.model_id, Frame.id > self.last_id)
+                                 .order_by(Frame.id).limit(chunk)).all()
             if not rows:
-                return
-            blobs = [r[1] for r in rows]
-            bad = next(((r[0], len(b)) for r, b in zip(rows, blobs) if len(b) != need), None)
+                return added
+            bad = next(((r[0], len(r[1])) for r in rows if len(r[1]) != need), None)
             if bad is not None:
                 raise Internal(f"model {self.model_id}: frame row {bad[0]} has a {bad[1]}-byte embedding, "
                                f"expected {need} (dim {self.dim})", reason=BAD_QUERY)
             ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-            emb = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(rows), self.dim).astype(np.float32)
+            emb = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), self.dim)
             ts = np.fromiter((r[2] for r in rows), np.int64, len(rows))
-            self.ids = np.concatenate([self.ids, ids])
-            self.emb = np.concatenate([self.emb, emb])
-            self.ts = np.concatenate([self.ts, ts])
-            for j, kind in enumerate(("site", "line", "camera")):
-                codes = np.fromiter((self._code(kind, r[3 + j]) for r in rows), np.int32, len(rows))
-                self.place[kind] = np.concatenate([self.place[kind], codes])
-            self.last_id = after_id = int(ids[-1])
+            place = {kind: np.fromiter((self._code(kind, r[3 + j]) for r in rows), np.int32, len(rows))
+                     for j, kind in enumerate(("site", "line", "camera"))}
+            self._append(ids, ts, place, emb, rows[-1][6])
+            added += len(rows)
             if on_rows is not None:
                 on_rows(len(rows))
             if len(rows) < chunk:
-                return
+                return added
 
     def _prune(self) -> None:
-        """Drop the rows that are no longer in the table (the sweeper deleted them): reads ids only."""
+        """Mark the rows the sweeper deleted (reads ids only); rewrite the files once a quarter are dead."""
         with Session(self.engine) as s:
-            alive = np.fromiter(s.scalars(select(Frame.id).where(Frame.model_id == self.model_id,
-                                                                  Frame.id <= self.last_id)), np.int64)
-        keep = np.isin(self.ids, alive, assume_unique=True)
-        if not keep.all():
-            self.ids, self.emb, self.ts = self.ids[keep], self.emb[keep], self.ts[keep]
-            self.place = {k: v[keep] for k, v in self.place.items()}
-            log.info("model %d: %d deleted frame(s) dropped from the index", self.model_id, int((~keep).sum()))
+            alive_ids = np.fromiter(s.scalars(select(Frame.id).where(Frame.model_id == self.model_id,
+                                                                      Frame.id <= self.last_id)), np.int64)
+        alive = np.isin(self.cols["ids"], alive_ids, assume_unique=True)
+        dead = int((~alive).sum())
+        if dead and dead * 4 >= self.n:
+            keep = np.flatnonzero(alive)
+            data = {**{k: v[keep] for k, v in self.cols.items()}, "alive": np.ones(len(keep), np.uint8),
+                    "bits": np.ascontiguousarray(self.bits_t.T[keep]), "emb": np.asarray(self.emb[keep], np.float32)}
+            for name, arr in data.items():
+                tmp = self._path(name + ".tmp")
+                np.ascontiguousarray(arr).tofile(tmp)
+                os.replace(tmp, self._path(name))
+            self.n = len(keep)
+            self.cols = {k: v[keep] for k, v in self.cols.items()}
+            self._bits_buf = np.ascontiguousarray(self.bits_t[:, keep])
+            self.bits_t, self.alive = self._bits_buf, np.ones(self.n, bool)
+            self._map_emb()
+            log.info("model %d: vector files compacted (%d deleted frames dropped)", self.model_id, dead)
+        else:
+            alive.astype(np.uint8).tofile(self._path("alive"))
+            self.alive = alive
+            if dead:
+                log.info("model %d: %d deleted frame(s) masked in the index", self.model_id, dead)
 
     def sync(self, on_rows: Optional[Callable[[int], None]] = None) -> None:
-        """Cheap check per query: the largest id (appends) and the deletion counter the sweeper bumps in the
-        transaction that deletes frames (deletions -> the index drops the ids no longer in the table). Rows
-        deleted behind central's back (manual SQL) are noticed only at the sweeper's next deletion or a restart."""
+        """Cheap check per query: the largest id (appends) and the sweeper's deletion counter; the files are
+        brought up to date under their ``flock`` only when either moved (``on_rows``: progress of the rows read)."""
         with self.lock:
             with Session(self.engine) as s:
                 mx = int(s.scalar(select(func.max(Frame.id)).where(Frame.model_id == self.model_id)) or 0)
                 gen = store.counter_total(s, FRAMES_DELETED)
-            if gen != self.deletions:
-                if self.deletions >= 0:
+            if mx == self.last_id and gen == self.deletions:
+                return
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with open(self._path("lock"), "a+") as lockf:
+                fcntl.flock(lockf, fcntl.LOCK_EX)
+                meta = self._read_meta()
+                try:
+                    stamp = self._path("meta.json").stat().st_mtime
+                except OSError:
+                    stamp = None
+                if meta is None or not self._matches_db(meta):
+                    self._reset()
+                    self._truncate_files()
+                elif stamp != self.stamp or int(meta["count"]) != self.n:
+                    if not self._open_files(meta):
+                        self._reset()
+                    self.stamp = stamp
+                    self._truncate_files()
+                if self.deletions < 0:
+                    self.deletions = gen
+                elif gen != self.deletions:
                     self._prune()
-                self.deletions = gen
-            if mx > self.last_id:
-                self._load(self.last_id, on_rows=on_rows)
+                    self.deletions = gen
+                added = self._load_rows(on_rows=on_rows)
+                self._write_meta()
+                if added:
+                    log.debug("model %d: %d frame(s) added to the index", self.model_id, added)
 
-    def knn(self, q: np.ndarray, k: int, f: Filters) -> List[Tuple[int, float]]:
+    def knn(self, q: np.ndarray, k: int, f: Filters, exact_max_rows: int, binary_candidates: int) -> List[Tuple[int, float]]:
         self.sync()
         wanted = None
         if f.labels:  # one query over this model's frames, before the index is locked
             with Session(self.engine) as s:
                 wanted = label_ids(s, self.model_id, f.labels)
         with self.lock:
-            mask = np.ones(len(self.ids), bool)
+            n, ids, ts = self.n, self.cols["ids"], self.cols["ts"]
+            mask = self.alive.copy()
             for kind in ("site", "line", "camera"):
                 want = getattr(f, kind)
                 if want is not None:
                     code = self.codes[kind].get(want)
-                    mask &= (self.place[kind] == code) if code is not None else False
+                    mask &= (self.cols[kind] == code) if code is not None else False
             if f.since_us is not None:
-                mask &= self.ts >= f.since_us
+                mask &= ts >= f.since_us
             if f.until_us is not None:
-                mask &= self.ts < f.until_us
+                mask &= ts < f.until_us
             if wanted is not None:
-                mask &= np.isin(self.ids, wanted)
+                mask &= np.isin(ids[:n], wanted)
             sel = np.flatnonzero(mask)
             if sel.size == 0:
                 return []
-            emb, ids = (self.emb, self.ids) if sel.size == len(self.ids) else (self.emb[sel], self.ids[sel])
-        sims = emb @ q.astype(np.float32)
+            q = q.astype(np.float32)
+            if sel.size > max(exact_max_rows, binary_candidates, k):
+                qb = binary_codes(q[None, :])[0]
+                h = hamming(self.bits_t if sel.size == n else self.bits_t[:, sel], qb)
+                sel = sel[np.argpartition(h, binary_candidates - 1)[:binary_candidates]]
+                sel.sort()  # sequential reads of the mapped embeddings
+            sims = (self.emb if sel.size == n else self.emb[sel]) @ q
+            rows = ids[sel]
         k = min(k, sims.size)
         top = np.argpartition(-sims, k - 1)[:k]
-        top = top[np.lexsort((ids[top], -sims[top]))]  # by score, ties by id: deterministic
-        return [(int(ids[i]), float(sims[i])) for i in top]
+        top = top[np.lexsort((rows[top], -sims[top]))]  # by score, ties by id: deterministic
+        return [(int(rows[i]), float(sims[i])) for i in top]
+
+
+def vector_dir(engine: Engine) -> Path:
+    """Where a SQLite database's vector files live: ``<database file>.vectors`` (a temporary directory for an
+    in-memory database)."""
+    db = engine.url.database
+    if not db or db == ":memory:":
+        return Path(tempfile.mkdtemp(prefix="tokenline-vectors-"))
+    return Path(db).resolve().parent / (Path(db).name + ".vectors")
 
 
 class Searcher:
-    """Answers queries for any registered model; one instance per process (holds SQLite's memory indexes)."""
+    """Answers queries for any registered model; one instance per process (holds SQLite's vector indexes)."""
 
     def __init__(self, engine: Engine, cfg: SearchConfig) -> None:
         self.engine, self.cfg = engine, cfg
         self.pg = is_postgres(engine)
-        self._indexes: Dict[int, MemoryIndex] = {}
+        self._indexes: Dict[int, VectorIndex] = {}
         self._lock = threading.Lock()
+        self._dir: Optional[Path] = None
 
-    def _memindex(self, model: ModelInfo) -> MemoryIndex:
+    def _vindex(self, model: ModelInfo) -> VectorIndex:
         with self._lock:
             idx = self._indexes.get(model.id)
             if idx is None:
-                idx = self._indexes[model.id] = MemoryIndex(self.engine, model.id, model.embedding_dim)
+                if self._dir is None:
+                    self._dir = vector_dir(self.engine)
+                idx = self._indexes[model.id] = VectorIndex(self.engine, model.id, model.embedding_dim,
+                                                            self._dir / f"m{model.id}")
             return idx
 
     def warm(self, model: ModelInfo, on_rows: Optional[Callable[[int], None]] = None) -> None:
-        """Load ``model``'s index now (SQLite: every embedding into memory, ``on_rows(n)`` per chunk), so the first
-        search does not pay for it; PostgreSQL's HNSW index lives in the server."""
+        """Bring ``model``'s vector files up to date now (SQLite: the rows not in them yet, ``on_rows(n)`` per
+        chunk), so the first search does not pay for it; PostgreSQL's indexes live in the server."""
         if not self.pg:
-            self._memindex(model).sync(on_rows)
+            self._vindex(model).sync(on_rows)
 
     def knn(self, model: ModelInfo, q: np.ndarray, k: int, f: Filters) -> List[Tuple[int, float]]:
         """Top ``k`` frames of ``model`` by cosine of the global embedding: ``[(row id, cosine)]``."""
@@ -326,10 +499,17 @@ class Searcher:
             raise Invalid(f"query dimension {q.shape[0]} != model {model.name!r} dimension {model.embedding_dim}; "
                           "embeddings of different models are never compared", reason=BAD_QUERY)
         if not self.pg:
-            return self._memindex(model).knn(q, k, f)
+            return self._vindex(model).knn(q, k, f, self.cfg.exact_max_rows, self.cfg.binary_candidates)
+        return self._pg_knn(model, q, k, f)
+
+    def _pg_knn(self, model: ModelInfo, q: np.ndarray, k: int, f: Filters) -> List[Tuple[int, float]]:
+        """PostgreSQL: exact over the hot, sealing and kept segments, HNSW over each sealed segment's index
+        (binary codes re-scored exactly for ``bit`` indexes); one statement, the branches merged by distance.
+        Sealed segments whose capture range misses the time filter are not searched."""
         d = int(model.embedding_dim)
         where = ["model_id = :m"]
-        params: Dict[str, Any] = {"m": model.id, "q": "[" + ",".join(f"{x:.6g}" for x in q) + "]", "k": int(k)}
+        params: Dict[str, Any] = {"m": model.id, "q": "[" + ",".join(f"{x:.6g}" for x in q) + "]", "k": int(k),
+                                  "c": max(int(k), int(self.cfg.binary_candidates))}
         for kind in ("site", "line", "camera"):
             if getattr(f, kind) is not None:
                 where.append(f"{kind} = :{kind}")
@@ -348,16 +528,32 @@ class Searcher:
             if value is None:
                 where.append(f"(labels -> :label{i}) IS NOT NULL")
                 params[f"label{i}"] = name
-        sql = (f"SELECT id, (global_embedding::halfvec({d}) <=> CAST(:q AS halfvec({d}))) AS dist FROM frames "
-               f"WHERE {' AND '.join(where)} ORDER BY global_embedding::halfvec({d}) <=> CAST(:q AS halfvec({d})) "
-               f"LIMIT :k")
+        cond = " AND ".join(where)
+        dist = f"global_embedding::halfvec({d}) <=> CAST(:q AS halfvec({d}))"
         with self.engine.connect() as conn, conn.begin():
-            conn.execute(text(f"SET LOCAL hnsw.ef_search = {max(int(self.cfg.ef_search), int(k))}"))
+            segs = [s for s in segments.list_segments(conn) if s.may_hold(f.since_us, f.until_us)]
+            groups: Dict[str, List[int]] = {}
+            for s in segs:
+                groups.setdefault("exact" if s.exact else str(s.index_kind), []).append(s.id)
+            parts = []
+            for kind, ids in groups.items():
+                seg = f"segment IN ({', '.join(str(i) for i in ids)})"
+                if kind == "exact":
+                    parts.append(f"(SELECT id, {dist} AS dist FROM frames WHERE {seg} AND {cond} ORDER BY dist LIMIT :k)")
+                elif kind == "bit":
+                    parts.append(f"(SELECT id, dist FROM (SELECT id, {dist} AS dist FROM frames WHERE {seg} AND {cond} "
+                                 f"ORDER BY {segments.ann_order('bit', d)} LIMIT :c) b ORDER BY dist LIMIT :k)")
+                else:
+                    parts.append(f"(SELECT id, {dist} AS dist FROM frames WHERE {seg} AND {cond} "
+                                 f"ORDER BY {segments.ann_order(kind, d)} LIMIT :k)")
+            if not parts:
+                return []
+            ef = min(1000, max(int(self.cfg.ef_search), int(k), params["c"] if "bit" in groups else 0))
+            conn.execute(text(f"SET LOCAL hnsw.ef_search = {ef}"))
             conn.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
-            rows = conn.execute(text(sql), params).all()
-        out = [(int(r[0]), 1.0 - float(r[1])) for r in rows]
-        out.sort(key=lambda t: (-t[1], t[0]))
-        return out
+            rows = conn.execute(text(" UNION ALL ".join(parts)), params).all()
+        out = sorted(((int(r[0]), 1.0 - float(r[1])) for r in rows), key=lambda t: (-t[1], t[0]))
+        return out[:k]
 
     def search(self, model: ModelInfo, query: Query, k: int, f: Filters = Filters(),
                rerank: Optional[bool] = None, rerank_weight: Optional[float] = None) -> List[Hit]:

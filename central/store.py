@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import secrets
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,11 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from sqlalchemy import and_, delete, func, insert, or_, select, text, type_coerce, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from central import segments
 from central.errors import Conflict, Invalid, NotFound
 from sql.db import is_postgres
 from sql.models import ApiToken, Counter, DeadLetter, Device, Frame, Model, Original
@@ -76,16 +79,11 @@ def _info(row: Model) -> ModelInfo:
                      Manifest.from_json(row.manifest_json, where=f"models[{row.id}]"), int(row.registered_us or 0))
 
 
-def hnsw_index_name(model_id: int) -> str:
-    return f"ix_frames_hnsw_m{int(model_id)}"
-
-
 def register_model(session: Session, manifest: Manifest, model_dir: Optional[str | Path] = None) -> ModelInfo:
-    """Register (or update the directory of) a manifest; on PostgreSQL create its partial HNSW index.
+    """Register (or update the directory of) a manifest.
 
-    Each model gets ``CREATE INDEX ... USING hnsw ((global_embedding::halfvec(D)) halfvec_cosine_ops)
-    WHERE model_id = <id>``: one index per model, so embeddings of different models are never compared.
-    The index is created in the caller's transaction, with the model's row.
+    On PostgreSQL no index is made here: each sealed segment gets its own per-model ANN index
+    (``central.segments``), so embeddings of different models (and widths) are never compared.
     """
     h = manifest.hash_bytes().hex()
     d = manifest.embedding_dim
@@ -99,16 +97,7 @@ def register_model(session: Session, manifest: Manifest, model_dir: Optional[str
         session.flush()
     elif mdir is not None:
         row.model_dir = mdir
-    info = _info(row)
-    if is_postgres(session.get_bind()):
-        if d > 4000:
-            log.warning("model %s: dim %d > 4000, pgvector cannot index halfvec; search is a sequential scan",
-                        info.name, d)
-        else:
-            session.execute(text(
-                f"CREATE INDEX IF NOT EXISTS {hnsw_index_name(info.id)} ON frames USING hnsw "
-                f"((global_embedding::halfvec({d})) halfvec_cosine_ops) WHERE model_id = {info.id}"))
-    return info
+    return _info(row)
 
 
 def list_models(session: Session) -> List[ModelInfo]:
@@ -158,26 +147,80 @@ def frame_row(msg: "TokenMessage", model_id: int, received_us: int) -> Dict[str,
     }
 
 
-def _insert_ignore(session: Session, table: Any, rows: Sequence[Dict[str, Any]], key: str) -> None:
-    dialect = session.get_bind().dialect.name
-    mod = postgresql if dialect == "postgresql" else sqlite
-    stmt = mod.insert(table).on_conflict_do_nothing(index_elements=[key])
-    session.execute(stmt, list(rows))
+# Columns written by ingest, in the order of the COPY (PostgreSQL) and the INSERT (SQLite).
+_INSERT_COLS = ("frame_id", "model_id", "device", "site", "line", "camera", "capture_us", "received_us", "seq", "flags",
+                "token_dtype", "k", "global_embedding", "tokens", "sizes", "centroids", "legal_hold", "source", "labels")
+# Binary COPY field types; the halfvec field is sent as its binary wire form through the bytea dumper.
+_COPY_TYPES = ("text", "int4", "text", "text", "text", "text", "int8", "int8", "int8", "int2", "text", "int2", "bytea",
+               "bytea", "bytea", "bytea", "bool", "text", "jsonb", "int8")
+
+
+def _halfvec_binary(v: np.ndarray) -> bytes:
+    """pgvector's binary ``halfvec``: uint16 dim, uint16 0, then big-endian float16 values."""
+    a = np.asarray(v, dtype=">f2").reshape(-1)
+    return struct.pack(">HH", a.shape[0], 0) + a.tobytes()
 
 
 def insert_new_frames(session: Session, rows: Sequence[Dict[str, Any]]) -> List[str]:
-    """Insert rows not already present (by ``frame_id``); return the frame ids that were new. Caller commits."""
+    """Insert rows not already present (by ``frame_id``); return the frame ids that were new. Caller commits.
+
+    SQLite: ``INSERT OR IGNORE`` against the unique ``frame_id`` (writers are serialised by SQLite's lock). PostgreSQL: binary COPY into the hot segment (no ANN index to
+    update); ``frame_id`` is unique per segment, so the batch is first checked against the segments that can
+    hold its ids, under the shared hot lock (``central.segments``): a segment sealed meanwhile waits for this
+    transaction, and a concurrent duplicate in the hot segment fails the unique index (the ingest then commits
+    message by message and counts it as a duplicate).
+    """
     if not rows:
         return []
     unique: Dict[str, Dict[str, Any]] = {}
     for r in rows:
         unique.setdefault(r["frame_id"], r)
-    existing = set(session.scalars(select(Frame.frame_id).where(Frame.frame_id.in_(list(unique)))))
+    conn = session.connection()
+    ids = sorted(unique)
+    if not is_postgres(session.get_bind()):
+        # Write first: a read would pin a snapshot that a concurrent writer's commit makes stale, and SQLite
+        # then refuses the write at once (SQLITE_BUSY, no busy wait). Row by row to learn which were new.
+        raw = conn.connection.driver_connection
+        cur = raw.cursor()
+        sql = (f"INSERT OR IGNORE INTO frames ({', '.join(_INSERT_COLS)}) VALUES "
+               f"({', '.join('?' * len(_INSERT_COLS))})")
+        added = []
+        for fid, r in unique.items():
+            before = raw.total_changes
+            cur.execute(sql, tuple(_sqlite_value(c, r[c]) for c in _INSERT_COLS))
+            if raw.total_changes != before:
+                added.append(fid)
+        cur.close()
+        return added
+    hot = segments.hot_segment(conn)
+    check = [str(s.id) for s in segments.list_segments(conn)
+             if s.exact or s.rows is None or (s.rows and s.min_frame_id <= ids[-1] and s.max_frame_id >= ids[0])]
+    existing = set(conn.execute(text(f"SELECT frame_id FROM frames WHERE segment IN ({', '.join(check)}) "
+                                     "AND frame_id = ANY(:ids)"), {"ids": ids}).scalars())
     new = [r for fid, r in unique.items() if fid not in existing]
     if new:
-        # ON CONFLICT DO NOTHING as well: another worker may commit the same frame concurrently.
-        _insert_ignore(session, Frame.__table__, new, "frame_id")
+        import psycopg
+
+        sql = f"COPY frames ({', '.join(_INSERT_COLS)}, segment) FROM STDIN (FORMAT BINARY)"
+        raw = conn.connection.driver_connection
+        try:
+            with raw.cursor() as cur, cur.copy(sql) as cp:
+                cp.set_types(list(_COPY_TYPES))
+                for r in new:
+                    cp.write_row(tuple(_halfvec_binary(r[c]) if c == "global_embedding" else r[c]
+                                       for c in _INSERT_COLS) + (hot,))
+        except psycopg.Error as exc:  # as SQLAlchemy's own errors: IntegrityError, OperationalError, ...
+            raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
     return [r["frame_id"] for r in new]
+
+
+def _sqlite_value(col: str, v: Any) -> Any:
+    """A row value as the sqlite3 driver takes it (what the ORM's column types would bind)."""
+    if col == "global_embedding":
+        return pack_f32(v)
+    if col == "labels":
+        return None if v is None else json.dumps(v)
+    return v
 
 
 def insert_frames(session: Session, rows: Sequence[Dict[str, Any]]) -> int:

@@ -190,30 +190,100 @@ def test_index_follows_appends_and_sweeper_deletions(engine, tiny_manifest, tmp_
     assert tx(engine, store.counter_totals)["frames_deleted"] == 150
 
 
-def test_memory_index_loads_in_chunks_and_refuses_a_wrong_width_embedding(tmp_path, tiny_manifest):
-    from sqlalchemy import text
-
-    from central.search import MemoryIndex
+def _sqlite_engine(tmp_path):
     from sql.db import make_engine
     from sql.migrate import upgrade
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'central.db'}")  # the in-memory index is SQLite's
+    engine = make_engine(f"sqlite:///{tmp_path / 'central.db'}")  # the vector files are SQLite's
     upgrade(engine)
+    return engine
+
+
+def test_vector_index_loads_in_chunks_and_refuses_a_wrong_width_embedding(tmp_path, tiny_manifest):
+    from sqlalchemy import text
+
+    from central.search import VectorIndex
+
+    engine = _sqlite_engine(tmp_path)
     model, msgs, _, _ = _populate(engine, tiny_manifest, n=50)
-    whole = MemoryIndex(engine, model.id, model.embedding_dim)
-    whole._load(0)
-    chunked = MemoryIndex(engine, model.id, model.embedding_dim)
-    chunked._load(0, chunk=7)  # 7 full chunks and a partial one
-    assert len(whole.ids) == 50 and whole.last_id == chunked.last_id == int(whole.ids[-1])
-    np.testing.assert_array_equal(whole.ids, chunked.ids)
-    np.testing.assert_array_equal(whole.emb, chunked.emb)
+    whole = VectorIndex(engine, model.id, model.embedding_dim, tmp_path / "a")
+    whole.sync()
+    chunked = VectorIndex(engine, model.id, model.embedding_dim, tmp_path / "b")
+    chunked._truncate_files()
+    chunked._load_rows(chunk=7)  # 7 full chunks and a partial one
+    assert whole.n == chunked.n == 50 and whole.last_id == chunked.last_id == int(whole.cols["ids"][-1])
+    np.testing.assert_array_equal(whole.cols["ids"], chunked.cols["ids"])
+    np.testing.assert_array_equal(np.asarray(whole.emb), np.asarray(chunked.emb))
+    np.testing.assert_array_equal(whole.bits_t, chunked.bits_t)
     stored = {m.frame_id_hex: m.summary.global_embedding for m in msgs}
     with Session(engine) as s:
         rows = s.execute(text("SELECT id, frame_id FROM frames ORDER BY id")).all()
-    for (rid, fid), e in zip(rows, whole.emb):
+    for (rid, fid), e in zip(rows, np.asarray(whole.emb)):
         assert np.allclose(e, stored[fid], atol=1e-6)  # the raw float32 bytes are the stored embedding
     with engine.begin() as c:
         c.execute(text("UPDATE frames SET global_embedding = zeroblob(12) WHERE id = :i"), {"i": rows[3][0]})
     with pytest.raises(Internal) as ei:
-        MemoryIndex(engine, model.id, model.embedding_dim)._load(0)
+        VectorIndex(engine, model.id, model.embedding_dim, tmp_path / "c").sync()
     assert http_status(ei.value) == 500 and f"frame row {rows[3][0]} has a 12-byte embedding" in str(ei.value)
+
+
+def test_vector_files_survive_a_restart_and_follow_the_database(tmp_path, tiny_manifest):
+    """A new process maps the files instead of reading the rows; appends and deletions made meanwhile are
+    caught up; files written for another database are rebuilt, not trusted."""
+    from central.search import VectorIndex, binary_codes, hamming
+
+    engine = _sqlite_engine(tmp_path)
+    model, msgs, rng, _ = _populate(engine, tiny_manifest, n=400)
+    cfg = SearchConfig(rerank=False, exact_max_rows=10, binary_candidates=400)  # the Hamming path, all candidates
+    first = Searcher(engine, cfg)
+    q = Query(model.id, msgs[7].summary.global_embedding)
+    want = [h.frame_id for h in first.search(model, q, 20)]
+    assert want[0] == msgs[7].frame_id_hex
+    files = sorted(p.name for p in (tmp_path / "central.db.vectors" / f"m{model.id}").iterdir())
+    assert {"emb", "bits", "ids", "ts", "alive", "meta.json"} <= set(files)
+    extra = [make_message(tiny_manifest, rng, seq=900 + i, ts_us=T0 + 10**9) for i in range(3)]
+    with Session(engine) as s, s.begin():
+        store.insert_frames(s, [store.frame_row(m, model.id, T0) for m in extra])
+    second = Searcher(engine, cfg)  # a restart: maps 400 rows, reads only the 3 new ones
+    idx = second._vindex(model)
+    loaded = []
+    orig = idx._load_rows
+    idx._load_rows = lambda *a, **kw: loaded.append(orig(*a, **kw)) or loaded[-1]
+    assert [h.frame_id for h in second.search(model, q, 20)] == want
+    assert loaded == [3] and idx.n == 403
+    # 1-bit codes: Hamming distance is the number of differing signs
+    e = np.stack([msgs[0].summary.global_embedding, -msgs[0].summary.global_embedding])
+    c = binary_codes(e)
+    assert hamming(np.ascontiguousarray(c.T), c[0]).tolist() == [0, 384]
+    # another database under the same file name: the files do not match its rows and are rebuilt
+    engine.dispose()
+    (tmp_path / "central.db").unlink()
+    for p in tmp_path.glob("central.db-*"):
+        p.unlink()
+    engine = _sqlite_engine(tmp_path)
+    model2, msgs2, _, _ = _populate(engine, tiny_manifest, n=30, seed=5)
+    hits = Searcher(engine, cfg).search(model2, Query(model2.id, msgs2[0].summary.global_embedding), 50)
+    assert len(hits) == 30 and hits[0].frame_id == msgs2[0].frame_id_hex
+
+
+def test_binary_prefilter_with_filters_matches_brute_force_when_candidates_cover(tmp_path, tiny_manifest):
+    """SQLite above ``exact_max_rows``: Hamming candidates then exact scores. Filters are applied before the
+    codes are compared, so a filter that leaves at most ``binary_candidates`` frames is answered exactly."""
+    engine = _sqlite_engine(tmp_path)
+    model, msgs, rng, _ = _populate(engine, tiny_manifest, n=N)
+    frames = _load_all(engine)
+    searcher = Searcher(engine, SearchConfig(rerank=False, exact_max_rows=100, binary_candidates=300))
+    for flt in [Filters(line="l2", camera="c1"), Filters(site="s1", since_us=T0 + 500_000_000, until_us=T0 + 900_000_000)]:
+        for qi in range(5):
+            q = unit(rng, 384)
+            ref, ref_sims = _brute(frames, model, q, flt, 10)
+            hits = searcher.search(model, Query(model.id, q), 10, flt)
+            assert [h.frame_id for h in hits] == [f.frame_id for f in ref]
+            assert np.allclose([h.global_score for h in hits], ref_sims, atol=1e-5)
+    recalls = []  # unfiltered: 1,500 frames, 300 Hamming candidates
+    for qi in range(10):
+        q = msgs[qi * 97].summary.global_embedding
+        ref, _ = _brute(frames, model, q, Filters(), 10)
+        got = {h.frame_id for h in searcher.search(model, Query(model.id, q), 10)}
+        recalls.append(len(got & {f.frame_id for f in ref}) / 10)
+    assert np.mean(recalls) >= 0.9, recalls

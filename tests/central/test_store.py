@@ -15,16 +15,22 @@ from tests.central.conftest import make_message, tx, unit
 
 
 def test_migration_creates_schema_and_downgrades(engine):
-    assert current(engine) == "0002"
+    assert current(engine) == "0003"
     names = set(inspect(engine).get_table_names())
     assert {"devices", "models", "frames", "originals", "dead_letters", "api_tokens", "counters"} <= names
     if engine.dialect.name == "sqlite":
         with engine.connect() as c:
             assert c.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+    else:  # frames partitioned by segment: the kept segment 0 and the hot segment 1
+        with engine.connect() as c:
+            assert c.execute(text("SELECT id, state FROM frame_segments ORDER BY id")).all() == [(0, "kept"), (1, "hot")]
+            parts = c.execute(text("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                                   "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'frames'")).scalars()
+            assert sorted(parts) == ["frames_s0", "frames_s1"]
     downgrade(engine, "base")
     assert "frames" not in set(inspect(engine).get_table_names())
     upgrade(engine)
-    assert current(engine) == "0002"
+    assert current(engine) == "0003"
 
 
 def test_frame_metadata_migration_keeps_older_rows(engine, tiny_manifest):
@@ -45,16 +51,39 @@ def test_frame_metadata_migration_keeps_older_rows(engine, tiny_manifest):
     upgrade(engine)
 
 
-def test_register_model_is_idempotent_and_indexed(engine, tiny_manifest, tiny_model_dir):
+def test_migration_0003_keeps_frames_both_ways(engine, tiny_manifest):
+    """Frames stored before the segments (revision 0001) survive the upgrade (held ones into the kept segment)
+    and the downgrade, with their ids."""
+    downgrade(engine, "0001")
+    model = tx(engine, store.register_model, tiny_manifest)
+    rng = np.random.default_rng(4)
+    rows = [store.frame_row(make_message(tiny_manifest, rng, seq=i), model.id, 0) for i in range(4)]
+    rows = [{k: v for k, v in r.items() if k not in ("source", "labels")} for r in rows]  # 0001's columns
+    rows[1]["legal_hold"] = True
+    with Session(engine) as s, s.begin():
+        s.execute(Frame.__table__.insert(), [{**r, "global_embedding": r["global_embedding"]} for r in rows])
+    with engine.connect() as c:
+        before = c.execute(text("SELECT id, frame_id FROM frames ORDER BY id")).all()
+    upgrade(engine)
+    with engine.connect() as c:
+        assert c.execute(text("SELECT id, frame_id FROM frames ORDER BY id")).all() == before
+        if engine.dialect.name == "postgresql":
+            held = c.execute(text("SELECT frame_id FROM frames WHERE segment = 0")).scalars().all()
+            assert held == [rows[1]["frame_id"]]
+    with Session(engine) as s, s.begin():  # new frames after the old ones
+        assert store.insert_frames(s, [store.frame_row(make_message(tiny_manifest, rng, seq=9), model.id, 0)]) == 1
+    downgrade(engine, "0001")
+    with engine.connect() as c:
+        after = c.execute(text("SELECT id, frame_id FROM frames ORDER BY id")).all()
+    assert after[:4] == before and len(after) == 5 and after[4][0] > before[-1][0]
+    upgrade(engine)
+
+
+def test_register_model_is_idempotent(engine, tiny_manifest, tiny_model_dir):
     a = tx(engine, store.register_model, tiny_manifest)
     b = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
     assert a.id == b.id and b.model_dir == str(tiny_model_dir.resolve())
     assert a.hash16 == tiny_manifest.hash_bytes().hex() and (a.embedding_dim, a.k) == (384, 16)
-    if engine.dialect.name == "postgresql":
-        with engine.connect() as c:
-            idx = c.execute(text("SELECT indexdef FROM pg_indexes WHERE indexname = :n"),
-                            {"n": store.hnsw_index_name(a.id)}).scalar()
-        assert idx is not None and "hnsw" in idx and "halfvec(384)" in idx and f"model_id = {a.id}" in idx
 
 
 def test_frames_roundtrip_and_duplicates_dropped(engine, tiny_manifest):

@@ -1,0 +1,285 @@
+"""Segments (PostgreSQL partitions) and the same behaviour on SQLite's single table: search equals exact brute
+force on the hot segment and across the boundary, sealing while ingest and queries run loses and duplicates
+nothing, retention drops whole segments and keeps legal holds and longer-lived lines."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from central import segments, store
+from central.blobs import BlobStore
+from central.config import SearchConfig, SegmentsConfig, parse_config
+from central.ingest import Incoming, Ingestor
+from central.originals import DAY_US
+from central.retention import sweep
+from central.search import Filters, Query, Searcher
+from sql.models import Frame
+from tests.central.conftest import make_message, tx, unit
+from tokenline import topics
+from tokenline.wire import encode
+
+T0 = 1_700_000_000_000_000
+
+
+def _pg(engine) -> bool:
+    return engine.dialect.name == "postgresql"
+
+
+def _seal(engine, kind: str = "halfvec") -> None:
+    """Seal the hot segment and build its index (PostgreSQL); SQLite has one table and nothing to do."""
+    if _pg(engine):
+        segments.seal(engine)
+        assert segments.build_indexes(engine, SegmentsConfig(), kind=kind)
+
+
+def _insert(engine, model, msgs) -> int:
+    with Session(engine) as s, s.begin():
+        return store.insert_frames(s, [store.frame_row(m, model.id, T0) for m in msgs])
+
+
+def _all_frames(engine):
+    with Session(engine) as s:
+        return [store.decode_frame(f, 384) for f in s.scalars(select(Frame))]
+
+
+def _brute(frames, q, flt: Filters, k: int):
+    ok = [f for f in frames if (flt.line is None or f.line == flt.line)
+          and (flt.since_us is None or f.capture_us >= flt.since_us)]
+    # cosine of the stored embedding (float16 on PostgreSQL, so not exactly unit norm there)
+    sims = np.array([float(f.summary.global_embedding @ q) / float(np.linalg.norm(f.summary.global_embedding))
+                     for f in ok])
+    order = sorted(range(len(ok)), key=lambda i: (-sims[i], ok[i].frame_id))[:k]
+    return [ok[i].frame_id for i in order]
+
+
+@pytest.mark.parametrize("kind", ["halfvec", "bit"])
+def test_search_equals_brute_force_on_the_hot_segment_and_across_the_boundary(engine, tiny_manifest, kind):
+    if not _pg(engine) and kind == "bit":
+        pytest.skip("the index kind is PostgreSQL's; SQLite was run with the halfvec case")
+    model = tx(engine, store.register_model, tiny_manifest)
+    rng = np.random.default_rng(11)
+    centers = unit(rng, 12, 384)
+    old = [make_message(tiny_manifest, rng, line=f"l{i % 5}", ts_us=T0 + i * 1000, seq=i, center=centers[i % 12],
+                        noise=0.8) for i in range(1200)]
+    new = [make_message(tiny_manifest, rng, line=f"l{i % 5}", ts_us=T0 + 10**9 + i * 1000, seq=i,
+                        center=centers[i % 12], noise=0.8) for i in range(400)]
+    _insert(engine, model, old)
+    _seal(engine, kind)
+    _insert(engine, model, new)
+    if _pg(engine):
+        with engine.connect() as c:
+            segs = {s.id: s for s in segments.list_segments(c)}
+            idx = c.execute(text("SELECT indexdef FROM pg_indexes WHERE indexname = :n"),
+                            {"n": segments.index_name(1, model.id)}).scalar()
+        assert segs[1].state == "sealed" and segs[1].rows == 1200 and segs[1].index_kind == kind
+        assert segs[2].state == "hot" and segs[1].max_capture_us == old[-1].capture_ts_us
+        assert "hnsw" in idx and ("bit(384)" if kind == "bit" else "halfvec(384)") in idx and f"model_id = {model.id}" in idx
+    frames = _all_frames(engine)
+    hot_ids = {m.frame_id_hex for m in new}
+    hot_frames = [f for f in frames if f.frame_id in hot_ids]
+    searcher = Searcher(engine, SearchConfig(rerank=False))
+    hot_only = Filters(since_us=T0 + 10**9)  # the hot segment alone: exact on both backends
+    recalls = []
+    for qi in range(12):
+        q = centers[qi] if qi % 2 else (old[qi * 50] if qi % 4 else new[qi * 20]).summary.global_embedding
+        for flt in (hot_only, Filters(line="l1", since_us=T0 + 10**9)):
+            got = [h.frame_id for h in searcher.search(model, Query(model.id, q), 10, flt)]
+            assert got == _brute(frames, q, flt, 10), flt
+        for flt in (Filters(), Filters(line="l2")):  # across the boundary: ANN on the sealed segment
+            want = _brute(frames, q, flt, 10)
+            got = [h.frame_id for h in searcher.search(model, Query(model.id, q), 10, flt)]
+            got_hot = [f for f in got if f in hot_ids]
+            assert got_hot == _brute(hot_frames, q, flt, 10)[: len(got_hot)]  # the hot part is exact
+            assert set(f for f in want if f in hot_ids) <= set(got)  # the newest frames are never missed
+            assert len(set(got)) == len(got)
+            recalls.append(len(set(got) & set(want)) / 10)
+            if not _pg(engine):
+                assert got == want
+    # 1-bit codes of these tight synthetic clusters tie by the dozen, so HNSW over them finds fewer of the true
+    # neighbours (BENCHMARKS.md measures both kinds at scale); what is found is scored exactly either way
+    assert np.mean(recalls) >= (0.95 if kind == "halfvec" else 0.6), np.mean(recalls)
+
+
+def _fid(m: Incoming) -> str:
+    from tokenline.wire import decode
+
+    return decode(m.payload).frame_id_hex
+
+
+def _wire(manifest, rng, n, ts0):
+    out = []
+    for i in range(n):
+        m = make_message(manifest, rng, camera=f"c{i % 2}", ts_us=ts0 + i * 1000, seq=i)
+        out.append(Incoming(i, 1, topics.tokens_topic(m.site, m.device, m.line, m.camera), encode(m, "int8")))
+    return out
+
+
+def test_sealing_while_ingest_and_queries_run_loses_and_duplicates_nothing(engine, tiny_manifest):
+    model = tx(engine, store.register_model, tiny_manifest)
+    rng = np.random.default_rng(5)
+    msgs = _wire(tiny_manifest, rng, 1200, T0)
+    cfg = parse_config({}).ingest
+    errors, stop = [], threading.Event()
+
+    def ingest(worker: str, order) -> None:  # two workers; every message goes to both (redeliveries)
+        try:
+            ing = Ingestor(engine, cfg, worker)
+            for i in range(0, len(order), 40):
+                ing.process(order[i:i + 40])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def query() -> None:
+        searcher = Searcher(engine, SearchConfig(rerank=False, max_results=1000))
+        q = Query(model.id, unit(np.random.default_rng(1), 384))
+        while not stop.is_set():
+            try:
+                hits = searcher.search(model, q, 1000)
+                ids = [h.frame_id for h in hits]
+                if len(ids) != len(set(ids)):
+                    errors.append(AssertionError(f"duplicate hits: {len(ids) - len(set(ids))}"))
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+    threads = [threading.Thread(target=ingest, args=("w1", msgs)),
+               threading.Thread(target=ingest, args=("w2", msgs[::-1])), threading.Thread(target=query)]
+    for t in threads:
+        t.start()
+    seals = 0
+    while any(t.is_alive() for t in threads[:2]):
+        if _pg(engine):
+            segments.seal(engine)
+            seals += 1
+        threads[0].join(0.3)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    if _pg(engine):
+        assert seals >= 2
+        segments.build_indexes(engine, SegmentsConfig())
+    with Session(engine) as s:
+        n = s.scalar(select(func.count()).select_from(Frame))
+        dup = s.execute(select(Frame.frame_id).group_by(Frame.frame_id).having(func.count() > 1)).all()
+    assert n == 1200 and dup == []
+    totals = tx(engine, store.counter_totals)
+    assert totals["stored"] == 1200 and totals["duplicates"] == 1200
+    if _pg(engine):  # a sealed segment's recorded rows are its rows: nothing was written after its seal
+        with engine.connect() as c:
+            for sg in segments.list_segments(c):
+                if sg.state == "sealed":
+                    assert c.execute(text(f"SELECT count(*) FROM {segments.partition(sg.id)}")).scalar() == sg.rows
+    searcher = Searcher(engine, SearchConfig(rerank=False))
+    for i in range(0, 1200, 97):  # every frame findable, wherever its segment ended up
+        fr = tx(engine, store.get_frame, msgs[i].topic and _fid(msgs[i]))
+        assert searcher.search(model, Query(model.id, fr.summary.global_embedding), 1)[0].frame_id == fr.frame_id
+
+
+def test_retention_drops_whole_segments_and_keeps_holds_and_longer_lines(engine, tiny_manifest, tmp_path):
+    model = tx(engine, store.register_model, tiny_manifest)
+    rng = np.random.default_rng(9)
+    now = T0 + 1000 * DAY_US
+    old = [make_message(tiny_manifest, rng, line="long" if i == 1 else "l1", ts_us=now - (400 + i) * DAY_US, seq=i)
+           for i in range(300)]
+    _insert(engine, model, old)
+    assert tx(engine, store.set_legal_hold, old[0].frame_id_hex, True)
+    _seal(engine)
+    young = [make_message(tiny_manifest, rng, ts_us=now - 10 * DAY_US + i, seq=i) for i in range(50)]
+    replayed = make_message(tiny_manifest, rng, ts_us=now - 500 * DAY_US, seq=999)  # old, arrives late: hot
+    _insert(engine, model, young + [replayed])
+    ret = parse_config({"retention": {"originals_days": 1, "tokens_days": 365,
+                                      "lines": [{"site": "s1", "line": "long", "tokens_days": 1000}]}}).retention
+    searcher = Searcher(engine, SearchConfig(rerank=False))
+    q = Query(model.id, old[0].summary.global_embedding)
+    assert searcher.search(model, q, 1)[0].frame_id == old[0].frame_id_hex
+    rep = sweep(engine, BlobStore(tmp_path / "o"), ret, now=now)
+    assert rep.tokens_deleted == 299  # 298 of the old segment, and the replayed frame
+    with Session(engine) as s:
+        left = set(s.scalars(select(Frame.frame_id)))
+    assert left == {old[0].frame_id_hex, old[1].frame_id_hex} | {m.frame_id_hex for m in young}
+    assert searcher.search(model, q, 1)[0].frame_id == old[0].frame_id_hex  # the held frame is still found
+    assert searcher.search(model, Query(model.id, young[3].summary.global_embedding), 1)[0].frame_id == \
+        young[3].frame_id_hex
+    if _pg(engine):
+        with engine.connect() as c:
+            assert [s.id for s in segments.list_segments(c)] == [0, 2]
+            assert c.execute(text("SELECT to_regclass('frames_s1')")).scalar() is None  # the partition is gone
+            kept = set(c.execute(text("SELECT frame_id FROM frames WHERE segment = 0")).scalars())
+        assert kept == {old[0].frame_id_hex, old[1].frame_id_hex}
+    assert tx(engine, store.get_frame, old[0].frame_id_hex).legal_hold
+    # released: the next sweep deletes it; the long line's frame stays until its own 1000 days
+    tx(engine, store.set_legal_hold, old[0].frame_id_hex, False)
+    assert sweep(engine, BlobStore(tmp_path / "o"), ret, now=now).tokens_deleted == 1
+    assert sweep(engine, BlobStore(tmp_path / "o"), ret, now=now + 700 * DAY_US).tokens_deleted == 51
+
+
+def test_maintainer_seals_full_segment_and_builds_once(engine, tiny_manifest):
+    if not _pg(engine):
+        pytest.skip("segments are PostgreSQL's")
+    model = tx(engine, store.register_model, tiny_manifest)
+    rng = np.random.default_rng(2)
+    cfg = SegmentsConfig(seal_rows=100, index="bit")
+    m = segments.SegmentMaintainer(engine, cfg)
+    _insert(engine, model, [make_message(tiny_manifest, rng, seq=i, ts_us=T0 + i) for i in range(60)])
+    m.run_once()
+    with engine.connect() as c:
+        assert [s.state for s in segments.list_segments(c)] == ["kept", "hot"]  # 60 < 100: not yet
+    _insert(engine, model, [make_message(tiny_manifest, rng, seq=i, ts_us=T0 + 100 + i) for i in range(60)])
+    for _ in range(50):  # the statistics collector reports inserts as transactions end
+        if segments.hot_rows(engine) >= 100:
+            break
+        threading.Event().wait(0.1)
+    m.run_once()
+    with engine.connect() as c:
+        segs = segments.list_segments(c)
+    assert [(s.id, s.state, s.rows, s.index_kind) for s in segs] == [(0, "kept", None, None), (1, "sealed", 120, "bit"),
+                                                                       (2, "hot", None, None)]
+    assert segments.build_indexes(engine, cfg) == []  # built once
+    assert segments.build_memory_mb("halfvec", 1_000_000, 384, 16, 100_000) > segments.build_memory_mb(
+        "bit", 1_000_000, 384, 16, 100_000) >= 64
+
+
+def test_segments_command_lists_and_seals(engine, db_url, tiny_manifest, capsys):
+    from central.cli import main
+
+    model = tx(engine, store.register_model, tiny_manifest)
+    _insert(engine, model, [make_message(tiny_manifest, np.random.default_rng(3), seq=i, ts_us=T0 + i) for i in range(5)])
+    assert main(["--db", db_url, "segments", "--seal"]) == 0
+    out = capsys.readouterr().out
+    if not _pg(engine):
+        assert "no segments" in out
+        return
+    assert "sealed" in out and "hot" in out and "halfvec" in out
+    with engine.connect() as c:
+        assert [(s.id, s.state, s.rows) for s in segments.list_segments(c)] == [(0, "kept", None), (1, "sealed", 5),
+                                                                                (2, "hot", None)]
+
+
+def test_maintainer_threads_seal_and_build_in_the_background(engine, tiny_manifest):
+    """Two processes' maintainers on one database (one is active); frames arrive; a segment gets sealed and indexed."""
+    if not _pg(engine):
+        pytest.skip("segments are PostgreSQL's")
+    model = tx(engine, store.register_model, tiny_manifest)
+    rng = np.random.default_rng(8)
+    cfg = SegmentsConfig(seal_rows=50, check_interval_s=0.2)
+    ms = [segments.SegmentMaintainer(engine, cfg).start() for _ in range(2)]
+    try:
+        _insert(engine, model, [make_message(tiny_manifest, rng, seq=i, ts_us=T0 + i) for i in range(80)])
+        deadline = threading.Event()
+        for _ in range(300):
+            with engine.connect() as c:
+                segs = segments.list_segments(c)
+            if any(s.state == "sealed" for s in segs):
+                break
+            deadline.wait(0.2)
+    finally:
+        for m in ms:
+            m.stop()
+    sealed = [s for s in segs if s.state == "sealed"]
+    assert len(sealed) == 1 and sealed[0].rows == 80 and sealed[0].index_kind == "halfvec"
+    assert [s.state for s in segs].count("hot") == 1

@@ -415,11 +415,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"{len(hits)} results ({model.name}, {model.hash16[:8]})")
-    for col in ("score", "global", "maxsim", "frame", "site/line/camera", "captured"):
+    for col in ("score", "global", "maxsim", "frame", "site/line/camera", "captured", "source, labels"):
         table.add_column(col, no_wrap=col in ("frame", "captured"))
     for h in hits:
+        labels = " ".join(f"{k}={v}" if v else k for k, v in sorted((h.frame.labels or {}).items()))
         table.add_row(f"{h.score:.4f}", f"{h.global_score:.4f}", "-" if h.maxsim is None else f"{h.maxsim:.4f}",
-                      h.frame_id, f"{h.frame.site}/{h.frame.line}/{h.frame.camera}", format_time_us(h.frame.capture_us))
+                      h.frame_id, f"{h.frame.site}/{h.frame.line}/{h.frame.camera}", format_time_us(h.frame.capture_us),
+                      " ".join(x for x in (h.frame.source, labels) if x))
     _console().print(table)
     return 0
 

@@ -21,7 +21,7 @@ from central.retention import sweep
 from sql.db import make_engine
 from sql.migrate import upgrade
 from tests.central.conftest import config_for, make_message, tx
-from tests.support.browser import BROWSER_TZ, cards, chrome, login, serving, shot, texts, wait
+from tests.support.browser import BROWSER_TZ, cards, chrome, login, serving, shot, text_of, texts, wait
 
 T0 = 1_700_000_000_000_000  # 2023-11-14 22:13:20 UTC = 2023-11-15 07:13:20 in Tokyo
 
@@ -93,7 +93,7 @@ def test_search_view(site, tmp_path):
 
             driver.find_element(By.ID, "like").send_keys(msgs[0].frame_id.hex())
             driver.find_element(By.ID, "go").click()
-            wait(driver, lambda d: "results" in d.find_element(By.ID, "status-search").text)
+            wait(driver, lambda d: "results" in text_of(d, "status-search"))
             assert len(cards(driver, "search")) == 24  # the first page
             assert driver.find_element(By.ID, "query-panel").is_displayed()
             assert driver.find_elements(By.CSS_SELECTOR, "#query-view .card img")  # the query frame beside them
@@ -107,7 +107,7 @@ def test_search_view(site, tmp_path):
             loaded = driver.execute_script("return [...document.querySelectorAll('#results-search .thumb img')]"
                                            ".filter(i => i.complete && i.naturalWidth > 0).length")
             assert loaded == 10
-            res = driver.find_element(By.ID, "results-search").text
+            res = text_of(driver, "results-search")
             assert "original deleted (retention)" in res and "no original at central" in res
             wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results-search .thumb .ring")) >= 10)
             assert "UTC" in driver.find_element(By.CSS_SELECTOR, "#results-search .card time").text
@@ -117,7 +117,7 @@ def test_search_view(site, tmp_path):
             driver.find_element(By.ID, "q").send_keys("a scratch")  # this model has no text tower
             driver.find_element(By.ID, "go").click()
             wait(driver, lambda d: "error" in d.find_element(By.ID, "status-search").get_attribute("class"))
-            assert "no text tower" in driver.find_element(By.ID, "status-search").text
+            assert "no text tower" in text_of(driver, "status-search")
             assert cards(driver, "search") == []  # the error cleared the stale results
             shot(driver, "search-error")
 
@@ -150,7 +150,7 @@ def test_latest_view_and_one_time_zone(site):
             assert cards(driver, "latest") == [m.frame_id.hex() for m in reversed(msgs)]
             first = driver.find_element(By.CSS_SELECTOR, "#results-latest .card time").text
             assert first == "2023-11-14 22:13:54.000 UTC"  # T0 + 34 s
-            assert driver.find_element(By.ID, "tzname").text == "UTC"
+            assert text_of(driver, "tzname") == "UTC"
             Select(driver.find_element(By.ID, "camera")).select_by_value("c2")
             wait(driver, lambda d: len(cards(d, "latest")) == 5)
             Select(driver.find_element(By.ID, "camera")).select_by_value("")
@@ -161,18 +161,18 @@ def test_latest_view_and_one_time_zone(site):
             wait(driver, lambda d: len(cards(d, "latest")) == 15)
             shot(driver, "latest-utc")
             Select(driver.find_element(By.ID, "tz")).select_by_value("local")
-            assert driver.find_element(By.ID, "tzname").text == BROWSER_TZ
+            assert text_of(driver, "tzname") == BROWSER_TZ
             assert driver.find_element(By.ID, "since").get_attribute("value") == "2023-11-15T07:13:40"  # same instant
             assert driver.find_element(By.CSS_SELECTOR, "#results-latest .card time").text == \
                 f"2023-11-15 07:13:54.000 {BROWSER_TZ}"
             driver.execute_script("document.getElementById('filters').dispatchEvent(new Event('change'))")
-            wait(driver, lambda d: "15 frames" in d.find_element(By.ID, "status-latest").text)
+            wait(driver, lambda d: "15 frames" in text_of(d, "status-latest"))
             assert len(cards(driver, "latest")) == 15  # the same filter, entered in Tokyo time
             shot(driver, "latest-local-time")
             driver.execute_script("const e = document.getElementById('until'); e.value = '2023-11-15T07:13:00';"
                                   "e.dispatchEvent(new Event('change', {bubbles: true}))")  # before From
             wait(driver, lambda d: "error" in d.find_element(By.ID, "status-latest").get_attribute("class"))
-            assert "until_us" in driver.find_element(By.ID, "status-latest").text and cards(driver, "latest") == []
+            assert "until_us" in text_of(driver, "status-latest") and cards(driver, "latest") == []
         finally:
             driver.quit()
 
@@ -196,7 +196,7 @@ def test_detail_view(site, tmp_path):
             driver.find_element(By.CSS_SELECTOR, f'#results-search .card[data-frame-id="{target}"]').click()
             wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#detail-figure img"))
             wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#detail-figure .ring")) == 3)
-            fields = driver.find_element(By.ID, "detail-fields").text
+            fields = text_of(driver, "detail-fields")
             for want in (f"frame id {target}", "site s1", "line l3", "camera c1", "device d1", "seq 3",
                          "token_dtype int8", "captured 2023-11-14 22:13:23.000 UTC", "legal hold no",
                          "original kept", "score ", "match: token"):
@@ -208,8 +208,8 @@ def test_detail_view(site, tmp_path):
             wait(driver, lambda d: (downloads / name).exists() and (downloads / name).stat().st_size > 0)
             assert (downloads / name).read_bytes() == jpeg(60)
             driver.find_element(By.ID, "hold").click()
-            wait(driver, lambda d: d.find_element(By.ID, "hold").text == "Release legal hold")
-            assert "legal hold held" in driver.find_element(By.ID, "detail-fields").text
+            wait(driver, lambda d: text_of(d, "hold") == "Release legal hold")
+            assert "legal hold held" in text_of(driver, "detail-fields")
             assert tx(engine, store.frame_place, target)[3] is True
             driver.find_element(By.ID, "find-like").click()
             wait(driver, lambda d: d.find_element(By.ID, "like").get_attribute("value") == target)

@@ -90,6 +90,13 @@ def texts(driver, css: str) -> list:
                                  css)
 
 
+def text_of(driver, element_id: str) -> str:
+    """The text of the element with this id ("" when absent), read in one script: views re-render parts of the
+    page (the detail after an action), so a found element may be replaced before its text is read."""
+    return driver.execute_script("const e = document.getElementById(arguments[0]);"
+                                 "return e ? e.innerText.replace(/\\t/g, ' ') : ''", element_id)
+
+
 def cards(driver, view: str) -> list:
     """The frame ids of the cards shown in ``view``'s grid, in order."""
     return driver.execute_script("return [...document.querySelectorAll(arguments[0])].map(c => c.dataset.frameId)",

@@ -7,10 +7,11 @@ gauges), ``/metrics`` of all three processes, a ``request_original`` command ans
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from sqlalchemy.orm import Session
 
@@ -20,7 +21,7 @@ from central.config import CentralConfig, parse_config
 from central.ingest import IngestWorker
 from sql.db import make_engine
 from sql.migrate import upgrade
-from tests.support.broker import Mosquitto, free_port
+from tests.support.broker import Mosquitto, free_port, mosquitto_binary
 from tokenline.manifest import Manifest
 
 
@@ -107,3 +108,26 @@ def edge_config(work: Path, model_dir: Path, broker: Mosquitto, central: Central
     }
     cfg.update(over)
     return cfg
+
+
+@contextlib.contextmanager
+def running_chain(work: Path, model_dir: Path, frames: int = 12) -> Iterator[Tuple[Mosquitto, Central, Any]]:
+    """A started broker, central and edge agent (upload policy on_request, one synthetic camera sending ``frames``
+    frames): ``(broker, central, agent)``, all stopped afterwards. Skips the test without Mosquitto."""
+    import pytest
+
+    from edge_agent.agent import Agent
+    from edge_agent.config import parse_config as parse_edge_config
+
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed; `make test` installs Debian's 'mosquitto' package")
+    broker = Mosquitto(work / "broker").start()
+    central = Central(work, model_dir, broker).start()
+    agent = Agent(parse_edge_config(edge_config(work, model_dir, broker, central, frames=frames)))
+    agent.start()
+    try:
+        yield broker, central, agent
+    finally:
+        agent.shutdown()
+        central.stop()
+        broker.stop()

@@ -19,10 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_agent.agent import Agent
-from edge_agent.config import parse_config
-from tests.support.broker import Mosquitto, mosquitto_binary
-from tests.support.stack import Central, edge_config, wait
+from tests.support.stack import running_chain, wait
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "tokenline-dashboard.json"
@@ -97,18 +94,8 @@ def test_promql_names_are_found():
 
 @pytest.fixture
 def system(tmp_path, tiny_model_dir):
-    if mosquitto_binary() is None:
-        pytest.skip("mosquitto is not installed; `make test` installs Debian's 'mosquitto' package")
-    broker = Mosquitto(tmp_path / "broker").start()
-    central = Central(tmp_path, tiny_model_dir, broker).start()
-    agent = Agent(parse_config(edge_config(tmp_path, tiny_model_dir, broker, central, frames=12)))
-    agent.start()
-    try:
-        yield broker, central, agent
-    finally:
-        agent.shutdown()
-        central.stop()
-        broker.stop()
+    with running_chain(tmp_path, tiny_model_dir) as chain:
+        yield chain
 
 
 def test_metrics_of_central_worker_and_edge_and_the_dashboard(system):

@@ -7,38 +7,27 @@ from __future__ import annotations
 
 import pytest
 
-from edge_agent.agent import Agent
-from edge_agent.config import parse_config
-from tests.support.broker import Mosquitto, mosquitto_binary
-from tests.support.browser import cards, chrome, login, shot, wait
-from tests.support.stack import Central, edge_config
+from tests.support.browser import cards, chrome, login, shot, text_of, wait
+from tests.support.stack import running_chain
 from tests.support.stack import wait as wait_for
 
 
 @pytest.fixture
 def live(tmp_path, tiny_model_dir):
-    if mosquitto_binary() is None:
-        pytest.skip("mosquitto is not installed; `make test` installs Debian's 'mosquitto' package")
-    broker = Mosquitto(tmp_path / "broker").start()
-    central = Central(tmp_path, tiny_model_dir, broker).start()
-    agent = Agent(parse_config(edge_config(tmp_path, tiny_model_dir, broker, central, frames=12)))
-    agent.start()
-    try:
+    with running_chain(tmp_path, tiny_model_dir) as (_broker, central, agent):
         yield central, agent
-    finally:
-        agent.shutdown()
-        central.stop()
-        broker.stop()
 
 
 def _cells(driver, device: str) -> dict:
-    from selenium.webdriver.common.by import By
-
-    heads = [h.text for h in driver.find_elements(By.CSS_SELECTOR, "#devices thead th")]
-    row = driver.find_elements(By.CSS_SELECTOR, f'#devices tbody tr[data-device="{device}"]')
-    if not row:
-        return {}
-    return dict(zip(heads, [td.text for td in row[0].find_elements(By.TAG_NAME, "td")]), _class=row[0].get_attribute("class"))
+    """The device's row of the devices table, {column heading: text, "_class": row class}; {} while absent. Read in
+    one script: the table is rebuilt every 5 s."""
+    return driver.execute_script("""
+        const heads = [...document.querySelectorAll('#devices thead th')].map(h => h.innerText.trim());
+        const row = document.querySelector(`#devices tbody tr[data-device="${arguments[0]}"]`);
+        if (!row) return {};
+        const out = {_class: row.className};
+        [...row.querySelectorAll('td')].forEach((td, i) => { out[heads[i]] = td.innerText.trim(); });
+        return out;""", device)
 
 
 def test_devices_page_and_original_requested_from_the_edge(live):
@@ -60,18 +49,18 @@ def test_devices_page_and_original_requested_from_the_edge(live):
 
         driver.find_element(By.CSS_SELECTOR, 'nav a[data-view="latest"]').click()
         wait(driver, lambda d: len(cards(d, "latest")) == 12)
-        wait(driver, lambda d: "no original at central" in d.find_element(By.ID, "results-latest").text)
+        wait(driver, lambda d: "no original at central" in text_of(d, "results-latest"))
         first = cards(driver, "latest")[0]
         driver.find_element(By.CSS_SELECTOR, f'#results-latest .card[data-frame-id="{first}"]').click()
         wait(driver, lambda d: d.find_elements(By.ID, "request-original"))
-        assert "Central has no original" in driver.find_element(By.ID, "detail-figure").text
+        assert "Central has no original" in text_of(driver, "detail-figure")
         driver.find_element(By.ID, "request-original").click()
-        wait(driver, lambda d: "request from edge" in d.find_element(By.ID, "detail-status").text)
+        wait(driver, lambda d: "request from edge" in text_of(d, "detail-status"))
         # the edge uploads it; the page polls the progress and then shows the original
         wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#detail-figure img"), timeout=40)
         wait(driver, lambda d: d.execute_script("const i = document.querySelector('#detail-figure img');"
                                                 "return i && i.complete && i.naturalWidth") == 96)
-        assert "original kept" in driver.find_element(By.ID, "detail-fields").text
+        assert "original kept" in text_of(driver, "detail-fields")
         assert driver.find_elements(By.ID, "download")
         shot(driver, "original-requested")
         driver.find_element(By.ID, "close").click()
@@ -88,7 +77,7 @@ def test_devices_page_and_original_requested_from_the_edge(live):
         driver.find_element(By.CSS_SELECTOR, f'#results-latest .card[data-frame-id="{other}"]').click()
         wait(driver, lambda d: d.find_elements(By.ID, "request-original"))
         driver.find_element(By.ID, "request-original").click()
-        wait(driver, lambda d: "device_offline" in d.find_element(By.ID, "detail-status").text)
+        wait(driver, lambda d: "device_offline" in text_of(d, "detail-status"))
         assert "error" in driver.find_element(By.ID, "detail-status").get_attribute("class")
         shot(driver, "original-request-device-offline")
     finally:

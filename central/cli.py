@@ -103,7 +103,7 @@ def cmd_segments(args: argparse.Namespace) -> int:
     cfg = _cfg(args)
     engine = _engine(cfg)
     if not is_postgres(engine):
-        _say("SQLite keeps one frames table: no segments")
+        _console().print("SQLite keeps one frames table: no segments")  # the listing's answer: stdout
         return 0
     if args.seal:
         segments.seal(engine)

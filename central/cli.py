@@ -1,5 +1,5 @@
 """`tokenline-central`: serve | ingest | migrate | search | sweep | segments | token | dead-letters | register-model |
-models.
+models | reference-set | backfill.
 
 The conventions of ``runtime.cli``: ``--config``, ``--db``, ``--log-level``/``-v`` and ``--debug`` anywhere on the
 line; results on stdout (``--json`` for machines), people's messages on stderr; every expected error is one line
@@ -198,7 +198,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     cfg = _cfg(args)
     engine = _engine(cfg, migrate=not args.no_migrate)
-    worker = IngestWorker(engine, cfg.mqtt, cfg.ingest)
+    worker = IngestWorker(engine, cfg.mqtt, cfg.ingest, cfg.anomaly)
     _start_maintainer(engine, cfg)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     signal.signal(signal.SIGINT, lambda *_: worker.stop())
@@ -436,6 +436,104 @@ def _positive(text: str) -> int:
     return v
 
 
+def _set_line(info) -> str:
+    return (f"set {info.id} {info.name!r} {info.site}/{info.line}/{info.camera} model {info.model_id} "
+            f"v{info.version}: {info.frame_count} frames, bank {info.bank_tokens} of {info.pool_tokens} tokens "
+            f"({info.lists} lists, nprobe {info.nprobe}), mode {info.mode}, threshold {info.threshold:.4f} "
+            f"({info.threshold_mode}{f' q={info.quantile:g}' if info.threshold_mode == 'quantile' else ''})")
+
+
+def _frame_list(args: argparse.Namespace, attr: str, file_attr: str) -> List[str]:
+    ids = list(getattr(args, attr) or [])
+    path = getattr(args, file_attr, None)
+    if path:
+        try:
+            ids += [x.strip() for x in Path(path).read_text().split() if x.strip()]
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc.strerror or exc}") from None
+    return ids
+
+
+def cmd_reference_set(args: argparse.Namespace) -> int:
+    import json
+
+    from sqlalchemy.orm import Session
+
+    from central.anomaly import refsets
+    from tokenline.anomaly import Bank, bank_path
+
+    cfg = _cfg(args)
+    engine = _engine(cfg)
+    out = _console()
+    with Session(engine) as s, s.begin():
+        if args.action == "create":
+            info = refsets.create_set(s, cfg.anomaly, name=args.name, model_id=args.model_id, site=args.site,
+                                      line=args.line, camera=args.camera,
+                                      frame_ids=_frame_list(args, "frame", "frames_file"), since_us=args.since_us,
+                                      until_us=args.until_us, mode=args.mode or "tokens", quantile=args.quantile,
+                                      threshold=args.threshold)
+            out.print(f"[green]created[/] {_set_line(info)}", soft_wrap=True, markup=True, highlight=False)
+        elif args.action == "update":
+            info = refsets.update_set(s, cfg.anomaly, args.set_id, add_frame_ids=_frame_list(args, "add", "add_file"),
+                                      remove_frame_ids=args.remove or [], since_us=args.since_us,
+                                      until_us=args.until_us, mode=args.mode, quantile=args.quantile,
+                                      threshold=args.threshold, name=args.name)
+            out.print(f"[green]updated[/] {_set_line(info)}", soft_wrap=True, highlight=False)
+        elif args.action == "list":
+            sets = refsets.list_sets(s, args.model_id, args.site, args.line, args.camera)
+            if args.json:
+                print(json.dumps([x.public() for x in sets], indent=1))
+            for info in [] if args.json else sets:
+                out.print(_set_line(info), soft_wrap=True, markup=False, highlight=False)
+            if not sets and not args.json:
+                out.print("no reference sets")
+        elif args.action == "show":
+            info = refsets.get_set(s, args.set_id)
+            if args.json:
+                print(json.dumps({**info.public(), "frame_ids": refsets.set_frame_ids(s, args.set_id)}, indent=1))
+            else:
+                out.print(_set_line(info), soft_wrap=True, markup=False, highlight=False)
+                for fid in refsets.set_frame_ids(s, args.set_id) if args.frames else []:
+                    print(fid)
+        elif args.action == "delete":
+            if not refsets.delete_set(s, args.set_id):
+                raise ConfigError(f"unknown reference set {args.set_id}")
+            out.print(f"deleted reference set {args.set_id} and its scores")
+        elif args.action == "export":
+            info, data = refsets.bank_bytes(s, args.set_id)
+            bank = Bank.from_bytes(data, where=f"reference set {args.set_id}")
+            path = bank_path(args.model_dir, info.site, info.line, info.camera)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+            out.print(f"[green]wrote[/] {path} ({len(data):,} bytes): set {info.id} v{info.version}, "
+                      f"{bank.size} tokens, threshold {bank.info.threshold:.4f}, model {bank.info.manifest_hash}",
+                      soft_wrap=True, highlight=False)
+    return 0
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from central.anomaly.scoring import backfill
+
+    cfg = _cfg(args)
+    engine = _engine(cfg)
+    tasks: dict = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=_console(), transient=False) as progress:
+        def tick(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = progress.add_task(f"set {name}", total=total)
+            progress.update(tasks[name], completed=done, total=total)
+
+        rep = backfill(engine, args.set_id, args.batch, tick)
+    _console().print(f"backfill: {rep.sets} set(s), {rep.scored} frame(s) scored, {rep.flagged} over threshold "
+                     "(no alerts are raised for history)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokenline-central", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -520,9 +618,64 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-rerank", action="store_true")
     s.add_argument("--json", action="store_true", help="the results as JSON on stdout")
     s.set_defaults(fn=cmd_search)
+    _reference_set_parser(sub)
+    s = sub.add_parser("backfill", help="score the stored frames of cameras with a reference set that have no current "
+                                        "score (progress bar; no alerts)")
+    s.add_argument("--set-id", type=int, help="only this reference set's camera")
+    s.add_argument("--batch", type=int, default=500)
+    s.set_defaults(fn=cmd_backfill)
     common_options(p, log_default=None, config_help="YAML/JSON configuration (defaults: docs/central.md)",
                    more=[("--db", {"help": "database URL (overrides database.url)"})])
     return p
+
+
+def _reference_set_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
+    rs = sub.add_parser("reference-set", help="create, update, list, show, delete or export reference sets")
+    acts = rs.add_subparsers(dest="action", required=True)
+
+    def threshold(a: argparse.ArgumentParser) -> None:
+        g = a.add_mutually_exclusive_group()
+        g.add_argument("--quantile", type=float, help="threshold = this quantile of leave-one-out scores")
+        g.add_argument("--threshold", type=float, help="a threshold by hand")
+        a.add_argument("--mode", choices=("tokens", "global", "both"), default=None)
+        a.add_argument("--since-us", type=int, help="add every frame of the camera captured from here ...")
+        a.add_argument("--until-us", type=int, help="... to here (exclusive)")
+
+    a = acts.add_parser("create", help="a new set from frame ids and/or a time range of one camera")
+    a.add_argument("name")
+    for opt in ("--site", "--line", "--camera"):
+        a.add_argument(opt)
+    a.add_argument("--model-id", type=int)
+    a.add_argument("--frame", action="append", help="a frame id (repeat)")
+    a.add_argument("--frames-file", help="a file of frame ids (whitespace separated)")
+    threshold(a)
+    a.set_defaults(fn=cmd_reference_set)
+    a = acts.add_parser("update", help="add or remove frames, change the threshold or mode (rebuilds the bank)")
+    a.add_argument("set_id", type=int)
+    a.add_argument("--name")
+    a.add_argument("--add", action="append", help="a frame id to add (repeat)")
+    a.add_argument("--add-file", help="a file of frame ids to add")
+    a.add_argument("--remove", action="append", help="a frame id to remove (repeat)")
+    threshold(a)
+    a.set_defaults(fn=cmd_reference_set)
+    a = acts.add_parser("list", help="reference sets")
+    for opt in ("--site", "--line", "--camera"):
+        a.add_argument(opt)
+    a.add_argument("--model-id", type=int)
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(fn=cmd_reference_set)
+    a = acts.add_parser("show", help="one set (--frames: its frame ids)")
+    a.add_argument("set_id", type=int)
+    a.add_argument("--frames", action="store_true")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(fn=cmd_reference_set)
+    a = acts.add_parser("delete", help="delete a set and its scores")
+    a.add_argument("set_id", type=int)
+    a.set_defaults(fn=cmd_reference_set)
+    a = acts.add_parser("export", help="write the set's bank into a model directory for the edge")
+    a.add_argument("set_id", type=int)
+    a.add_argument("--model-dir", required=True, help="the edge's model directory (anomaly/<site>/<line>/<camera>.npz)")
+    a.set_defaults(fn=cmd_reference_set)
 
 
 def expected_errors() -> tuple:

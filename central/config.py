@@ -102,6 +102,24 @@ class SearchConfig(StrictModel):
     providers: List[str] = ["CPUExecutionProvider"]  # ONNX Runtime execution providers, in order
 
 
+class WebhookConfig(StrictModel):
+    url: Optional[str] = Field(None, pattern=r"^https?://")  # POST each alert (JSON) here; None: no webhook
+    timeout_s: float = Field(5.0, gt=0)
+    retries: int = Field(3, ge=0, le=10)  # further attempts after a failed one, with doubling backoff
+    backoff_s: float = Field(1.0, gt=0)
+    queue: int = Field(1000, ge=1)  # alerts waiting for the webhook; the oldest are dropped (counted) beyond
+
+
+class AnomalyConfig(StrictModel):
+    max_bank_tokens: int = Field(10_000, ge=16)  # larger pools are subsampled by a greedy coreset
+    max_set_frames: int = Field(5000, ge=2)  # frames one reference set may hold
+    nprobe: int = Field(8, ge=1)  # inverted lists searched per token (BENCHMARKS.md anomaly: cost vs AUROC)
+    min_token_size: float = Field(1.0, ge=0)  # tokens standing for fewer patches are not scored (empty ones)
+    quantile: float = Field(0.99, gt=0, le=1)  # default threshold: this quantile of the leave-one-out scores
+    alerts: bool = True  # ingest workers publish alerts on tokenline/v2/<site>/<device>/alert/<line>/<camera>
+    webhook: WebhookConfig = WebhookConfig()
+
+
 class ApiConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8080, gt=0, lt=65536)
@@ -135,6 +153,7 @@ class CentralConfig(StrictModel):
     retention: RetentionConfig = RetentionConfig()
     originals: OriginalsConfig = OriginalsConfig()
     search: SearchConfig = SearchConfig()
+    anomaly: AnomalyConfig = AnomalyConfig()
     segments: SegmentsConfig = SegmentsConfig()
     api: ApiConfig = ApiConfig()
 

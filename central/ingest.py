@@ -29,7 +29,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from central import store
-from central.config import IngestConfig, MqttConfig
+from central.anomaly.scoring import IngestHook
+from central.config import AnomalyConfig, IngestConfig, MqttConfig
 from tokenline import acks, topics
 from tokenline.wire import TokenMessage, WireError, decode, peek_frame_id
 
@@ -97,8 +98,10 @@ class Rejected(Exception):
 class Ingestor:
     """Validates messages against the model registry and commits a batch (rows, dead letters, counters)."""
 
-    def __init__(self, engine: Engine, cfg: IngestConfig, worker: str) -> None:
+    def __init__(self, engine: Engine, cfg: IngestConfig, worker: str,
+                 anomaly: Optional[AnomalyConfig] = None) -> None:
         self.engine, self.cfg, self.worker = engine, cfg, worker
+        self.anomaly = IngestHook(engine, anomaly or AnomalyConfig(), worker)
         self._models: Dict[str, store.ModelInfo] = {}
         self._refreshed = 0.0
 
@@ -148,6 +151,7 @@ class Ingestor:
         seen: Dict[str, tuple] = {}
         status_updates: List[Tuple[topics.Topic, bytes]] = []
         outcomes: List[Tuple[DeviceKey, bytes, str]] = []  # (device, frame id, dead-letter reason or "")
+        valid: List[Tuple[TokenMessage, store.ModelInfo]] = []
         received = store.now_us()
         for m in batch:
             t: Optional[topics.Topic] = None
@@ -156,6 +160,7 @@ class Ingestor:
                 if t.kind == topics.KIND_TOKENS:
                     msg, model = self.validate_tokens(t, m.payload)
                     rows.append(store.frame_row(msg, model.id, received))
+                    valid.append((msg, model))
                     seen[msg.device] = (msg.site, received)
                     if t.device is not None:
                         outcomes.append(((t.site, t.device), msg.frame_id, ""))
@@ -179,9 +184,10 @@ class Ingestor:
             fid = peek_frame_id(m.payload)  # tell the device, when the topic names it and the id is readable
             if t is not None and t.kind == topics.KIND_TOKENS and t.device is not None and fid is not None:
                 outcomes.append(((t.site, t.device), fid, dead[-1]["reason"]))
+        scored = self.anomaly.score(valid)
         new: set = set()
         try:
-            new.update(self._commit(rows, dead, seen, status_updates, res))
+            new.update(self._commit(rows, dead, seen, status_updates, res, scored))
         except OperationalError:
             raise
         except (DBAPIError, SQLAlchemyError) as exc:  # a row the database refuses: isolate it
@@ -190,7 +196,7 @@ class Ingestor:
             refused = {}
             for r in rows:
                 try:
-                    new.update(self._commit([r], [], {}, [], res))
+                    new.update(self._commit([r], [], {}, [], res, scored))
                 except OperationalError:
                     raise
                 except (DBAPIError, SQLAlchemyError) as e2:
@@ -223,11 +229,13 @@ class Ingestor:
                 raise Rejected("bad_stats", f"stats payload is not JSON: {exc}") from None
 
     def _commit(self, rows: List[dict], dead: List[dict], seen: Dict[str, tuple],
-                status_updates: List[Tuple[topics.Topic, bytes]], res: BatchResult) -> List[str]:
-        """One transaction; returns the frame ids that were new."""
+                status_updates: List[Tuple[topics.Topic, bytes]], res: BatchResult,
+                scored: Optional[dict] = None) -> List[str]:
+        """One transaction (the frames' anomaly scores in it, their alerts after it); returns the new frame ids."""
         with Session(self.engine) as s, s.begin():
             new_ids = store.insert_new_frames(s, rows)
             new = len(new_ids)
+            alerts = self.anomaly.record(s, [scored[r["frame_id"]] for r in rows if r["frame_id"] in (scored or {})])
             store.touch_devices(s, seen)
             for t, payload in status_updates:
                 text = payload.decode("utf-8", "replace")
@@ -242,6 +250,7 @@ class Ingestor:
             store.add_counters(s, self.worker, {"received": len(rows) + len(dead),
                                                 "stored": new, "duplicates": dups, "dead_letters": len(dead),
                                                 "status_updates": len(status_updates)})
+        self.anomaly.alert(alerts)
         res.stored += new
         res.duplicates += len(rows) - new
         fresh = set(new_ids)  # lag of first arrivals only: a resent duplicate says nothing about the pipeline
@@ -254,14 +263,15 @@ class Ingestor:
 class IngestWorker:
     """The MQTT side: persistent MQTT 5 session, shared subscription, manual acks after each commit."""
 
-    def __init__(self, engine: Engine, mqtt_cfg: MqttConfig, cfg: IngestConfig) -> None:
+    def __init__(self, engine: Engine, mqtt_cfg: MqttConfig, cfg: IngestConfig,
+                 anomaly: Optional[AnomalyConfig] = None) -> None:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
         from runtime.mqtt import make_client
 
         self.mqtt_cfg, self.cfg = mqtt_cfg, cfg
-        self.ingestor = Ingestor(engine, cfg, mqtt_cfg.client_id)
+        self.ingestor = Ingestor(engine, cfg, mqtt_cfg.client_id, anomaly)
         self.inbox: "queue.Queue[Incoming]" = queue.Queue()
         self.stop_event = threading.Event()
         self.connected = threading.Event()
@@ -277,6 +287,7 @@ class IngestWorker:
         c.on_message = self._on_message
         c.on_subscribe = self._on_subscribe
         self.client = c
+        self.ingestor.anomaly.set_publish(c.publish)  # alerts of committed batches
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = mqtt_cfg.session_expiry_s
         props.ReceiveMaximum = max(1, min(65535, cfg.batch_max))
@@ -366,6 +377,7 @@ class IngestWorker:
                 if batch:
                     self._commit_with_retry(batch)
         finally:
+            self.ingestor.anomaly.close()
             self.client.disconnect()
             self.client.loop_stop()
             server = getattr(self, "_metrics_server", None)

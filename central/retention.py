@@ -20,6 +20,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from central import segments
+from central.anomaly.refsets import prune_scores
 from central.blobs import BlobStore
 from central.config import RetentionConfig
 from central.originals import DAY_US
@@ -38,6 +39,7 @@ class SweepReport:
     bytes_freed: int = 0
     blobs_unlinked: int = 0
     tokens_deleted: int = 0
+    scores_deleted: int = 0  # anomaly scores of frames no longer stored
     orphans_removed: int = 0
     dead_letters_deleted: int = 0
     kept_bytes: int = 0
@@ -156,6 +158,8 @@ def sweep(engine: Engine, blobs: BlobStore, cfg: RetentionConfig, now: Optional[
 
     # 3. tokens (longer retention), never a held frame
     rep.tokens_deleted = _sweep_tokens(engine, cfg, now)
+    with Session(engine) as s, s.begin():
+        rep.scores_deleted = prune_scores(s)
 
     # 4. orphans: blobs that no kept/deleting row references (an upload died before commit)
     rep.orphans_removed = _sweep_orphans(engine, blobs, cfg, now)

@@ -24,6 +24,7 @@ from typing import Deque, Dict, List, Optional, Tuple
 import numpy as np
 
 from edge_agent import health
+from edge_agent.anomaly import EdgeScorer
 from edge_agent.capture import CameraWorker
 from edge_agent.config import AgentConfig
 from edge_agent.drops import DropLog
@@ -34,6 +35,7 @@ from edge_agent.outbox import Outbox
 from edge_agent.queues import DropOldestQueue, FrameHub, Sample
 from runtime.runners import Runner, RunnerError, make_runner
 from tokenline import topics
+from tokenline.anomaly import AnomalyScore, BankError
 from tokenline.manifest import Manifest, ManifestError, verify_files
 from tokenline.preprocess import ImageError, preprocess
 from tokenline.summary import Summary
@@ -98,6 +100,10 @@ class Agent:
             except RunnerError as exc:
                 raise AgentError(str(exc)) from None
         self.runner = runner
+        try:
+            self.anomaly = EdgeScorer(cfg, self.manifest) if cfg.anomaly.enabled else None
+        except BankError as exc:
+            raise AgentError(f"anomaly: {exc}") from None
         self.rois = {c.name: c.roi for c in cfg.cameras}
         problem = room_problem(cfg, self.manifest)
         if problem:
@@ -334,7 +340,7 @@ class Agent:
         return ob.count + n <= ob.max_messages and ob.bytes + n * self._largest_message <= ob.max_bytes
 
     # -- outbox writer ----------------------------------------------------------------------------------------
-    def _message_bytes(self, r: Result) -> bytes:
+    def _message_bytes(self, r: Result, anomaly: Optional[AnomalyScore] = None) -> bytes:
         s = r.sample
         summary = replace(r.summary, centroids=np.clip(r.summary.centroids, 0.0, 1.0))
         metadata = s.metadata
@@ -345,7 +351,8 @@ class Agent:
                 log.warning("messages.wire_version 1 carries no metadata: file names and labels are not sent")
         msg = TokenMessage(frame_id=s.frame_id, device=self.cfg.device, site=self.cfg.site, line=s.line,
                            camera=s.camera, capture_ts_us=s.capture_ts_us, seq=0, manifest_hash=self.manifest_hash,
-                           summary=summary, token_dtype=self.cfg.messages.token_dtype, metadata=metadata)
+                           summary=summary, token_dtype=self.cfg.messages.token_dtype, metadata=metadata,
+                           anomaly=anomaly if self.cfg.messages.wire_version >= 2 else None)
         buf = encode(msg, version=self.cfg.messages.wire_version)
         self._largest_message = max(self._largest_message, len(buf))
         return buf
@@ -359,10 +366,11 @@ class Agent:
                     if self.inference_done.is_set() and not len(self.results):
                         return
                     continue
-                entries, written = [], []
+                entries, written, alerts = [], [], []
                 for r in items:
+                    a = self.anomaly.score(r.sample.camera, r.summary) if self.anomaly is not None else None
                     try:
-                        buf = self._message_bytes(r)
+                        buf = self._message_bytes(r, a)
                     except WireError as exc:
                         self.counters["encode_errors"] += 1
                         log.error("camera %s: cannot encode frame %s: %s (%s)", r.sample.camera,
@@ -375,6 +383,10 @@ class Agent:
                                                 self.cfg.mqtt.protocol)
                     entries.append((r.sample.camera, topic, lambda seq, b=buf: with_header(b, seq=seq)))
                     written.append(r.sample)
+                    if a is not None and a.flagged and self.cfg.anomaly.alerts and self.cfg.mqtt.protocol >= 2:
+                        s = r.sample
+                        alerts.append(self.anomaly.alert(a, s.frame_id.hex(), s.line, s.camera, s.capture_ts_us,
+                                                         r.summary))
                 if entries:
                     try:
                         self.outbox.put_many(entries)
@@ -389,6 +401,8 @@ class Agent:
                         if s.ticket is not None:
                             s.ticket.committed()
                     self.link.wake()
+                for alert in alerts:  # the frames are in the outbox: tell the line now
+                    self.anomaly.sent(self.link.publish_alert(alert.topic, alert.to_json()))
                 now = time.monotonic()
                 for r in items:
                     self._latency.append((now - r.sample.t_captured) * 1000.0)
@@ -476,6 +490,7 @@ class Agent:
                          "applied": self.counters["commands_applied"], "recent": list(self._command_log)},
             "drops": {"total": self.drops.totals(), "recent": self.drops.recent(),
                       "window_s": self.drops.window_s},
+            "anomaly": self.anomaly.stats() if self.anomaly is not None else None,
         }
         return snap
 

@@ -289,6 +289,15 @@ class OriginalsConfig(StrictModel):
     upload: UploadConfig = UploadConfig()
 
 
+class AnomalyConfig(StrictModel):
+    """Local anomaly scoring against banks exported from central (``tokenline-central reference-set export``)."""
+
+    enabled: bool = False
+    dir: Optional[Path] = None  # banks as <dir>/<site>/<line>/<camera>.npz; default <model.dir>/anomaly
+    # publish each flagged frame on its camera's alert topic (retained, QoS 1; protocol 2 only: v1 has no alert topic)
+    alerts: bool = True
+
+
 class HealthConfig(StrictModel):
     http_host: str = "127.0.0.1"
     http_port: Optional[int] = Field(8765, ge=0, le=65535)  # None disables; 0 picks a free port
@@ -308,6 +317,7 @@ class AgentConfig(StrictModel):
     mqtt: MqttConfig = MqttConfig()
     outbox: OutboxConfig = OutboxConfig()
     originals: OriginalsConfig = OriginalsConfig()
+    anomaly: AnomalyConfig = AnomalyConfig()
     health: HealthConfig = HealthConfig()
     stats_interval_s: float = Field(10.0, gt=0)
     shutdown_timeout_s: float = Field(10.0, gt=0)  # SIGTERM: time to finish in-flight work and flush

@@ -347,6 +347,13 @@ class MqttLink:
         if self.connected.is_set():
             self.client.publish(self.stats_topic, json.dumps(stats, separators=(",", ":")), qos=0)
 
+    def publish_alert(self, topic: str, payload: bytes) -> bool:
+        """An anomaly alert (retained, QoS 1) while connected; False when not (the caller counts it)."""
+        if not self.connected.is_set():
+            return False
+        self.client.publish(topic, payload, qos=topics.ALERT_QOS, retain=True)
+        return True
+
     def flush(self, timeout: float) -> bool:
         """Wait until the outbox is empty, i.e. every row delivered (confirmed by central; under protocol 1,
         PUBACKed), and nothing is in flight (or ``timeout``); True when flushed."""

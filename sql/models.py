@@ -1,4 +1,5 @@
-"""SQLAlchemy 2.x table models of central: devices, models, frames, originals, dead letters, tokens, counters.
+"""SQLAlchemy 2.x table models of central: devices, models, frames, originals, dead letters, tokens, counters,
+reference sets (their frames and memory banks) and frames' anomaly scores.
 
 Times are Unix microseconds (UTC) in BIGINT columns, the unit the wire format carries, so both dialects
 compare and index them the same way.
@@ -8,8 +9,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from sqlalchemy import (BigInteger, Boolean, ForeignKey, Index, Integer, LargeBinary, MetaData, SmallInteger,
-                        String, Text, UniqueConstraint)
+from sqlalchemy import (BigInteger, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, MetaData,
+                        SmallInteger, String, Text, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sql.types import Embedding, Labels
@@ -150,3 +151,76 @@ class Counter(Base):
     worker: Mapped[str] = mapped_column(String(128))
     name: Mapped[str] = mapped_column(String(64))
     value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class ReferenceSet(Base):
+    """Frames an engineer marked as good for one camera and model, and the memory bank built from them.
+
+    ``version`` rises with every change (frames, threshold, mode); ``bank`` is the bank file's bytes
+    (``tokenline.anomaly.Bank.to_bytes``), rebuilt in the transaction that changes the set.
+    """
+
+    __tablename__ = "reference_sets"
+    __table_args__ = (UniqueConstraint("model_id", "site", "line", "camera", name="uq_reference_sets_camera"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    site: Mapped[str] = mapped_column(String(64))
+    line: Mapped[str] = mapped_column(String(64))
+    camera: Mapped[str] = mapped_column(String(64))
+    mode: Mapped[str] = mapped_column(String(16))  # tokens | global | both
+    threshold_mode: Mapped[str] = mapped_column(String(16))  # quantile | manual
+    quantile: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    version: Mapped[int] = mapped_column(Integer)
+    frame_count: Mapped[int] = mapped_column(Integer)
+    bank_tokens: Mapped[int] = mapped_column(Integer)
+    bank: Mapped[bytes] = mapped_column(LargeBinary)
+    created_us: Mapped[int] = mapped_column(BigInteger)
+    updated_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class ReferenceFrame(Base):
+    """A frame of a reference set (by frame id: the set outlives frames that retention deletes)."""
+
+    __tablename__ = "reference_frames"
+    set_id: Mapped[int] = mapped_column(ForeignKey("reference_sets.id", ondelete="CASCADE"), primary_key=True)
+    frame_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+
+
+class FrameScore(Base):
+    """A frame's anomaly score against its camera's reference set, its most anomalous token and that token's
+    region (box in [0, 1] of the model input, and the footprint mask when the frame had one).
+
+    Keyed by frame id without a foreign key to ``frames`` (retention deletes frames; ``central.anomaly`` drops
+    the scores they leave behind); place and time are copied from the frame for filtered, sorted reads.
+    """
+
+    __tablename__ = "frame_scores"
+    __table_args__ = (
+        Index("ix_frame_scores_place_score", "site", "line", "camera", "score"),
+        Index("ix_frame_scores_place_ts", "site", "line", "camera", "capture_us"),
+        Index("ix_frame_scores_flagged_ts", "flagged", "capture_us"),
+        Index("ix_frame_scores_set", "set_id", "set_version"),
+    )
+    frame_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    set_id: Mapped[int] = mapped_column(ForeignKey("reference_sets.id", ondelete="CASCADE"))
+    set_version: Mapped[int] = mapped_column(Integer)
+    model_id: Mapped[int] = mapped_column(Integer)
+    site: Mapped[str] = mapped_column(String(64))
+    line: Mapped[str] = mapped_column(String(64))
+    camera: Mapped[str] = mapped_column(String(64))
+    capture_us: Mapped[int] = mapped_column(BigInteger)
+    score: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    flagged: Mapped[bool] = mapped_column(Boolean)
+    token: Mapped[int] = mapped_column(SmallInteger)  # -1: no token qualified
+    x0: Mapped[float] = mapped_column(Float)
+    y0: Mapped[float] = mapped_column(Float)
+    x1: Mapped[float] = mapped_column(Float)
+    y1: Mapped[float] = mapped_column(Float)
+    mask: Mapped[Optional[bytes]] = mapped_column(LargeBinary, nullable=True)  # tokenline.anomaly.pack_mask
+    grid_h: Mapped[Optional[int]] = mapped_column(SmallInteger, nullable=True)
+    grid_w: Mapped[Optional[int]] = mapped_column(SmallInteger, nullable=True)
+    edge_score: Mapped[Optional[float]] = mapped_column(Float, nullable=True)  # the edge's own score, when sent
+    scored_us: Mapped[int] = mapped_column(BigInteger)

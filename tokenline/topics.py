@@ -1,4 +1,4 @@
-"""MQTT topic names and command payloads of the tokenline protocol: builders, filters and validating parsers.
+"""MQTT topic names and payloads of the tokenline protocol (commands, alerts): builders, filters, validating parsers.
 
 Topics of protocol v2 (documented in ``docs/protocol.md``): every topic a device publishes or reads carries its
 device id, so the broker binds identity (a device's credentials grant only ``tokenline/v2/<site>/<device>/...``)::
@@ -8,6 +8,11 @@ device id, so the broker binds identity (a device's credentials grant only ``tok
     tokenline/v2/<site>/<device>/stats                    JSON counters, periodic
     tokenline/v2/<site>/<device>/cmd                      JSON commands to the device
     tokenline/v2/<site>/<device>/ack                      commit acknowledgements to the device (tokenline.acks)
+    tokenline/v2/<site>/<device>/alert/<line>/<camera>    JSON anomaly alert (``Alert``), QoS 1, retained per camera
+
+An alert names the device whose camera took the frame, whoever scored it: central publishes it for that device's
+camera (its service users may publish on every alert topic), an edge scoring locally on its own topic (its
+credentials grant only its own cameras' alert topics); alert readers subscribe to ``ALERTS_FILTER``.
 
 Protocol v1 (edges from before the upgrade) used ``tokenline/v1/<site>/<line>/<camera>/tokens`` and
 ``tokenline/v1/<site>/<device>/status|stats|cmd``, without acknowledgements: ``parse_topic`` still reads it
@@ -21,9 +26,10 @@ line and camera names (and central's subscription group) in both programs' confi
 from __future__ import annotations
 
 import json
+import math
 import re
-from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Optional, Tuple
 
 from tokenline.frame_id import FRAME_ID_HEX
 
@@ -40,6 +46,7 @@ KIND_STATUS = "status"
 KIND_STATS = "stats"
 KIND_CMD = "cmd"
 KIND_ACK = "ack"
+KIND_ALERT = "alert"
 DEVICE_KINDS = (KIND_STATUS, KIND_STATS, KIND_CMD, KIND_ACK)  # <prefix>/<site>/<device>/<kind>
 
 STATUS_ONLINE = "online"
@@ -47,10 +54,12 @@ STATUS_OFFLINE = "offline"
 
 TOKENS_QOS = 1
 ACK_QOS = 1
+ALERT_QOS = 1  # alerts are retained: a new subscriber sees each camera's latest alert at once
 # Subscription filters for consumers (central): all sites and devices.
 TOKENS_FILTER = f"{PREFIX}/+/+/{KIND_TOKENS}/+/+"
 STATUS_FILTER = f"{PREFIX}/+/+/{KIND_STATUS}"
 STATS_FILTER = f"{PREFIX}/+/+/{KIND_STATS}"
+ALERTS_FILTER = f"{PREFIX}/+/+/{KIND_ALERT}/+/+"
 V1_TOKENS_FILTER = f"{PREFIX_V1}/+/+/+/{KIND_TOKENS}"
 V1_STATUS_FILTER = f"{PREFIX_V1}/+/+/{KIND_STATUS}"
 V1_STATS_FILTER = f"{PREFIX_V1}/+/+/{KIND_STATS}"
@@ -81,6 +90,12 @@ def tokens_topic(site: str, device: str, line: str, camera: str, version: int = 
     if version == 1:
         return f"{PREFIX_V1}/{s}/{ln}/{c}/{KIND_TOKENS}"
     return f"{_prefix(version)}/{s}/{_level('device', device)}/{KIND_TOKENS}/{ln}/{c}"
+
+
+def alert_topic(site: str, device: str, line: str, camera: str) -> str:
+    """The retained alert topic of a device's camera (protocol v2 only)."""
+    return (f"{PREFIX}/{_level('site', site)}/{_level('device', device)}/{KIND_ALERT}/{_level('line', line)}/"
+            f"{_level('camera', camera)}")
 
 
 def device_topic(kind: str, site: str, device: str, version: int = 2) -> str:
@@ -127,7 +142,7 @@ def shared(group: str, topic_filter: str) -> str:
 
 @dataclass(frozen=True)
 class Topic:
-    """A parsed topic. ``line``/``camera`` are set for tokens; ``device`` for everything of v2 and for v1's
+    """A parsed topic. ``line``/``camera`` are set for tokens and alerts; ``device`` for everything of v2 and for v1's
     status/stats/cmd (v1 token topics do not name the device)."""
 
     kind: str
@@ -148,12 +163,12 @@ def parse_topic(topic: str) -> Topic:
         raise TopicError(f"topic {topic!r:.120} does not start with {PREFIX}/ or {PREFIX_V1}/")
     rest = parts[2:]
     if head == PREFIX:
-        if len(rest) == 5 and rest[2] == KIND_TOKENS:
-            return Topic(kind=KIND_TOKENS, site=_level("site", rest[0]), device=_level("device", rest[1]),
+        if len(rest) == 5 and rest[2] in (KIND_TOKENS, KIND_ALERT):
+            return Topic(kind=rest[2], site=_level("site", rest[0]), device=_level("device", rest[1]),
                          line=_level("line", rest[3]), camera=_level("camera", rest[4]))
         if len(rest) == 3 and rest[2] in DEVICE_KINDS:
             return Topic(kind=rest[2], site=_level("site", rest[0]), device=_level("device", rest[1]))
-        raise TopicError(f"topic {topic!r:.120} is not <site>/<device>/tokens/<line>/<camera> or "
+        raise TopicError(f"topic {topic!r:.120} is not <site>/<device>/tokens|alert/<line>/<camera> or "
                          f"<site>/<device>/{'|'.join(DEVICE_KINDS)}")
     if len(rest) == 4 and rest[3] == KIND_TOKENS:
         return Topic(kind=KIND_TOKENS, site=_level("site", rest[0]), line=_level("line", rest[1]),
@@ -211,3 +226,80 @@ def parse_command(payload: bytes) -> Command:
     if request_id is not None and (not isinstance(request_id, str) or len(request_id) > 128):
         raise TopicError("request_id must be a string of at most 128 characters")
     return Command(action=action, camera=camera, frame_id=frame_id, request_id=request_id)
+
+
+# -- anomaly alerts ------------------------------------------------------------------------------------------
+ALERT_SOURCES = ("central", "edge")
+MAX_ALERT_BYTES = 4096
+_HASH32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True)
+class Alert:
+    """An anomaly alert: a frame whose anomaly score is over its reference set's threshold.
+
+    ``box`` is the most anomalous token's region (x0, y0, x1, y1) in [0, 1] of the model input; ``source`` says
+    who scored it (central, or the edge against a bank exported from central); ``model`` is the frame's manifest
+    hash (32 hex, as on the wire). ``device`` took the frame. Published retained on ``alert_topic`` of the
+    frame's camera."""
+
+    frame_id: str
+    site: str
+    device: str
+    line: str
+    camera: str
+    capture_us: int
+    score: float
+    threshold: float
+    reference_set: int
+    set_version: int
+    token: int
+    box: Tuple[float, float, float, float]
+    source: str
+    model: str
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["score"], d["threshold"] = round(self.score, 6), round(self.threshold, 6)
+        d["box"] = [round(float(v), 4) for v in self.box]
+        return json.dumps(d, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+    @property
+    def topic(self) -> str:
+        return alert_topic(self.site, self.device, self.line, self.camera)
+
+
+def parse_alert(payload: bytes) -> Alert:
+    """Validate an alert payload (``Alert.to_json``); TopicError names the first field that is wrong."""
+    if not isinstance(payload, (bytes, bytearray)) or len(payload) > MAX_ALERT_BYTES:
+        raise TopicError(f"alert payload must be bytes of at most {MAX_ALERT_BYTES}")
+    try:
+        data = json.loads(bytes(payload).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TopicError(f"alert is not UTF-8 JSON: {exc}") from None
+    fields = set(Alert.__dataclass_fields__)
+    if not isinstance(data, dict) or set(data) != fields:
+        got = set(data) if isinstance(data, dict) else set()
+        raise TopicError(f"alert must have exactly the keys {sorted(fields)}; missing {sorted(fields - got)}, "
+                         f"unknown {sorted(got - fields)}")
+    if not isinstance(data["frame_id"], str) or not FRAME_ID_HEX.fullmatch(data["frame_id"]):
+        raise TopicError("alert frame_id must be 32 lowercase hex characters")
+    for key in ("site", "device", "line", "camera"):
+        _level(key, data[key])
+    for key in ("capture_us", "reference_set", "set_version", "token"):
+        if not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < (-1 if key == "token" else 0):
+            raise TopicError(f"alert {key} must be an integer >= {-1 if key == 'token' else 0}")
+    for key in ("score", "threshold"):
+        if not isinstance(data[key], (int, float)) or isinstance(data[key], bool) or not math.isfinite(data[key]):
+            raise TopicError(f"alert {key} must be a finite number")
+    box = data["box"]
+    if (not isinstance(box, list) or len(box) != 4 or
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in box)):
+        raise TopicError("alert box must be [x0, y0, x1, y1] in [0, 1]")
+    if data["source"] not in ALERT_SOURCES:
+        raise TopicError(f"alert source must be one of {ALERT_SOURCES}")
+    if not isinstance(data["model"], str) or not _HASH32.match(data["model"]):
+        raise TopicError("alert model must be 32 lowercase hex characters")
+    data["box"] = tuple(float(v) for v in box)
+    data["score"], data["threshold"] = float(data["score"]), float(data["threshold"])
+    return Alert(**data)

@@ -2,7 +2,7 @@
 
 Layout: ``deps`` (services, a session per request, the caller by role), ``errors`` (domain errors to HTTP,
 one handler), ``validation`` (unknown parameters refused, 422 naming the parameter), ``schemas`` (the typed
-responses), ``metrics`` (Prometheus), ``routers/`` (ops, registry, originals, frames, search, page and docs).
+responses), ``metrics`` (Prometheus), ``routers/`` (ops, registry, originals, frames, search, anomaly, page and docs).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from central.api.deps import Services
 from central.api.errors import error_response
 from central.api.metrics import Metrics, count_requests
-from central.api.routers import frames, ops, originals, page, registry, search
+from central.api.routers import anomaly, frames, ops, originals, page, registry, search
 from central.api.validation import reject_unknown, validation_error
 from central.auth import TokenCache
 from central.blobs import BlobStore
@@ -46,7 +46,7 @@ def create_app(cfg: CentralConfig, engine: Optional[Engine] = None) -> FastAPI:
     count_requests(app, svc.metrics)
     app.add_exception_handler(CentralError, error_response)
     app.add_exception_handler(RequestValidationError, validation_error)
-    for module in (ops, registry, originals, frames, search, page):
+    for module in (ops, registry, originals, frames, search, anomaly, page):
         app.include_router(module.router)
     app.mount("/static/docs", StaticFiles(directory=page.DOCS_ASSETS), name="docs-assets")
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")

@@ -28,18 +28,22 @@ Roles (anything not granted is denied: publishing, subscribing, receiving):
   device D of site S with cameras (line L, camera C):
     publish    tokenline/v2/S/D/tokens/L/C   for each of its cameras
     publish    tokenline/v2/S/D/status, tokenline/v2/S/D/stats
+    publish    tokenline/v2/S/D/alert/L/C    for each of its cameras (anomaly alerts when it scores locally)
     subscribe  tokenline/v2/S/D/cmd, tokenline/v2/S/D/ack (literally: nothing else, no wildcards, no $share)
     with --allow-protocol-v1 (during an upgrade, for edges not upgraded yet): publish tokenline/v1/S/L/C/tokens
     for each camera and tokenline/v1/S/D/status|stats, subscribe tokenline/v1/S/D/cmd
   service users (one per central ingest worker): subscribe to the token filters of both layouts through
     central's shared group only ($share/<--group>/...), to the status and stats filters, and publish
-    acknowledgements and commands (tokenline/v2/+/+/ack, .../cmd, tokenline/v1/+/+/cmd)
+    acknowledgements, commands and anomaly alerts (tokenline/v2/+/+/ack, .../cmd, tokenline/v2/+/+/alert/+/+,
+    tokenline/v1/+/+/cmd)
+  alert readers (a line PLC, an andon board, a dashboard): subscribe to and receive the anomaly alerts of every
+    site (tokenline/v2/+/+/alert/+/+, or a narrower filter inside it), nothing else; publish nothing
   api users (central's API process, which publishes request_original when someone asks for an original; its
     api.command_username and api.command_client_id): publish tokenline/v2/+/+/cmd (and tokenline/v1/+/+/cmd),
     nothing else: no subscription, no tokens, no acknowledgements
   admin users: publish, subscribe and receive tokenline/#
   bridges (a site broker's bridge user, deploy/broker/site-bridge.conf.template): speaks for every device of
-    its site: publishes their tokens, status and stats, subscribes to their cmd and ack topics; the site
+    its site: publishes their tokens, status, stats and alerts, subscribes to their cmd and ack topics; the site
     broker, configured from the site's own inventory, binds each device there
 
 Inventory (YAML):
@@ -51,6 +55,7 @@ Inventory (YAML):
   services: [central-ingest-1, central-ingest-2]   # or {id: ..., client_id: ...}
   apis: [central-api]                               # or {id: ..., client_id: ...}
   admins: [ops]
+  alert_readers: [andon-1]                  # or {id: ..., client_id: ...}; client id defaults to the name
   bridges: [{id: bridge-plant-b, site: plant-b}]
 """
 
@@ -77,6 +82,7 @@ PLUGIN_CANDIDATES = ("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so", 
                      "/usr/lib/mosquitto_dynamic_security.so",  # eclipse-mosquitto image
                      "/usr/local/lib/mosquitto_dynamic_security.so")  # built from source
 V1, V2 = "tokenline/v1", "tokenline/v2"
+ALERTS = f"{V2}/+/+/alert/+/+"  # tokenline.topics.ALERTS_FILTER (the generator runs without the package)
 
 
 class InventoryError(ValueError):
@@ -104,10 +110,10 @@ def load_inventory(path: Path) -> Dict[str, Any]:
         raise InventoryError(f"{path}: {exc}") from None
     if not isinstance(data, dict):
         raise InventoryError(f"{path}: top level must be a mapping")
-    unknown = set(data) - {"devices", "services", "apis", "admins", "bridges"}
+    allowed = {"devices", "services", "apis", "admins", "bridges", "alert_readers"}
+    unknown = set(data) - allowed
     if unknown:
-        raise InventoryError(f"{path}: unknown keys {sorted(unknown)} (allowed: devices, services, apis, admins, "
-                             "bridges)")
+        raise InventoryError(f"{path}: unknown keys {sorted(unknown)} (allowed: {', '.join(sorted(allowed))})")
     devices = []
     for i, dev in enumerate(data.get("devices") or []):
         where = f"devices[{i}]"
@@ -128,13 +134,15 @@ def load_inventory(path: Path) -> Dict[str, Any]:
             raise InventoryError(f"bridges[{i}]: needs exactly id and site")
         bridges.append({"id": _name(br["id"], f"bridges[{i}].id"), "site": _name(br["site"], f"bridges[{i}].site")})
     ids = [d["id"] for d in devices]
-    services, apis = _bound_users(data, "services"), _bound_users(data, "apis")
+    services, apis = _named_users(data, "services"), _named_users(data, "apis")
+    readers = _named_users(data, "alert_readers")
     admins = [_name(a, "admins[]") for a in data.get("admins") or []]
-    users = ids + [s["id"] for s in services + apis] + admins + [b["id"] for b in bridges]
+    users = ids + [s["id"] for s in services + apis] + admins + [b["id"] for b in bridges] + [r["id"] for r in readers]
     dupes = {u for u in users if users.count(u) > 1}
     if dupes:
         raise InventoryError(f"user names must be unique across devices, services and admins: {sorted(dupes)}")
-    cids = [d["client_id"] for d in devices] + [s["client_id"] for s in services + apis] + [b["id"] for b in bridges]
+    cids = ([d["client_id"] for d in devices] + [s["client_id"] for s in services + apis] + [b["id"] for b in bridges]
+            + [r["client_id"] for r in readers])
     dupes = {c for c in cids if cids.count(c) > 1}
     if dupes:
         raise InventoryError(f"client ids must be unique: {sorted(dupes)}")
@@ -146,11 +154,11 @@ def load_inventory(path: Path) -> Dict[str, Any]:
             if key in seen:
                 raise InventoryError(f"camera {key} is claimed by both {seen[key]} and {d['id']}")
             seen[key] = d["id"]
-    return {"devices": devices, "services": services, "apis": apis, "admins": admins, "bridges": bridges}
+    return {"devices": devices, "services": services, "apis": apis, "admins": admins, "bridges": bridges, "alert_readers": readers}
 
 
-def _bound_users(data: Dict[str, Any], key: str) -> List[Dict[str, str]]:
-    """``services`` or ``apis``: names, or ``{id, client_id}``; the client id defaults to the name."""
+def _named_users(data: Dict[str, Any], key: str) -> List[Dict[str, str]]:
+    """Users listed by name, or as {id, client_id}; the client id defaults to the name."""
     out = []
     for i, entry in enumerate(data.get(key) or []):
         if isinstance(entry, dict):
@@ -159,8 +167,7 @@ def _bound_users(data: Dict[str, Any], key: str) -> List[Dict[str, str]]:
             user = _name(entry["id"], f"{key}[{i}].id")
             out.append({"id": user, "client_id": _client_id(entry.get("client_id", user), f"{key}[{i}].client_id")})
         else:
-            user = _name(entry, f"{key}[{i}]")
-            out.append({"id": user, "client_id": user})
+            out.append({"id": _name(entry, f"{key}[{i}]"), "client_id": entry})
     return out
 
 
@@ -179,6 +186,7 @@ def device_acls(d: Dict[str, Any], allow_v1: bool) -> List[Dict[str, Any]]:
     site, dev = d["site"], d["id"]
     own = f"{V2}/{site}/{dev}"
     send = [f"{own}/tokens/{line}/{cam}" for line, cam in d["cameras"]] + [f"{own}/status", f"{own}/stats"]
+    send += [f"{own}/alert/{line}/{cam}" for line, cam in d["cameras"]]
     read = [f"{own}/cmd", f"{own}/ack"]
     if allow_v1:
         send += [f"{V1}/{site}/{line}/{cam}/tokens" for line, cam in d["cameras"]]
@@ -190,11 +198,12 @@ def device_acls(d: Dict[str, Any], allow_v1: bool) -> List[Dict[str, Any]]:
 
 def service_acls(group: str) -> List[Dict[str, Any]]:
     """Central's ingest workers: consume tokens (through the shared group), status and stats of both layouts;
-    publish acknowledgements and commands. Mosquitto 2.0 checks a shared subscription with its ``$share/<group>/``
-    prefix, so the grant names central's group (``mqtt.group``) and no other group can be joined."""
+    publish acknowledgements, commands and anomaly alerts. Mosquitto 2.0 checks a shared subscription with its
+    ``$share/<group>/`` prefix, so the grant names central's group (``mqtt.group``) and no other group can be
+    joined."""
     tokens = [f"{V2}/+/+/tokens/+/+", f"{V1}/+/+/+/tokens"]
     others = [f"{V2}/+/+/status", f"{V2}/+/+/stats", f"{V1}/+/+/status", f"{V1}/+/+/stats"]
-    send = [f"{V2}/+/+/ack", f"{V2}/+/+/cmd", f"{V1}/+/+/cmd"]
+    send = [f"{V2}/+/+/ack", f"{V2}/+/+/cmd", ALERTS, f"{V1}/+/+/cmd"]
     return ([_acl("subscribePattern", f"$share/{group}/{f}") for f in tokens]
             + [_acl("subscribePattern", f) for f in others]
             + [_acl("publishClientReceive", f) for f in tokens + others]
@@ -203,7 +212,8 @@ def service_acls(group: str) -> List[Dict[str, Any]]:
 
 def bridge_acls(site: str, allow_v1: bool) -> List[Dict[str, Any]]:
     """A site broker's bridge: the device-side topics of every device of ``site``."""
-    send = [f"{V2}/{site}/+/tokens/+/+", f"{V2}/{site}/+/status", f"{V2}/{site}/+/stats", f"tokenline/bridges/{site}/state"]
+    send = [f"{V2}/{site}/+/tokens/+/+", f"{V2}/{site}/+/status", f"{V2}/{site}/+/stats", f"{V2}/{site}/+/alert/+/+",
+            f"tokenline/bridges/{site}/state"]
     read = [f"{V2}/{site}/+/cmd", f"{V2}/{site}/+/ack"]
     if allow_v1:
         send += [f"{V1}/{site}/+/+/tokens", f"{V1}/{site}/+/status", f"{V1}/{site}/+/stats"]
@@ -215,6 +225,11 @@ def bridge_acls(site: str, allow_v1: bool) -> List[Dict[str, Any]]:
 def api_acls() -> List[Dict[str, Any]]:
     """Central's API process: publish the devices' commands (request_original), nothing else."""
     return [_acl("publishClientSend", t) for t in (f"{V2}/+/+/cmd", f"{V1}/+/+/cmd")]
+
+
+def alert_reader_acls() -> List[Dict[str, Any]]:
+    """Alert readers: subscribe to (a filter inside) the alert topics and receive them; nothing else."""
+    return [_acl("subscribePattern", ALERTS), _acl("publishClientReceive", ALERTS)]
 
 
 def admin_acls() -> List[Dict[str, Any]]:
@@ -246,6 +261,11 @@ def dynsec_config(inv: Dict[str, Any], passwords: Dict[str, str], allow_v1: bool
     for api in inv["apis"]:
         clients.append(dict({"username": api["id"], "clientid": api["client_id"], "textName": "central API (commands)",
                              "roles": [{"rolename": "api"}]}, **password_hash(passwords[api["id"]])))
+    if inv["alert_readers"]:
+        roles.append({"rolename": "alert-reader", "acls": alert_reader_acls()})
+    for r in inv["alert_readers"]:
+        clients.append(dict({"username": r["id"], "clientid": r["client_id"], "textName": "anomaly alert reader",
+                             "roles": [{"rolename": "alert-reader"}]}, **password_hash(passwords[r["id"]])))
     if inv["admins"]:
         roles.append({"rolename": "admin", "acls": admin_acls()})
     for u in inv["admins"]:
@@ -307,8 +327,8 @@ def generate(inv: Dict[str, Any], out: Path, port: int = 8883, tls_dir: Path | N
     out.mkdir(parents=True, exist_ok=True)
     creds_dir = out / "credentials"
     creds_dir.mkdir(mode=0o700, exist_ok=True)
-    users = [d["id"] for d in inv["devices"]] + [s["id"] for s in inv["services"] + inv["apis"]] + list(
-        inv["admins"]) + [b["id"] for b in inv["bridges"]]
+    users = [d["id"] for d in inv["devices"]] + [s["id"] for s in inv["services"] + inv["apis"]] + list(inv["admins"]) + [
+        b["id"] for b in inv["bridges"]] + [r["id"] for r in inv["alert_readers"]]
     passwords: Dict[str, str] = {}
     for u in users:
         f = creds_dir / u

@@ -34,6 +34,7 @@ devices:
     cameras: [{line: line2, camera: cam7}]
 services: [central]
 admins: [ops]
+alert_readers: [andon]
 """
 
 
@@ -120,13 +121,19 @@ def test_generated_files_and_permissions(tmp_path: Path) -> None:
         ("publishClientSend", "tokenline/v2/plant1/jetson-a/tokens/line1/cam1"),
         ("publishClientSend", "tokenline/v2/plant1/jetson-a/status"),
         ("publishClientSend", "tokenline/v2/plant1/jetson-a/stats"),
+        ("publishClientSend", "tokenline/v2/plant1/jetson-a/alert/line1/cam1"),
         ("subscribeLiteral", "tokenline/v2/plant1/jetson-a/cmd"), ("subscribeLiteral", "tokenline/v2/plant1/jetson-a/ack"),
         ("publishClientReceive", "tokenline/v2/plant1/jetson-a/cmd"),
         ("publishClientReceive", "tokenline/v2/plant1/jetson-a/ack")}
     assert ("subscribePattern", "$share/central/tokenline/v2/+/+/tokens/+/+") in roles["service"]
     assert not any(t.startswith("tokenline/v2/+/+/tokens") for k, t in roles["service"] if k.startswith("subscribe"))
+    assert ("publishClientSend", topics.ALERTS_FILTER) in roles["service"]
+    assert roles["alert-reader"] == {("subscribePattern", topics.ALERTS_FILTER),
+                                     ("publishClientReceive", topics.ALERTS_FILTER)}
     clients = {c["username"]: c for c in doc["clients"]}
     assert [r["rolename"] for r in clients["jetson-b"]["roles"]] == ["device-jetson-b"]
+    assert (clients["andon"]["clientid"], [r["rolename"] for r in clients["andon"]["roles"]]) == \
+        ("andon", ["alert-reader"])
     a = clients["jetson-a"]
     salt = base64.b64decode(a["salt"])
     first = (out / "credentials" / "jetson-a").read_text()
@@ -162,6 +169,8 @@ def test_generated_files_and_permissions(tmp_path: Path) -> None:
     ("devices: [{id: a, site: s, cameras: [], client_id: 'a/b'}]", "devices\\[0\\].client_id"),
     ("services: [{name: b}]", "services\\[0\\]"),
     ("bridges: [{id: b}]", "bridges\\[0\\]"),
+    ("alert_readers: [{id: r, site: s}]", "alert_readers\\[0\\]"),
+    ("alert_readers: [a]\nadmins: [a]", "unique"),
 ])
 def test_inventory_errors_name_the_key(tmp_path: Path, bad: str, msg: str) -> None:
     p = tmp_path / "inv.yaml"
@@ -227,7 +236,32 @@ def test_tls_auth_and_acl_enforced_by_the_real_broker(secured) -> None:
     time.sleep(0.3)
     tokens_seen = sorted(p for t, p in ops.messages if "/tokens" in t)
     assert tokens_seen == [b"own-a", b"own-b"]  # the forged messages never reached anyone
-    for c in (ops, b, central):
+
+    # anomaly alerts: central publishes any device's camera's alert, a device only its own cameras', an alert
+    # reader subscribes to the alerts (a filter inside them too) and to nothing else, and publishes nothing
+    andon = Conn(tls_port, "andon", pw["andon"], ca).connect()
+    assert not andon.reason.is_failure
+    for topic in (topics.TOKENS_FILTER, "tokenline/#", "tokenline/v2/plant1/jetson-a/cmd", topics.STATUS_FILTER,
+                  topics.shared("central", topics.TOKENS_FILTER)):
+        assert andon.subscribe(topic).value == 135, topic
+    assert andon.subscribe(topics.ALERTS_FILTER).value == 1
+    central_alert = topics.alert_topic("plant1", "jetson-b", "line2", "cam7")
+    edge_alert = topics.alert_topic("plant1", "jetson-a", "line1", "cam1")
+    assert central.publish(central_alert, b"from-central").value < 128
+    a = Conn(tls_port, "jetson-a", pw["jetson-a"], ca).connect()
+    assert a.publish(edge_alert, b"from-edge").value < 128
+    a.close()
+    for topic in (central_alert, topics.alert_topic("plant1", "jetson-a", "line2", "cam7")):
+        forger = Conn(tls_port, "jetson-a", pw["jetson-a"], ca).connect()
+        assert forger.publish(topic, b"forged").value == 135, topic  # another device's, or not its camera
+        forger.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and len(andon.messages) < 2:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    assert sorted(andon.messages) == sorted([(central_alert, b"from-central"), (edge_alert, b"from-edge")])
+    assert andon.publish(central_alert, b"reader").value == 135
+    for c in (ops, b, central, andon):
         c.close()
 
 

@@ -16,7 +16,7 @@ from typing import Optional
 from tokenline.wire import v1, v2
 from tokenline.wire.common import (
     CRC_SIZE, DEFAULT_MAX_BYTES, DTYPE_CODES, FLAG_REPLAYED, KNOWN_FLAGS, MAGIC, MAX_METADATA_BYTES, REASONS,
-    TokenMessage, WireError, check_metadata, pack_int4, quantize, seal, unpack_int4,
+    TokenMessage, WireError, as_decoded, check_metadata, pack_int4, quantize, seal, unpack_int4,
 )
 
 VERSIONS = (1, 2)
@@ -26,7 +26,7 @@ message_size_v1 = v1.message_size
 
 __all__ = [
     "CRC_SIZE", "DEFAULT_MAX_BYTES", "DTYPE_CODES", "FLAG_REPLAYED", "KNOWN_FLAGS", "MAGIC", "MAX_METADATA_BYTES",
-    "REASONS", "VERSION", "VERSIONS", "TokenMessage", "WireError", "check_metadata", "decode", "encode",
+    "REASONS", "VERSION", "VERSIONS", "TokenMessage", "WireError", "as_decoded", "check_metadata", "decode", "encode",
     "message_size", "message_size_v1", "pack_int4", "peek_frame_id", "quantize", "unpack_int4", "with_flags",
     "with_header",
 ]

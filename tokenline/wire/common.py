@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from tokenline.anomaly import AnomalyScore
 from tokenline.frame_id import FrameIdError, check_frame_id, frame_id_str
 from tokenline.summary import Summary
 from tokenline.topics import NAME_RE, NAME_RULE
@@ -61,6 +62,7 @@ class TokenMessage:
     """One frame's summary as carried on the wire (the summary is float32, dequantized after ``decode``).
 
     ``metadata`` (v2 only) is ``{"source": file name, "labels": {name: text}}`` with either key optional;
+    ``anomaly`` (v2 only) is the edge's own anomaly score of the frame against a bank exported from central;
     ``version`` is the wire version the message was decoded from (what ``encode`` writes by default).
     """
 
@@ -76,6 +78,7 @@ class TokenMessage:
     token_dtype: str = "int8"
     flags: int = 0
     metadata: Optional[Dict[str, Any]] = None
+    anomaly: Optional[AnomalyScore] = None
     version: int = 2
 
     @property
@@ -100,6 +103,22 @@ def quantize(x: np.ndarray, bits: int) -> Tuple[np.ndarray, np.ndarray]:
     safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
     q = np.clip(np.rint(x / safe[..., None]), -qmax, qmax).astype(np.int8)
     return q, scale
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """float32 values of quantized rows: ``q`` [..., D] times their ``scale`` [...] (what ``decode`` yields)."""
+    return q.astype(np.float32) * np.asarray(scale, np.float32)[..., None]
+
+
+def as_decoded(x: np.ndarray, mode: str) -> np.ndarray:
+    """Rows [..., d] exactly as a reader will decode them after ``encode`` in token encoding ``mode``: an edge
+    that scores its own tokens scores what central receives."""
+    x = np.asarray(x, dtype=np.float32)
+    if mode == "fp16":
+        return x.astype("<f2").astype(np.float32)
+    if mode not in ("int8", "int4"):
+        raise WireError("bad_dtype", f"token_dtype must be one of {sorted(DTYPE_CODES)}, got {mode!r}")
+    return dequantize(*quantize(x, 8 if mode == "int8" else 4))
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
@@ -317,7 +336,7 @@ class Reader:
             q = self.array("<i1", d, what)
             if np.any(q == -128):
                 raise WireError("out_of_range", "quantized values must be symmetric (no -128 / -8)")
-            v = q.astype(np.float32) * s[0]
+            v = dequantize(q, s[0])
         finite(what, v)
         return v
 
@@ -338,7 +357,7 @@ class Reader:
                 bad = np.any(q == -8)
             if bad:
                 raise WireError("out_of_range", "quantized values must be symmetric (no -128 / -8)")
-            t = q.astype(np.float32) * ts[:, None]
+            t = dequantize(q, ts)
         finite(what, t)
         return t
 

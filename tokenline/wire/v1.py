@@ -42,10 +42,12 @@ def message_size(token_dtype: str, k: int, d: int, names: Tuple[str, str, str, s
 
 
 def encode(msg: TokenMessage, mode: str) -> bytes:
-    """Serialize ``msg`` as version 1 (no metadata: v1 cannot carry it)."""
+    """Serialize ``msg`` as version 1 (no metadata, no anomaly score: v1 cannot carry them)."""
     names = check_header_fields(msg)
     if msg.metadata:
         raise WireError("bad_metadata", "wire version 1 cannot carry metadata; send version 2")
+    if msg.anomaly is not None:
+        raise WireError("bad_section", "wire version 1 cannot carry an anomaly score; send version 2")
     g, t = check_vectors(msg.summary, same_dim=True)
     k, d = t.shape
     s, c = check_boxes(msg.summary.sizes, msg.summary.centroids, k)

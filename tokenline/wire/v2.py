@@ -1,11 +1,12 @@
 """Wire format version 2: a 56-byte header, names, then typed, length-prefixed sections.
 
 A section is ``type u8, codec u8, length u32, body``. GLOBAL and TOKENS are required, and BOXES (sizes and
-centroids) or FOOTPRINT (which patch each token stands for; sizes and centroids derive from it); METADATA is
-optional. Each type appears at most once. A decoder skips sections of unknown type below 0x80 (so a newer
-edge can add optional sections without breaking older centrals) and refuses unknown types from 0x80 up
-(sections a reader must understand). Tokens may have their own dimension d (a projection the manifest
-describes); the manifest says which. Byte-by-byte layout in ``docs/protocol.md`` section 3.
+centroids) or FOOTPRINT (which patch each token stands for; sizes and centroids derive from it); METADATA and
+ANOMALY (the edge's own anomaly score, ``tokenline.anomaly``) are optional. Each type appears at most once. A
+decoder skips sections of unknown type below 0x80 (so a newer edge can add optional sections without breaking
+older centrals) and refuses unknown types from 0x80 up (sections a reader must understand). Tokens may have their
+own dimension d (a projection the manifest describes); the manifest says which. Byte-by-byte layout in
+``docs/protocol.md`` section 3.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from tokenline.anomaly import AnomalyScore
 from tokenline.summary import Summary, boxes_from_footprint
 from tokenline.wire.common import (
     CODE_DTYPES, CRC_SIZE, DTYPE_CODES, MAGIC, MAX_D, MAX_K, Reader, TokenMessage, WireError, check_boxes,
@@ -34,14 +36,18 @@ _SECTION = struct.Struct("<BBI")
 SECTION_HEAD = _SECTION.size  # 6
 
 # section types
-GLOBAL, TOKENS, BOXES, FOOTPRINT, METADATA = 0x01, 0x02, 0x03, 0x04, 0x05
+GLOBAL, TOKENS, BOXES, FOOTPRINT, METADATA, ANOMALY = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06
 SECTION_NAMES: Dict[int, str] = {GLOBAL: "global", TOKENS: "tokens", BOXES: "boxes", FOOTPRINT: "footprint",
-                                 METADATA: "metadata"}
+                                 METADATA: "metadata", ANOMALY: "anomaly"}
 CRITICAL = 0x80  # unknown types from here up are refused, below are skipped
 # codecs: GLOBAL int8 / fp16 (fp16 when the tokens are fp16, else int8); TOKENS the token encodings
 # (DTYPE_CODES); FOOTPRINT 4 or 8 bits per patch; BOXES and METADATA 0
 GLOBAL_CODECS: Dict[int, str] = {1: "int8", 3: "fp16"}
 _CENTROID_SCALE = 65535.0
+# ANOMALY body: score f32, threshold f32, token i16 (-1: none), flags u8 (bit 0 flagged), reserved u8,
+# reference set id u32, reference set version u32
+_ANOMALY = struct.Struct("<ffhBBII")
+ANOMALY_SIZE = _ANOMALY.size  # 20
 
 
 def _section(kind: int, codec: int, body: bytes) -> bytes:
@@ -67,11 +73,34 @@ def _footprint_body(fp: np.ndarray, k: int) -> Tuple[int, bytes]:
     return bits, struct.pack("<HH", fp.shape[0], fp.shape[1]) + packed.tobytes()
 
 
+def _anomaly_body(a: AnomalyScore) -> bytes:
+    if not (abs(a.score) < 3e38 and (abs(a.threshold) < 3e38 or a.threshold == float("inf"))):
+        raise WireError("non_finite", "anomaly score must be finite and the threshold finite or +inf")
+    if not -1 <= int(a.token) <= 32767 or not (0 <= int(a.set_id) < 2**32 and 0 <= int(a.set_version) < 2**32):
+        raise WireError("out_of_range", "anomaly token must be -1..32767, set id and version uint32")
+    return _ANOMALY.pack(float(a.score), float(a.threshold), int(a.token), 1 if a.flagged else 0, 0,
+                         int(a.set_id), int(a.set_version))
+
+
+def _decode_anomaly(body: bytes, k: int) -> AnomalyScore:
+    if len(body) != ANOMALY_SIZE:
+        raise WireError("length_mismatch", f"anomaly section of {len(body)} bytes, expected {ANOMALY_SIZE}")
+    score, threshold, token, flags, reserved, set_id, version = _ANOMALY.unpack(body)
+    if flags & ~1 or reserved:
+        raise WireError("bad_value", "anomaly section: unknown flag bits or a reserved byte that is not 0")
+    if np.isnan(score) or np.isnan(threshold) or np.isinf(score):
+        raise WireError("non_finite", "anomaly score is not a number")
+    if not -1 <= token < k:
+        raise WireError("out_of_range", f"anomaly token {token} is not a token of K={k}")
+    return AnomalyScore(score=float(score), threshold=float(threshold), token=int(token), flagged=bool(flags & 1),
+                        set_id=int(set_id), set_version=int(version))
+
+
 def message_size(token_dtype: str, k: int, d: int, names: Tuple[str, str, str, str] = ("", "", "", ""),
                  token_dim: Optional[int] = None, footprint_grid: Optional[Tuple[int, int]] = None,
-                 metadata_bytes: int = 0) -> int:
+                 metadata_bytes: int = 0, anomaly: bool = False) -> int:
     """Exact encoded size: global of dim ``d``, K tokens of dim ``token_dim`` (default d), BOXES or (with
-    ``footprint_grid``) FOOTPRINT, and a METADATA section of ``metadata_bytes`` when > 0."""
+    ``footprint_grid``) FOOTPRINT, a METADATA section of ``metadata_bytes`` when > 0, and an ANOMALY section."""
     td = d if token_dim is None else token_dim
     strings = sum(1 + len(s.encode("ascii")) for s in names)
     size = FIXED_SIZE + strings + CRC_SIZE
@@ -84,6 +113,8 @@ def message_size(token_dtype: str, k: int, d: int, names: Tuple[str, str, str, s
         size += SECTION_HEAD + 4 + ((n + 1) // 2 if footprint_bits(k) == 4 else n)
     if metadata_bytes:
         size += SECTION_HEAD + metadata_bytes
+    if anomaly:
+        size += SECTION_HEAD + ANOMALY_SIZE
     return size
 
 
@@ -110,6 +141,10 @@ def encode(msg: TokenMessage, mode: str) -> bytes:
         sections.append(_section(FOOTPRINT, bits, body))
     if msg.metadata:
         sections.append(_section(METADATA, 0, encode_metadata(msg.metadata)))
+    if msg.anomaly is not None:
+        if not -1 <= int(msg.anomaly.token) < k:
+            raise WireError("out_of_range", f"anomaly token {msg.anomaly.token} is not a token of K={k}")
+        sections.append(_section(ANOMALY, 0, _anomaly_body(msg.anomaly)))
     strings = pack_names(names)
     body = b"".join(sections)
     total = FIXED_SIZE + len(strings) + len(body) + CRC_SIZE
@@ -205,8 +240,14 @@ def decode(buf: bytes, max_bytes: int) -> TokenMessage:
         if codec != 0:
             raise WireError("bad_dtype", f"unknown metadata codec {codec}")
         metadata = decode_metadata(sec.take(sec.end - sec.pos, "metadata"))
+    anomaly = None
+    if ANOMALY in found:
+        codec, sec = found[ANOMALY]
+        if codec != 0:
+            raise WireError("bad_dtype", f"unknown anomaly codec {codec}")
+        anomaly = _decode_anomaly(sec.take(sec.end - sec.pos, "anomaly"), k)
     return TokenMessage(
         frame_id=fid, device=names[0], site=names[1], line=names[2], camera=names[3], capture_ts_us=ts_us,
         seq=seq, manifest_hash=mhash, summary=Summary(g, t, sizes, centroids, footprint), token_dtype=mode,
-        flags=flags, metadata=metadata, version=VERSION,
+        flags=flags, metadata=metadata, anomaly=anomaly, version=VERSION,
     )

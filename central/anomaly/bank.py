@@ -1,0 +1,143 @@
+"""Building a reference set's memory bank from its frames: coreset, inverted lists, leave-one-out threshold.
+
+Pure functions on arrays. The token pool (every summary token of the set's frames that stands for at least
+``min_token_size`` patches) is subsampled to ``max_bank_tokens`` by a greedy k-center coreset (PatchCore's
+subsampling: each step keeps the token farthest from those kept, on a fixed random projection for speed), then
+grouped into about sqrt(M) inverted lists by spherical k-means seeded with the coreset's first picks. The
+threshold is a quantile of the set's own frames' leave-one-out scores (each frame scored against the bank
+without its own tokens), or given by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
+
+import numpy as np
+
+from tokenline.anomaly import Bank, BankInfo
+
+EXACT_UP_TO = 2048  # banks up to this many tokens keep one list (searched exhaustively)
+PROJECTION_DIM = 64  # coreset selection runs on this many random projections of the tokens
+KMEANS_ITERS = 6
+
+
+@dataclass(frozen=True)
+class SetFrames:
+    """The frames of a reference set as arrays: tokens [F, K, d], sizes [F, K], globals [F, D]."""
+
+    tokens: np.ndarray
+    sizes: np.ndarray
+    globals: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@dataclass(frozen=True)
+class Built:
+    """A bank and what it was calibrated on: the set frames' leave-one-out scores."""
+
+    bank: Bank
+    loo_scores: np.ndarray
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def greedy_coreset(x: np.ndarray, m: int, proj_dim: int = PROJECTION_DIM, seed: int = 0) -> np.ndarray:
+    """Indices of ``m`` rows of ``x`` [N, d] chosen greedily, each the farthest from those already chosen
+    (k-center); the first is row 0. Distances on a fixed Gaussian projection to ``proj_dim`` dims when d is larger."""
+    x = np.asarray(x, np.float32)
+    n = x.shape[0]
+    if m >= n:
+        return np.arange(n)
+    if x.shape[1] > proj_dim:
+        p = np.random.default_rng(seed).standard_normal((x.shape[1], proj_dim)).astype(np.float32)
+        z = x @ (p / np.sqrt(proj_dim))
+    else:
+        z = x
+    z = np.ascontiguousarray(z)
+    sq = np.einsum("ij,ij->i", z, z)
+    picked = np.empty(m, np.int64)
+    mind = np.full(n, np.inf, np.float32)
+    cur = 0
+    for i in range(m):
+        picked[i] = cur
+        d = sq - 2.0 * (z @ z[cur]) + sq[cur]
+        np.minimum(mind, d, out=mind)
+        mind[cur] = -1.0
+        cur = int(np.argmax(mind))
+    return picked
+
+
+def inverted_lists(x: np.ndarray, n_lists: int, seeds: np.ndarray, iters: int = KMEANS_ITERS
+                   ) -> Tuple[np.ndarray, np.ndarray]:
+    """(list of each row [M], centroids [C, d]) by spherical k-means from the rows ``seeds``; an emptied list
+    keeps its last centroid."""
+    cent = _unit(x[seeds[:n_lists]])
+    assign = np.zeros(x.shape[0], np.int64)
+    for _ in range(max(1, iters)):
+        for i in range(0, x.shape[0], 8192):
+            assign[i: i + 8192] = np.argmax(x[i: i + 8192] @ cent.T, axis=1)
+        sums = np.zeros_like(cent)
+        np.add.at(sums, assign, x)
+        live = np.bincount(assign, minlength=n_lists) > 0
+        cent = np.where(live[:, None], _unit(sums), cent)
+    for i in range(0, x.shape[0], 8192):
+        assign[i: i + 8192] = np.argmax(x[i: i + 8192] @ cent.T, axis=1)
+    return assign, cent
+
+
+def n_lists_for(m: int) -> int:
+    return 1 if m <= EXACT_UP_TO else int(round(np.sqrt(m)))
+
+
+def build_bank(frames: SetFrames, info: BankInfo, max_tokens: int, quantile: float,
+               threshold: Optional[float] = None) -> Built:
+    """The bank of a set's frames (at least two) and its threshold: ``threshold`` when given, else the
+    ``quantile`` of the frames' leave-one-out scores. ``info`` supplies the set's identity, mode, nprobe and
+    minimum token size; counts, statistics and the threshold are filled in here."""
+    f, k, d = frames.tokens.shape
+    if f < 2:
+        raise ValueError("a reference set needs at least two frames (its threshold comes from leave-one-out scores)")
+    ok = frames.sizes.reshape(-1) >= info.min_token_size
+    pool = _unit(frames.tokens.reshape(f * k, d)[ok])
+    src = np.repeat(np.arange(f, dtype=np.int32), k)[ok]
+    if pool.shape[0] == 0:
+        raise ValueError(f"no token of the set's frames stands for >= {info.min_token_size} patches")
+    n_bank = min(max_tokens, pool.shape[0])
+    c = n_lists_for(n_bank)
+    if n_bank < pool.shape[0] or c > 1:
+        order = greedy_coreset(pool, n_bank)  # the kept tokens; their first picks seed the lists
+    else:
+        order = np.arange(pool.shape[0])
+    kept, kept_src = pool[order], src[order]
+    if c > 1:
+        assign, cent = inverted_lists(kept, c, np.arange(c))
+        by_list = np.argsort(assign, kind="stable")
+        kept, kept_src = kept[by_list], kept_src[by_list]
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=c))])
+    else:
+        cent = _unit(kept.mean(0, keepdims=True))
+        offsets = np.array([0, kept.shape[0]])
+    globals_ = _unit(frames.globals) if info.mode != "tokens" else np.zeros((0, frames.globals.shape[-1]), np.float32)
+    info = replace(info, frames=f, pool_tokens=int(pool.shape[0]))
+    # the half-precision tokens are what the file stores and every scorer uses: calibrate on them too
+    bank = Bank(kept.astype(np.float16), offsets, cent, kept_src, globals_.astype(np.float16), info)
+    every = np.arange(f)
+    tok = replace(bank, info=replace(info, mode="tokens")).score_arrays(frames.tokens, frames.sizes,
+                                                                      exclude=every).score
+    stats = {"token_stats": (float(tok.mean()), float(tok.std()))}
+    if info.mode != "tokens":
+        glob = 1.0 - bank.global_similarity(_unit(frames.globals), exclude=every)
+        stats["global_stats"] = (float(glob.mean()), float(glob.std()))
+    bank = replace(bank, info=replace(bank.info, **stats))
+    loo = bank.score_arrays(frames.tokens, frames.sizes, frames.globals, exclude=every).score
+    t = float(threshold) if threshold is not None else float(np.quantile(loo, quantile))
+    return Built(replace(bank, info=replace(bank.info, threshold=t)), loo)
+
+
+def with_threshold(bank: Bank, threshold: float) -> Bank:
+    return replace(bank, info=replace(bank.info, threshold=float(threshold)))

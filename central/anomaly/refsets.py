@@ -1,0 +1,332 @@
+"""Reference sets as rows: create, change, delete, list and read them; the bank is rebuilt with every change.
+
+A set belongs to one camera (site, line, camera) and one model, at most one set per camera and model. Its frames
+are given as frame ids or as "everything from this camera between these times"; they must be stored frames of
+that camera and model. Every function takes the caller's ``Session`` and never commits (as ``central.store``);
+building the bank is part of the caller's transaction, so a set and its bank change together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+from sqlalchemy import delete, exists, select
+from sqlalchemy.orm import Session
+
+from central import store
+from central.anomaly.bank import SetFrames, build_bank, with_threshold
+from central.config import AnomalyConfig
+from central.errors import Conflict, Invalid, NotFound
+from sql.models import Frame, FrameScore, Model, ReferenceFrame, ReferenceSet
+from sql.types import unpack_f32
+from tokenline.anomaly import MODES, Bank, BankInfo
+
+REASON = "bad_reference_set"  # the reason of every Invalid raised here
+
+
+@dataclass(frozen=True)
+class SetInfo:
+    """A reference set as the API and the CLI show it (its bank's figures included)."""
+
+    id: int
+    name: str
+    model_id: int
+    site: str
+    line: str
+    camera: str
+    mode: str
+    threshold_mode: str
+    quantile: float
+    threshold: float
+    version: int
+    frame_count: int
+    bank_tokens: int
+    pool_tokens: int
+    lists: int
+    nprobe: int
+    created_us: int
+    updated_us: int
+
+    def public(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _info(row: ReferenceSet, bank: Optional[Bank] = None) -> SetInfo:
+    bank = bank or Bank.from_bytes(bytes(row.bank), where=f"reference_sets[{row.id}].bank")
+    return SetInfo(row.id, row.name, row.model_id, row.site, row.line, row.camera, row.mode, row.threshold_mode,
+                   float(row.quantile), float(row.threshold), row.version, row.frame_count, row.bank_tokens,
+                   bank.info.pool_tokens, bank.lists, bank.info.nprobe, row.created_us, row.updated_us)
+
+
+# -- frames of a set -------------------------------------------------------------------------------------------
+def token_dim(blob_len: int, k: int) -> int:
+    """The token dimension of a ``frames.tokens`` blob (``sql.types.pack_tokens``: K scales, then K*d int8)."""
+    return (blob_len - 4 * k) // k
+
+
+def decode_tokens(blobs: Sequence[bytes], k: int) -> np.ndarray:
+    """[F, K, d] float32 from packed token blobs of equal length (one ``np.frombuffer`` for all)."""
+    n = len(blobs[0])
+    d = token_dim(n, k)
+    raw = np.frombuffer(b"".join(bytes(b) for b in blobs), np.uint8).reshape(len(blobs), n)
+    scale = raw[:, : 4 * k].copy().view("<f4").reshape(len(blobs), k)
+    q = raw[:, 4 * k:].view(np.int8).reshape(len(blobs), k, d)
+    return q.astype(np.float32) * scale[..., None].astype(np.float32)
+
+
+def group_by_shape(rows: Sequence[Any]) -> List[List[Any]]:
+    """Frame rows (with ``k`` and ``tokens``) grouped by token shape, so each group decodes as one array."""
+    groups: Dict[Tuple[int, int], List[Any]] = {}
+    for r in rows:
+        groups.setdefault((int(r.k), len(r.tokens)), []).append(r)
+    return list(groups.values())
+
+
+def load_frames(session: Session, frame_ids: Sequence[str], with_globals: bool) -> Tuple[List[str], SetFrames]:
+    """The stored frames among ``frame_ids`` (in that order) as arrays; frames retention deleted are skipped."""
+    rows: Dict[str, Any] = {}
+    cols = [Frame.frame_id, Frame.k, Frame.tokens, Frame.sizes] + ([Frame.global_embedding] if with_globals else [])
+    ids = list(frame_ids)
+    for i in range(0, len(ids), 500):
+        for r in session.execute(select(*cols).where(Frame.frame_id.in_(ids[i: i + 500]))):
+            rows[r.frame_id] = r
+    found = [f for f in ids if f in rows]
+    if not found:
+        empty = np.zeros((0, 1), np.float32)
+        return [], SetFrames(np.zeros((0, 1, 1), np.float32), empty, empty)
+    k = int(rows[found[0]].k)
+    if len({(int(rows[f].k), len(rows[f].tokens)) for f in found}) != 1:
+        raise Invalid("the set's frames have different token shapes (K or d)", reason=REASON)
+    tokens = decode_tokens([rows[f].tokens for f in found], k)
+    sizes = np.stack([unpack_f32(rows[f].sizes, (k,)) for f in found])
+    globals_ = (np.stack([np.asarray(rows[f].global_embedding, np.float32) for f in found]) if with_globals
+                else np.zeros((len(found), 0), np.float32))
+    return found, SetFrames(tokens, sizes, globals_)
+
+
+def _select_frames(session: Session, model_id: int, place: Tuple[str, str, str], frame_ids: Sequence[str],
+                   since_us: Optional[int], until_us: Optional[int], limit: int) -> List[str]:
+    """Frame ids given, plus every frame of the camera and model in [since_us, until_us); each checked."""
+    out: List[str] = []
+    ids = sorted({store.check_frame_id(f.strip().lower()) for f in frame_ids})
+    if ids:
+        found: Dict[str, Tuple[int, str, str, str]] = {}
+        for i in range(0, len(ids), 500):
+            for r in session.execute(select(Frame.frame_id, Frame.model_id, Frame.site, Frame.line, Frame.camera)
+                                     .where(Frame.frame_id.in_(ids[i: i + 500]))):
+                found[r[0]] = (int(r[1]), r[2], r[3], r[4])
+        missing = [f for f in ids if f not in found]
+        if missing:
+            raise NotFound(f"{len(missing)} frame(s) are not stored, e.g. {missing[0]}", reason=REASON)
+        other = [f for f in ids if found[f] != (model_id, *place)]
+        if other:
+            raise Invalid(f"{len(other)} frame(s) are not from {'/'.join(place)} with model {model_id}, e.g. "
+                          f"{other[0]} ({'/'.join(found[other[0]][1:])}, model {found[other[0]][0]})", reason=REASON)
+        out += ids
+    if since_us is not None or until_us is not None:
+        q = select(Frame.frame_id).where(Frame.model_id == model_id, Frame.site == place[0], Frame.line == place[1],
+                                         Frame.camera == place[2])
+        if since_us is not None:
+            q = q.where(Frame.capture_us >= since_us)
+        if until_us is not None:
+            q = q.where(Frame.capture_us < until_us)
+        out += list(session.scalars(q.order_by(Frame.capture_us).limit(limit + 1)))
+    out = sorted(set(out))
+    if len(out) > limit:
+        raise Invalid(f"more than anomaly.max_set_frames={limit} frames; choose a shorter time range", reason=REASON)
+    return out
+
+
+# -- building --------------------------------------------------------------------------------------------------
+def _build(session: Session, row: ReferenceSet, frame_ids: List[str], cfg: AnomalyConfig,
+           threshold: Optional[float]) -> Bank:
+    model = session.get(Model, row.model_id)
+    found, frames = load_frames(session, frame_ids, with_globals=row.mode != "tokens")
+    if len(found) < 2:
+        raise Invalid(f"a reference set needs at least two stored frames, {len(found)} found", reason=REASON)
+    info = BankInfo(set_id=row.id, set_version=row.version, name=row.name, site=row.site, line=row.line,
+                    camera=row.camera, manifest_hash=model.hash16, mode=row.mode, nprobe=cfg.nprobe,
+                    min_token_size=cfg.min_token_size, created_us=store.now_us())
+    try:
+        built = build_bank(frames, info, cfg.max_bank_tokens, row.quantile, threshold)
+    except ValueError as exc:
+        raise Invalid(str(exc), reason=REASON) from None
+    row.bank = built.bank.to_bytes()
+    row.threshold = built.bank.info.threshold
+    row.frame_count = len(found)
+    row.bank_tokens = built.bank.size
+    return built.bank
+
+
+def _frame_ids(session: Session, set_id: int) -> List[str]:
+    return list(session.scalars(select(ReferenceFrame.frame_id).where(ReferenceFrame.set_id == set_id)
+                                .order_by(ReferenceFrame.frame_id)))
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise Invalid(f"mode must be one of {MODES}, got {mode!r}", reason=REASON)
+    return mode
+
+
+def create_set(session: Session, cfg: AnomalyConfig, *, name: str, model_id: Optional[int] = None,
+               site: Optional[str] = None, line: Optional[str] = None, camera: Optional[str] = None,
+               frame_ids: Sequence[str] = (), since_us: Optional[int] = None, until_us: Optional[int] = None,
+               mode: str = "tokens", quantile: Optional[float] = None, threshold: Optional[float] = None) -> SetInfo:
+    """A new set from frame ids and/or a time range of one camera; the camera and model follow from the frames
+    when not given. ``Conflict`` when the camera already has a set for that model."""
+    _check_mode(mode)
+    if not frame_ids and since_us is None and until_us is None:
+        raise Invalid("give frame ids or a time range (since_us / until_us)", reason=REASON)
+    frame_ids = [store.check_frame_id(str(f).strip().lower()) for f in frame_ids]
+    if frame_ids and None in (model_id, site, line, camera):
+        first = session.execute(select(Frame.model_id, Frame.site, Frame.line, Frame.camera)
+                                .where(Frame.frame_id == frame_ids[0])).first()
+        if first is None:
+            raise NotFound(f"frame {frame_ids[0]} is not stored", reason=REASON)
+        model_id = first[0] if model_id is None else model_id
+        site, line, camera = site or first[1], line or first[2], camera or first[3]
+    if None in (site, line, camera):
+        raise Invalid("a time range needs site, line and camera", reason=REASON)
+    if model_id is None:
+        models = store.list_models(session)
+        if len(models) != 1:
+            raise Invalid("give model_id (several models are registered, or none)", reason=REASON)
+        model_id = models[0].id
+    elif session.get(Model, model_id) is None:
+        raise NotFound(f"unknown model_id {model_id}", reason=REASON)
+    place = (str(site), str(line), str(camera))
+    if session.scalar(select(ReferenceSet.id).where(ReferenceSet.model_id == model_id, ReferenceSet.site == place[0],
+                                                    ReferenceSet.line == place[1], ReferenceSet.camera == place[2])):
+        raise Conflict(f"{'/'.join(place)} already has a reference set for model {model_id}; change or delete it",
+                       reason="reference_set_exists")
+    ids = _select_frames(session, model_id, place, frame_ids, since_us, until_us, cfg.max_set_frames)
+    now = store.now_us()
+    row = ReferenceSet(name=name, model_id=model_id, site=place[0], line=place[1], camera=place[2], mode=mode,
+                       threshold_mode="manual" if threshold is not None else "quantile",
+                       quantile=cfg.quantile if quantile is None else float(quantile), threshold=0.0, version=1,
+                       frame_count=0, bank_tokens=0, bank=b"", created_us=now, updated_us=now)
+    session.add(row)
+    session.flush()
+    session.add_all([ReferenceFrame(set_id=row.id, frame_id=f) for f in ids])
+    bank = _build(session, row, ids, cfg, threshold)
+    session.flush()
+    return _info(row, bank)
+
+
+def update_set(session: Session, cfg: AnomalyConfig, set_id: int, *, add_frame_ids: Sequence[str] = (),
+               remove_frame_ids: Sequence[str] = (), since_us: Optional[int] = None, until_us: Optional[int] = None,
+               mode: Optional[str] = None, quantile: Optional[float] = None, threshold: Optional[float] = None,
+               name: Optional[str] = None) -> SetInfo:
+    """Add frames (ids or a time range), remove frames, change the mode or the threshold (a manual value, or
+    back to a ``quantile``): the version rises and the bank is rebuilt (only re-thresholded when just the
+    threshold changes)."""
+    row = session.get(ReferenceSet, set_id)
+    if row is None:
+        raise NotFound(f"unknown reference set {set_id}", reason=REASON)
+    place = (row.site, row.line, row.camera)
+    current = set(_frame_ids(session, set_id))
+    add: Set[str] = set()
+    if add_frame_ids or since_us is not None or until_us is not None:
+        add = set(_select_frames(session, row.model_id, place, add_frame_ids, since_us, until_us,
+                                 cfg.max_set_frames)) - current
+    remove = {f.strip().lower() for f in remove_frame_ids} & current
+    frames = sorted((current | add) - remove)
+    if len(frames) > cfg.max_set_frames:
+        raise Invalid(f"more than anomaly.max_set_frames={cfg.max_set_frames} frames", reason=REASON)
+    if name is not None:
+        row.name = name
+    rebuild = bool(add or remove) or (mode is not None and mode != row.mode)
+    if mode is not None:
+        row.mode = _check_mode(mode)
+    if threshold is not None:
+        row.threshold_mode = "manual"
+    elif quantile is not None:
+        row.threshold_mode, row.quantile = "quantile", float(quantile)
+        rebuild = True
+    row.version += 1
+    row.updated_us = store.now_us()
+    if add:
+        session.add_all([ReferenceFrame(set_id=row.id, frame_id=f) for f in sorted(add)])
+    if remove:
+        session.execute(delete(ReferenceFrame).where(ReferenceFrame.set_id == set_id,
+                                                     ReferenceFrame.frame_id.in_(sorted(remove))))
+    manual = threshold if threshold is not None else (row.threshold if row.threshold_mode == "manual" else None)
+    if rebuild:
+        bank = _build(session, row, frames, cfg, manual)
+    else:  # only the threshold or the name: the same bank under the new version
+        old = Bank.from_bytes(bytes(row.bank), where=f"reference_sets[{row.id}].bank")
+        bank = with_threshold(replace(old, info=replace(old.info, set_version=row.version, name=row.name)),
+                              float(manual) if manual is not None else old.info.threshold)
+        row.bank = bank.to_bytes()
+        row.threshold = bank.info.threshold
+    session.flush()
+    return _info(row, bank)
+
+
+def delete_set(session: Session, set_id: int) -> bool:
+    """Delete a set, its frame list and every score made against it."""
+    if session.get(ReferenceSet, set_id) is None:
+        return False
+    session.execute(delete(FrameScore).where(FrameScore.set_id == set_id))
+    session.execute(delete(ReferenceFrame).where(ReferenceFrame.set_id == set_id))
+    session.execute(delete(ReferenceSet).where(ReferenceSet.id == set_id))
+    return True
+
+
+# -- reading ---------------------------------------------------------------------------------------------------
+def list_sets(session: Session, model_id: Optional[int] = None, site: Optional[str] = None,
+              line: Optional[str] = None, camera: Optional[str] = None) -> List[SetInfo]:
+    q = select(ReferenceSet).order_by(ReferenceSet.site, ReferenceSet.line, ReferenceSet.camera, ReferenceSet.id)
+    for col, v in ((ReferenceSet.model_id, model_id), (ReferenceSet.site, site), (ReferenceSet.line, line),
+                   (ReferenceSet.camera, camera)):
+        if v is not None:
+            q = q.where(col == v)
+    return [_info(r) for r in session.scalars(q)]
+
+
+def get_set(session: Session, set_id: int) -> SetInfo:
+    row = session.get(ReferenceSet, set_id)
+    if row is None:
+        raise NotFound(f"unknown reference set {set_id}", reason=REASON)
+    return _info(row)
+
+
+def set_frame_ids(session: Session, set_id: int) -> List[str]:
+    get_set(session, set_id)
+    return _frame_ids(session, set_id)
+
+
+def bank_bytes(session: Session, set_id: int) -> Tuple[SetInfo, bytes]:
+    """A set and its bank file's bytes (what ``reference-set export`` writes for the edge)."""
+    row = session.get(ReferenceSet, set_id)
+    if row is None:
+        raise NotFound(f"unknown reference set {set_id}", reason=REASON)
+    return _info(row), bytes(row.bank)
+
+
+def active_versions(session: Session) -> Dict[Tuple[int, str, str, str], Tuple[int, int]]:
+    """``{(model_id, site, line, camera): (set id, version)}`` of every set: what scorers poll per batch."""
+    return {(int(m), s, li, c): (int(i), int(v)) for i, v, m, s, li, c in session.execute(
+        select(ReferenceSet.id, ReferenceSet.version, ReferenceSet.model_id, ReferenceSet.site, ReferenceSet.line,
+               ReferenceSet.camera))}
+
+
+def load_bank(session: Session, set_id: int) -> Optional[Bank]:
+    raw = session.scalar(select(ReferenceSet.bank).where(ReferenceSet.id == set_id))
+    return None if raw is None else Bank.from_bytes(bytes(raw), where=f"reference_sets[{set_id}].bank")
+
+
+def prune_scores(session: Session, batch: int = 5000) -> int:
+    """Delete scores whose frames are gone (retention); returns how many."""
+    total = 0
+    while True:
+        ids = list(session.scalars(select(FrameScore.frame_id).where(
+            ~exists().where(Frame.frame_id == FrameScore.frame_id)).limit(batch)))
+        if not ids:
+            return total
+        total += session.execute(delete(FrameScore).where(FrameScore.frame_id.in_(ids))).rowcount or 0
+        if len(ids) < batch:
+            return total

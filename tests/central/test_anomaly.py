@@ -1,0 +1,374 @@
+"""Anomaly scoring at central on SQLite and PostgreSQL: a reference set built through the API, frames scored by a
+real ingest worker through a real Mosquitto, alerts for odd frames only, the reads for the page, backfill, the
+reference-set lifecycle, retention of scores, the webhook."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from central import store
+from central.anomaly import refsets
+from central.anomaly.alerts import AlertPublisher, Webhook
+from central.anomaly.bank import SetFrames, build_bank, greedy_coreset
+from central.api import create_app
+from central.blobs import BlobStore
+from central.config import AnomalyConfig, WebhookConfig
+from central.retention import sweep
+from sql.models import Frame, FrameScore
+from tests.central.conftest import config_for, tx
+from tests.central.test_ingest import LogTail, _publish_all, _publisher, _wait_for
+from tests.support.anomaly_frames import frame_message, unit
+from tests.support.mqtt_sub import Collector
+from tokenline import topics
+from tokenline.anomaly import Bank, BankInfo
+from tokenline.wire import encode
+
+ROOT = Path(__file__).resolve().parents[2]
+T0 = 1_700_000_000_000_000
+
+
+def _store(engine, model_id: int, msgs) -> None:
+    with Session(engine) as s, s.begin():
+        store.insert_frames(s, [store.frame_row(m, model_id, store.now_us()) for m in msgs])
+
+
+def _api(engine, db_url, tmp_path, **sections):
+    client = TestClient(create_app(config_for(tmp_path, db_url, **sections), engine))
+    toks = {r: {"Authorization": "Bearer " + tx(engine, store.create_token, r, r)} for r in ("viewer", "admin")}
+    return client, toks
+
+
+def _ingest_worker(tmp_path: Path, db_url: str, broker) -> subprocess.Popen:
+    cfg = tmp_path / "ingest.yaml"
+    cfg.write_text(json.dumps({
+        "database": {"url": db_url},
+        "mqtt": {"host": broker.host, "port": broker.port, "client_id": "central-anomaly", "group": "g1"},
+        "ingest": {"batch_max": 100, "batch_linger_ms": 100},
+        "originals": {"root": str(tmp_path / "originals")}}))
+    return subprocess.Popen([sys.executable, "-m", "central.cli", "--config", str(cfg), "--log-level", "DEBUG",
+                             "ingest", "--no-migrate"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_reference_set_from_the_api_then_ingest_scores_alerts_odd_frames_only_and_backfill(
+        engine, db_url, mosquitto, tmp_path, tiny_manifest, tiny_model_dir):
+    model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
+    rng = np.random.default_rng(0)
+    history = [frame_message(tiny_manifest, rng, T0 + i * 1000, seq=i) for i in range(40)]
+    _store(engine, model.id, history)  # stored before any reference set: unscored
+    client, toks = _api(engine, db_url, tmp_path)
+
+    body = {"name": "good plates", "frame_ids": [m.frame_id.hex() for m in history[:30]], "quantile": 1.0}
+    assert client.post("/v1/reference-sets", json=body, headers=toks["viewer"]).status_code == 403
+    r = client.post("/v1/reference-sets", json=body, headers=toks["admin"])
+    assert r.status_code == 201, r.text
+    rs = r.json()
+    assert (rs["site"], rs["line"], rs["camera"], rs["model_id"], rs["frame_count"], rs["version"]) == \
+        ("s1", "l1", "c1", model.id, 30, 1)
+    assert rs["bank_tokens"] == 30 * 16 and rs["threshold_mode"] == "quantile" and 0 < rs["threshold"] < 0.2
+
+    worker = _ingest_worker(tmp_path, db_url, mosquitto)
+    log = LogTail(worker)
+    alerts = Collector(mosquitto.host, mosquitto.port, topic=topics.ALERTS_FILTER)
+    pub = _publisher(mosquitto)
+    try:
+        log.wait("subscribed as group", 1, timeout=120)  # a loaded machine starts it slowly
+        normal = [frame_message(tiny_manifest, rng, T0 + 10**9 + i, seq=100 + i) for i in range(8)]
+        odd = [frame_message(tiny_manifest, rng, T0 + 2 * 10**9 + i, seq=200 + i, odd=j) for i, j in ((0, 5), (1, 11))]
+        live = normal[:4] + odd[:1] + normal[4:] + odd[1:]
+        _publish_all(pub, [(topics.tokens_topic("s1", "d1", "l1", "c1"), encode(m, "int8"), False) for m in live])
+        assert _wait_for(lambda: tx(engine, lambda s: s.scalar(select(func.count()).select_from(FrameScore))) == 10,
+                         30), "".join(log.lines[-30:])
+        with Session(engine) as s:
+            rows = {r.frame_id: r for r in s.scalars(select(FrameScore))}
+        for m in normal:
+            r = rows[m.frame_id.hex()]
+            assert not r.flagged and r.score <= r.threshold and (r.set_id, r.set_version) == (rs["id"], 1)
+        for m, j in zip(odd, (5, 11)):
+            r = rows[m.frame_id.hex()]
+            assert r.flagged and r.score > 0.5 and r.token == j
+            cx, cy = m.summary.centroids[j]
+            assert (r.x0, r.y0, r.x1, r.y1) == pytest.approx((cx - 0.125, cy - 0.125, cx + 0.125, cy + 0.125),
+                                                          abs=1e-4)  # centroids travel quantised
+        assert alerts.wait_for(lambda c: len(c.raw) >= 2, 10)
+        time.sleep(0.5)
+        got = [topics.parse_alert(p) for t, p, _ in alerts.raw]
+        assert [a.frame_id for a in got] == [m.frame_id.hex() for m in odd]  # odd frames only, once each
+        assert all(t == topics.alert_topic("s1", "d1", "l1", "c1") for t, _, _ in alerts.raw)
+        assert {(a.source, a.reference_set, a.set_version, a.model) for a in got} == \
+            {("central", rs["id"], 1, model.hash16)}
+        assert [a.token for a in got] == [5, 11]
+        late = Collector(mosquitto.host, mosquitto.port, topic=topics.ALERTS_FILTER)  # retained: the latest one
+        assert late.wait_for(lambda c: len(c.raw) == 1, 10)
+        assert late.raw[0][2] and topics.parse_alert(late.raw[0][1]).frame_id == odd[1].frame_id.hex()
+        late.close()
+        # a redelivered odd frame is a duplicate: no second score, no second alert
+        _publish_all(pub, [(topics.tokens_topic("s1", "d1", "l1", "c1"), encode(odd[0], "int8"), False)])
+        assert _wait_for(lambda: tx(engine, store.counter_totals).get("duplicates", 0) == 1)
+        time.sleep(0.5)
+        assert len(alerts.raw) == 2
+    finally:
+        worker.terminate()
+        worker.wait(10)
+        alerts.close()
+        pub.loop_stop()
+        pub.disconnect()
+    totals = tx(engine, store.counter_totals)
+    assert totals["frames_scored"] == 10 and totals["anomaly_alerts"] == 2
+    m = client.get("/metrics").text
+    assert "tokenline_anomaly_alerts_total 2" in m and "tokenline_frames_scored_total 10" in m
+
+    # the reads the page builds on
+    v = toks["viewer"]
+    top = client.get("/v1/anomalies", params={"sort": "-score", "limit": 3}, headers=v).json()["results"]
+    assert [x["frame_id"] for x in top[:2]] == sorted((m.frame_id.hex() for m in odd),
+                                                      key=lambda f: -rows[f].score)
+    assert top[0]["region"]["box"] == pytest.approx([rows[top[0]["frame_id"]].x0, rows[top[0]["frame_id"]].y0,
+                                                     rows[top[0]["frame_id"]].x1, rows[top[0]["frame_id"]].y1],
+                                                    abs=1e-4)
+    flagged = client.get("/v1/anomalies", params={"flagged": True, "sort": "time"}, headers=v).json()["results"]
+    assert [x["frame_id"] for x in flagged] == [m.frame_id.hex() for m in odd]
+    assert len(client.get("/v1/anomalies", params={"min_score": 0.5}, headers=v).json()["results"]) == 2
+    assert client.get("/v1/anomalies", params={"camera": "other"}, headers=v).json()["results"] == []
+    latest = client.get("/v1/anomalies/latest", params={"per_camera": 1}, headers=v).json()["cameras"]
+    assert len(latest) == 1 and latest[0]["reference_set"] == rs["id"]
+    assert [f["frame_id"] for f in latest[0]["frames"]] == [odd[1].frame_id.hex()]
+    one = client.get(f"/v1/frames/{odd[0].frame_id.hex()}/anomaly", headers=v).json()
+    assert one["token"] == 5 and one["flagged"] and "mask" not in one["region"] or one["region"]["mask"] is None
+    nf = client.get(f"/v1/frames/{history[35].frame_id.hex()}/anomaly", headers=v)
+    assert nf.status_code == 404 and nf.json()["error"] == "not_scored"
+    assert client.get(f"/v1/frames/{'f' * 32}/anomaly", headers=v).json()["error"] == "not_found"
+    sim = client.get(f"/v1/frames/{odd[0].frame_id.hex()}/similar-region", params={"k": 5}, headers=v).json()
+    assert sim["query"]["token"] == 5 and len(sim["results"]) == 5
+    assert odd[0].frame_id.hex() not in {h["frame_id"] for h in sim["results"]}
+    q = odd[0].summary.tokens[5]
+    assert sim["results"][0]["sim"] >= max(float(np.max(m.summary.tokens @ q)) for m in history + normal) - 0.01
+
+    # backfill: the 40 frames stored before the set, with a progress bar
+    out = subprocess.run([sys.executable, "-m", "central.cli", "--db", db_url, "backfill"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "40/40" in out.stdout and "40 frame(s) scored" in out.stdout
+    with Session(engine) as s:
+        assert s.scalar(select(func.count()).select_from(FrameScore)) == 50
+        hist = {r.frame_id: r for r in s.scalars(select(FrameScore).where(FrameScore.frame_id.in_(
+            [m.frame_id.hex() for m in history])))}
+    assert len(hist) == 40 and not any(r.flagged for r in hist.values())
+    assert client.get(f"/v1/frames/{history[35].frame_id.hex()}/anomaly", headers=v).status_code == 200
+    out = subprocess.run([sys.executable, "-m", "central.cli", "--db", db_url, "backfill"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert "0 frame(s) scored" in out.stdout  # nothing left
+
+
+def test_reference_set_lifecycle_and_validation(engine, db_url, tmp_path, tiny_manifest, tiny_model_dir):
+    model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
+    rng = np.random.default_rng(1)
+    c1 = [frame_message(tiny_manifest, rng, T0 + i * 1000) for i in range(30)]
+    c2 = [frame_message(tiny_manifest, rng, T0 + i * 1000, camera="c2") for i in range(5)]
+    _store(engine, model.id, c1 + c2)
+    client, toks = _api(engine, db_url, tmp_path)
+    a, v = toks["admin"], toks["viewer"]
+    post = lambda body: client.post("/v1/reference-sets", json=body, headers=a)  # noqa: E731
+
+    assert post({"name": "x"}).status_code == 400  # neither frames nor a time range
+    assert post({"name": "x", "since_us": 0}).json()["error"] == "bad_reference_set"  # a range needs the camera
+    r = post({"name": "x", "frame_ids": [c1[0].frame_id.hex(), c2[0].frame_id.hex()]})
+    assert r.status_code == 400 and "not from s1/l1/c1" in r.json()["detail"]
+    assert post({"name": "x", "frame_ids": [c1[0].frame_id.hex(), "e" * 32]}).status_code == 404
+    assert post({"name": "x", "frame_ids": [c1[0].frame_id.hex()]}).status_code == 400  # one frame: no LOO
+    assert post({"name": "x", "frame_ids": ["../x"]}).status_code == 400
+    assert post({"name": "x", "frame_ids": [c1[0].frame_id.hex()], "quantile": 0.9, "threshold": 1}).status_code == 422
+    r = post({"name": "range", "site": "s1", "line": "l1", "camera": "c1", "since_us": T0, "until_us": T0 + 20_000})
+    assert r.status_code == 201, r.text
+    rs = r.json()
+    assert rs["frame_count"] == 20 and rs["version"] == 1
+    assert post({"name": "again", "site": "s1", "line": "l1", "camera": "c1", "since_us": T0}).status_code == 409
+
+    sid = rs["id"]
+    patch = lambda body, h=a: client.patch(f"/v1/reference-sets/{sid}", json=body, headers=h)  # noqa: E731
+    assert patch({"threshold": 0.5}, v).status_code == 403
+    r = patch({"add_frame_ids": [m.frame_id.hex() for m in c1[20:25]],
+               "remove_frame_ids": [c1[0].frame_id.hex(), c1[1].frame_id.hex()]}).json()
+    assert (r["frame_count"], r["version"], r["bank_tokens"]) == (23, 2, 23 * 16)
+    assert patch({"add_frame_ids": [c2[0].frame_id.hex()]}).status_code == 400
+    r = patch({"since_us": T0 + 25_000}).json()  # every later frame of the camera
+    assert (r["frame_count"], r["version"]) == (28, 3)
+    r = patch({"threshold": 0.25}).json()
+    assert (r["threshold"], r["threshold_mode"], r["version"], r["frame_count"]) == (0.25, "manual", 4, 28)
+    r = patch({"quantile": 0.5}).json()
+    assert r["threshold_mode"] == "quantile" and r["quantile"] == 0.5 and r["threshold"] < 0.25
+    r = client.get(f"/v1/reference-sets/{sid}", params={"frames": True}, headers=v).json()
+    assert len(r["frame_ids"]) == 28 and c1[0].frame_id.hex() not in r["frame_ids"]
+    raw = client.get(f"/v1/reference-sets/{sid}/bank", headers=v)
+    bank = Bank.from_bytes(raw.content)
+    assert (bank.info.set_id, bank.info.set_version, bank.info.threshold, bank.info.manifest_hash) == \
+        (sid, r["version"], pytest.approx(r["threshold"]), model.hash16)
+    assert raw.headers["x-tokenline-set-version"] == str(r["version"])
+    listed = client.get("/v1/reference-sets", params={"camera": "c1"}, headers=v).json()["reference_sets"]
+    assert [x["id"] for x in listed] == [sid]
+    assert client.get("/v1/reference-sets", params={"camera": "c2"}, headers=v).json()["reference_sets"] == []
+
+    # a set's scores go with it
+    with Session(engine) as s, s.begin():
+        s.add(FrameScore(frame_id=c1[3].frame_id.hex(), set_id=sid, set_version=5, model_id=model.id, site="s1",
+                         line="l1", camera="c1", capture_us=T0, score=0.1, threshold=0.2, flagged=False, token=0,
+                         x0=0, y0=0, x1=0.1, y1=0.1, scored_us=0))
+    assert client.delete(f"/v1/reference-sets/{sid}", headers=v).status_code == 403
+    assert client.delete(f"/v1/reference-sets/{sid}", headers=a).status_code == 204
+    assert client.get(f"/v1/reference-sets/{sid}", headers=v).status_code == 404
+    assert client.delete(f"/v1/reference-sets/{sid}", headers=a).status_code == 404
+    assert tx(engine, lambda s: s.scalar(select(func.count()).select_from(FrameScore))) == 0
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/reference-sets", "/v1/reference-sets/{set_id}", "/v1/reference-sets/{set_id}/bank",
+            "/v1/anomalies", "/v1/anomalies/latest", "/v1/frames/{frame_id}/anomaly",
+            "/v1/frames/{frame_id}/similar-region"} <= set(spec["paths"])
+    assert "ScoredFrameOut" in spec["components"]["schemas"]
+
+
+def test_retention_drops_the_scores_of_deleted_frames(engine, db_url, tmp_path, tiny_manifest, tiny_model_dir):
+    model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
+    rng = np.random.default_rng(2)
+    old_ts, new_ts = store.now_us() - 20 * 86_400_000_000, store.now_us()
+    msgs = [frame_message(tiny_manifest, rng, (old_ts if i < 5 else new_ts) + i) for i in range(10)]
+    _store(engine, model.id, msgs)
+    cfg = config_for(tmp_path, db_url, retention={"originals_days": 1, "tokens_days": 10})
+    with Session(engine) as s, s.begin():
+        refsets.create_set(s, cfg.anomaly, name="all", frame_ids=[m.frame_id.hex() for m in msgs])
+    from central.anomaly.scoring import backfill
+
+    assert backfill(engine).scored == 10
+    rep = sweep(engine, BlobStore(cfg.originals.root), cfg.retention)
+    assert rep.tokens_deleted == 5 and rep.scores_deleted == 5
+    with Session(engine) as s:
+        left = set(s.scalars(select(FrameScore.frame_id)))
+        assert left == set(s.scalars(select(Frame.frame_id))) == {m.frame_id.hex() for m in msgs[5:]}
+    with Session(engine) as s, s.begin():  # the set keeps its bank; rebuilding it skips the deleted frames
+        info = refsets.update_set(s, cfg.anomaly, 1, quantile=0.9)
+    assert info.frame_count == 5
+
+
+def test_bank_building_coreset_lists_and_leave_one_out_threshold():
+    rng = np.random.default_rng(3)
+    vocab = unit(rng.standard_normal((40, 32)))
+    f = 300
+    tokens = unit(vocab[rng.integers(0, 40, (f, 16))] + 0.05 * rng.standard_normal((f, 16, 32)))
+    sizes = np.ones((f, 16), np.float32)
+    sizes[:, 0] = 0  # an empty token never enters the bank
+    frames = SetFrames(tokens, sizes, unit(rng.standard_normal((f, 8))))
+    info = BankInfo(1, 1, "x", "s", "l", "c", "0" * 32, nprobe=4)
+    built = build_bank(frames, info, max_tokens=2500, quantile=0.9)
+    bank = built.bank
+    assert bank.size == 2500 and bank.info.pool_tokens == f * 15 and bank.lists == 50
+    assert bank.offsets[0] == 0 and bank.offsets[-1] == 2500 and np.all(np.diff(bank.offsets) >= 0)
+    # every token sits in the list of its nearest centroid (the k-means assignment)
+    lists = np.repeat(np.arange(bank.lists), np.diff(bank.offsets))
+    np.testing.assert_array_equal(np.argmax(bank.tokens @ bank.centroids.T, axis=1), lists)
+    # the coreset covers the pool: every vocabulary pattern is in the bank
+    assert (vocab @ bank.tokens.T).max(axis=1).min() > 0.95
+    # threshold = the quantile of each frame's score against the bank without its own tokens
+    loo = bank.score_arrays(tokens, sizes, exclude=np.arange(f)).score
+    np.testing.assert_allclose(built.loo_scores, loo)
+    assert bank.info.threshold == pytest.approx(float(np.quantile(loo, 0.9)))
+    manual = build_bank(frames, info, max_tokens=2500, quantile=0.9, threshold=0.3).bank
+    assert manual.info.threshold == 0.3
+    # greedy k-center: each pick is the point farthest from the earlier picks
+    x = unit(rng.standard_normal((200, 8)))
+    picks = greedy_coreset(x, 20)
+    for i in range(1, 20):
+        d = ((x[:, None, :] - x[picks[:i]][None]) ** 2).sum(-1).min(1)
+        assert d[picks[i]] == pytest.approx(d.max(), rel=1e-4)
+    with pytest.raises(ValueError, match="at least two"):
+        build_bank(SetFrames(tokens[:1], sizes[:1], frames.globals[:1]), info, 100, 0.9)
+
+
+def test_webhook_retries_then_delivers_and_gives_up_after_its_retries(engine):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import threading
+
+    got, script = [], [500, 503, 200, 500, 500, 502]  # then 200 for anything more
+
+    class H(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(script.pop(0) if script else 200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/hook"
+    alert = topics.Alert(frame_id="0" * 12 + "7" + "0" * 19, site="s1", device="d1", line="l1", camera="c1",
+                         capture_us=1, score=0.9, threshold=0.5, reference_set=1, set_version=1, token=3,
+                         box=(0, 0, 0.5, 0.5),
+                         source="central", model="ab" * 16)
+    try:
+        hook = Webhook(WebhookConfig(url=url, retries=2, backoff_s=0.05, timeout_s=2), engine, "w1")
+        published = []
+
+        def broken_publish(*a):
+            published.append(a)
+            raise RuntimeError("broker gone")
+
+        AlertPublisher(broken_publish, hook)([alert])  # a failing MQTT publish never raises into ingest
+        assert _wait_for(lambda: hook.sent == 1, 10)
+        assert len(got) == 3 and got[-1] == json.loads(alert.to_json()) and len(published) == 1
+        hook.submit([alert])
+        assert _wait_for(lambda: hook.failed == 1, 10)  # three failures; a 4th try would get 200: not made
+        time.sleep(0.3)
+        assert len(got) == 6 and hook.sent == 1
+        hook.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    totals = tx(engine, store.counter_totals)
+    assert totals["anomaly_webhook_sent"] == 1 and totals["anomaly_webhook_failed"] == 1
+
+
+def test_cli_reference_sets_and_export(tmp_path, tiny_model_dir, tiny_manifest, capsys):
+    from central.cli import main
+    from sql.db import make_engine
+    from tokenline.anomaly import bank_path
+
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    assert main(["--db", url, "migrate"]) == 0
+    assert main(["--db", url, "register-model", str(tiny_model_dir)]) == 0
+    engine = make_engine(url)
+    rng = np.random.default_rng(4)
+    msgs = [frame_message(tiny_manifest, rng, T0 + i) for i in range(12)]
+    _store(engine, 1, msgs)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(m.frame_id.hex() for m in msgs[:10]))
+    capsys.readouterr()
+    assert main(["--db", url, "reference-set", "create", "plates", "--frames-file", str(ids), "--quantile", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "created set 1 'plates' s1/l1/c1" in out and "10 frames" in out
+    assert main(["--db", url, "reference-set", "create", "dup", "--frame", msgs[0].frame_id.hex(),
+                 "--frame", msgs[1].frame_id.hex()]) == 2
+    assert "already has a reference set" in capsys.readouterr().err  # errors: one line on stderr (runtime.cli)
+    assert main(["--db", url, "reference-set", "update", "1", "--add", msgs[10].frame_id.hex(), "--threshold",
+                 "0.4"]) == 0
+    assert "v2: 11 frames" in capsys.readouterr().out
+    assert main(["--db", url, "reference-set", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(x["id"], x["frame_count"], x["threshold"]) for x in listed] == [(1, 11, 0.4)]
+    assert main(["--db", url, "reference-set", "show", "1", "--frames"]) == 0
+    assert msgs[10].frame_id.hex() in capsys.readouterr().out
+    edge_dir = tmp_path / "edge-model"
+    assert main(["--db", url, "reference-set", "export", "1", "--model-dir", str(edge_dir)]) == 0
+    bank = Bank.load(bank_path(edge_dir, "s1", "l1", "c1"), tiny_manifest.hash_bytes().hex(), ("s1", "l1", "c1"))
+    assert (bank.info.set_version, bank.info.threshold, bank.size) == (2, 0.4, 11 * 16)
+    assert main(["--db", url, "reference-set", "delete", "1"]) == 0
+    assert main(["--db", url, "reference-set", "show", "1"]) == 2

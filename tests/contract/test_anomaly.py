@@ -1,0 +1,207 @@
+"""Contract: anomaly scoring (tokenline.anomaly), the bank file, the wire's ANOMALY section, the alert topic."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from tests.contract.test_wire import make_msg
+from tokenline import topics, wire
+from tokenline.anomaly import (AnomalyScore, Bank, BankError, BankInfo, bank_path, pack_mask, token_region,
+                               unpack_mask)
+from tokenline.summary import Summary, boxes_from_footprint
+from tokenline.wire import v2
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def make_bank(m: int = 3000, d: int = 32, lists: int = 30, nprobe: int = 4, mode: str = "tokens",
+              seed: int = 0, threshold: float = 0.5) -> Bank:
+    """A bank of m tokens around 30 cluster centres, grouped by cluster (as central's builder groups them)."""
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.standard_normal((lists, d)))
+    which = np.sort(rng.integers(0, lists, m))
+    tokens = unit(centres[which] + 0.2 * unit(rng.standard_normal((m, d))))
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(which, minlength=lists))])
+    info = BankInfo(set_id=3, set_version=2, name="good", site="s1", line="l1", camera="c1", manifest_hash="ab" * 16,
+                    mode=mode, threshold=threshold, nprobe=nprobe, min_token_size=1.0, frames=m // 16,
+                    token_stats=(0.1, 0.02), global_stats=(0.2, 0.05))
+    globals_ = unit(rng.standard_normal((m // 16, 24))) if mode != "tokens" else np.zeros((0, 24), np.float32)
+    return Bank(tokens.astype(np.float16), offsets, centres, np.arange(m) // 16, globals_.astype(np.float16), info)
+
+
+def exact_distances(bank: Bank, q: np.ndarray) -> np.ndarray:
+    return 1.0 - (q @ bank.tokens.T).max(axis=1)
+
+
+def test_ivf_search_finds_the_exact_neighbour_of_tokens_like_the_bank_and_is_exact_when_probing_all() -> None:
+    bank = make_bank()
+    rng = np.random.default_rng(1)
+    q = unit(bank.tokens[rng.integers(0, bank.size, 200)] + 0.05 * rng.standard_normal((200, bank.dim)))
+    got = 1.0 - bank.nn_similarity(q)
+    want = exact_distances(bank, q)
+    assert np.all(got >= want - 1e-6)  # a probed subset can only be farther
+    assert np.mean(np.isclose(got, want, atol=1e-6)) >= 0.95
+    everything = dataclasses.replace(bank, info=dataclasses.replace(bank.info, nprobe=bank.lists))
+    np.testing.assert_allclose(1.0 - everything.nn_similarity(q), want, atol=1e-6)
+
+
+def test_leave_one_frame_out_ignores_the_frames_own_tokens() -> None:
+    bank = make_bank(nprobe=30)
+    q = bank.tokens[:16]  # frame 0's own tokens: distance 0 unless excluded
+    assert np.allclose(1.0 - bank.nn_similarity(q), 0.0, atol=1e-3)  # float16 tokens: not exactly unit
+    loo = 1.0 - bank.nn_similarity(q, exclude=np.zeros(16, np.int64))
+    keep = bank.src != 0
+    want = 1.0 - (q @ bank.tokens[keep].T).max(axis=1)
+    np.testing.assert_allclose(loo, want, atol=1e-6)
+    assert np.all(loo > 0.001)
+
+
+def test_frame_score_is_the_most_distant_qualifying_token_and_points_at_it() -> None:
+    bank = make_bank()
+    rng = np.random.default_rng(2)
+    normal = unit(bank.tokens[rng.integers(0, bank.size, (4, 16))] + 0.02 * rng.standard_normal((4, 16, bank.dim)))
+    odd = normal.copy()
+    odd[1, 9] = unit(rng.standard_normal(bank.dim))  # one unusual region in frame 1
+    sizes = np.ones((4, 16), np.float32)
+    fs = bank.score_arrays(odd, sizes)
+    assert fs.token[1] == 9 and fs.score[1] > 0.5 > fs.score[0]
+    np.testing.assert_allclose(fs.score, fs.distances.max(axis=1))
+    # a token standing for no patch (size 0) is never scored, however unusual its stale feature
+    sizes[1, 9] = 0
+    fs2 = bank.score_arrays(odd, sizes)
+    assert fs2.token[1] != 9 and fs2.score[1] < 0.5 and fs2.distances[1, 9] == 0
+    a = bank.score(Summary(np.ones(24, np.float32), odd[1], np.ones(16, np.float32), np.full((16, 2), 0.5, np.float32)))
+    assert (a.token, a.flagged, a.set_id, a.set_version, a.threshold) == (9, True, 3, 2, 0.5)
+
+
+def test_modes_global_and_both() -> None:
+    bank = make_bank(mode="both")
+    rng = np.random.default_rng(3)
+    toks = unit(bank.tokens[rng.integers(0, bank.size, (2, 16))])
+    g = np.stack([bank.globals[5], unit(rng.standard_normal(24))])
+    fs = bank.score_arrays(toks, np.ones((2, 16)), g)
+    want = (fs.token_score - 0.1) / 0.02 + (fs.global_score - 0.2) / 0.05
+    np.testing.assert_allclose(fs.score, want, rtol=1e-5)
+    assert fs.global_score[0] == pytest.approx(0.0, abs=1e-3) and fs.global_score[1] > 0.5
+    glob = dataclasses.replace(bank, info=dataclasses.replace(bank.info, mode="global"))
+    fg = glob.score_arrays(toks, np.ones((2, 16)), g)
+    np.testing.assert_allclose(fg.score, fs.global_score)
+    assert np.isnan(fg.token_score).all() and (fg.token >= 0).all()  # the region still comes from the tokens
+    with pytest.raises(BankError, match="global embeddings"):
+        bank.score_arrays(toks, np.ones((2, 16)))
+
+
+def test_bank_file_round_trip_and_verification(tmp_path) -> None:
+    bank = make_bank(mode="both")
+    p = bank.save(bank_path(tmp_path / "model", "s1", "l1", "c1"))
+    assert p == tmp_path / "model" / "anomaly" / "s1" / "l1" / "c1.npz"
+    back = Bank.load(p, manifest_hash="ab" * 16, camera=("s1", "l1", "c1"))
+    np.testing.assert_array_equal(back.tokens, bank.tokens)
+    np.testing.assert_array_equal(back.offsets, bank.offsets)
+    assert back.info == dataclasses.replace(bank.info, content_sha256=back.info.content_sha256)
+    q = unit(np.random.default_rng(4).standard_normal((5, 16, bank.dim)))
+    g = unit(np.random.default_rng(5).standard_normal((5, 24)))
+    np.testing.assert_array_equal(back.score_arrays(q, np.ones((5, 16)), g).score,
+                                  bank.score_arrays(q, np.ones((5, 16)), g).score)
+    with pytest.raises(BankError, match="for model"):
+        Bank.load(p, manifest_hash="cd" * 16)
+    with pytest.raises(BankError, match="for camera s1/l1/c1, not s1/l1/c2"):
+        Bank.load(p, camera=("s1", "l1", "c2"))
+    with pytest.raises(BankError, match="cannot read"):
+        Bank.load(tmp_path / "missing.npz")
+    raw = bytearray(p.read_bytes())
+    # a flipped byte in the stored tokens: the zip's own CRC or the content checksum refuses it
+    at = raw.find(b"tokens.npy") + 400
+    raw[at] ^= 0x01
+    with pytest.raises(BankError):
+        Bank.from_bytes(bytes(raw))
+    with pytest.raises(BankError, match="not a readable bank"):
+        Bank.from_bytes(b"PK\x03\x04 not a zip")
+    # an edited array with a recomputed zip but the old checksum
+    arrays = bank.arrays()
+    arrays = dict(arrays, tokens=arrays["tokens"].copy())
+    arrays["tokens"][0, 0] += np.float16(0.5)
+    meta = json.loads(np.load(p)["meta"].tobytes())
+    import io
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+    with pytest.raises(BankError, match="checksum"):
+        Bank.from_bytes(buf.getvalue())
+    meta["schema"] = "tokenline.anomaly-bank/9"
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **bank.arrays())
+    with pytest.raises(BankError, match="schema"):
+        Bank.from_bytes(buf.getvalue())
+
+
+def test_regions_from_a_footprint_and_from_centroid_and_size() -> None:
+    fp = np.zeros((8, 8), np.uint8)
+    fp[2:4, 5:8] = 3
+    sizes, cents = boxes_from_footprint(fp, 4)
+    s = Summary(np.ones(4, np.float32), unit(np.ones((4, 4), np.float32)), sizes, cents, fp)
+    r = token_region(s, 3, (8, 8))
+    assert r.box == (5 / 8, 2 / 8, 1.0, 4 / 8)
+    np.testing.assert_array_equal(r.mask, fp == 3)
+    assert r.public()["mask"]["rows"][2] == "00000111"
+    np.testing.assert_array_equal(unpack_mask(pack_mask(r.mask), (8, 8)), r.mask)
+    no_fp = Summary(s.global_embedding, s.tokens, np.array([1, 1, 1, 4], np.float32),
+                    np.array([[0.5, 0.5]] * 3 + [[0.5, 0.25]], np.float32))
+    r2 = token_region(no_fp, 3, (4, 4))  # 4 of 16 patches: a square of side 0.5 around its centroid
+    assert r2.mask is None and r2.box == pytest.approx((0.25, 0.0, 0.75, 0.5))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp16"])
+def test_as_decoded_is_exactly_what_a_reader_gets(mode: str) -> None:
+    m = make_msg()
+    back = wire.decode(wire.encode(m, mode))
+    np.testing.assert_array_equal(wire.as_decoded(m.summary.tokens, mode), back.summary.tokens)
+    gmode = "fp16" if mode == "fp16" else "int8"
+    np.testing.assert_array_equal(wire.as_decoded(m.summary.global_embedding, gmode), back.summary.global_embedding)
+
+
+def test_anomaly_section_round_trip_and_older_readers_skip_it(monkeypatch) -> None:
+    a = AnomalyScore(score=0.8125, threshold=0.5, token=9, flagged=True, set_id=3, set_version=2)
+    m = dataclasses.replace(make_msg(), anomaly=a)
+    buf = wire.encode(m, "int8")
+    assert len(buf) == len(wire.encode(make_msg(), "int8")) + v2.SECTION_HEAD + v2.ANOMALY_SIZE
+    assert len(buf) == wire.message_size("int8", 16, 384, ("jetson-01", "plant_a", "line.3", "cam-7"), anomaly=True)
+    assert wire.decode(buf).anomaly == a
+    assert wire.decode(wire.encode(make_msg(), "int8")).anomaly is None
+    with pytest.raises(wire.WireError) as e:
+        wire.encode(m, "int8", version=1)
+    assert e.value.reason == "bad_section"
+    with pytest.raises(wire.WireError) as e:
+        wire.encode(dataclasses.replace(m, anomaly=dataclasses.replace(a, token=16)), "int8")
+    assert e.value.reason == "out_of_range"
+    # an older central that does not know the section type: it is optional (< 0x80), so skipped
+    assert v2.ANOMALY < v2.CRITICAL
+    monkeypatch.delitem(v2.SECTION_NAMES, v2.ANOMALY)
+    old = wire.decode(buf)
+    assert old.anomaly is None and old.frame_id == m.frame_id
+
+
+def test_alert_topic_and_payload() -> None:
+    al = topics.Alert(frame_id="0" * 12 + "7" + "0" * 19, site="s1", device="d_1", line="l.1", camera="c-1",
+                      capture_us=5,
+                      score=0.9, threshold=0.5, reference_set=3, set_version=2, token=9, box=(0.5, 0.25, 0.75, 0.5),
+                      source="central", model="ab" * 16)
+    assert al.topic == "tokenline/v2/s1/d_1/alert/l.1/c-1"  # the v2 layout: the device whose camera it is
+    t = topics.parse_topic(al.topic)
+    assert (t.kind, t.site, t.device, t.line, t.camera) == ("alert", "s1", "d_1", "l.1", "c-1")
+    assert topics.ALERTS_FILTER == "tokenline/v2/+/+/alert/+/+"
+    assert topics.parse_alert(al.to_json()) == al
+    good = json.loads(al.to_json())
+    for key, bad in (("score", "x"), ("box", [0, 0, 2, 1]), ("source", "nobody"), ("frame_id", "xyz"),
+                     ("token", -2), ("model", "AB" * 16), ("site", "a/b"), ("device", "+")):
+        with pytest.raises(topics.TopicError):
+            topics.parse_alert(json.dumps(dict(good, **{key: bad})).encode())
+    with pytest.raises(topics.TopicError, match="unknown"):
+        topics.parse_alert(json.dumps(dict(good, extra=1)).encode())
+    with pytest.raises(topics.TopicError):
+        topics.parse_alert(b"\xff")

@@ -1,0 +1,419 @@
+"""Anomaly scoring against a reference bank: a frame's score, its most anomalous token and region; the bank file.
+
+A reference set's memory bank (built at central from frames an engineer marked as good) holds the summary tokens
+of those frames, grouped into inverted lists (IVF) for speed, and optionally their global embeddings. A frame's
+score in mode ``tokens`` is the largest distance (1 - cosine) of any of its summary tokens to its nearest bank
+token, over the tokens that stand for at least ``min_token_size`` patches (an empty token's feature is stale);
+``global`` scores the global embedding against the bank's; ``both`` adds the two scores standardized by the
+set's own leave-one-out scores. The most anomalous token (and its footprint) is where the frame is unusual.
+
+Nearest-neighbour search probes the ``nprobe`` lists whose centroids are closest to each token and is exact
+when the bank has one list or ``nprobe`` covers all of them. Edge and central run this same code on the same
+bank bytes (the bank file below), so a score computed at the edge equals central's up to float rounding.
+
+The bank file (``Bank.to_bytes``, written by ``tokenline-central reference-set export``, read by the edge) is an
+uncompressed ``.npz`` with the arrays ``tokens`` (float16 [M, d], unit norm, grouped by list), ``offsets``
+(int64 [C + 1]), ``centroids`` (float32 [C, d]), ``src`` (int32 [M], the set frame each token came from),
+``globals`` (float16 [F, D]) and ``meta`` (UTF-8 JSON: ``BankInfo``, with the sha256 of the arrays). The file
+lives in the model directory as ``anomaly/<site>/<line>/<camera>.npz`` (``bank_path``).
+
+Python 3.8+, numpy only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from tokenline.summary import Summary
+
+SCHEMA = "tokenline.anomaly-bank/1"
+MODES = ("tokens", "global", "both")
+BANK_DIR = "anomaly"  # inside the model directory
+ARRAYS = ("tokens", "offsets", "centroids", "src", "globals")
+
+
+class BankError(ValueError):
+    """A bank file that is missing, corrupt, or made for another model or camera."""
+
+
+@dataclass(frozen=True)
+class AnomalyScore:
+    """One frame's anomaly score against one reference set's bank (what the wire's ANOMALY section carries).
+
+    ``token`` is the most anomalous summary token (-1 when no token qualifies); ``flagged`` is
+    ``score > threshold``."""
+
+    score: float
+    threshold: float
+    token: int
+    flagged: bool
+    set_id: int
+    set_version: int
+
+
+@dataclass(frozen=True)
+class BankInfo:
+    """What a bank is for and how it scores (the bank file's ``meta``)."""
+
+    set_id: int
+    set_version: int
+    name: str
+    site: str
+    line: str
+    camera: str
+    manifest_hash: str  # 32 hex: the first 16 bytes of the model's manifest hash (as on the wire)
+    mode: str = "tokens"
+    threshold: float = float("inf")
+    nprobe: int = 8
+    min_token_size: float = 1.0
+    frames: int = 0  # frames of the set the bank was built from
+    pool_tokens: int = 0  # their tokens before the coreset
+    created_us: int = 0
+    # standardization of the two scores in mode "both": (mean, std) of the set's leave-one-out scores
+    token_stats: Tuple[float, float] = (0.0, 1.0)
+    global_stats: Tuple[float, float] = (0.0, 1.0)
+    content_sha256: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "BankInfo":
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise BankError("bank meta is not a JSON object")
+        schema = data.pop("schema", None)
+        if schema != SCHEMA:
+            raise BankError(f"bank schema is {schema!r}, this build reads {SCHEMA!r}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BankError(f"bank meta has unknown keys {unknown}")
+        try:
+            for k in ("token_stats", "global_stats"):
+                if k in data:
+                    data[k] = tuple(float(v) for v in data[k])
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise BankError(f"bank meta is invalid: {exc}") from None
+
+
+@dataclass(frozen=True)
+class FrameScores:
+    """Scores of a batch of frames: ``score`` [F], ``token`` [F] (most anomalous token, -1 none),
+    ``distances`` [F, K] (each token's distance to the bank; 0 for tokens that do not qualify), and the two
+    parts (``token_score``, ``global_score``, NaN where the mode does not use them)."""
+
+    score: np.ndarray
+    token: np.ndarray
+    distances: np.ndarray
+    token_score: np.ndarray
+    global_score: np.ndarray
+
+
+def bank_file(root: Union[str, Path], site: str, line: str, camera: str) -> Path:
+    """A camera's bank under a banks directory: ``<root>/<site>/<line>/<camera>.npz``."""
+    return Path(root) / site / line / f"{camera}.npz"
+
+
+def bank_path(model_dir: Union[str, Path], site: str, line: str, camera: str) -> Path:
+    """Where a camera's bank lives in a model directory (``anomaly/<site>/<line>/<camera>.npz``)."""
+    return bank_file(Path(model_dir) / BANK_DIR, site, line, camera)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+@dataclass(eq=False)
+class Bank:
+    """A reference set's memory bank (module docstring); float32 in memory, float16 tokens in the file."""
+
+    tokens: np.ndarray  # [M, d] float32, unit norm, grouped by list
+    offsets: np.ndarray  # [C + 1] int64, list c is tokens[offsets[c]:offsets[c + 1]]
+    centroids: np.ndarray  # [C, d] float32
+    src: np.ndarray  # [M] int32, index of the set frame each token came from
+    globals: np.ndarray  # [F, D] float32 (empty [0, D] when the mode does not use them)
+    info: BankInfo
+    _half: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = np.ascontiguousarray(self.tokens, np.float32)
+        self.offsets = np.asarray(self.offsets, np.int64)
+        self.centroids = np.ascontiguousarray(self.centroids, np.float32)
+        self.src = np.asarray(self.src, np.int32)
+        self.globals = np.ascontiguousarray(self.globals, np.float32)
+        self.check()
+
+    # -- shape ------------------------------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def lists(self) -> int:
+        return int(len(self.offsets) - 1)
+
+    def check(self) -> None:
+        """``BankError`` unless the arrays are consistent with each other and with the meta."""
+        t, off, cen = self.tokens, self.offsets, self.centroids
+        info = self.info
+        if t.ndim != 2 or t.shape[0] < 1 or t.shape[1] < 1:
+            raise BankError(f"bank tokens must be [M >= 1, d], got {t.shape}")
+        if off.ndim != 1 or len(off) < 2 or off[0] != 0 or off[-1] != t.shape[0] or np.any(np.diff(off) < 0):
+            raise BankError("bank list offsets must rise from 0 to the number of tokens")
+        if cen.shape != (len(off) - 1, t.shape[1]):
+            raise BankError(f"bank centroids must be [{len(off) - 1}, {t.shape[1]}], got {cen.shape}")
+        if self.src.shape != (t.shape[0],):
+            raise BankError(f"bank src must be [{t.shape[0]}], got {self.src.shape}")
+        if info.mode not in MODES:
+            raise BankError(f"bank mode must be one of {MODES}, got {info.mode!r}")
+        if info.mode != "tokens" and (self.globals.ndim != 2 or self.globals.shape[0] < 1):
+            raise BankError(f"bank mode {info.mode!r} needs global embeddings")
+        if info.nprobe < 1:
+            raise BankError("bank nprobe must be >= 1")
+        for a in (t, cen, self.globals):
+            if not np.all(np.isfinite(a)):
+                raise BankError("bank arrays contain NaN or Inf")
+
+    # -- nearest neighbours -------------------------------------------------------------------------------------
+    def nn_similarity(self, q: np.ndarray, exclude: Optional[np.ndarray] = None) -> np.ndarray:
+        """[N] cosine of each query token [N, d] to its nearest bank token (the probed lists; exact when the
+        bank has one list or ``nprobe`` covers all). ``exclude`` [N]: ignore bank tokens whose ``src`` equals
+        the query's entry (leave-one-frame-out); a query whose probed lists hold nothing else is searched
+        exhaustively. -1 when no bank token is left at all."""
+        q = np.ascontiguousarray(q, np.float32)
+        n = q.shape[0]
+        c = self.lists
+        if n == 0:
+            return np.zeros(0, np.float32)
+        if c <= 1 or self.info.nprobe >= c:
+            return self._exact(q, exclude)
+        probe = np.argpartition(-(q @ self.centroids.T), self.info.nprobe - 1, axis=1)[:, : self.info.nprobe]
+        rows = np.repeat(np.arange(n), self.info.nprobe)
+        cols = probe.reshape(-1)
+        order = np.argsort(cols, kind="stable")
+        rows, cols = rows[order], cols[order]
+        bounds = np.searchsorted(cols, np.arange(c + 1))
+        best = np.full(n, -np.inf, np.float32)
+        for j in range(c):
+            lo, hi = int(self.offsets[j]), int(self.offsets[j + 1])
+            if hi == lo or bounds[j] == bounds[j + 1]:
+                continue
+            r = rows[bounds[j]: bounds[j + 1]]
+            s = q[r] @ self.tokens[lo:hi].T
+            if exclude is not None:
+                s[exclude[r][:, None] == self.src[lo:hi][None, :]] = -np.inf
+            best[r] = np.maximum(best[r], s.max(axis=1))
+        missing = np.flatnonzero(~np.isfinite(best))
+        if missing.size:
+            best[missing] = self._exact(q[missing], None if exclude is None else exclude[missing])
+        return best
+
+    def _exact(self, q: np.ndarray, exclude: Optional[np.ndarray]) -> np.ndarray:
+        out = np.empty(q.shape[0], np.float32)
+        step = max(1, 4_000_000 // max(1, self.size))  # bound the [rows, M] block
+        for i in range(0, q.shape[0], step):
+            s = q[i: i + step] @ self.tokens.T
+            if exclude is not None:
+                s[exclude[i: i + step][:, None] == self.src[None, :]] = -np.inf
+            out[i: i + step] = s.max(axis=1)
+        return np.where(np.isfinite(out), out, -1.0).astype(np.float32)
+
+    def global_similarity(self, g: np.ndarray, exclude: Optional[np.ndarray] = None) -> np.ndarray:
+        """[F] cosine of each global embedding [F, D] to the nearest bank frame's (``exclude``: a frame index)."""
+        s = np.ascontiguousarray(g, np.float32) @ self.globals.T
+        if exclude is not None:
+            s[exclude[:, None] == np.arange(self.globals.shape[0])[None, :]] = -np.inf
+        m = s.max(axis=1)
+        return np.where(np.isfinite(m), m, -1.0).astype(np.float32)
+
+    # -- scoring ------------------------------------------------------------------------------------------------
+    def score_arrays(self, tokens: np.ndarray, sizes: np.ndarray, globals_: Optional[np.ndarray] = None,
+                     exclude: Optional[np.ndarray] = None) -> FrameScores:
+        """Scores of F frames: ``tokens`` [F, K, d], ``sizes`` [F, K], ``globals_`` [F, D] (modes global and
+        both), ``exclude`` [F] the set-frame index of each frame to leave out (threshold calibration)."""
+        tokens = np.asarray(tokens, np.float32)
+        f, k, d = tokens.shape
+        if d != self.dim:
+            raise BankError(f"tokens have dimension {d}, the bank {self.dim}")
+        ok = np.asarray(sizes, np.float32).reshape(f, k) >= self.info.min_token_size
+        flat = tokens.reshape(f * k, d)
+        keep = np.flatnonzero(ok.reshape(-1))
+        dist = np.zeros(f * k, np.float32)
+        ex = None if exclude is None else np.repeat(np.asarray(exclude, np.int64), k)[keep]
+        dist[keep] = 1.0 - self.nn_similarity(flat[keep], ex)
+        dist = np.clip(dist, 0.0, 2.0).reshape(f, k)
+        masked = np.where(ok, dist, -1.0)
+        token = np.where(ok.any(axis=1), masked.argmax(axis=1), -1).astype(np.int64)
+        tok_score = np.where(token >= 0, masked.max(axis=1), 0.0).astype(np.float32)
+        nan = np.full(f, np.nan, np.float32)
+        glob_score = nan
+        if self.info.mode != "tokens":
+            if globals_ is None:
+                raise BankError(f"mode {self.info.mode!r} needs the frames' global embeddings")
+            glob_score = 1.0 - self.global_similarity(globals_, None if exclude is None else np.asarray(exclude))
+        if self.info.mode == "tokens":
+            score = tok_score
+        elif self.info.mode == "global":
+            score, tok_score = glob_score, nan
+        else:
+            (mt, st), (mg, sg) = self.info.token_stats, self.info.global_stats
+            score = (tok_score - mt) / max(st, 1e-6) + (glob_score - mg) / max(sg, 1e-6)
+        return FrameScores(np.asarray(score, np.float32), token, dist, tok_score, np.asarray(glob_score, np.float32))
+
+    def score(self, summary: Summary) -> AnomalyScore:
+        """One frame's ``AnomalyScore`` from its (unbatched) summary."""
+        fs = self.score_arrays(summary.tokens[None], summary.sizes[None], summary.global_embedding[None])
+        return self.anomaly_score(float(fs.score[0]), int(fs.token[0]))
+
+    def anomaly_score(self, score: float, token: int) -> AnomalyScore:
+        t = self.info.threshold
+        return AnomalyScore(score=score, threshold=t, token=token, flagged=bool(score > t),
+                            set_id=self.info.set_id, set_version=self.info.set_version)
+
+    # -- the file -----------------------------------------------------------------------------------------------
+    def arrays(self) -> Dict[str, np.ndarray]:
+        """The file's arrays in their stored dtypes (float16 tokens and globals)."""
+        if "tokens" not in self._half:
+            self._half["tokens"] = self.tokens.astype(np.float16)
+            self._half["globals"] = self.globals.astype(np.float16)
+        return {"tokens": self._half["tokens"], "offsets": self.offsets.astype("<i8"),
+                "centroids": self.centroids.astype("<f4"), "src": self.src.astype("<i4"),
+                "globals": self._half["globals"]}
+
+    def to_bytes(self) -> bytes:
+        arrays = self.arrays()
+        meta = json.loads(BankInfo(**{**asdict(self.info), "content_sha256": _content_sha256(arrays)}).to_json())
+        meta["schema"] = SCHEMA
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), np.uint8), **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "<bank>") -> "Bank":
+        """Read and verify a bank file's bytes (checksums, shapes); ``BankError`` names what is wrong."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                names = set(z.files)
+                missing = sorted((set(ARRAYS) | {"meta"}) - names)
+                if missing:
+                    raise BankError(f"{where}: not a bank file (missing {missing})")
+                arrays = {k: z[k] for k in ARRAYS}
+                meta = bytes(z["meta"].astype(np.uint8).tobytes()).decode("utf-8")
+        except BankError:
+            raise
+        except (OSError, ValueError, zipfile.BadZipFile, KeyError, UnicodeDecodeError, EOFError) as exc:
+            raise BankError(f"{where}: not a readable bank file ({exc})") from None
+        try:
+            info = BankInfo.from_json(meta)
+        except (BankError, ValueError) as exc:
+            raise BankError(f"{where}: {exc}") from None
+        if info.content_sha256 != _content_sha256(arrays):
+            raise BankError(f"{where}: content does not match its checksum (corrupt or edited)")
+        try:
+            bank = cls(arrays["tokens"], arrays["offsets"], arrays["centroids"], arrays["src"], arrays["globals"], info)
+        except BankError as exc:
+            raise BankError(f"{where}: {exc}") from None
+        bank._half.update(tokens=arrays["tokens"], globals=arrays["globals"])
+        return bank
+
+    @classmethod
+    def load(cls, path: Union[str, Path], manifest_hash: Optional[str] = None,
+             camera: Optional[Tuple[str, str, str]] = None) -> "Bank":
+        """Read a bank file and check it is for this model (``manifest_hash``, 32 hex) and camera
+        (``(site, line, camera)``)."""
+        p = Path(path)
+        try:
+            data = p.read_bytes()
+        except OSError as exc:
+            raise BankError(f"cannot read bank {p}: {exc.strerror or exc}") from None
+        bank = cls.from_bytes(data, where=str(p))
+        if manifest_hash is not None and bank.info.manifest_hash != manifest_hash:
+            raise BankError(f"{p}: bank is for model {bank.info.manifest_hash}, this model is {manifest_hash}")
+        have = (bank.info.site, bank.info.line, bank.info.camera)
+        if camera is not None and have != tuple(camera):
+            raise BankError(f"{p}: bank is for camera {'/'.join(have)}, not {'/'.join(camera)}")
+        return bank
+
+    def save(self, path: Union[str, Path]) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_bytes(self.to_bytes())
+        tmp.replace(p)
+        return p
+
+
+def _content_sha256(arrays: Dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in ARRAYS:
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}:{a.dtype.str}:{a.shape}".encode("ascii"))
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+# -- the anomalous region --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Region:
+    """Where a token stands on the model input: a box (x0, y0, x1, y1) in [0, 1] and, when the summary has a
+    footprint, the mask of its patches ([grid_h, grid_w] bool)."""
+
+    box: Tuple[float, float, float, float]
+    mask: Optional[np.ndarray] = None
+
+    def public(self) -> Dict[str, object]:
+        out: Dict[str, object] = {"box": [round(float(v), 4) for v in self.box]}
+        if self.mask is not None:
+            out["mask"] = {"grid": list(self.mask.shape), "rows": ["".join("1" if v else "0" for v in r)
+                                                                   for r in self.mask]}
+        return out
+
+
+def token_region(summary: Summary, token: int, grid: Tuple[int, int]) -> Region:
+    """The region of ``token`` of one frame: its footprint's cells and their bounding box, or without a
+    footprint a square of the token's size (in patches of the ``grid``) around its centroid."""
+    fp = summary.footprint
+    if fp is not None:
+        mask = np.asarray(fp) == token
+        gh, gw = mask.shape
+        ys, xs = np.nonzero(mask)
+        if ys.size:
+            return Region((xs.min() / gw, ys.min() / gh, (xs.max() + 1) / gw, (ys.max() + 1) / gh), mask)
+        return Region((0.0, 0.0, 0.0, 0.0), mask)
+    cx, cy = (float(v) for v in summary.centroids[token])
+    gh, gw = grid
+    half_w = np.sqrt(max(float(summary.sizes[token]), 1.0) / (gh * gw)) / 2.0
+    half_h = half_w
+    return Region((max(0.0, cx - half_w), max(0.0, cy - half_h), min(1.0, cx + half_w), min(1.0, cy + half_h)))
+
+
+def pack_mask(mask: np.ndarray) -> bytes:
+    """A [grid_h, grid_w] bool mask as bits, row-major, the first cell in the lowest bit."""
+    return np.packbits(np.asarray(mask, bool).reshape(-1), bitorder="little").tobytes()
+
+
+def unpack_mask(data: bytes, grid: Tuple[int, int]) -> np.ndarray:
+    n = grid[0] * grid[1]
+    return np.unpackbits(np.frombuffer(data, np.uint8), count=n, bitorder="little").astype(bool).reshape(grid)
+
+
+def stack_summaries(summaries: List[Summary]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens [F, K, d], sizes [F, K], globals [F, D]) of frames with the same K and dims."""
+    return (np.stack([s.tokens for s in summaries]).astype(np.float32),
+            np.stack([s.sizes for s in summaries]).astype(np.float32),
+            np.stack([s.global_embedding for s in summaries]).astype(np.float32))

@@ -182,12 +182,69 @@ class Extractor:
             for layer, t in layers.items():  # merged: size-weighted means of each final token's patches
                 out[f"L{layer}"] = _unit(t.numpy()).astype(np.float16)
             if self.merge_r:
-                s = vit.summarize(final)
+                s = informativity_summary(vit, final)
                 out["merged"] = out["L12"]
                 out["merged_src"] = np.rint(final.pos.numpy() * final.size.numpy()[..., None]).astype(np.uint8)
                 out["today"] = _unit(s.x.numpy()).astype(np.float16)
                 out["today_src"] = np.rint(s.pos.numpy() * s.size.numpy()[..., None]).astype(np.uint8)
         return out
+
+
+def informativity_summary(vit, final):
+    """The summary the exporter built before the slic head (models exported before still carry it): the final
+    tokens in the global embedding's space, merged by the same informativity criterion in halving steps to K.
+    Kept here so that its rows can be reproduced."""
+    from exporter.merge import Tokens, merge
+
+    x = final.x if vit.fc_norm is None else vit.fc_norm(final.x)
+    x = x if vit.proj is None else x @ vit.proj
+    t, n, k = Tokens(x, final.size, final.pos, final.sem), x.shape[1], vit.merge_cfg.k
+    while n > k:
+        r = min(n // 2, n - k)
+        t = merge(t, t.x, r, vit.merge_cfg.alpha)
+        n -= r
+    return t
+
+
+class ProductExtractor:
+    """An exported model's ONNX encoder (the product path: ``tokenline.preprocess`` and ONNX Runtime, as the edge
+    runs it) -> its slic outputs: global, summary tokens [K, d], footprint cells [G], patch mean [d]."""
+
+    def __init__(self, model_dir: Path, role: str = "encoder") -> None:
+        import onnxruntime as ort
+
+        from tokenline.manifest import Manifest
+
+        self.manifest = m = Manifest.from_file(model_dir)
+        if not m.has_footprint:
+            raise SystemExit(f"{model_dir}: not a slic model (exported before the slic summary head)")
+        files = [f for f in m.files if f.role == role]
+        f = min(files, key=lambda f: f.batch or 0)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        self.sess = ort.InferenceSession(str(Path(model_dir) / f.path), so, providers=["CPUExecutionProvider"])
+        self.batch = f.batch
+
+    def __call__(self, frames: Sequence[np.ndarray]) -> Dict[str, np.ndarray]:
+        from tokenline.preprocess import preprocess_batch
+        from tokenline.summary import Summary
+
+        m = self.manifest
+        x = preprocess_batch(list(frames), m.input)
+        step = self.batch or len(x)
+        parts = []
+        for i in range(0, len(x), step):
+            chunk = x[i : i + step]
+            pad = step - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
+            outs = self.sess.run(None, {m.input.name: chunk})
+            s = Summary.from_outputs(outs, m.summary.method, m.layout, step)
+            parts.append({"global": s.global_embedding, "tokens": s.tokens, "patch_mean": s.patch_mean,
+                          "footprint": s.footprint.reshape(step, -1)})
+            if pad:
+                parts[-1] = {k: v[: step - pad] for k, v in parts[-1].items()}
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -264,8 +321,10 @@ class FeatureSets:
                                                                          g, self.read),
                                len(qi), lambda: Extractor(px), 8 if px <= 224 else 2, self.progress)
 
-    def elpv(self, px: int, merge_r: int = 0, poly: bool = False) -> Optional[Tuple[np.ndarray, np.ndarray, Dict]]:
-        """(defect probabilities, is_bank mask, features) of ELPV mono (or poly) cells; None without the package."""
+    def elpv(self, px: int, merge_r: int = 0, poly: bool = False,
+             product: Optional["Product"] = None) -> Optional[Tuple[np.ndarray, np.ndarray, Dict]]:
+        """(defect probabilities, is_bank mask, features) of ELPV mono (or poly) cells; None without the package.
+        ``product``: through an exported model's ONNX encoder instead (its input size)."""
         try:
             from elpv_dataset.utils import load_dataset
         except ImportError:
@@ -279,10 +338,115 @@ class FeatureSets:
         keep = np.concatenate([normals[: ELPV["bank"] + ELPV["normal"]], defective])
         is_bank = np.arange(len(keep)) < ELPV["bank"]
         key = f"elpv|v{FEATURE_VERSION if merge_r else 1}|{kind}|{px}|r{merge_r}|{len(keep)}|{LAYERS}"
-        feats = cached_features(f"elpv-{kind}-{px}{'m' if merge_r else ''}", key,
-                                lambda i: np.repeat(images[keep[i]][..., None], 3, axis=2), len(keep),
-                                lambda: Extractor(px, merge_r), 8 if px <= 224 else 2, self.progress)
+        name, make = f"elpv-{kind}-{px}{'m' if merge_r else ''}", lambda: Extractor(px, merge_r)
+        if product is not None:
+            key, name, make = f"{key}|{product.key}", f"elpv-{kind}-{product.name}", product.extractor
+        feats = cached_features(name, key, lambda i: np.repeat(images[keep[i]][..., None], 3, axis=2), len(keep),
+                                make, 8 if px <= 224 else 2, self.progress)
         return probs[keep], is_bank, feats
+
+
+@dataclass(frozen=True)
+class Product:
+    """One encoder file of an exported slic model (``role`` encoder: merged as exported; encoder_unmerged: the
+    reference without merging)."""
+
+    model_dir: Path
+    role: str
+
+    @property
+    def manifest(self):
+        from tokenline.manifest import Manifest
+
+        return Manifest.from_file(self.model_dir)
+
+    @property
+    def key(self) -> str:
+        return f"product|{self.manifest.hash()}|{self.role}"
+
+    @property
+    def name(self) -> str:
+        return f"product-{self.manifest.hash()[:10]}-{self.role}"
+
+    def extractor(self) -> "ProductExtractor":
+        return ProductExtractor(self.model_dir, self.role)
+
+
+def product_rep(feats: Dict[str, np.ndarray], k: int) -> Rep:
+    """The product's summary as a Rep over its footprint cells; a token that stands for no cell takes no part (as
+    at central): it is replaced by the frame's largest token, which changes no max-based score."""
+    tokens = feats["tokens"].astype(np.float32).copy()
+    fp = feats["footprint"].astype(int)
+    for i in range(len(tokens)):
+        size = np.bincount(fp[i], minlength=k)
+        tokens[i, size == 0] = tokens[i, int(size.argmax())]
+    return Rep(tokens, fp)
+
+
+def product_rows(fs: "FeatureSets", model_dir: Path, roles: Sequence[str] = ("encoder", "encoder_unmerged"),
+                 task1: bool = True) -> List[dict]:
+    """The exported model's outputs (ONNX Runtime, merged as exported and the unmerged reference) on the same
+    tasks: mosaics 3x3 at 224 px or 2x2 at 448 px (the model's input size), region queries = the patch mean of the
+    query image tiled like a mosaic tile, anomaly with banks of calibration mosaics, ELPV and task 1 at 224."""
+    from tokenline.manifest import Manifest
+
+    m = Manifest.from_file(model_dir)
+    px, k, d = m.input.height, m.summary.k, m.summary.dim
+    g = 2 if px >= 448 else 3
+    grid = m.summary.footprint_grid
+    n_cells = grid[0] * grid[1]
+    ms = make_mosaics(fs.neu, g)
+    mkey = f"|mosaic|{g}|{MOSAICS}|{SPLIT}|{hashlib.sha1(repr(ms).encode()).hexdigest()[:12]}"
+    qi = fs.neu.split["query"]
+    q_lab = fs.neu.labels[qi]
+    rows: List[dict] = []
+    for role in roles:
+        if not any(f.role == role for f in m.files):
+            continue
+        prod = Product(Path(model_dir), role)
+        merge = f"{m.merge.method} {m.merge.tokens_per_block[0]}->{m.merge.final_tokens} tokens" \
+            if role == "encoder" and m.merge.method != "none" else "unmerged"
+        label = f"product @ {px} px ({merge})"
+        feats = cached_features(f"mosaic-g{g}-{prod.name}", prod.key + mkey, lambda i: render(ms[i], g, fs.read),
+                                len(ms), prod.extractor, 4, fs.progress)
+        qf = cached_features(f"query-g{g}-{prod.name}", prod.key + f"|query|{g}|{qi.tolist()}",
+                             lambda i: render(Mosaic((int(qi[i]),) * g * g, -1, -1, -1, ""), g, fs.read), len(qi),
+                             prod.extractor, 4, fs.progress)
+        mos = Mosaics(g, grid, ms, feats)
+        e = fs.elpv(px, product=prod) if px == 224 else None
+        reps = [("global embedding", global_rep(feats["global"], n_cells), qf["global"], None if e is None else
+                 global_rep(e[2]["global"], n_cells)),
+                ("K=16 summary", product_rep(feats, k), qf["patch_mean"], None if e is None else
+                 product_rep(e[2], k))]
+        for name, rep, qv, erep in reps:
+            dtypes = ("fp32",) if name.startswith("global") else ("fp32", "int8", "int4")
+            for dt in dtypes:
+                r = Rep(quantize(rep.tokens, dt), rep.footprint)
+                t, dim = r.tokens.shape[1], r.tokens.shape[2]
+                row = {"variant": f"{label}: {name}, {dt}", "layout": f"{g}x{g} @ {px}", "tokens": t,
+                       "bytes": frame_bytes(t, dim, dt, n_cells) if t > 1 else token_bytes(1, dim, dt),
+                       **region_task(qv, q_lab, mos, r), **mosaic_anomaly(mos, r)}
+                if erep is not None:
+                    probs, is_bank, _ = e
+                    row["elpv"] = elpv_anomaly(probs, is_bank, Rep(quantize(erep.tokens, dt), erep.footprint))
+                rows.append(row)
+        if px == 224 and task1:  # task 1 through the product: global alone and 0.5 global + 0.5 MaxSim (central's default)
+            idx = fs.single_index()
+            sf = cached_features(f"neu-single-{prod.name}", prod.key + f"|single|{idx.tolist()}",
+                                 lambda i: fs.read(int(idx[i])), len(idx), prod.extractor, 4, fs.progress)
+            res = whole_image_retrieval(sf["global"], fs.neu.labels[idx], product_rep(sf, k).tokens, (0.0, 0.5))
+            for w, r in res.items():
+                rows.append({"variant": f"{label}: task 1, " + ("global alone" if w == 0 else
+                                                                 f"global + summary MaxSim w={w:g}"),
+                             "layout": "600 NEU-DET images", "t1_map": r["map"], "t1_p10": r["p10"]})
+    return rows
+
+
+PRODUCT_COLS = [("variant", "representation (exported ONNX model)", ""), ("layout", "frames", ""),
+                ("bytes", "bytes/frame", ",d"), ("map", "region mAP", ".3f"), ("p10", "P@10", ".3f"),
+                ("point", "pointing", ".3f"), ("auroc", "NEU anomaly AUROC", ".3f"),
+                ("apoint", "anomaly pointing", ".3f"), ("elpv", "ELPV mono AUROC", ".3f"),
+                ("t1_map", "task 1 mAP", ".3f"), ("t1_p10", "task 1 P@10", ".3f")]
 
 
 def extract_all(fs: FeatureSets, plan: Sequence[str]) -> None:
@@ -794,6 +958,14 @@ def main() -> int:
     ap.add_argument("--lam", type=float, default=0.5)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--poly", action="store_true", help="also the final ELPV poly evaluation (run once, at the end)")
+    ap.add_argument("--product", type=Path, action="append", default=[],
+                    help="an exported slic model directory: its ONNX outputs (merged and unmerged) as product rows "
+                         "(repeatable; e.g. 224 and 448 px exports)")
+    ap.add_argument("--product-roles", default="encoder,encoder_unmerged",
+                    help="encoder files of the product models: encoder (as exported), encoder_unmerged (reference)")
+    ap.add_argument("--no-task1", action="store_true", help="product rows without task 1 (600 more encodings)")
+    ap.add_argument("--product-only", action="store_true",
+                    help="only the product rows: the research tables stay as they are in BENCHMARKS.md")
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=True,
                     help="write BENCHMARKS.md and docs/img/summary_*.png")
     args = ap.parse_args()
@@ -806,6 +978,18 @@ def main() -> int:
     sections: List[str] = []
     with Progress(console=console, transient=True) as progress:
         fs = FeatureSets(neu_data(), progress)
+        if args.product:
+            prows = [r for d in args.product for r in product_rows(fs, d, args.product_roles.split(","),
+                                                                    not args.no_task1)]
+            t = md_table(prows, PRODUCT_COLS)
+            print_md(console, "Product path (exported ONNX models)", t)
+            if args.write:
+                extra = [f"--product-roles {args.product_roles}"] + (["--no-task1"] if args.no_task1 else [])
+                write_section("summary_product", "Summary tokens through the product path (exported ONNX models)",
+                              product_intro(args.product, extra) + t + "\n")
+                console.print("wrote BENCHMARKS.md (summary_product)")
+        if args.product_only:
+            return 0
         if fs.elpv(224) is None:
             console.print("[yellow]ELPV skipped: pip install elpv-dataset==1.0.0.post1 (a benchmark-only dependency, "
                           "CC BY-NC-SA data) to include it[/]")
@@ -900,6 +1084,27 @@ def main() -> int:
                   intro + "\n\n".join(sections) + "\n\n![quality vs bytes](docs/img/summary_bytes.png)\n")
     console.print(f"wrote BENCHMARKS.md and {img}")
     return 0
+
+
+def product_intro(dirs: Sequence[Path], extra: Sequence[str] = ()) -> str:
+    """What the product rows are, with the exported models' settings from their manifests."""
+    from tokenline.manifest import Manifest
+
+    models = []
+    for d in dirs:
+        m = Manifest.from_file(d)
+        s, p = m.summary, m.summary.projection
+        models.append(f"`{m.name}` ({m.input.height} px, {m.merge.method} r/block {max(m.merge.r_per_block)}, "
+                      f"{m.merge.tokens_per_block[0]} -> {m.merge.final_tokens} tokens; slic K={s.k}, block {s.layer}, "
+                      f"{p.method} {p.input_dim} -> {p.dims} fitted on {p.images} {p.fitted_on} images, footprint "
+                      f"{s.footprint_grid[0]}x{s.footprint_grid[1]})")
+    return ("The exported models' own outputs, run by ONNX Runtime on the images `tokenline.preprocess` makes (what "
+            "the edge sends and central stores): " + "; ".join(models) + ". Mosaics and splits as in the research "
+            "section above (3x3 at 224 px, 2x2 at 448 px); a region query is the `patch_mean` output of the query "
+            "image tiled like a mosaic tile (central's crop query); tokens that stand for no footprint cell take no "
+            "part (as at central); int8/int4 = the wire's per-token quantization. Task 1: leave-one-out over 600 "
+            "NEU-DET images, MaxSim unweighted over the query tokens. Command: `python benchmarks/bench_summary.py "
+            "--product-only " + " ".join(f"--product {d}" for d in dirs) + "".join(f" {e}" for e in extra) + "`.\n\n")
 
 
 def verdicts(rows: List[dict], t1: List[dict], fused: List[dict], n_p: int) -> str:

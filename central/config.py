@@ -93,7 +93,9 @@ class SegmentsConfig(StrictModel):
 class SearchConfig(StrictModel):
     candidates: int = Field(200, gt=0)  # global-embedding candidates handed to the MaxSim re-rank
     rerank: bool = True
-    rerank_weight: float = Field(0.25, ge=0, le=1)  # score = (1-w)*global cosine + w*MaxSim (NEU-DET: BENCHMARKS.md)
+    # score = (1-w)*global cosine + w*MaxSim; None: the model's summary method's default (central.search:
+    # 0.25 for the informativity summary, 0.5 for the slic one; NEU-DET measurements in BENCHMARKS.md)
+    rerank_weight: Optional[float] = Field(None, ge=0, le=1)
     ef_search: int = Field(200, gt=0)  # pgvector hnsw.ef_search
     max_results: int = Field(200, gt=0)  # the largest page (k) of one search request
     max_depth: int = Field(2000, gt=0)  # how deep paging goes into one search's ranking (cursor after cursor)

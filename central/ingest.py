@@ -137,6 +137,14 @@ class Ingestor:
             raise Rejected("dim_mismatch", f"D={msg.summary.dim}, model {model.name!r} has {model.embedding_dim}")
         if msg.summary.k != model.k:
             raise Rejected("token_count_mismatch", f"K={msg.summary.k}, model {model.name!r} has {model.k}")
+        if msg.summary.token_dim != model.token_dim:
+            raise Rejected("token_dim_mismatch", f"tokens of dim {msg.summary.token_dim}, model {model.name!r} has "
+                                                 f"{model.token_dim} (a version 1 message cannot carry them)")
+        grid = model.manifest.summary.footprint_grid
+        fp = msg.summary.footprint
+        if grid is not None and (fp is None or tuple(fp.shape) != tuple(grid)):
+            raise Rejected("footprint_mismatch", f"footprint {None if fp is None else list(fp.shape)}, model "
+                                                 f"{model.name!r} has a {grid[0]}x{grid[1]} footprint")
         if msg.token_dtype not in self.cfg.allowed_token_dtypes:
             raise Rejected("dtype_not_allowed", f"token dtype {msg.token_dtype!r} not in {self.cfg.allowed_token_dtypes}")
         return msg, model

@@ -5,7 +5,10 @@ frame, or a text embedding as a single token); ``build_query`` makes one from wh
 was given, and resolves the model it belongs to. Candidates come only from the query's model; filters by site,
 line, camera, capture time and labels (the frame metadata's) apply before ranking. The re-rank score is
 ``(1 - w) * cosine(global) + w * MaxSim``, where MaxSim is the weighted mean over query tokens of the best
-cosine with any of the frame's summary tokens (late interaction).
+cosine with any of the frame's summary tokens (late interaction); w is the configuration's, else the model's
+summary method's default (``DEFAULT_RERANK_WEIGHT``, measured in BENCHMARKS.md). Tokens that stand for no
+footprint cell take no part. Region search (a crop, or a box on a stored frame) is ``central.regions``;
+``build_region_query`` makes its query.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ import numpy as np
 from sqlalchemy import Engine, LargeBinary, func, select, text, type_coerce
 from sqlalchemy.orm import Session
 
-from central import segments, store
+from central import regions, segments, store
 from central.config import SearchConfig
 from central.errors import BadParameter, Internal, Invalid, NotFound, TooLarge
+from central.regions import RegionQuery
 from central.store import FRAMES_DELETED, FrameData, ModelInfo
 from sql.db import is_postgres
 from sql.models import Frame
@@ -41,6 +45,9 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 BAD_QUERY = "bad_query"  # the reason of every error raised here (the API's "error" field)
+# Weight of MaxSim in the whole-image ranking per summary method (BENCHMARKS.md: central_rerank_neu for the
+# informativity tokens, summary_tokens task 1 for the slic tokens: 0.5 is the best weight measured there).
+DEFAULT_RERANK_WEIGHT = {"informativity": 0.25, "slic": 0.5}
 
 
 LabelFilter = Tuple[str, Optional[str]]  # (name, value): the frame has this label with this value (any value: None)
@@ -77,6 +84,19 @@ def label_ids(session: Session, model_id: int, labels: Sequence[LabelFilter]) ->
     return np.fromiter(session.scalars(q), np.int64)
 
 
+def frame_conditions(model_id: int, f: Filters, postgres: bool) -> list:
+    """SQL conditions on ``frames`` selecting the frames of ``model_id`` that pass the filters ``f``."""
+    where = [Frame.model_id == model_id, *store.label_clauses(f.labels, postgres)]
+    for kind in ("site", "line", "camera"):
+        if getattr(f, kind) is not None:
+            where.append(getattr(Frame, kind) == getattr(f, kind))
+    if f.since_us is not None:
+        where.append(Frame.capture_us >= f.since_us)
+    if f.until_us is not None:
+        where.append(Frame.capture_us < f.until_us)
+    return where
+
+
 @dataclass
 class Query:
     model_id: int
@@ -87,13 +107,16 @@ class Query:
 
     @classmethod
     def from_summary(cls, model_id: int, summary: Summary, exclude_frame_id: Optional[str] = None) -> "Query":
-        """An example's summary as a query: its summary tokens weighted by the patches each stands for."""
+        """An example's summary as a query: its summary tokens weighted by the patches (cells) each stands for."""
         return cls(model_id, summary.global_embedding, summary.tokens, summary.sizes, exclude_frame_id)
 
     @classmethod
-    def from_text(cls, model_id: int, embedding: np.ndarray) -> "Query":
-        """A text embedding as a query: the global embedding and a single query token."""
-        return cls(model_id, embedding, embedding[None, :], np.ones(1, np.float32))
+    def from_text(cls, model: ModelInfo, embedding: np.ndarray) -> "Query":
+        """A text embedding as a query: the global embedding and, when the summary tokens share its space (the
+        informativity summary), a single query token."""
+        if model.has_footprint or model.token_dim != model.embedding_dim:
+            return cls(model.id, embedding)
+        return cls(model.id, embedding, embedding[None, :], np.ones(1, np.float32))
 
 
 @dataclass
@@ -111,8 +134,8 @@ class Hit:
 
     def public(self) -> Dict[str, Any]:
         meta = self.frame.meta()
-        meta.pop("centroids", None)
-        meta.pop("sizes", None)
+        for key in ("centroids", "sizes", "footprint"):
+            meta.pop(key, None)
         return {"frame_id": self.frame_id, "score": round(self.score, 6), "global_score": round(self.global_score, 6),
                 "maxsim": None if self.maxsim is None else round(self.maxsim, 6), "matches": self.matches, **meta}
 
@@ -149,13 +172,7 @@ def build_query(session: Session, encoders: "EncoderPool", *, image: Optional[by
     if len(given) != 1:
         raise Invalid("give exactly one of: image (file), q (text), like_frame (frame id)", reason=BAD_QUERY)
     if like_frame:
-        fr = store.get_frame(session, like_frame.strip().lower())
-        if fr is None:
-            raise NotFound(f"unknown frame {like_frame!r}", reason=BAD_QUERY)
-        if model_id is not None and model_id != fr.model_id:
-            raise Invalid("like_frame belongs to another model; embeddings of different models are never compared",
-                          reason=BAD_QUERY)
-        model = resolve_model(session, fr.model_id)
+        fr, model = stored_frame(session, like_frame, model_id, "like_frame")
         return model, Query.from_summary(model.id, fr.summary, exclude_frame_id=fr.frame_id)
     model = resolve_model(session, model_id)
     enc = encoders.get(model)
@@ -163,7 +180,39 @@ def build_query(session: Session, encoders: "EncoderPool", *, image: Optional[by
         if max_image_bytes is not None and len(image) > max_image_bytes:
             raise TooLarge("image too large", reason=BAD_QUERY)
         return model, Query.from_summary(model.id, enc.encode_image_bytes(image, max_image_pixels))
-    return model, Query.from_text(model.id, enc.encode_text(query_text or ""))
+    return model, Query.from_text(model, enc.encode_text(query_text or ""))
+
+
+def build_region_query(session: Session, encoders: "EncoderPool", *, image: Optional[bytes] = None,
+                       frame_id: Optional[str] = None, box: Optional[Tuple[float, float, float, float]] = None,
+                       model_id: Optional[int] = None, max_image_bytes: Optional[int] = None,
+                       max_image_pixels: int = DEFAULT_MAX_PIXELS) -> Tuple[ModelInfo, RegionQuery]:
+    """The model and the region query for exactly one of: a crop (``image``, an encoded file) or a ``box`` on a
+    stored frame (``frame_id``; the box as fractions of the frame, x0, y0, x1, y1). The one implementation
+    behind the API's ``POST /v1/search/region``."""
+    if (image is None) == (frame_id in (None, "")):
+        raise Invalid("give exactly one of: image (a crop), frame_id with box", reason=BAD_QUERY)
+    if image is not None:
+        if max_image_bytes is not None and len(image) > max_image_bytes:
+            raise TooLarge("image too large", reason=BAD_QUERY)
+        model = resolve_model(session, model_id)
+        return model, regions.crop_query(encoders, model, image, max_image_pixels)
+    if box is None:
+        raise Invalid("a region query on a frame needs box=x0,y0,x1,y1 (fractions of the frame)", reason=BAD_QUERY)
+    fr, model = stored_frame(session, frame_id or "", model_id, "frame_id")
+    return model, regions.box_query(fr, model, box)
+
+
+def stored_frame(session: Session, frame_id: str, model_id: Optional[int], field: str) -> Tuple[FrameData, ModelInfo]:
+    """A stored frame used as a query (``field`` names the form field) and its model; ``model_id``, when given,
+    must be that model (embeddings of different models are never compared)."""
+    fr = store.get_frame(session, frame_id.strip().lower())
+    if fr is None:
+        raise NotFound(f"unknown frame {frame_id!r}", reason=BAD_QUERY)
+    if model_id is not None and model_id != fr.model_id:
+        raise Invalid(f"{field} belongs to another model; embeddings of different models are never compared",
+                      reason=BAD_QUERY)
+    return fr, resolve_model(session, fr.model_id)
 
 
 def normalize(v: np.ndarray) -> np.ndarray:
@@ -172,14 +221,18 @@ def normalize(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(n, 1e-12)
 
 
-def maxsim_scores(q_tokens: np.ndarray, q_weights: np.ndarray, doc_tokens: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def maxsim_scores(q_tokens: np.ndarray, q_weights: np.ndarray, doc_tokens: np.ndarray,
+                  doc_mask: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """MaxSim of one query against C documents.
 
     ``q_tokens`` [Q, D], ``q_weights`` [Q], ``doc_tokens`` [C, K, D] -> (scores [C], per-doc-token best
-    similarity [C, K]). Scores are the weighted mean over query tokens of the max cosine over doc tokens.
+    similarity [C, K]). Scores are the weighted mean over query tokens of the max cosine over doc tokens;
+    ``doc_mask`` [C, K] (False: a token that takes no part, e.g. one that stands for no footprint cell).
     """
     c, k, d = doc_tokens.shape
     sims = (doc_tokens.reshape(c * k, d) @ q_tokens.T).reshape(c, k, -1)  # [C, K, Q], one BLAS call
+    if doc_mask is not None:
+        sims = np.where(doc_mask[:, :, None], sims, -1.0)  # the lowest cosine: never a best match
     w = np.asarray(q_weights, np.float32)
     w = w / max(float(w.sum()), 1e-12)
     scores = (sims.max(axis=1) * w[None, :]).sum(axis=1)
@@ -492,6 +545,17 @@ class Searcher:
         if not self.pg:
             self._vindex(model).sync(on_rows)
 
+    def rerank_weight(self, model: ModelInfo) -> float:
+        """w of the whole-image ranking: the configuration's, else the model's summary method's default."""
+        if self.cfg.rerank_weight is not None:
+            return float(self.cfg.rerank_weight)
+        return DEFAULT_RERANK_WEIGHT[model.manifest.summary.method]
+
+    def region_search(self, model: ModelInfo, query: RegionQuery, k: int, f: Filters = Filters()) -> List[regions.RegionHit]:
+        """Region search (``central.regions``): the top ``k`` frames by their best-matching summary token."""
+        return regions.region_search(self.engine, model, query, k,
+                                     frame_conditions(model.id, f, self.pg), self.cfg.max_results)
+
     def knn(self, model: ModelInfo, q: np.ndarray, k: int, f: Filters) -> List[Tuple[int, float]]:
         """Top ``k`` frames of ``model`` by cosine of the global embedding: ``[(row id, cosine)]``."""
         q = normalize(np.asarray(q, np.float32).reshape(-1))
@@ -559,13 +623,13 @@ class Searcher:
                rerank: Optional[bool] = None, rerank_weight: Optional[float] = None) -> List[Hit]:
         k = max(1, min(int(k), self.cfg.max_depth + 1))  # pages are cut from this ranking (central.paging)
         rerank = self.cfg.rerank if rerank is None else rerank
-        w = self.cfg.rerank_weight if rerank_weight is None else float(rerank_weight)
+        w = self.rerank_weight(model) if rerank_weight is None else float(rerank_weight)
         use_tokens = rerank and query.tokens is not None and len(query.tokens) > 0 and w > 0
         n_cand = max(k, self.cfg.candidates) if use_tokens else k
         extra = 1 if query.exclude_frame_id else 0
         cands = self.knn(model, query.global_embedding, n_cand + extra, f)
         with Session(self.engine) as s:
-            frames = store.get_frames(s, [c[0] for c in cands], model.embedding_dim)
+            frames = store.get_frames(s, [c[0] for c in cands], model)
         cands = [c for c in cands if c[0] in frames and frames[c[0]].frame_id != query.exclude_frame_id]
         if not cands:
             return []
@@ -575,11 +639,16 @@ class Searcher:
             qt = normalize(query.tokens)
             qw = np.ones(len(qt), np.float32) if query.weights is None else np.asarray(query.weights, np.float32)
             kmax = max(frames[c[0]].summary.k for c in cands)
-            docs = np.zeros((len(cands), kmax, model.embedding_dim), np.float32)
+            if qt.shape[1] != model.token_dim:
+                raise Invalid(f"query tokens of dim {qt.shape[1]} != model {model.name!r} token dimension "
+                              f"{model.token_dim}", reason=BAD_QUERY)
+            docs = np.zeros((len(cands), kmax, model.token_dim), np.float32)
+            mask = np.zeros((len(cands), kmax), bool)
             for i, c in enumerate(cands):
-                t = frames[c[0]].summary.tokens
-                docs[i, :len(t)] = t
-            ms, best_per_token = maxsim_scores(qt, qw, docs)
+                sm = frames[c[0]].summary
+                docs[i, :sm.k] = sm.tokens
+                mask[i, :sm.k] = sm.sizes > 0 if sm.footprint is not None else True
+            ms, best_per_token = maxsim_scores(qt, qw, docs, mask)
             score = (1.0 - w) * gscore + w * ms
             hits_tokens = (ms, best_per_token)
         else:
@@ -592,10 +661,9 @@ class Searcher:
             matches: List[Dict[str, Any]] = []
             if hits_tokens is not None:
                 per = hits_tokens[1][i][: sm.k]
-                for j in np.argsort(-per)[:3]:
-                    matches.append({"token": int(j), "sim": round(float(per[j]), 4),
-                                    "x": round(float(sm.centroids[j, 0]), 4), "y": round(float(sm.centroids[j, 1]), 4),
-                                    "size": round(float(sm.sizes[j]), 2)})
+                for j in np.argsort(-per, kind="stable")[:3]:
+                    if sm.footprint is None or sm.sizes[j] > 0:
+                        matches.append(regions.match_json(fr, int(j), float(per[j]), model.manifest.input))
             hits.append(Hit(cands[i][0], float(score[i]), float(gscore[i]),
                             None if hits_tokens is None else float(hits_tokens[0][i]), fr, matches))
         return hits

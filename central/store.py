@@ -27,8 +27,9 @@ from central import segments
 from central.errors import Conflict, Invalid, NotFound
 from sql.db import is_postgres
 from sql.models import ApiToken, Counter, DeadLetter, Device, Frame, Model, Original
-from sql.types import pack_f32, pack_tokens, unpack_f32, unpack_tokens
+from sql.types import pack_f32, pack_footprint, pack_tokens, unpack_f32, unpack_footprint, unpack_tokens
 from tokenline.manifest import Manifest
+from tokenline.preprocess import FrameGeometry
 from tokenline.summary import Summary
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,13 +66,26 @@ class ModelInfo:
     manifest: Manifest
     registered_us: int = 0
 
+    @property
+    def token_dim(self) -> int:
+        """d, the summary tokens' dimension (``embedding_dim`` unless the summary head projects them)."""
+        return self.manifest.summary.dim
+
+    @property
+    def has_footprint(self) -> bool:
+        return self.manifest.has_footprint
+
     def public(self) -> Dict[str, Any]:
+        s = self.manifest.summary
         return {"id": self.id, "hash": self.hash16, "short_hash": self.hash16[:8], "name": self.name,
                 "embedding_dim": self.embedding_dim, "k": self.k, "has_text": self.has_text,
                 "searchable": self.model_dir is not None, "family": self.manifest.family,
                 "merge": self.manifest.merge.method, "registered_us": self.registered_us,
                 "input": {"width": self.manifest.input.width, "height": self.manifest.input.height,
-                          "resize": self.manifest.input.resize}}
+                          "resize": self.manifest.input.resize},
+                "summary": {"method": s.method, "token_dim": s.dim, "layer": s.layer,
+                            "footprint_grid": None if s.footprint_grid is None else list(s.footprint_grid),
+                            "region_search": self.has_footprint}}
 
 
 def _info(row: Model) -> ModelInfo:
@@ -134,7 +148,8 @@ def remove_model(session: Session, model_id: int, delete_frames: bool = False) -
 
 # -- frames ------------------------------------------------------------------------------------------
 def frame_row(msg: "TokenMessage", model_id: int, received_us: int) -> Dict[str, Any]:
-    """The ``frames`` row of a decoded, validated message."""
+    """The ``frames`` row of a decoded, validated message (the footprint and the frame's geometry when it has them)."""
+    fp, frame = msg.summary.footprint, (msg.metadata or {}).get("frame")
     return {
         "frame_id": msg.frame_id.hex(), "model_id": model_id, "device": msg.device, "site": msg.site,
         "line": msg.line, "camera": msg.camera, "capture_us": int(msg.capture_ts_us), "received_us": received_us,
@@ -143,16 +158,19 @@ def frame_row(msg: "TokenMessage", model_id: int, received_us: int) -> Dict[str,
         "tokens": pack_tokens(msg.summary.tokens), "sizes": pack_f32(msg.summary.sizes),
         "centroids": pack_f32(msg.summary.centroids),
         "legal_hold": False,
+        "footprint": None if fp is None else pack_footprint(fp),
+        "geometry": None if frame is None else json.dumps(frame, separators=(",", ":"), sort_keys=True),
         "source": (msg.metadata or {}).get("source"), "labels": (msg.metadata or {}).get("labels") or None,
     }
 
 
 # Columns written by ingest, in the order of the COPY (PostgreSQL) and the INSERT (SQLite).
 _INSERT_COLS = ("frame_id", "model_id", "device", "site", "line", "camera", "capture_us", "received_us", "seq", "flags",
-                "token_dtype", "k", "global_embedding", "tokens", "sizes", "centroids", "legal_hold", "source", "labels")
+                "token_dtype", "k", "global_embedding", "tokens", "sizes", "centroids", "legal_hold", "source", "labels",
+                "footprint", "geometry")
 # Binary COPY field types; the halfvec field is sent as its binary wire form through the bytea dumper.
 _COPY_TYPES = ("text", "int4", "text", "text", "text", "text", "int8", "int8", "int8", "int2", "text", "int2", "bytea",
-               "bytea", "bytea", "bytea", "bool", "text", "jsonb", "int8")
+               "bytea", "bytea", "bytea", "bool", "text", "jsonb", "bytea", "text", "int8")
 
 
 def _halfvec_binary(v: np.ndarray) -> bytes:
@@ -265,7 +283,8 @@ _FRAME_META = ("frame_id", "model_id", "device", "site", "line", "camera", "capt
 
 @dataclass
 class FrameData:
-    """A stored frame: its metadata and its summary, decoded."""
+    """A stored frame: its metadata and its summary, decoded (``geometry``: the camera frame's size and ROI, when
+    the edge sent it)."""
 
     frame_id: str
     model_id: int
@@ -282,39 +301,54 @@ class FrameData:
     labels: Optional[Dict[str, str]]  # its labels (wire metadata)
     legal_hold: bool
     summary: Summary
+    geometry: Optional[FrameGeometry] = None
 
     def meta(self) -> Dict[str, Any]:
         s = self.summary
+        fp = s.footprint
         return {**{n: getattr(self, n) for n in _FRAME_META}, "legal_hold": self.legal_hold, "k": s.k,
-                "centroids": s.centroids.round(4).tolist(), "sizes": s.sizes.round(2).tolist()}
+                "centroids": s.centroids.round(4).tolist(), "sizes": s.sizes.round(2).tolist(),
+                "footprint": None if fp is None else {"grid": list(fp.shape), "tokens": fp.tolist()},
+                "geometry": None if self.geometry is None else self.geometry.to_json()}
 
 
-def _frame_data(r: Any, dim: int, global_embedding: np.ndarray) -> FrameData:
-    """A ``FrameData`` from a ``frames`` row (ORM object or result row) whose blobs are still packed."""
+_SUMMARY_COLS = ("legal_hold", "k", "tokens", "sizes", "centroids", "footprint", "geometry")
+
+
+def _frame_data(r: Any, global_embedding: np.ndarray, grid: Optional[Tuple[int, int]]) -> FrameData:
+    """A ``FrameData`` from a ``frames`` row (ORM object or result row) whose blobs are still packed; ``grid`` is
+    the model's footprint grid (its manifest's)."""
     k = int(r.k)
-    summary = Summary(global_embedding, unpack_tokens(r.tokens, k, dim), unpack_f32(r.sizes, (k,)),
-                      unpack_f32(r.centroids, (k, 2)))
-    return FrameData(**{n: getattr(r, n) for n in _FRAME_META}, legal_hold=bool(r.legal_hold), summary=summary)
+    fp = None if r.footprint is None or grid is None else unpack_footprint(r.footprint, grid)
+    summary = Summary(global_embedding, unpack_tokens(r.tokens, k), unpack_f32(r.sizes, (k,)),
+                      unpack_f32(r.centroids, (k, 2)), fp)
+    geometry = None if r.geometry is None else FrameGeometry.from_json(json.loads(r.geometry))
+    return FrameData(**{n: getattr(r, n) for n in _FRAME_META}, legal_hold=bool(r.legal_hold), summary=summary,
+                     geometry=geometry)
 
 
-def decode_frame(f: Frame, dim: int) -> FrameData:
-    return _frame_data(f, dim, np.asarray(f.global_embedding, np.float32))
+def decode_frame(f: Frame, grid: Optional[Tuple[int, int]] = None) -> FrameData:
+    return _frame_data(f, np.asarray(f.global_embedding, np.float32), grid)
 
 
 def get_frame(session: Session, frame_id: str) -> Optional[FrameData]:
-    row = session.execute(select(Frame, Model.embedding_dim).join(Model, Model.id == Frame.model_id)
+    row = session.execute(select(Frame, Model.manifest_json).join(Model, Model.id == Frame.model_id)
                           .where(Frame.frame_id == frame_id)).first()
-    return decode_frame(row[0], row[1]) if row else None
+    if row is None:
+        return None
+    grid = Manifest.from_json(row[1]).summary.footprint_grid
+    return decode_frame(row[0], grid)
 
 
-def get_frames(session: Session, ids: Sequence[int], dim: int) -> Dict[int, FrameData]:
-    """Frames by surrogate ``id`` (search candidates), tokens decoded; the global embedding is not read
-    (the kNN stage already scored it), so the summary's ``global_embedding`` is empty here."""
+def get_frames(session: Session, ids: Sequence[int], model: ModelInfo) -> Dict[int, FrameData]:
+    """Frames of ``model`` by surrogate ``id`` (search candidates), tokens decoded; the global embedding is not
+    read (the kNN stage already scored it), so the summary's ``global_embedding`` is empty here."""
     if not ids:
         return {}
-    cols = [getattr(Frame, n) for n in ("id", *_FRAME_META, "legal_hold", "k", "tokens", "sizes", "centroids")]
+    cols = [getattr(Frame, n) for n in ("id", *_FRAME_META, *_SUMMARY_COLS)]
     empty = np.zeros(0, np.float32)
-    return {r.id: _frame_data(r, dim, empty) for r in session.execute(select(*cols).where(Frame.id.in_(list(ids))))}
+    grid = model.manifest.summary.footprint_grid
+    return {r.id: _frame_data(r, empty, grid) for r in session.execute(select(*cols).where(Frame.id.in_(list(ids))))}
 
 
 _LIST_COLS = ("id", *_FRAME_META, "legal_hold", "k")

@@ -37,7 +37,7 @@ from runtime.runners import Runner, RunnerError, make_runner
 from tokenline import topics
 from tokenline.anomaly import AnomalyScore, BankError
 from tokenline.manifest import Manifest, ManifestError, verify_files
-from tokenline.preprocess import ImageError, preprocess
+from tokenline.preprocess import FrameGeometry, ImageError, frame_geometry, preprocess
 from tokenline.summary import Summary
 from tokenline.wire import MAX_METADATA_BYTES, TokenMessage, WireError, encode, message_size, with_header
 
@@ -50,10 +50,11 @@ class AgentError(RuntimeError):
 
 @dataclass
 class Result:
-    """A sampled frame and its summary, on its way to the outbox."""
+    """A sampled frame, its summary and its geometry (size, ROI), on its way to the outbox."""
 
     sample: Sample
     summary: Summary
+    geometry: Optional[FrameGeometry] = None
 
 
 def load_model(cfg: AgentConfig) -> Manifest:
@@ -94,6 +95,11 @@ class Agent:
         self.cfg = cfg
         self.manifest = manifest or load_model(cfg)
         self.manifest_hash = self.manifest.hash_bytes()
+        if cfg.messages.wire_version == 1 and (self.manifest.has_footprint
+                                               or self.manifest.summary.dim != self.manifest.embedding_dim):
+            raise AgentError(f"messages.wire_version: 1 cannot carry the {self.manifest.summary.method} summary of "
+                             f"model {self.manifest.name!r} (footprints, tokens of dim {self.manifest.summary.dim}); "
+                             "use 2 (upgrade central first)")
         if runner is None:
             try:
                 runner = make_runner(cfg.model, self.manifest, Path(cfg.model.dir))
@@ -285,10 +291,12 @@ class Agent:
                         if not any(self.hub.depths().values()):
                             return
                     continue
-                pixels, good = [], []
+                pixels, good, geometry = [], [], []
                 for s in batch:
                     try:
-                        pixels.append(preprocess(s.frame, spec, self.rois.get(s.camera)))
+                        roi = self.rois.get(s.camera)
+                        pixels.append(preprocess(s.frame, spec, roi))
+                        geometry.append(frame_geometry(s.frame, roi))
                         good.append(s)
                     except ImageError as exc:
                         self.counters["preprocess_errors"] += 1
@@ -310,7 +318,7 @@ class Agent:
                 self.counters["inference_batches"] += 1
                 self.counters["inference_frames"] += len(good)
                 for i, s in enumerate(good):
-                    r = Result(s, out[i])
+                    r = Result(s, out[i], geometry[i])
                     if s.lossless:
                         if not self.results.put_wait(r, self.writer_done.is_set):
                             self._failed([s], "results_full", "the outbox writer stopped")
@@ -343,17 +351,21 @@ class Agent:
     def _message_bytes(self, r: Result, anomaly: Optional[AnomalyScore] = None) -> bytes:
         s = r.sample
         summary = replace(r.summary, centroids=np.clip(r.summary.centroids, 0.0, 1.0))
+        version = self.cfg.messages.wire_version
         metadata = s.metadata
-        if metadata is not None and self.cfg.messages.wire_version < 2:
+        if metadata is not None and version < 2:
             metadata = None  # version 1 has no metadata section
             if not self._metadata_v1_warned:
                 self._metadata_v1_warned = True
                 log.warning("messages.wire_version 1 carries no metadata: file names and labels are not sent")
+        if version >= 2 and r.geometry is not None:
+            # the frame's geometry: central draws footprints in the original frame's coordinates with it
+            metadata = {**(metadata or {}), "frame": r.geometry.to_json()}
         msg = TokenMessage(frame_id=s.frame_id, device=self.cfg.device, site=self.cfg.site, line=s.line,
                            camera=s.camera, capture_ts_us=s.capture_ts_us, seq=0, manifest_hash=self.manifest_hash,
                            summary=summary, token_dtype=self.cfg.messages.token_dtype, metadata=metadata,
-                           anomaly=anomaly if self.cfg.messages.wire_version >= 2 else None)
-        buf = encode(msg, version=self.cfg.messages.wire_version)
+                           anomaly=anomaly if version >= 2 else None)
+        buf = encode(msg, version=version)
         self._largest_message = max(self._largest_message, len(buf))
         return buf
 

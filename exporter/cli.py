@@ -70,6 +70,13 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"{MergeConfig.model_fields['alpha'].description} (default here: {TURBO_ALPHA:g}, Turbo)")
     p.add_argument("--floor", dest="floor", type=int, default=unset, help=_help(MergeConfig, "floor"))
     p.add_argument("--k", dest="k", type=int, default=unset, help=_help(MergeConfig, "k"))
+    p.add_argument("--summary-layer", dest="summary_layer", type=int, default=unset,
+                   help=_help(MergeConfig, "summary_layer"))
+    p.add_argument("--summary-dim", dest="summary_dim", type=int, default=unset, help=_help(MergeConfig, "summary_dim"))
+    p.add_argument("--summary-iters", dest="summary_iters", type=int, default=unset,
+                   help=_help(MergeConfig, "summary_iters"))
+    p.add_argument("--summary-lam", dest="summary_lam", type=float, default=unset,
+                   help=_help(MergeConfig, "summary_lam"))
     p.add_argument("--precision", dest="precision", default=unset,
                    choices=get_args(ExportOptions.model_fields["precision"].annotation),
                    help=_help(ExportOptions, "precision"))

@@ -1,7 +1,7 @@
 """Export pipeline: ViT + merge settings -> validated ONNX files + manifest (the exporter's main job).
 
 ``export_encoder`` runs the steps in order, each reported to ``progress``: calibration images
-(``exporter.calibration``); per batch, a trace to ONNX (opset >= 17, fp32 or fp16, fixed batches or a dynamic
+(``exporter.calibration``); the summary head's centring and projection fitted on them (``fit_summary``); per batch, a trace to ONNX (opset >= 17, fp32 or fp16, fixed batches or a dynamic
 batch; onnx.checker, optional simplification) validated by ONNX Runtime against torch on those images
 (``exporter.validate``; the export fails over tolerance); the unmerged reference and the merged vs unmerged
 cosine; ONNX Runtime throughput; TensorRT parser compatibility; the text tower when there is one; and finally
@@ -26,9 +26,13 @@ from exporter.calibration import calibration_images
 from exporter.errors import ExportError
 from exporter.manifest import build_manifest, input_spec
 from exporter.options import ExportOptions, MergeConfig
+from exporter.summary_head import fit_projection
 from exporter.validate import compare, ort_session, run_batched, throughput, throughput_side_by_side, worst
 from exporter.vit import ViT, gflops
 from tokenline import manifest as mf
+from tokenline.summary import output_names
+
+METHOD = "slic"  # the summary head the exporter builds (tokenline.summary.OUTPUTS)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,7 @@ def export_encoder(
 
     progress("preparing calibration images")
     calib = calibration_images(input_spec(vit), opts.calib_dir, opts.calib_count)
+    projection = fit_summary(vit, calib, "synthetic" if opts.calib_dir is None else "calibration", progress)
     files, stats = export_validated(vit, merge, opts, calib, progress)
     main = files[0]
     table = merge_table(vit, stats)
@@ -78,8 +83,8 @@ def export_encoder(
         text_spec, text_files = export_text(text, out, opts.opset, progress)
         files.extend(text_files)
 
-    manifest = build_manifest(vit, merge, opts, files, stats, table, text_spec, family=family, source_path=source_path,
-                              source_sha256=source_sha256)
+    manifest = build_manifest(vit, merge, opts, files, stats, table, text_spec, projection, family=family,
+                              source_path=source_path, source_sha256=source_sha256)
     mpath = out / "manifest.json"
     manifest.write(mpath)
     progress(f"wrote {mpath}")
@@ -91,6 +96,25 @@ def encoder_file(kind: str, precision: str, batch: Optional[int]) -> str:
     """File name of an encoder (``kind`` = its manifest role): ``encoder_fp32_b4.onnx``,
     ``encoder_unmerged_fp16_bdyn.onnx``..."""
     return f"{kind}_{precision}_{'bdyn' if batch is None else f'b{batch}'}.onnx"
+
+
+def fit_summary(vit: ViT, calib: np.ndarray, fitted_on: str, progress: Progress, batch: int = 8) -> mf.ProjectionSpec:
+    """Fit the summary head's centring and PCA projection on the calibration images' summary-layer tokens (as
+    ``vit`` is configured, merges included) and bake them into the head; returns what the manifest records."""
+    head = vit.head
+    assert head is not None
+    progress(f"fitting the summary projection (block {vit.summary_layer}, {head.mean.shape[0]} -> {head.dim} dims) "
+             f"on {len(calib)} {fitted_on} images")
+    feats, sizes = [], []
+    with torch.no_grad():
+        for i in range(0, len(calib), batch):
+            f, s = vit.summary_features(torch.from_numpy(calib[i : i + batch]))
+            feats.append(f.reshape(-1, f.shape[-1]).float().numpy())
+            sizes.append(s.reshape(-1).float().numpy())
+    mean, proj, explained = fit_projection(np.concatenate(feats), np.concatenate(sizes), head.dim)
+    head.set_projection(mean, proj)
+    return mf.ProjectionSpec(method="pca" if head.dim < head.mean.shape[0] else "centre", input_dim=head.mean.shape[0],
+                             dims=head.dim, fitted_on=fitted_on, images=len(calib), explained_variance=explained)
 
 
 def export_validated(vit: ViT, merge: MergeConfig, opts: ExportOptions, calib: np.ndarray,
@@ -131,6 +155,7 @@ def merge_table(vit: ViT, stats: Dict[str, float]) -> Dict[str, object]:
         "max_rel_err_vs_torch": stats["max_rel_err"],
         "token_err_vs_torch": stats["token_err"],
         "images_matching_torch": stats["matched_fraction"],
+        "footprint_agreement_vs_torch": stats["footprint_agreement"],
     }
 
 
@@ -184,7 +209,7 @@ class _Wrapped(torch.nn.Module):
 
     def forward(self, pixels: torch.Tensor):  # noqa: D401
         outs = self.vit(pixels.to(self.dtype))
-        return tuple(o.float() for o in outs)
+        return tuple(o.float() if o.is_floating_point() else o for o in outs)
 
 
 def export_onnx(vit: ViT, path: Path, batch: Optional[int], opset: int, precision: str, simplify: bool) -> None:
@@ -194,15 +219,16 @@ def export_onnx(vit: ViT, path: Path, batch: Optional[int], opset: int, precisio
     h, w = vit.cfg.image_size
     dummy = torch.randn(batch or 2, 3, h, w)
     dynamic = None
+    names = output_names(METHOD)
     if batch is None:
-        dynamic = {n: {0: "batch"} for n in (mf.INPUT_NAME, *mf.OUTPUT_NAMES)}
+        dynamic = {n: {0: "batch"} for n in (mf.INPUT_NAME, *names)}
     dtype = torch.float16 if precision == "fp16" else torch.float32
     module = _Wrapped(copy.deepcopy(vit).to(dtype) if precision == "fp16" else vit, dtype).eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, (dummy,), str(path), dynamo=False, opset_version=opset,
-            input_names=[mf.INPUT_NAME], output_names=list(mf.OUTPUT_NAMES), dynamic_axes=dynamic,
+            input_names=[mf.INPUT_NAME], output_names=list(names), dynamic_axes=dynamic,
             do_constant_folding=True,
         )
     model = onnx.load(str(path))

@@ -21,17 +21,26 @@ def input_spec(vit: ViT) -> mf.InputSpec:
     )
 
 
+def summary_spec(vit: ViT, merge: MergeConfig, projection: mf.ProjectionSpec) -> mf.SummarySpec:
+    """The slic summary head of ``vit`` as the manifest describes it."""
+    head = vit.head
+    assert head is not None
+    return mf.SummarySpec(k=merge.k, dim=head.dim, method="slic", layer=vit.summary_layer, projection=projection,
+                          footprint_grid=vit.footprint_grid, iterations=head.iters, spatial_weight=head.lam)
+
+
 def build_manifest(vit: ViT, merge: MergeConfig, opts: ExportOptions, files: List[mf.FileSpec], stats: Dict[str, float],
-                   table: Dict[str, object], text: Optional[mf.TextSpec], *, family: str, source_path: str,
-                   source_sha256: str) -> mf.Manifest:
+                   table: Dict[str, object], text: Optional[mf.TextSpec], projection: mf.ProjectionSpec, *,
+                   family: str, source_path: str, source_sha256: str) -> mf.Manifest:
     """The manifest of ``files``, written by ``export_encoder`` for ``vit`` configured with ``merge``.
 
     ``stats`` are the worst ``exporter.validate.compare`` numbers over the encoder files, ``table`` the
-    measurements of the export (cosine vs unmerged, throughput, GFLOPs); ``files[0]`` is the main encoder,
-    whose batch the outputs are listed for.
+    measurements of the export (cosine vs unmerged, throughput, GFLOPs), ``projection`` the summary head's fitted
+    centring and projection; ``files[0]`` is the main encoder, whose batch the outputs are listed for.
     """
     cfg, schedule, k = vit.cfg, vit.schedule, merge.k
     d = cfg.out_dim
+    summary = summary_spec(vit, merge, projection)
     return mf.Manifest(
         name=opts.name,
         family=family,
@@ -52,8 +61,8 @@ def build_manifest(vit: ViT, merge: MergeConfig, opts: ExportOptions, files: Lis
             tokens_per_block=vit.tokens_per_block, final_tokens=schedule.final_patches + cfg.num_prefix,
             floor=merge.floor or k,
         ),
-        summary=mf.SummarySpec(k=k, dim=d),
-        outputs=mf.output_specs(k, d, files[0].batch),
+        summary=summary,
+        outputs=mf.output_specs(summary.method, mf.Layout(k, d, summary.dim, summary.footprint_grid), files[0].batch),
         embedding_dim=d,
         files=files,
         text=text,
@@ -66,5 +75,6 @@ def build_manifest(vit: ViT, merge: MergeConfig, opts: ExportOptions, files: Lis
             ort_images_per_s=table.get("ort_images_per_s"),
             ort_images_per_s_unmerged=table.get("ort_images_per_s_unmerged"),
             gflops=table.get("gflops"), gflops_unmerged=table.get("gflops_unmerged"),
+            footprint_agreement_vs_torch=stats.get("footprint_agreement"),
         ),
     )

@@ -32,13 +32,19 @@ i.e. merged = (M @ (s * x)) / (M @ s) with B's own identity rows included. Atten
 proportional: softmax(q k^T / sqrt(d) + log s), so a merged token keeps the attention weight of the patches
 it replaced.
 
+What the summary head needs rides along (``Tokens.feat``, ``Tokens.src``, both optional): ``feat``, an earlier
+block's features of the same tokens, is size-averaged like x and p; ``src`` [N, G], how many of each footprint
+cell's original patches a token stands for, is additive like s (src_j' = src_j + sum_i M[j, i] src_i), so after
+any number of merges every patch is counted in exactly one token: the footprint follows the merges back to the
+original patches.
+
 Export. Everything is a gather, a TopK with a constant k (sorted), an Equal against a constant arange and
 a dense matmul: no ScatterElements (whose reductions TensorRT < 10 cannot run), every shape static.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -51,6 +57,8 @@ class Tokens(NamedTuple):
     size: Tensor  # [B, N] patches covered
     pos: Tensor  # [B, N, 2] centroid (x, y), normalized to [0, 1]
     sem: Tensor  # [B, N] semantic value (attention mass)
+    feat: Optional[Tensor] = None  # [B, N, C'] an earlier block's features (the summary head's), size-averaged
+    src: Optional[Tensor] = None  # [B, N, G] original patches per footprint cell, additive
 
 
 def _gather_rows(t: Tensor, idx: Tensor) -> Tensor:
@@ -90,21 +98,23 @@ def merge(tokens: Tokens, metric: Tensor, r: int, alpha: float) -> Tokens:
     ar_b = torch.arange(n_b, device=score.device)
     assign = (dst.unsqueeze(1) == ar_b.view(1, n_b, 1)).to(tokens.x.dtype) * is_src.unsqueeze(1)  # M [B,Nb,Na]
 
-    def split(t: Tensor) -> tuple[Tensor, Tensor]:
-        return t[:, ::2], t[:, 1::2]
-
-    (x_a, x_b), (s_a, s_b), (p_a, p_b), (m_a, m_b) = map(split, tokens)
+    s_a, s_b = tokens.size[:, ::2], tokens.size[:, 1::2]
     size_b = s_b + (assign @ s_a.unsqueeze(-1)).squeeze(-1)
-    w_a = s_a.unsqueeze(-1)
-    x_b = (s_b.unsqueeze(-1) * x_b + assign @ (w_a * x_a)) / size_b.unsqueeze(-1)
-    p_b = (s_b.unsqueeze(-1) * p_b + assign @ (w_a * p_a)) / size_b.unsqueeze(-1)
-    m_b = m_b + (assign @ m_a.unsqueeze(-1)).squeeze(-1)
+    w_a, w_b = s_a.unsqueeze(-1), s_b.unsqueeze(-1)
 
+    def averaged(t: Tensor) -> Tensor:  # x, pos, feat: size-weighted means of the merged tokens
+        return (w_b * t[:, 1::2] + assign @ (w_a * t[:, ::2])) / size_b.unsqueeze(-1)
+
+    def additive(t: Tensor) -> Tensor:  # sem [B, N], src [B, N, G]: sums
+        if t.dim() == 2:
+            return t[:, 1::2] + (assign @ t[:, ::2].unsqueeze(-1)).squeeze(-1)
+        return t[:, 1::2] + assign @ t[:, ::2]
+
+    merged_b = {"x": averaged(tokens.x), "size": size_b, "pos": averaged(tokens.pos), "sem": additive(tokens.sem),
+                "feat": None if tokens.feat is None else averaged(tokens.feat),
+                "src": None if tokens.src is None else additive(tokens.src)}
     if r == n_a:  # all of A merged: no empty gathers in the graph (they trace to wrong static shapes)
-        return Tokens(x=x_b, size=size_b, pos=p_b, sem=m_b)
-    return Tokens(
-        x=torch.cat([_gather_rows(x_a, unm_idx), x_b], dim=1),
-        size=torch.cat([_gather_rows(s_a, unm_idx), size_b], dim=1),
-        pos=torch.cat([_gather_rows(p_a, unm_idx), p_b], dim=1),
-        sem=torch.cat([_gather_rows(m_a, unm_idx), m_b], dim=1),
-    )
+        return Tokens(**merged_b)
+    return Tokens(**{name: None if b is None else torch.cat([_gather_rows(getattr(tokens, name)[:, ::2], unm_idx), b],
+                                                             dim=1)
+                     for name, b in merged_b.items()})

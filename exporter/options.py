@@ -45,7 +45,12 @@ class MergeConfig(_Options):
     alpha: float = Field(0.0, description="Turbo's weight of semantic value (0 = ToMe)")
     floor: int = Field(0, description="fewest patch tokens a block may leave (0: K)")
     k: int = Field(16, description="summary tokens per image")
-    summary_alpha: Optional[float] = Field(None, description="alpha of the summary head (None: alpha)")
+    summary_layer: Optional[int] = Field(None, ge=1, description="block whose output feeds the summary head "
+                                         "(None: 2/3 of the depth, block 8 of 12)")
+    summary_dim: int = Field(96, ge=0, description="summary token dimension after the PCA fitted on the calibration "
+                             "images (0 or >= the width: centred only)")
+    summary_iters: int = Field(3, ge=1, description="clustering iterations of the summary head")
+    summary_lam: float = Field(0.5, ge=0, description="spatial weight of the summary head's clustering")
 
     @property
     def method(self) -> str:
@@ -54,8 +59,8 @@ class MergeConfig(_Options):
         return "turbo" if self.alpha else "tome"
 
     def unmerged(self) -> "MergeConfig":
-        """The same summary head (K, alphas) without merging in the blocks: the reference encoder."""
-        return MergeConfig(k=self.k, alpha=self.alpha, summary_alpha=self.summary_alpha)
+        """The same summary head without merging in the blocks: the reference encoder."""
+        return MergeConfig(**{**self.model_dump(), "r": None, "r_list": None, "target": None, "floor": 0})
 
 
 class ExportOptions(_Options):

@@ -41,7 +41,15 @@ def render_result(result: ExportResult, console: Console) -> None:
     summary.add_row("max abs error vs torch", "", _fmt(t["max_abs_err_vs_torch"], ".2e"), "")
     summary.add_row("images matching torch within tolerance", "", f"{t['images_matching_torch']:.0%}", "")
     summary.add_row("summary token error vs torch (1-cos)", "", _fmt(t["token_err_vs_torch"], ".2e"), "")
+    summary.add_row("footprint cells matching torch", "", f"{t['footprint_agreement_vs_torch']:.1%}", "")
     console.print(summary)
+    s = m.summary
+    if s.projection is not None:
+        p = s.projection
+        console.print(f"summary head: {s.method}, K={s.k}, block {s.layer} of {m.encoder.depth}, {p.method} "
+                      f"{p.input_dim} -> {p.dims} dims ({p.explained_variance:.1%} of the variance, {p.images} "
+                      f"{p.fitted_on} images), footprint {s.footprint_grid[0]}x{s.footprint_grid[1]}"
+                      if s.footprint_grid else "")
 
     if result.trt_verdict:
         trt = Table(title="TensorRT parser compatibility")

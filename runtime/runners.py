@@ -17,7 +17,7 @@ import numpy as np
 from runtime.cuda import CudaError, CudaStream, CudaUnavailable
 from runtime.engine import EngineError, load_engine
 from tokenline import manifest as mf
-from tokenline.summary import OUTPUT_NAMES, Summary, SummaryError, output_shapes
+from tokenline.summary import Summary, SummaryError, output_names, output_shapes, outputs
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,10 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
-def check_outputs(outs: Sequence[np.ndarray], b: int, k: int, d: int) -> Summary:
+def check_outputs(outs: Sequence[np.ndarray], b: int, manifest: mf.Manifest) -> Summary:
     """Validate raw outputs (in manifest order) for a batch of ``b``; RunnerError names the bad tensor."""
     try:
-        return Summary.from_outputs(outs, k, d, b)
+        return Summary.from_outputs(outs, manifest.summary.method, manifest.layout, b)
     except SummaryError as exc:
         raise RunnerError(str(exc)) from None
 
@@ -87,7 +87,6 @@ class OnnxRuntimeRunner:
         import onnxruntime as ort  # the agent imports it lazily so that check-config stays fast
 
         self.manifest = manifest
-        self.k, self.d = manifest.summary.k, manifest.embedding_dim
         self.providers = resolve_providers(list(providers), ort.get_available_providers())
         opts = ort.SessionOptions()
         if threads:
@@ -126,9 +125,10 @@ class OnnxRuntimeRunner:
         if len(shape) != 4 or shape[1] != 3 or shape[2] != spec.height or shape[3] != spec.width:
             raise RunnerError(f"{path}: input shape {shape}, manifest says [B, 3, {spec.height}, {spec.width}]")
         names = tuple(o.name for o in sess.get_outputs())
-        if names != OUTPUT_NAMES:
-            raise RunnerError(f"{path}: outputs {names}, manifest says {OUTPUT_NAMES}")
-        for o, (_, w) in zip(sess.get_outputs(), output_shapes(self.k, self.d)):
+        want = output_names(self.manifest.summary.method)
+        if names != want:
+            raise RunnerError(f"{path}: outputs {names}, manifest says {want}")
+        for o, (_, w) in zip(sess.get_outputs(), output_shapes(self.manifest.summary.method, self.manifest.layout)):
             tail = tuple(o.shape[1:])
             if all(isinstance(x, int) for x in tail) and tail != w:
                 raise RunnerError(f"{path}: output {o.name} is [B, {', '.join(map(str, tail))}], "
@@ -140,7 +140,7 @@ class OnnxRuntimeRunner:
         for chunk in pad_batch(pixels, self.batch_sizes):
             sess = self.sessions[None] if not self.batch_sizes else self.sessions[chunk.shape[0]]
             raw = sess.run(None, {self.manifest.input.name: chunk})
-            parts.append(check_outputs(raw, chunk.shape[0], self.k, self.d))
+            parts.append(check_outputs(raw, chunk.shape[0], self.manifest))
         return Summary.concat(parts, n)
 
     def close(self) -> None:
@@ -179,7 +179,7 @@ class TensorRTRunner:
             raise RunnerError(f"model.engine: {exc}") from None
         engine = self.loaded.engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        want = {manifest.input.name, *OUTPUT_NAMES}
+        want = {manifest.input.name, *output_names(manifest.summary.method)}
         if set(names) != want:
             raise RunnerError(f"{path}: engine tensors {names}, manifest says {sorted(want)}")
         import tensorrt as trt  # noqa: PLC0415
@@ -187,7 +187,7 @@ class TensorRTRunner:
         self.name = f"tensorrt[{trt.__version__}]"
         self.manifest = manifest
         self.input_name = manifest.input.name
-        self.k, self.d = manifest.summary.k, manifest.embedding_dim
+        self.method, self.layout = manifest.summary.method, manifest.layout
         in_shape = tuple(engine.get_tensor_shape(self.input_name))
         self.dynamic = in_shape[0] == -1
         if self.dynamic:
@@ -198,7 +198,7 @@ class TensorRTRunner:
             self.batch_sizes = [max_batch]
         self.context = engine.create_execution_context()
         h, w = manifest.input.height, manifest.input.width
-        shapes = dict(output_shapes(self.k, self.d, max_batch), **{self.input_name: (max_batch, 3, h, w)})
+        shapes = dict(output_shapes(self.method, self.layout, max_batch), **{self.input_name: (max_batch, 3, h, w)})
         try:
             self.cuda = CudaStream()
             self.buffers = {n: self.cuda.malloc(int(np.prod(s)) * 4) for n, s in shapes.items()}
@@ -221,12 +221,12 @@ class TensorRTRunner:
             if not self.context.execute_async_v3(self.cuda.handle):
                 raise RunnerError("TensorRT execute_async_v3 failed (see the TensorRT log)")
             outs = []
-            for name, shape in output_shapes(self.k, self.d, b):
-                host = np.empty(shape, dtype=np.float32)
+            for (name, shape), spec in zip(output_shapes(self.method, self.layout, b), outputs(self.method)):
+                host = np.empty(shape, dtype=spec.dtype)  # float32 or int32: 4 bytes, as the buffers
                 self.cuda.copy(host.ctypes.data, self.buffers[name], host.nbytes, CudaStream.D2H)
                 outs.append(host)
             self.cuda.sync()
-            parts.append(check_outputs(outs, b, self.k, self.d))
+            parts.append(check_outputs(outs, b, self.manifest))
         return Summary.concat(parts, n)
 
     def close(self) -> None:

@@ -59,7 +59,8 @@ class Model(Base):
 
 
 class Frame(Base):
-    """One captured frame's tokens: metadata, global embedding, summary tokens, sizes and centroids."""
+    """One captured frame's tokens: metadata, global embedding, summary tokens, sizes and centroids, and for models
+    with a footprint summary the footprint and the frame's geometry (size, ROI)."""
 
     __tablename__ = "frames"
     __table_args__ = (
@@ -89,6 +90,8 @@ class Frame(Base):
     legal_hold: Mapped[bool] = mapped_column(Boolean, default=False)
     source: Mapped[Optional[str]] = mapped_column(String(255), nullable=True)  # metadata: the file it came from
     labels = mapped_column(Labels, nullable=True)  # metadata: {name: text} (camera's and file's labels)
+    footprint: Mapped[Optional[bytes]] = mapped_column(LargeBinary, nullable=True)  # sql.types.pack_footprint
+    geometry: Mapped[Optional[str]] = mapped_column(Text, nullable=True)  # JSON: the wire's metadata.frame
 
 
 class Original(Base):

@@ -12,6 +12,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
+from tokenline.wire.common import pack_nibbles, unpack_nibbles
+
 
 class Embedding(TypeDecorator):
     """A float vector: ``halfvec`` (no fixed dimension) on PostgreSQL, little-endian float32 bytes elsewhere.
@@ -65,14 +67,55 @@ def pack_tokens(tokens: np.ndarray) -> bytes:
     return scale.astype("<f4").tobytes() + q.tobytes()
 
 
-def unpack_tokens(blob: bytes, k: int, d: int) -> np.ndarray:
-    """Inverse of ``pack_tokens``: float32 [K, D]."""
+def token_dim(blob: bytes, k: int) -> int:
+    """The dimension d of ``pack_tokens``' blob of K tokens (K*4 scale bytes + K*d values)."""
+    d, rest = divmod(len(blob) - 4 * k, k)
+    if rest or d < 1:
+        raise ValueError(f"a token blob of {len(blob)} bytes does not hold K={k} tokens")
+    return d
+
+
+def unpack_tokens(blob: bytes, k: int, d: int | None = None) -> np.ndarray:
+    """Inverse of ``pack_tokens``: float32 [K, d] (d from the blob's length when not given)."""
+    d = token_dim(blob, k) if d is None else d
     need = k * 4 + k * d
     if len(blob) != need:
-        raise ValueError(f"token blob is {len(blob)} bytes, expected {need} for K={k}, D={d}")
+        raise ValueError(f"token blob is {len(blob)} bytes, expected {need} for K={k}, d={d}")
     scale = np.frombuffer(blob, dtype="<f4", count=k)
     q = np.frombuffer(blob, dtype=np.int8, offset=k * 4).reshape(k, d)
     return q.astype(np.float32) * scale[:, None].astype(np.float32)
+
+
+def unpack_token_rows(blobs: list, k: int) -> np.ndarray:
+    """Many frames' token blobs of the same K and d at once: float32 [F, K, d] (region search's scan)."""
+    if not blobs:
+        return np.zeros((0, k, 0), np.float32)
+    d = token_dim(blobs[0], k)
+    raw = np.frombuffer(b"".join(bytes(b) for b in blobs), dtype=np.uint8).reshape(len(blobs), -1)
+    if raw.shape[1] != k * (4 + d):
+        raise ValueError(f"token blobs of K={k} differ in length")
+    scale = raw[:, : 4 * k].copy().view("<f4").astype(np.float32)  # [F, K]
+    q = raw[:, 4 * k :].view(np.int8).reshape(len(blobs), k, d)
+    return q.astype(np.float32) * scale[:, :, None]
+
+
+def pack_footprint(footprint: np.ndarray) -> bytes:
+    """A footprint [gh, gw] of token indices as bytes: two cells per byte (first in the low nibble) when every
+    index is below 16, as on the wire; ``unpack_footprint`` needs the grid (the model's manifest says it)."""
+    fp = np.asarray(footprint, dtype=np.uint8).reshape(-1)
+    return (pack_nibbles(fp) if fp.size and int(fp.max()) < 16 else fp).tobytes()
+
+
+def unpack_footprint(blob: bytes, grid: tuple) -> np.ndarray:
+    """Inverse of ``pack_footprint``: uint8 [gh, gw]."""
+    gh, gw = int(grid[0]), int(grid[1])
+    n = gh * gw
+    b = np.frombuffer(bytes(blob), dtype=np.uint8)
+    if b.size == n:
+        return b.reshape(gh, gw).copy()
+    if b.size != (n + 1) // 2:
+        raise ValueError(f"a footprint blob of {b.size} bytes does not fit a {gh}x{gw} grid")
+    return unpack_nibbles(b, n).reshape(gh, gw)
 
 
 def pack_f32(arr: np.ndarray) -> bytes:

@@ -35,3 +35,9 @@ def mosquitto(tmp_path: Path):
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny real ONNX encoder (K=16, D=384) with its manifest (tests/support/tiny_model.py)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), size=32, patch=8, dim=384)
+
+
+@pytest.fixture(scope="session")
+def slic_model_dir(tmp_path_factory) -> Path:
+    """The tiny encoder with the slic summary: tokens of dim 96 and a footprint (token j = patch j, K = 16)."""
+    return build_tiny_model(tmp_path_factory.mktemp("slic-model"), size=32, patch=8, dim=384, head="slic", token_dim=96)

@@ -11,14 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import List, Literal, Optional, Tuple
+from typing import ClassVar, List, Literal, Optional, Tuple
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, SerializationInfo, ValidationError, field_validator, model_serializer, model_validator
 
 from tokenline.documents import StrictModel, describe
-from tokenline.summary import OUTPUT_NAMES, output_shapes
+from tokenline.summary import FOOTPRINT_METHODS, MAX_FOOTPRINT_CELLS, Layout, output_names, outputs, output_shapes
 
-SCHEMA = "tokenline.manifest/1"
+SCHEMA = "tokenline.manifest/2"  # what the exporter writes
+# What this build reads: /1 manifests (the informativity summary, models exported before the slic head) hash and
+# work as they did; /2 adds the slic summary (summary.layer, projection, footprint_grid, its outputs).
+SCHEMAS = ("tokenline.manifest/1", SCHEMA)
 
 # Stable ONNX tensor name of the image encoder's input; the outputs are listed in tokenline.summary.OUTPUTS.
 INPUT_NAME = "pixels"
@@ -94,14 +97,74 @@ class MergeSpec(StrictModel):
         return self
 
 
-class SummarySpec(StrictModel):
-    """Summary tokens (after Fwd2Bot, training-free): K tokens of dim D, unit-norm, with sizes and centroids."""
+class ProjectionSpec(StrictModel):
+    """How the summary's features were centred and projected (fitted at export, baked into the graph)."""
+
+    method: Literal["pca", "centre"]  # pca: centred, then the top ``dims`` principal axes; centre: centred only
+    input_dim: int = Field(gt=0)  # the backbone width D_in of the feature layer
+    dims: int = Field(gt=0)  # d, the summary tokens' dimension
+    fitted_on: Literal["calibration", "synthetic"]  # the export's calibration images, or synthetic ones
+    images: int = Field(gt=0)  # calibration images the mean and axes came from
+    explained_variance: float = Field(ge=0, le=1)  # share of the centred features' variance the d axes keep
+
+
+class _Extended(StrictModel):
+    """A manifest section with keys added after /1 (``ADDED``): each is left out of the JSON while it is None, so
+    a /1 manifest keeps its canonical JSON and therefore its hash (the id central registered it under)."""
+
+    ADDED: ClassVar[Tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _drop_absent_added(self, handler, info: SerializationInfo):  # noqa: ANN001, ANN201 - pydantic hook
+        data = handler(self)
+        for key in self.ADDED:
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
+
+_SLIC_KEYS = ("layer", "projection", "footprint_grid", "iterations", "spatial_weight")
+
+
+class SummarySpec(_Extended):
+    """Summary tokens: K unit-norm tokens of dim ``dim`` and how they were made (``tokenline.summary`` methods).
+
+    ``informativity``: tokens of dim D = ``embedding_dim`` (merged final tokens), sizes and centroids as outputs.
+    ``slic``: the block-``layer`` patch tokens (1-based block output, through the final LayerNorm) centred and
+    projected to ``dim`` (``projection``), clustered by feature and position (``iterations`` steps with
+    ``spatial_weight``) into K tokens with a footprint on ``footprint_grid`` (rows, cols of the model input).
+    """
 
     k: int = Field(gt=0)
     dim: int = Field(gt=0)
-    method: Literal["informativity"] = "informativity"
+    method: Literal["informativity", "slic"] = "informativity"
     normalized: bool = True
     centroid_units: Literal["normalized_xy"] = "normalized_xy"  # (x, y) in [0, 1] of the model input
+    layer: Optional[int] = Field(None, gt=0)
+    projection: Optional[ProjectionSpec] = None
+    footprint_grid: Optional[Tuple[int, int]] = None
+    iterations: Optional[int] = Field(None, gt=0)
+    spatial_weight: Optional[float] = Field(None, ge=0)
+    ADDED: ClassVar[Tuple[str, ...]] = _SLIC_KEYS
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> "SummarySpec":
+        given = [k for k in _SLIC_KEYS if getattr(self, k) is not None]
+        if self.method not in FOOTPRINT_METHODS:
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for the slic summary method")
+            return self
+        missing = [k for k in ("layer", "footprint_grid", "iterations", "spatial_weight") if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"the {self.method} summary needs {', '.join(missing)}")
+        gh, gw = self.footprint_grid or (0, 0)
+        if gh < 1 or gw < 1 or gh * gw > MAX_FOOTPRINT_CELLS:
+            raise ValueError(f"footprint_grid must have 1..{MAX_FOOTPRINT_CELLS} cells, got {gh}x{gw}")
+        if self.k > 255:
+            raise ValueError("a footprint indexes at most 255 tokens")
+        if self.projection is not None and self.projection.dims != self.dim:
+            raise ValueError(f"projection.dims {self.projection.dims} differs from dim {self.dim}")
+        return self
 
 
 class FileSpec(StrictModel):
@@ -127,12 +190,13 @@ class TextSpec(StrictModel):
     pad_id: int = 0
 
 
-def output_specs(k: int, d: int, batch: Optional[int]) -> List[TensorSpec]:
+def output_specs(method: str, layout: Layout, batch: Optional[int]) -> List[TensorSpec]:
     """The encoder's outputs as the manifest lists them (``batch`` None: dynamic batch axis, written -1)."""
-    return [TensorSpec(name=n, shape=s, dtype="float32") for n, s in output_shapes(k, d, -1 if batch is None else batch)]
+    shapes = output_shapes(method, layout, -1 if batch is None else batch)
+    return [TensorSpec(name=n, shape=s, dtype=o.dtype) for (n, s), o in zip(shapes, outputs(method))]
 
 
-class ValidationSpec(StrictModel):
+class ValidationSpec(_Extended):
     """What the exporter measured before it accepted the export."""
 
     max_abs_err_vs_torch: float
@@ -146,12 +210,14 @@ class ValidationSpec(StrictModel):
     ort_images_per_s_unmerged: Optional[float] = None
     gflops: Optional[float] = None
     gflops_unmerged: Optional[float] = None
+    footprint_agreement_vs_torch: Optional[float] = None  # fraction of footprint cells equal in ONNX Runtime and torch
+    ADDED: ClassVar[Tuple[str, ...]] = ("footprint_agreement_vs_torch",)
 
 
 class Manifest(StrictModel):
     """The whole manifest. ``from_file`` / ``write`` round-trip it; ``hash`` names it on the wire."""
 
-    schema_: Literal["tokenline.manifest/1"] = Field(SCHEMA, alias="schema")
+    schema_: Literal["tokenline.manifest/1", "tokenline.manifest/2"] = Field(SCHEMA, alias="schema")
     name: str = Field(min_length=1, max_length=128)
     family: Family
     source_checkpoint: str
@@ -175,11 +241,27 @@ class Manifest(StrictModel):
 
     @model_validator(mode="after")
     def _outputs_named(self) -> "Manifest":
+        s = self.summary
+        if self.schema_ == SCHEMAS[0] and s.method != "informativity":
+            raise ValueError(f"a {SCHEMAS[0]} manifest has the informativity summary; the {s.method} summary "
+                             f"needs {SCHEMA}")
+        want = output_names(s.method)
         names = tuple(o.name for o in self.outputs)
-        if names != OUTPUT_NAMES:
-            raise ValueError(f"outputs must be named {OUTPUT_NAMES} in that order, got {names}")
-        if self.summary.dim != self.embedding_dim:
+        if names != want:
+            raise ValueError(f"outputs must be named {want} in that order, got {names}")
+        for o, (name, shape), spec in zip(self.outputs, output_shapes(s.method, self.layout), outputs(s.method)):
+            if tuple(o.shape[1:]) != shape or o.dtype != spec.dtype:
+                raise ValueError(f"output {name} must be [B, {', '.join(map(str, shape))}] {spec.dtype}, got "
+                                 f"{list(o.shape)} {o.dtype}")
+        if s.method == "informativity" and s.dim != self.embedding_dim:
             raise ValueError("summary.dim must equal embedding_dim")
+        if s.method == "slic":
+            if s.layer is not None and s.layer > self.encoder.depth:
+                raise ValueError(f"summary.layer {s.layer} is beyond the encoder's {self.encoder.depth} blocks")
+            width = s.projection.input_dim if s.projection is not None else s.dim
+            if width != self.encoder.embed_dim:
+                raise ValueError(f"the summary's features are {width}-dimensional, the encoder is "
+                                 f"{self.encoder.embed_dim} wide")
         return self
 
     # -- serialisation -------------------------------------------------------------------------
@@ -199,8 +281,9 @@ class Manifest(StrictModel):
             raise ManifestError(f"{where}: not JSON ({exc})") from None
         if not isinstance(data, dict):
             raise ManifestError(f"{where}: top level must be an object")
-        if data.get("schema") != SCHEMA:
-            raise ManifestError(f"{where}: schema is {data.get('schema')!r}, this build reads {SCHEMA!r}")
+        if data.get("schema") not in SCHEMAS:
+            raise ManifestError(f"{where}: schema is {data.get('schema')!r}, this build reads "
+                                f"{' and '.join(repr(v) for v in SCHEMAS)}")
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -235,6 +318,16 @@ class Manifest(StrictModel):
     @property
     def num_summary_tokens(self) -> int:
         return self.summary.k
+
+    @property
+    def layout(self) -> Layout:
+        """K, D, d and the footprint grid: what the encoder's outputs are shaped by."""
+        s = self.summary
+        return Layout(k=s.k, dim=self.embedding_dim, token_dim=s.dim, grid=s.footprint_grid)
+
+    @property
+    def has_footprint(self) -> bool:
+        return self.summary.method in FOOTPRINT_METHODS
 
 
 def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:

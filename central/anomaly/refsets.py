@@ -20,7 +20,7 @@ from central.anomaly.bank import SetFrames, build_bank, with_threshold
 from central.config import AnomalyConfig
 from central.errors import Conflict, Invalid, NotFound
 from sql.models import Frame, FrameScore, Model, ReferenceFrame, ReferenceSet
-from sql.types import unpack_f32
+from sql.types import unpack_f32, unpack_token_rows
 from tokenline.anomaly import MODES, Bank, BankInfo
 
 REASON = "bad_reference_set"  # the reason of every Invalid raised here
@@ -61,19 +61,9 @@ def _info(row: ReferenceSet, bank: Optional[Bank] = None) -> SetInfo:
 
 
 # -- frames of a set -------------------------------------------------------------------------------------------
-def token_dim(blob_len: int, k: int) -> int:
-    """The token dimension of a ``frames.tokens`` blob (``sql.types.pack_tokens``: K scales, then K*d int8)."""
-    return (blob_len - 4 * k) // k
-
-
 def decode_tokens(blobs: Sequence[bytes], k: int) -> np.ndarray:
-    """[F, K, d] float32 from packed token blobs of equal length (one ``np.frombuffer`` for all)."""
-    n = len(blobs[0])
-    d = token_dim(n, k)
-    raw = np.frombuffer(b"".join(bytes(b) for b in blobs), np.uint8).reshape(len(blobs), n)
-    scale = raw[:, : 4 * k].copy().view("<f4").reshape(len(blobs), k)
-    q = raw[:, 4 * k:].view(np.int8).reshape(len(blobs), k, d)
-    return q.astype(np.float32) * scale[..., None].astype(np.float32)
+    """[F, K, d] float32 from packed token blobs of equal length (``sql.types.unpack_token_rows``)."""
+    return unpack_token_rows(list(blobs), k)
 
 
 def group_by_shape(rows: Sequence[Any]) -> List[List[Any]]:

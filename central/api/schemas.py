@@ -6,7 +6,7 @@ through without being dropped by the response model; the fields named here are a
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,6 +54,8 @@ class ModelOut(Out):
     merge: str
     registered_us: int
     input: Dict[str, Any] = Field(description="the encoder's input: width, height, resize (how a frame is fitted)")
+    summary: Dict[str, Any] = Field(description="the summary head: method, token_dim, layer, footprint_grid, "
+                                                "region_search (whether the model has footprints)")
     frames: int = 0
     last_capture_us: Optional[int] = None
 
@@ -135,6 +137,12 @@ class Match(Out):
     x: float = Field(description="centroid of the token's patches, 0..1 of the model input's width")
     y: float
     size: float = Field(description="patches the token stands for")
+    box: Optional[List[float]] = Field(None, description="x0,y0,x1,y1 of the token's footprint, fractions of the "
+                                                         "original frame (models with footprints)")
+    box_px: Optional[List[float]] = Field(None, description="box in the original frame's pixels; null when the "
+                                                            "frame came without its geometry")
+    cells: Optional[List[List[float]]] = Field(None, description="the footprint as boxes (fractions of the frame)")
+    mask: Optional[Dict[str, Any]] = Field(None, description="the footprint on its grid: grid, rows of 0/1")
 
 
 class SearchHit(FrameItem):
@@ -152,9 +160,34 @@ class SearchOut(BaseModel):
                                                          "the next page; null at the end")
 
 
+class CropQueryOut(BaseModel):
+    kind: Literal["crop"]
+
+
+class BoxQueryOut(BaseModel):
+    kind: Literal["box"]
+    frame_id: str = Field(description="the stored frame the box was drawn on (never its own result)")
+    box: List[float] = Field(description="x0,y0,x1,y1, fractions of that frame")
+    tokens: List[Dict[str, Any]] = Field(description="the frame's tokens the box drew on: token, weight")
+
+
+class RegionHit(FrameItem):
+    score: float
+    match: Match
+
+
+class RegionSearchOut(BaseModel):
+    model: ModelOut
+    took_ms: float
+    query: Union[CropQueryOut, BoxQueryOut] = Field(discriminator="kind")
+    results: List[RegionHit]
+
+
 class FrameMeta(FrameItem):
     centroids: List[List[float]]
     sizes: List[float]
+    footprint: Optional[Dict[str, Any]] = Field(None, description="token index per footprint cell: grid, tokens")
+    geometry: Optional[Dict[str, Any]] = Field(None, description="the original frame's size, ROI and fitting")
 
 
 class OriginalOut(Out):

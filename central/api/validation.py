@@ -97,8 +97,8 @@ def finite(parameter: str, value: Optional[float], lo: float, hi: float) -> Opti
     return value
 
 
-def page_size(parameter: str, value: int, most: int) -> int:
+def page_size(parameter: str, value: int, most: int, paged: bool = True) -> int:
     if not 1 <= value <= most:
-        raise BadParameter(parameter, f"must be between 1 and {most} (search.max_results); page with next_cursor "
-                                      "for more")
+        more = "; page with next_cursor for more" if paged else ""
+        raise BadParameter(parameter, f"must be between 1 and {most} (search.max_results){more}")
     return value

@@ -17,7 +17,7 @@ from sql.migrate import upgrade
 from tests.support.tiny_model import build_tiny_model
 from tokenline.manifest import Manifest
 from tokenline.frame_id import new_frame_id
-from tokenline.summary import Summary
+from tokenline.summary import Summary, boxes_from_footprint
 from tokenline.wire import TokenMessage
 
 _db_counter = itertools.count()
@@ -116,3 +116,23 @@ def make_message(manifest: Manifest, rng: np.random.Generator, *, site: str = "s
                         capture_ts_us=ts_us, seq=seq, manifest_hash=manifest.hash_bytes(),
                         summary=Summary(g.astype(np.float32), tokens.astype(np.float32), np.ones(k, np.float32),
                                         cent), token_dtype="int8")
+
+
+@pytest.fixture(scope="session")
+def slic_manifest(slic_model_dir: Path) -> Manifest:
+    return Manifest.from_file(slic_model_dir)
+
+
+def make_slic_message(manifest: Manifest, rng: np.random.Generator, *, site: str = "s1", line: str = "l1",
+                      camera: str = "c1", ts_us: int = 1_700_000_000_000_000, seq: int = 0,
+                      frame: Optional[dict] = None) -> TokenMessage:
+    """A v2 message of a slic model: K tokens of dim d, a random footprint in which some tokens stand for no cell,
+    and the frame's geometry (``frame``, the wire's metadata.frame)."""
+    k, d, grid = manifest.summary.k, manifest.summary.dim, manifest.summary.footprint_grid
+    tokens = unit(rng, k, d)
+    fp = rng.integers(0, k - 2, size=grid).astype(np.uint8)  # tokens k-2 and k-1 stand for nothing
+    sizes, cent = boxes_from_footprint(fp, k)
+    return TokenMessage(frame_id=new_frame_id(ts_us), device="d1", site=site, line=line, camera=camera,
+                        capture_ts_us=ts_us, seq=seq, manifest_hash=manifest.hash_bytes(),
+                        summary=Summary(unit(rng, manifest.embedding_dim), tokens, sizes, cent, fp),
+                        metadata=None if frame is None else {"frame": frame})

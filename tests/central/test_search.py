@@ -44,7 +44,7 @@ def _load_all(engine):
     from sql.models import Frame
 
     with Session(engine) as s:
-        return [store.decode_frame(f, 384) for f in s.scalars(select(Frame))]
+        return [store.decode_frame(f) for f in s.scalars(select(Frame))]
 
 
 def _brute(frames, model, q, flt, k):
@@ -100,7 +100,7 @@ def test_maxsim_rerank_matches_reference(engine, tiny_manifest):
     cands = searcher.knn(model, probe.summary.global_embedding, 51, Filters())
     ref = []
     for row_id, g in cands:
-        f = tx(engine, store.get_frames, [row_id], 384)[row_id]
+        f = tx(engine, store.get_frames, [row_id], model)[row_id]
         if f.frame_id == probe.frame_id.hex():
             continue
         ms = np.mean([max(float(t @ d) for d in f.summary.tokens) for t in probe.summary.tokens / np.linalg.norm(probe.summary.tokens, axis=1, keepdims=True)])

@@ -15,7 +15,7 @@ from tests.central.conftest import make_message, tx, unit
 
 
 def test_migration_creates_schema_and_downgrades(engine):
-    assert current(engine) == "0004"
+    assert current(engine) == "0005"
     names = set(inspect(engine).get_table_names())
     assert {"devices", "models", "frames", "originals", "dead_letters", "api_tokens", "counters", "reference_sets",
             "reference_frames", "frame_scores"} <= names
@@ -31,22 +31,24 @@ def test_migration_creates_schema_and_downgrades(engine):
     downgrade(engine, "base")
     assert "frames" not in set(inspect(engine).get_table_names())
     upgrade(engine)
-    assert current(engine) == "0004"
+    assert current(engine) == "0005"
 
 
 def test_frame_metadata_migration_keeps_older_rows(engine, tiny_manifest):
-    """0001 -> 0002 adds frames.source and frames.labels (NULL for the rows already there) and back."""
+    """0001 -> 0002 adds frames.source and frames.labels, 0005 frames.footprint and frames.geometry (NULL for the
+    rows already there) and back."""
     downgrade(engine, "0001")
     model = tx(engine, store.register_model, tiny_manifest)
     row = store.frame_row(make_message(tiny_manifest, np.random.default_rng(0)), model.id, 1)
-    row = {k: v for k, v in row.items() if k not in ("source", "labels")}
+    row = {k: v for k, v in row.items() if k not in ("source", "labels", "footprint", "geometry")}
     with Session(engine) as s, s.begin():
         s.execute(Frame.__table__.insert().values(**row))  # what 0001's code stored
     upgrade(engine)
     assert {"source", "labels"} <= {c["name"] for c in inspect(engine).get_columns("frames")}
     with Session(engine) as s:
         fr = store.get_frame(s, row["frame_id"])
-    assert fr.source is None and fr.labels is None
+    assert fr.source is None and fr.labels is None and fr.summary.footprint is None and fr.geometry is None
+    assert {"footprint", "geometry"} <= {c["name"] for c in inspect(engine).get_columns("frames")}
     downgrade(engine, "0001")
     assert "labels" not in {c["name"] for c in inspect(engine).get_columns("frames")}
     upgrade(engine)
@@ -59,7 +61,8 @@ def test_migration_0003_keeps_frames_both_ways(engine, tiny_manifest):
     model = tx(engine, store.register_model, tiny_manifest)
     rng = np.random.default_rng(4)
     rows = [store.frame_row(make_message(tiny_manifest, rng, seq=i), model.id, 0) for i in range(4)]
-    rows = [{k: v for k, v in r.items() if k not in ("source", "labels")} for r in rows]  # 0001's columns
+    rows = [{k: v for k, v in r.items() if k not in ("source", "labels", "footprint", "geometry")}
+            for r in rows]  # 0001's columns
     rows[1]["legal_hold"] = True
     with Session(engine) as s, s.begin():
         s.execute(Frame.__table__.insert(), [{**r, "global_embedding": r["global_embedding"]} for r in rows])

@@ -25,7 +25,8 @@ def sample_manifest(tmp: Path) -> Manifest:
         merge=mf.MergeSpec(method="none", r_per_block=[0, 0], tokens_per_block=[25, 25], final_tokens=25),
         summary=mf.SummarySpec(k=4, dim=8),
         outputs=[mf.TensorSpec(name=n, shape=s, dtype="float32") for n, s in
-                 zip(mf.OUTPUT_NAMES, [(1, 8), (1, 4, 8), (1, 4), (1, 4, 2)])],
+                 zip(["global_embedding", "summary_tokens", "summary_sizes", "summary_centroids"],
+                     [(1, 8), (1, 4, 8), (1, 4), (1, 4, 2)])],
         embedding_dim=8,
         files=[mf.FileSpec(path="enc.onnx", sha256=mf.sha256_file(tmp / "enc.onnx"), role="encoder", batch=1)],
     )
@@ -51,6 +52,7 @@ def test_manifest_round_trip_hash_and_file_verification(tmp_path: Path) -> None:
     (lambda d: d.update(opset=13), "opset"),
     (lambda d: d["outputs"].reverse(), "outputs must be named"),
     (lambda d: d.update(schema="tokenline.manifest/9"), "this build reads"),
+    (lambda d: d["outputs"][2].update(shape=[1, 5]), "summary_sizes must be"),
     (lambda d: d["merge"].update(r_per_block=[1]), "one entry per block"),
 ])
 def test_invalid_manifests_name_the_key(tmp_path: Path, mutate, msg: str) -> None:

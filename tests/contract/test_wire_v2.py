@@ -116,6 +116,25 @@ def test_metadata_round_trip_and_limits() -> None:
     assert e.value.reason == "bad_metadata"
 
 
+def test_frame_geometry_metadata_and_the_product_message_size() -> None:
+    """The edge's message: K=16, D=384 global, d=96 int8 tokens, 16x16 footprint, the frame's geometry: <= 2.5 KB."""
+    frame = {"width": 1920, "height": 1080, "roi": [400, 100, 1200, 900]}
+    m = fp_msg(token_dim=96, metadata={"frame": frame})
+    buf = encode(m, "int8")
+    assert decode(buf).metadata == {"frame": frame}
+    raw = json.dumps({"frame": frame}, separators=(",", ":"), sort_keys=True).encode()
+    assert len(buf) == wire.message_size("int8", 16, 384, NAMES, token_dim=96, footprint_grid=(16, 16),
+                                         metadata_bytes=len(raw)) <= 2560
+    assert decode(encode(fp_msg(metadata={"frame": {"width": 640, "height": 480}}))).metadata["frame"] == {
+        "width": 640, "height": 480}
+    for bad in ({"width": 0, "height": 10}, {"width": 10}, {"width": 10, "height": 10, "roi": [0, 0, 11, 5]},
+                {"width": 10, "height": 10, "roi": [0, 0, 0, 5]}, {"width": 10, "height": 10, "roi": [0, 0, 5]},
+                {"width": True, "height": 10}, {"width": 10, "height": 10, "dpi": 72}, [10, 10]):
+        with pytest.raises(WireError) as e:
+            encode(fp_msg(metadata={"frame": bad}))
+        assert e.value.reason == "bad_metadata", bad
+
+
 def test_optional_unknown_sections_are_skipped_required_ones_refused() -> None:
     buf = bytearray(encode(fp_msg())[:-4])
 

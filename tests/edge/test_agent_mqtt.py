@@ -323,3 +323,37 @@ def test_simulate_command_streams_synthetic_cameras(mosquitto, tmp_path, tiny_mo
                                                                             "cam-2": list(range(6))}
     assert all(m.token_dtype == "int4" and len(wire.encode(m, "int4")) <= 4096 for m in sub.messages)
     sub.close()
+
+
+def test_slic_model_sends_footprints_projected_tokens_and_the_frame_geometry(mosquitto, tmp_path,
+                                                                            slic_model_dir) -> None:
+    """Wire v2 from a slic model: tokens of dim d, the footprint (sizes and centroids follow from it) and the
+    frame's size and ROI in the metadata, so central can draw a footprint on the original frame."""
+    sub = Collector(mosquitto.host, mosquitto.port)
+    cam = dict(synthetic_camera("cam-1", seed=3, frames=6), roi=[16, 8, 64, 48])
+    agent = start_agent(tmp_path, slic_model_dir, mosquitto.port, [cam])
+    try:
+        assert sub.wait_for(lambda s: s.count() >= 6, 30), f"got {sub.count()} messages"
+    finally:
+        assert agent.shutdown()
+    sub.close()
+    assert not sub.errors
+    manifest = Manifest.from_file(slic_model_dir)
+    frames = [draw_conveyor_frame(n, 96, 64, seed=3, defect_rate=0.3) for n in range(6)]
+    ref = reference_outputs(slic_model_dir, np.stack([preprocess(f, manifest.input, (16, 8, 64, 48)) for f in frames]))
+    for n, m in enumerate(sub.by_camera()["cam-1"]):
+        s = m.summary
+        assert m.version == 2 and s.tokens.shape == (16, 96) and s.global_embedding.shape == (384,)
+        assert cos(s.tokens, ref[1][n]).min() >= 0.999 and cos(s.global_embedding, ref[0][n]) >= 0.999
+        np.testing.assert_array_equal(s.footprint, ref[2][n])
+        np.testing.assert_array_equal(s.sizes, np.ones(16))  # one cell per token in this model
+        assert m.metadata == {"frame": {"width": 96, "height": 64, "roi": [16, 8, 64, 48]}}
+
+
+def test_a_slic_model_refuses_wire_version_1(tmp_path, slic_model_dir) -> None:
+    from edge_agent.agent import AgentError
+
+    cfg = parse_config(agent_config(tmp_path, slic_model_dir, free_port(), [synthetic_camera("cam-1")],
+                                    messages={"wire_version": 1}))
+    with pytest.raises(AgentError, match="wire_version: 1 cannot carry the slic summary"):
+        Agent(cfg)

@@ -116,7 +116,7 @@ def test_image_size_resamples_timm_positions() -> None:
     enc = load_encoder(GOLDEN / "timm_vit_cls.safetensors", image_size=48, options=ConversionOptions(num_heads=2))
     assert enc.vit.cfg.grid == (6, 6) and enc.vit.pos_embed.shape == (1, 36, 32)
     with torch.no_grad():
-        g, tokens, sizes, centroids = enc.vit(torch.randn(1, 3, 48, 48))
+        g, tokens, footprint, patch_mean = enc.vit(torch.randn(1, 3, 48, 48))
     assert torch.isfinite(g).all() and torch.allclose(g.norm(dim=-1), torch.ones(1), atol=1e-5)
 
 

@@ -33,11 +33,13 @@ def test_export_cli_writes_a_valid_manifest_and_table(tmp_path: Path) -> None:
     ckpt = tiny_hf_dinov2(tmp_path / "dinov2")
     out = tmp_path / "out"
     res = run_cli("export", str(ckpt), "--out", str(out), "--r", "3", "--alpha", "5", "--k", "4", "--batch", "2",
-                  "--name", "tiny-dinov2")
+                  "--name", "tiny-dinov2", "--summary-layer", "2", "--summary-dim", "8")
     assert res.returncode == 0, res.stderr
     man = Manifest.from_file(out)
     verify_files(man, out)
     assert man.family == "hf_dinov2" and man.merge.method == "turbo" and man.summary.k == 4
+    assert (man.summary.method, man.summary.layer, man.summary.dim) == ("slic", 2, 8)
+    assert man.summary.projection.method == "pca" and man.summary.projection.input_dim == 32
     assert man.merge.r_per_block == [3, 3] and man.merge.tokens_per_block == [17, 14]
     for word in ("tokens per block", "GFLOPs", "images/s", "cosine vs unmerged", "max abs error"):
         assert word in res.stdout

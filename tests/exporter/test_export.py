@@ -15,6 +15,7 @@ from exporter.options import ExportOptions, MergeConfig
 from exporter.vit import ViT
 from tests.support.tiny_vit import tiny_vit
 from tokenline import manifest as mf
+from tokenline.summary import Summary, output_names
 
 
 def _export(vit: ViT, out: Path, merge: MergeConfig, **opts) -> "mf.Manifest":
@@ -48,14 +49,19 @@ def test_round_trip_fixed_batch_static_and_scatter_free(tmp_path: Path, merge: M
     got = sess.run(None, {"pixels": x.numpy()})
     with torch.no_grad():
         want = [t.numpy() for t in vit(x)]
-    assert [o.name for o in sess.get_outputs()] == list(mf.OUTPUT_NAMES)
+    assert [o.name for o in sess.get_outputs()] == list(output_names("slic"))
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
-    g, s, sz, c = got
-    assert g.shape == (2, 32) and s.shape == (2, 4, 32) and sz.shape == (2, 4) and c.shape == (2, 4, 2)
-    np.testing.assert_allclose(sz.sum(-1), 36.0)  # 6x6 patches, all accounted for
-    assert (c >= 0).all() and (c <= 1).all()
+    g, s, fp, pm = got
+    # d = 32 (the width: centred only), the footprint on the 6x6 patch grid, every cell a token's
+    assert g.shape == (2, 32) and s.shape == (2, 4, 32) and fp.shape == (2, 6, 6) and pm.shape == (2, 32)
+    assert fp.dtype == np.int32 and fp.min() >= 0 and fp.max() < 4
+    summary = Summary.from_outputs(got, "slic", man.layout, 2)
+    np.testing.assert_allclose(summary.sizes.sum(-1), 36.0)  # 6x6 cells, each in exactly one token
     np.testing.assert_allclose(np.linalg.norm(g, axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(s, axis=-1), 1.0, rtol=1e-5)
+    assert man.summary.method == "slic" and man.summary.layer == 2 and man.summary.footprint_grid == (6, 6)
+    assert man.summary.projection.fitted_on == "synthetic" and man.summary.projection.method == "centre"
     assert man.merge.method == ("none" if not merge.r else "turbo" if merge.alpha else "tome")
     assert man.merge.tokens_per_block[0] == 36 + 2  # [CLS] + 1 register never merged
     if merge.r:
@@ -75,7 +81,7 @@ def test_dynamic_batch_and_fp16(tmp_path: Path) -> None:
     assert man.precision == "fp16" and man.batch_sizes == [] and man.outputs[0].shape == (-1, 32)
     sess = ort.InferenceSession(str(tmp_path / man.file("encoder").path), providers=["CPUExecutionProvider"])
     x = torch.randn(3, 3, 48, 48)
-    g, s, sz, c = sess.run(None, {"pixels": x.numpy()})
+    g, s, fp, pm = sess.run(None, {"pixels": x.numpy()})
     assert g.dtype == np.float32 and g.shape == (3, 32) and s.shape == (3, 4, 32)
     with torch.no_grad():
         ref = vit(x)[0].numpy()

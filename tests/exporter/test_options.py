@@ -49,9 +49,10 @@ def test_defaults_and_derived_values(tmp_path: Path) -> None:
     assert ExportOptions(out_dir=tmp_path, name="m", batch_sizes=[4]).batch_sizes == [4]
     a, b = ExportOptions(out_dir=tmp_path, name="a"), ExportOptions(out_dir=tmp_path, name="b")
     assert a.batch_sizes is not b.batch_sizes  # a mutable default is not shared
-    m = MergeConfig(r=4, alpha=5.0, k=8, summary_alpha=1.0)
+    m = MergeConfig(r=4, alpha=5.0, k=8, summary_layer=6, summary_dim=64)
     assert (m.method, MergeConfig(r=4).method, MergeConfig().method) == ("turbo", "tome", "none")
-    assert m.unmerged() == MergeConfig(k=8, alpha=5.0, summary_alpha=1.0) and m.unmerged().method == "none"
+    assert m.unmerged() == MergeConfig(k=8, alpha=5.0, summary_layer=6, summary_dim=64) and m.unmerged().method == "none"
+    assert (MergeConfig().summary_layer, MergeConfig().summary_dim, MergeConfig().summary_iters) == (None, 96, 3)
     with pytest.raises(Exception):  # frozen: options are values
         m.k = 3  # type: ignore[misc]
 

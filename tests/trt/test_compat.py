@@ -277,4 +277,6 @@ def test_exported_graphs_pass_every_target(exported: dict, ident: str) -> None:
     for name, rep in reports.items():
         assert rep.ok, f"{ident} fails {name}: " + "; ".join(str(p) for p in rep.errors)
     model = onnx.load(str(exported[ident]))
-    assert any(n.op_type == "TopK" for n in model.graph.node)  # merging and the summary head use TopK
+    ops = {n.op_type for n in model.graph.node}
+    assert {"ArgMin", "ArgMax"} <= ops  # the slic summary head's clustering and footprint
+    assert ("TopK" in ops) == (not ident.startswith("unmerged"))  # merging

@@ -38,7 +38,8 @@ MAX_METADATA_BYTES = 2048
 MAX_LABELS = 32
 MAX_LABEL_VALUE = 128
 MAX_SOURCE = 255
-METADATA_KEYS = ("source", "labels")
+MAX_FRAME_SIDE = 65535  # metadata.frame: width and height of the camera frame, pixels
+METADATA_KEYS = ("source", "labels", "frame")
 
 
 class WireError(ValueError):
@@ -247,7 +248,9 @@ def rows_size(mode: str, k: int, d: int) -> int:
 
 # -- metadata (v2) ------------------------------------------------------------------------------------------
 def check_metadata(meta: object) -> Dict[str, Any]:
-    """Validate frame metadata: ``{"source"?: str, "labels"?: {name: str}}``; WireError('bad_metadata')."""
+    """Validate frame metadata: ``{"source"?: str, "labels"?: {name: str}, "frame"?: {"width": int, "height": int,
+    "roi"?: [x, y, w, h]}}`` (``frame``: the camera frame's size and the region of it the model saw, inside the
+    frame; ``tokenline.preprocess.FrameGeometry``); WireError('bad_metadata')."""
     if not isinstance(meta, dict):
         raise WireError("bad_metadata", f"metadata must be an object, got {type(meta).__name__}")
     unknown = sorted(set(meta) - set(METADATA_KEYS))
@@ -270,6 +273,31 @@ def check_metadata(meta: object) -> Dict[str, Any]:
                 raise WireError("bad_metadata", f"label {key}: value must be at most {MAX_LABEL_VALUE} printable "
                                                 "characters")
         out["labels"] = dict(sorted(labels.items()))
+    frame = meta.get("frame")
+    if frame is not None:
+        out["frame"] = _check_frame(frame)
+    return out
+
+
+def _int_in(v: object, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _check_frame(frame: object) -> Dict[str, Any]:
+    """metadata.frame: ``{"width", "height", "roi"?}`` with the ROI inside the frame."""
+    rule = (f"metadata.frame must be {{\"width\": 1..{MAX_FRAME_SIDE}, \"height\": 1..{MAX_FRAME_SIDE}, "
+            "\"roi\"?: [x, y, w, h] inside the frame}")
+    if not isinstance(frame, dict) or set(frame) - {"width", "height", "roi"}:
+        raise WireError("bad_metadata", rule)
+    w, h, roi = frame.get("width"), frame.get("height"), frame.get("roi")
+    if not (_int_in(w, 1, MAX_FRAME_SIDE) and _int_in(h, 1, MAX_FRAME_SIDE)):
+        raise WireError("bad_metadata", rule)
+    out: Dict[str, Any] = {"width": w, "height": h}
+    if roi is not None:
+        if not (isinstance(roi, list) and len(roi) == 4 and all(_int_in(v, 0, MAX_FRAME_SIDE) for v in roi)
+                and roi[2] >= 1 and roi[3] >= 1 and roi[0] + roi[2] <= w and roi[1] + roi[3] <= h):
+            raise WireError("bad_metadata", rule)
+        out["roi"] = list(roi)
     return out
 
 

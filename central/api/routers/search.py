@@ -1,5 +1,6 @@
-"""The search route: by an example image, a text or a stored frame (query building is central.search's), paged by
-cursor (central.paging)."""
+"""The search routes: whole-image search by an example image, a text or a stored frame, paged by cursor
+(central.paging), and region search by a crop or a box on a stored frame (query building is central.search's,
+region scoring central.regions')."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from starlette.concurrency import run_in_threadpool
 
 from central import paging
 from central.api.deps import ServicesDep, SessionDep, Viewer
-from central.api.schemas import SearchOut, errors
+from central.api.schemas import RegionSearchOut, SearchOut, errors
 from central.api.validation import finite, name_filter, page_size, time_range
 from central.errors import TooLarge
-from central.search import BAD_QUERY, Filters, build_query, parse_labels
+from central.regions import parse_box
+from central.search import BAD_QUERY, Filters, build_query, build_region_query, parse_labels
 
 router = APIRouter(tags=["search"])
 
@@ -48,9 +50,7 @@ async def search(svc: ServicesDep, session: SessionDep, _p: Viewer,
     filters = Filters(name_filter("site", site), name_filter("line", line), name_filter("camera", camera),
                       since_us, until_us, parse_labels(label))
     limit = svc.cfg.originals.max_upload_bytes
-    if image is not None and image.size is not None and image.size > limit:
-        raise TooLarge(f"image is {image.size} bytes, limit {limit}", reason=BAD_QUERY)
-    data = await image.read() if image is not None else None
+    data = await _upload(image, limit)
     model, query = await svc.images.run(build_query, session, svc.encoders, image=data, query_text=q,
                                         like_frame=like_frame, model_id=model_id, max_image_bytes=limit,
                                         max_image_pixels=svc.cfg.api.max_image_pixels)
@@ -65,3 +65,48 @@ async def search(svc: ServicesDep, session: SessionDep, _p: Viewer,
     svc.metrics.observe_search(dt)
     return SearchOut.model_validate({"model": model.public(), "took_ms": round(dt * 1000, 2),
                                      "results": [h.public() for h in hits], "next_cursor": nxt})
+
+
+@router.post("/v1/search/region", response_model=RegionSearchOut,
+             responses=errors(400, 401, 403, 404, 413, 422, 503))
+async def search_region(svc: ServicesDep, session: SessionDep, _p: Viewer,
+                        image: Optional[UploadFile] = File(None, description="a crop: the region to look for"),
+                        frame_id: Optional[str] = Form(None, description="a stored frame's id (with box)"),
+                        box: Optional[str] = Form(None, description="x0,y0,x1,y1 on frame_id, fractions of the frame"),
+                        model_id: Optional[int] = Form(None, ge=1, description="required when several models are "
+                                                                               "registered"),
+                        k: int = Form(24, description="results, 1..search.max_results"),
+                        site: Optional[str] = Form(None), line: Optional[str] = Form(None),
+                        camera: Optional[str] = Form(None),
+                        since_us: Optional[int] = Form(None, description="capture time from (Unix µs)"),
+                        until_us: Optional[int] = Form(None, description="capture time until (exclusive)"),
+                        label: Optional[List[str]] = Form(None, description="repeatable: name=value, or name for "
+                                                                            "any value")) -> RegionSearchOut:
+    """Frames that hold a region like the query anywhere: a crop (multipart ``image``) or a ``box``
+    (``x0,y0,x1,y1``, fractions of the frame) on a stored frame (``frame_id``); each result's best-matching
+    summary token and its footprint in the original frame's coordinates. Filters as ``/v1/search``'s; one page
+    (no cursor)."""
+    t0 = time.perf_counter()
+    page_size("k", k, svc.cfg.search.max_results, paged=False)
+    time_range(since_us, until_us)
+    filters = Filters(name_filter("site", site), name_filter("line", line), name_filter("camera", camera),
+                      since_us, until_us, parse_labels(label))
+    limit = svc.cfg.originals.max_upload_bytes
+    data = await _upload(image, limit)
+    model, query = await svc.images.run(build_region_query, session, svc.encoders, image=data, frame_id=frame_id,
+                                        box=None if box is None else parse_box(box), model_id=model_id,
+                                        max_image_bytes=limit, max_image_pixels=svc.cfg.api.max_image_pixels)
+    hits = await run_in_threadpool(svc.searcher.region_search, model, query, k, filters)
+    dt = time.perf_counter() - t0
+    svc.metrics.observe_search(dt)
+    return RegionSearchOut.model_validate({"model": model.public(), "took_ms": round(dt * 1000, 2),
+                                           "query": query.public(), "results": [h.public() for h in hits]})
+
+
+async def _upload(image: Optional[UploadFile], limit: int) -> Optional[bytes]:
+    """The uploaded query image's bytes (None when none was sent); refused by its declared size over ``limit``."""
+    if image is None:
+        return None
+    if image.size is not None and image.size > limit:
+        raise TooLarge(f"image is {image.size} bytes, limit {limit}", reason=BAD_QUERY)
+    return await image.read()

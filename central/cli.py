@@ -1,5 +1,10 @@
 """`tokenline-central`: serve | ingest | migrate | search | sweep | segments | token | dead-letters | register-model |
-reference-set | backfill."""
+models | reference-set | backfill.
+
+The conventions of ``runtime.cli``: ``--config``, ``--db``, ``--log-level``/``-v`` and ``--debug`` anywhere on the
+line; results on stdout (``--json`` for machines), people's messages on stderr; every expected error is one line
+with the fix and exit code 2. Commands are quiet (WARNING) by default; ``serve`` and ``ingest`` log at INFO.
+"""
 
 from __future__ import annotations
 
@@ -13,37 +18,70 @@ from typing import List, Optional
 
 from central.config import CentralConfig, ConfigError, load_config
 from central.errors import CentralError
-from runtime.logs import add_log_level, setup_logging
+from runtime.cli import (CliError, common_options, configure_logging, format_time_us, print_json, progress,
+                         run_command)
+
+log = logging.getLogger(__name__)
+DAEMONS = ("serve", "ingest")  # log at INFO unless told otherwise
 
 
 def _console():
+    """Results for people (tables) on stdout; wide when stdout is not a terminal (ids are never cut)."""
     from rich.console import Console
 
-    return Console()
+    return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
 
 
-def _print_error(exc: Exception) -> None:
-    """One line, never wrapped, the message printed as written (no rich markup)."""
-    from rich.markup import escape
+def _say(text: str) -> None:
+    """A human note on stderr (stdout stays for results: a token, a table, JSON)."""
+    from rich.console import Console
 
-    _console().print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+    Console(stderr=True, soft_wrap=True).print(text)
 
 
 def _cfg(args: argparse.Namespace) -> CentralConfig:
     cfg = load_config(args.config)
-    if args.db:
+    if getattr(args, "db", None):
         cfg = cfg.model_copy(update={"database": cfg.database.model_copy(update={"url": args.db})})
     return cfg
 
 
-def _engine(cfg: CentralConfig, migrate: bool = False):
+def open_database(url: str, migrate: bool = False):
+    """An engine that answers (and, with ``migrate``, a current schema); ``CliError`` with the fix otherwise."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+
     from sql.db import make_engine
     from sql.migrate import upgrade
 
-    engine = make_engine(cfg.database.url)
-    if migrate:
-        upgrade(engine)
+    try:
+        engine = make_engine(url)
+    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+        raise CliError(f"database.url {url!r} is not a database URL ({exc}); use sqlite:///path/central.db or "
+                       "postgresql://user:password@host/db") from None
+    safe = make_url(engine.url).render_as_string(hide_password=True)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        if migrate:
+            upgrade(engine)
+    except DBAPIError as exc:
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        fix = "check database.url (or --db), that the server runs and the credentials"
+        if engine.dialect.name == "sqlite":
+            db = engine.url.database or ""
+            parent = Path(db).expanduser().resolve().parent if db and db != ":memory:" else None
+            if parent is not None and not parent.is_dir():
+                fix = f"the directory {parent} does not exist: create it or point database.url (or --db) elsewhere"
+            else:
+                fix = "check that the file is a tokenline database and that this user may write it and its directory"
+        raise CliError(f"cannot open database {safe}: {reason}; {fix}") from None
     return engine
+
+
+def _engine(cfg: CentralConfig, migrate: bool = False):
+    return open_database(cfg.database.url, migrate=migrate)
 
 
 def _start_maintainer(engine, cfg: CentralConfig) -> None:
@@ -65,7 +103,7 @@ def cmd_segments(args: argparse.Namespace) -> int:
     cfg = _cfg(args)
     engine = _engine(cfg)
     if not is_postgres(engine):
-        _console().print("SQLite keeps one frames table: no segments")
+        _console().print("SQLite keeps one frames table: no segments")  # the listing's answer: stdout
         return 0
     if args.seal:
         segments.seal(engine)
@@ -86,8 +124,39 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     cfg = _cfg(args)
     engine = _engine(cfg, migrate=True)
-    _console().print(f"[green]schema at revision {current(engine)}[/] ({engine.dialect.name})")
+    _say(f"[green]schema at revision {current(engine)}[/] ({engine.dialect.name})")
     return 0
+
+
+def warm_up(app_services, engine) -> None:
+    """Load every searchable model's encoder and (SQLite) search index now, each with a log line, so that the
+    first search does not pay for it. A model whose files are missing here is logged and skipped."""
+    import time
+
+    from sqlalchemy import func, select
+    from sqlalchemy.orm import Session
+
+    from central import store
+    from sql.models import Frame
+
+    svc = app_services
+    with Session(engine) as s:
+        models = store.list_models(s)
+        counts = dict(s.execute(select(Frame.model_id, func.count()).group_by(Frame.model_id)).all())
+    for m in models:
+        if m.model_dir is not None:
+            t0 = time.monotonic()
+            try:
+                enc = svc.encoders.get(m)
+                log.info("model %d %r (%s) loaded for query encoding in %.1fs (%s)", m.id, m.name, m.hash16[:8],
+                         time.monotonic() - t0, ", ".join(enc.runner.providers))
+            except CentralError as exc:
+                log.warning("model %d %r: query encoding unavailable on this host: %s", m.id, m.name, exc)
+        n = int(counts.get(m.id, 0))
+        t0 = time.monotonic()
+        with progress(n, f"search index of model {m.id} ({m.name})", "frames", log=log) as advance:
+            svc.searcher.warm(m, advance)
+        log.info("search index of model %d %r ready: %d frames in %.1fs", m.id, m.name, n, time.monotonic() - t0)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -100,6 +169,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _cfg(args)
     engine = _engine(cfg, migrate=not args.no_migrate)
     app = create_app(cfg, engine)
+    if not args.no_warm_up:
+        warm_up(app.state.services, engine)
     stop = threading.Event()
     _start_maintainer(engine, cfg)
     if not args.no_sweeper:
@@ -110,12 +181,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 try:
                     sweep(engine, blobs, cfg.retention)
                 except Exception:  # noqa: BLE001 - the sweeper retries on the next interval
-                    logging.getLogger(__name__).exception("sweep failed")
+                    log.exception("sweep failed")
 
         threading.Thread(target=loop, name="sweeper", daemon=True).start()
-    _console().print(f"[bold]tokenline central[/] on http://{cfg.api.host}:{args.port or cfg.api.port} "
-                     f"({engine.dialect.name}, originals in {cfg.originals.root})")
-    uvicorn.run(app, host=cfg.api.host, port=args.port or cfg.api.port, log_level=args.log_level.lower())
+    port = args.port or cfg.api.port
+    log.info("tokenline central on http://%s:%d (%s, originals in %s)", cfg.api.host, port, engine.dialect.name,
+             cfg.originals.root)
+    level = logging.getLevelName(logging.getLogger().level).lower()
+    uvicorn.run(app, host=cfg.api.host, port=port, log_level=level if level != "notset" else "warning")
     stop.set()
     return 0
 
@@ -129,8 +202,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     _start_maintainer(engine, cfg)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     signal.signal(signal.SIGINT, lambda *_: worker.stop())
-    logging.getLogger(__name__).info("ingest worker %r on %s:%d, group %r", cfg.mqtt.client_id, cfg.mqtt.host,
-                                     cfg.mqtt.port, cfg.mqtt.group)
+    log.info("ingest worker %r on %s:%d, group %r", cfg.mqtt.client_id, cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.group)
     worker.run()
     return 0
 
@@ -142,23 +214,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = _cfg(args)
     engine = _engine(cfg)
     rep = sweep(engine, BlobStore(cfg.originals.root), cfg.retention)
-    _console().print(f"sweep: resumed {rep.resumed}, expired {rep.expired}, over cap {rep.capped}, "
-                     f"freed {rep.bytes_freed} B, tokens deleted {rep.tokens_deleted}, orphans {rep.orphans_removed}, "
-                     f"dead letters deleted {rep.dead_letters_deleted}, kept {rep.kept_bytes} B")
+    _say(f"sweep: resumed {rep.resumed}, expired {rep.expired}, over cap {rep.capped}, freed {rep.bytes_freed} B, "
+         f"tokens deleted {rep.tokens_deleted}, orphans {rep.orphans_removed}, "
+         f"dead letters deleted {rep.dead_letters_deleted}, kept {rep.kept_bytes} B")
     for e in rep.errors:
-        _console().print(f"[yellow]{e}[/]")
+        _say(f"[yellow]{e}[/]")
     return 0
 
 
-def _time(us: Optional[int]) -> str:
-    import datetime
-
-    if us is None:
-        return "-"
-    return datetime.datetime.fromtimestamp(us / 1e6, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
 def cmd_create_token(args: argparse.Namespace) -> int:
+    """Prints the token alone on stdout (``TOKEN=$(tokenline-central create-token ...)``); the note goes to stderr."""
     from sqlalchemy.orm import Session
 
     from central.store import create_token
@@ -166,14 +231,12 @@ def cmd_create_token(args: argparse.Namespace) -> int:
     cfg = _cfg(args)
     with Session(_engine(cfg)) as s, s.begin():
         token = create_token(s, args.name, args.role)
-    _console().print(f"[green]{args.role} token for {args.name!r}[/] (shown once, stored hashed):")
-    print(token)
+    _say(f"[green]{args.role} token for {args.name!r}[/] (shown once, stored hashed)")
+    print(token, flush=True)
     return 0
 
 
 def cmd_token_list(args: argparse.Namespace) -> int:
-    import json
-
     from sqlalchemy.orm import Session
 
     from central.store import list_tokens
@@ -181,7 +244,7 @@ def cmd_token_list(args: argparse.Namespace) -> int:
     with Session(_engine(_cfg(args))) as s:
         tokens = list_tokens(s)
     if args.json:
-        print(json.dumps(tokens, indent=1))
+        print_json(tokens)
         return 0
     from rich.table import Table
 
@@ -189,7 +252,7 @@ def cmd_token_list(args: argparse.Namespace) -> int:
     for col in ("id", "name", "role", "created", "revoked", "fingerprint"):
         table.add_column(col)
     for t in tokens:
-        table.add_row(str(t["id"]), t["name"], t["role"], _time(t["created_us"]), _time(t["revoked_us"]),
+        table.add_row(str(t["id"]), t["name"], t["role"], format_time_us(t["created_us"]), format_time_us(t["revoked_us"]),
                       t["fingerprint"])
     _console().print(table)
     return 0
@@ -213,8 +276,6 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_letters_list(args: argparse.Namespace) -> int:
-    import json
-
     from sqlalchemy.orm import Session
 
     from central.dead_letters import counts_by_reason
@@ -224,7 +285,7 @@ def cmd_dead_letters_list(args: argparse.Namespace) -> int:
     with Session(engine) as s:
         rows = list_dead_letters(s, args.limit, args.reason)
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print_json(rows)
         return 0
     from rich.table import Table
 
@@ -238,7 +299,7 @@ def cmd_dead_letters_list(args: argparse.Namespace) -> int:
     for col in ("id", "received", "reason", "topic", "bytes", "replayable", "detail"):
         table.add_column(col)
     for d in rows:
-        table.add_row(str(d["id"]), _time(d["received_us"]), d["reason"], d["topic"], str(d["payload_len"]),
+        table.add_row(str(d["id"]), format_time_us(d["received_us"]), d["reason"], d["topic"], str(d["payload_len"]),
                       "yes" if d["replayable"] else "no", d["detail"][:80])
     _console().print(table)
     return 0
@@ -255,7 +316,7 @@ def cmd_dead_letters_show(args: argparse.Namespace) -> int:
         if d is None:
             raise NotFound(f"no dead letter with id {args.id}")
         payload = bytes(d.payload)
-        print(f"id {d.id}  received {_time(d.received_us)}  reason {d.reason}\ntopic {d.topic}\n"
+        print(f"id {d.id}  received {format_time_us(d.received_us)}  reason {d.reason}\ntopic {d.topic}\n"
               f"detail {d.detail}\n{d.payload_len} bytes, sha256 {d.payload_sha256}, "
               f"{'whole (replayable)' if 0 < d.payload_len == len(payload) else f'first {len(payload)} kept'}")
     for i in range(0, min(len(payload), 256), 16):
@@ -286,46 +347,93 @@ def cmd_register_model(args: argparse.Namespace) -> int:
     verify_files(manifest, Path(args.model_dir))
     with Session(_engine(cfg)) as s, s.begin():
         info = register_model(s, manifest, args.model_dir)
-    _console().print(f"[green]model {info.name!r}[/] id {info.id}, hash {info.hash16}, D={info.embedding_dim}, "
-                     f"K={info.k}, text tower: {info.has_text}")
+    _say(f"[green]model {info.name!r}[/] id {info.id}, hash {info.hash16}, D={info.embedding_dim}, K={info.k}, "
+         f"text tower: {info.has_text}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from central import store
+
+    with Session(_engine(_cfg(args))) as s:
+        models = [m.public() for m in store.list_models(s)]
+        usage = store.model_usage(s)
+    for m in models:
+        m["frames"], m["last_capture_us"] = usage.get(m["id"], (0, None))
+    if args.json:
+        print_json(models)
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"{len(models)} registered model(s)")
+    for col in ("id", "name", "hash", "registered", "D", "K", "text", "frames", "last frame", "searchable here"):
+        table.add_column(col, no_wrap=col in ("hash", "registered", "last frame"))
+    for m in models:
+        table.add_row(str(m["id"]), m["name"], m["short_hash"], format_time_us(m["registered_us"]),
+                      str(m["embedding_dim"]), str(m["k"]), "yes" if m["has_text"] else "no", str(m["frames"]),
+                      format_time_us(m["last_capture_us"]), "yes" if m["searchable"] else "no")
+    _console().print(table)
+    return 0
+
+
+def cmd_models_remove(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from central import store
+
+    with Session(_engine(_cfg(args))) as s, s.begin():
+        deleted = store.remove_model(s, args.model_id, delete_frames=args.delete_frames)
+    _say(f"[green]model {args.model_id} removed[/]" + (f" with its {deleted} frame(s)" if deleted else ""))
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    import json
-
     from sqlalchemy.orm import Session
 
     from central.encoder import EncoderPool
     from central.search import Filters, Searcher, build_query, parse_labels
 
     cfg = _cfg(args)
+    filters = Filters(args.site, args.line, args.camera, args.since_us, args.until_us, parse_labels(args.label))
     engine = _engine(cfg)
     image = None
     if args.image:
         try:
             image = Path(args.image).read_bytes()
         except OSError as exc:
-            raise ConfigError(f"{args.image}: {exc.strerror or exc}") from None
+            raise CliError(f"--image {args.image}: {exc.strerror or exc}") from None
     with Session(engine) as s:
         model, query = build_query(s, EncoderPool(cfg.search.providers), image=image, query_text=args.text,
                                    like_frame=args.like_frame, model_id=args.model_id,
                                    max_image_pixels=cfg.api.max_image_pixels)
-    filters = Filters(args.site, args.line, args.camera, args.since_us, args.until_us, parse_labels(args.label))
     hits = Searcher(engine, cfg.search).search(model, query, args.k, filters, rerank=not args.no_rerank)
     if args.json:
-        print(json.dumps([h.public() for h in hits], indent=1))
+        print_json([h.public() for h in hits])
         return 0
     from rich.table import Table
 
-    table = Table(title=f"{len(hits)} results ({model.name})")
-    for col in ("score", "global", "maxsim", "frame", "site/line/camera", "captured (µs)"):
-        table.add_column(col)
+    table = Table(title=f"{len(hits)} results ({model.name}, {model.hash16[:8]})")
+    for col in ("score", "global", "maxsim", "frame", "site/line/camera", "captured", "source, labels"):
+        table.add_column(col, no_wrap=col in ("frame", "captured"))
     for h in hits:
+        labels = " ".join(f"{k}={v}" if v else k for k, v in sorted((h.frame.labels or {}).items()))
         table.add_row(f"{h.score:.4f}", f"{h.global_score:.4f}", "-" if h.maxsim is None else f"{h.maxsim:.4f}",
-                      h.frame_id, f"{h.frame.site}/{h.frame.line}/{h.frame.camera}", str(h.frame.capture_us))
+                      h.frame_id, f"{h.frame.site}/{h.frame.line}/{h.frame.camera}", format_time_us(h.frame.capture_us),
+                      " ".join(x for x in (h.frame.source, labels) if x))
     _console().print(table)
     return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
 
 
 def _set_line(info) -> str:
@@ -427,16 +535,16 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tokenline-central", description=__doc__)
-    p.add_argument("--config", help="YAML/JSON configuration (defaults: docs/central.md)")
-    p.add_argument("--db", help="database URL (overrides database.url)")
-    add_log_level(p, "INFO")
+    p = argparse.ArgumentParser(prog="tokenline-central", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("migrate", help="create or upgrade the schema (Alembic)").set_defaults(fn=cmd_migrate)
     s = sub.add_parser("serve", help="HTTP API + web page (+ background retention sweeper)")
     s.add_argument("--port", type=int)
     s.add_argument("--no-sweeper", action="store_true")
     s.add_argument("--no-migrate", action="store_true")
+    s.add_argument("--no-warm-up", action="store_true",
+                   help="do not load the models and search indexes at start-up (the first search does)")
     s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("ingest", help="MQTT ingest worker (run several with distinct client ids)")
     s.add_argument("--no-migrate", action="store_true")
@@ -446,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seal", action="store_true", help="seal the hot segment and build its index (waits for it)")
     s.add_argument("--build", action="store_true", help="build the indexes of sealed segments that lack them")
     s.set_defaults(fn=cmd_segments)
-    s = sub.add_parser("create-token", help="create a bearer token (printed once); same as `token create`")
+    s = sub.add_parser("create-token", help="create a bearer token; prints only the token on stdout; same as "
+                                            "`token create`")
     s.add_argument("name")
     s.add_argument("--role", choices=("viewer", "device", "admin"), required=True)
     s.set_defaults(fn=cmd_create_token)
@@ -482,13 +591,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("register-model", help="register an exported model directory (manifest.json + ONNX)")
     s.add_argument("model_dir")
     s.set_defaults(fn=cmd_register_model)
+    models = sub.add_parser("models", help="registered models: list | remove").add_subparsers(dest="models_cmd",
+                                                                                             required=True)
+    s = models.add_parser("list", help="id, name, hash, registration date, frames and last frame of every model")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_models_list)
+    s = models.add_parser("remove", help="unregister a model (refused while frames use it, unless --delete-frames)")
+    s.add_argument("model_id", type=_positive)
+    s.add_argument("--delete-frames", action="store_true",
+                   help="delete the model's frames too (their originals expire by the retention policy)")
+    s.set_defaults(fn=cmd_models_remove)
     s = sub.add_parser("search", help="search from the command line")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--image")
     g.add_argument("--text")
     g.add_argument("--like-frame")
-    s.add_argument("--model-id", type=int)
-    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--model-id", type=_positive)
+    s.add_argument("-k", type=_positive, default=10)
     s.add_argument("--site")
     s.add_argument("--line")
     s.add_argument("--camera")
@@ -497,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label", action="append", metavar="NAME[=VALUE]",
                    help="only frames with this label (and value); repeat for several")
     s.add_argument("--no-rerank", action="store_true")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="the results as JSON on stdout")
     s.set_defaults(fn=cmd_search)
     _reference_set_parser(sub)
     s = sub.add_parser("backfill", help="score the stored frames of cameras with a reference set that have no current "
@@ -505,6 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set-id", type=int, help="only this reference set's camera")
     s.add_argument("--batch", type=int, default=500)
     s.set_defaults(fn=cmd_backfill)
+    common_options(p, log_default=None, config_help="YAML/JSON configuration (defaults: docs/central.md)",
+                   more=[("--db", {"help": "database URL (overrides database.url)"})])
     return p
 
 
@@ -557,21 +678,17 @@ def _reference_set_parser(sub) -> None:  # noqa: ANN001 - argparse's private sub
     a.set_defaults(fn=cmd_reference_set)
 
 
+def expected_errors() -> tuple:
+    """The errors a user can fix: configuration, central's domain errors, a bad model directory."""
+    from tokenline.manifest import ManifestError
+
+    return (ConfigError, CentralError, ManifestError)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
-    try:
-        return int(args.fn(args) or 0)
-    except (ConfigError, CentralError) as exc:
-        _print_error(exc)
-        return 2
-    except Exception as exc:  # noqa: BLE001 - CLI boundary: one readable line, details in the log
-        from tokenline.manifest import ManifestError
-
-        if isinstance(exc, ManifestError):
-            _print_error(exc)
-            return 2
-        raise
+    configure_logging(args, default="INFO" if args.cmd in DAEMONS else "WARNING")
+    return run_command(args.fn, args, expected_errors())
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ class IngestConfig(StrictModel):
     dead_letter_max_bytes: int = Field(1024, ge=0)
     allowed_token_dtypes: List[Literal["int8", "int4", "fp16"]] = ["int8", "int4", "fp16"]
     retry_backoff_max_s: float = Field(30.0, gt=0)  # database unavailable: retry the batch, never ack early
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Optional[int] = Field(None, ge=0, lt=65536)  # this worker's /metrics (batches, lag); None = off
     # Also consume protocol v1 topics (edges not upgraded yet: no device in their token topics, so their identity
     # is not bound by the broker, and no commit acknowledgements). Switch off once every edge runs protocol 2.
     accept_protocol_v1: bool = True
@@ -95,7 +97,8 @@ class SearchConfig(StrictModel):
     # 0.25 for the informativity summary, 0.5 for the slic one; NEU-DET measurements in BENCHMARKS.md)
     rerank_weight: Optional[float] = Field(None, ge=0, le=1)
     ef_search: int = Field(200, gt=0)  # pgvector hnsw.ef_search
-    max_results: int = Field(200, gt=0)
+    max_results: int = Field(200, gt=0)  # the largest page (k) of one search request
+    max_depth: int = Field(2000, gt=0)  # how deep paging goes into one search's ranking (cursor after cursor)
     binary_candidates: int = Field(1000, gt=0, le=1000)  # nearest by Hamming distance, then re-scored exactly
     exact_max_rows: int = Field(50_000, gt=0)  # SQLite: up to this many frames pass the filters, score them all
     providers: List[str] = ["CPUExecutionProvider"]  # ONNX Runtime execution providers, in order
@@ -127,6 +130,22 @@ class ApiConfig(StrictModel):
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     image_workers: int = Field(2, ge=1, le=64)  # threads that decode and encode images, off the event loop
     image_queue: int = Field(8, ge=0)  # requests waiting for one of them; beyond, 503 "busy"
+    # POST /v1/frames/{id}/original/request publishes the edge's request_original command with this MQTT client id
+    # (default: mqtt.client_id + "-api"; never an ingest worker's, whose persistent session it would take over) and,
+    # when command_username is set, as that broker user: the inventory's `apis` entry of
+    # deploy/broker/gen_broker_config.py, bound to that client id and allowed to publish commands only
+    # (docs/deployment.md). Unset: mqtt.username and its password.
+    command_client_id: Optional[str] = Field(None, min_length=1, max_length=128)
+    command_username: Optional[str] = Field(None, min_length=1)
+    command_password: Optional[str] = None
+    command_password_file: Optional[Path] = None
+    original_request_timeout_s: float = Field(120.0, gt=0)  # after this, a request with no upload is "no_answer"
+
+    @model_validator(mode="after")
+    def _command_password(self) -> "ApiConfig":
+        if self.command_password is not None and self.command_password_file is not None:
+            raise ValueError("give command_password or command_password_file, not both")
+        return self
 
 
 class CentralConfig(StrictModel):

@@ -80,3 +80,13 @@ class Unavailable(CentralError):
     """Something needed is not there right now (model files missing, the database down)."""
 
     reason = "unavailable"
+
+
+class BadParameter(Unprocessable):
+    """A request parameter that fails validation (out of range, not finite, unknown); names the parameter."""
+
+    reason = "invalid_parameter"
+
+    def __init__(self, parameter: str, problem: str) -> None:
+        super().__init__(f"{parameter}: {problem}")
+        self.parameter = parameter

@@ -55,7 +55,38 @@ class BatchResult:
     dead: int = 0
     status: int = 0
     reasons: Dict[str, int] = field(default_factory=dict)
+    captures_s: List[float] = field(default_factory=list)  # capture times (s) of the frames committed
     acks: Dict[DeviceKey, List[acks.Ack]] = field(default_factory=dict)  # to publish once committed
+
+
+LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 86400.0)
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+class IngestMetrics:
+    """This worker's Prometheus metrics (its own ``/metrics`` on ``ingest.metrics_port``): what only the worker
+    knows, per batch and per message. The totals across workers are the database counters ``serve`` exports."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        from runtime.metrics import new_registry
+
+        self.registry = r = new_registry()
+        self.batch = Histogram("tokenline_ingest_batch_messages", "messages per committed batch", buckets=BATCH_BUCKETS,
+                               registry=r)
+        self.commit = Histogram("tokenline_ingest_commit_seconds", "time to validate and commit one batch", registry=r)
+        self.lag = Histogram("tokenline_ingest_lag_seconds", "capture to commit, per stored frame", buckets=LAG_BUCKETS,
+                             registry=r)
+        self.messages = Counter("tokenline_ingest_messages", "messages committed by this worker, by outcome",
+                                ["outcome"], registry=r)
+        for o in ("stored", "duplicate", "dead_letter", "status"):
+            self.messages.labels(o)
+        self.db_retries = Counter("tokenline_ingest_database_retries", "batches retried: database unavailable",
+                                  registry=r)
+        self.connect_failures = Counter("tokenline_ingest_connect_failures", "failed connections to the MQTT broker",
+                                        registry=r)
+        self.connected = Gauge("tokenline_ingest_connected", "1 while subscribed to the broker", registry=r)
 
 
 class Rejected(Exception):
@@ -223,12 +254,15 @@ class Ingestor:
                     store.set_device_status(s, t.device or "", t.site, stats=text)
             store.insert_dead_letters(s, dead)
             dups = len(rows) - new
-            store.add_counters(s, self.worker, {"received": len(rows) + len(dead) + len(status_updates),
+            # "received": token messages (stored, duplicate or refused); status and stats are status_updates
+            store.add_counters(s, self.worker, {"received": len(rows) + len(dead),
                                                 "stored": new, "duplicates": dups, "dead_letters": len(dead),
                                                 "status_updates": len(status_updates)})
         self.anomaly.alert(alerts)
         res.stored += new
         res.duplicates += len(rows) - new
+        fresh = set(new_ids)  # lag of first arrivals only: a resent duplicate says nothing about the pipeline
+        res.captures_s.extend(r["capture_us"] / 1e6 for r in rows if r["frame_id"] in fresh)
         res.dead += len(dead)
         res.status += len(status_updates)
         return new_ids
@@ -250,9 +284,13 @@ class IngestWorker:
         self.stop_event = threading.Event()
         self.connected = threading.Event()
         self.totals: Tally = Tally()
+        self.metrics = IngestMetrics()
+        self.metrics_port: Optional[int] = None
+        self._connect_failures = 0
         c = make_client(mqtt_cfg, mqtt_cfg.client_id, manual_ack=True)
         c.reconnect_delay_set(1, 30)
         c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_subscribe = self._on_subscribe
@@ -274,8 +312,24 @@ class IngestWorker:
         if self.cfg.accept_protocol_v1:
             filters += [topics.shared(group, topics.V1_TOKENS_FILTER), topics.V1_STATUS_FILTER, topics.V1_STATS_FILTER]
         client.subscribe([(f, SubscribeOptions(qos=1)) for f in filters])
+        self._connect_failures = 0
         log.info("connected to %s:%d (session present: %s)", self.mqtt_cfg.host, self.mqtt_cfg.port,
                  flags.session_present)
+
+    def _on_connect_fail(self, _c, _ud) -> None:  # noqa: ANN001 - paho signature
+        """The broker could not be reached: say so at every attempt (paho retries with backoff up to 30 s)."""
+        import socket
+
+        self._connect_failures += 1
+        self.metrics.connect_failures.inc()
+        m = self.mqtt_cfg
+        try:
+            socket.create_connection((m.host, m.port), timeout=2).close()
+            why = "the connection closed during the MQTT handshake"
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+        log.warning("cannot connect to the MQTT broker %s:%d (%s), attempt %d; retrying (backoff up to 30 s); "
+                    "check mqtt.host/mqtt.port and that the broker runs", m.host, m.port, why, self._connect_failures)
 
     def _on_subscribe(self, _c, _ud, _mid, reason_codes, _props) -> None:  # noqa: ANN001
         bad = [str(rc) for rc in reason_codes if rc.is_failure]
@@ -284,10 +338,12 @@ class IngestWorker:
             return
         log.info("subscribed as group %r (shared tokens, status, stats%s)", self.mqtt_cfg.group,
                  "; protocol v1 topics too" if self.cfg.accept_protocol_v1 else "")
+        self.metrics.connected.set(1)
         self.connected.set()
 
     def _on_disconnect(self, _c, _ud, _flags, reason_code, _props) -> None:  # noqa: ANN001
         self.connected.clear()
+        self.metrics.connected.set(0)
         if not self.stop_event.is_set():
             log.warning("MQTT disconnected (%s); reconnecting", reason_code)
 
@@ -315,6 +371,11 @@ class IngestWorker:
     def run(self) -> None:
         """Consume until ``stop()``; database outages are retried with backoff, never acknowledged early."""
         m = self.mqtt_cfg
+        if self.cfg.metrics_port is not None:
+            from runtime.metrics import serve
+
+            self._metrics_server, self.metrics_port = serve(self.metrics.registry, self.cfg.metrics_host,
+                                                            self.cfg.metrics_port)
         self.client.connect_async(m.host, m.port, keepalive=m.keepalive_s, clean_start=False,
                                   properties=self._connect_props)
         self.client.loop_start()
@@ -327,14 +388,20 @@ class IngestWorker:
             self.ingestor.anomaly.close()
             self.client.disconnect()
             self.client.loop_stop()
+            server = getattr(self, "_metrics_server", None)
+            if server is not None:
+                server.shutdown()
+                server.server_close()
 
     def _commit_with_retry(self, batch: List[Incoming]) -> None:
         delay = 0.5
+        t0 = time.perf_counter()
         while True:
             try:
                 res = self.ingestor.process(batch)
                 break
             except OperationalError as exc:
+                self.metrics.db_retries.inc()
                 log.error("database unavailable (%s); retrying %d messages in %.1fs", exc.__class__.__name__,
                           len(batch), delay)
                 if self.stop_event.wait(delay):
@@ -346,6 +413,16 @@ class IngestWorker:
                 self.client.ack(m.mid, m.qos)
         self.totals.update({"stored": res.stored, "duplicates": res.duplicates, "dead_letters": res.dead,
                             "status": res.status, "acks": confirmed})
+        mx = self.metrics
+        mx.commit.observe(time.perf_counter() - t0)
+        mx.batch.observe(len(batch))
+        for outcome, n in (("stored", res.stored), ("duplicate", res.duplicates), ("dead_letter", res.dead),
+                           ("status", res.status)):
+            if n:
+                mx.messages.labels(outcome).inc(n)
+        now = time.time()
+        for t in res.captures_s:
+            mx.lag.observe(max(0.0, now - t))
         log.info("committed batch of %d: stored %d, duplicates %d, dead letters %d%s", len(batch), res.stored,
                  res.duplicates, res.dead, f" {res.reasons}" if res.reasons else "")
 

@@ -21,7 +21,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from sqlalchemy import Engine, LargeBinary, func, select, text, type_coerce
@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from central import regions, segments, store
 from central.config import SearchConfig
-from central.errors import Internal, Invalid, NotFound, TooLarge
+from central.errors import BadParameter, Internal, Invalid, NotFound, TooLarge
 from central.regions import RegionQuery
 from central.store import FRAMES_DELETED, FrameData, ModelInfo
 from sql.db import is_postgres
@@ -65,51 +65,28 @@ class Filters:
 
 def parse_labels(items: Optional[Sequence[str]]) -> Tuple[LabelFilter, ...]:
     """``["lot=17", "rework"]`` -> ``(("lot", "17"), ("rework", None))``: ``name=value`` or a bare ``name`` (the
-    label is present, whatever its value). ``Invalid`` for a name outside the label name rule."""
+    label is present, whatever its value). ``BadParameter("label")`` (422) for a name outside the label name rule."""
     out: List[LabelFilter] = []
     for item in items or ():
         name, eq, value = item.partition("=")
         name = name.strip()
         if not NAME_RE.match(name):
-            raise Invalid(f"label filter {item!r:.80}: the name must match {NAME_RULE}", reason=BAD_QUERY)
+            raise BadParameter("label", f"{item!r:.80}: the name must match {NAME_RULE}")
         if len(value) > MAX_LABEL_VALUE:
-            raise Invalid(f"label filter {name}: the value is longer than {MAX_LABEL_VALUE}", reason=BAD_QUERY)
+            raise BadParameter("label", f"{name}: the value is longer than {MAX_LABEL_VALUE}")
         out.append((name, value if eq else None))
     return tuple(out)
 
 
-def _json_path(name: str) -> str:
-    return f'$."{name}"'  # names match NAME_RE: no quotes to escape
-
-
-def label_conditions(labels: Sequence[LabelFilter], postgres: bool) -> list:
-    """SQL conditions on ``frames`` that hold when a frame carries every label in ``labels`` (PostgreSQL: JSONB
-    operators; SQLite: json_type / json_extract)."""
-    where: list = []
-    for i, (name, value) in enumerate(labels):
-        if postgres:
-            if value is None:
-                where.append(text(f"(frames.labels -> :lname{i}) IS NOT NULL").bindparams(**{f"lname{i}": name}))
-            else:
-                where.append(text(f"frames.labels @> CAST(:lval{i} AS jsonb)")
-                             .bindparams(**{f"lval{i}": json.dumps({name: value})}))
-        elif value is None:
-            where.append(func.json_type(Frame.labels, _json_path(name)).is_not(None))
-        else:
-            where += [func.json_type(Frame.labels, _json_path(name)) == "text",
-                      func.json_extract(Frame.labels, _json_path(name)) == value]
-    return where
-
-
 def label_ids(session: Session, model_id: int, labels: Sequence[LabelFilter]) -> np.ndarray:
-    """Row ids of the model's frames that carry every label in ``labels`` (SQLite)."""
-    q = select(Frame.id).where(Frame.model_id == model_id, *label_conditions(labels, postgres=False))
+    """Row ids of the model's frames that carry every label in ``labels`` (SQLite: json_extract / json_type)."""
+    q = select(Frame.id).where(Frame.model_id == model_id, *store.label_clauses(labels, postgres=False))
     return np.fromiter(session.scalars(q), np.int64)
 
 
 def frame_conditions(model_id: int, f: Filters, postgres: bool) -> list:
     """SQL conditions on ``frames`` selecting the frames of ``model_id`` that pass the filters ``f``."""
-    where = [Frame.model_id == model_id, *label_conditions(f.labels, postgres)]
+    where = [Frame.model_id == model_id, *store.label_clauses(f.labels, postgres)]
     for kind in ("site", "line", "camera"):
         if getattr(f, kind) is not None:
             where.append(getattr(Frame, kind) == getattr(f, kind))
@@ -405,9 +382,9 @@ class VectorIndex:
             c[value] = len(c)
         return c[value]
 
-    def _load_rows(self, chunk: int = 50_000) -> int:
+    def _load_rows(self, chunk: int = 50_000, on_rows: Optional[Callable[[int], None]] = None) -> int:
         """Append the model's rows with ``id > last_id`` to the files (keyset pagination, one ``frombuffer`` per
-        chunk of raw float32 embedding bytes); returns how many."""
+        chunk of raw float32 embedding bytes; ``on_rows(n)`` after each); returns how many."""
         raw = type_coerce(Frame.global_embedding, LargeBinary)
         need, added = self.dim * 4, 0
         while True:
@@ -429,6 +406,8 @@ class VectorIndex:
                      for j, kind in enumerate(("site", "line", "camera"))}
             self._append(ids, ts, place, emb, rows[-1][6])
             added += len(rows)
+            if on_rows is not None:
+                on_rows(len(rows))
             if len(rows) < chunk:
                 return added
 
@@ -459,9 +438,9 @@ class VectorIndex:
             if dead:
                 log.info("model %d: %d deleted frame(s) masked in the index", self.model_id, dead)
 
-    def sync(self) -> None:
+    def sync(self, on_rows: Optional[Callable[[int], None]] = None) -> None:
         """Cheap check per query: the largest id (appends) and the sweeper's deletion counter; the files are
-        brought up to date under their ``flock`` only when either moved."""
+        brought up to date under their ``flock`` only when either moved (``on_rows``: progress of the rows read)."""
         with self.lock:
             with Session(self.engine) as s:
                 mx = int(s.scalar(select(func.max(Frame.id)).where(Frame.model_id == self.model_id)) or 0)
@@ -489,7 +468,7 @@ class VectorIndex:
                 elif gen != self.deletions:
                     self._prune()
                     self.deletions = gen
-                added = self._load_rows()
+                added = self._load_rows(on_rows=on_rows)
                 self._write_meta()
                 if added:
                     log.debug("model %d: %d frame(s) added to the index", self.model_id, added)
@@ -559,6 +538,12 @@ class Searcher:
                 idx = self._indexes[model.id] = VectorIndex(self.engine, model.id, model.embedding_dim,
                                                             self._dir / f"m{model.id}")
             return idx
+
+    def warm(self, model: ModelInfo, on_rows: Optional[Callable[[int], None]] = None) -> None:
+        """Bring ``model``'s vector files up to date now (SQLite: the rows not in them yet, ``on_rows(n)`` per
+        chunk), so the first search does not pay for it; PostgreSQL's indexes live in the server."""
+        if not self.pg:
+            self._vindex(model).sync(on_rows)
 
     def rerank_weight(self, model: ModelInfo) -> float:
         """w of the whole-image ranking: the configuration's, else the model's summary method's default."""
@@ -636,7 +621,7 @@ class Searcher:
 
     def search(self, model: ModelInfo, query: Query, k: int, f: Filters = Filters(),
                rerank: Optional[bool] = None, rerank_weight: Optional[float] = None) -> List[Hit]:
-        k = max(1, min(int(k), self.cfg.max_results))
+        k = max(1, min(int(k), self.cfg.max_depth + 1))  # pages are cut from this ranking (central.paging)
         rerank = self.cfg.rerank if rerank is None else rerank
         w = self.rerank_weight(model) if rerank_weight is None else float(rerank_weight)
         use_tokens = rerank and query.tokens is not None and len(query.tokens) > 0 and w > 0

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import and_, delete, func, insert, or_, select, text, type_coerce, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from central import segments
-from central.errors import Invalid
+from central.errors import Conflict, Invalid, NotFound
 from sql.db import is_postgres
 from sql.models import ApiToken, Counter, DeadLetter, Device, Frame, Model, Original
 from sql.types import pack_f32, pack_footprint, pack_tokens, unpack_f32, unpack_footprint, unpack_tokens
@@ -63,6 +64,7 @@ class ModelInfo:
     has_text: bool
     model_dir: Optional[str]
     manifest: Manifest
+    registered_us: int = 0
 
     @property
     def token_dim(self) -> int:
@@ -75,9 +77,12 @@ class ModelInfo:
 
     def public(self) -> Dict[str, Any]:
         s = self.manifest.summary
-        return {"id": self.id, "hash": self.hash16, "name": self.name, "embedding_dim": self.embedding_dim,
-                "k": self.k, "has_text": self.has_text, "searchable": self.model_dir is not None,
-                "family": self.manifest.family, "merge": self.manifest.merge.method,
+        return {"id": self.id, "hash": self.hash16, "short_hash": self.hash16[:8], "name": self.name,
+                "embedding_dim": self.embedding_dim, "k": self.k, "has_text": self.has_text,
+                "searchable": self.model_dir is not None, "family": self.manifest.family,
+                "merge": self.manifest.merge.method, "registered_us": self.registered_us,
+                "input": {"width": self.manifest.input.width, "height": self.manifest.input.height,
+                          "resize": self.manifest.input.resize},
                 "summary": {"method": s.method, "token_dim": s.dim, "layer": s.layer,
                             "footprint_grid": None if s.footprint_grid is None else list(s.footprint_grid),
                             "region_search": self.has_footprint}}
@@ -85,7 +90,7 @@ class ModelInfo:
 
 def _info(row: Model) -> ModelInfo:
     return ModelInfo(row.id, row.hash16, row.name, row.embedding_dim, row.k, row.has_text, row.model_dir,
-                     Manifest.from_json(row.manifest_json, where=f"models[{row.id}]"))
+                     Manifest.from_json(row.manifest_json, where=f"models[{row.id}]"), int(row.registered_us or 0))
 
 
 def register_model(session: Session, manifest: Manifest, model_dir: Optional[str | Path] = None) -> ModelInfo:
@@ -111,6 +116,34 @@ def register_model(session: Session, manifest: Manifest, model_dir: Optional[str
 
 def list_models(session: Session) -> List[ModelInfo]:
     return [_info(r) for r in session.scalars(select(Model).order_by(Model.id))]
+
+
+def model_usage(session: Session) -> Dict[int, Tuple[int, Optional[int]]]:
+    """``{model_id: (frames, last capture_us)}`` of the models that have frames (``ix_frames_model_ts``)."""
+    rows = session.execute(select(Frame.model_id, func.count(), func.max(Frame.capture_us)).group_by(Frame.model_id))
+    return {int(m): (int(n), None if t is None else int(t)) for m, n, t in rows}
+
+
+def remove_model(session: Session, model_id: int, delete_frames: bool = False) -> int:
+    """Unregister a model; returns how many of its frames were deleted. ``NotFound`` for an unknown id; ``Conflict``
+    while frames use it and ``delete_frames`` is False (its embeddings would become unsearchable). Deleting frames
+    bumps ``frames_deleted`` (search indexes drop them) and drops the model's HNSW index on PostgreSQL. Their
+    originals stay until the retention policy deletes them."""
+    row = session.get(Model, model_id)
+    if row is None:
+        raise NotFound(f"no model with id {model_id} (tokenline-central models list)")
+    n = int(session.scalar(select(func.count()).select_from(Frame).where(Frame.model_id == model_id)) or 0)
+    if n and not delete_frames:
+        raise Conflict(f"model {model_id} ({row.name}) has {n} frame(s); remove them too with --delete-frames "
+                       "(their originals expire by the retention policy) or keep the model")
+    if n:
+        session.execute(delete(Frame).where(Frame.model_id == model_id))
+        add_counters(session, "models", {FRAMES_DELETED: n})
+    if is_postgres(session.get_bind()):
+        session.execute(text(f"DROP INDEX IF EXISTS {hnsw_index_name(model_id)}"))
+    session.delete(row)
+    session.flush()
+    return n
 
 
 # -- frames ------------------------------------------------------------------------------------------
@@ -316,6 +349,64 @@ def get_frames(session: Session, ids: Sequence[int], model: ModelInfo) -> Dict[i
     empty = np.zeros(0, np.float32)
     grid = model.manifest.summary.footprint_grid
     return {r.id: _frame_data(r, empty, grid) for r in session.execute(select(*cols).where(Frame.id.in_(list(ids))))}
+
+
+_LIST_COLS = ("id", *_FRAME_META, "legal_hold", "k")
+
+
+def label_clauses(labels: Sequence[Tuple[str, Optional[str]]], postgres: bool) -> List[Any]:
+    """SQL conditions: a frame carries every label ``(name, value)`` (``value`` None: any value). Names follow
+    the label name rule (checked by ``search.parse_labels``), so they need no quoting in a JSON path."""
+    out: List[Any] = []
+    for name, value in labels:
+        if postgres:  # the GIN index on labels answers both
+            col = type_coerce(Frame.labels, postgresql.JSONB)
+            out.append(col.has_key(name) if value is None else col.contains({name: value}))
+        elif value is None:
+            out.append(func.json_type(Frame.labels, f'$."{name}"').is_not(None))
+        else:
+            out += [func.json_type(Frame.labels, f'$."{name}"') == "text",
+                    func.json_extract(Frame.labels, f'$."{name}"') == value]
+    return out
+
+
+def browse_frames(session: Session, *, model_id: Optional[int] = None, site: Optional[str] = None,
+                  line: Optional[str] = None, camera: Optional[str] = None, since_us: Optional[int] = None,
+                  until_us: Optional[int] = None, labels: Sequence[Tuple[str, Optional[str]]] = (),
+                  before: Optional[Tuple[int, int]] = None, limit: int = 50) -> List[Dict[str, Any]]:
+    """The latest frames (newest capture first, ties by row id) with the search filters, after the keyset
+    ``before`` = (capture_us, row id) of the last frame already listed; metadata only, with the original's state."""
+    cols = [getattr(Frame, n) for n in _LIST_COLS]
+    q = select(*cols, Original.state).outerjoin(Original, Original.frame_id == Frame.frame_id)
+    if labels:
+        q = q.where(*label_clauses(labels, is_postgres(session.get_bind())))
+    for col, v in ((Frame.model_id, model_id), (Frame.site, site), (Frame.line, line), (Frame.camera, camera)):
+        if v is not None:
+            q = q.where(col == v)
+    if since_us is not None:
+        q = q.where(Frame.capture_us >= since_us)
+    if until_us is not None:
+        q = q.where(Frame.capture_us < until_us)
+    if before is not None:
+        q = q.where(or_(Frame.capture_us < before[0], and_(Frame.capture_us == before[0], Frame.id < before[1])))
+    q = q.order_by(Frame.capture_us.desc(), Frame.id.desc()).limit(int(limit))
+    out = []
+    for r in session.execute(q):
+        d = {n: getattr(r, n) for n in _LIST_COLS}
+        d["legal_hold"] = bool(d["legal_hold"])
+        d["original"] = r.state
+        out.append(d)
+    return out
+
+
+def list_cameras(session: Session) -> List[Dict[str, Any]]:
+    """Every (site, line, camera) with frames: count, first and last capture, a device that sent them
+    (``ix_frames_place_ts``); what the page's filter menus offer."""
+    q = (select(Frame.site, Frame.line, Frame.camera, func.count(), func.min(Frame.capture_us),
+                func.max(Frame.capture_us), func.max(Frame.device))
+         .group_by(Frame.site, Frame.line, Frame.camera).order_by(Frame.site, Frame.line, Frame.camera))
+    return [{"site": s, "line": ln, "camera": c, "frames": int(n), "first_capture_us": int(t0),
+             "last_capture_us": int(t1), "device": d} for s, ln, c, n, t0, t1, d in session.execute(q)]
 
 
 def set_legal_hold(session: Session, frame_id: str, hold: bool) -> bool:

@@ -161,12 +161,14 @@ class Agent:
                          "preprocess_errors": 0, "encode_errors": 0, "originals_errors": 0,
                          "outbox_write_errors": 0, "commands_applied": 0}
         self._latency: Deque[float] = deque(maxlen=512)
+        self._command_log: Deque[dict] = deque(maxlen=20)  # the latest commands and their outcome (stats)
         self._beat = {"inference": time.monotonic(), "writer": time.monotonic()}
         self._final: Optional[dict] = None
         self.health_server: Optional[health.HealthServer] = None
         if cfg.health.http_port is not None:
             try:
-                self.health_server = health.HealthServer(cfg.health.http_host, cfg.health.http_port, self.snapshot)
+                self.health_server = health.HealthServer(cfg.health.http_host, cfg.health.http_port, self.snapshot,
+                                                         metrics=self._metrics())
             except OSError as exc:
                 raise AgentError(f"health.http_port: cannot listen on {cfg.health.http_host}:"
                                  f"{cfg.health.http_port}: {exc.strerror or exc}") from None
@@ -221,6 +223,19 @@ class Agent:
         log.info("agent stopped (outbox %s)", "empty" if flushed else "kept for replay")
         return flushed
 
+    def _metrics(self):  # noqa: ANN202 - Optional[Callable[[], bytes]]
+        """``/metrics`` from the snapshot (``edge_agent.metrics``), or None without prometheus-client installed."""
+        try:
+            from edge_agent import metrics
+        except ImportError:  # pragma: no cover - the edge extra installs it
+            return None
+        try:
+            registry = metrics.make_registry(self.snapshot)
+        except ImportError:
+            log.warning("prometheus-client is not installed: no /metrics (pip install 'tokenline[edge]')")
+            return None
+        return lambda: metrics.render(registry)
+
     def _protocol_topic(self, topic: str) -> str:
         """Rows written under the other protocol's layout go out on this protocol's topics."""
         try:
@@ -234,8 +249,21 @@ class Agent:
 
     # -- commands ---------------------------------------------------------------------------------------------
     def handle_command(self, cmd: topics.Command) -> None:
+        """Apply a command; its outcome goes into the stats (``commands.recent``), where central reads the answer
+        to its ``request_original`` by ``request_id``. ValueError when it cannot be applied."""
         log.info("command %s camera=%s frame_id=%s request_id=%s", cmd.action, cmd.camera, cmd.frame_id,
                  cmd.request_id)
+        try:
+            self._apply_command(cmd)
+        except ValueError as exc:
+            self._command_log.append({"action": cmd.action, "frame_id": cmd.frame_id, "request_id": cmd.request_id,
+                                      "ts": time.time(), "result": "failed", "detail": str(exc)[:200]})
+            raise
+        self._command_log.append({"action": cmd.action, "frame_id": cmd.frame_id, "request_id": cmd.request_id,
+                                  "ts": time.time(), "result": "queued" if cmd.action == "request_original" else "applied"})
+        self.counters["commands_applied"] += 1
+
+    def _apply_command(self, cmd: topics.Command) -> None:
         if cmd.camera is not None and cmd.camera not in self.workers:
             raise ValueError(f"unknown camera {cmd.camera!r}")
         if cmd.action == "trigger":
@@ -249,7 +277,6 @@ class Agent:
         elif cmd.action == "request_original":
             if self.originals is None or not self.originals.request(cmd.frame_id or ""):
                 raise ValueError(f"original {cmd.frame_id} is not in the local store")
-        self.counters["commands_applied"] += 1
 
     # -- inference --------------------------------------------------------------------------------------------
     def _inference_loop(self) -> None:
@@ -472,7 +499,7 @@ class Agent:
             "originals": (dict(self.originals.stats(), errors=self.counters["originals_errors"])
                           if self.originals is not None else None),
             "commands": {"received": self.link.commands_received, "rejected": self.link.commands_rejected,
-                         "applied": self.counters["commands_applied"]},
+                         "applied": self.counters["commands_applied"], "recent": list(self._command_log)},
             "drops": {"total": self.drops.totals(), "recent": self.drops.recent(),
                       "window_s": self.drops.window_s},
             "anomaly": self.anomaly.stats() if self.anomaly is not None else None,

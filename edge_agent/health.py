@@ -1,4 +1,4 @@
-"""Health reporting: a local HTTP endpoint (GET /health, /stats), a JSON health file, and systemd sd_notify.
+"""Health reporting: a local HTTP endpoint (GET /health, /stats, /metrics), a JSON health file, systemd sd_notify.
 
 ``sd_notify`` writes to ``$NOTIFY_SOCKET`` directly (no python-systemd dependency): ``READY=1`` at start,
 ``WATCHDOG=1`` on every healthy stats tick, ``STOPPING=1`` on shutdown.
@@ -58,13 +58,23 @@ def write_health_file(path: Path, snapshot: dict) -> None:
 
 class HealthServer:
     """GET /health -> {"status", "state", "problems", "awaiting_confirmation", "oldest_awaiting_s", "pending"} (200
-    when healthy, 503 otherwise); GET /stats -> the full snapshot."""
+    when healthy, 503 otherwise); GET /stats -> the full snapshot; GET /metrics -> ``metrics()`` (Prometheus text,
+    ``edge_agent.metrics``) when given."""
 
-    def __init__(self, host: str, port: int, snapshot: Callable[[], dict]) -> None:
+    def __init__(self, host: str, port: int, snapshot: Callable[[], dict],
+                 metrics: Optional[Callable[[], bytes]] = None) -> None:
         get = snapshot
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server API
+                if self.path == "/metrics" and metrics is not None:
+                    data = metrics()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 if self.path not in ("/health", "/stats"):
                     self.send_error(404)
                     return

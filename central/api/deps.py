@@ -1,17 +1,23 @@
-"""FastAPI dependencies: the app's services, one database session per request, the caller by role."""
+"""FastAPI dependencies: the app's services, one database session per request, the caller by role.
+
+The caller's bearer token is declared as OpenAPI's ``HTTPBearer`` security scheme (Swagger UI's "Authorize"),
+and checked by ``central.auth`` (401 without a valid token, 403 for another role).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Annotated, Callable, Iterator, Optional
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from central.api.metrics import Metrics
 from central.auth import Principal, TokenCache, authorize
 from central.blobs import BlobStore
+from central.commands import OriginalRequests
 from central.config import CentralConfig
 from central.encoder import EncoderPool
 from central.images import ImagePool
@@ -30,6 +36,7 @@ class Services:
     tokens: TokenCache
     metrics: Metrics
     images: ImagePool  # image decoding and encoding, off the event loop
+    original_requests: OriginalRequests
 
 
 def services(request: Request) -> Services:
@@ -42,11 +49,16 @@ def session(svc: Annotated[Services, Depends(services)]) -> Iterator[Session]:
         yield s
 
 
+BEARER = HTTPBearer(auto_error=False, scheme_name="bearer",
+                    description="a token from `tokenline-central create-token NAME --role viewer|device|admin` "
+                                "(or POST /v1/tokens)")
+
+
 def require(*roles: str) -> Callable[..., Principal]:
     """A dependency that admits a bearer token of one of ``roles`` (admins always)."""
 
-    def dep(request: Request, authorization: Optional[str] = Header(None)) -> Principal:
-        return authorize(services(request).tokens, authorization, roles)
+    def dep(request: Request, _creds: Optional[HTTPAuthorizationCredentials] = Security(BEARER)) -> Principal:
+        return authorize(services(request).tokens, request.headers.get("authorization"), roles)
 
     return dep
 

@@ -25,6 +25,10 @@ def http_status(exc: CentralError) -> int:
 
 
 async def error_response(_request: Request, exc: CentralError) -> JSONResponse:
-    """``{"error": reason, "detail": text}`` with the kind's status (and the Bearer challenge on 401)."""
+    """``{"error": reason, "detail": text}`` (plus ``parameter`` for a bad parameter) with the kind's status (and
+    the Bearer challenge on 401)."""
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-    return JSONResponse({"error": exc.reason, "detail": exc.detail}, status_code=http_status(exc), headers=headers)
+    body = {"error": exc.reason, "detail": exc.detail}
+    if getattr(exc, "parameter", None):
+        body["parameter"] = exc.parameter  # BadParameter: the request parameter at fault
+    return JSONResponse(body, status_code=http_status(exc), headers=headers)

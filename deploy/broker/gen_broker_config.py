@@ -20,7 +20,8 @@ Not ``use_username_as_clientid``: with it, Mosquitto 2.0.11 refuses a CONNECT wi
 session of the client id it named first (tests/system/test_attacks.py, row 3).
 
 Client ids: a device connects as ``tokenline-edge-<id>`` (the edge agent's default ``mqtt.client_id``), a service
-with its user name as client id (central's ``mqtt.client_id``); the inventory's ``client_id`` overrides either.
+or an api user with its user name as client id (central's ``mqtt.client_id``, ``api.command_client_id``); the
+inventory's ``client_id`` overrides any of them.
 Admins are not bound (trusted operators with tools that pick their own ids).
 
 Roles (anything not granted is denied: publishing, subscribing, receiving):
@@ -37,6 +38,9 @@ Roles (anything not granted is denied: publishing, subscribing, receiving):
     tokenline/v1/+/+/cmd)
   alert readers (a line PLC, an andon board, a dashboard): subscribe to and receive the anomaly alerts of every
     site (tokenline/v2/+/+/alert/+/+, or a narrower filter inside it), nothing else; publish nothing
+  api users (central's API process, which publishes request_original when someone asks for an original; its
+    api.command_username and api.command_client_id): publish tokenline/v2/+/+/cmd (and tokenline/v1/+/+/cmd),
+    nothing else: no subscription, no tokens, no acknowledgements
   admin users: publish, subscribe and receive tokenline/#
   bridges (a site broker's bridge user, deploy/broker/site-bridge.conf.template): speaks for every device of
     its site: publishes their tokens, status, stats and alerts, subscribes to their cmd and ack topics; the site
@@ -49,6 +53,7 @@ Inventory (YAML):
       cameras: [{line: line3, camera: cam1}, {line: line3, camera: cam2}]
       # client_id: tokenline-edge-jetson-01     (the default)
   services: [central-ingest-1, central-ingest-2]   # or {id: ..., client_id: ...}
+  apis: [central-api]                               # or {id: ..., client_id: ...}
   admins: [ops]
   alert_readers: [andon-1]                  # or {id: ..., client_id: ...}; client id defaults to the name
   bridges: [{id: bridge-plant-b, site: plant-b}]
@@ -105,7 +110,7 @@ def load_inventory(path: Path) -> Dict[str, Any]:
         raise InventoryError(f"{path}: {exc}") from None
     if not isinstance(data, dict):
         raise InventoryError(f"{path}: top level must be a mapping")
-    allowed = {"devices", "services", "admins", "bridges", "alert_readers"}
+    allowed = {"devices", "services", "apis", "admins", "bridges", "alert_readers"}
     unknown = set(data) - allowed
     if unknown:
         raise InventoryError(f"{path}: unknown keys {sorted(unknown)} (allowed: {', '.join(sorted(allowed))})")
@@ -129,14 +134,14 @@ def load_inventory(path: Path) -> Dict[str, Any]:
             raise InventoryError(f"bridges[{i}]: needs exactly id and site")
         bridges.append({"id": _name(br["id"], f"bridges[{i}].id"), "site": _name(br["site"], f"bridges[{i}].site")})
     ids = [d["id"] for d in devices]
-    services = _named_users(data, "services")
+    services, apis = _named_users(data, "services"), _named_users(data, "apis")
     readers = _named_users(data, "alert_readers")
     admins = [_name(a, "admins[]") for a in data.get("admins") or []]
-    users = ids + [s["id"] for s in services] + admins + [b["id"] for b in bridges] + [r["id"] for r in readers]
+    users = ids + [s["id"] for s in services + apis] + admins + [b["id"] for b in bridges] + [r["id"] for r in readers]
     dupes = {u for u in users if users.count(u) > 1}
     if dupes:
         raise InventoryError(f"user names must be unique across devices, services and admins: {sorted(dupes)}")
-    cids = ([d["client_id"] for d in devices] + [s["client_id"] for s in services] + [b["id"] for b in bridges]
+    cids = ([d["client_id"] for d in devices] + [s["client_id"] for s in services + apis] + [b["id"] for b in bridges]
             + [r["client_id"] for r in readers])
     dupes = {c for c in cids if cids.count(c) > 1}
     if dupes:
@@ -149,7 +154,7 @@ def load_inventory(path: Path) -> Dict[str, Any]:
             if key in seen:
                 raise InventoryError(f"camera {key} is claimed by both {seen[key]} and {d['id']}")
             seen[key] = d["id"]
-    return {"devices": devices, "services": services, "admins": admins, "bridges": bridges, "alert_readers": readers}
+    return {"devices": devices, "services": services, "apis": apis, "admins": admins, "bridges": bridges, "alert_readers": readers}
 
 
 def _named_users(data: Dict[str, Any], key: str) -> List[Dict[str, str]]:
@@ -217,6 +222,11 @@ def bridge_acls(site: str, allow_v1: bool) -> List[Dict[str, Any]]:
             + [_acl("publishClientReceive", t) for t in read])
 
 
+def api_acls() -> List[Dict[str, Any]]:
+    """Central's API process: publish the devices' commands (request_original), nothing else."""
+    return [_acl("publishClientSend", t) for t in (f"{V2}/+/+/cmd", f"{V1}/+/+/cmd")]
+
+
 def alert_reader_acls() -> List[Dict[str, Any]]:
     """Alert readers: subscribe to (a filter inside) the alert topics and receive them; nothing else."""
     return [_acl("subscribePattern", ALERTS), _acl("publishClientReceive", ALERTS)]
@@ -246,6 +256,11 @@ def dynsec_config(inv: Dict[str, Any], passwords: Dict[str, str], allow_v1: bool
     for svc in inv["services"]:
         clients.append(dict({"username": svc["id"], "clientid": svc["client_id"], "textName": "central ingest worker",
                              "roles": [{"rolename": "service"}]}, **password_hash(passwords[svc["id"]])))
+    if inv["apis"]:
+        roles.append({"rolename": "api", "acls": api_acls()})
+    for api in inv["apis"]:
+        clients.append(dict({"username": api["id"], "clientid": api["client_id"], "textName": "central API (commands)",
+                             "roles": [{"rolename": "api"}]}, **password_hash(passwords[api["id"]])))
     if inv["alert_readers"]:
         roles.append({"rolename": "alert-reader", "acls": alert_reader_acls()})
     for r in inv["alert_readers"]:
@@ -312,7 +327,7 @@ def generate(inv: Dict[str, Any], out: Path, port: int = 8883, tls_dir: Path | N
     out.mkdir(parents=True, exist_ok=True)
     creds_dir = out / "credentials"
     creds_dir.mkdir(mode=0o700, exist_ok=True)
-    users = [d["id"] for d in inv["devices"]] + [s["id"] for s in inv["services"]] + list(inv["admins"]) + [
+    users = [d["id"] for d in inv["devices"]] + [s["id"] for s in inv["services"] + inv["apis"]] + list(inv["admins"]) + [
         b["id"] for b in inv["bridges"]] + [r["id"] for r in inv["alert_readers"]]
     passwords: Dict[str, str] = {}
     for u in users:

@@ -357,7 +357,7 @@ def test_cli_reference_sets_and_export(tmp_path, tiny_model_dir, tiny_manifest, 
     assert "created set 1 'plates' s1/l1/c1" in out and "10 frames" in out
     assert main(["--db", url, "reference-set", "create", "dup", "--frame", msgs[0].frame_id.hex(),
                  "--frame", msgs[1].frame_id.hex()]) == 2
-    assert "already has a reference set" in capsys.readouterr().out
+    assert "already has a reference set" in capsys.readouterr().err  # errors: one line on stderr (runtime.cli)
     assert main(["--db", url, "reference-set", "update", "1", "--add", msgs[10].frame_id.hex(), "--threshold",
                  "0.4"]) == 0
     assert "v2: 11 frames" in capsys.readouterr().out

@@ -14,7 +14,7 @@ from central import store
 from central.api import create_app
 from central.cli import main as central_main
 from central.config import IngestConfig, SearchConfig
-from central.errors import Invalid
+from central.errors import BadParameter
 from central.ingest import Incoming, Ingestor
 from central.search import Filters, Query, Searcher, parse_labels
 from tests.central.conftest import config_for, make_message, tx, unit
@@ -77,9 +77,9 @@ def test_metadata_is_stored_and_label_filters_equal_brute_force(engine, stored):
 
 def test_parse_label_filters():
     assert parse_labels(["lot=17", "rework", "note=a=b"]) == (("lot", "17"), ("rework", None), ("note", "a=b"))
-    with pytest.raises(Invalid, match="must match"):
+    with pytest.raises(BadParameter, match="must match"):
         parse_labels(["bad name=1"])
-    with pytest.raises(Invalid, match="longer"):
+    with pytest.raises(BadParameter, match="longer"):
         parse_labels(["lot=" + "x" * 200])
 
 
@@ -96,7 +96,12 @@ def test_api_and_cli_show_and_filter_labels(engine, stored, db_url, tmp_path, ca
     assert {x["frame_id"] for x in r.json()["results"]} == _expect(msgs, (("lot", "17"), ("rework", None)))
     assert all(x["labels"]["lot"] == "17" for x in r.json()["results"])
     r = client.post("/v1/search", data={"like_frame": like, "label": "no spaces=1"}, headers=v)
-    assert r.status_code == 400 and r.json()["error"] == "bad_query"
+    assert r.status_code == 422 and r.json()["error"] == "invalid_parameter" and r.json()["parameter"] == "label"
+    r = client.get("/v1/frames", params={"label": ["lot=17", "rework"], "limit": 60}, headers=v)  # browse: the same
+    assert r.status_code == 200, r.text
+    assert {x["frame_id"] for x in r.json()["frames"]} == _expect(msgs, (("lot", "17"), ("rework", None)))
+    assert all(x["labels"]["lot"] == "17" for x in r.json()["frames"])
+    assert client.get("/v1/frames", params={"label": "a b"}, headers=v).json()["parameter"] == "label"
     (tmp_path / "c.yaml").write_text(f"database: {{url: '{db_url}'}}\n")
     assert central_main(["--config", str(tmp_path / "c.yaml"), "search", "--like-frame", like, "-k", "60",
                          "--label", "lot=18", "--json"]) == 0

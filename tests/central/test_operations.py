@@ -42,7 +42,7 @@ def test_tokens_listed_and_revoked_from_the_cli(tmp_path, capsys):
     assert main(["--db", url, "token", "revoke", "line3-edge"]) == 0
     assert tx(engine, store.lookup_token, leaked) is None
     assert main(["--db", url, "token", "revoke", "line3-edge"]) == 2  # nothing left to revoke: said so
-    assert "no unrevoked token named 'line3-edge'" in capsys.readouterr().out
+    assert "no unrevoked token named 'line3-edge'" in capsys.readouterr().err
     assert main(["--db", url, "token", "revoke", "--id", "2"]) == 0
     assert main(["--db", url, "token", "revoke"]) == 2
     assert main(["--db", url, "token", "list"]) == 0

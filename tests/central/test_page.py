@@ -1,11 +1,12 @@
-"""The search page in a real headless Chromium (Debian's chromium + chromium-driver, driven by selenium)."""
+"""The page in a real headless Chromium (tests/support/browser.py): search, latest frames, the detail, the API docs.
+
+Each test saves screenshots of what it checked (out/test-artifacts/page/, git-ignored). The devices page and
+"request from edge" need a running edge: tests/system/test_page_live.py.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import shutil
-import threading
-import time
 
 import cv2
 import numpy as np
@@ -20,85 +21,226 @@ from central.retention import sweep
 from sql.db import make_engine
 from sql.migrate import upgrade
 from tests.central.conftest import config_for, make_message, tx
-from tests.support.broker import free_port
+from tests.support.browser import BROWSER_TZ, cards, chrome, login, serving, shot, text_of, texts, wait
+
+T0 = 1_700_000_000_000_000  # 2023-11-14 22:13:20 UTC = 2023-11-15 07:13:20 in Tokyo
 
 
-def _chrome():
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("page test needs Debian's chromium and chromium-driver (`make system-deps` installs them)")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.skip("page test needs selenium (dev extra)")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,900"):
-        opts.add_argument(a)
-    return webdriver.Chrome(service=Service(driver), options=opts)
+def jpeg(value: int, w: int = 96, h: int = 64) -> bytes:
+    img = np.full((h, w, 3), value, np.uint8)
+    cv2.rectangle(img, (10, 10), (30, 30), (0, 0, 255), -1)
+    return cv2.imencode(".jpg", img)[1].tobytes()
 
 
-def test_page_searches_and_shows_results(tmp_path, tiny_manifest, tiny_model_dir):
-    import uvicorn
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+@pytest.fixture
+def site(tmp_path, tiny_manifest, tiny_model_dir):
+    """35 frames (30 on line l3, camera c1; 5 on line l4, camera c2) one second apart from T0, 11 originals kept,
+    one deleted by retention; a second model with the same name and no frames; viewer and admin tokens."""
+    from tests.support.tiny_model import build_tiny_model
 
     url = f"sqlite:///{tmp_path / 'c.db'}"
     engine = make_engine(url)
     upgrade(engine)
-    cfg = config_for(tmp_path, url, retention={"originals_days": 1, "tokens_days": 10})
+    cfg = config_for(tmp_path, url, retention={"originals_days": 5000, "tokens_days": 200000})
     model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
+    twin = build_tiny_model(tmp_path / "twin", size=32, patch=8, dim=384, seed=7, name=tiny_manifest.name)
+    from tokenline.manifest import Manifest
+
+    tx(engine, store.register_model, Manifest.from_file(twin), twin)
     rng = np.random.default_rng(0)
-    now = store.now_us()
-    msgs = [make_message(tiny_manifest, rng, seq=i, ts_us=now - i, line="l3") for i in range(12)]
+    center = rng.standard_normal(384).astype(np.float32)
+    msgs = [make_message(tiny_manifest, rng, seq=i, ts_us=T0 + i * 1_000_000, line="l3", center=center)
+            for i in range(30)]
+    msgs += [make_message(tiny_manifest, rng, seq=i, ts_us=T0 + (30 + i) * 1_000_000, line="l4", camera="c2",
+                          center=center) for i in range(5)]
     with Session(engine) as s, s.begin():
-        store.insert_frames(s, [store.frame_row(m, model.id, now) for m in msgs])
+        store.insert_frames(s, [store.frame_row(m, model.id, store.now_us()) for m in msgs])
     blobs = BlobStore(cfg.originals.root)
-    for i, m in enumerate(msgs[:11]):
-        body = cv2.imencode(".jpg", np.full((64, 64, 3), 20 * i, np.uint8))[1].tobytes()
+    for i, m in enumerate(msgs[:12]):
+        body = jpeg(20 * i)
         with Session(engine) as s:
             store_original(s, blobs, cfg.retention, m.frame_id.hex(), body, hashlib.sha256(body).hexdigest(), 1 << 20)
-    # one original expired by policy -> the page must say so
     from sql.models import Original
 
     with Session(engine) as s, s.begin():
-        s.get(Original, msgs[10].frame_id.hex()).stored_us = now - 3 * 86_400_000_000
+        s.get(Original, msgs[11].frame_id.hex()).stored_us -= 5001 * 86400 * 10**6  # past its days: the sweep deletes it
     sweep(engine, blobs, cfg.retention)
-    token = tx(engine, store.create_token, "qa", "viewer")
+    toks = {r: tx(engine, store.create_token, f"qa-{r}", r) for r in ("viewer", "admin")}
+    return cfg, engine, msgs, toks
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(cfg, engine), host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    while not server.started:
-        time.sleep(0.05)
-    driver = _chrome()
-    try:
-        driver.get(f"http://127.0.0.1:{port}/")
-        driver.find_element(By.ID, "token").send_keys(token)
-        driver.execute_script("document.getElementById('token').dispatchEvent(new Event('change'))")
-        wait = WebDriverWait(driver, 15)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model option")) == 1)
-        driver.find_element(By.ID, "like").send_keys(msgs[0].frame_id.hex())
-        driver.find_element(By.ID, "line").send_keys("l3")
-        driver.find_element(By.ID, "k").clear()
-        driver.find_element(By.ID, "k").send_keys("11")
-        driver.find_element(By.ID, "go").click()
-        wait.until(lambda d: "results in" in d.find_element(By.ID, "status").text)
-        cards = driver.find_elements(By.CSS_SELECTOR, ".card")
-        assert len(cards) == 11  # every other frame of the line
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".thumb img")) == 9)  # 9 originals kept
-        loaded = driver.execute_script(
-            "return [...document.querySelectorAll('.thumb img')].filter(i => i.complete && i.naturalWidth > 0).length")
-        assert loaded == 9
-        assert "original deleted" in driver.find_element(By.ID, "results").text  # the expired one
-        assert "no original kept" in driver.find_element(By.ID, "results").text  # msgs[11] never uploaded
-        assert len(driver.find_elements(By.CSS_SELECTOR, ".card .dot")) == 3 * 11  # matched-token centroids
-        ids = [c.get_attribute("data-frame-id") for c in cards]
-        assert msgs[0].frame_id.hex() not in ids and set(ids) <= {m.frame_id.hex() for m in msgs}
-    finally:
-        driver.quit()
-        server.should_exit = True
-        th.join(10)
+
+def test_search_view(site, tmp_path):
+    """Models told apart, filters as menus, the query beside the results, paging by scrolling, thumbnails and
+    matched regions, an error that clears the results, a search by an uploaded image."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    cfg, engine, msgs, toks = site
+    with serving(create_app(cfg, engine)) as base:
+        driver = chrome()
+        try:
+            login(driver, base, toks["viewer"])
+            wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model option")) == 2)
+            labels = texts(driver, "#model option")
+            assert labels[0].split(" · ")[0] == labels[1].split(" · ")[0]  # same name ...
+            assert labels[0].split(" · ")[1] != labels[1].split(" · ")[1]  # ... told apart by the short hash
+            assert "35 frames" in labels[0] and "0 frames" in labels[1]
+            assert Select(driver.find_element(By.ID, "model")).first_selected_option.text == labels[0]  # has frames
+            assert texts(driver, "#site option") == ["all", "s1"]
+            assert texts(driver, "#line option") == ["all", "l3", "l4"]
+            Select(driver.find_element(By.ID, "line")).select_by_value("l3")
+            assert texts(driver, "#camera option") == ["all", "c1 (30)"]  # cameras of that line
+
+            driver.find_element(By.ID, "like").send_keys(msgs[0].frame_id.hex())
+            driver.find_element(By.ID, "go").click()
+            wait(driver, lambda d: "results" in text_of(d, "status-search"))
+            assert len(cards(driver, "search")) == 24  # the first page
+            assert driver.find_element(By.ID, "query-panel").is_displayed()
+            assert driver.find_elements(By.CSS_SELECTOR, "#query-view .card img")  # the query frame beside them
+            driver.execute_script("document.getElementById('more-search').scrollIntoView()")  # infinite scroll
+            wait(driver, lambda d: len(cards(d, "search")) == 29)
+            ids = cards(driver, "search")
+            assert len(set(ids)) == 29 and msgs[0].frame_id.hex() not in ids
+            assert set(ids) <= {m.frame_id.hex() for m in msgs[:30]}  # line l3 only
+            assert not driver.find_element(By.ID, "more-search").is_displayed()
+            wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results-search .thumb img")) == 10)
+            loaded = driver.execute_script("return [...document.querySelectorAll('#results-search .thumb img')]"
+                                           ".filter(i => i.complete && i.naturalWidth > 0).length")
+            assert loaded == 10
+            res = text_of(driver, "results-search")
+            assert "original deleted (retention)" in res and "no original at central" in res
+            wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results-search .thumb .ring")) >= 10)
+            assert "UTC" in driver.find_element(By.CSS_SELECTOR, "#results-search .card time").text
+            shot(driver, "search")
+
+            driver.find_element(By.ID, "like").clear()
+            driver.find_element(By.ID, "q").send_keys("a scratch")  # this model has no text tower
+            driver.find_element(By.ID, "go").click()
+            wait(driver, lambda d: "error" in d.find_element(By.ID, "status-search").get_attribute("class"))
+            assert "no text tower" in text_of(driver, "status-search")
+            assert cards(driver, "search") == []  # the error cleared the stale results
+            shot(driver, "search-error")
+
+            driver.find_element(By.ID, "q").clear()
+            query = tmp_path / "query.png"
+            cv2.imwrite(str(query), np.full((40, 60, 3), 128, np.uint8))
+            driver.find_element(By.ID, "image").send_keys(str(query))
+            driver.find_element(By.ID, "go").click()
+            wait(driver, lambda d: len(cards(d, "search")) == 24)
+            assert driver.execute_script("const i = document.getElementById('query-image'); "
+                                         "return i && i.complete && i.naturalWidth") == 60
+            driver.execute_script("document.getElementById('more-search').scrollIntoView()")
+            wait(driver, lambda d: len(cards(d, "search")) == 30)  # an image query pages too (re-sent with cursor)
+            shot(driver, "search-image")
+        finally:
+            driver.quit()
+
+
+def test_latest_view_and_one_time_zone(site):
+    """The latest frames, newest first, with the filters; every time shown and entered in one zone, named."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    cfg, engine, msgs, toks = site
+    with serving(create_app(cfg, engine)) as base:
+        driver = chrome()
+        try:
+            login(driver, base, toks["viewer"], view="latest")
+            wait(driver, lambda d: len(cards(d, "latest")) == 35)  # 48 per page: all of them
+            assert cards(driver, "latest") == [m.frame_id.hex() for m in reversed(msgs)]
+            first = driver.find_element(By.CSS_SELECTOR, "#results-latest .card time").text
+            assert first == "2023-11-14 22:13:54.000 UTC"  # T0 + 34 s
+            assert text_of(driver, "tzname") == "UTC"
+            Select(driver.find_element(By.ID, "camera")).select_by_value("c2")
+            wait(driver, lambda d: len(cards(d, "latest")) == 5)
+            Select(driver.find_element(By.ID, "camera")).select_by_value("")
+            wait(driver, lambda d: len(cards(d, "latest")) == 35)
+            # From 22:13:40 UTC: the 15 frames from T0 + 20 s
+            driver.execute_script("const e = document.getElementById('since'); e.value = '2023-11-14T22:13:40';"
+                                  "e.dispatchEvent(new Event('change', {bubbles: true}))")
+            wait(driver, lambda d: len(cards(d, "latest")) == 15)
+            shot(driver, "latest-utc")
+            Select(driver.find_element(By.ID, "tz")).select_by_value("local")
+            assert text_of(driver, "tzname") == BROWSER_TZ
+            assert driver.find_element(By.ID, "since").get_attribute("value") == "2023-11-15T07:13:40"  # same instant
+            assert driver.find_element(By.CSS_SELECTOR, "#results-latest .card time").text == \
+                f"2023-11-15 07:13:54.000 {BROWSER_TZ}"
+            driver.execute_script("document.getElementById('filters').dispatchEvent(new Event('change'))")
+            wait(driver, lambda d: "15 frames" in text_of(d, "status-latest"))
+            assert len(cards(driver, "latest")) == 15  # the same filter, entered in Tokyo time
+            shot(driver, "latest-local-time")
+            driver.execute_script("const e = document.getElementById('until'); e.value = '2023-11-15T07:13:00';"
+                                  "e.dispatchEvent(new Event('change', {bubbles: true}))")  # before From
+            wait(driver, lambda d: "error" in d.find_element(By.ID, "status-latest").get_attribute("class"))
+            assert "until_us" in text_of(driver, "status-latest") and cards(driver, "latest") == []
+        finally:
+            driver.quit()
+
+
+def test_detail_view(site, tmp_path):
+    """Every field, the original with the matched regions, download, legal hold (admins), find frames like this."""
+    from selenium.webdriver.common.by import By
+
+    cfg, engine, msgs, toks = site
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    with serving(create_app(cfg, engine)) as base:
+        driver = chrome(downloads)
+        try:
+            login(driver, base, toks["admin"])
+            driver.find_element(By.ID, "like").send_keys(msgs[5].frame_id.hex())
+            driver.find_element(By.ID, "go").click()
+            wait(driver, lambda d: len(cards(d, "search")) == 24)
+            target = msgs[3].frame_id.hex()
+            wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, f'#results-search .card[data-frame-id="{target}"] img'))
+            driver.find_element(By.CSS_SELECTOR, f'#results-search .card[data-frame-id="{target}"]').click()
+            wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#detail-figure img"))
+            wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#detail-figure .ring")) == 3)
+            fields = text_of(driver, "detail-fields")
+            for want in (f"frame id {target}", "site s1", "line l3", "camera c1", "device d1", "seq 3",
+                         "token_dtype int8", "captured 2023-11-14 22:13:23.000 UTC", "legal hold no",
+                         "original kept", "score ", "match: token"):
+                assert want in fields, want
+            assert driver.execute_script("return document.querySelector('#detail-figure img').naturalWidth") == 96
+            shot(driver, "detail")
+            driver.find_element(By.ID, "download").click()
+            name = f"s1_l3_c1_20231114T221323000000Z_{target}.jpg"
+            wait(driver, lambda d: (downloads / name).exists() and (downloads / name).stat().st_size > 0)
+            assert (downloads / name).read_bytes() == jpeg(60)
+            driver.find_element(By.ID, "hold").click()
+            wait(driver, lambda d: text_of(d, "hold") == "Release legal hold")
+            assert "legal hold held" in text_of(driver, "detail-fields")
+            assert tx(engine, store.frame_place, target)[3] is True
+            driver.find_element(By.ID, "find-like").click()
+            wait(driver, lambda d: d.find_element(By.ID, "like").get_attribute("value") == target)
+            wait(driver, lambda d: len(cards(d, "search")) == 24 and target not in cards(d, "search"))
+        finally:
+            driver.quit()
+
+
+def test_api_docs_work_offline(site):
+    """Swagger UI and ReDoc render from central's own assets, and their pages may load nothing from elsewhere
+    (a Content-Security-Policy of 'self': ReDoc's sidebar logo on its CDN is refused, never fetched)."""
+    from selenium.webdriver.common.by import By
+
+    cfg, engine, msgs, toks = site
+    with serving(create_app(cfg, engine)) as base:
+        driver = chrome()
+        try:
+            driver.get(f"{base}/docs")
+            wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, ".swagger-ui .info .title"))
+            assert "tokenline central" in driver.find_element(By.CSS_SELECTOR, ".swagger-ui .info .title").text
+            wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, ".swagger-ui .btn.authorize"))  # the bearer scheme
+            shot(driver, "docs-swagger")
+            driver.get(f"{base}/redoc")
+            wait(driver, lambda d: "/v1/search" in d.find_element(By.TAG_NAME, "body").text, timeout=30)
+            shot(driver, "docs-redoc")
+            entries = driver.execute_script("return performance.getEntriesByType('resource')"
+                                            ".map(e => [e.name, e.responseStatus, e.transferSize])")
+            assert any(u == f"{base}/static/docs/redoc.standalone.js" and st == 200 for u, st, _ in entries), entries
+            outside = [u for u, _, _ in entries if not u.startswith(base)]
+            assert all(st == 0 and size == 0 for u, st, size in entries if u in outside), entries
+            refused = " ".join(e["message"] for e in driver.get_log("browser"))
+            assert all(u in refused and "Content Security Policy" in refused for u in outside), refused
+        finally:
+            driver.quit()

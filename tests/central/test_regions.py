@@ -161,6 +161,11 @@ def test_a_box_on_a_stored_frame_finds_the_others(red_frames) -> None:
                         ({"frame_id": "0" * 32, "box": "0,0,1,1"}, 404)):
         r = client.post("/v1/search/region", data=bad, headers=auth)
         assert r.status_code == status and r.json()["error"] == "bad_query", (bad, r.text)
+    # the filters are validated as /v1/search's: an unknown or bad one is 422 naming it
+    for bad, parameter in (({"camra": "c1"}, "camra"), ({"k": "0"}, "k"), ({"site": "plant 1"}, "site"),
+                           ({"since_us": "10", "until_us": "10"}, "until_us"), ({"label": "bad name"}, "label")):
+        r = client.post("/v1/search/region", data={"frame_id": src, "box": "0.52,0.27,0.64,0.48", **bad}, headers=auth)
+        assert r.status_code == 422 and r.json()["parameter"] == parameter, (bad, r.text)
     # whole-image search answers with the same matched footprints
     r = client.post("/v1/search", data={"like_frame": src, "k": "3"}, headers=auth)
     assert r.status_code == 200 and all("cells" in m for hit in r.json()["results"] for m in hit["matches"])

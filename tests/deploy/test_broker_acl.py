@@ -263,3 +263,44 @@ def test_tls_auth_and_acl_enforced_by_the_real_broker(secured) -> None:
     assert andon.publish(central_alert, b"reader").value == 135
     for c in (ops, b, central, andon):
         c.close()
+
+
+def test_api_user_publishes_commands_only(tmp_path: Path) -> None:
+    """Central's API asks an edge for an original (request_original) as the inventory's `apis` user: it reaches the
+    device's protocol 2 command topic and may do nothing else; with the ingest worker's user it is refused, since
+    that user is bound to the worker's client id."""
+    from central.commands import publish_command
+    from central.config import parse_config
+    from central.errors import Unavailable
+
+    broker, pw = generated_broker(tmp_path, INVENTORY + "apis: [central-api]\n")
+    broker.start()
+    try:
+        dev = Conn(broker.port, "jetson-a", pw["jetson-a"]).connect()
+        assert dev.subscribe(topics.cmd_topic("plant1", "jetson-a")).value == 1
+        base = {"mqtt": {"host": "127.0.0.1", "port": broker.port, "client_id": "central", "username": "central",
+                         "password": pw["central"]}}
+        api = parse_config(dict(base, api={"command_client_id": "central-api", "command_username": "central-api",
+                                           "command_password": pw["central-api"]}))
+        assert publish_command(api, topics.cmd_topic("plant1", "jetson-a"), b"req") == 0  # delivered
+        assert publish_command(api, topics.cmd_topic("plant1", "jetson-b"), b"req") == 0x10  # nobody listens
+        with pytest.raises(Unavailable, match="refused"):  # the worker's user, another client id: not authorized
+            publish_command(parse_config(dict(base, api={"command_client_id": "central-api"})),
+                            topics.cmd_topic("plant1", "jetson-a"), b"forged")
+        deadline = time.monotonic() + 5
+        while not dev.messages and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert dev.messages == [(topics.cmd_topic("plant1", "jetson-a"), b"req")]
+        for topic in ("tokenline/#", topics.cmd_topic("plant1", "jetson-a"), topics.shared("central", topics.TOKENS_FILTER)):
+            c = Conn(broker.port, "central-api", pw["central-api"]).connect()
+            assert c.subscribe(topic).value == 135, topic
+            c.close()
+        for topic in ("tokenline/v2/plant1/jetson-a/tokens/line1/cam1", topics.ack_topic("plant1", "jetson-a"),
+                      "tokenline/v2/plant1/jetson-a/status"):
+            c = Conn(broker.port, "central-api", pw["central-api"]).connect()  # a refused publish ends the connection
+            assert c.publish(topic).value == 135, topic
+            c.close()
+        dev.close()
+    finally:
+        broker.stop()

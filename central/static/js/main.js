@@ -1,0 +1,133 @@
+// tokenline's page: vanilla ES modules, no build step, served by central, nothing from the internet.
+// Views (#search, #latest, #devices, and #flagged when central scores frames) share the filter bar and the detail.
+import { getJson, postForm, token } from "./api.js";
+import { openDetail, initDetail, setMe } from "./detail.js";
+import { showDevices } from "./devices.js";
+import { filterParams, loadFilters, models, refreshPlaces, selectedModel, showZone } from "./filters.js";
+import { Pager, frameCard, retime } from "./grid.js";
+import { fromUs, zone } from "./time.js";
+
+const $ = (id) => document.getElementById(id);
+const views = ["search", "latest", "flagged", "devices"];
+export const state = { view: "search", query: null };
+
+const modelOf = (item) => models.find((m) => m.id === item.model_id) || selectedModel();
+const open = (item) => openDetail(item, modelOf(item), { likeFrame });
+const search = new Pager("search", (hit) => frameCard(hit, modelOf(hit), open));
+const latest = new Pager("latest", (f) => frameCard(f, modelOf(f), open));
+
+function setQueryPanel(q) {
+  const panel = $("query-panel"), view = $("query-view"), text = $("query-text");
+  view.textContent = ""; text.textContent = "";
+  if (!q) { panel.hidden = true; return; }
+  panel.hidden = false;
+  if (q.image) {
+    const img = document.createElement("img");
+    img.src = URL.createObjectURL(q.image); img.alt = "query image"; img.id = "query-image";
+    view.appendChild(img);
+    text.textContent = q.image.name;
+  } else if (q.like) {
+    view.appendChild(frameCard(q.likeItem || { frame_id: q.like, site: "", line: "", camera: "", capture_us: null },
+      q.likeItem ? modelOf(q.likeItem) : null, open));
+    text.textContent = `like frame ${q.like}`;
+  } else if (q.text) {
+    text.textContent = `“${q.text}”`;
+  }
+  for (const extra of queryRenderers) extra(q, view, text);
+}
+export const queryRenderers = [];  // features draw their query (a region, a crop) beside the results
+
+// The current query: exactly one of an image, a text, a stored frame (plus what features add, e.g. a region).
+function readQuery() {
+  const file = $("image").files[0], q = $("q").value.trim(), like = $("like").value.trim();
+  if (file) return { image: file };
+  if (q) return { text: q };
+  if (like) return { like };
+  return null;
+}
+
+export async function runSearch(query) {
+  const q = query || readQuery();
+  state.query = q;
+  setQueryPanel(q);
+  if (!q) { search.clear(); search.setStatus("choose an image, type a text or give a frame id", true); return; }
+  const f = filterParams();
+  const fields = Object.assign({ k: 24, rerank: $("rerank").checked ? "true" : "false" }, f, q.fields || {});
+  if (q.image) fields.image = q.image; else if (q.text) fields.q = q.text; else if (q.like) { fields.like_frame = q.like; delete fields.model_id; }
+  for (const hook of searchHooks) hook(fields);
+  await search.start(async (cursor) => {
+    const j = await postForm(q.route || "/v1/search", Object.assign({}, fields, cursor ? { cursor } : {}));
+    return { items: j.results, next_cursor: j.next_cursor, note: `${j.took_ms} ms · ${j.model.name} ${j.model.short_hash}` };
+  }, "results");
+}
+export const searchHooks = [];  // (fields) => void: features add parameters (sort, score filter, ...)
+
+function likeFrame(item) {
+  $("image").value = ""; $("q").value = ""; $("like").value = item.frame_id;
+  go("search");
+  runSearch({ like: item.frame_id, likeItem: item });
+}
+
+export async function runLatest() {
+  const f = filterParams();
+  await latest.start(async (cursor) => {
+    const params = new URLSearchParams();
+    for (const [k, v] of Object.entries(Object.assign({ limit: 48 }, f, cursor ? { cursor } : {}))) {
+      for (const x of Array.isArray(v) ? v : [v]) if (x) params.append(k, x);
+    }
+    const j = await getJson(`/v1/frames?${params}`);
+    return { items: j.frames, next_cursor: j.next_cursor };
+  }, "frames, newest first");
+}
+
+export const viewHooks = {};  // name -> (active) => void for views features add (flagged)
+
+function go(view) {
+  if (!views.includes(view)) view = "search";
+  state.view = view;
+  for (const v of views) $(`view-${v}`).hidden = v !== view;
+  for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.view === view);
+  $("filters").hidden = view === "devices";
+  showDevices(view === "devices");
+  for (const [name, hook] of Object.entries(viewHooks)) hook(view === name);
+  if (location.hash !== `#${view}`) history.replaceState(null, "", `#${view}`);
+  if (view === "latest") runLatest();
+}
+
+async function start() {
+  $("token").value = token.get();
+  showZone();
+  if (!token.get()) { search.setStatus("enter an API token (viewer role)"); return; }
+  try {
+    const who = await getJson("/v1/me");
+    setMe(who);
+    $("me").textContent = `${who.name} (${who.role})`;
+    await loadFilters();
+    for (const hook of startHooks) await hook();
+    search.setStatus(`${models.length} model(s); search by an image, a text or a frame id`);
+    go(location.hash.slice(1) || "search");
+  } catch (e) {
+    $("me").textContent = "";
+    search.setStatus(`token: ${e.message}`, true);
+  }
+}
+export const startHooks = [];
+
+$("token").addEventListener("change", () => { token.set($("token").value); start(); });
+$("tz").addEventListener("change", () => {
+  const since = filterParams().since_us, until = filterParams().until_us;  // the same instants, shown in the new zone
+  zone.set($("tz").value);
+  $("since").value = fromUs(since); $("until").value = fromUs(until);
+  showZone(); retime();
+});
+$("query").addEventListener("submit", (ev) => { ev.preventDefault(); runSearch(); });
+for (const id of ["site", "line"]) $(id).addEventListener("change", refreshPlaces);
+$("filters").addEventListener("change", () => {
+  if (state.view === "latest") runLatest();
+  else if (state.view === "search" && state.query) runSearch(state.query);
+});
+$("filters").addEventListener("submit", (ev) => ev.preventDefault());
+for (const a of document.querySelectorAll("nav a")) a.addEventListener("click", (ev) => { ev.preventDefault(); go(a.dataset.view); });
+window.addEventListener("hashchange", () => go(location.hash.slice(1)));
+initDetail();
+start();

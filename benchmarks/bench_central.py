@@ -496,6 +496,7 @@ def main() -> int:
     kinds = ["sqlite"] + ([] if args.no_postgres else ["postgresql"])
     backends = Backends(tmp, not args.no_postgres)
     ingest: Dict[Tuple[str, int], List[Dict[str, float]]] = {}
+    reused: List[str] = []  # stages taken from an earlier run (--resume), said in the results
     prof_path = str(tmp / "worker.prof")
     try:
         manifest = Manifest.from_file(build_tiny_model(tmp / "model", size=32, patch=8, dim=D))
@@ -503,6 +504,7 @@ def main() -> int:
         if saved is not None:
             ingest = {(k.split("/")[0], int(k.split("/")[1])): v for k, v in saved["ingest"].items()}
             commit, prof_table = saved["commit"], saved["profile"]
+            reused.append("ingest and the commit path")
             console.log("ingest and commit path: reused from the earlier run")
         else:
             for r in range(args.runs):
@@ -520,7 +522,9 @@ def main() -> int:
             emb, pool = dataset(args.frames)
             qs = queries(emb, args.queries)
             search_sq = _saved("sqlite") if args.resume else None
-            if search_sq is None:
+            if search_sq is not None:
+                reused.append("SQLite search")
+            else:
                 search_sq = bench_sqlite_search(backends, manifest, emb, pool, qs)
                 _save(tmp, "sqlite", search_sq)
             if not args.no_postgres:
@@ -537,6 +541,8 @@ def main() -> int:
     lines = [f"Load average (1/5/15 min) before: {load_before[0]:.1f}/{load_before[1]:.1f}/{load_before[2]:.1f}, "
              f"after: {load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f} on {os.cpu_count()} cores — this "
              "machine is shared with other engineers' work, so absolute numbers are pessimistic and noisy.", "",
+             *([f"Resumed run: {' and '.join(reused)} come from the earlier, interrupted run of the same command "
+                "(saved in $TOKENLINE_BENCH_OUT), the rest from this one.", ""] if reused else []),
              f"Synthetic frames, K={K} summary tokens, D={D}; int8 tokens on the wire ({msg_bytes:,} B/message).", "",
              f"### Ingest through Mosquitto ({args.ingest_messages:,} messages, N worker processes on one shared "
              f"subscription, batches of <= {args.batch_max}, commit then ack)", "",

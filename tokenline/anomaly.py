@@ -39,9 +39,10 @@ SCHEMA = "tokenline.anomaly-bank/1"
 MODES = ("tokens", "global", "both")
 BANK_DIR = "anomaly"  # inside the model directory
 ARRAYS = ("tokens", "offsets", "centroids", "src", "globals")
-# banks up to this many tokens are searched exhaustively and built with one list: below it one matrix product per
-# batch beats the inverted lists' per-list products (BENCHMARKS.md anomaly, benchmarks/bench_anomaly.py)
-EXHAUSTIVE_UP_TO = 50_000
+# banks up to this many tokens are built with one list and searched exhaustively (exact): measured in batches of
+# 100 frames, exhaustive search beats the inverted lists at 10k tokens and costs several times more at 50k
+# (BENCHMARKS.md anomaly, benchmarks/bench_anomaly.py)
+EXHAUSTIVE_UP_TO = 20_000
 
 
 class BankError(ValueError):

@@ -323,7 +323,9 @@ def main() -> int:
                  f"\n\nScoring costs {100 * ing['cost']:.1f}% of ingest throughput at a "
                  f"{ing['bank_tokens']:,}-token bank (target <= 10%: "
                  f"{'met' if ing['cost'] <= 0.10 else 'missed'}). In process, without MQTT: through the broker "
-                 "(benchmarks/bench_central.py) the same scoring is a smaller share. Building that bank (700 frames, "
+                 "(benchmarks/bench_central.py) the same scoring is a smaller share. The ingest run's tokens are "
+                 "384-d (the test model's width), four times the latency table's 96: scoring a batch is one "
+                 "exhaustive matrix product, compute-bound. Building that bank (700 frames, "
                  f"11,200 tokens, coreset to 10,000, leave-one-out threshold): {ing['build_s']:.1f} s (median).\n")
     if args.write:
         write_section("anomaly", "Anomaly scoring from summary tokens (issue 15)", body)

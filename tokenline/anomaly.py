@@ -39,9 +39,9 @@ SCHEMA = "tokenline.anomaly-bank/1"
 MODES = ("tokens", "global", "both")
 BANK_DIR = "anomaly"  # inside the model directory
 ARRAYS = ("tokens", "offsets", "centroids", "src", "globals")
-# banks up to this many tokens are built with one list and searched exhaustively (exact): measured in batches of
-# 100 frames, exhaustive search beats the inverted lists at 10k tokens and costs several times more at 50k
-# (BENCHMARKS.md anomaly, benchmarks/bench_anomaly.py)
+# banks up to this many tokens are built with one list and searched exhaustively (exact): at the default 10k-token
+# bank that costs a small factor over the inverted lists, at 50k several times more (BENCHMARKS.md anomaly,
+# benchmarks/bench_anomaly.py)
 EXHAUSTIVE_UP_TO = 20_000
 
 

@@ -115,7 +115,7 @@ class WebhookConfig(StrictModel):
 class AnomalyConfig(StrictModel):
     max_bank_tokens: int = Field(10_000, ge=16)  # larger pools are subsampled by a greedy coreset
     max_set_frames: int = Field(5000, ge=2)  # frames one reference set may hold
-    nprobe: int = Field(8, ge=1)  # inverted lists searched per token (BENCHMARKS.md anomaly: cost vs AUROC)
+    nprobe: int = Field(8, ge=1)  # inverted lists searched per token in banks over tokenline.anomaly.EXHAUSTIVE_UP_TO
     min_token_size: float = Field(1.0, ge=0)  # tokens standing for fewer patches are not scored (empty ones)
     quantile: float = Field(0.99, gt=0, le=1)  # default threshold: this quantile of the leave-one-out scores
     alerts: bool = True  # ingest workers publish alerts on tokenline/v2/<site>/<device>/alert/<line>/<camera>

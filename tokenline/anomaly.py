@@ -1,14 +1,15 @@
 """Anomaly scoring against a reference bank: a frame's score, its most anomalous token and region; the bank file.
 
 A reference set's memory bank (built at central from frames an engineer marked as good) holds the summary tokens
-of those frames, grouped into inverted lists (IVF) for speed, and optionally their global embeddings. A frame's
+of those frames, grouped into inverted lists (IVF) when it is large, and optionally their global embeddings. A frame's
 score in mode ``tokens`` is the largest distance (1 - cosine) of any of its summary tokens to its nearest bank
 token, over the tokens that stand for at least ``min_token_size`` patches (an empty token's feature is stale);
 ``global`` scores the global embedding against the bank's; ``both`` adds the two scores standardized by the
 set's own leave-one-out scores. The most anomalous token (and its footprint) is where the frame is unusual.
 
-Nearest-neighbour search probes the ``nprobe`` lists whose centroids are closest to each token and is exact
-when the bank has one list or ``nprobe`` covers all of them. Edge and central run this same code on the same
+Nearest-neighbour search is exhaustive (one matrix product per block of a batch's tokens) for banks of up to
+``EXHAUSTIVE_UP_TO`` tokens, or when the bank has one list or ``nprobe`` covers all of them; above that size it
+probes the ``nprobe`` lists whose centroids are closest to each token. Edge and central run this same code on the same
 bank bytes (the bank file below), so a score computed at the edge equals central's up to float rounding.
 
 The bank file (``Bank.to_bytes``, written by ``tokenline-central reference-set export``, read by the edge) is an
@@ -38,6 +39,10 @@ SCHEMA = "tokenline.anomaly-bank/1"
 MODES = ("tokens", "global", "both")
 BANK_DIR = "anomaly"  # inside the model directory
 ARRAYS = ("tokens", "offsets", "centroids", "src", "globals")
+# banks up to this many tokens are built with one list and searched exhaustively (exact): at the default 10k-token
+# bank that costs a small factor over the inverted lists, at 50k several times more (BENCHMARKS.md anomaly,
+# benchmarks/bench_anomaly.py)
+EXHAUSTIVE_UP_TO = 20_000
 
 
 class BankError(ValueError):
@@ -191,8 +196,8 @@ class Bank:
 
     # -- nearest neighbours -------------------------------------------------------------------------------------
     def nn_similarity(self, q: np.ndarray, exclude: Optional[np.ndarray] = None) -> np.ndarray:
-        """[N] cosine of each query token [N, d] to its nearest bank token (the probed lists; exact when the
-        bank has one list or ``nprobe`` covers all). ``exclude`` [N]: ignore bank tokens whose ``src`` equals
+        """[N] cosine of each query token [N, d] to its nearest bank token (exhaustive up to ``EXHAUSTIVE_UP_TO``
+        bank tokens, one list or ``nprobe`` covering all; else the probed lists). ``exclude`` [N]: ignore bank tokens whose ``src`` equals
         the query's entry (leave-one-frame-out); a query whose probed lists hold nothing else is searched
         exhaustively. -1 when no bank token is left at all."""
         q = np.ascontiguousarray(q, np.float32)
@@ -200,7 +205,7 @@ class Bank:
         c = self.lists
         if n == 0:
             return np.zeros(0, np.float32)
-        if c <= 1 or self.info.nprobe >= c:
+        if c <= 1 or self.info.nprobe >= c or self.size <= EXHAUSTIVE_UP_TO:
             return self._exact(q, exclude)
         probe = np.argpartition(-(q @ self.centroids.T), self.info.nprobe - 1, axis=1)[:, : self.info.nprobe]
         rows = np.repeat(np.arange(n), self.info.nprobe)

@@ -29,6 +29,7 @@ from tests.central.conftest import config_for, tx
 from tests.central.test_ingest import LogTail, _publish_all, _publisher, _wait_for
 from tests.support.anomaly_frames import frame_message, unit
 from tests.support.mqtt_sub import Collector
+from tokenline import anomaly as anomaly_contract
 from tokenline import topics
 from tokenline.anomaly import Bank, BankInfo
 from tokenline.wire import encode
@@ -257,7 +258,8 @@ def test_retention_drops_the_scores_of_deleted_frames(engine, db_url, tmp_path, 
     assert info.frame_count == 5
 
 
-def test_bank_building_coreset_lists_and_leave_one_out_threshold():
+def test_bank_building_coreset_lists_and_leave_one_out_threshold(monkeypatch):
+    monkeypatch.setattr(anomaly_contract, "EXHAUSTIVE_UP_TO", 2048)  # this 2,500-token bank gets lists
     rng = np.random.default_rng(3)
     vocab = unit(rng.standard_normal((40, 32)))
     f = 300
@@ -289,6 +291,29 @@ def test_bank_building_coreset_lists_and_leave_one_out_threshold():
         assert d[picks[i]] == pytest.approx(d.max(), rel=1e-4)
     with pytest.raises(ValueError, match="at least two"):
         build_bank(SetFrames(tokens[:1], sizes[:1], frames.globals[:1]), info, 100, 0.9)
+    monkeypatch.undo()  # at the shipped size a bank this small keeps one list, searched exhaustively
+    small_built = build_bank(frames, info, max_tokens=2500, quantile=0.9)
+    small = small_built.bank
+    assert small.lists == 1 and small.size == 2500
+    sims = np.einsum("fkd,md->fkm", tokens[:, 1:], small.tokens)  # token 0 is empty
+    own = np.broadcast_to(small.src[None, None, :] == np.arange(f)[:, None, None], sims.shape)
+    sims[own] = -np.inf  # leave each frame's own tokens out
+    np.testing.assert_allclose(small_built.loo_scores, (1.0 - sims.max(axis=2)).max(axis=1), atol=1e-5)
+
+
+def test_greedy_coreset_matches_a_direct_k_center_on_the_projected_tokens():
+    rng = np.random.default_rng(5)
+    x = unit(rng.standard_normal((300, 96)))
+    picks = greedy_coreset(x, 40, proj_dim=64, seed=7)
+    # reference: the same projection, then each pick the row whose nearest earlier pick is farthest (full distances)
+    p = np.random.default_rng(7).standard_normal((96, 64)).astype(np.float32)
+    z = (x @ (p / np.sqrt(64))).astype(np.float64)
+    dist = ((z[:, None, :] - z[None, :, :]) ** 2).sum(-1)
+    want = [0]
+    for _ in range(39):
+        nearest = dist[:, want].min(axis=1)
+        want.append(int(np.argmax(nearest)))
+    np.testing.assert_array_equal(picks, want)
 
 
 def test_webhook_retries_then_delivers_and_gives_up_after_its_retries(engine):

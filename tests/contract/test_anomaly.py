@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.contract.test_wire import make_msg
-from tokenline import topics, wire
+from tokenline import anomaly, topics, wire
 from tokenline.anomaly import (AnomalyScore, Bank, BankError, BankInfo, bank_path, pack_mask, token_region,
                                unpack_mask)
 from tokenline.summary import Summary, boxes_from_footprint
@@ -39,7 +39,9 @@ def exact_distances(bank: Bank, q: np.ndarray) -> np.ndarray:
     return 1.0 - (q @ bank.tokens.T).max(axis=1)
 
 
-def test_ivf_search_finds_the_exact_neighbour_of_tokens_like_the_bank_and_is_exact_when_probing_all() -> None:
+def test_ivf_search_finds_the_exact_neighbour_of_tokens_like_the_bank_and_is_exact_when_probing_all(
+        monkeypatch) -> None:
+    monkeypatch.setattr(anomaly, "EXHAUSTIVE_UP_TO", 0)  # search this small bank by its lists
     bank = make_bank()
     rng = np.random.default_rng(1)
     q = unit(bank.tokens[rng.integers(0, bank.size, 200)] + 0.05 * rng.standard_normal((200, bank.dim)))
@@ -49,6 +51,24 @@ def test_ivf_search_finds_the_exact_neighbour_of_tokens_like_the_bank_and_is_exa
     assert np.mean(np.isclose(got, want, atol=1e-6)) >= 0.95
     everything = dataclasses.replace(bank, info=dataclasses.replace(bank.info, nprobe=bank.lists))
     np.testing.assert_allclose(1.0 - everything.nn_similarity(q), want, atol=1e-6)
+
+
+def test_banks_up_to_the_exhaustive_size_are_searched_exhaustively_whatever_their_lists() -> None:
+    bank = make_bank(nprobe=1)  # 30 lists, one probed: were it used, many tokens would miss their neighbour
+    assert bank.size <= anomaly.EXHAUSTIVE_UP_TO and bank.lists == 30
+    rng = np.random.default_rng(4)
+    q = unit(rng.standard_normal((300, bank.dim)))
+    np.testing.assert_allclose(1.0 - bank.nn_similarity(q), exact_distances(bank, q), atol=1e-6)
+    ex = rng.integers(0, bank.size // 16, 300)
+    want = np.array([(q[i] @ bank.tokens[bank.src != ex[i]].T).max() for i in range(300)], np.float32)
+    np.testing.assert_allclose(bank.nn_similarity(q, exclude=ex), want, atol=1e-6)
+    # a batch of frames scores as each frame alone
+    frames = unit(rng.standard_normal((5, 16, bank.dim)))
+    fs = bank.score_arrays(frames, np.ones((5, 16), np.float32))
+    for i in range(5):
+        one = bank.score_arrays(frames[i:i + 1], np.ones((1, 16), np.float32))
+        np.testing.assert_allclose(one.distances[0], fs.distances[i], atol=1e-6)
+        assert one.token[0] == fs.token[i]
 
 
 def test_leave_one_frame_out_ignores_the_frames_own_tokens() -> None:

@@ -1,6 +1,8 @@
 """Command line of the edge agent: ``tokenline-edge run --config``, ``check-config``, ``simulate``.
 
-Exit codes: 0 ok (also after SIGTERM with a clean shutdown), 2 bad configuration/model, 1 other failure.
+The conventions of ``runtime.cli``: ``--config``, ``--log-level``/``-v`` and ``--debug`` anywhere on the line;
+an expected error (configuration, model) is one line on stderr with exit code 2, no traceback unless ``--debug``.
+Exit codes: 0 ok (also after SIGTERM with a clean shutdown), 2 bad configuration/model, 1 a bug.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import List, Optional
 
 from edge_agent import __version__
 from edge_agent.config import AgentConfig, load_config, parse_config
-from runtime.logs import add_log_level, setup_logging
+from runtime.cli import EXIT_ERROR, CliError, common_options, configure_logging, run_command
 from tokenline.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -70,20 +72,45 @@ def simulate_config(args: argparse.Namespace) -> AgentConfig:
     return parse_config(data, where="simulate")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _config(args: argparse.Namespace) -> AgentConfig:
+    """The run's configuration: ``--config`` for ``run``/``check-config``, built from flags for ``simulate``."""
+    if args.cmd == "simulate":
+        if args.config is not None:
+            raise CliError("simulate builds its own configuration from its flags; drop --config (or use `run`)")
+        return simulate_config(args)
+    if args.config is None:
+        raise CliError(f"{args.cmd} needs a configuration: add --config FILE (see deploy/edge/edge.example.yaml)")
+    return load_config(Path(args.config))
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    configure_logging(args, default=cfg.log_level)
+    if args.cmd == "check-config":
+        from edge_agent.preflight import check
+
+        lines, problems = check(cfg, load_runner=not args.no_runner)
+        if problems:  # a list, one problem a line: the check's report, not a single error
+            print(f"error: {args.config}: {len(problems)} problem(s) `run` would fail on:", file=sys.stderr)
+            for p in problems:
+                print(f"  {p}", file=sys.stderr)
+            return EXIT_ERROR
+        _say(f"[bold green]configuration OK[/bold green]: {args.config}\n" + "\n".join(lines))
+        return 0
+    _say(f"[bold]tokenline-edge {__version__}[/bold] {cfg.site}/{cfg.device}: {len(cfg.cameras)} camera(s), "
+         f"MQTT {cfg.mqtt.host}:{cfg.mqtt.port}")
+    return run_agent(cfg, until_idle=args.cmd == "simulate" and args.frames is not None)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokenline-edge", description="tokenline edge agent")
     p.add_argument("--version", action="version", version=f"tokenline-edge {__version__}")
-    add_log_level(p, None)  # default: the configuration's log_level
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run the agent (daemon)")
-    r.add_argument("--config", required=True, type=Path)
+    sub.add_parser("run", help="run the agent (daemon); needs --config")
     c = sub.add_parser("check-config", help="validate a configuration and everything it points at (model, password, "
                                              "certificate and token files, camera folders, writable paths)")
-    c.add_argument("--config", required=True, type=Path)
     c.add_argument("--no-runner", action="store_true", help="do not load the model into the runner")
     s = sub.add_parser("simulate", help="run with synthetic conveyor cameras (demo, tests)")
-    for sp in (r, c, s):
-        add_log_level(sp, None)
     s.add_argument("--model-dir", required=True, type=Path)
     s.add_argument("--mqtt-host", default="127.0.0.1")
     s.add_argument("--mqtt-port", type=int, default=1883)
@@ -95,36 +122,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     s.add_argument("--device", default="sim-01")
     s.add_argument("--site", default="demo")
     s.add_argument("--line", default="line-1")
-    args = p.parse_args(argv)
+    common_options(p, log_default=None, config_help="the agent's configuration file (YAML)")  # level: the config's
+    return p
 
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     from edge_agent.agent import AgentError
 
-    try:
-        if args.cmd == "simulate":
-            cfg = simulate_config(args)
-        else:
-            cfg = load_config(args.config)
-        setup_logging(getattr(args, "log_level", cfg.log_level))
-        if args.cmd == "check-config":
-            from edge_agent.preflight import check
-
-            lines, problems = check(cfg, load_runner=not args.no_runner)
-            if problems:
-                print(f"error: {args.config}: {len(problems)} problem(s) `run` would fail on:", file=sys.stderr)
-                for p in problems:
-                    print(f"  {p}", file=sys.stderr)
-                return 2
-            _say(f"[bold green]configuration OK[/bold green]: {args.config}\n" + "\n".join(lines))
-            return 0
-        _say(f"[bold]tokenline-edge {__version__}[/bold] {cfg.site}/{cfg.device}: {len(cfg.cameras)} camera(s), "
-             f"MQTT {cfg.mqtt.host}:{cfg.mqtt.port}")
-        return run_agent(cfg, until_idle=args.cmd == "simulate" and args.frames is not None)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except AgentError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(cmd_agent, args, (ConfigError, AgentError))
 
 
 if __name__ == "__main__":

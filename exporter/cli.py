@@ -1,8 +1,16 @@
-"""`tokenline-export`: command line of the exporter (export a checkpoint; TensorRT subcommands)."""
+"""`tokenline-export`: command line of the exporter (export a checkpoint; TensorRT subcommands).
+
+The conventions of ``runtime.cli``: ``--log-level``/``-v``, ``--debug`` and ``--quiet`` anywhere on the line; an
+expected error (bad checkpoint, options, export) is one line on stderr with exit code 2, the traceback only with
+``--debug``. ``export`` shows its steps as a progress bar with elapsed time and ETA on a terminal (not with
+``--quiet``, nor when stderr is not a terminal: then each step is an INFO log record); the result table goes to
+stdout. The exporter reads no configuration file, so it has no ``--config``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Type, get_args
@@ -12,9 +20,11 @@ from pydantic import BaseModel, ValidationError
 from exporter.errors import ExportError, OptionsError
 from exporter.options import ExportOptions, MergeConfig
 from exporter.trt.cli import register_cli
-from runtime.logs import add_log_level, setup_logging
+from runtime.cli import CliError, common_options, configure_logging, run_command, steps
 from tokenline.documents import key_path
 from tokenline.manifest import Family, ManifestError
+
+log = logging.getLogger("exporter.cli")  # named, not __name__: the same under `python -m exporter.cli`
 
 TURBO_ALPHA = 5.0  # the CLI merges with Turbo unless --alpha 0 (ToMe) is given
 BUDGET_CALIB_COUNT = 256  # calibration images of a --budget search when --calib-count is not given
@@ -126,59 +136,57 @@ def cmd_export(args: argparse.Namespace) -> int:
     from rich.console import Console  # noqa: PLC0415
 
     from exporter.checkpoints import CheckpointError, ConversionOptions, load_encoder  # noqa: PLC0415
-    from exporter.export import export_encoder  # noqa: PLC0415
+    from exporter.export import export_encoder, planned_steps  # noqa: PLC0415
     from exporter.report import render_result  # noqa: PLC0415
     from exporter.schedule import ScheduleError  # noqa: PLC0415
 
-    console = Console(stderr=True)
     try:
         merge = MergeConfig(**_given(args, MergeConfig))
         given = _given(args, ExportOptions)
         if merge.budget is not None:
             given.setdefault("calib_count", BUDGET_CALIB_COUNT)
         opts = ExportOptions(**{**given, "name": args.name or args.checkpoint.stem})
-        with console.status("loading checkpoint") as status:
+    except OptionsError as exc:
+        raise CliError(_flag_errors(exc.errors, args.flags)) from exc
+    except ValidationError as exc:
+        raise CliError(_flag_errors(exc.errors(), args.flags)) from exc
+    try:
+        # one bar over loading and the export's steps (a text tower, known only once loaded, adds one)
+        with steps(1 + planned_steps(merge, opts), show=not args.quiet, log=log) as step:
+            step(f"loading {args.checkpoint.name}")
             options = ConversionOptions(num_heads=args.num_heads, text_num_heads=args.text_num_heads,
                                         act=args.act, ln_eps=args.ln_eps)
             loaded = load_encoder(args.checkpoint, family=args.family, image_size=args.image_size,
                                   options=options, quick_gelu=args.quick_gelu)
-
-            def progress(msg: str) -> None:
-                status.update(msg)
-                console.log(msg)
-
             result = export_encoder(
                 loaded.vit, merge, opts, family=loaded.family, source_path=str(args.checkpoint),
-                source_sha256=loaded.source_sha256, text=loaded.text, progress=progress,
+                source_sha256=loaded.source_sha256, text=loaded.text, progress=step,
             )
     except OptionsError as exc:
-        console.print(f"[bold red]error:[/] {_flag_errors(exc.errors, args.flags)}")
-        return 2
-    except ValidationError as exc:
-        console.print(f"[bold red]error:[/] {_flag_errors(exc.errors(), args.flags)}")
-        return 2
+        raise CliError(_flag_errors(exc.errors, args.flags)) from exc
     except (CheckpointError, ExportError, ScheduleError, ManifestError) as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        return 2
+        raise CliError(str(exc)) from exc
     render_result(result, Console())
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``tokenline-export`` command line: ``export`` and the TensorRT subcommands of ``exporter.trt.cli``."""
-    parser = argparse.ArgumentParser(prog="tokenline-export", description=__doc__)
-    add_log_level(parser, "WARNING")
+    parser = argparse.ArgumentParser(prog="tokenline-export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     add_export_parser(sub)
     register_cli(sub)
+    common_options(parser, config=False, more=[("--quiet", {
+        "action": "store_true", "default": False, "help": "no progress display (it is off anyway when stderr "
+                                                           "is not a terminal)"})])
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    return int(args.func(args) or 0)
+    args = build_parser().parse_args(argv)
+    configure_logging(args)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,21 @@ def export_encoder(
     return ExportResult(manifest=manifest, manifest_path=mpath, table=table, trt_verdict=trt_verdict, search=searched)
 
 
+def planned_steps(merge: MergeConfig, opts: ExportOptions, text: bool = False) -> int:
+    """How many times ``export_encoder`` will call ``progress`` with these settings (for a display's ETA). A budget's
+    schedule search reports each candidate besides, so with ``merge.budget`` this is a lower bound."""
+    merged = merge.method != "none"
+    return (1  # calibration images
+            + (1 if merge.budget is not None else 0)  # the search's choice
+            + 1  # the summary projection
+            + 2 * max(1, len(opts.batch_sizes))  # per encoder file: export, validate
+            + (1 if merged and opts.export_unmerged else 0)
+            + (2 if merged and opts.export_unmerged else 1)  # (merged vs unmerged,) throughput
+            + (1 if opts.check_trt else 0)
+            + (1 if text else 0)
+            + 1)  # manifest.json
+
+
 # -- the steps --------------------------------------------------------------------------------------
 def search_schedule(vit: ViT, merge: MergeConfig, opts: ExportOptions, calib: np.ndarray,
                     progress: Progress) -> Tuple[MergeConfig, SearchResult]:

@@ -13,7 +13,8 @@ the parsed arguments to ``run_command``, the error boundary:
 Output: results and machine-readable data go to stdout (``print_json`` for ``--json``), everything for people
 (errors, progress, log records) to stderr. Commands are quiet by default: log records from WARNING on (daemons
 choose INFO), and the libraries' chatter (alembic's INFO lines) only with ``-v``. Long loops report through
-``progress``: a rich bar with rate and ETA on a terminal, a log line every ~10 % otherwise.
+``progress``: a rich bar with rate and ETA on a terminal, a log line every ~10 % otherwise; a pipeline of named
+steps through ``steps`` (a bar of steps with elapsed time and ETA on a terminal, log records otherwise).
 
 Runs on Python 3.8 (the edge agent uses it); rich is imported only where it is installed.
 """
@@ -142,6 +143,16 @@ def _rich_console(console: Any = None) -> Any:
     return Console(stderr=True)
 
 
+def _bar(con: Any, unit: str) -> Any:
+    """A rich progress bar on ``con``: description, bar, done/total, percent, ``unit``, elapsed time and ETA."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+            TextColumn(f"{unit}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    return Progress(*cols, console=con, transient=False)
+
+
 @contextmanager
 def progress(total: Optional[int], description: str, unit: str = "items", *, log: Optional[logging.Logger] = None,
              console: Any = None) -> Iterator[Callable[[int], None]]:
@@ -153,12 +164,7 @@ def progress(total: Optional[int], description: str, unit: str = "items", *, log
     t0 = time.monotonic()
     done = [0]
     if con is not None:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
-        cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                TextColumn(f"{unit}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-        with Progress(*cols, console=con, transient=False) as bar:
+        with _bar(con, unit) as bar:
             task = bar.add_task(description, total=total)
 
             def advance_bar(n: int = 1) -> None:
@@ -180,6 +186,31 @@ def progress(total: Optional[int], description: str, unit: str = "items", *, log
 
     yield advance_log
     log.info("%s: %d %s in %.1fs", description, done[0], unit, time.monotonic() - t0)
+
+
+@contextmanager
+def steps(total: Optional[int], *, show: bool = True, log: Optional[logging.Logger] = None,
+          console: Any = None) -> Iterator[Callable[[str], None]]:
+    """Report a pipeline of named steps: yields ``step(message)``, called as each step starts. With ``show`` on a
+    terminal (or with a rich ``console``): one bar whose text is the current step, with steps done/``total``,
+    elapsed time and an ETA from the steps so far (a step past ``total`` raises it). Otherwise (``--quiet``, output
+    not a terminal) each step is a log record at INFO, so logs and tests stay clean unless asked (``-v``)."""
+    log = log or logging.getLogger("progress")
+    con = _rich_console(console) if show else None
+    if con is None:
+        yield lambda message: log.info("%s", message)
+        return
+    with _bar(con, "steps") as bar:
+        task = bar.add_task("starting", total=total)
+        started = [0]
+
+        def step(message: str) -> None:
+            started[0] += 1  # the step before this one is done
+            grown = None if total is None else max(total, started[0])
+            bar.update(task, description=message, completed=started[0] - 1, total=grown)
+
+        yield step
+        bar.update(task, description="done", completed=started[0], total=started[0])
 
 
 def format_time_us(us: Optional[int]) -> str:

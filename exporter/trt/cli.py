@@ -2,7 +2,7 @@
 
 ``register_cli(subparsers)`` adds them to the parser that ``exporter.cli.build_parser`` builds (run them with
 ``tokenline-export`` or ``python -m exporter.cli``; neither imports torch for them). Verdicts and summaries are
-printed as rich tables; exit code 1 means a check failed, 2 bad input.
+printed as rich tables; exit code 1 means a check failed, 2 bad input (one line on stderr, ``runtime.cli``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 from exporter.trt.operators import DEFAULT_TARGETS, TARGETS
+from runtime.cli import CliError
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         reports = check_onnx(args.model, targets)
     except CompatError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        return 2
+        raise CliError(str(exc)) from exc
     render_reports(reports, console, args.max_problems)
     return 0 if all(r.ok for r in reports.values()) else 1
 
@@ -163,8 +163,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         with console.status("quantizing") as status:
             quantize_from_folder(onnx_path, out, args.calib, manifest.input, opts, progress=status.update)
     except (QuantizeError, ManifestError, FileNotFoundError, ValueError) as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        return 2
+        raise CliError(str(exc)) from exc
     import onnx  # noqa: PLC0415
 
     counts = qdq_summary(onnx.load(str(out)))
@@ -217,8 +216,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                                       progress=lambda m: (status.update(m), log.info("%s", m)))
             built.append(loaded)
     except (EngineError, ManifestError, FileNotFoundError, ValueError) as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        return 2
+        raise CliError(str(exc)) from exc
     from rich.table import Table  # noqa: PLC0415
 
     t = Table(title="TensorRT engines")

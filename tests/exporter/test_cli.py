@@ -1,10 +1,16 @@
-"""`tokenline-export export` end to end on tiny checkpoints of each family, and its error cases."""
+"""`tokenline-export export` end to end on tiny checkpoints of each family, and its error cases; the shared CLI
+conventions (options anywhere, one-line errors with exit 2, the traceback only with --debug, quiet by default) and
+the progress display on a terminal."""
 
 from __future__ import annotations
 
+import os
+import pty
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import List
 
 import pytest
 
@@ -43,7 +49,16 @@ def test_export_cli_writes_a_valid_manifest_and_table(tmp_path: Path) -> None:
     assert man.merge.r_per_block == [3, 3] and man.merge.tokens_per_block == [17, 14]
     for word in ("tokens per block", "GFLOPs", "images/s", "cosine vs unmerged", "max abs error"):
         assert word in res.stdout
-    assert "Traceback" not in res.stderr
+    assert only_warnings(res)  # quiet by default, no progress display when stderr is not a terminal
+
+
+def stderr_lines(res: subprocess.CompletedProcess) -> List[str]:
+    return [line for line in res.stderr.splitlines() if line.strip()]
+
+
+def only_warnings(res: subprocess.CompletedProcess) -> bool:
+    """stderr holds log records from WARNING on (synthetic calibration images are one) and nothing else."""
+    return all(" WARNING " in line for line in stderr_lines(res))
 
 
 @pytest.mark.parametrize("content,expect", [
@@ -57,6 +72,26 @@ def test_export_cli_rejects_bad_checkpoints_without_traceback(tmp_path: Path, co
     res = run_cli("export", str(ckpt), "--out", str(tmp_path / "out"))
     assert res.returncode == 2
     assert expect in res.stderr and "Traceback" not in res.stderr
+    assert len(stderr_lines(res)) == 1 and stderr_lines(res)[0].startswith("error: "), res.stderr
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_a_missing_checkpoint_is_one_line_and_debug_anywhere_adds_the_traceback(tmp_path: Path, where: str) -> None:
+    args = ["export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "out")]
+    res = run_cli(*args)
+    assert res.returncode == 2 and res.stdout == ""
+    assert stderr_lines(res) == [f"error: {tmp_path / 'missing.pt'}: no such file or directory"], res.stderr
+    res = run_cli(*(["--debug", *args] if where == "before" else [*args, "--debug"]))
+    assert res.returncode == 2
+    assert "Traceback (most recent call last)" in res.stderr and "CheckpointError" in res.stderr
+    assert stderr_lines(res)[-1] == f"error: {tmp_path / 'missing.pt'}: no such file or directory"
+    assert not (tmp_path / "out").exists()
+
+
+def test_trt_subcommand_errors_take_the_same_path(tmp_path: Path) -> None:
+    res = run_cli("check-trt", str(tmp_path / "missing.onnx"), "-v")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert stderr_lines(res) == [f"error: {tmp_path / 'missing.onnx'}: no such ONNX file"], res.stderr
 
 
 def test_export_cli_unsupported_keys_name_the_families(tmp_path: Path) -> None:
@@ -70,6 +105,51 @@ def test_export_cli_unsupported_keys_name_the_families(tmp_path: Path) -> None:
     for fam in ("timm_vit", "open_clip", "hf_clip", "hf_siglip", "hf_dinov2"):
         assert fam in res.stderr
     assert "conv1.weight" in res.stderr  # the keys that did not match are named
+
+
+def test_export_shows_its_steps_with_elapsed_time_and_eta_on_a_terminal(tmp_path: Path) -> None:
+    """stderr is a real pseudo-terminal here: the bar counts the planned steps (loading + ``planned_steps``, 10 for
+    these options) and ends with all of them done, so the plan matched the steps the export reported."""
+    ckpt = tiny_hf_dinov2(tmp_path / "dinov2")
+    master, slave = pty.openpty()
+    chunks: List[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    env = {**os.environ, "COLUMNS": "200", "TERM": "xterm"}
+    proc = subprocess.run([sys.executable, "-m", "exporter.cli", "export", str(ckpt), "--out", str(tmp_path / "out"),
+                           "--r", "3", "--k", "4", "--batch", "2", "--summary-layer", "2", "--summary-dim", "8"],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=slave, text=True, timeout=300, env=env)
+    os.close(slave)
+    reader.join(timeout=10)
+    os.close(master)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, screen
+    assert "10/10" in screen and "ETA" in screen and "0:00:" in screen, screen  # done/total, elapsed, ETA
+    assert "done" in screen
+    assert "tokens per block" in proc.stdout  # the result table stays on stdout
+    quiet = run_cli("export", str(ckpt), "--out", str(tmp_path / "out2"), "--r", "3", "--quiet")
+    assert quiet.returncode == 0 and only_warnings(quiet)
+
+
+def test_export_steps_are_log_records_with_verbose_off_a_terminal(tmp_path: Path) -> None:
+    ckpt = tiny_hf_dinov2(tmp_path / "dinov2")
+    res = run_cli("export", str(ckpt), "--r", "3", "--no-unmerged", "--out", str(tmp_path / "out"),
+                  "--log-level", "INFO")
+    assert res.returncode == 0, res.stderr
+    steps = [line for line in stderr_lines(res) if " INFO exporter.cli: " in line]
+    assert [s.split(": ", 1)[1] for s in steps[:2]] == ["loading dinov2", "preparing calibration images"]
+    assert steps[-1].endswith("manifest.json") and len(steps) == 8, steps  # loading + planned_steps
 
 
 def test_export_cli_argument_errors(tmp_path: Path) -> None:

@@ -19,6 +19,13 @@ def _out(capsys) -> str:
     return " ".join(capsys.readouterr().out.split())
 
 
+def _error(capsys) -> str:
+    """The one line an expected error prints on stderr (``runtime.cli``)."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
 def _tiny_export(out: Path) -> mf.Manifest:
     import torch  # noqa: PLC0415
 
@@ -57,7 +64,7 @@ def test_check_trt_exit_codes_and_table(tmp_path: Path, capsys) -> None:
     out = _out(capsys)
     assert "FAILS" in out and "opset" in out and "trt10" not in out.split("problems")[0]
     assert export_main(["check-trt", str(tmp_path / "missing.onnx")]) == 2
-    assert "no such ONNX file" in _out(capsys)
+    assert "no such ONNX file" in _error(capsys)
     with pytest.raises(SystemExit):
         export_main(["check-trt", str(tmp_path / "good.onnx"), "--target", "jetpack4"])
 
@@ -88,12 +95,12 @@ def test_quantize_int8_writes_qdq_and_updates_the_manifest(export_dir: Path, tmp
     out = _out(capsys)
     assert "manifest updated" in out and "FAILS" not in out
     assert export_main(["quantize-int8", str(export_dir), "--calib", str(tmp_path / "none")]) == 2
-    assert "does not exist" in _out(capsys)
+    assert "does not exist" in _error(capsys)
 
 
 def test_build_engine_without_tensorrt_is_a_clear_error(export_dir: Path, capsys) -> None:
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed here; the real build is covered by test_engine.py")
     assert export_main(["build-engine", str(export_dir), "--precision", "fp16"]) == 2
-    out = _out(capsys)
-    assert "TensorRT" in out and "docs/jetson.md" in out
+    err = _error(capsys)
+    assert "TensorRT" in err and "docs/jetson.md" in err

@@ -263,7 +263,9 @@ class Bank:
         dist[keep] = 1.0 - self.nn_similarity(flat[keep], ex)
         dist = np.clip(dist, 0.0, 2.0).reshape(f, k)
         masked = np.where(ok, dist, -1.0)
-        token = np.where(ok.any(axis=1), masked.argmax(axis=1), -1).astype(np.int64)
+        # the farthest token; distances within 1e-5 count as a tie, taken by the lowest index, so that the edge and
+        # central name the same token although their BLAS calls may round differently
+        token = np.where(ok.any(axis=1), np.round(masked, 5).argmax(axis=1), -1).astype(np.int64)
         tok_score = np.where(token >= 0, masked.max(axis=1), 0.0).astype(np.float32)
         nan = np.full(f, np.nan, np.float32)
         glob_score = nan

@@ -93,29 +93,6 @@ class SearchSpec(StrictModel):
     flop_speedup: float = Field(gt=0)  # unmerged GFLOPs / chosen GFLOPs
 
 
-class MergeSpec(StrictModel):
-    """Token-merging schedule baked into the graph (static shapes)."""
-
-    method: Literal["none", "tome", "turbo"]
-    alpha: float = 0.0
-    # Turbo's score is E = R - alpha * alpha_scale * S; exports before the reference scale wrote no alpha_scale (1)
-    alpha_scale: float = 1.0
-    pre_r: int = Field(0, ge=0)  # tokens merged before the first block
-    r_per_block: List[int]
-    tokens_per_block: List[int]  # tokens entering each block, prefix tokens included
-    final_tokens: int
-    floor: int = 0
-    search: Optional[SearchSpec] = None  # set when the schedule was chosen by a fidelity budget
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "MergeSpec":
-        if len(self.r_per_block) != len(self.tokens_per_block):
-            raise ValueError("r_per_block and tokens_per_block must have one entry per block")
-        if any(r < 0 for r in self.r_per_block):
-            raise ValueError("r_per_block entries must be >= 0")
-        return self
-
-
 class ProjectionSpec(StrictModel):
     """How the summary's features were centred and projected (fitted at export, baked into the graph)."""
 
@@ -140,6 +117,31 @@ class _Extended(StrictModel):
             if data.get(key) is None:
                 data.pop(key, None)
         return data
+
+
+class MergeSpec(_Extended):
+    """Token-merging schedule baked into the graph (static shapes)."""
+
+    ADDED: ClassVar[Tuple[str, ...]] = ("alpha_scale", "pre_r", "search")
+
+    method: Literal["none", "tome", "turbo"]
+    alpha: float = 0.0
+    # Turbo's score is E = R - alpha * alpha_scale * S; None: an export from before the reference scale (scale 1)
+    alpha_scale: Optional[float] = None
+    pre_r: Optional[int] = Field(None, ge=0)  # tokens merged before the first block (None: an older export, 0)
+    r_per_block: List[int]
+    tokens_per_block: List[int]  # tokens entering each block, prefix tokens included
+    final_tokens: int
+    floor: int = 0
+    search: Optional[SearchSpec] = None  # set when the schedule was chosen by a fidelity budget
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MergeSpec":
+        if len(self.r_per_block) != len(self.tokens_per_block):
+            raise ValueError("r_per_block and tokens_per_block must have one entry per block")
+        if any(r < 0 for r in self.r_per_block):
+            raise ValueError("r_per_block entries must be >= 0")
+        return self
 
 
 _SLIC_KEYS = ("layer", "projection", "footprint_grid", "iterations", "spatial_weight")

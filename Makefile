@@ -32,8 +32,9 @@ browser-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	fi
 
+# Two workers (CI has 2 cores; most tests wait on real processes), a test file's tests on one worker.
 test: setup system-deps browser-deps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 demo: setup system-deps
 	$(BIN)/python -m demo --out $(DEMO_DIR)

@@ -27,7 +27,7 @@ def _say(text: str) -> None:
     try:
         from rich.console import Console  # optional: nicer output when installed
 
-        Console(highlight=False).print(text)
+        Console(highlight=False, soft_wrap=True).print(text)  # paths stay whole (no hard wraps in pipes)
     except ImportError:
         print(text)
 

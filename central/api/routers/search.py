@@ -22,6 +22,14 @@ from central.search import BAD_QUERY, Filters, build_query, build_region_query, 
 router = APIRouter(tags=["search"])
 
 
+def _filters(site: Optional[str], line: Optional[str], camera: Optional[str], since_us: Optional[int],
+             until_us: Optional[int], label: Optional[List[str]]) -> Filters:
+    """The search filters of a request, each parameter checked (a 422 naming it)."""
+    time_range(since_us, until_us)
+    return Filters(name_filter("site", site), name_filter("line", line), name_filter("camera", camera),
+                   since_us, until_us, parse_labels(label))
+
+
 @router.post("/v1/search", response_model=SearchOut, responses=errors(400, 401, 403, 404, 413, 422, 503))
 async def search(svc: ServicesDep, session: SessionDep, _p: Viewer,
                  image: Optional[UploadFile] = File(None, description="an example image (JPEG, PNG, ...)"),
@@ -46,9 +54,7 @@ async def search(svc: ServicesDep, session: SessionDep, _p: Viewer,
     t0 = time.perf_counter()
     page_size("k", k, svc.cfg.search.max_results)
     finite("rerank_weight", rerank_weight, 0.0, 1.0)
-    time_range(since_us, until_us)
-    filters = Filters(name_filter("site", site), name_filter("line", line), name_filter("camera", camera),
-                      since_us, until_us, parse_labels(label))
+    filters = _filters(site, line, camera, since_us, until_us, label)
     limit = svc.cfg.originals.max_upload_bytes
     data = await _upload(image, limit)
     model, query = await svc.images.run(build_query, session, svc.encoders, image=data, query_text=q,
@@ -88,9 +94,7 @@ async def search_region(svc: ServicesDep, session: SessionDep, _p: Viewer,
     (no cursor)."""
     t0 = time.perf_counter()
     page_size("k", k, svc.cfg.search.max_results, paged=False)
-    time_range(since_us, until_us)
-    filters = Filters(name_filter("site", site), name_filter("line", line), name_filter("camera", camera),
-                      since_us, until_us, parse_labels(label))
+    filters = _filters(site, line, camera, since_us, until_us, label)
     limit = svc.cfg.originals.max_upload_bytes
     data = await _upload(image, limit)
     model, query = await svc.images.run(build_region_query, session, svc.encoders, image=data, frame_id=frame_id,

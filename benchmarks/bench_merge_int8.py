@@ -135,6 +135,7 @@ def main() -> int:
     console.print("\n".join(md))
     if args.write:
         r = {k: timing[k]["ratio"] for k in timing}
+        own = {name: float((emb[name] * emb[f"{name.split(' ', 1)[0]} fp32"]).sum(1).mean()) for name in files}
         comp = []
         for enc in list(encoders)[1:]:
             for v in variants[1:]:
@@ -152,10 +153,24 @@ def main() -> int:
             f"rounds (a short run on a shared machine); speed-up = median of per-round ratios. Quality: ONNX Runtime "
             f"global embeddings of {len(paths)} NEU-DET images ({args.per_class or 200} per class), leave-one-out, "
             "class = relevance.\n\n" + "\n".join(md) + "\n\nComposition (speed-ups multiply when they compose): "
-            + "; ".join(comp) + ".\n"
+            + "; ".join(comp) + ".\n\n" + verdict(r, own, list(encoders)[1:], variants[1:]) + "\n"
         )
         write_section("merge_int8", "Token merging x INT8: ONNX Runtime CPU speed and NEU-DET quality", body)
     return 0
+
+
+def verdict(r: Dict[str, float], own: Dict[str, float], merged: list, int8: list) -> str:
+    """Whether merging and INT8 compose: speed (both / the product of each alone) and fidelity (INT8's cosine to
+    its own fp32 model, unmerged vs merged)."""
+    parts = []
+    for v in int8:
+        ratios = [r[f"{e} {v}"] / (r[f"unmerged {v}"] * r[f"{e} fp32"]) for e in merged]
+        cos = ", ".join(f"{e} {own[f'{e} {v}']:.4f}" for e in merged)
+        parts.append(f"`{v}`: both / product = {', '.join(f'{x:.2f}' for x in ratios)} "
+                     f"({'the speed-ups multiply' if all(0.9 <= x <= 1.1 for x in ratios) else 'they do not multiply'}); "
+                     f"INT8's cosine to its own fp32 model: unmerged {own[f'unmerged {v}']:.4f}, {cos}")
+    return ("Verdict: " + "; ".join(parts) + ". INT8 perturbs a merged model more than the unmerged one: its "
+            "rounding changes which tokens merge, so the quality costs do not simply add; check both on your images.")
 
 
 def _cpu() -> str:

@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -172,17 +172,23 @@ def _start_workers(ctx, url, broker, workers, batch_max, profile, go, stop):
 
 
 def bench_ingest(backends: Backends, kind: str, manifest: Manifest, n: int, workers: int, batch_max: int, tmp: Path,
-                 profile: str = "") -> Dict[str, float]:
+                 profile: str = "", msgs: Optional[List[TokenMessage]] = None,
+                 prepare: Optional[Callable[[Any], int]] = None) -> Dict[str, float]:
     """Drain a backlog of ``n`` messages queued in Mosquitto for ``workers`` persistent sessions of one shared
     subscription: the workers subscribe once, go away, the messages are published, the workers come back and
-    the clock runs from their reconnect to the last row committed (the publisher does not compete for CPU)."""
+    the clock runs from their reconnect to the last row committed (the publisher does not compete for CPU).
+    ``msgs``: the messages (default: synthetic ones); ``prepare(engine)``: runs before the workers start and
+    returns how many frames it stored (e.g. a reference set's)."""
     url = backends.url(kind)
     engine = make_engine(url)
     upgrade(engine)
     with Session(engine) as s, s.begin():
         store.register_model(s, manifest)
+    before = prepare(engine) if prepare is not None else 0
     rng = np.random.default_rng(workers)
-    payloads = [(topics.tokens_topic(m.site, m.device, m.line, m.camera), encode(m, "int8")) for m in messages(manifest, n, rng)]
+    msgs = msgs if msgs is not None else messages(manifest, n, rng)
+    n = len(msgs)
+    payloads = [(topics.tokens_topic(m.site, m.device, m.line, m.camera), encode(m, "int8")) for m in msgs]
     broker = Mosquitto(tmp / f"broker-{kind}-{workers}-{backends.n}",
                        extra_conf=f"max_inflight_messages {batch_max}\n").start()
     ctx = mp.get_context("spawn")
@@ -221,7 +227,7 @@ def bench_ingest(backends: Backends, kind: str, manifest: Manifest, n: int, work
     broker.stop()
     engine.dispose()
     backends.drop(url)
-    ok = rows[0] == rows[1] == n
+    ok = rows[0] == rows[1] == n + before
     console.log(f"ingest {kind} x{workers}: {n / dt:,.0f} msg/s, rows {rows[0]:,} distinct {rows[1]:,} dups {dups}")
     return {"rate": n / dt, "ok": float(ok), "dups": float(dups)}
 

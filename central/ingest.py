@@ -243,7 +243,7 @@ class Ingestor:
         with Session(self.engine) as s, s.begin():
             new_ids = store.insert_new_frames(s, rows)
             new = len(new_ids)
-            alerts = self.anomaly.record(s, [scored[r["frame_id"]] for r in rows if r["frame_id"] in (scored or {})])
+            alerts = self.anomaly.record(s, [scored[f] for f in new_ids if f in (scored or {})])
             store.touch_devices(s, seen)
             for t, payload in status_updates:
                 text = payload.decode("utf-8", "replace")

@@ -12,6 +12,17 @@ Nearest-neighbour search is exhaustive (one matrix product per block of a batch'
 probes the ``nprobe`` lists whose centroids are closest to each token. Edge and central run this same code on the same
 bank bytes (the bank file below), so a score computed at the edge equals central's up to float rounding.
 
+A frame's score needs only its farthest token, so scoring bounds before it searches (bound and refine). Banks
+of ``LISTS_FROM`` tokens or more have inverted lists whatever their search; every token q gets the upper bound
+u(q) = 1 - max cos(q, b) over the bank tokens b of the list whose centroid is nearest to q (an actual bank
+token's distance, so u(q) >= d(q), its distance to the bank; and the nearest list is among those an inverted-list
+search probes, so u(q) bounds that search too). Each frame first searches its token of largest u; with m the
+largest distance found, a token with u(q) < m - ``TIE`` can be neither the farthest nor tied with it, so only the
+tokens with u(q) >= m - ``TIE`` are searched next, and after that round none is left. Score and token are those
+of searching every token; the search costs one bank search per frame plus the few tokens whose bound does not
+clear, instead of K (about a tenth of the tokens on NEU-DET summaries, BENCHMARKS.md anomaly).
+``FrameScores.distances`` holds the searched tokens' distances and the others' bounds (below the score).
+
 The bank file (``Bank.to_bytes``, written by ``tokenline-central reference-set export``, read by the edge) is an
 uncompressed ``.npz`` with the arrays ``tokens`` (float16 [M, d], unit norm, grouped by list), ``offsets``
 (int64 [C + 1]), ``centroids`` (float32 [C, d]), ``src`` (int32 [M], the set frame each token came from),
@@ -43,6 +54,8 @@ ARRAYS = ("tokens", "offsets", "centroids", "src", "globals")
 # bank that costs a small factor over the inverted lists, at 50k several times more (BENCHMARKS.md anomaly,
 # benchmarks/bench_anomaly.py)
 EXHAUSTIVE_UP_TO = 20_000
+LISTS_FROM = 1_000  # banks of this many tokens or more get inverted lists (bound and refine; the search above EXHAUSTIVE_UP_TO)
+TIE = 2e-5  # distances this close to the farthest token's may tie with it (token choice rounds to 1e-5)
 
 
 class BankError(ValueError):
@@ -228,6 +241,47 @@ class Bank:
             best[missing] = self._exact(q[missing], None if exclude is None else exclude[missing])
         return best
 
+    def nearest_list_similarity(self, q: np.ndarray) -> np.ndarray:
+        """[N] cosine of each query token [N, d] to its nearest bank token in the list of its nearest centroid."""
+        lst = np.argmax(q @ self.centroids.T, axis=1)
+        order = np.argsort(lst, kind="stable")
+        bounds = np.searchsorted(lst[order], np.arange(self.lists + 1))
+        out = np.full(q.shape[0], -1.0, np.float32)
+        for j in np.flatnonzero(np.diff(bounds)):
+            lo, hi = int(self.offsets[j]), int(self.offsets[j + 1])
+            if hi > lo:
+                rows = order[bounds[j]: bounds[j + 1]]
+                out[rows] = (q[rows] @ self.tokens[lo:hi].T).max(axis=1)
+        return out
+
+    def frame_distances(self, q: np.ndarray, ok: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Bound and refine (module docstring) over frames' tokens ``q`` [F, K, d] that qualify where ``ok``
+        [F, K]: (distances [F, K], searched [F, K]); where not searched the distance is the token's bound, which is
+        below its frame's farthest distance by more than ``TIE``; 0 where not ``ok``."""
+        f, k, d = q.shape
+        dist = np.zeros((f, k), np.float32)
+        searched = np.zeros((f, k), bool)
+        if f == 0 or not ok.any():
+            return dist, searched
+        near = self.nearest_list_similarity(q.reshape(f * k, d)).reshape(f, k)
+        bound = np.where(ok, 1.0 - near, -np.inf)
+
+        def search(mask: np.ndarray) -> None:
+            if mask.any():
+                sim = np.maximum(self.nn_similarity(q[mask]), near[mask])  # rounding: keep d <= u
+                dist[mask] = 1.0 - sim
+                searched[mask] = True
+
+        first = np.zeros((f, k), bool)
+        rows = np.flatnonzero(ok.any(axis=1))
+        first[rows, bound[rows].argmax(axis=1)] = True
+        search(first)
+        far = np.where(searched, dist, -np.inf).max(axis=1)
+        search(ok & ~searched & (bound >= far[:, None] - TIE))
+        rest = ok & ~searched
+        dist[rest] = bound[rest]
+        return dist, searched
+
     def _exact(self, q: np.ndarray, exclude: Optional[np.ndarray]) -> np.ndarray:
         out = np.empty(q.shape[0], np.float32)
         step = max(1, 4_000_000 // max(1, self.size))  # bound the [rows, M] block
@@ -248,19 +302,23 @@ class Bank:
 
     # -- scoring ------------------------------------------------------------------------------------------------
     def score_arrays(self, tokens: np.ndarray, sizes: np.ndarray, globals_: Optional[np.ndarray] = None,
-                     exclude: Optional[np.ndarray] = None) -> FrameScores:
+                     exclude: Optional[np.ndarray] = None, every_token: bool = False) -> FrameScores:
         """Scores of F frames: ``tokens`` [F, K, d], ``sizes`` [F, K], ``globals_`` [F, D] (modes global and
-        both), ``exclude`` [F] the set-frame index of each frame to leave out (threshold calibration)."""
-        tokens = np.asarray(tokens, np.float32)
+        both), ``exclude`` [F] the set-frame index of each frame to leave out (threshold calibration).
+        Bound and refine unless ``exclude`` or ``every_token`` asks for every token's distance."""
+        tokens = np.ascontiguousarray(tokens, np.float32)
         f, k, d = tokens.shape
         if d != self.dim:
             raise BankError(f"tokens have dimension {d}, the bank {self.dim}")
         ok = np.asarray(sizes, np.float32).reshape(f, k) >= self.info.min_token_size
-        flat = tokens.reshape(f * k, d)
-        keep = np.flatnonzero(ok.reshape(-1))
-        dist = np.zeros(f * k, np.float32)
-        ex = None if exclude is None else np.repeat(np.asarray(exclude, np.int64), k)[keep]
-        dist[keep] = 1.0 - self.nn_similarity(flat[keep], ex)
+        if exclude is None and not every_token and self.lists > 1:
+            dist, _ = self.frame_distances(tokens, ok)
+        else:
+            flat = tokens.reshape(f * k, d)
+            keep = np.flatnonzero(ok.reshape(-1))
+            dist = np.zeros(f * k, np.float32)
+            ex = None if exclude is None else np.repeat(np.asarray(exclude, np.int64), k)[keep]
+            dist[keep] = 1.0 - self.nn_similarity(flat[keep], ex)
         dist = np.clip(dist, 0.0, 2.0).reshape(f, k)
         masked = np.where(ok, dist, -1.0)
         # the farthest token; distances within 1e-5 count as a tie, taken by the lowest index, so that the edge and

@@ -3,8 +3,9 @@
 Pure functions on arrays. The token pool (every summary token of the set's frames that stands for at least
 ``min_token_size`` patches) is subsampled to ``max_bank_tokens`` by a greedy k-center coreset (PatchCore's
 subsampling: each step keeps the token farthest from those kept, on a fixed random projection for speed); a bank
-of more than ``tokenline.anomaly.EXHAUSTIVE_UP_TO`` tokens is then grouped into about sqrt(M) inverted lists by
-spherical k-means seeded with the coreset's first picks (smaller banks keep one list and are searched exhaustively). The
+of ``tokenline.anomaly.LISTS_FROM`` tokens or more is then grouped into about sqrt(M) inverted lists by spherical
+k-means seeded with the coreset's first picks (smaller banks keep one list): the lists bound each token's distance
+when scoring, and above ``tokenline.anomaly.EXHAUSTIVE_UP_TO`` tokens they are what is searched. The
 threshold is a quantile of the set's own frames' leave-one-out scores (each frame scored against the bank
 without its own tokens), or given by hand.
 """
@@ -99,8 +100,8 @@ def inverted_lists(x: np.ndarray, n_lists: int, seeds: np.ndarray, iters: int = 
 
 
 def n_lists_for(m: int) -> int:
-    """Inverted lists for a bank of m tokens: one (exhaustive search) up to ``EXHAUSTIVE_UP_TO``, else about sqrt(m)."""
-    return 1 if m <= anomaly.EXHAUSTIVE_UP_TO else int(round(np.sqrt(m)))
+    """Inverted lists for a bank of m tokens: one below ``LISTS_FROM``, else about sqrt(m)."""
+    return 1 if m < anomaly.LISTS_FROM else int(round(np.sqrt(m)))
 
 
 def build_bank(frames: SetFrames, info: BankInfo, max_tokens: int, quantile: float,

@@ -99,14 +99,14 @@ def _insert(session: Session, table: Any, update: bool):
 
 
 def record(session: Session, scored: Sequence[Scored], worker: str) -> List[Alert]:
-    """Insert the scores of frames not scored yet (the caller's transaction, with the frames); count them and
-    the alerts. Returns the alerts of the rows actually inserted (a redelivered frame raises none again)."""
+    """Insert the scores of frames stored in this transaction (the caller's, which inserted them: so none has a
+    score yet, and a redelivered frame, not new, is not passed and raises no alert again); count them and the
+    alerts. Returns the alerts. One executemany, no RETURNING: the caller knows which frames are new."""
     if not scored:
         return []
-    stmt = _insert(session, FrameScore.__table__, update=False).returning(FrameScore.__table__.c.frame_id)
-    new = set(session.scalars(stmt, [s.row for s in scored]))
-    alerts = [s.alert for s in scored if s.alert is not None and s.row["frame_id"] in new]
-    store.add_counters(session, worker, {SCORED: len(new), ALERTS: len(alerts)})
+    session.execute(_insert(session, FrameScore.__table__, update=False), [s.row for s in scored])
+    alerts = [s.alert for s in scored if s.alert is not None]
+    store.add_counters(session, worker, {SCORED: len(scored), ALERTS: len(alerts)})
     return alerts
 
 

@@ -291,10 +291,11 @@ def test_bank_building_coreset_lists_and_leave_one_out_threshold(monkeypatch):
         assert d[picks[i]] == pytest.approx(d.max(), rel=1e-4)
     with pytest.raises(ValueError, match="at least two"):
         build_bank(SetFrames(tokens[:1], sizes[:1], frames.globals[:1]), info, 100, 0.9)
-    monkeypatch.undo()  # at the shipped size a bank this small keeps one list, searched exhaustively
+    monkeypatch.undo()  # at the shipped size a bank this small has lists (for the bounds) but is searched exhaustively
     small_built = build_bank(frames, info, max_tokens=2500, quantile=0.9)
     small = small_built.bank
-    assert small.lists == 1 and small.size == 2500
+    assert small.lists == 50 and small.size == 2500
+    assert build_bank(SetFrames(tokens[:50], sizes[:50], frames.globals[:50]), info, 2500, 0.9).bank.lists == 1
     sims = np.einsum("fkd,md->fkm", tokens[:, 1:], small.tokens)  # token 0 is empty
     own = np.broadcast_to(small.src[None, None, :] == np.arange(f)[:, None, None], sims.shape)
     sims[own] = -np.inf  # leave each frame's own tokens out

@@ -100,6 +100,44 @@ def test_frame_score_is_the_most_distant_qualifying_token_and_points_at_it() -> 
     assert (a.token, a.flagged, a.set_id, a.set_version, a.threshold) == (9, True, 3, 2, 0.5)
 
 
+def test_bound_and_refine_scores_as_the_search_of_every_token_and_searches_few_of_them(monkeypatch) -> None:
+    bank = make_bank(m=6000)
+    assert bank.size <= anomaly.EXHAUSTIVE_UP_TO and bank.lists > 1  # exhaustive search, bound by the lists
+    rng = np.random.default_rng(7)
+    f = 60
+    noise = rng.uniform(0.02, 0.4, (f, 16, 1))  # tokens from close to the bank to far from it
+    frames = unit(bank.tokens[rng.integers(0, bank.size, (f, 16))] + noise * rng.standard_normal((f, 16, bank.dim)))
+    frames[5, 7] = unit(rng.standard_normal(bank.dim))  # odd regions
+    frames[9, 3] = frames[9, 11] = unit(rng.standard_normal(bank.dim))  # two farthest tokens tie: the first wins
+    sizes = np.ones((f, 16), np.float32)
+    sizes[5, 7] = 0  # not scored, however odd
+    sizes[12] = 0  # a frame with no qualifying token
+    full = bank.score_arrays(frames, sizes, every_token=True)
+    fast = bank.score_arrays(frames, sizes)
+    np.testing.assert_allclose(fast.score, full.score, atol=1e-6)
+    np.testing.assert_array_equal(fast.token, full.token)
+    assert fast.token[9] == 3 and fast.token[12] == -1 and fast.token[5] != 7
+    ok = sizes >= 1
+    dist, searched = bank.frame_distances(frames, ok)
+    np.testing.assert_allclose(dist[searched], full.distances[searched], atol=1e-6)
+    rest = ok & ~searched
+    score = np.broadcast_to(full.score[:, None], (f, 16))
+    assert np.all(dist[rest] >= full.distances[rest] - 1e-6)  # a bound, never below the distance
+    assert np.all(dist[rest] < score[rest] - anomaly.TIE)  # and clear of the frame's farthest token
+    assert searched.sum() < 0.5 * ok.sum()  # most tokens never reach the bank search
+    # a batch scores as each frame alone
+    for i in (0, 5, 9):
+        one = bank.score_arrays(frames[i:i + 1], sizes[i:i + 1])
+        assert one.token[0] == fast.token[i] and one.score[0] == pytest.approx(fast.score[i], abs=1e-6)
+    # inverted lists: the nearest list is among those probed, so the bound holds there too
+    monkeypatch.setattr(anomaly, "EXHAUSTIVE_UP_TO", 0)
+    ivf_full = bank.score_arrays(frames, sizes, every_token=True)
+    ivf_fast = bank.score_arrays(frames, sizes)
+    np.testing.assert_allclose(ivf_fast.score, ivf_full.score, atol=1e-6)
+    np.testing.assert_array_equal(ivf_fast.token, ivf_full.token)
+    assert np.all(ivf_full.score >= full.score - 1e-6)  # probing lists can only find farther neighbours
+
+
 def test_modes_global_and_both() -> None:
     bank = make_bank(mode="both")
     rng = np.random.default_rng(3)

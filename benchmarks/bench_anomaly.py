@@ -40,7 +40,8 @@ from benchmarks._report import write_section  # noqa: E402
 from benchmarks.bench_summary import (ELPV, FEATURE_VERSION, MOSAICS, SPLIT, FeatureSets, Mosaics, Rep,  # noqa: E402
                                       Variant, auroc, cached_rows, compress, elpv_anomaly, head_rep, layer_feats,
                                       md_table, mosaic_anomaly, neu_data, patch_rep)
-from central.anomaly.bank import SetFrames, build_bank, inverted_lists  # noqa: E402
+from central.anomaly.bank import SetFrames, build_bank  # noqa: E402
+from central.kmeans import spherical_kmeans  # noqa: E402
 from tokenline.anomaly import EXHAUSTIVE_UP_TO, Bank, BankInfo  # noqa: E402
 
 QUALITY_VERSION = 1  # bump when the quality computation changes (part of the cache key of its results)
@@ -208,7 +209,7 @@ def synthetic_bank(n: int, d: int, rng: np.random.Generator) -> Tuple[Bank, np.n
     centres = _unit(rng.standard_normal((500, d)))
     x = _unit(centres[rng.integers(0, 500, n)] + 0.5 * _unit(rng.standard_normal((n, d))))
     c = int(round(np.sqrt(n)))
-    assign, cent = inverted_lists(x, c, rng.choice(n, c, replace=False))
+    assign, cent = spherical_kmeans(x, c, rng.choice(n, c, replace=False))
     order = np.argsort(assign, kind="stable")
     offsets = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=c))])
     info = BankInfo(1, 1, "bench", "s", "l", "c", "0" * 32, threshold=0.5)

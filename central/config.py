@@ -101,6 +101,9 @@ class SearchConfig(StrictModel):
     max_depth: int = Field(2000, gt=0)  # how deep paging goes into one search's ranking (cursor after cursor)
     binary_candidates: int = Field(1000, gt=0, le=1000)  # nearest by Hamming distance, then re-scored exactly
     exact_max_rows: int = Field(50_000, gt=0)  # SQLite: up to this many frames pass the filters, score them all
+    # SQLite beyond exact_max_rows: score exactly the rows of the inverted lists nearest to the query, about this
+    # many (central.search.VectorIndex); None: no lists, the binary_candidates nearest by Hamming distance instead
+    ivf_rows: Optional[int] = Field(16_000, gt=0)
     providers: List[str] = ["CPUExecutionProvider"]  # ONNX Runtime execution providers, in order
 
 

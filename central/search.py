@@ -27,7 +27,7 @@ import numpy as np
 from sqlalchemy import Engine, LargeBinary, func, select, text, type_coerce
 from sqlalchemy.orm import Session
 
-from central import regions, segments, store
+from central import kmeans, regions, segments, store
 from central.config import SearchConfig
 from central.errors import BadParameter, Internal, Invalid, NotFound, TooLarge
 from central.regions import RegionQuery
@@ -256,25 +256,36 @@ def hamming(codes_t: np.ndarray, q: np.ndarray) -> np.ndarray:
     return h
 
 
-_COLUMNS = {"ids": np.int64, "ts": np.int64, "site": np.int32, "line": np.int32, "camera": np.int32}
+_COLUMNS = {"ids": np.int64, "ts": np.int64, "site": np.int32, "line": np.int32, "camera": np.int32,
+            "lists": np.int32}
+FILES_VERSION = 2  # 2: the inverted lists (``lists`` column, ``centroids``)
+LISTS_MIN = 64  # an index of n rows gets about sqrt(n) lists, at least this many
+KMEANS_SAMPLE = 65_536  # rows the lists are trained on (evenly spaced over the files)
 
 
 class VectorIndex:
     """SQLite's index of one model's global embeddings, in files next to the database, kept in sync by polling.
 
-    Files (``<db>.vectors/m<model>/``): float32 embeddings, 1-bit codes, row ids, capture times and site/line/
-    camera codes, appended as rows arrive, plus ``alive`` (rows the sweeper deleted) and ``meta.json`` (rows
-    written, last id, deletion generation). Embeddings are memory-mapped and the rest is small, so a restart
-    reads no frame rows. A query scores every row passing the filters exactly when there are at most
-    ``exact_max_rows``; beyond that it takes the ``binary_candidates`` nearest by Hamming distance of the codes
-    and scores those exactly (frames is append-only with AUTOINCREMENT ids, so ``id > last_id`` finds appends;
+    Files (``<db>.vectors/m<model>/``): float32 embeddings, 1-bit codes, row ids, capture times, site/line/
+    camera codes and inverted-list numbers, appended as rows arrive, plus ``alive`` (rows the sweeper deleted),
+    ``centroids`` and ``meta.json`` (rows written, last id, deletion generation, lists). Embeddings are
+    memory-mapped and the rest is small, so a restart reads no frame rows. A query scores every row passing the
+    filters exactly when there are at most ``exact_max_rows``. Beyond that, once the files hold more than
+    ``exact_max_rows`` rows, they are grouped into about sqrt(n) inverted lists (spherical k-means on a sample,
+    retrained when the rows have grown fourfold; appended rows join their nearest list) and a query scores
+    exactly the rows passing the filters in the lists nearest to it, about ``ivf_rows`` rows (more lists when
+    the filters leave fewer); before the lists exist it takes the ``binary_candidates`` nearest by Hamming
+    distance of the codes and scores those exactly (frames is append-only with AUTOINCREMENT ids, so
+    ``id > last_id`` finds appends;
     the sweeper's deletion counter says when to re-read which ids are still alive). Writers of the files
     (several processes on one database) serialize on a ``flock``; a file set that does not match the database
     (another database, another width) is rebuilt.
     """
 
-    def __init__(self, engine: Engine, model_id: int, dim: int, directory: Path) -> None:
+    def __init__(self, engine: Engine, model_id: int, dim: int, directory: Path,
+                 train_above: Optional[int] = None) -> None:
         self.engine, self.model_id, self.dim = engine, model_id, dim
+        self.train_above = train_above  # rows beyond which the files get inverted lists (None: never)
         self.dir = Path(directory)
         self.words = -(-dim // 64)
         self.lock = threading.Lock()
@@ -291,6 +302,9 @@ class VectorIndex:
         self._bits_buf = np.zeros((self.words, 0), np.uint64)
         self.bits_t = self._bits_buf
         self.emb: np.ndarray = np.zeros((0, self.dim), np.float32)
+        self.centroids: Optional[np.ndarray] = None  # [C, dim] of the inverted lists, None before training
+        self.trained_rows = 0  # rows when the lists were trained
+        self.seen_max = -1  # the largest frame id (any model) when the files were last brought up to date
         self.stamp: Optional[float] = None  # meta.json's mtime when read
 
     # -- files ---------------------------------------------------------------------------------------------------
@@ -304,8 +318,9 @@ class VectorIndex:
             return None
 
     def _write_meta(self) -> None:
-        meta = {"version": 1, "dim": self.dim, "count": self.n, "last_id": self.last_id,
-                "last_frame_id": self.last_frame_id, "deletions": self.deletions, "codes": self.codes}
+        meta = {"version": FILES_VERSION, "dim": self.dim, "count": self.n, "last_id": self.last_id,
+                "last_frame_id": self.last_frame_id, "deletions": self.deletions, "codes": self.codes,
+                "lists": 0 if self.centroids is None else len(self.centroids), "trained_rows": self.trained_rows}
         tmp = self._path("meta.json.tmp")
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, self._path("meta.json"))
@@ -323,6 +338,13 @@ class VectorIndex:
             return False
         if any(len(v) != n for v in cols.values()) or len(alive) != n or bits.shape[0] != n or size < n * d * 4:
             return False
+        centroids = None
+        if int(meta.get("lists", 0)):
+            centroids = np.fromfile(self._path("centroids"), np.float32)
+            if centroids.size != int(meta["lists"]) * d:
+                return False
+            centroids = centroids.reshape(-1, d)
+        self.centroids, self.trained_rows = centroids, int(meta.get("trained_rows", 0))
         self.n, self.cols, self.alive = n, cols, alive
         self._bits_buf = np.ascontiguousarray(bits.T)
         self.bits_t = self._bits_buf
@@ -332,7 +354,7 @@ class VectorIndex:
         return True
 
     def _matches_db(self, meta: dict) -> bool:
-        if meta.get("version") != 1 or int(meta.get("dim", -1)) != self.dim:
+        if meta.get("version") != FILES_VERSION or int(meta.get("dim", -1)) != self.dim:
             return False
         if int(meta.get("count", 0)) == 0:
             return True
@@ -353,12 +375,14 @@ class VectorIndex:
     def _append(self, ids, ts, place: Dict[str, np.ndarray], emb: np.ndarray, frame_id: str) -> None:
         """Append rows to the files and to the arrays in memory (codes grow with spare capacity)."""
         bits = binary_codes(emb)
-        for name, arr in (("ids", ids), ("ts", ts), *place.items(), ("alive", np.ones(len(ids), np.uint8)),
-                          ("bits", bits), ("emb", emb.astype(np.float32))):
+        lists = (kmeans.assign(emb, self.centroids) if self.centroids is not None
+                 else np.full(len(ids), -1, np.int32))
+        for name, arr in (("ids", ids), ("ts", ts), *place.items(), ("lists", lists),
+                          ("alive", np.ones(len(ids), np.uint8)), ("bits", bits), ("emb", emb.astype(np.float32))):
             with open(self._path(name), "ab") as fh:
                 fh.write(np.ascontiguousarray(arr).tobytes())
         n, m = self.n, len(ids)
-        for k, v in (("ids", ids), ("ts", ts), *place.items()):
+        for k, v in (("ids", ids), ("ts", ts), *place.items(), ("lists", lists)):
             self.cols[k] = np.concatenate([self.cols[k], v])
         self.alive = np.concatenate([self.alive, np.ones(m, bool)])
         cap = self._bits_buf.shape[1]
@@ -438,14 +462,39 @@ class VectorIndex:
             if dead:
                 log.info("model %d: %d deleted frame(s) masked in the index", self.model_id, dead)
 
+    def _train(self) -> None:
+        """Group the rows into about sqrt(n) inverted lists: spherical k-means on an evenly spaced sample of the
+        alive rows, then every row's nearest list (the ``lists`` file rewritten, ``centroids`` written)."""
+        alive = np.flatnonzero(self.alive)
+        c = max(LISTS_MIN, int(round(np.sqrt(alive.size))))
+        sample = alive[np.linspace(0, alive.size - 1, min(alive.size, KMEANS_SAMPLE)).astype(np.int64)]
+        x = np.asarray(self.emb[sample], np.float32)
+        seeds = np.linspace(0, len(x) - 1, c).astype(np.int64)
+        _, cent = kmeans.spherical_kmeans(x, c, seeds)
+        lists = kmeans.assign(self.emb, cent, chunk=65_536)
+        for name, arr in (("centroids", cent.astype(np.float32)), ("lists", lists)):
+            tmp = self._path(name + ".tmp")
+            np.ascontiguousarray(arr).tofile(tmp)
+            os.replace(tmp, self._path(name))
+        self.centroids, self.trained_rows = cent.astype(np.float32), self.n
+        self.cols["lists"] = lists
+        log.info("model %d: %d rows grouped into %d inverted lists", self.model_id, self.n, c)
+
+    def _needs_training(self) -> bool:
+        if self.train_above is None or self.n <= self.train_above:
+            return False
+        return self.centroids is None or self.n >= 4 * max(1, self.trained_rows)
+
     def sync(self, on_rows: Optional[Callable[[int], None]] = None) -> None:
-        """Cheap check per query: the largest id (appends) and the sweeper's deletion counter; the files are
+        """Cheap check per query: the largest frame id (appends) and the sweeper's deletion counter; the files are
         brought up to date under their ``flock`` only when either moved (``on_rows``: progress of the rows read)."""
         with self.lock:
             with Session(self.engine) as s:
-                mx = int(s.scalar(select(func.max(Frame.id)).where(Frame.model_id == self.model_id)) or 0)
+                # the largest id of any model: SQLite reads it from the end of the rowid tree, while the largest of
+                # one model would scan that model's index entries (170 ms at 1M frames)
+                mx = int(s.scalar(select(func.max(Frame.id))) or 0)
                 gen = store.counter_total(s, FRAMES_DELETED)
-            if mx == self.last_id and gen == self.deletions:
+            if mx == self.seen_max and gen == self.deletions and not self._needs_training():
                 return
             self.dir.mkdir(parents=True, exist_ok=True)
             with open(self._path("lock"), "a+") as lockf:
@@ -469,11 +518,31 @@ class VectorIndex:
                     self._prune()
                     self.deletions = gen
                 added = self._load_rows(on_rows=on_rows)
+                self.seen_max = mx
+                if self._needs_training():
+                    self._train()
                 self._write_meta()
                 if added:
                     log.debug("model %d: %d frame(s) added to the index", self.model_id, added)
 
-    def knn(self, q: np.ndarray, k: int, f: Filters, exact_max_rows: int, binary_candidates: int) -> List[Tuple[int, float]]:
+    def _probe(self, q: np.ndarray, mask: np.ndarray, passing: int, k: int, ivf_rows: int) -> np.ndarray:
+        """Positions passing ``mask`` (``passing`` of them) in the lists nearest to ``q``: as many lists as hold
+        about ``ivf_rows`` passing rows on average, doubled until at least ``k`` pass; sorted."""
+        n, c = self.n, len(self.centroids)
+        order = np.argsort(-(self.centroids @ q))
+        lists = self.cols["lists"][:n] + 1  # 0: a row appended before the lists (none once trained)
+        upto = min(c, -(-max(ivf_rows, k) * c // max(1, passing)))
+        while True:
+            table = np.zeros(c + 1, bool)
+            table[0] = True
+            table[order[:upto] + 1] = True
+            sel = np.flatnonzero(mask & table[lists])
+            if sel.size >= k or upto >= c:
+                return sel
+            upto = min(c, 2 * upto)
+
+    def knn(self, q: np.ndarray, k: int, f: Filters, exact_max_rows: int, binary_candidates: int,
+            ivf_rows: int = 0) -> List[Tuple[int, float]]:
         self.sync()
         wanted = None
         if f.labels:  # one query over this model's frames, before the index is locked
@@ -497,7 +566,9 @@ class VectorIndex:
             if sel.size == 0:
                 return []
             q = q.astype(np.float32)
-            if sel.size > max(exact_max_rows, binary_candidates, k):
+            if sel.size > max(exact_max_rows, k) and self.centroids is not None and ivf_rows:
+                sel = self._probe(q, mask, sel.size, k, ivf_rows)
+            elif sel.size > max(exact_max_rows, binary_candidates, k):
                 qb = binary_codes(q[None, :])[0]
                 h = hamming(self.bits_t if sel.size == n else self.bits_t[:, sel], qb)
                 sel = sel[np.argpartition(h, binary_candidates - 1)[:binary_candidates]]
@@ -535,8 +606,9 @@ class Searcher:
             if idx is None:
                 if self._dir is None:
                     self._dir = vector_dir(self.engine)
-                idx = self._indexes[model.id] = VectorIndex(self.engine, model.id, model.embedding_dim,
-                                                            self._dir / f"m{model.id}")
+                idx = self._indexes[model.id] = VectorIndex(
+                    self.engine, model.id, model.embedding_dim, self._dir / f"m{model.id}",
+                    train_above=self.cfg.exact_max_rows if self.cfg.ivf_rows else None)
             return idx
 
     def warm(self, model: ModelInfo, on_rows: Optional[Callable[[int], None]] = None) -> None:
@@ -563,7 +635,8 @@ class Searcher:
             raise Invalid(f"query dimension {q.shape[0]} != model {model.name!r} dimension {model.embedding_dim}; "
                           "embeddings of different models are never compared", reason=BAD_QUERY)
         if not self.pg:
-            return self._vindex(model).knn(q, k, f, self.cfg.exact_max_rows, self.cfg.binary_candidates)
+            return self._vindex(model).knn(q, k, f, self.cfg.exact_max_rows, self.cfg.binary_candidates,
+                                           self.cfg.ivf_rows or 0)
         return self._pg_knn(model, q, k, f)
 
     def _pg_knn(self, model: ModelInfo, q: np.ndarray, k: int, f: Filters) -> List[Tuple[int, float]]:

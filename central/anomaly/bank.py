@@ -17,11 +17,11 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from central.kmeans import KMEANS_ITERS, spherical_kmeans
 from tokenline import anomaly
 from tokenline.anomaly import Bank, BankInfo
 
 PROJECTION_DIM = 64  # coreset selection runs on this many random projections of the tokens
-KMEANS_ITERS = 6
 
 
 @dataclass(frozen=True)
@@ -81,24 +81,6 @@ def greedy_coreset(x: np.ndarray, m: int, proj_dim: int = PROJECTION_DIM, seed: 
     return picked
 
 
-def inverted_lists(x: np.ndarray, n_lists: int, seeds: np.ndarray, iters: int = KMEANS_ITERS
-                   ) -> Tuple[np.ndarray, np.ndarray]:
-    """(list of each row [M], centroids [C, d]) by spherical k-means from the rows ``seeds``; an emptied list
-    keeps its last centroid."""
-    cent = _unit(x[seeds[:n_lists]])
-    assign = np.zeros(x.shape[0], np.int64)
-    for _ in range(max(1, iters)):
-        for i in range(0, x.shape[0], 8192):
-            assign[i: i + 8192] = np.argmax(x[i: i + 8192] @ cent.T, axis=1)
-        sums = np.zeros_like(cent)
-        np.add.at(sums, assign, x)
-        live = np.bincount(assign, minlength=n_lists) > 0
-        cent = np.where(live[:, None], _unit(sums), cent)
-    for i in range(0, x.shape[0], 8192):
-        assign[i: i + 8192] = np.argmax(x[i: i + 8192] @ cent.T, axis=1)
-    return assign, cent
-
-
 def n_lists_for(m: int) -> int:
     """Inverted lists for a bank of m tokens: one below ``LISTS_FROM``, else about sqrt(m)."""
     return 1 if m < anomaly.LISTS_FROM else int(round(np.sqrt(m)))
@@ -125,7 +107,7 @@ def build_bank(frames: SetFrames, info: BankInfo, max_tokens: int, quantile: flo
         order = np.arange(pool.shape[0])
     kept, kept_src = pool[order], src[order]
     if c > 1:
-        assign, cent = inverted_lists(kept, c, np.arange(c))
+        assign, cent = spherical_kmeans(kept, c, np.arange(c), KMEANS_ITERS)
         by_list = np.argsort(assign, kind="stable")
         kept, kept_src = kept[by_list], kept_src[by_list]
         offsets = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=c))])

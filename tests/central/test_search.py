@@ -234,7 +234,7 @@ def test_vector_files_survive_a_restart_and_follow_the_database(tmp_path, tiny_m
 
     engine = _sqlite_engine(tmp_path)
     model, msgs, rng, _ = _populate(engine, tiny_manifest, n=400)
-    cfg = SearchConfig(rerank=False, exact_max_rows=10, binary_candidates=400)  # the Hamming path, all candidates
+    cfg = SearchConfig(rerank=False, exact_max_rows=10, binary_candidates=400, ivf_rows=None)  # Hamming, all
     first = Searcher(engine, cfg)
     q = Query(model.id, msgs[7].summary.global_embedding)
     want = [h.frame_id for h in first.search(model, q, 20)]
@@ -272,7 +272,7 @@ def test_binary_prefilter_with_filters_matches_brute_force_when_candidates_cover
     engine = _sqlite_engine(tmp_path)
     model, msgs, rng, _ = _populate(engine, tiny_manifest, n=N)
     frames = _load_all(engine)
-    searcher = Searcher(engine, SearchConfig(rerank=False, exact_max_rows=100, binary_candidates=300))
+    searcher = Searcher(engine, SearchConfig(rerank=False, exact_max_rows=100, binary_candidates=300, ivf_rows=None))
     for flt in [Filters(line="l2", camera="c1"), Filters(site="s1", since_us=T0 + 500_000_000, until_us=T0 + 900_000_000)]:
         for qi in range(5):
             q = unit(rng, 384)
@@ -287,3 +287,75 @@ def test_binary_prefilter_with_filters_matches_brute_force_when_candidates_cover
         got = {h.frame_id for h in searcher.search(model, Query(model.id, q), 10)}
         recalls.append(len(got & {f.frame_id for f in ref}) / 10)
     assert np.mean(recalls) >= 0.9, recalls
+
+
+def test_inverted_lists_above_exact_max_rows(tmp_path, tiny_manifest):
+    """SQLite above ``exact_max_rows``: the files get inverted lists and a query scores exactly the rows of its
+    nearest lists (recall against brute force), filters first; appended rows join their list; a restart reads the
+    lists instead of training them; fourfold growth retrains; the sweeper's compaction keeps them aligned."""
+    from central.blobs import BlobStore
+    from central.config import parse_config
+    from central.retention import sweep
+    from central.search import LISTS_MIN, VectorIndex
+
+    engine = _sqlite_engine(tmp_path)
+    model, msgs, rng, centers = _populate(engine, tiny_manifest, n=N)
+    frames = _load_all(engine)
+    cfg = SearchConfig(rerank=False, exact_max_rows=100, ivf_rows=300)
+    searcher = Searcher(engine, cfg)
+    searcher.warm(model)
+    idx = searcher._vindex(model)
+    assert idx.centroids is not None and len(idx.centroids) == LISTS_MIN and idx.trained_rows == N
+    lists = idx.cols["lists"]
+    np.testing.assert_array_equal(lists, np.argmax(np.asarray(idx.emb) @ idx.centroids.T, axis=1))
+    recalls = []
+    for qi in range(0, N, 150):
+        q = msgs[qi].summary.global_embedding
+        ref, ref_sims = _brute(frames, model, q, Filters(), 10)
+        hits = searcher.search(model, Query(model.id, q), 10)
+        assert hits[0].frame_id == msgs[qi].frame_id_hex
+        recalls.append(len({h.frame_id for h in hits} & {f.frame_id for f in ref}) / 10)
+        got = {h.frame_id: h.global_score for h in hits}
+        for f, sim in zip(ref, ref_sims):  # a frame found is scored exactly
+            assert f.frame_id not in got or abs(got[f.frame_id] - sim) < 1e-5
+    assert np.mean(recalls) >= 0.9, recalls
+    flt = Filters(line="l2", camera="c1")  # 125 frames: above exact_max_rows, so through the lists
+    for qi in range(5):
+        q = centers[qi]
+        ref, _ = _brute(frames, model, q, flt, 10)
+        hits = searcher.search(model, Query(model.id, q), 10, flt)
+        assert len(hits) == 10 and all(h.frame.line == "l2" and h.frame.camera == "c1" for h in hits)
+        assert len({h.frame_id for h in hits} & {f.frame_id for f in ref}) >= 8
+    # a filter that leaves few rows in the nearest lists: lists are added until k rows pass
+    narrow = Searcher(engine, cfg.model_copy(update={"ivf_rows": 1}))
+    assert len(narrow.search(model, Query(model.id, centers[0]), 10, flt)) == 10
+    # appended rows join their nearest list and are found at once
+    extra = [make_message(tiny_manifest, rng, seq=5000 + i, ts_us=T0 + 10**10 + i, center=centers[i])
+             for i in range(5)]
+    tx(engine, lambda s: store.insert_frames(s, [store.frame_row(m, model.id, T0) for m in extra]))
+    hits = searcher.search(model, Query(model.id, extra[3].summary.global_embedding), 5)
+    assert hits[0].frame_id == extra[3].frame_id_hex and idx.n == N + 5 and (idx.cols["lists"] >= 0).all()
+    # a restart reads the centroids and lists: nothing is trained again
+    again = VectorIndex(engine, model.id, model.embedding_dim, idx.dir, train_above=100)
+    again._train = lambda: pytest.fail("a restart must not train the lists again")
+    again.sync()
+    np.testing.assert_array_equal(again.centroids, idx.centroids)
+    np.testing.assert_array_equal(again.cols["lists"], idx.cols["lists"])
+    # fourfold growth: trained again, with more lists
+    more = [make_message(tiny_manifest, rng, seq=6000 + i, ts_us=T0 + 2 * 10**10 + i * 1_000_000,
+                         center=centers[i % 20], noise=0.8) for i in range(3 * N - 5)]  # 4 x N rows in all
+    for i in range(0, len(more), 1000):
+        tx(engine, lambda s, part=more[i:i + 1000]: store.insert_frames(
+            s, [store.frame_row(m, model.id, T0) for m in part]))
+    hits = searcher.search(model, Query(model.id, more[77].summary.global_embedding), 5)
+    assert hits[0].frame_id == more[77].frame_id_hex
+    assert idx.trained_rows == 4 * N and len(idx.centroids) == round(np.sqrt(4 * N))
+    # the sweeper deletes the first 1,500 frames (over a quarter): the files are compacted, lists follow
+    now = T0 + N * 1_000_000 + 10 * 86_400_000_000
+    rep = sweep(engine, BlobStore(tmp_path / "o"), parse_config(
+        {"retention": {"originals_days": 1, "tokens_days": 10}}).retention, now=now)
+    assert rep.tokens_deleted == N
+    hits = searcher.search(model, Query(model.id, more[5].summary.global_embedding), 10)
+    assert hits[0].frame_id == more[5].frame_id_hex and all(h.frame.capture_us >= T0 + 10**10 for h in hits)
+    assert idx.n == 3 * N and len(idx.cols["lists"]) == idx.n  # compacted: a quarter were dead
+    np.testing.assert_array_equal(idx.cols["lists"], np.argmax(np.asarray(idx.emb) @ idx.centroids.T, axis=1))

@@ -701,32 +701,39 @@ class Searcher:
         n_cand = max(k, self.cfg.candidates) if use_tokens else k
         extra = 1 if query.exclude_frame_id else 0
         cands = self.knn(model, query.global_embedding, n_cand + extra, f)
-        with Session(self.engine) as s:
-            frames = store.get_frames(s, [c[0] for c in cands], model)
-        cands = [c for c in cands if c[0] in frames and frames[c[0]].frame_id != query.exclude_frame_id]
-        if not cands:
-            return []
-        gscore = np.array([c[1] for c in cands], np.float32)
         hits_tokens = None
-        if use_tokens:
-            qt = normalize(query.tokens)
-            qw = np.ones(len(qt), np.float32) if query.weights is None else np.asarray(query.weights, np.float32)
-            kmax = max(frames[c[0]].summary.k for c in cands)
-            if qt.shape[1] != model.token_dim:
-                raise Invalid(f"query tokens of dim {qt.shape[1]} != model {model.name!r} token dimension "
-                              f"{model.token_dim}", reason=BAD_QUERY)
-            docs = np.zeros((len(cands), kmax, model.token_dim), np.float32)
-            mask = np.zeros((len(cands), kmax), bool)
-            for i, c in enumerate(cands):
-                sm = frames[c[0]].summary
-                docs[i, :sm.k] = sm.tokens
-                mask[i, :sm.k] = sm.sizes > 0 if sm.footprint is not None else True
-            ms, best_per_token = maxsim_scores(qt, qw, docs, mask)
-            score = (1.0 - w) * gscore + w * ms
-            hits_tokens = (ms, best_per_token)
-        else:
-            score = gscore
-        order = sorted(range(len(cands)), key=lambda i: (-float(score[i]), cands[i][0]))[:k]
+        with Session(self.engine) as s:
+            if use_tokens:  # the candidates' tokens only; whole frames for the hits below
+                light = store.candidate_tokens(s, [c[0] for c in cands])
+                cands = [c for c in cands if c[0] in light and light[c[0]][0] != query.exclude_frame_id]
+            else:
+                frames = store.get_frames(s, [c[0] for c in cands], model)
+                cands = [c for c in cands if c[0] in frames and frames[c[0]].frame_id != query.exclude_frame_id]
+            if not cands:
+                return []
+            gscore = np.array([c[1] for c in cands], np.float32)
+            if use_tokens:
+                qt = normalize(query.tokens)
+                qw = np.ones(len(qt), np.float32) if query.weights is None else np.asarray(query.weights, np.float32)
+                if qt.shape[1] != model.token_dim:
+                    raise Invalid(f"query tokens of dim {qt.shape[1]} != model {model.name!r} token dimension "
+                                  f"{model.token_dim}", reason=BAD_QUERY)
+                kmax = max(len(light[c[0]][1]) for c in cands)
+                docs = np.zeros((len(cands), kmax, model.token_dim), np.float32)
+                mask = np.zeros((len(cands), kmax), bool)
+                for i, c in enumerate(cands):
+                    _, toks, valid = light[c[0]]
+                    docs[i, :len(toks)] = toks
+                    mask[i, :len(toks)] = valid
+                ms, best_per_token = maxsim_scores(qt, qw, docs, mask)
+                score = (1.0 - w) * gscore + w * ms
+                hits_tokens = (ms, best_per_token)
+            else:
+                score = gscore
+            order = sorted(range(len(cands)), key=lambda i: (-float(score[i]), cands[i][0]))[:k]
+            if use_tokens:
+                frames = store.get_frames(s, [cands[i][0] for i in order], model)
+                order = [i for i in order if cands[i][0] in frames]  # a frame deleted meanwhile drops out
         hits = []
         for i in order:
             fr = frames[cands[i][0]]

@@ -27,7 +27,8 @@ from central import segments
 from central.errors import Conflict, Invalid, NotFound
 from sql.db import is_postgres
 from sql.models import ApiToken, Counter, DeadLetter, Device, Frame, Model, Original
-from sql.types import pack_f32, pack_footprint, pack_tokens, unpack_f32, unpack_footprint, unpack_tokens
+from sql.types import (pack_f32, pack_footprint, pack_tokens, unpack_f32, unpack_footprint, unpack_token_rows,
+                       unpack_tokens)
 from tokenline.manifest import Manifest
 from tokenline.preprocess import FrameGeometry
 from tokenline.summary import Summary
@@ -349,6 +350,24 @@ def get_frames(session: Session, ids: Sequence[int], model: ModelInfo) -> Dict[i
     empty = np.zeros(0, np.float32)
     grid = model.manifest.summary.footprint_grid
     return {r.id: _frame_data(r, empty, grid) for r in session.execute(select(*cols).where(Frame.id.in_(list(ids))))}
+
+
+def candidate_tokens(session: Session, ids: Sequence[int]) -> Dict[int, Tuple[str, np.ndarray, np.ndarray]]:
+    """What the MaxSim re-rank reads of each candidate, by surrogate ``id``: (frame id, tokens [K, d], which
+    tokens take part [K] (those standing for a footprint cell; all without a footprint)); the blobs of one K
+    are unpacked together. The full frames are read afterwards for the hits only (``get_frames``)."""
+    if not ids:
+        return {}
+    rows = session.execute(select(Frame.id, Frame.frame_id, Frame.k, Frame.tokens, Frame.sizes,
+                                  Frame.footprint.is_(None)).where(Frame.id.in_(list(ids)))).all()
+    out: Dict[int, Tuple[str, np.ndarray, np.ndarray]] = {}
+    for k in {int(r[2]) for r in rows}:
+        part = [r for r in rows if int(r[2]) == k]
+        tokens = unpack_token_rows([r[3] for r in part], k)
+        sizes = np.frombuffer(b"".join(bytes(r[4]) for r in part), dtype="<f4").reshape(len(part), k)
+        for r, t, sz in zip(part, tokens, sizes):
+            out[int(r[0])] = (r[1], t, np.ones(k, bool) if r[5] else sz > 0)
+    return out
 
 
 _LIST_COLS = ("id", *_FRAME_META, "legal_hold", "k")

@@ -11,7 +11,7 @@ with the query token (the frame's anomalous token, or any token of it), exhausti
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from sqlalchemy import Select, select
@@ -28,6 +28,7 @@ from tokenline.summary import Summary
 
 SORTS = ("-score", "score", "-time", "time")
 REASON = "bad_anomaly_query"
+MAX_FRAME_IDS = 200  # frame ids one /v1/anomalies request may name (a page of results)
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,17 @@ def _filtered(q: Select, model_id: Optional[int], f: Filters, table: Any = Frame
 
 def list_scores(session: Session, *, model_id: Optional[int] = None, filters: Filters = Filters(),
                 min_score: Optional[float] = None, flagged: Optional[bool] = None, set_id: Optional[int] = None,
-                sort: str = "-score", limit: int = 50, offset: int = 0) -> List[ScoredFrame]:
-    """Scored frames, filtered and sorted (``-score`` highest first, ``time`` oldest first, ...)."""
+                frame_ids: Sequence[str] = (), sort: str = "-score", limit: int = 50,
+                offset: int = 0) -> List[ScoredFrame]:
+    """Scored frames, filtered (also to ``frame_ids`` when given) and sorted (``-score`` highest first, ``time``
+    oldest first, ...)."""
     if sort not in SORTS:
         raise Invalid(f"sort must be one of {SORTS}, got {sort!r}", reason=REASON)
+    if len(frame_ids) > MAX_FRAME_IDS:
+        raise Invalid(f"at most {MAX_FRAME_IDS} frame_id values", reason=REASON)
     q = _filtered(select(FrameScore).join(Frame, Frame.frame_id == FrameScore.frame_id), model_id, filters)
+    if frame_ids:
+        q = q.where(FrameScore.frame_id.in_([store.check_frame_id(f) for f in frame_ids]))
     if min_score is not None:
         q = q.where(FrameScore.score >= min_score)
     if flagged is not None:

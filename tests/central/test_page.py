@@ -32,16 +32,30 @@ def jpeg(value: int, w: int = 96, h: int = 64) -> bytes:
     return cv2.imencode(".jpg", img)[1].tobytes()
 
 
+def _central(tmp_path):
+    """(config, engine) of a central on a fresh SQLite whose originals are kept for 5,000 days."""
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    return config_for(tmp_path, url, retention={"originals_days": 5000, "tokens_days": 200000}), engine
+
+
+def _keep_originals(cfg, engine, msgs) -> None:
+    """Store the original jpeg(30 * i) of each message i."""
+    blobs = BlobStore(cfg.originals.root)
+    for i, m in enumerate(msgs):
+        body = jpeg(30 * i)
+        with Session(engine) as s:
+            store_original(s, blobs, cfg.retention, m.frame_id.hex(), body, hashlib.sha256(body).hexdigest(), 1 << 20)
+
+
 @pytest.fixture
 def site(tmp_path, tiny_manifest, tiny_model_dir):
     """35 frames (30 on line l3, camera c1; 5 on line l4, camera c2) one second apart from T0, 11 originals kept,
     one deleted by retention; a second model with the same name and no frames; viewer and admin tokens."""
     from tests.support.tiny_model import build_tiny_model
 
-    url = f"sqlite:///{tmp_path / 'c.db'}"
-    engine = make_engine(url)
-    upgrade(engine)
-    cfg = config_for(tmp_path, url, retention={"originals_days": 5000, "tokens_days": 200000})
+    cfg, engine = _central(tmp_path)
     model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
     twin = build_tiny_model(tmp_path / "twin", size=32, patch=8, dim=384, seed=7, name=tiny_manifest.name)
     from tokenline.manifest import Manifest
@@ -266,10 +280,7 @@ def flagged_site(tmp_path):
     from tests.support.tiny_model import build_tiny_model
     from tokenline.manifest import Manifest
 
-    url = f"sqlite:///{tmp_path / 'c.db'}"
-    engine = make_engine(url)
-    upgrade(engine)
-    cfg = config_for(tmp_path, url, retention={"originals_days": 5000, "tokens_days": 200000})
+    cfg, engine = _central(tmp_path)
     mdir = build_tiny_model(tmp_path / "model", size=32, patch=8, dim=384, resize="letterbox")
     man = Manifest.from_file(mdir)
     model = tx(engine, store.register_model, man, mdir)
@@ -285,11 +296,7 @@ def flagged_site(tmp_path):
         store.insert_frames(s, [store.frame_row(m, model.id, store.now_us()) for m in good + normal + odd + [twin]])
         refsets.create_set(s, cfg.anomaly, name="good", frame_ids=[m.frame_id.hex() for m in good], quantile=1.0)
     assert backfill(engine).scored == 26  # the set's camera only
-    blobs = BlobStore(cfg.originals.root)
-    for i, m in enumerate(normal + odd + [twin]):
-        body = jpeg(30 * i)
-        with Session(engine) as s:
-            store_original(s, blobs, cfg.retention, m.frame_id.hex(), body, hashlib.sha256(body).hexdigest(), 1 << 20)
+    _keep_originals(cfg, engine, normal + odd + [twin])
     return cfg, engine, {"good": good, "normal": normal, "odd": odd, "twin": twin}, tx(engine, store.create_token, "v", "viewer")
 
 
@@ -394,5 +401,65 @@ def test_scores_on_results_and_region_search_from_the_detail(flagged_site):
             assert _rect(driver, css) == pytest.approx(_frame_box([box[0] - .125, box[1] - .125, box[0] + .125,
                                                                    box[1] + .125]), abs=5e-3)
             shot(driver, "region-search")
+        finally:
+            driver.quit()
+
+
+def test_detail_draws_the_footprint_cells_of_the_anomalous_region(tmp_path):
+    """A slic model's frames carry a footprint: the detail draws the anomalous token's cells (an L of three) and
+    their bounding box, each mapped from the letterboxed model input."""
+    from selenium.webdriver.common.by import By
+
+    from central.anomaly import refsets
+    from central.anomaly.scoring import backfill
+    from tests.support.anomaly_frames import unit, vocabulary
+    from tests.support.tiny_model import build_tiny_model
+    from tokenline.frame_id import new_frame_id
+    from tokenline.manifest import Manifest
+    from tokenline.summary import Summary, boxes_from_footprint
+    from tokenline.wire import TokenMessage
+
+    cfg, engine = _central(tmp_path)
+    mdir = build_tiny_model(tmp_path / "model", size=32, patch=8, dim=384, head="slic", token_dim=96,
+                            resize="letterbox")
+    man = Manifest.from_file(mdir)
+    model = tx(engine, store.register_model, man, mdir)
+    assert tuple(man.summary.footprint_grid) == (4, 4)
+    rng, vocab = np.random.default_rng(9), vocabulary(96)
+    fp = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    fp[1, 2] = fp[2, 1] = 5  # token 5: cells (1, 1), (1, 2), (2, 1); tokens 6 and 9 stand for nothing
+
+    def message(i: int, odd: bool) -> TokenMessage:
+        tokens = unit(vocab[rng.integers(0, len(vocab), 16)] + 0.03 * unit(rng.standard_normal((16, 96))))
+        if odd:
+            tokens[5] = unit(rng.standard_normal(96))
+        sizes, cent = boxes_from_footprint(fp, 16)
+        return TokenMessage(frame_id=new_frame_id(T0 + i), device="d1", site="s1", line="l1", camera="c1",
+                            capture_ts_us=T0 + i, seq=i, manifest_hash=man.hash_bytes(), token_dtype="int8",
+                            summary=Summary(unit(rng.standard_normal(384)), tokens, sizes, cent, fp))
+
+    msgs = [message(i, i == 10) for i in range(11)]
+    with Session(engine) as s, s.begin():
+        store.insert_frames(s, [store.frame_row(m, model.id, store.now_us()) for m in msgs])
+        refsets.create_set(s, cfg.anomaly, name="good", frame_ids=[m.frame_id.hex() for m in msgs[:10]], quantile=1.0)
+    backfill(engine)
+    _keep_originals(cfg, engine, msgs[10:])
+    odd = msgs[10].frame_id.hex()
+    a = _scores(engine)[odd]
+    assert a["flagged"] and a["token"] == 5 and a["region"]["mask"]["rows"] == ["0000", "0110", "0100", "0000"]
+    with serving(create_app(cfg, engine)) as base:
+        driver = chrome()
+        try:
+            login(driver, base, tx(engine, store.create_token, "v", "viewer"), view="latest")
+            wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f'#results-latest .card[data-frame-id="{odd}"] img'))
+            driver.find_element(By.CSS_SELECTOR, f'#results-latest .card[data-frame-id="{odd}"]').click()
+            wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#detail-figure rect.anomaly.cell")) == 3)
+            cells = driver.execute_script("return [...document.querySelectorAll('#detail-figure rect.anomaly.cell')]"
+                                          ".map(r => ['x', 'y', 'width', 'height'].map(k => +r.getAttribute(k)))")
+            want = [_frame_box([x / 4, y / 4, (x + 1) / 4, (y + 1) / 4]) for y, x in ((1, 1), (1, 2), (2, 1))]
+            assert cells == [pytest.approx(w, abs=2e-3) for w in want]
+            assert _rect(driver, "#detail-figure rect.anomaly.box") == pytest.approx(_frame_box([.25, .25, .75, .75]),
+                                                                                      abs=2e-3)
+            shot(driver, "detail-anomaly-footprint")
         finally:
             driver.quit()

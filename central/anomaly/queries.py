@@ -11,7 +11,7 @@ with the query token (the frame's anomalous token, or any token of it), exhausti
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from sqlalchemy import Select, select
@@ -22,12 +22,12 @@ from central.anomaly import refsets
 from central.errors import Invalid, NotFound
 from central.search import Filters
 from sql.models import Frame, FrameScore
-from sql.types import unpack_f32
 from tokenline.anomaly import Region, token_region, unpack_mask
 from tokenline.summary import Summary
 
 SORTS = ("-score", "score", "-time", "time")
 REASON = "bad_anomaly_query"
+MAX_FRAME_IDS = 200  # frame ids one /v1/anomalies request may name (a page of results)
 
 
 @dataclass(frozen=True)
@@ -86,11 +86,17 @@ def _filtered(q: Select, model_id: Optional[int], f: Filters, table: Any = Frame
 
 def list_scores(session: Session, *, model_id: Optional[int] = None, filters: Filters = Filters(),
                 min_score: Optional[float] = None, flagged: Optional[bool] = None, set_id: Optional[int] = None,
-                sort: str = "-score", limit: int = 50, offset: int = 0) -> List[ScoredFrame]:
-    """Scored frames, filtered and sorted (``-score`` highest first, ``time`` oldest first, ...)."""
+                frame_ids: Sequence[str] = (), sort: str = "-score", limit: int = 50,
+                offset: int = 0) -> List[ScoredFrame]:
+    """Scored frames, filtered (also to ``frame_ids`` when given) and sorted (``-score`` highest first, ``time``
+    oldest first, ...)."""
     if sort not in SORTS:
         raise Invalid(f"sort must be one of {SORTS}, got {sort!r}", reason=REASON)
+    if len(frame_ids) > MAX_FRAME_IDS:
+        raise Invalid(f"at most {MAX_FRAME_IDS} frame_id values", reason=REASON)
     q = _filtered(select(FrameScore).join(Frame, Frame.frame_id == FrameScore.frame_id), model_id, filters)
+    if frame_ids:
+        q = q.where(FrameScore.frame_id.in_([store.check_frame_id(f) for f in frame_ids]))
     if min_score is not None:
         q = q.where(FrameScore.score >= min_score)
     if flagged is not None:
@@ -149,14 +155,14 @@ class RegionHit:
                 "region": self.region.public()}
 
 
-def _frame_tokens(session: Session, frame_id: str) -> Tuple[Any, Summary]:
-    r = session.execute(select(Frame.frame_id, Frame.model_id, Frame.k, Frame.tokens, Frame.sizes, Frame.centroids)
-                        .where(Frame.frame_id == frame_id)).first()
+def _frame_tokens(session: Session, frame_id: str, models: Dict[int, Any]) -> Tuple[Any, Summary]:
+    """A stored frame's row (``frame_id``, ``model_id``) and summary, with its footprint; ``models`` by id."""
+    r = session.execute(select(Frame.frame_id, Frame.model_id, Frame.k, Frame.tokens, Frame.sizes, Frame.centroids,
+                               Frame.footprint).where(Frame.frame_id == frame_id)).first()
     if r is None:
         raise NotFound("unknown frame", reason="not_found")
-    k = int(r.k)
-    tokens = refsets.decode_tokens([r.tokens], k)[0]
-    return r, Summary(np.zeros(1, np.float32), tokens, unpack_f32(r.sizes, (k,)), unpack_f32(r.centroids, (k, 2)))
+    tokens = refsets.decode_tokens([r.tokens], int(r.k))[0]
+    return r, refsets.row_summary(r, tokens, models[r.model_id].manifest.summary.footprint_grid)
 
 
 def similar_region(session: Session, frame_id: str, token: Optional[int] = None, k: int = 24,
@@ -164,7 +170,8 @@ def similar_region(session: Session, frame_id: str, token: Optional[int] = None,
     """Frames of the same model whose best-matching summary token is closest to ``token`` of ``frame_id``
     (default: its most anomalous token); the frame itself is left out. Returns (the query, hits)."""
     store.check_frame_id(frame_id)
-    row, summary = _frame_tokens(session, frame_id)
+    models = {m.id: m for m in store.list_models(session)}
+    row, summary = _frame_tokens(session, frame_id, models)
     if token is None:
         scored = session.scalar(select(FrameScore.token).where(FrameScore.frame_id == frame_id))
         if scored is None or scored < 0:
@@ -172,7 +179,7 @@ def similar_region(session: Session, frame_id: str, token: Optional[int] = None,
         token = int(scored)
     if not 0 <= token < summary.k:
         raise Invalid(f"token must be in 0..{summary.k - 1}", reason=REASON)
-    grid = tuple(next(m for m in store.list_models(session) if m.id == row.model_id).manifest.encoder.grid)
+    grid = tuple(models[row.model_id].manifest.encoder.grid)
     q = summary.tokens[token] / max(float(np.linalg.norm(summary.tokens[token])), 1e-12)
     cols = [Frame.id, Frame.frame_id, Frame.site, Frame.line, Frame.camera, Frame.capture_us, Frame.k, Frame.tokens]
     base = _filtered(select(*cols).where(Frame.frame_id != frame_id), row.model_id, filters, Frame)
@@ -195,7 +202,7 @@ def similar_region(session: Session, frame_id: str, token: Optional[int] = None,
         best = sorted(best, key=lambda t: (-t[0], t[2].frame_id))[:k]
     hits = []
     for sim, j, r in best:
-        _, sm = _frame_tokens(session, r.frame_id)
+        _, sm = _frame_tokens(session, r.frame_id, models)
         hits.append(RegionHit(r.frame_id, r.site, r.line, r.camera, int(r.capture_us), sim, j,
                               token_region(sm, j, grid)))
     query = {"frame_id": frame_id, "token": token, "region": token_region(summary, token, grid).public()}

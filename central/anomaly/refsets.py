@@ -20,8 +20,9 @@ from central.anomaly.bank import SetFrames, build_bank, with_threshold
 from central.config import AnomalyConfig
 from central.errors import Conflict, Invalid, NotFound
 from sql.models import Frame, FrameScore, Model, ReferenceFrame, ReferenceSet
-from sql.types import unpack_f32, unpack_token_rows
+from sql.types import unpack_f32, unpack_footprint, unpack_token_rows
 from tokenline.anomaly import MODES, Bank, BankInfo
+from tokenline.summary import Summary
 
 REASON = "bad_reference_set"  # the reason of every Invalid raised here
 
@@ -64,6 +65,16 @@ def _info(row: ReferenceSet, bank: Optional[Bank] = None) -> SetInfo:
 def decode_tokens(blobs: Sequence[bytes], k: int) -> np.ndarray:
     """[F, K, d] float32 from packed token blobs of equal length (``sql.types.unpack_token_rows``)."""
     return unpack_token_rows(list(blobs), k)
+
+
+def row_summary(r: Any, tokens: np.ndarray, footprint_grid: Optional[Tuple[int, int]],
+                global_embedding: Optional[np.ndarray] = None) -> Summary:
+    """The summary of a ``frames`` row (``k``, ``sizes``, ``centroids``, ``footprint``) whose tokens are decoded,
+    with its footprint when the model has one (the anomalous region's mask comes from it)."""
+    k = int(r.k)
+    fp = None if r.footprint is None or footprint_grid is None else unpack_footprint(r.footprint, footprint_grid)
+    g = np.zeros(1, np.float32) if global_embedding is None else global_embedding
+    return Summary(g, tokens, unpack_f32(r.sizes, (k,)), unpack_f32(r.centroids, (k, 2)), fp)
 
 
 def group_by_shape(rows: Sequence[Any]) -> List[List[Any]]:

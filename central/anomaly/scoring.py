@@ -24,7 +24,6 @@ from central.anomaly import refsets
 from central.config import AnomalyConfig
 from central.store import ModelInfo
 from sql.models import Frame, FrameScore, ReferenceSet
-from sql.types import unpack_f32
 from tokenline.anomaly import Bank, pack_mask, token_region
 from tokenline.summary import Summary
 from tokenline.topics import Alert
@@ -199,11 +198,12 @@ def backfill(engine: Engine, set_id: Optional[int] = None, batch: int = 500,
             total = int(s.scalar(select(func.count()).select_from(Frame).outerjoin(
                 fs, fs.c.frame_id == Frame.frame_id).where(_stale(row))) or 0)
             grid, hash16 = tuple(model.manifest.encoder.grid), model.hash16
+            fp_grid = model.manifest.summary.footprint_grid
         if bank is None:
             continue
         done, last_id = 0, 0
         cols = [Frame.id, Frame.frame_id, Frame.device, Frame.capture_us, Frame.k, Frame.tokens, Frame.sizes,
-                Frame.centroids]
+                Frame.centroids, Frame.footprint]
         if bank.info.mode != "tokens":
             cols.append(Frame.global_embedding)
         while True:
@@ -221,7 +221,7 @@ def backfill(engine: Engine, set_id: Optional[int] = None, batch: int = 500,
                     for r, t in zip(shape_rows, toks):
                         g = (np.asarray(r.global_embedding, np.float32) if bank.info.mode != "tokens"
                              else np.zeros(1, np.float32))
-                        summary = Summary(g, t, unpack_f32(r.sizes, (k,)), unpack_f32(r.centroids, (k, 2)))
+                        summary = refsets.row_summary(r, t, fp_grid, g)
                         frames.append((FrameMeta(r.frame_id, row.model_id, hash16, row.site, r.device, row.line,
                                                  row.camera, int(r.capture_us)), summary))
                     scored += score_frames(bank, frames, grid)

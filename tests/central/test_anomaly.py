@@ -141,6 +141,11 @@ def test_reference_set_from_the_api_then_ingest_scores_alerts_odd_frames_only_an
     assert [x["frame_id"] for x in flagged] == [m.frame_id.hex() for m in odd]
     assert len(client.get("/v1/anomalies", params={"min_score": 0.5}, headers=v).json()["results"]) == 2
     assert client.get("/v1/anomalies", params={"camera": "other"}, headers=v).json()["results"] == []
+    some = [odd[1].frame_id.hex(), normal[0].frame_id.hex(), history[0].frame_id.hex()]  # history: unscored yet
+    got = client.get("/v1/anomalies", params={"frame_id": some, "sort": "time"}, headers=v).json()["results"]
+    assert [(x["frame_id"], x["flagged"]) for x in got] == [(some[1], False), (some[0], True)]
+    bad = client.get("/v1/anomalies", params={"frame_id": "nope"}, headers=v)
+    assert bad.status_code == 400 and bad.json()["error"] == "bad_frame_id"
     latest = client.get("/v1/anomalies/latest", params={"per_camera": 1}, headers=v).json()["cameras"]
     assert len(latest) == 1 and latest[0]["reference_set"] == rs["id"]
     assert [f["frame_id"] for f in latest[0]["frames"]] == [odd[1].frame_id.hex()]

@@ -32,16 +32,30 @@ def jpeg(value: int, w: int = 96, h: int = 64) -> bytes:
     return cv2.imencode(".jpg", img)[1].tobytes()
 
 
+def _central(tmp_path):
+    """(config, engine) of a central on a fresh SQLite whose originals are kept for 5,000 days."""
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    return config_for(tmp_path, url, retention={"originals_days": 5000, "tokens_days": 200000}), engine
+
+
+def _keep_originals(cfg, engine, msgs) -> None:
+    """Store the original jpeg(30 * i) of each message i."""
+    blobs = BlobStore(cfg.originals.root)
+    for i, m in enumerate(msgs):
+        body = jpeg(30 * i)
+        with Session(engine) as s:
+            store_original(s, blobs, cfg.retention, m.frame_id.hex(), body, hashlib.sha256(body).hexdigest(), 1 << 20)
+
+
 @pytest.fixture
 def site(tmp_path, tiny_manifest, tiny_model_dir):
     """35 frames (30 on line l3, camera c1; 5 on line l4, camera c2) one second apart from T0, 11 originals kept,
     one deleted by retention; a second model with the same name and no frames; viewer and admin tokens."""
     from tests.support.tiny_model import build_tiny_model
 
-    url = f"sqlite:///{tmp_path / 'c.db'}"
-    engine = make_engine(url)
-    upgrade(engine)
-    cfg = config_for(tmp_path, url, retention={"originals_days": 5000, "tokens_days": 200000})
+    cfg, engine = _central(tmp_path)
     model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
     twin = build_tiny_model(tmp_path / "twin", size=32, patch=8, dim=384, seed=7, name=tiny_manifest.name)
     from tokenline.manifest import Manifest
@@ -242,5 +256,210 @@ def test_api_docs_work_offline(site):
             assert all(st == 0 and size == 0 for u, st, size in entries if u in outside), entries
             refused = " ".join(e["message"] for e in driver.get_log("browser"))
             assert all(u in refused and "Content Security Policy" in refused for u in outside), refused
+        finally:
+            driver.quit()
+
+
+# -- anomaly views ---------------------------------------------------------------------------------------------
+def _input_to_frame(x: float, y: float, w: int, h: int, tw: int = 32, th: int = 32) -> tuple:
+    """A letterboxed model input's (x, y) in [0, 1] -> the frame's (tokenline/preprocess.py, letterbox)."""
+    s = min(th / h, tw / w)
+    nw, nh = max(1, round(w * s)), max(1, round(h * s))
+    ox, oy = (tw - nw) // 2, (th - nh) // 2
+    return (x * tw - ox) / nw, (y * th - oy) / nh
+
+
+@pytest.fixture
+def flagged_site(tmp_path):
+    """A letterbox model; camera s1/l1/c1 with a reference set of 20 normal frames, 3 normal and 3 odd frames after
+    it (scored by backfill; the newest odd one less odd); camera s1/l1/c2 without a set, with a frame that shows the
+    first odd frame's defect (its token 3). Originals of the frames after the set; viewer token."""
+    from central.anomaly import refsets
+    from central.anomaly.scoring import backfill
+    from tests.support.anomaly_frames import frame_message, unit, vocabulary
+    from tests.support.tiny_model import build_tiny_model
+    from tokenline.manifest import Manifest
+
+    cfg, engine = _central(tmp_path)
+    mdir = build_tiny_model(tmp_path / "model", size=32, patch=8, dim=384, resize="letterbox")
+    man = Manifest.from_file(mdir)
+    model = tx(engine, store.register_model, man, mdir)
+    rng = np.random.default_rng(5)
+    ts = lambda i: T0 + i * 1_000_000  # noqa: E731
+    good = [frame_message(man, rng, ts(i), seq=i) for i in range(20)]
+    normal = [frame_message(man, rng, ts(20 + i), seq=20 + i) for i in range(3)]
+    odd = [frame_message(man, rng, ts(23 + i), seq=23 + i, odd=j) for i, j in enumerate((5, 10, 6))]
+    odd[2].summary.tokens[6] = unit(vocabulary()[3] + 0.6 * unit(rng.standard_normal(384)))  # flagged, less odd
+    twin = frame_message(man, rng, ts(30), seq=30, camera="c2")
+    twin.summary.tokens[3] = unit(odd[0].summary.tokens[5] + 0.05 * unit(rng.standard_normal(384)))
+    with Session(engine) as s, s.begin():
+        store.insert_frames(s, [store.frame_row(m, model.id, store.now_us()) for m in good + normal + odd + [twin]])
+        refsets.create_set(s, cfg.anomaly, name="good", frame_ids=[m.frame_id.hex() for m in good], quantile=1.0)
+    assert backfill(engine).scored == 26  # the set's camera only
+    _keep_originals(cfg, engine, normal + odd + [twin])
+    return cfg, engine, {"good": good, "normal": normal, "odd": odd, "twin": twin}, tx(engine, store.create_token, "v", "viewer")
+
+
+def _scores(engine) -> dict:
+    from central.anomaly import queries
+
+    return {a.frame_id: a.public(mask=True) for a in tx(engine, lambda s: queries.list_scores(s, limit=1000))}
+
+
+def _rect(driver, css: str) -> list:
+    """[x, y, width, height] of the first SVG rect matching ``css`` ([] while absent)."""
+    return driver.execute_script("const r = document.querySelector(arguments[0]);"
+                                 "return r ? ['x', 'y', 'width', 'height'].map(a => +r.getAttribute(a)) : []", css)
+
+
+def _frame_box(box: list, w: int = 96, h: int = 64) -> list:
+    """[x, y, width, height] in the frame of a model-input box, cut to the frame (a letterbox's bars are not in it)."""
+    x0, y0, x1, y1 = (min(1.0, max(0.0, v)) for v in (*_input_to_frame(box[0], box[1], w, h),
+                                                       *_input_to_frame(box[2], box[3], w, h)))
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+def test_flagged_view(flagged_site):
+    """The Flagged nav (a reference set exists), each camera's latest flagged frames newest first with score and
+    threshold, the anomalous region over the thumbnail mapped from the letterboxed model input, sort by score, the
+    filter bar, no normal frame."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    cfg, engine, f, viewer = flagged_site
+    scores = _scores(engine)
+    odd = [m.frame_id.hex() for m in f["odd"]]
+    assert all(scores[i]["flagged"] for i in odd)
+    assert not any(scores[m.frame_id.hex()]["flagged"] for m in f["good"] + f["normal"])
+    with serving(create_app(cfg, engine)) as base:
+        driver = chrome()
+        try:
+            login(driver, base, viewer)
+            wait(driver, lambda d: d.find_element(By.ID, "nav-flagged").is_displayed())
+            driver.find_element(By.ID, "nav-flagged").click()
+            wait(driver, lambda d: "flagged frames" in text_of(d, "status-flagged"))
+            assert cards(driver, "flagged") == odd[::-1]  # newest first, the odd frames only
+            badges = texts(driver, "#results-flagged .card .ascore.anomaly")
+            assert badges == [f"anomaly {scores[i]['score']:.3f} > {scores[i]['threshold']:.3f}" for i in odd[::-1]]
+            for i in odd:
+                css = f'#results-flagged .card[data-frame-id="{i}"] .thumb rect.anomaly.box'
+                wait(driver, lambda d: _rect(d, css))
+                assert _rect(driver, css) == pytest.approx(_frame_box(scores[i]["region"]["box"]), abs=2e-3)
+            assert _rect(driver, css)[1] != pytest.approx(scores[i]["region"]["box"][1], abs=0.02)  # letterbox mapped
+            shot(driver, "flagged")
+            Select(driver.find_element(By.ID, "flagged-sort")).select_by_value("score")
+            by_score = sorted(odd, key=lambda i: -scores[i]["score"])
+            assert by_score != odd[::-1]  # the newest is the least odd: the two orders differ
+            wait(driver, lambda d: cards(d, "flagged") == by_score)
+            Select(driver.find_element(By.ID, "camera")).select_by_value("c2")  # a camera without a set
+            wait(driver, lambda d: "no camera with a reference set" in text_of(d, "status-flagged"))
+            assert cards(driver, "flagged") == []
+        finally:
+            driver.quit()
+
+
+def test_scores_on_results_and_region_search_from_the_detail(flagged_site):
+    """Scores on the latest frames' cards (flag style over the threshold, none for unscored frames); a flagged
+    frame's detail with its score and region over the original; "find frames like this region" lists the frame
+    that shows the same defect first, with its matching region drawn."""
+    from selenium.webdriver.common.by import By
+
+    cfg, engine, f, viewer = flagged_site
+    scores = _scores(engine)
+    first, twin = f["odd"][0].frame_id.hex(), f["twin"].frame_id.hex()
+    with serving(create_app(cfg, engine)) as base:
+        driver = chrome()
+        try:
+            login(driver, base, viewer, view="latest")
+            wait(driver, lambda d: len(cards(d, "latest")) == 27)
+            wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results-latest .ascore")) == 26)
+            got = driver.execute_script("return Object.fromEntries([...document.querySelectorAll('#results-latest .card')]"
+                                        ".map(c => { const b = c.querySelector('.ascore');"
+                                        "return [c.dataset.frameId, b ? [+b.dataset.score, b.classList.contains('anomaly')] : null]; }))")
+            assert got[twin] is None  # camera c2 has no set: not scored
+            for fid, a in scores.items():
+                assert got[fid] == [pytest.approx(a["score"]), a["flagged"]], fid
+            shot(driver, "latest-scores")
+
+            driver.find_element(By.CSS_SELECTOR, f'#results-latest .card[data-frame-id="{first}"]').click()
+            wait(driver, lambda d: _rect(d, "#detail-figure rect.anomaly.box"))
+            assert _rect(driver, "#detail-figure rect.anomaly.box") == \
+                pytest.approx(_frame_box(scores[first]["region"]["box"]), abs=2e-3)
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#detail-figure rect.anomaly")) == 1  # no footprint: no cells
+            fields = text_of(driver, "detail-fields")
+            assert f"anomaly score {scores[first]['score']:.4f}, threshold {scores[first]['threshold']:.4f}: flagged" \
+                in fields and "anomalous region token 5" in fields
+            shot(driver, "detail-anomaly")
+            driver.find_element(By.ID, "find-region").click()
+            wait(driver, lambda d: "frames like this region" in text_of(d, "status-search"))
+            hits = cards(driver, "search")
+            assert hits[0] == twin and first not in hits and len(hits) == 26  # every other frame of the model
+            assert "anomalous region (token 5)" in text_of(driver, "query-text")
+            css = f'#results-search .card[data-frame-id="{twin}"] rect.match'
+            wait(driver, lambda d: _rect(d, css))
+            box = f["twin"].summary.centroids[3]
+            assert _rect(driver, css) == pytest.approx(_frame_box([box[0] - .125, box[1] - .125, box[0] + .125,
+                                                                   box[1] + .125]), abs=5e-3)
+            shot(driver, "region-search")
+        finally:
+            driver.quit()
+
+
+def test_detail_draws_the_footprint_cells_of_the_anomalous_region(tmp_path):
+    """A slic model's frames carry a footprint: the detail draws the anomalous token's cells (an L of three) and
+    their bounding box, each mapped from the letterboxed model input."""
+    from selenium.webdriver.common.by import By
+
+    from central.anomaly import refsets
+    from central.anomaly.scoring import backfill
+    from tests.support.anomaly_frames import unit, vocabulary
+    from tests.support.tiny_model import build_tiny_model
+    from tokenline.frame_id import new_frame_id
+    from tokenline.manifest import Manifest
+    from tokenline.summary import Summary, boxes_from_footprint
+    from tokenline.wire import TokenMessage
+
+    cfg, engine = _central(tmp_path)
+    mdir = build_tiny_model(tmp_path / "model", size=32, patch=8, dim=384, head="slic", token_dim=96,
+                            resize="letterbox")
+    man = Manifest.from_file(mdir)
+    model = tx(engine, store.register_model, man, mdir)
+    assert tuple(man.summary.footprint_grid) == (4, 4)
+    rng, vocab = np.random.default_rng(9), vocabulary(96)
+    fp = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    fp[1, 2] = fp[2, 1] = 5  # token 5: cells (1, 1), (1, 2), (2, 1); tokens 6 and 9 stand for nothing
+
+    def message(i: int, odd: bool) -> TokenMessage:
+        tokens = unit(vocab[rng.integers(0, len(vocab), 16)] + 0.03 * unit(rng.standard_normal((16, 96))))
+        if odd:
+            tokens[5] = unit(rng.standard_normal(96))
+        sizes, cent = boxes_from_footprint(fp, 16)
+        return TokenMessage(frame_id=new_frame_id(T0 + i), device="d1", site="s1", line="l1", camera="c1",
+                            capture_ts_us=T0 + i, seq=i, manifest_hash=man.hash_bytes(), token_dtype="int8",
+                            summary=Summary(unit(rng.standard_normal(384)), tokens, sizes, cent, fp))
+
+    msgs = [message(i, i == 10) for i in range(11)]
+    with Session(engine) as s, s.begin():
+        store.insert_frames(s, [store.frame_row(m, model.id, store.now_us()) for m in msgs])
+        refsets.create_set(s, cfg.anomaly, name="good", frame_ids=[m.frame_id.hex() for m in msgs[:10]], quantile=1.0)
+    backfill(engine)
+    _keep_originals(cfg, engine, msgs[10:])
+    odd = msgs[10].frame_id.hex()
+    a = _scores(engine)[odd]
+    assert a["flagged"] and a["token"] == 5 and a["region"]["mask"]["rows"] == ["0000", "0110", "0100", "0000"]
+    with serving(create_app(cfg, engine)) as base:
+        driver = chrome()
+        try:
+            login(driver, base, tx(engine, store.create_token, "v", "viewer"), view="latest")
+            wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f'#results-latest .card[data-frame-id="{odd}"] img'))
+            driver.find_element(By.CSS_SELECTOR, f'#results-latest .card[data-frame-id="{odd}"]').click()
+            wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#detail-figure rect.anomaly.cell")) == 3)
+            cells = driver.execute_script("return [...document.querySelectorAll('#detail-figure rect.anomaly.cell')]"
+                                          ".map(r => ['x', 'y', 'width', 'height'].map(k => +r.getAttribute(k)))")
+            want = [_frame_box([x / 4, y / 4, (x + 1) / 4, (y + 1) / 4]) for y, x in ((1, 1), (1, 2), (2, 1))]
+            assert cells == [pytest.approx(w, abs=2e-3) for w in want]
+            assert _rect(driver, "#detail-figure rect.anomaly.box") == pytest.approx(_frame_box([.25, .25, .75, .75]),
+                                                                                      abs=2e-3)
+            shot(driver, "detail-anomaly-footprint")
         finally:
             driver.quit()

@@ -217,20 +217,22 @@ def anomalies(session: SessionDep, _p: Viewer, model_id: Optional[int] = None, s
               line: Optional[str] = None, camera: Optional[str] = None, since_us: Optional[int] = None,
               until_us: Optional[int] = None, min_score: Optional[float] = None, flagged: Optional[bool] = None,
               set_id: Optional[int] = None, sort: Literal["-score", "score", "-time", "time"] = "-score",
+              frame_id: List[str] = Query([], description="only these frames (repeat, at most 200): the scores "
+                                                          "of a page of results"),
               limit: int = Query(50, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
-    """Scored frames, filtered (place, capture time, score, flagged, set) and sorted."""
+    """Scored frames, filtered (place, capture time, score, flagged, set, frame ids) and sorted."""
     rows = queries.list_scores(session, model_id=model_id, filters=Filters(site, line, camera, since_us, until_us),
-                               min_score=min_score, flagged=flagged, set_id=set_id, sort=sort, limit=limit,
-                               offset=offset)
+                               min_score=min_score, flagged=flagged, set_id=set_id, frame_ids=frame_id, sort=sort,
+                               limit=limit, offset=offset)
     return {"results": [r.public() for r in rows]}
 
 
 @router.get("/v1/anomalies/latest", response_model=LatestOut)
 def latest(session: SessionDep, _p: Viewer, per_camera: int = Query(5, ge=1, le=100),
            model_id: Optional[int] = None, site: Optional[str] = None, line: Optional[str] = None,
-           camera: Optional[str] = None) -> dict:
-    """Every camera with a reference set and its latest flagged frames (newest first)."""
-    cams = queries.latest_flagged(session, per_camera, model_id, Filters(site, line, camera))
+           camera: Optional[str] = None, since_us: Optional[int] = None, until_us: Optional[int] = None) -> dict:
+    """Every camera with a reference set and its latest flagged frames captured in [since_us, until_us)."""
+    cams = queries.latest_flagged(session, per_camera, model_id, Filters(site, line, camera, since_us, until_us))
     return {"cameras": [{**c, "frames": [f.public() for f in c["frames"]]} for c in cams]}
 
 

@@ -28,6 +28,15 @@ export async function api(path, opts = {}) {
 
 export const getJson = async (path) => (await api(path)).json();
 
+// Query parameters of an object: arrays repeat their key, empty values are left out.
+export function query(params) {
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) {
+    for (const x of Array.isArray(v) ? v : [v]) if (x !== "" && x !== null && x !== undefined) q.append(k, x);
+  }
+  return q;
+}
+
 export async function postForm(path, fields) {
   const fd = new FormData();
   for (const [k, v] of Object.entries(fields)) {

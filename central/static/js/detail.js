@@ -2,13 +2,16 @@
 // hold, a download, "request from edge" with its progress when central has no original, and the actions
 // features add (find frames like this, like this region, ...).
 import { api, getJson, imageUrl } from "./api.js";
-import { figure, matchRegions } from "./overlay.js";
+import { figure, itemRegions } from "./overlay.js";
 import { fmt } from "./time.js";
 
 const $ = (id) => document.getElementById(id);
-export const detailActions = [];  // (ctx) => [{label, id, run}] for features (region search, reference sets, ...)
+// (ctx) => [{label, id, run}] (or a promise of them) for features (region search, anomaly, ...); a provider may add
+// fields (ctx.addField) and regions (ctx.figure.addRegions) while ctx.current() says the detail still shows ctx's frame.
+export const detailActions = [];
 let me = { role: "viewer" };
 let polling = null;
+let shown = null;  // the ctx of the frame the detail shows
 
 export function setMe(who) { me = who; }
 
@@ -59,6 +62,13 @@ function fieldRows(doc, hit) {
   return rows;
 }
 
+function addField(k, v) {
+  const tr = document.createElement("tr");
+  const th = document.createElement("th"); th.textContent = k;
+  const td = document.createElement("td"); td.textContent = v;
+  tr.append(th, td); $("detail-fields").appendChild(tr);
+}
+
 async function download(frameId) {
   const r = await api(`/v1/frames/${frameId}/original?download=true`);
   const cd = r.headers.get("content-disposition") || "";
@@ -98,7 +108,9 @@ async function requestOriginal(ctx) {
 
 export async function openDetail(hit, model, hooks) {
   clearInterval(polling);
-  const ctx = { frameId: hit.frame_id, hit, model, hooks, reload: () => openDetail(hit, model, hooks) };
+  const ctx = { frameId: hit.frame_id, hit, model, hooks, reload: () => openDetail(hit, model, hooks),
+    current: () => shown === ctx, addField: (k, v) => { if (shown === ctx) addField(k, v); } };
+  shown = ctx;
   $("detail-title").textContent = `${hit.site}/${hit.line}/${hit.camera} · ${fmt(hit.capture_us)}`;
   const fig = $("detail-figure"), actions = $("detail-actions"), fields = $("detail-fields");
   fig.textContent = ""; actions.textContent = ""; fields.textContent = ""; status("");
@@ -106,17 +118,12 @@ export async function openDetail(hit, model, hooks) {
   let doc = { frame: null, original: null };
   try { doc = await getJson(`/v1/frames/${hit.frame_id}`); } catch (e) { status(e.message, true); }
   ctx.doc = doc;
-  for (const [k, v] of fieldRows(doc, hit)) {
-    const tr = document.createElement("tr");
-    const th = document.createElement("th"); th.textContent = k;
-    const td = document.createElement("td"); td.textContent = v;
-    tr.append(th, td); fields.appendChild(tr);
-  }
+  for (const [k, v] of fieldRows(doc, hit)) ctx.addField(k, v);
   const o = doc.original;
   if (o && o.state === "kept") {
     try {
       const url = await imageUrl(`/v1/frames/${hit.frame_id}/original`);
-      ctx.figure = figure(url, (w, h) => hit.regions || matchRegions(hit.matches, model && model.input, w, h), "fig big");
+      ctx.figure = figure(url, (w, h) => itemRegions(hit, model && model.input, w, h), "fig big");
       fig.appendChild(ctx.figure);
       actions.appendChild(button("Download", "download", () => download(hit.frame_id).catch((e) => status(e.message, true))));
     } catch (e) { status(e.message, true); }
@@ -141,7 +148,9 @@ export async function openDetail(hit, model, hooks) {
     }));
   }
   for (const provider of detailActions) {
-    for (const a of provider(ctx)) actions.appendChild(button(a.label, a.id, () => a.run(ctx)));
+    const list = await provider(ctx);
+    if (!ctx.current()) return;  // another frame was opened meanwhile
+    for (const a of list) actions.appendChild(button(a.label, a.id, () => a.run(ctx)));
   }
 }
 

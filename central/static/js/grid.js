@@ -1,7 +1,7 @@
 // A grid of frames paged by the API's cursor: infinite scroll (and a "Load more" button), a card per frame with
 // its thumbnail, the regions that matched, its place, capture time and scores. Errors clear what was shown.
 import { imageUrl } from "./api.js";
-import { figure, matchRegions } from "./overlay.js";
+import { figure, itemRegions } from "./overlay.js";
 import { fmt } from "./time.js";
 
 export const cardDecorators = [];  // (card, item) => void: features add badges (anomaly score, ...)
@@ -70,7 +70,7 @@ export class Pager {
 async function fillThumb(box, item, model) {
   try {
     const url = await imageUrl(`/v1/frames/${item.frame_id}/thumbnail?size=256`);
-    box.appendChild(figure(url, (w, h) => (item.regions || matchRegions(item.matches, model && model.input, w, h))));
+    box.appendChild(figure(url, (w, h) => itemRegions(item, model && model.input, w, h)));
   } catch (e) {
     const d = document.createElement("div");
     d.className = "gone";

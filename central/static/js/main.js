@@ -1,10 +1,11 @@
 // tokenline's page: vanilla ES modules, no build step, served by central, nothing from the internet.
 // Views (#search, #latest, #devices, and #flagged when central scores frames) share the filter bar and the detail.
-import { getJson, postForm, token } from "./api.js";
+import { getJson, postForm, query, token } from "./api.js";
 import { openDetail, initDetail, setMe } from "./detail.js";
 import { showDevices } from "./devices.js";
 import { filterParams, loadFilters, models, refreshPlaces, selectedModel, showZone } from "./filters.js";
 import { Pager, frameCard, retime } from "./grid.js";
+import { initAnomaly } from "./anomaly.js";
 import { fromUs, zone } from "./time.js";
 
 const $ = (id) => document.getElementById(id);
@@ -12,7 +13,7 @@ const views = ["search", "latest", "flagged", "devices"];
 export const state = { view: "search", query: null };
 
 const modelOf = (item) => models.find((m) => m.id === item.model_id) || selectedModel();
-const open = (item) => openDetail(item, modelOf(item), { likeFrame });
+const open = (item) => openDetail(item, modelOf(item), { likeFrame, searchWith });
 const search = new Pager("search", (hit) => frameCard(hit, modelOf(hit), open));
 const latest = new Pager("latest", (f) => frameCard(f, modelOf(f), open));
 
@@ -29,7 +30,7 @@ function setQueryPanel(q) {
   } else if (q.like) {
     view.appendChild(frameCard(q.likeItem || { frame_id: q.like, site: "", line: "", camera: "", capture_us: null },
       q.likeItem ? modelOf(q.likeItem) : null, open));
-    text.textContent = `like frame ${q.like}`;
+    text.textContent = q.caption || `like frame ${q.like}`;
   } else if (q.text) {
     text.textContent = `“${q.text}”`;
   }
@@ -52,6 +53,7 @@ export async function runSearch(query) {
   setQueryPanel(q);
   if (!q) { search.clear(); search.setStatus("choose an image, type a text or give a frame id", true); return; }
   const f = filterParams();
+  if (q.fetchPage) { await search.start((cursor) => q.fetchPage(f, cursor), q.label || "results"); return; }
   const fields = Object.assign({ k: 24, rerank: $("rerank").checked ? "true" : "false" }, f, q.fields || {});
   if (q.image) fields.image = q.image; else if (q.text) fields.q = q.text; else if (q.like) { fields.like_frame = q.like; delete fields.model_id; }
   for (const hook of searchHooks) hook(fields);
@@ -62,20 +64,20 @@ export async function runSearch(query) {
 }
 export const searchHooks = [];  // (fields) => void: features add parameters (sort, score filter, ...)
 
-function likeFrame(item) {
-  $("image").value = ""; $("q").value = ""; $("like").value = item.frame_id;
+// Show a query's results in the search view. A feature's query brings its own fetchPage(filters, cursor) (frames
+// like a region, ...) and a label; its query frame is shown beside the results as "like" is.
+function searchWith(q) {
+  $("image").value = ""; $("q").value = ""; $("like").value = q.like || "";
   go("search");
-  runSearch({ like: item.frame_id, likeItem: item });
+  runSearch(q);
 }
+
+const likeFrame = (item) => searchWith({ like: item.frame_id, likeItem: item });
 
 export async function runLatest() {
   const f = filterParams();
   await latest.start(async (cursor) => {
-    const params = new URLSearchParams();
-    for (const [k, v] of Object.entries(Object.assign({ limit: 48 }, f, cursor ? { cursor } : {}))) {
-      for (const x of Array.isArray(v) ? v : [v]) if (x) params.append(k, x);
-    }
-    const j = await getJson(`/v1/frames?${params}`);
+    const j = await getJson(`/v1/frames?${query(Object.assign({ limit: 48 }, f, cursor ? { cursor } : {}))}`);
     return { items: j.frames, next_cursor: j.next_cursor };
   }, "frames, newest first");
 }
@@ -125,9 +127,13 @@ for (const id of ["site", "line"]) $(id).addEventListener("change", refreshPlace
 $("filters").addEventListener("change", () => {
   if (state.view === "latest") runLatest();
   else if (state.view === "search" && state.query) runSearch(state.query);
+  else if (viewHooks[state.view]) viewHooks[state.view](true);
 });
 $("filters").addEventListener("submit", (ev) => ev.preventDefault());
 for (const a of document.querySelectorAll("nav a")) a.addEventListener("click", (ev) => { ev.preventDefault(); go(a.dataset.view); });
 window.addEventListener("hashchange", () => go(location.hash.slice(1)));
 initDetail();
+const anomaly = initAnomaly(modelOf, open);
+startHooks.push(anomaly.start);
+viewHooks.flagged = anomaly.show;
 start();

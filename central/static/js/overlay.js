@@ -30,7 +30,36 @@ export function matchRegions(matches, input, frameW, frameH) {
   }).filter((r) => r.x >= 0 && r.x <= 1 && r.y >= 0 && r.y <= 1);
 }
 
+// The regions a result item brings in frame coordinates: its own (fixed, or a function of the model input and the
+// frame's size), else the points of its token matches.
+export function itemRegions(item, input, frameW, frameH) {
+  if (typeof item.regions === "function") return item.regions(input, frameW, frameH);
+  return item.regions || matchRegions(item.matches, input, frameW, frameH);
+}
+
+// A summary token's region as the API gives it ({box, mask?} in model-input coordinates) as boxes in frame
+// coordinates: its box, and one box per footprint cell when it has a mask. Both corners of each box are mapped.
+export function tokenRegions(region, input, frameW, frameH, label, cls = "anomaly") {
+  const toFrame = (x0, y0, x1, y1, kind) => {
+    const [fx0, fy0] = inputToFrame(x0, y0, input, frameW, frameH);
+    const [fx1, fy1] = inputToFrame(x1, y1, input, frameW, frameH);
+    const c = (v) => Math.min(1, Math.max(0, v));
+    return { kind: "box", x0: c(fx0), y0: c(fy0), x1: c(fx1), y1: c(fy1), label, cls: `${cls} ${kind}` };
+  };
+  if (!region || !region.box) return [];
+  const out = [toFrame(...region.box, "box")];
+  const mask = region.mask;
+  if (mask && mask.grid) {
+    const [gh, gw] = mask.grid;
+    mask.rows.forEach((row, y) => [...row].forEach((bit, x) => {
+      if (bit === "1") out.push(toFrame(x / gw, y / gh, (x + 1) / gw, (y + 1) / gh, "cell"));
+    }));
+  }
+  return out;
+}
+
 // A figure: the image and an SVG layer sized to it (viewBox 0..1), so regions land on the image at any size.
+// fig.addRegions(fn) draws one more layer, fn(frameW, frameH) -> regions, now or once the image has loaded.
 export function figure(url, regions, cls = "fig") {
   const fig = document.createElement("div");
   fig.className = cls;
@@ -46,11 +75,14 @@ export function figure(url, regions, cls = "fig") {
     svg.textContent = "";
     for (const r of rs) svg.appendChild(shape(r));
   };
-  if (typeof regions === "function") {
-    img.addEventListener("load", () => draw(regions(img.naturalWidth, img.naturalHeight)));
-  } else {
-    draw(regions || []);
-  }
+  const layers = [typeof regions === "function" ? regions : () => regions || []];
+  const redraw = () => draw(layers.flatMap((fn) => fn(img.naturalWidth, img.naturalHeight)));
+  img.addEventListener("load", redraw);
+  if (typeof regions !== "function") draw(regions || []);
+  fig.addRegions = (fn) => {
+    layers.push(fn);
+    if (img.complete && img.naturalWidth) redraw();
+  };
   fig.draw = draw;
   fig.img = img;
   return fig;

@@ -210,9 +210,9 @@ class Bank:
     # -- nearest neighbours -------------------------------------------------------------------------------------
     def nn_similarity(self, q: np.ndarray, exclude: Optional[np.ndarray] = None) -> np.ndarray:
         """[N] cosine of each query token [N, d] to its nearest bank token (exhaustive up to ``EXHAUSTIVE_UP_TO``
-        bank tokens, one list or ``nprobe`` covering all; else the probed lists). ``exclude`` [N]: ignore bank tokens whose ``src`` equals
-        the query's entry (leave-one-frame-out); a query whose probed lists hold nothing else is searched
-        exhaustively. -1 when no bank token is left at all."""
+        bank tokens, one list or ``nprobe`` covering all; else the probed lists). ``exclude`` [N]: ignore bank
+        tokens whose ``src`` equals the query's entry (leave-one-frame-out); a query whose probed lists hold
+        nothing else is searched exhaustively. -1 when no bank token is left at all."""
         q = np.ascontiguousarray(q, np.float32)
         n = q.shape[0]
         c = self.lists
@@ -221,38 +221,38 @@ class Bank:
         if c <= 1 or self.info.nprobe >= c or self.size <= EXHAUSTIVE_UP_TO:
             return self._exact(q, exclude)
         probe = np.argpartition(-(q @ self.centroids.T), self.info.nprobe - 1, axis=1)[:, : self.info.nprobe]
-        rows = np.repeat(np.arange(n), self.info.nprobe)
+        best = self._search_lists(q, probe, exclude)
+        missing = np.flatnonzero(~np.isfinite(best))
+        if missing.size:
+            best[missing] = self._exact(q[missing], None if exclude is None else exclude[missing])
+        return best
+
+    def _search_lists(self, q: np.ndarray, probe: np.ndarray, exclude: Optional[np.ndarray]) -> np.ndarray:
+        """[N] cosine of each query token [N, d] to its nearest bank token in its lists ``probe`` [N, P] (one
+        matrix product per list, over the tokens that probe it); -inf where those lists hold nothing."""
+        n, p = probe.shape
+        rows = np.repeat(np.arange(n), p)
         cols = probe.reshape(-1)
         order = np.argsort(cols, kind="stable")
         rows, cols = rows[order], cols[order]
-        bounds = np.searchsorted(cols, np.arange(c + 1))
+        bounds = np.searchsorted(cols, np.arange(self.lists + 1))
         best = np.full(n, -np.inf, np.float32)
-        for j in range(c):
+        for j in np.flatnonzero(np.diff(bounds)):
             lo, hi = int(self.offsets[j]), int(self.offsets[j + 1])
-            if hi == lo or bounds[j] == bounds[j + 1]:
+            if hi == lo:
                 continue
             r = rows[bounds[j]: bounds[j + 1]]
             s = q[r] @ self.tokens[lo:hi].T
             if exclude is not None:
                 s[exclude[r][:, None] == self.src[lo:hi][None, :]] = -np.inf
             best[r] = np.maximum(best[r], s.max(axis=1))
-        missing = np.flatnonzero(~np.isfinite(best))
-        if missing.size:
-            best[missing] = self._exact(q[missing], None if exclude is None else exclude[missing])
         return best
 
     def nearest_list_similarity(self, q: np.ndarray) -> np.ndarray:
-        """[N] cosine of each query token [N, d] to its nearest bank token in the list of its nearest centroid."""
-        lst = np.argmax(q @ self.centroids.T, axis=1)
-        order = np.argsort(lst, kind="stable")
-        bounds = np.searchsorted(lst[order], np.arange(self.lists + 1))
-        out = np.full(q.shape[0], -1.0, np.float32)
-        for j in np.flatnonzero(np.diff(bounds)):
-            lo, hi = int(self.offsets[j]), int(self.offsets[j + 1])
-            if hi > lo:
-                rows = order[bounds[j]: bounds[j + 1]]
-                out[rows] = (q[rows] @ self.tokens[lo:hi].T).max(axis=1)
-        return out
+        """[N] cosine of each query token [N, d] to its nearest bank token in the list of its nearest centroid
+        (-1 where that list is empty)."""
+        best = self._search_lists(q, np.argmax(q @ self.centroids.T, axis=1)[:, None], None)
+        return np.where(np.isfinite(best), best, -1.0).astype(np.float32)
 
     def frame_distances(self, q: np.ndarray, ok: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """Bound and refine (module docstring) over frames' tokens ``q`` [F, K, d] that qualify where ``ok``

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from sqlalchemy import and_, delete, func, insert, or_, select, text, type_coerce, update
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -156,7 +157,9 @@ def frame_row(msg: "TokenMessage", model_id: int, received_us: int) -> Dict[str,
         "line": msg.line, "camera": msg.camera, "capture_us": int(msg.capture_ts_us), "received_us": received_us,
         "seq": int(msg.seq), "flags": int(msg.flags), "token_dtype": msg.token_dtype,
         "k": msg.summary.k, "global_embedding": np.asarray(msg.summary.global_embedding, np.float32),
-        "tokens": pack_tokens(msg.summary.tokens), "sizes": pack_f32(msg.summary.sizes),
+        # int8 rows as they arrived: the stored layout (pack_tokens) is the wire's, no second rounding
+        "tokens": msg.int8_rows if msg.int8_rows is not None else pack_tokens(msg.summary.tokens),
+        "sizes": pack_f32(msg.summary.sizes),
         "centroids": pack_f32(msg.summary.centroids),
         "legal_hold": False,
         "footprint": None if fp is None else pack_footprint(fp),
@@ -248,14 +251,16 @@ def insert_frames(session: Session, rows: Sequence[Dict[str, Any]]) -> int:
 
 
 def touch_devices(session: Session, seen: Dict[str, tuple]) -> None:
-    """Upsert devices from ``{device: (site, last_seen_us)}``."""
-    for dev, (site, ts) in seen.items():
-        row = session.get(Device, dev)
-        if row is None:
-            session.add(Device(device=dev, site=site, first_seen_us=ts, last_seen_us=ts, status="unknown"))
-        else:
-            row.site = site
-            row.last_seen_us = max(row.last_seen_us, ts)
+    """Upsert devices from ``{device: (site, last_seen_us)}`` (one statement)."""
+    if not seen:
+        return
+    pg = is_postgres(session.get_bind())
+    stmt = (postgresql.insert(Device) if pg else sqlite_insert(Device)).values(
+        [{"device": dev, "site": site, "first_seen_us": ts, "last_seen_us": ts, "status": "unknown"}
+         for dev, (site, ts) in seen.items()])
+    latest = (func.greatest if pg else func.max)(Device.last_seen_us, stmt.excluded.last_seen_us)
+    session.execute(stmt.on_conflict_do_update(index_elements=["device"],
+                                               set_={"site": stmt.excluded.site, "last_seen_us": latest}))
 
 
 def set_device_status(session: Session, device: str, site: str, status: Optional[str] = None,
@@ -495,14 +500,13 @@ def insert_dead_letters(session: Session, rows: Sequence[Dict[str, Any]]) -> Non
 
 
 def add_counters(session: Session, worker: str, deltas: Dict[str, int]) -> None:
-    for name, v in deltas.items():
-        if not v:
-            continue
-        n = session.execute(update(Counter).where(Counter.worker == worker, Counter.name == name)
-                            .values(value=Counter.value + v)).rowcount
-        if not n:
-            session.add(Counter(worker=worker, name=name, value=v))
-    session.flush()
+    """Add ``deltas`` to the worker's counters: one upsert statement for all of them (the hot path of ingest)."""
+    values = [{"worker": worker, "name": name, "value": int(v)} for name, v in deltas.items() if v]
+    if not values:
+        return
+    stmt = (postgresql.insert(Counter) if is_postgres(session.get_bind()) else sqlite_insert(Counter)).values(values)
+    session.execute(stmt.on_conflict_do_update(index_elements=["worker", "name"],
+                                               set_={"value": Counter.value + stmt.excluded.value}))
 
 
 def counter_total(session: Session, name: str) -> int:

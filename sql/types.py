@@ -54,7 +54,8 @@ Labels = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgre
 
 
 def pack_tokens(tokens: np.ndarray) -> bytes:
-    """Store [K, D] float tokens as int8 with one float32 scale per token: K*4 scale bytes, then K*D int8.
+    """Store [K, D] float tokens as int8 with one float32 scale per token: K*4 scale bytes, then K*D int8 (the
+    layout of the wire's int8 token rows, ``tokenline.wire.common.encode_rows``, which central stores as received).
 
     Tokens are unit-norm, so a per-token symmetric scale keeps cosine similarity above 0.999.
     """

@@ -22,6 +22,8 @@ Python 3.8+, numpy only.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -218,15 +220,21 @@ def boxes_from_footprint(footprint: np.ndarray, k: int) -> Tuple[np.ndarray, np.
     """Sizes [K] (cells per token) and centroids [K, 2] (mean cell centre, (x, y) in [0, 1]) of one frame's
     footprint [grid_h, grid_w]; a token that stands for no cell has size 0 and centroid (0.5, 0.5)."""
     fp = np.asarray(footprint)
-    gh, gw = fp.shape
-    flat = fp.reshape(-1).astype(np.int64)
-    ys, xs = np.divmod(np.arange(gh * gw), gw)
+    flat = fp.reshape(-1)
+    wx, wy = _cell_centres(*fp.shape)
     sizes = np.bincount(flat, minlength=k)[:k].astype(np.float32)
-    sx = np.bincount(flat, weights=(xs + 0.5) / gw, minlength=k)[:k]
-    sy = np.bincount(flat, weights=(ys + 0.5) / gh, minlength=k)[:k]
-    safe = np.maximum(sizes, 1.0)
-    cent = np.stack([np.where(sizes > 0, sx / safe, 0.5), np.where(sizes > 0, sy / safe, 0.5)], axis=-1)
-    return sizes, cent.astype(np.float32)
+    cent = np.full((k, 2), 0.5, np.float32)
+    used = sizes > 0
+    cent[used, 0] = np.bincount(flat, weights=wx, minlength=k)[:k][used] / sizes[used]
+    cent[used, 1] = np.bincount(flat, weights=wy, minlength=k)[:k][used] / sizes[used]
+    return sizes, cent
+
+
+@functools.lru_cache(maxsize=32)
+def _cell_centres(gh: int, gw: int) -> Tuple[np.ndarray, np.ndarray]:
+    """x and y [gh * gw] of each footprint cell's centre in [0, 1], row-major."""
+    ys, xs = np.divmod(np.arange(gh * gw), gw)
+    return (xs + 0.5) / gw, (ys + 0.5) / gh
 
 
 def footprint_mask(footprint: np.ndarray, token: int) -> np.ndarray:

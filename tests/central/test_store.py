@@ -120,6 +120,27 @@ def test_token_packing_keeps_cosine():
         unpack_tokens(pack_tokens(t)[:-1], 16, 384)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp16"])
+def test_stored_tokens_are_exactly_the_decoded_ones_for_int8(engine, tiny_manifest, mode):
+    """An int8 message's token rows are stored as they arrived (same layout, no second rounding): reading the frame
+    back gives exactly the decoded tokens. Other encodings are packed from the decoded floats."""
+    from tokenline import wire
+
+    model = tx(engine, store.register_model, tiny_manifest)
+    msg = wire.decode(wire.encode(make_message(tiny_manifest, np.random.default_rng(4)), mode))
+    assert (msg.int8_rows is not None) == (mode == "int8")
+    row = store.frame_row(msg, model.id, store.now_us())
+    if mode == "int8":
+        assert row["tokens"] == msg.int8_rows
+    with Session(engine) as s, s.begin():
+        assert store.insert_frames(s, [row]) == 1
+    back = tx(engine, store.get_frame, msg.frame_id.hex()).summary.tokens
+    if mode == "int8":
+        np.testing.assert_array_equal(back, msg.summary.tokens)
+    else:
+        assert np.abs(back - msg.summary.tokens).max() < 0.01 * np.abs(msg.summary.tokens).max()
+
+
 def test_api_tokens_hashed_with_roles(engine):
     tok = tx(engine, store.create_token, "qa-anna", "viewer")
     assert tx(engine, store.lookup_token, tok) == ("qa-anna", "viewer")
@@ -137,6 +158,10 @@ def test_counters_accumulate(engine):
     with Session(engine) as s, s.begin():
         store.add_counters(s, "w1", {"stored": 3, "dead_letters": 1})
     with Session(engine) as s, s.begin():
-        store.add_counters(s, "w1", {"stored": 2})
+        store.add_counters(s, "w1", {"stored": 2, "dead_letters": 0})
         store.add_counters(s, "w2", {"stored": 1})
+        store.add_counters(s, "w2", {})
     assert tx(engine, store.counter_totals) == {"stored": 6, "dead_letters": 1}
+    with engine.connect() as c:  # one row per (worker, name), none for a zero delta
+        assert c.execute(text("SELECT worker, name, value FROM counters ORDER BY worker, name")).all() == [
+            ("w1", "dead_letters", 1), ("w1", "stored", 5), ("w2", "stored", 1)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -64,7 +64,9 @@ class TokenMessage:
 
     ``metadata`` (v2 only) is ``{"source": file name, "labels": {name: text}}`` with either key optional;
     ``anomaly`` (v2 only) is the edge's own anomaly score of the frame against a bank exported from central;
-    ``version`` is the wire version the message was decoded from (what ``encode`` writes by default).
+    ``version`` is the wire version the message was decoded from (what ``encode`` writes by default);
+    ``int8_rows`` (set by ``decode`` for int8 tokens) is the token rows exactly as they arrived, K float32 scales
+    then K*d int8 values (``encode_rows``), so that a reader storing that layout keeps them as they are.
     """
 
     frame_id: bytes
@@ -81,6 +83,7 @@ class TokenMessage:
     metadata: Optional[Dict[str, Any]] = None
     anomaly: Optional[AnomalyScore] = None
     version: int = 2
+    int8_rows: Optional[bytes] = field(default=None, repr=False)
 
     @property
     def frame_id_hex(self) -> str:
@@ -141,9 +144,11 @@ def pack_nibbles(v: np.ndarray) -> np.ndarray:
 
 def unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
     """Inverse of ``pack_nibbles``: uint8 [..., ceil(N/2)] -> uint8 [..., N] in [0, 15]."""
-    lo = packed & 0x0F
-    hi = packed >> 4
-    return np.stack([lo, hi], axis=-1).reshape(packed.shape[:-1] + (packed.shape[-1] * 2,))[..., :n].astype(np.uint8)
+    packed = np.asarray(packed, np.uint8)
+    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.uint8)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out[..., :n]
 
 
 def unpack_int4(packed: np.ndarray, d: int) -> np.ndarray:
@@ -188,8 +193,24 @@ def pack_names(names: List[bytes]) -> bytes:
 
 
 def finite(name: str, arr: np.ndarray) -> None:
-    if not np.all(np.isfinite(arr)):
+    if not np.isfinite(arr).all():
         raise WireError("non_finite", f"{name} contains NaN or Inf")
+
+
+# rows quantized with scales up to this dequantize to finite float32 values (127 * scale < float32 max): then one
+# check of the scales stands for one of every value
+SAFE_SCALE = float(np.finfo(np.float32).max) / 128.0
+
+
+def _scales_safe(name: str, scales: np.ndarray) -> bool:
+    """Check quantization scales: finite (``non_finite``) and >= 0 (``out_of_range``); True when every one is
+    below ``SAFE_SCALE`` (the dequantized values need no check of their own)."""
+    if ((scales >= 0) & (scales <= SAFE_SCALE)).all():  # NaN fails both comparisons
+        return True
+    finite(name, scales)
+    if (scales < 0).any():
+        raise WireError("out_of_range", f"{name} must be >= 0")
+    return False
 
 
 def check_vectors(summary: Summary, same_dim: bool) -> Tuple[np.ndarray, np.ndarray]:
@@ -358,13 +379,13 @@ class Reader:
             v = self.array("<f4", d, what).astype(np.float32)
         else:
             s = self.array("<f4", 1, f"{what} scale")
-            finite(f"{what} scale", s)
-            if s[0] < 0:
-                raise WireError("out_of_range", f"{what} scale is negative")
+            safe = _scales_safe(f"{what} scale", s)
             q = self.array("<i1", d, what)
-            if np.any(q == -128):
+            if (q == -128).any():
                 raise WireError("out_of_range", "quantized values must be symmetric (no -128 / -8)")
             v = dequantize(q, s[0])
+            if safe:
+                return v
         finite(what, v)
         return v
 
@@ -372,21 +393,21 @@ class Reader:
         """Rows written by ``encode_rows``."""
         if mode == "fp16":
             t = self.array("<f2", k * d, what).astype(np.float32).reshape(k, d)
+            finite(what, t)
+            return t
+        ts = self.array("<f4", k, f"{what} scales")
+        safe = _scales_safe(f"{what} scales", ts)
+        if mode == "int8":
+            q = self.array("<i1", k * d, what).reshape(k, d)
+            bad = (q == -128).any()
         else:
-            ts = self.array("<f4", k, f"{what} scales")
-            finite(f"{what} scales", ts)
-            if np.any(ts < 0):
-                raise WireError("out_of_range", f"{what} scales must be >= 0")
-            if mode == "int8":
-                q = self.array("<i1", k * d, what).reshape(k, d)
-                bad = np.any(q == -128)
-            else:
-                q = unpack_int4(self.array("<u1", k * ((d + 1) // 2), what).reshape(k, (d + 1) // 2), d)
-                bad = np.any(q == -8)
-            if bad:
-                raise WireError("out_of_range", "quantized values must be symmetric (no -128 / -8)")
-            t = dequantize(q, ts)
-        finite(what, t)
+            q = unpack_int4(self.array("<u1", k * ((d + 1) // 2), what).reshape(k, (d + 1) // 2), d)
+            bad = (q == -8).any()
+        if bad:
+            raise WireError("out_of_range", "quantized values must be symmetric (no -128 / -8)")
+        t = dequantize(q, ts)
+        if not safe:
+            finite(what, t)
         return t
 
 

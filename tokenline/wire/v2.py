@@ -205,7 +205,9 @@ def decode(buf: bytes, max_bytes: int) -> TokenMessage:
     if sec.end - sec.pos != rows_size(mode, k, td):
         raise WireError("length_mismatch", f"K={k}, d={td}, {mode} need {rows_size(mode, k, td)} bytes, the tokens "
                                            f"section has {sec.end - sec.pos}")
+    rows_at = sec.pos
     t = sec.rows(k, td, mode, "tokens")
+    int8_rows = data[rows_at: sec.pos] if mode == "int8" else None
 
     footprint = None
     if FOOTPRINT in found:
@@ -249,5 +251,5 @@ def decode(buf: bytes, max_bytes: int) -> TokenMessage:
     return TokenMessage(
         frame_id=fid, device=names[0], site=names[1], line=names[2], camera=names[3], capture_ts_us=ts_us,
         seq=seq, manifest_hash=mhash, summary=Summary(g, t, sizes, centroids, footprint), token_dtype=mode,
-        flags=flags, metadata=metadata, anomaly=anomaly, version=VERSION,
+        flags=flags, metadata=metadata, anomaly=anomaly, version=VERSION, int8_rows=int8_rows,
     )

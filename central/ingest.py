@@ -243,7 +243,11 @@ class Ingestor:
         with Session(self.engine) as s, s.begin():
             new_ids = store.insert_new_frames(s, rows)
             new = len(new_ids)
-            alerts = self.anomaly.record(s, [scored[f] for f in new_ids if f in (scored or {})])
+            dups = len(rows) - new
+            # "received": token messages (stored, duplicate or refused); status and stats are status_updates
+            counters = {"received": len(rows) + len(dead), "stored": new, "duplicates": dups,
+                        "dead_letters": len(dead), "status_updates": len(status_updates)}
+            alerts = self.anomaly.record(s, [scored[f] for f in new_ids if f in (scored or {})], counters)
             store.touch_devices(s, seen)
             for t, payload in status_updates:
                 text = payload.decode("utf-8", "replace")
@@ -253,11 +257,7 @@ class Ingestor:
                 else:
                     store.set_device_status(s, t.device or "", t.site, stats=text)
             store.insert_dead_letters(s, dead)
-            dups = len(rows) - new
-            # "received": token messages (stored, duplicate or refused); status and stats are status_updates
-            store.add_counters(s, self.worker, {"received": len(rows) + len(dead),
-                                                "stored": new, "duplicates": dups, "dead_letters": len(dead),
-                                                "status_updates": len(status_updates)})
+            store.add_counters(s, self.worker, counters)
         self.anomaly.alert(alerts)
         res.stored += new
         res.duplicates += len(rows) - new

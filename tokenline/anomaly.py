@@ -454,12 +454,8 @@ def token_region(summary: Summary, token: int, grid: Tuple[int, int]) -> Region:
     footprint a square of the token's size (in patches of the ``grid``) around its centroid."""
     fp = summary.footprint
     if fp is not None:
-        mask = np.asarray(fp) == token
-        gh, gw = mask.shape
-        ys, xs = np.nonzero(mask)
-        if ys.size:
-            return Region((xs.min() / gw, ys.min() / gh, (xs.max() + 1) / gw, (ys.max() + 1) / gh), mask)
-        return Region((0.0, 0.0, 0.0, 0.0), mask)
+        boxes, masks = footprint_regions(np.asarray(fp)[None], np.array([token]))
+        return Region(tuple(float(v) for v in boxes[0]), masks[0])
     cx, cy = (float(v) for v in summary.centroids[token])
     gh, gw = grid
     half_w = np.sqrt(max(float(summary.sizes[token]), 1.0) / (gh * gw)) / 2.0
@@ -467,9 +463,29 @@ def token_region(summary: Summary, token: int, grid: Tuple[int, int]) -> Region:
     return Region((max(0.0, cx - half_w), max(0.0, cy - half_h), min(1.0, cx + half_w), min(1.0, cy + half_h)))
 
 
+def footprint_regions(footprints: np.ndarray, tokens: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Regions of many frames at once: footprints [F, grid_h, grid_w] and one token each [F] -> (boxes [F, 4] as
+    (x0, y0, x1, y1) in [0, 1] of the model input, all 0 where the token stands for no cell; masks [F, gh, gw])."""
+    masks = np.asarray(footprints) == np.asarray(tokens).reshape(-1, 1, 1)
+    f, gh, gw = masks.shape
+    rows, cols = masks.any(axis=2), masks.any(axis=1)  # [F, gh], [F, gw]
+    y0, x0 = rows.argmax(axis=1), cols.argmax(axis=1)
+    y1, x1 = gh - rows[:, ::-1].argmax(axis=1), gw - cols[:, ::-1].argmax(axis=1)
+    boxes = np.stack([x0 / gw, y0 / gh, x1 / gw, y1 / gh], axis=1)
+    boxes[~rows.any(axis=1)] = 0.0
+    return boxes, masks
+
+
+def pack_masks(masks: np.ndarray) -> List[bytes]:
+    """``pack_mask`` of each of [F, grid_h, grid_w] masks."""
+    m = np.asarray(masks, bool)
+    packed = np.packbits(m.reshape(m.shape[0], -1), axis=1, bitorder="little")
+    return [row.tobytes() for row in packed]
+
+
 def pack_mask(mask: np.ndarray) -> bytes:
     """A [grid_h, grid_w] bool mask as bits, row-major, the first cell in the lowest bit."""
-    return np.packbits(np.asarray(mask, bool).reshape(-1), bitorder="little").tobytes()
+    return pack_masks(np.asarray(mask, bool)[None])[0]
 
 
 def unpack_mask(data: bytes, grid: Tuple[int, int]) -> np.ndarray:

@@ -24,7 +24,7 @@ from central.anomaly import refsets
 from central.config import AnomalyConfig
 from central.store import ModelInfo
 from sql.models import Frame, FrameScore, ReferenceSet
-from tokenline.anomaly import Bank, pack_mask, token_region
+from tokenline.anomaly import Bank, footprint_regions, pack_masks, token_region
 from tokenline.summary import Summary
 from tokenline.topics import Alert
 
@@ -63,27 +63,39 @@ def score_frames(bank: Bank, frames: Sequence[Tuple[FrameMeta, Summary]], grid: 
     sums = [s for _, s in frames]
     fs = bank.score_arrays(np.stack([s.tokens for s in sums]), np.stack([s.sizes for s in sums]),
                            np.stack([s.global_embedding for s in sums]) if bank.info.mode != "tokens" else None)
+    info = bank.info
+    flagged = fs.score.astype(np.float64) > info.threshold  # as Bank.anomaly_score compares (the edge)
+    boxes = np.zeros((len(frames), 4))
+    masks: List[Optional[bytes]] = [None] * len(frames)
+    grids: List[Tuple[Optional[int], Optional[int]]] = [(None, None)] * len(frames)
+    with_fp = [i for i, s in enumerate(sums) if s.footprint is not None and fs.token[i] >= 0]
+    by_grid: Dict[tuple, List[int]] = {}
+    for i in with_fp:
+        by_grid.setdefault(sums[i].footprint.shape, []).append(i)
+    for shape, idx in by_grid.items():  # the regions of footprinted frames, all at once
+        b, m = footprint_regions(np.stack([sums[i].footprint for i in idx]), fs.token[idx])
+        boxes[idx] = b
+        for i, packed in zip(idx, pack_masks(m)):
+            masks[i], grids[i] = packed, (int(shape[0]), int(shape[1]))
+    for i in np.flatnonzero(fs.token >= 0):
+        if sums[i].footprint is None:
+            boxes[i] = token_region(sums[i], int(fs.token[i]), grid).box
     now = store.now_us()
     out = []
-    for i, (meta, summary) in enumerate(frames):
-        a = bank.anomaly_score(float(fs.score[i]), int(fs.token[i]))
-        region = token_region(summary, a.token, grid) if a.token >= 0 else None
-        box = region.box if region is not None else (0.0, 0.0, 0.0, 0.0)
-        mask = region.mask if region is not None else None
-        row = {"frame_id": meta.frame_id, "set_id": a.set_id, "set_version": a.set_version, "model_id": meta.model_id,
-               "site": meta.site, "line": meta.line, "camera": meta.camera, "capture_us": meta.capture_us,
-               "score": a.score, "threshold": a.threshold, "flagged": a.flagged, "token": a.token,
-               "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3],
-               "mask": None if mask is None else pack_mask(mask),
-               "grid_h": None if mask is None else int(mask.shape[0]),
-               "grid_w": None if mask is None else int(mask.shape[1]),
-               "edge_score": meta.edge_score, "scored_us": now}
+    for i, (meta, _) in enumerate(frames):
+        score, token, box = float(fs.score[i]), int(fs.token[i]), tuple(float(v) for v in boxes[i])
+        row = {"frame_id": meta.frame_id, "set_id": info.set_id, "set_version": info.set_version,
+               "model_id": meta.model_id, "site": meta.site, "line": meta.line, "camera": meta.camera,
+               "capture_us": meta.capture_us, "score": score, "threshold": info.threshold,
+               "flagged": bool(flagged[i]), "token": token, "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3],
+               "mask": masks[i], "grid_h": grids[i][0], "grid_w": grids[i][1], "edge_score": meta.edge_score,
+               "scored_us": now}
         alert = None
-        if a.flagged:
+        if flagged[i]:
             alert = Alert(frame_id=meta.frame_id, site=meta.site, device=meta.device, line=meta.line,
-                          camera=meta.camera, capture_us=meta.capture_us, score=a.score, threshold=a.threshold,
-                          reference_set=a.set_id, set_version=a.set_version, token=a.token,
-                          box=tuple(float(v) for v in box), source="central", model=meta.model_hash)
+                          camera=meta.camera, capture_us=meta.capture_us, score=score, threshold=info.threshold,
+                          reference_set=info.set_id, set_version=info.set_version, token=token, box=box,
+                          source="central", model=meta.model_hash)
         out.append(Scored(row, alert))
     return out
 
@@ -97,15 +109,17 @@ def _insert(session: Session, table: Any, update: bool):
     return stmt.on_conflict_do_nothing(index_elements=["frame_id"])
 
 
-def record(session: Session, scored: Sequence[Scored], worker: str) -> List[Alert]:
+def record(session: Session, scored: Sequence[Scored], counters: Dict[str, int]) -> List[Alert]:
     """Insert the scores of frames stored in this transaction (the caller's, which inserted them: so none has a
-    score yet, and a redelivered frame, not new, is not passed and raises no alert again); count them and the
-    alerts. Returns the alerts. One executemany, no RETURNING: the caller knows which frames are new."""
+    score yet, and a redelivered frame, not new, is not passed and raises no alert again); add their count and
+    the alerts' to ``counters``, which the caller adds to the database in its transaction. Returns the alerts.
+    One executemany, no RETURNING: the caller knows which frames are new."""
     if not scored:
         return []
     session.execute(_insert(session, FrameScore.__table__, update=False), [s.row for s in scored])
     alerts = [s.alert for s in scored if s.alert is not None]
-    store.add_counters(session, worker, {SCORED: len(scored), ALERTS: len(alerts)})
+    counters[SCORED] = counters.get(SCORED, 0) + len(scored)
+    counters[ALERTS] = counters.get(ALERTS, 0) + len(alerts)
     return alerts
 
 
@@ -263,8 +277,8 @@ class IngestHook:
             log.exception("anomaly scoring of a batch of %d failed; the frames are stored unscored", len(items))
             return {}
 
-    def record(self, session: Session, scored: Sequence[Scored]) -> List[Alert]:
-        return record(session, scored, self.worker)
+    def record(self, session: Session, scored: Sequence[Scored], counters: Dict[str, int]) -> List[Alert]:
+        return record(session, scored, counters)
 
     def alert(self, alerts: Sequence[Alert]) -> None:
         self.publisher(alerts)

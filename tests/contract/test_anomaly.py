@@ -10,8 +10,8 @@ import pytest
 
 from tests.contract.test_wire import make_msg
 from tokenline import anomaly, topics, wire
-from tokenline.anomaly import (AnomalyScore, Bank, BankError, BankInfo, bank_path, pack_mask, token_region,
-                               unpack_mask)
+from tokenline.anomaly import (AnomalyScore, Bank, BankError, BankInfo, bank_path, footprint_regions, pack_mask,
+                               pack_masks, token_region, unpack_mask)
 from tokenline.summary import Summary, boxes_from_footprint
 from tokenline.wire import v2
 
@@ -212,6 +212,26 @@ def test_regions_from_a_footprint_and_from_centroid_and_size() -> None:
                     np.array([[0.5, 0.5]] * 3 + [[0.5, 0.25]], np.float32))
     r2 = token_region(no_fp, 3, (4, 4))  # 4 of 16 patches: a square of side 0.5 around its centroid
     assert r2.mask is None and r2.box == pytest.approx((0.25, 0.0, 0.75, 0.5))
+
+
+def test_regions_of_many_frames_at_once_match_each_frames_own() -> None:
+    """footprint_regions / pack_masks (central scores a batch at once) = the box and mask from the cells one by
+    one, including a token that stands for no cell (box all 0) and regions touching the grid's edges."""
+    rng = np.random.default_rng(3)
+    fps = rng.integers(0, 6, (40, 6, 9)).astype(np.uint8)
+    fps[0] = 0  # token 0 everywhere: the box is the whole input
+    tokens = rng.integers(0, 7, 40)  # 6 stands for no cell
+    tokens[0] = 0
+    boxes, masks = footprint_regions(fps, tokens)
+    for f in range(40):
+        ys, xs = np.nonzero(fps[f] == tokens[f])
+        want = (0, 0, 0, 0) if ys.size == 0 else (xs.min() / 9, ys.min() / 6, (xs.max() + 1) / 9, (ys.max() + 1) / 6)
+        assert tuple(boxes[f]) == pytest.approx(want)
+        np.testing.assert_array_equal(masks[f], fps[f] == tokens[f])
+    assert tuple(boxes[0]) == (0, 0, 1, 1) and not masks[np.flatnonzero(tokens == 6)[0]].any()
+    packed = pack_masks(masks)
+    assert all(len(b) == 7 for b in packed)  # 54 cells in 7 bytes
+    np.testing.assert_array_equal(np.stack([unpack_mask(b, (6, 9)) for b in packed]), masks)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "fp16"])

@@ -14,7 +14,8 @@ import numpy as np
 KMEANS_ITERS = 6
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
+def unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit norm, float32 (zero rows stay zero)."""
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -30,11 +31,11 @@ def assign(x: np.ndarray, cent: np.ndarray, chunk: int = 8192) -> np.ndarray:
 def spherical_kmeans(x: np.ndarray, n_lists: int, seeds: np.ndarray, iters: int = KMEANS_ITERS
                      ) -> Tuple[np.ndarray, np.ndarray]:
     """(list of each row [M], centroids [C, d]) by spherical k-means from the rows ``seeds``."""
-    cent = _unit(x[seeds[:n_lists]])
+    cent = unit(x[seeds[:n_lists]])
     for _ in range(max(1, iters)):
         a = assign(x, cent)
         sums = np.zeros_like(cent)
         np.add.at(sums, a, x)
         live = np.bincount(a, minlength=n_lists) > 0
-        cent = np.where(live[:, None], _unit(sums), cent)
+        cent = np.where(live[:, None], unit(sums), cent)
     return assign(x, cent).astype(np.int64), cent

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from central import store
 from central.errors import Invalid
+from central.kmeans import unit
 from central.store import FrameData, ModelInfo
 from sql.models import Frame
 from sql.types import unpack_f32, unpack_token_rows
@@ -80,11 +81,6 @@ def needs_footprints(model: ModelInfo) -> None:
                       "search needs a model exported with the slic summary head", reason=BAD_QUERY)
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    v = np.asarray(v, np.float32)
-    return v / max(float(np.linalg.norm(v)), 1e-12)
-
-
 def frame_geometry_or_input(frame: FrameData, spec: InputSpec) -> Tuple[FrameGeometry, bool]:
     """The frame's geometry, or (for frames sent without it) the model input's own, and whether it was known."""
     if frame.geometry is not None:
@@ -99,7 +95,7 @@ def crop_query(encoders: "EncoderPool", model: ModelInfo, image: bytes, max_pixe
     summary = encoders.get(model).encode_image_bytes(image, max_pixels)
     if summary.patch_mean is None:
         raise Invalid(f"model {model.name!r} gives no patch mean", reason=BAD_QUERY)
-    return RegionQuery(model.id, _unit(summary.patch_mean), "crop")
+    return RegionQuery(model.id, unit(summary.patch_mean), "crop")
 
 
 def box_weights(footprint: np.ndarray, box: Box, k: int) -> np.ndarray:
@@ -128,7 +124,7 @@ def box_query(fr: FrameData, model: ModelInfo, box: Box) -> RegionQuery:
     w = np.zeros(fr.summary.k) if inside is None else box_weights(fp, inside, fr.summary.k)
     if w.sum() <= 0:
         raise Invalid("the box covers no part of the frame the model saw", reason=BAD_QUERY)
-    vec = _unit((w[:, None] * fr.summary.tokens).sum(0))
+    vec = unit((w[:, None] * fr.summary.tokens).sum(0))
     used = [{"token": int(j), "weight": round(float(w[j] / w.sum()), 4)} for j in np.flatnonzero(w)]
     return RegionQuery(model.id, vec, "box", frame_id=fr.frame_id, box=tuple(float(v) for v in box), tokens=used)
 
@@ -149,7 +145,7 @@ def region_search(engine: Engine, model: ModelInfo, query: RegionQuery, k: int, 
     filters' SQL conditions on ``frames`` (``central.search.frame_conditions``), the model's included."""
     needs_footprints(model)
     k = max(1, min(int(k), max_results))
-    vec = _unit(query.vector)
+    vec = unit(query.vector)
     if vec.shape[0] != model.token_dim:
         raise Invalid(f"query dimension {vec.shape[0]} != model {model.name!r} token dimension {model.token_dim}",
                       reason=BAD_QUERY)

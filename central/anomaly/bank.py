@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from central.kmeans import KMEANS_ITERS, spherical_kmeans
+from central.kmeans import KMEANS_ITERS, spherical_kmeans, unit
 from tokenline import anomaly
 from tokenline.anomaly import Bank, BankInfo
 
@@ -42,10 +42,6 @@ class Built:
 
     bank: Bank
     loo_scores: np.ndarray
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def greedy_coreset(x: np.ndarray, m: int, proj_dim: int = PROJECTION_DIM, seed: int = 0) -> np.ndarray:
@@ -95,7 +91,7 @@ def build_bank(frames: SetFrames, info: BankInfo, max_tokens: int, quantile: flo
     if f < 2:
         raise ValueError("a reference set needs at least two frames (its threshold comes from leave-one-out scores)")
     ok = frames.sizes.reshape(-1) >= info.min_token_size
-    pool = _unit(frames.tokens.reshape(f * k, d)[ok])
+    pool = unit(frames.tokens.reshape(f * k, d)[ok])
     src = np.repeat(np.arange(f, dtype=np.int32), k)[ok]
     if pool.shape[0] == 0:
         raise ValueError(f"no token of the set's frames stands for >= {info.min_token_size} patches")
@@ -112,9 +108,9 @@ def build_bank(frames: SetFrames, info: BankInfo, max_tokens: int, quantile: flo
         kept, kept_src = kept[by_list], kept_src[by_list]
         offsets = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=c))])
     else:
-        cent = _unit(kept.mean(0, keepdims=True))
+        cent = unit(kept.mean(0, keepdims=True))
         offsets = np.array([0, kept.shape[0]])
-    globals_ = _unit(frames.globals) if info.mode != "tokens" else np.zeros((0, frames.globals.shape[-1]), np.float32)
+    globals_ = unit(frames.globals) if info.mode != "tokens" else np.zeros((0, frames.globals.shape[-1]), np.float32)
     info = replace(info, frames=f, pool_tokens=int(pool.shape[0]))
     # the half-precision tokens are what the file stores and every scorer uses: calibrate on them too
     bank = Bank(kept.astype(np.float16), offsets, cent, kept_src, globals_.astype(np.float16), info)
@@ -123,7 +119,7 @@ def build_bank(frames: SetFrames, info: BankInfo, max_tokens: int, quantile: flo
                                                                       exclude=every).score
     stats = {"token_stats": (float(tok.mean()), float(tok.std()))}
     if info.mode != "tokens":
-        glob = 1.0 - bank.global_similarity(_unit(frames.globals), exclude=every)
+        glob = 1.0 - bank.global_similarity(unit(frames.globals), exclude=every)
         stats["global_stats"] = (float(glob.mean()), float(glob.std()))
     bank = replace(bank, info=replace(bank.info, **stats))
     # mode tokens: the leave-one-out scores are the token scores above (one search of the pool, not two)

@@ -154,6 +154,11 @@ def test_reference_set_from_the_api_then_ingest_scores_alerts_odd_frames_only_an
     nf = client.get(f"/v1/frames/{history[35].frame_id.hex()}/anomaly", headers=v)
     assert nf.status_code == 404 and nf.json()["error"] == "not_scored"
     assert client.get(f"/v1/frames/{'f' * 32}/anomaly", headers=v).json()["error"] == "not_found"
+    for path in ("/v1/anomalies", "/v1/anomalies/latest", f"/v1/frames/{odd[0].frame_id.hex()}/similar-region"):
+        r = client.get(path, params={"since_us": 10, "until_us": 10}, headers=v)  # filters checked as in search
+        assert r.status_code == 422 and r.json()["parameter"] == "until_us", (path, r.text)
+        r = client.get(path, params={"camera": "../c1"}, headers=v)
+        assert r.status_code == 422 and r.json()["parameter"] == "camera", (path, r.text)
     sim = client.get(f"/v1/frames/{odd[0].frame_id.hex()}/similar-region", params={"k": 5}, headers=v).json()
     assert sim["query"]["token"] == 5 and len(sim["results"]) == 5
     assert odd[0].frame_id.hex() not in {h["frame_id"] for h in sim["results"]}

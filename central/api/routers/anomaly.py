@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from central.anomaly import queries, refsets
 from central.api.deps import Admin, ServicesDep, SessionDep, Viewer
+from central.api.validation import name_filter, time_range
 from central.errors import NotFound
 from central.search import Filters
 from tokenline.anomaly import MODES
@@ -212,6 +213,15 @@ def reference_set_bank(set_id: int, session: SessionDep, _p: Viewer) -> Response
 
 
 # -- scores ----------------------------------------------------------------------------------------------------
+def _filters(site: Optional[str], line: Optional[str], camera: Optional[str], since_us: Optional[int],
+             until_us: Optional[int]) -> Filters:
+    """The place and capture-time filters, checked as the search and browse routes check them (422 names the
+    parameter)."""
+    time_range(since_us, until_us)
+    return Filters(name_filter("site", site), name_filter("line", line), name_filter("camera", camera),
+                   since_us, until_us)
+
+
 @router.get("/v1/anomalies", response_model=ScoresOut)
 def anomalies(session: SessionDep, _p: Viewer, model_id: Optional[int] = None, site: Optional[str] = None,
               line: Optional[str] = None, camera: Optional[str] = None, since_us: Optional[int] = None,
@@ -221,7 +231,7 @@ def anomalies(session: SessionDep, _p: Viewer, model_id: Optional[int] = None, s
                                                           "of a page of results"),
               limit: int = Query(50, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
     """Scored frames, filtered (place, capture time, score, flagged, set, frame ids) and sorted."""
-    rows = queries.list_scores(session, model_id=model_id, filters=Filters(site, line, camera, since_us, until_us),
+    rows = queries.list_scores(session, model_id=model_id, filters=_filters(site, line, camera, since_us, until_us),
                                min_score=min_score, flagged=flagged, set_id=set_id, frame_ids=frame_id, sort=sort,
                                limit=limit, offset=offset)
     return {"results": [r.public() for r in rows]}
@@ -232,7 +242,7 @@ def latest(session: SessionDep, _p: Viewer, per_camera: int = Query(5, ge=1, le=
            model_id: Optional[int] = None, site: Optional[str] = None, line: Optional[str] = None,
            camera: Optional[str] = None, since_us: Optional[int] = None, until_us: Optional[int] = None) -> dict:
     """Every camera with a reference set and its latest flagged frames captured in [since_us, until_us)."""
-    cams = queries.latest_flagged(session, per_camera, model_id, Filters(site, line, camera, since_us, until_us))
+    cams = queries.latest_flagged(session, per_camera, model_id, _filters(site, line, camera, since_us, until_us))
     return {"cameras": [{**c, "frames": [f.public() for f in c["frames"]]} for c in cams]}
 
 
@@ -248,5 +258,5 @@ def similar_region(frame_id: str, session: SessionDep, _p: Viewer, token: Option
                    camera: Optional[str] = None, since_us: Optional[int] = None,
                    until_us: Optional[int] = None) -> dict:
     """Frames whose best-matching summary token is most like this frame's anomalous token (or ``token``)."""
-    query, hits = queries.similar_region(session, frame_id, token, k, Filters(site, line, camera, since_us, until_us))
+    query, hits = queries.similar_region(session, frame_id, token, k, _filters(site, line, camera, since_us, until_us))
     return {"query": query, "results": [h.public() for h in hits]}

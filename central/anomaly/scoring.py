@@ -116,7 +116,13 @@ def record(session: Session, scored: Sequence[Scored], counters: Dict[str, int])
     One executemany, no RETURNING: the caller knows which frames are new."""
     if not scored:
         return []
-    session.execute(_insert(session, FrameScore.__table__, update=False), [s.row for s in scored])
+    if session.get_bind().dialect.name == "sqlite":  # the driver's executemany: the ORM's binds cost more than it
+        cols = list(scored[0].row)
+        raw = session.connection().connection.driver_connection
+        raw.executemany(f"INSERT INTO frame_scores ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+                        "ON CONFLICT (frame_id) DO NOTHING", [tuple(s.row[c] for c in cols) for s in scored])
+    else:
+        session.execute(_insert(session, FrameScore.__table__, update=False), [s.row for s in scored])
     alerts = [s.alert for s in scored if s.alert is not None]
     counters[SCORED] = counters.get(SCORED, 0) + len(scored)
     counters[ALERTS] = counters.get(ALERTS, 0) + len(alerts)
@@ -163,7 +169,8 @@ class Scorer:
             meta = FrameMeta(msg.frame_id_hex, model.id, model.hash16, msg.site, msg.device, msg.line, msg.camera,
                              int(msg.capture_ts_us), float(edge.score) if same else None)
             groups.setdefault(key, []).append((meta, msg.summary))
-            grids[key] = tuple(model.manifest.encoder.grid)
+            if key not in grids:
+                grids[key] = tuple(model.manifest.encoder.grid)
         out: List[Scored] = []
         for key, frames in groups.items():
             by_shape: Dict[tuple, list] = {}

@@ -556,7 +556,7 @@ def main() -> int:
     lines = [f"Load average (1/5/15 min) before: {load_before[0]:.1f}/{load_before[1]:.1f}/{load_before[2]:.1f}, "
              f"after: {load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f} on {os.cpu_count()} cores — this "
              "machine is shared with other engineers' work, so absolute numbers are pessimistic and noisy.", "",
-             *([f"Resumed run: {' and '.join(reused)} come from the earlier, interrupted run of the same command "
+             *([f"Resumed run: {' and '.join(reused)} come from an earlier run of the same command "
                 "(saved in $TOKENLINE_BENCH_OUT), the rest from this one.", ""] if reused else []),
              f"Synthetic frames, K={K} summary tokens, D={D}; int8 tokens on the wire ({msg_bytes:,} B/message).", "",
              f"### Ingest through Mosquitto ({args.ingest_messages:,} messages, N worker processes on one shared "

@@ -265,7 +265,7 @@ def report(args, console, rows, picks, sweep, extra, n_all, n_cal, n_held, base_
         body = ("`tokenline-export export --budget X` runs `exporter.search.search` over `exporter.budget.grid` on the "
                 f"calibration images; here {n_cal} images of the calibration half, and the chosen schedule is scored "
                 f"on the held-out half ({n_held} images, never seen by the search). Encoder, loss and timing as in "
-                "`merge_schedules_224px`.\n\n" + "\n".join(budget_md) + "\n\nHeld-out drop within the budget "
+                f"`merge_schedules_{size}px`.\n\n" + "\n".join(budget_md) + "\n\nHeld-out drop within the budget "
                 f"at {len(met)} of {len(picks)} budgets ({', '.join(met) or 'none'}).\n")
         write_section(f"merge_budget_{size}px", f"Merge schedule chosen by a fidelity budget at {size} px, and its "
                       "transfer to unseen images", body)

@@ -260,7 +260,7 @@ class Ingestor:
             store.add_counters(s, self.worker, counters)
         self.anomaly.alert(alerts)
         res.stored += new
-        res.duplicates += len(rows) - new
+        res.duplicates += dups
         fresh = set(new_ids)  # lag of first arrivals only: a resent duplicate says nothing about the pipeline
         res.captures_s.extend(r["capture_us"] / 1e6 for r in rows if r["frame_id"] in fresh)
         res.dead += len(dead)

@@ -250,15 +250,20 @@ def insert_frames(session: Session, rows: Sequence[Dict[str, Any]]) -> int:
     return len(insert_new_frames(session, rows))
 
 
+def dialect_insert(session: Session, table: Any):
+    """The session's dialect's INSERT for ``table`` (PostgreSQL's or SQLite's: both have ON CONFLICT)."""
+    return (postgresql.insert if is_postgres(session.get_bind()) else sqlite_insert)(table)
+
+
 def touch_devices(session: Session, seen: Dict[str, tuple]) -> None:
     """Upsert devices from ``{device: (site, last_seen_us)}`` (one statement)."""
     if not seen:
         return
-    pg = is_postgres(session.get_bind())
-    stmt = (postgresql.insert(Device) if pg else sqlite_insert(Device)).values(
+    stmt = dialect_insert(session, Device).values(
         [{"device": dev, "site": site, "first_seen_us": ts, "last_seen_us": ts, "status": "unknown"}
          for dev, (site, ts) in seen.items()])
-    latest = (func.greatest if pg else func.max)(Device.last_seen_us, stmt.excluded.last_seen_us)
+    latest = (func.greatest if is_postgres(session.get_bind()) else func.max)(Device.last_seen_us,
+                                                                              stmt.excluded.last_seen_us)
     session.execute(stmt.on_conflict_do_update(index_elements=["device"],
                                                set_={"site": stmt.excluded.site, "last_seen_us": latest}))
 
@@ -504,7 +509,7 @@ def add_counters(session: Session, worker: str, deltas: Dict[str, int]) -> None:
     values = [{"worker": worker, "name": name, "value": int(v)} for name, v in deltas.items() if v]
     if not values:
         return
-    stmt = (postgresql.insert(Counter) if is_postgres(session.get_bind()) else sqlite_insert(Counter)).values(values)
+    stmt = dialect_insert(session, Counter).values(values)
     session.execute(stmt.on_conflict_do_update(index_elements=["worker", "name"],
                                                set_={"value": Counter.value + stmt.excluded.value}))
 

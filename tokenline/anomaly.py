@@ -44,7 +44,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from tokenline.summary import Summary
+from tokenline.summary import Summary, mask_boxes
 
 SCHEMA = "tokenline.anomaly-bank/1"
 MODES = ("tokens", "global", "both")
@@ -467,13 +467,7 @@ def footprint_regions(footprints: np.ndarray, tokens: np.ndarray) -> Tuple[np.nd
     """Regions of many frames at once: footprints [F, grid_h, grid_w] and one token each [F] -> (boxes [F, 4] as
     (x0, y0, x1, y1) in [0, 1] of the model input, all 0 where the token stands for no cell; masks [F, gh, gw])."""
     masks = np.asarray(footprints) == np.asarray(tokens).reshape(-1, 1, 1)
-    f, gh, gw = masks.shape
-    rows, cols = masks.any(axis=2), masks.any(axis=1)  # [F, gh], [F, gw]
-    y0, x0 = rows.argmax(axis=1), cols.argmax(axis=1)
-    y1, x1 = gh - rows[:, ::-1].argmax(axis=1), gw - cols[:, ::-1].argmax(axis=1)
-    boxes = np.stack([x0 / gw, y0 / gh, x1 / gw, y1 / gh], axis=1)
-    boxes[~rows.any(axis=1)] = 0.0
-    return boxes, masks
+    return mask_boxes(masks), masks
 
 
 def pack_masks(masks: np.ndarray) -> List[bytes]:

@@ -23,7 +23,6 @@ Python 3.8+, numpy only.
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -247,6 +246,17 @@ def mask_box(mask: np.ndarray) -> Optional[Tuple[float, float, float, float]]:
     m = np.asarray(mask, bool)
     if not m.any():
         return None
-    gh, gw = m.shape
-    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
-    return (cols[0] / gw, rows[0] / gh, (cols[-1] + 1) / gw, (rows[-1] + 1) / gh)
+    return tuple(float(v) for v in mask_boxes(m[None])[0])
+
+
+def mask_boxes(masks: np.ndarray) -> np.ndarray:
+    """``mask_box`` of many footprint masks [F, grid_h, grid_w] at once: [F, 4], all 0 for an empty mask."""
+    m = np.asarray(masks, bool)
+    _, gh, gw = m.shape
+    rows, cols = m.any(axis=2), m.any(axis=1)  # [F, gh], [F, gw]
+    boxes = np.stack([cols.argmax(axis=1) / gw, rows.argmax(axis=1) / gh,
+                      (gw - cols[:, ::-1].argmax(axis=1)) / gw, (gh - rows[:, ::-1].argmax(axis=1)) / gh], axis=1)
+    boxes[~rows.any(axis=1)] = 0.0
+    return boxes
+
+

@@ -16,7 +16,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from sqlalchemy import Engine, and_, func, or_, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from central import store
@@ -101,8 +100,7 @@ def score_frames(bank: Bank, frames: Sequence[Tuple[FrameMeta, Summary]], grid: 
 
 
 def _insert(session: Session, table: Any, update: bool):
-    mod = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    stmt = mod.insert(table)
+    stmt = store.dialect_insert(session, table)
     if update:
         cols = {c.name: stmt.excluded[c.name] for c in table.columns if c.name != "frame_id"}
         return stmt.on_conflict_do_update(index_elements=["frame_id"], set_=cols)

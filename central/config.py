@@ -97,6 +97,10 @@ class SearchConfig(StrictModel):
     # 0.25 for the informativity summary, 0.5 for the slic one; NEU-DET measurements in BENCHMARKS.md)
     rerank_weight: Optional[float] = Field(None, ge=0, le=1)
     ef_search: int = Field(200, gt=0)  # pgvector hnsw.ef_search
+    # PostgreSQL: the hot and sealing segments' embeddings of each model are mirrored in the serving process (float32,
+    # 1.5 KiB per frame at D=384) and searched there exactly (central.hot) up to this many rows; beyond, or 0, the
+    # scan runs in SQL
+    hot_rows: int = Field(250_000, ge=0)
     max_results: int = Field(200, gt=0)  # the largest page (k) of one search request
     max_depth: int = Field(2000, gt=0)  # how deep paging goes into one search's ranking (cursor after cursor)
     binary_candidates: int = Field(1000, gt=0, le=1000)  # nearest by Hamming distance, then re-scored exactly

@@ -27,7 +27,7 @@ import numpy as np
 from sqlalchemy import Engine, LargeBinary, func, select, text, type_coerce
 from sqlalchemy.orm import Session
 
-from central import kmeans, regions, segments, store
+from central import hot, kmeans, regions, segments, store
 from central.config import SearchConfig
 from central.errors import BadParameter, Internal, Invalid, NotFound, TooLarge
 from central.regions import RegionQuery
@@ -597,6 +597,7 @@ class Searcher:
         self.engine, self.cfg = engine, cfg
         self.pg = is_postgres(engine)
         self._indexes: Dict[int, VectorIndex] = {}
+        self._hot: Dict[int, hot.HotMirror] = {}
         self._lock = threading.Lock()
         self._dir: Optional[Path] = None
 
@@ -640,10 +641,11 @@ class Searcher:
         return self._pg_knn(model, q, k, f)
 
     def _pg_knn(self, model: ModelInfo, q: np.ndarray, k: int, f: Filters) -> List[Tuple[int, float]]:
-        """PostgreSQL: exact over the hot, sealing and kept segments, HNSW over each sealed segment's index
-        (binary codes re-scored exactly for ``bit`` indexes); one statement, a branch per sealed segment, the
-        branches merged by distance.
-        Sealed segments whose capture range misses the time filter are not searched."""
+        """PostgreSQL: exact over the hot, sealing and kept segments (the hot and sealing ones from the serving
+        process's mirror, ``central.hot``, unless label filters or ``search.hot_rows`` say SQL), HNSW over each
+        sealed segment's index (binary codes re-scored exactly for ``bit`` indexes); one statement, a branch per
+        sealed segment, all merged by distance. Sealed segments whose capture range misses the time filter are not
+        searched."""
         d = int(model.embedding_dim)
         where = ["model_id = :m"]
         params: Dict[str, Any] = {"m": model.id, "q": "[" + ",".join(f"{x:.6g}" for x in q) + "]", "k": int(k),
@@ -670,6 +672,12 @@ class Searcher:
         dist = f"global_embedding::halfvec({d}) <=> CAST(:q AS halfvec({d}))"
         with self.engine.connect() as conn, conn.begin():
             segs = [s for s in segments.list_segments(conn) if s.may_hold(f.since_us, f.until_us)]
+        mirrored: List[Tuple[int, float]] = []
+        open_ids = [s.id for s in segs if s.exact and s.id != segments.KEPT]
+        if open_ids and not f.labels and self._mirror_synced(model, open_ids):
+            mirrored = self._hot[model.id].knn(q, k, open_ids, f.site, f.line, f.camera, f.since_us, f.until_us)
+            segs = [s for s in segs if s.id not in open_ids]
+        with self.engine.connect() as conn, conn.begin():
             groups: Dict[str, List[int]] = {}
             for s in segs:
                 groups.setdefault("exact" if s.exact else str(s.index_kind), []).append(s.id)
@@ -691,13 +699,24 @@ class Searcher:
                         parts.append(f"(SELECT id, {dist} AS dist FROM frames WHERE {seg} AND {cond} "
                                      f"ORDER BY {segments.ann_order(kind, d)} LIMIT :k)")
             if not parts:
-                return []
+                return sorted(mirrored, key=lambda t: (-t[1], t[0]))[:k]
             ef = min(1000, max(int(self.cfg.ef_search), int(k), params["c"] if "bit" in groups else 0))
             conn.execute(text(f"SET LOCAL hnsw.ef_search = {ef}"))
             conn.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
             rows = conn.execute(text(" UNION ALL ".join(parts)), params).all()
-        out = sorted(((int(r[0]), 1.0 - float(r[1])) for r in rows), key=lambda t: (-t[1], t[0]))
+        out = sorted([(int(r[0]), 1.0 - float(r[1])) for r in rows] + mirrored, key=lambda t: (-t[1], t[0]))
         return out[:k]
+
+    def _mirror_synced(self, model: ModelInfo, open_ids: List[int]) -> bool:
+        """True when ``model``'s open-segment mirror (``central.hot``) is up to date and may answer for them."""
+        if not self.cfg.hot_rows:
+            return False
+        with self._lock:
+            mirror = self._hot.get(model.id)
+            if mirror is None:
+                mirror = self._hot[model.id] = hot.HotMirror(self.engine, model.id, model.embedding_dim,
+                                                             self.cfg.hot_rows)
+        return mirror.sync(open_ids)
 
     def search(self, model: ModelInfo, query: Query, k: int, f: Filters = Filters(),
                rerank: Optional[bool] = None, rerank_weight: Optional[float] = None) -> List[Hit]:

@@ -105,6 +105,73 @@ def test_search_equals_brute_force_on_the_hot_segment_and_across_the_boundary(en
     assert np.mean(recalls) >= (0.95 if kind == "halfvec" else 0.6), np.mean(recalls)
 
 
+def _top(searcher, model, msg, flt: Filters = Filters()) -> list:
+    q = Query(model.id, msg.summary.global_embedding)
+    return [h.frame_id for h in searcher.search(model, q, 10, flt)]
+
+
+def test_hot_mirror_finds_frames_committed_out_of_id_order(engine, tiny_manifest):
+    """Two ingest transactions: the one with the smaller ids commits last. The serving process's mirror of the
+    hot segment (central.hot) must still find its frames, after it has already seen the larger ids."""
+    if not _pg(engine):
+        pytest.skip("the hot-segment mirror is PostgreSQL's (SQLite has its vector files)")
+    model = tx(engine, store.register_model, tiny_manifest)
+    rng = np.random.default_rng(5)
+    first = [make_message(tiny_manifest, rng, ts_us=T0 + i * 1000, seq=i) for i in range(30)]
+    slow = [make_message(tiny_manifest, rng, ts_us=T0 + 10**6 + i * 1000, seq=i) for i in range(10)]
+    fast = [make_message(tiny_manifest, rng, ts_us=T0 + 2 * 10**6 + i * 1000, seq=i) for i in range(10)]
+    _insert(engine, model, first)
+    searcher = Searcher(engine, SearchConfig(rerank=False))
+    assert _top(searcher, model, first[3])[0] == first[3].frame_id_hex
+    with Session(engine) as a:
+        a.begin()
+        store.insert_frames(a, [store.frame_row(m, model.id, T0) for m in slow])  # allocates the smaller ids
+        _insert(engine, model, fast)  # larger ids, committed first
+        assert _top(searcher, model, fast[4])[0] == fast[4].frame_id_hex
+        assert slow[4].frame_id_hex not in _top(searcher, model, slow[4])  # not committed yet
+        a.commit()
+    mirror = searcher._hot[model.id]
+    for m in slow + fast + first[:5]:
+        assert _top(searcher, model, m)[0] == m.frame_id_hex
+    assert mirror.n == 50 and len(set(mirror.ids.tolist())) == 50  # served by the mirror, each row once
+    frames = _all_frames(engine)
+    for m in (slow[0], fast[0]):
+        q = m.summary.global_embedding
+        for flt in (Filters(), Filters(line="l1", since_us=T0 + 10**6)):
+            assert [h.frame_id for h in searcher.search(model, Query(model.id, q), 10, flt)] == _brute(frames, q, flt, 10)
+
+
+def test_hot_mirror_drops_deleted_and_sealed_rows_and_gives_way_to_sql_past_its_size(engine, tiny_manifest):
+    if not _pg(engine):
+        pytest.skip("the hot-segment mirror is PostgreSQL's (SQLite has its vector files)")
+    from central.store import FRAMES_DELETED
+
+    model = tx(engine, store.register_model, tiny_manifest)
+    rng = np.random.default_rng(6)
+    msgs = [make_message(tiny_manifest, rng, ts_us=T0 + i * 1000, seq=i) for i in range(40)]
+    _insert(engine, model, msgs)
+    searcher = Searcher(engine, SearchConfig(rerank=False))
+    assert _top(searcher, model, msgs[7])[0] == msgs[7].frame_id_hex
+    with Session(engine) as s, s.begin():  # what retention does to a frame of an open segment
+        n = s.execute(text("DELETE FROM frames WHERE frame_id = :f"), {"f": msgs[7].frame_id_hex}).rowcount
+        store.add_counters(s, "retention", {FRAMES_DELETED: n})
+    got = _top(searcher, model, msgs[7])
+    assert msgs[7].frame_id_hex not in got and len(got) == 10
+    assert searcher._hot[model.id].n == 39
+    _seal(engine)  # the segment's HNSW index now answers for it: its rows leave the mirror
+    assert _top(searcher, model, msgs[9])[0] == msgs[9].frame_id_hex
+    assert searcher._hot[model.id].n == 0
+    more = [make_message(tiny_manifest, rng, ts_us=T0 + 10**6 + i * 1000, seq=i) for i in range(30)]
+    _insert(engine, model, more)
+    small = Searcher(engine, SearchConfig(rerank=False, hot_rows=10))  # 30 hot rows: scanned in SQL
+    frames = _all_frames(engine)
+    flt = Filters(since_us=T0 + 10**6)
+    for m in more[:3]:
+        q = m.summary.global_embedding
+        assert [h.frame_id for h in small.search(model, Query(model.id, q), 10, flt)] == _brute(frames, q, flt, 10)
+    assert small._hot[model.id].n == 0
+
+
 def _fid(m: Incoming) -> str:
     from tokenline.wire import decode
 

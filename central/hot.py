@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -42,6 +43,7 @@ _ROWS = (text("SELECT id, segment, capture_us, site, line, camera, halfvec_send(
               "WHERE model_id = :m AND segment IN :segs AND id > :low ORDER BY id LIMIT :cap")
          .bindparams(bindparam("segs", expanding=True)))
 _PLACES = ("site", "line", "camera")
+RETRY_S = 60.0  # after the open segments outgrew the mirror, try again this much later
 
 
 def _among(a: np.ndarray, values: Sequence[int]) -> np.ndarray:
@@ -54,11 +56,15 @@ def _among(a: np.ndarray, values: Sequence[int]) -> np.ndarray:
 
 class HotMirror:
     """One model's open-segment rows (module docstring); thread-safe; at most ``max_rows`` (beyond that
-    ``sync`` returns False and the caller scans in SQL)."""
+    ``sync`` returns False and the caller scans in SQL, for ``RETRY_S``)."""
 
     def __init__(self, engine: Engine, model_id: int, dim: int, max_rows: int) -> None:
         self.engine, self.model_id, self.dim, self.max_rows = engine, int(model_id), int(dim), int(max_rows)
         self.lock = threading.Lock()
+        self.retry_at = 0.0  # after finding too many rows, the caller scans in SQL until then
+        self._reset()
+
+    def _reset(self) -> None:
         self.low = 0  # every row of an open segment with id <= low is in the mirror (or was deleted)
         self.pending: List[Tuple[FrozenSet[str], int]] = []  # (lock holders, largest id seen) per sync
         self.deletions = -1
@@ -119,6 +125,8 @@ class HotMirror:
         ``max_rows`` rows of this model (the mirror is then emptied and the caller scans in SQL)."""
         segs = sorted({int(s) for s in open_segments})
         key = segments.HOT_LOCK
+        if time.monotonic() < self.retry_at:
+            return False
         with self.lock, Session(self.engine) as s:
             held, gen = s.execute(_STATE, {"hi": key >> 32, "lo": key & 0xFFFFFFFF}).one()
             holders, gen = frozenset(held), int(gen)
@@ -144,12 +152,17 @@ class HotMirror:
             if len(rows) > self.max_rows or self.n > self.max_rows:
                 log.warning("model %d: more open-segment rows than search.hot_rows = %d; they are scanned in SQL",
                             self.model_id, self.max_rows)
-                self.__init__(self.engine, self.model_id, self.dim, self.max_rows)  # type: ignore[misc]
+                self._reset()
+                self.retry_at = time.monotonic() + RETRY_S
                 return False
             if done:
                 self.low = max(self.low, max(e[1] for e in done))
                 self.pending = [e for e in self.pending if e not in done]
-            self.pending.append((holders, int(self.ids.max()) if self.n else self.low))
+            top = int(self.ids.max()) if self.n else self.low
+            if self.pending and self.pending[-1][0] == holders:  # the same holders: one entry, the larger id
+                self.pending[-1] = (holders, top)
+            else:
+                self.pending.append((holders, top))
             return True
 
     def knn(self, q: np.ndarray, k: int, open_segments: Sequence[int], site: Optional[str] = None,

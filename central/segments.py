@@ -165,9 +165,14 @@ def build_indexes(engine: Engine, cfg: SegmentsConfig, kind: Optional[str] = Non
         with engine.connect() as c:
             per_model = c.execute(text(f"SELECT model_id, count(*) FROM {name} GROUP BY model_id")).all()
         raw = engine.raw_connection()
+        # out of the pool for good: this connection is switched to autocommit (CONCURRENTLY needs it) and carries
+        # session settings, and the pool would hand it back as it is, so that later "transactions" on it ran
+        # statement by statement (SET LOCAL lost, the hot lock released at once)
+        dbc = raw.driver_connection
+        raw.detach()
         try:
-            raw.driver_connection.autocommit = True
-            cur = raw.driver_connection.cursor()
+            dbc.autocommit = True
+            cur = dbc.cursor()
             for model_id, n in per_model:
                 dim = dims[int(model_id)]
                 if dim > 4000 and kind == "halfvec":

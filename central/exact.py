@@ -41,11 +41,15 @@ def filter_mask(mask: np.ndarray, codes: Mapping[str, Mapping[str, int]], place:
     return mask
 
 
-def top_k(sims: np.ndarray, ids: np.ndarray, k: int) -> List[Tuple[int, float]]:
-    """The ``k`` best ``(id, cosine)`` by cosine, ties by id."""
+def top_positions(sims: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` best rows by cosine ``sims``, best first, ties by ``ids``."""
     k = min(int(k), sims.size)
     if k <= 0:
-        return []
+        return np.zeros(0, np.int64)
     top = np.argpartition(-sims, k - 1)[:k]
-    top = top[np.lexsort((ids[top], -sims[top]))]
-    return [(int(ids[i]), float(sims[i])) for i in top]
+    return top[np.lexsort((ids[top], -sims[top]))]
+
+
+def top_k(sims: np.ndarray, ids: np.ndarray, k: int) -> List[Tuple[int, float]]:
+    """The ``k`` best ``(id, cosine)`` by cosine, ties by id."""
+    return [(int(ids[i]), float(sims[i])) for i in top_positions(sims, ids, k)]

@@ -159,8 +159,9 @@ class HotMirror:
 
     def knn(self, q: np.ndarray, k: int, open_segments: Sequence[int], site: Optional[str] = None,
             line: Optional[str] = None, camera: Optional[str] = None, since_us: Optional[int] = None,
-            until_us: Optional[int] = None) -> List[Tuple[int, float]]:
-        """Top ``k`` rows of ``open_segments`` passing the filters by cosine with the unit query ``q``."""
+            until_us: Optional[int] = None) -> List[Tuple[int, float, int]]:
+        """Top ``k`` rows of ``open_segments`` passing the filters by cosine with the unit query ``q``:
+        ``[(row id, cosine, segment)]``."""
         with self.lock:
             if not self.n:
                 return []
@@ -170,5 +171,6 @@ class HotMirror:
             if sel.size == 0:
                 return []
             sims = (self.emb if sel.size == self.n else self.emb[sel]) @ q.astype(np.float32)
-            ids = self.ids[sel]
-        return exact.top_k(sims, ids, k)
+            ids, segs = self.ids[sel], self.seg[sel]
+        top = exact.top_positions(sims, ids, k)
+        return [(int(ids[i]), float(sims[i]), int(segs[i])) for i in top]

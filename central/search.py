@@ -614,16 +614,22 @@ class Searcher:
 
     def knn(self, model: ModelInfo, q: np.ndarray, k: int, f: Filters) -> List[Tuple[int, float]]:
         """Top ``k`` frames of ``model`` by cosine of the global embedding: ``[(row id, cosine)]``."""
+        return [(i, c) for i, c, _ in self.candidates(model, q, k, f)]
+
+    def candidates(self, model: ModelInfo, q: np.ndarray, k: int,
+                   f: Filters) -> List[Tuple[int, float, Optional[int]]]:
+        """``knn`` with where each row lives: ``[(row id, cosine, segment)]`` (segment None on SQLite), so that
+        PostgreSQL reads each candidate from its own partition (``store.candidate_tokens``)."""
         q = normalize(np.asarray(q, np.float32).reshape(-1))
         if q.shape[0] != model.embedding_dim:
             raise Invalid(f"query dimension {q.shape[0]} != model {model.name!r} dimension {model.embedding_dim}; "
                           "embeddings of different models are never compared", reason=BAD_QUERY)
         if not self.pg:
-            return self._vindex(model).knn(q, k, f, self.cfg.exact_max_rows, self.cfg.binary_candidates,
-                                           self.cfg.ivf_rows or 0)
+            return [(i, c, None) for i, c in self._vindex(model).knn(q, k, f, self.cfg.exact_max_rows,
+                                                                     self.cfg.binary_candidates, self.cfg.ivf_rows or 0)]
         return self._pg_knn(model, q, k, f)
 
-    def _pg_knn(self, model: ModelInfo, q: np.ndarray, k: int, f: Filters) -> List[Tuple[int, float]]:
+    def _pg_knn(self, model: ModelInfo, q: np.ndarray, k: int, f: Filters) -> List[Tuple[int, float, int]]:
         """PostgreSQL: exact over the hot, sealing and kept segments (the hot and sealing ones from the serving
         process's mirror, ``central.hot``, unless label filters or ``search.hot_rows`` say SQL), HNSW over each
         sealed segment's index (binary codes re-scored exactly for ``bit`` indexes); one statement, a branch per
@@ -657,7 +663,7 @@ class Searcher:
             segs = [s for s in segments.list_segments(conn) if s.may_hold(f.since_us, f.until_us)]
         # the mirror syncs on a connection of its own: not while this one is held (threads holding one connection
         # each and waiting for a second could drain the pool)
-        mirrored: List[Tuple[int, float]] = []
+        mirrored: List[Tuple[int, float, int]] = []
         rows: List[Any] = []
         open_ids = [s.id for s in segs if s.exact and s.id != segments.KEPT]
         if open_ids and not f.labels and self._mirror_synced(model, open_ids):
@@ -671,7 +677,8 @@ class Searcher:
             for kind, ids in groups.items():
                 if kind == "exact":
                     seg = f"segment IN ({', '.join(str(i) for i in ids)})"
-                    parts.append(f"(SELECT id, {dist} AS dist FROM frames WHERE {seg} AND {cond} ORDER BY dist LIMIT :k)")
+                    parts.append(f"(SELECT id, {dist} AS dist, segment FROM frames WHERE {seg} AND {cond} "
+                                 "ORDER BY dist LIMIT :k)")
                     continue
                 # one branch per sealed segment, each with its own LIMIT: one branch over several partitions is a
                 # Merge Append of their index scans, which trusts them to return rows in distance order, and an
@@ -679,17 +686,19 @@ class Searcher:
                 for i in ids:
                     seg = f"segment = {int(i)}"
                     if kind == "bit":
-                        parts.append(f"(SELECT id, dist FROM (SELECT id, {dist} AS dist FROM frames WHERE {seg} AND {cond} "
-                                     f"ORDER BY {segments.ann_order('bit', d)} LIMIT :c) b ORDER BY dist LIMIT :k)")
+                        parts.append(f"(SELECT id, dist, {int(i)} FROM (SELECT id, {dist} AS dist FROM frames "
+                                     f"WHERE {seg} AND {cond} ORDER BY {segments.ann_order('bit', d)} LIMIT :c) b "
+                                     "ORDER BY dist LIMIT :k)")
                     else:
-                        parts.append(f"(SELECT id, {dist} AS dist FROM frames WHERE {seg} AND {cond} "
-                                     f"ORDER BY {segments.ann_order(kind, d)} LIMIT :k)")
+                        parts.append(f"(SELECT id, {dist} AS dist, {int(i)} FROM frames WHERE {seg} "
+                                     f"AND {cond} ORDER BY {segments.ann_order(kind, d)} LIMIT :k)")
             if parts:
                 ef = min(1000, max(int(self.cfg.ef_search), int(k), params["c"] if "bit" in groups else 0))
                 conn.execute(text(f"SET LOCAL hnsw.ef_search = {ef}"))
                 conn.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
                 rows = conn.execute(text(" UNION ALL ".join(parts)), params).all()
-        out = sorted([(int(r[0]), 1.0 - float(r[1])) for r in rows] + mirrored, key=lambda t: (-t[1], t[0]))
+        out = sorted([(int(r[0]), 1.0 - float(r[1]), int(r[2])) for r in rows] + mirrored,
+                     key=lambda t: (-t[1], t[0]))
         return out[:k]
 
     def _mirror_synced(self, model: ModelInfo, open_ids: List[int]) -> bool:
@@ -711,14 +720,15 @@ class Searcher:
         use_tokens = rerank and query.tokens is not None and len(query.tokens) > 0 and w > 0
         n_cand = max(k, self.cfg.candidates) if use_tokens else k
         extra = 1 if query.exclude_frame_id else 0
-        cands = self.knn(model, query.global_embedding, n_cand + extra, f)
+        cands = self.candidates(model, query.global_embedding, n_cand + extra, f)
+        where = {c[0]: c[2] for c in cands if c[2] is not None}  # PostgreSQL: each row's segment
         hits_tokens = None
         with Session(self.engine) as s:
             if use_tokens:  # the candidates' tokens only; whole frames for the hits below
-                light = store.candidate_tokens(s, [c[0] for c in cands])
+                light = store.candidate_tokens(s, [c[0] for c in cands], where)
                 cands = [c for c in cands if c[0] in light and light[c[0]][0] != query.exclude_frame_id]
             else:
-                frames = store.get_frames(s, [c[0] for c in cands], model)
+                frames = store.get_frames(s, [c[0] for c in cands], model, where)
                 cands = [c for c in cands if c[0] in frames and frames[c[0]].frame_id != query.exclude_frame_id]
             if not cands:
                 return []
@@ -743,7 +753,7 @@ class Searcher:
                 score = gscore
             order = sorted(range(len(cands)), key=lambda i: (-float(score[i]), cands[i][0]))[:k]
             if use_tokens:
-                frames = store.get_frames(s, [cands[i][0] for i in order], model)
+                frames = store.get_frames(s, [cands[i][0] for i in order], model, where)
                 order = [i for i in order if cands[i][0] in frames]  # a frame deleted meanwhile drops out
         hits = []
         for i in order:

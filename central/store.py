@@ -15,10 +15,11 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-from sqlalchemy import and_, delete, func, insert, or_, select, text, type_coerce, update
+from sqlalchemy import (BigInteger, and_, any_, bindparam, delete, func, insert, literal_column, or_, select, text,
+                        type_coerce, union_all, update)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
@@ -351,25 +352,51 @@ def get_frame(session: Session, frame_id: str) -> Optional[FrameData]:
     return decode_frame(row[0], grid)
 
 
-def get_frames(session: Session, ids: Sequence[int], model: ModelInfo) -> Dict[int, FrameData]:
-    """Frames of ``model`` by surrogate ``id`` (search candidates), tokens decoded; the global embedding is not
-    read (the kNN stage already scored it), so the summary's ``global_embedding`` is empty here."""
+def rows_by_id(session: Session, cols: Sequence[Any], ids: Sequence[int],
+               segment_of: Optional[Mapping[int, int]] = None) -> List[Any]:
+    """``cols`` of the frames with surrogate ``id`` in ``ids``. On PostgreSQL, with ``segment_of`` (id -> segment,
+    as the kNN found them), one branch per segment, each pruned to its own partition: ``id IN (...)`` on the
+    partitioned table probes every partition's key for every id (200 candidates over 4 segments: 180 ms against 14
+    ms per segment). A row no longer in its segment (moved to the kept one meanwhile) is read by id alone."""
+    ids = list(ids)
     if not ids:
-        return {}
+        return []
+    if not segment_of or not is_postgres(session.get_bind()):
+        return list(session.execute(select(*cols).where(Frame.id.in_(ids))).all())
+    by_seg: Dict[int, List[int]] = {}
+    for i in ids:
+        by_seg.setdefault(int(segment_of[i]) if i in segment_of else -1, []).append(int(i))
+    loose = by_seg.pop(-1, [])
+    seg_col, id_array = literal_column("segment"), postgresql.ARRAY(BigInteger)
+    branches = [select(*cols).where(seg_col == sg, Frame.id == any_(bindparam(f"ids{sg}", v, id_array)))
+                for sg, v in by_seg.items()]
+    rows = list(session.execute(union_all(*branches)).all()) if branches else []
+    found = {int(r[0]) for r in rows}
+    loose += [i for v in by_seg.values() for i in v if i not in found]
+    if loose:
+        rows += session.execute(select(*cols).where(Frame.id.in_(loose))).all()
+    return rows
+
+
+def get_frames(session: Session, ids: Sequence[int], model: ModelInfo,
+               segment_of: Optional[Mapping[int, int]] = None) -> Dict[int, FrameData]:
+    """Frames of ``model`` by surrogate ``id`` (search candidates), tokens decoded; the global embedding is not
+    read (the kNN stage already scored it), so the summary's ``global_embedding`` is empty here. ``segment_of``:
+    see ``rows_by_id``."""
     cols = [getattr(Frame, n) for n in ("id", *_FRAME_META, *_SUMMARY_COLS)]
     empty = np.zeros(0, np.float32)
     grid = model.manifest.summary.footprint_grid
-    return {r.id: _frame_data(r, empty, grid) for r in session.execute(select(*cols).where(Frame.id.in_(list(ids))))}
+    return {r.id: _frame_data(r, empty, grid) for r in rows_by_id(session, cols, ids, segment_of)}
 
 
-def candidate_tokens(session: Session, ids: Sequence[int]) -> Dict[int, Tuple[str, np.ndarray, np.ndarray]]:
+def candidate_tokens(session: Session, ids: Sequence[int], segment_of: Optional[Mapping[int, int]] = None
+                     ) -> Dict[int, Tuple[str, np.ndarray, np.ndarray]]:
     """What the MaxSim re-rank reads of each candidate, by surrogate ``id``: (frame id, tokens [K, d], which
     tokens take part [K] (those standing for a footprint cell; all without a footprint)); the blobs of one K
-    are unpacked together. The full frames are read afterwards for the hits only (``get_frames``)."""
-    if not ids:
-        return {}
-    rows = session.execute(select(Frame.id, Frame.frame_id, Frame.k, Frame.tokens, Frame.sizes,
-                                  Frame.footprint.is_(None)).where(Frame.id.in_(list(ids)))).all()
+    are unpacked together. The full frames are read afterwards for the hits only (``get_frames``).
+    ``segment_of``: see ``rows_by_id``."""
+    rows = rows_by_id(session, (Frame.id, Frame.frame_id, Frame.k, Frame.tokens, Frame.sizes,
+                                Frame.footprint.is_(None)), ids, segment_of)
     out: Dict[int, Tuple[str, np.ndarray, np.ndarray]] = {}
     for k in {int(r[2]) for r in rows}:
         part = [r for r in rows if int(r[2]) == k]

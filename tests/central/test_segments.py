@@ -110,6 +110,45 @@ def _top(searcher, model, msg, flt: Filters = Filters()) -> list:
     return [h.frame_id for h in searcher.search(model, q, 10, flt)]
 
 
+def test_candidates_are_read_from_their_own_segment_and_a_moved_row_is_still_found(engine, tiny_manifest):
+    """The re-rank reads its candidates' tokens partition by partition (``store.rows_by_id``): the kNN must say
+    where each candidate lives (sealed, hot and kept segments), and the per-segment read must return what a read
+    by id alone returns, also for a row whose segment changed after the kNN found it."""
+    model = tx(engine, store.register_model, tiny_manifest)
+    rng = np.random.default_rng(21)
+    center = unit(rng, 1, 384)[0]
+    msgs = [make_message(tiny_manifest, rng, ts_us=T0 + i * 1000, seq=i, center=center, noise=0.5) for i in range(90)]
+    _insert(engine, model, msgs[:40])
+    _seal(engine)
+    _insert(engine, model, msgs[40:])
+    if _pg(engine):  # one frame of the sealed segment goes to the kept segment (as a legal hold outliving it would)
+        with engine.begin() as c:
+            c.execute(text("UPDATE frames SET segment = :k WHERE frame_id = :f"),
+                      {"k": segments.KEPT, "f": msgs[5].frame_id_hex})
+    searcher = Searcher(engine, SearchConfig())
+    cands = searcher.candidates(model, center, 60, Filters())
+    with engine.connect() as c:
+        actual = {int(i): int(sg) for i, sg in c.execute(text("SELECT id, segment FROM frames"))} if _pg(engine) else {}
+    where = {i: sg for i, _, sg in cands if sg is not None}
+    assert where == ({i: actual[i] for i, _, _ in cands} if _pg(engine) else {})  # each candidate's true segment
+    if _pg(engine):
+        assert {sg for sg in where.values()} == {segments.KEPT, 1, 2}
+        moved = next(i for i, sg in where.items() if sg == 2)
+        where[moved] = 1  # as if it had moved after the kNN
+    ids = [i for i, _, _ in cands]
+    with Session(engine) as s:
+        plain, located = store.candidate_tokens(s, ids), store.candidate_tokens(s, ids, where)
+        assert sorted(plain) == sorted(located) == sorted(ids)
+        for i in ids:
+            assert plain[i][0] == located[i][0] and np.array_equal(plain[i][1], located[i][1])
+            assert np.array_equal(plain[i][2], located[i][2])
+        frames = store.get_frames(s, ids, model, where)
+        assert {f.frame_id for f in frames.values()} == {plain[i][0] for i in ids}
+    q = Query(model.id, msgs[50].summary.global_embedding, msgs[50].summary.tokens,
+              np.ones(len(msgs[50].summary.tokens), np.float32))
+    assert searcher.search(model, q, 5)[0].frame_id == msgs[50].frame_id_hex
+
+
 def test_hot_mirror_finds_frames_committed_out_of_id_order(engine, tiny_manifest):
     """Two ingest transactions: the one with the smaller ids commits last. The serving process's mirror of the
     hot segment (central.hot) must still find its frames, after it has already seen the larger ids."""

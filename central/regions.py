@@ -1,13 +1,14 @@
 """Region search: frames that hold a region like the query anywhere, scored by their best-matching summary token.
 
-Two queries, one vector in the summary tokens' space (d dims, models with a footprint summary only):
+Three queries, one vector in the summary tokens' space (d dims; crops and boxes need a model with footprints):
 
 - a **crop** (an image file): encoded by the model like a frame; its ``patch_mean`` (the unit mean of its centred,
   projected patch tokens) is the query vector;
 - a **box on a stored frame** ("find frames with this anywhere"): the box, given as fractions of the original
   frame, is mapped into the model input (``tokenline.preprocess.frame_to_input``: ROI, letterbox and centre crop
   aware); each summary token whose footprint overlaps it weighs by the overlap's area, and the query vector is
-  the unit weighted mean of those tokens. The frame itself is left out of the results.
+  the unit weighted mean of those tokens. The frame itself is left out of the results;
+- a **token of a stored frame** (frames like a flagged frame's anomalous region, ``central.anomaly.queries``).
 
 Scoring is exact: every frame of the model that passes the filters is read (in id order, ``SCAN_ROWS`` at a
 time) and scored by max_j cos(q, t_j) over its tokens that stand for at least one cell; the top k by score,
@@ -47,7 +48,7 @@ class RegionQuery:
 
     model_id: int
     vector: np.ndarray
-    kind: str  # "crop" or "box"
+    kind: str  # "crop", "box" or "token"
     frame_id: Optional[str] = None  # box: the frame it was drawn on (never its own result)
     box: Optional[Box] = None  # box: fractions of that frame
     tokens: List[Dict[str, Any]] = field(default_factory=list)  # box: the tokens it drew on, with their weights
@@ -142,8 +143,10 @@ def best_tokens(vector: np.ndarray, tokens: np.ndarray, sizes: np.ndarray) -> Tu
 def region_search(engine: Engine, model: ModelInfo, query: RegionQuery, k: int, where: Sequence[Any],
                   max_results: int) -> List[RegionHit]:
     """The top ``k`` frames of ``model`` by best-matching token (exact scan, module docstring); ``where``: the
-    filters' SQL conditions on ``frames`` (``central.search.frame_conditions``), the model's included."""
-    needs_footprints(model)
+    filters' SQL conditions on ``frames`` (``central.search.frame_conditions``), the model's included. Crop and box
+    queries need footprints; a stored token as the query does not."""
+    if query.kind != "token":
+        needs_footprints(model)
     k = max(1, min(int(k), max_results))
     vec = unit(query.vector)
     if vec.shape[0] != model.token_dim:

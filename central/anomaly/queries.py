@@ -4,8 +4,8 @@ anomalous region, and frames like that region.
 Scores are read joined with ``frames`` so a frame retention deleted never shows, even before the sweep drops its
 score. Regions are in [0, 1] of the model input (x0, y0, x1, y1), as the summary's centroids are.
 
-"Frames like this region" scores every stored frame of the model by the best cosine of any of its summary tokens
-with the query token (the frame's anomalous token, or any token of it), exhaustively over the filtered frames.
+"Frames like this region" is region search (``central.regions``: every filtered frame of the model scored by the
+best cosine of its summary tokens) with the frame's anomalous token, or any token of it, as the query.
 """
 
 from __future__ import annotations
@@ -13,15 +13,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from central import store
+from central import regions, store
 from central.anomaly import refsets
 from central.errors import Invalid, NotFound
-from central.search import Filters
+from central.kmeans import unit
+from central.search import Filters, frame_conditions
+from sql.db import is_postgres
 from sql.models import Frame, FrameScore
+from sql.types import unpack_token_rows
 from tokenline.anomaly import Region, token_region, unpack_mask
 from tokenline.summary import Summary
 
@@ -72,15 +74,16 @@ def _scored(r: FrameScore) -> ScoredFrame:
                        None if r.edge_score is None else float(r.edge_score), int(r.scored_us))
 
 
-def _filtered(q: Select, model_id: Optional[int], f: Filters, table: Any = FrameScore) -> Select:
-    """``q`` restricted to a model, a place and a capture-time range on ``table``'s columns (frames or scores)."""
-    for col, v in ((table.model_id, model_id), (table.site, f.site), (table.line, f.line), (table.camera, f.camera)):
+def _filtered(q: Select, model_id: Optional[int], f: Filters) -> Select:
+    """``q`` restricted to a model, a place and a capture-time range (the score rows' own columns)."""
+    t = FrameScore
+    for col, v in ((t.model_id, model_id), (t.site, f.site), (t.line, f.line), (t.camera, f.camera)):
         if v is not None:
             q = q.where(col == v)
     if f.since_us is not None:
-        q = q.where(table.capture_us >= f.since_us)
+        q = q.where(t.capture_us >= f.since_us)
     if f.until_us is not None:
-        q = q.where(table.capture_us < f.until_us)
+        q = q.where(t.capture_us < f.until_us)
     return q
 
 
@@ -161,14 +164,15 @@ def _frame_tokens(session: Session, frame_id: str, models: Dict[int, Any]) -> Tu
                                Frame.footprint).where(Frame.frame_id == frame_id)).first()
     if r is None:
         raise NotFound("unknown frame", reason="not_found")
-    tokens = refsets.decode_tokens([r.tokens], int(r.k))[0]
+    tokens = unpack_token_rows([r.tokens], int(r.k))[0]
     return r, refsets.row_summary(r, tokens, models[r.model_id].manifest.summary.footprint_grid)
 
 
 def similar_region(session: Session, frame_id: str, token: Optional[int] = None, k: int = 24,
-                   filters: Filters = Filters(), chunk: int = 5000) -> Tuple[Dict[str, Any], List[RegionHit]]:
+                   filters: Filters = Filters()) -> Tuple[Dict[str, Any], List[RegionHit]]:
     """Frames of the same model whose best-matching summary token is closest to ``token`` of ``frame_id``
-    (default: its most anomalous token); the frame itself is left out. Returns (the query, hits)."""
+    (default: its most anomalous token): region search (``central.regions``) with that token as the query; the
+    frame itself is left out. Returns (the query, hits)."""
     store.check_frame_id(frame_id)
     models = {m.id: m for m in store.list_models(session)}
     row, summary = _frame_tokens(session, frame_id, models)
@@ -179,31 +183,12 @@ def similar_region(session: Session, frame_id: str, token: Optional[int] = None,
         token = int(scored)
     if not 0 <= token < summary.k:
         raise Invalid(f"token must be in 0..{summary.k - 1}", reason=REASON)
-    grid = tuple(models[row.model_id].manifest.encoder.grid)
-    q = summary.tokens[token] / max(float(np.linalg.norm(summary.tokens[token])), 1e-12)
-    cols = [Frame.id, Frame.frame_id, Frame.site, Frame.line, Frame.camera, Frame.capture_us, Frame.k, Frame.tokens]
-    base = _filtered(select(*cols).where(Frame.frame_id != frame_id), row.model_id, filters, Frame)
-    k = max(1, min(int(k), 200))
-    best: List[Tuple[float, int, Any]] = []  # (sim, token, row) of the top k so far
-    last = 0
-    while True:
-        rows = session.execute(base.where(Frame.id > last).order_by(Frame.id).limit(chunk)).all()
-        if not rows:
-            break
-        last = int(rows[-1].id)
-        for part in refsets.group_by_shape(rows):
-            toks = refsets.decode_tokens([r.tokens for r in part], int(part[0].k))
-            if toks.shape[-1] != q.shape[0]:
-                continue
-            sims = toks @ q  # [n, K]
-            j = sims.argmax(axis=1)
-            s = sims[np.arange(len(part)), j]
-            best += [(float(s[i]), int(j[i]), part[i]) for i in range(len(part))]
-        best = sorted(best, key=lambda t: (-t[0], t[2].frame_id))[:k]
-    hits = []
-    for sim, j, r in best:
-        _, sm = _frame_tokens(session, r.frame_id, models)
-        hits.append(RegionHit(r.frame_id, r.site, r.line, r.camera, int(r.capture_us), sim, j,
-                              token_region(sm, j, grid)))
+    model = models[row.model_id]
+    grid = tuple(model.manifest.encoder.grid)
+    q = regions.RegionQuery(model.id, unit(summary.tokens[token]), "token", frame_id=frame_id)
+    where = frame_conditions(model.id, filters, is_postgres(session.get_bind()))
+    found = regions.region_search(session.get_bind(), model, q, k, where, max_results=200)
+    hits = [RegionHit(h.frame.frame_id, h.frame.site, h.frame.line, h.frame.camera, int(h.frame.capture_us),
+                      h.score, h.token, token_region(h.frame.summary, h.token, grid)) for h in found]
     query = {"frame_id": frame_id, "token": token, "region": token_region(summary, token, grid).public()}
     return query, hits

@@ -62,11 +62,6 @@ def _info(row: ReferenceSet, bank: Optional[Bank] = None) -> SetInfo:
 
 
 # -- frames of a set -------------------------------------------------------------------------------------------
-def decode_tokens(blobs: Sequence[bytes], k: int) -> np.ndarray:
-    """[F, K, d] float32 from packed token blobs of equal length (``sql.types.unpack_token_rows``)."""
-    return unpack_token_rows(list(blobs), k)
-
-
 def row_summary(r: Any, tokens: np.ndarray, footprint_grid: Optional[Tuple[int, int]],
                 global_embedding: Optional[np.ndarray] = None) -> Summary:
     """The summary of a ``frames`` row (``k``, ``sizes``, ``centroids``, ``footprint``) whose tokens are decoded,
@@ -100,7 +95,7 @@ def load_frames(session: Session, frame_ids: Sequence[str], with_globals: bool) 
     k = int(rows[found[0]].k)
     if len({(int(rows[f].k), len(rows[f].tokens)) for f in found}) != 1:
         raise Invalid("the set's frames have different token shapes (K or d)", reason=REASON)
-    tokens = decode_tokens([rows[f].tokens for f in found], k)
+    tokens = unpack_token_rows([rows[f].tokens for f in found], k)
     sizes = np.stack([unpack_f32(rows[f].sizes, (k,)) for f in found])
     globals_ = (np.stack([np.asarray(rows[f].global_embedding, np.float32) for f in found]) if with_globals
                 else np.zeros((len(found), 0), np.float32))

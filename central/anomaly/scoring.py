@@ -23,6 +23,7 @@ from central.anomaly import refsets
 from central.config import AnomalyConfig
 from central.store import ModelInfo
 from sql.models import Frame, FrameScore, ReferenceSet
+from sql.types import unpack_token_rows
 from tokenline.anomaly import Bank, footprint_regions, pack_masks, token_region
 from tokenline.summary import Summary
 from tokenline.topics import Alert
@@ -235,7 +236,7 @@ def backfill(engine: Engine, set_id: Optional[int] = None, batch: int = 500,
                 scored: List[Scored] = []
                 for shape_rows in refsets.group_by_shape(rows):
                     k = int(shape_rows[0].k)
-                    toks = refsets.decode_tokens([r.tokens for r in shape_rows], k)
+                    toks = unpack_token_rows([r.tokens for r in shape_rows], k)
                     frames = []
                     for r, t in zip(shape_rows, toks):
                         g = (np.asarray(r.global_embedding, np.float32) if bank.info.mode != "tokens"

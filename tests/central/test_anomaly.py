@@ -162,8 +162,15 @@ def test_reference_set_from_the_api_then_ingest_scores_alerts_odd_frames_only_an
     sim = client.get(f"/v1/frames/{odd[0].frame_id.hex()}/similar-region", params={"k": 5}, headers=v).json()
     assert sim["query"]["token"] == 5 and len(sim["results"]) == 5
     assert odd[0].frame_id.hex() not in {h["frame_id"] for h in sim["results"]}
-    q = odd[0].summary.tokens[5]
-    assert sim["results"][0]["sim"] >= max(float(np.max(m.summary.tokens @ q)) for m in history + normal) - 0.01
+    with Session(engine) as s:  # brute force over the stored (quantised) tokens of every other frame
+        stored = {m.frame_id.hex(): store.get_frame(s, m.frame_id.hex()).summary for m in history + normal + odd}
+    q = stored[odd[0].frame_id.hex()].tokens[5]
+    q = q / np.linalg.norm(q)
+    best = {f: float(np.max(np.where(sm.sizes > 0, sm.tokens @ q, -np.inf))) for f, sm in stored.items()
+            if f != odd[0].frame_id.hex()}
+    want = sorted(best, key=lambda f: -best[f])[:5]
+    assert [h["frame_id"] for h in sim["results"]] == want
+    assert [h["sim"] for h in sim["results"]] == pytest.approx([best[f] for f in want], abs=1e-5)
 
     # backfill: the 40 frames stored before the set, with a progress bar
     out = subprocess.run([sys.executable, "-m", "central.cli", "--db", db_url, "backfill"], cwd=ROOT,

@@ -159,7 +159,7 @@ def frame_row(msg: "TokenMessage", model_id: int, received_us: int) -> Dict[str,
         "seq": int(msg.seq), "flags": int(msg.flags), "token_dtype": msg.token_dtype,
         "k": msg.summary.k, "global_embedding": np.asarray(msg.summary.global_embedding, np.float32),
         # int8 rows as they arrived: the stored layout (pack_tokens) is the wire's, no second rounding
-        "tokens": msg.int8_rows if msg.int8_rows is not None else pack_tokens(msg.summary.tokens),
+        "tokens": msg.token_rows() or pack_tokens(msg.summary.tokens),
         "sizes": pack_f32(msg.summary.sizes),
         "centroids": pack_f32(msg.summary.centroids),
         "legal_hold": False,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from sqlalchemy import inspect, select, text
@@ -139,6 +141,11 @@ def test_stored_tokens_are_exactly_the_decoded_ones_for_int8(engine, tiny_manife
         np.testing.assert_array_equal(back, msg.summary.tokens)
     else:
         assert np.abs(back - msg.summary.tokens).max() < 0.01 * np.abs(msg.summary.tokens).max()
+    # a summary replaced after decoding is stored as it is now, not as the rows that arrived
+    other = replace(msg, frame_id=bytes(16), summary=replace(msg.summary, tokens=-msg.summary.tokens))
+    assert other.token_rows() is None
+    np.testing.assert_allclose(unpack_tokens(store.frame_row(other, model.id, 0)["tokens"], 16, 384),
+                               -msg.summary.tokens, atol=0.01)
 
 
 def test_api_tokens_hashed_with_roles(engine):

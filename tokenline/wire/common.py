@@ -66,7 +66,8 @@ class TokenMessage:
     ``anomaly`` (v2 only) is the edge's own anomaly score of the frame against a bank exported from central;
     ``version`` is the wire version the message was decoded from (what ``encode`` writes by default);
     ``int8_rows`` (set by ``decode`` for int8 tokens) is the token rows exactly as they arrived, K float32 scales
-    then K*d int8 values (``encode_rows``), so that a reader storing that layout keeps them as they are.
+    then K*d int8 values (``encode_rows``), so that a reader storing that layout keeps them as they are; they are
+    read through ``token_rows()``, which drops them once the summary is replaced (``dataclasses.replace``).
     """
 
     frame_id: bytes
@@ -84,6 +85,11 @@ class TokenMessage:
     anomaly: Optional[AnomalyScore] = None
     version: int = 2
     int8_rows: Optional[bytes] = field(default=None, repr=False)
+    rows_of: Optional[Summary] = field(default=None, repr=False)  # the summary ``int8_rows`` encode
+
+    def token_rows(self) -> Optional[bytes]:
+        """``int8_rows`` while they still encode this message's summary, else None."""
+        return self.int8_rows if self.int8_rows is not None and self.rows_of is self.summary else None
 
     @property
     def frame_id_hex(self) -> str:

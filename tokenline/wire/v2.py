@@ -248,8 +248,9 @@ def decode(buf: bytes, max_bytes: int) -> TokenMessage:
         if codec != 0:
             raise WireError("bad_dtype", f"unknown anomaly codec {codec}")
         anomaly = _decode_anomaly(sec.take(sec.end - sec.pos, "anomaly"), k)
+    summary = Summary(g, t, sizes, centroids, footprint)
     return TokenMessage(
         frame_id=fid, device=names[0], site=names[1], line=names[2], camera=names[3], capture_ts_us=ts_us,
-        seq=seq, manifest_hash=mhash, summary=Summary(g, t, sizes, centroids, footprint), token_dtype=mode,
-        flags=flags, metadata=metadata, anomaly=anomaly, version=VERSION, int8_rows=int8_rows,
+        seq=seq, manifest_hash=mhash, summary=summary, token_dtype=mode, flags=flags, metadata=metadata,
+        anomaly=anomaly, version=VERSION, int8_rows=int8_rows, rows_of=summary,
     )

@@ -11,7 +11,7 @@ import fcntl
 import statistics
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Union
 
 import numpy as np
 
@@ -29,9 +29,10 @@ def bench_lock() -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def time_side_by_side(paths: Dict[str, Path], x: np.ndarray, rounds: int, threads: int, base: str,
-                      step: Callable[[], None] = lambda: None) -> Dict[str, dict]:
-    """{name: {img_s, ratio, rounds}} for ONNX models run on the batch ``x``; ``ratio`` is against ``base``."""
+def time_side_by_side(paths: Dict[str, Path], x: Union[np.ndarray, Dict[str, np.ndarray]], rounds: int, threads: int,
+                      base: str, step: Callable[[], None] = lambda: None) -> Dict[str, dict]:
+    """{name: {img_s, ratio, rounds}} for ONNX models run on the batch ``x`` (or ``x[name]``: models of different
+    input sizes); ``ratio`` is against ``base``."""
     from exporter.validate import ort_session, throughput
 
     with bench_lock():
@@ -39,7 +40,7 @@ def time_side_by_side(paths: Dict[str, Path], x: np.ndarray, rounds: int, thread
         rates: Dict[str, List[float]] = {name: [] for name in sessions}
         for _ in range(rounds):
             for name, sess in sessions.items():
-                rates[name].append(throughput(sess, x, 1))
+                rates[name].append(throughput(sess, x[name] if isinstance(x, dict) else x, 1))
             step()
     ref = rates[base]
     return {name: {"img_s": statistics.median(r), "ratio": statistics.median(a / b for a, b in zip(r, ref)),

@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -40,7 +42,13 @@ def chrome(download_dir: Path | None = None):
     if download_dir is not None:
         opts.add_experimental_option("prefs", {"download.default_directory": str(download_dir),
                                                "download.prompt_for_download": False})
-    return webdriver.Chrome(service=Service(driver, env=dict(os.environ, TZ=BROWSER_TZ)), options=opts)
+    # Chromium leaves a singleton folder in TMPDIR (/tmp/org.chromium.Chromium.*) behind on every start: give each
+    # browser a temporary folder of its own, removed with the driver
+    tmp = tempfile.mkdtemp(prefix="tokenline-chromium-")
+    opts.add_argument(f"--user-data-dir={tmp}/profile")
+    browser = webdriver.Chrome(service=Service(driver, env=dict(os.environ, TZ=BROWSER_TZ, TMPDIR=tmp)), options=opts)
+    weakref.finalize(browser, shutil.rmtree, tmp, True)
+    return browser
 
 
 def shot(driver, name: str) -> Path:

@@ -29,6 +29,13 @@ def bench_lock() -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def add_timing_args(ap, rounds: int = 7) -> None:
+    """The command-line options of a side-by-side ONNX Runtime timing run: rounds, batch, intra-op threads."""
+    ap.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds (median of the ratios reported)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+
+
 def time_side_by_side(paths: Dict[str, Path], x: Union[np.ndarray, Dict[str, np.ndarray]], rounds: int, threads: int,
                       base: str, step: Callable[[], None] = lambda: None) -> Dict[str, dict]:
     """{name: {img_s, ratio, rounds}} for ONNX models run on the batch ``x`` (or ``x[name]``: models of different

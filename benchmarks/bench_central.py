@@ -4,9 +4,10 @@
     python benchmarks/bench_central.py                    # 1M frames, both backends (about an hour on 2 cores)
     python benchmarks/bench_central.py --frames 100000    # quicker
 
-Writes the ``central`` section of BENCHMARKS.md. Synthetic but shaped like real traffic: K=16, D=384 unit-norm
-tokens in 200 clusters, int8 on the wire, capture times at 1,000 frames/s (so the hot PostgreSQL segment of the
-search benchmark holds the last minute). Ingest numbers are medians of ``--runs`` runs; one run side by side.
+Writes the ``central`` section of BENCHMARKS.md. Synthetic but shaped like real traffic: ingest sends messages
+shaped by the exported model ``--ingest-model`` (``make demo``'s: K=16 tokens of d=96, a 16x16 footprint, int8 on
+the wire); search stores K=16, D=384 unit-norm tokens in 200 clusters, capture times at 1,000 frames/s (so the hot
+PostgreSQL segment holds the last minute). Ingest numbers are medians of ``--runs`` runs; one run side by side.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from tests.support.tiny_model import build_tiny_model  # noqa: E402
 from tokenline import topics  # noqa: E402
 from tokenline.frame_id import new_frame_id  # noqa: E402
 from tokenline.manifest import Manifest  # noqa: E402
-from tokenline.summary import Summary  # noqa: E402
+from tokenline.summary import Summary, boxes_from_footprint  # noqa: E402
 from tokenline.wire import TokenMessage, encode  # noqa: E402
 
 console = Console(stderr=True)
@@ -110,18 +111,28 @@ def unit(rng, *shape):
 
 
 def messages(manifest: Manifest, n: int, rng) -> List[TokenMessage]:
-    centers = unit(rng, 200, D)
+    """``n`` messages shaped by ``manifest``: K tokens of the summary's dim around 200 cluster centres; a model with
+    footprints (``slic``) also sends a random footprint with the sizes and centroids it implies."""
+    k, d, dim = manifest.summary.k, manifest.summary.dim, manifest.embedding_dim
+    grid = manifest.summary.footprint_grid
+    centers = unit(rng, 200, d)
+    g_centers = centers if d == dim else unit(rng, 200, dim)
     out = []
     t0 = time.time_ns() // 1000
     for i in range(n):
-        t = centers[i % 200] + 0.8 * unit(rng, K, D)
+        t = centers[i % 200] + 0.8 * unit(rng, k, d)
         t /= np.linalg.norm(t, axis=1, keepdims=True)
-        g = t.mean(0)
+        g = t.mean(0) if d == dim else g_centers[i % 200] + 0.25 * unit(rng, dim)
+        if grid is None:
+            fp, sizes, cents = None, np.ones(k, np.float32), rng.uniform(0, 1, (k, 2)).astype(np.float32)
+        else:
+            fp = rng.integers(0, k, size=tuple(grid)).astype(np.uint8)
+            sizes, cents = boxes_from_footprint(fp, k)
         ts = t0 + i * FPS_US
         out.append(TokenMessage(new_frame_id(ts), f"dev{i % 8}", "s1", f"l{i % 4}", f"c{i % 8}", ts, i & 0xFFFFFFFF,
                                 manifest.hash_bytes(),
                                 Summary((g / np.linalg.norm(g)).astype(np.float32), t.astype(np.float32),
-                                        np.ones(K, np.float32), rng.uniform(0, 1, (K, 2)).astype(np.float32))))
+                                        sizes, cents, fp)))
     return out
 
 
@@ -496,6 +507,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=1_000_000)
     ap.add_argument("--ingest-messages", type=int, default=20_000)
+    ap.add_argument("--ingest-model", type=Path, default=ROOT / "out" / "demo" / "model",
+                    help="the exported model whose messages ingest measures (`make demo` writes the default)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--batch-max", type=int, default=500)
     ap.add_argument("--runs", type=int, default=3)
@@ -517,8 +530,12 @@ def main() -> int:
     reused: List[str] = []  # stages taken from an earlier run (--resume), said in the results
     prof_path = str(tmp / "worker.prof")
     try:
-        manifest = Manifest.from_file(build_tiny_model(tmp / "model", size=32, patch=8, dim=D))
-        saved = _saved("ingest") if args.resume else None
+        manifest = Manifest.from_file(build_tiny_model(tmp / "model", size=32, patch=8, dim=D))  # search's frames
+        if not (args.ingest_model / "manifest.json").is_file():
+            raise SystemExit(f"no exported model in {args.ingest_model}: run `make demo` or pass --ingest-model DIR")
+        product = Manifest.from_file(args.ingest_model)
+        stage = f"ingest-{product.name}"
+        saved = _saved(stage) if args.resume else None
         if saved is not None:
             ingest = {(k.split("/")[0], int(k.split("/")[1])): v for k, v in saved["ingest"].items()}
             commit, prof_table = saved["commit"], saved["profile"]
@@ -530,10 +547,10 @@ def main() -> int:
                     for w in args.workers:
                         prof = prof_path if (r == 0 and k == "postgresql" and w == 1) else ""
                         ingest.setdefault((k, w), []).append(
-                            bench_ingest(backends, k, manifest, args.ingest_messages, w, args.batch_max, tmp, prof))
+                            bench_ingest(backends, k, product, args.ingest_messages, w, args.batch_max, tmp, prof))
             prof_table = profile_lines(prof_path) if Path(prof_path).exists() else []
-            commit = {k: bench_commit_path(backends, k, manifest, args.ingest_messages, args.batch_max) for k in kinds}
-            _save(tmp, "ingest", {"ingest": {f"{k}/{w}": v for (k, w), v in ingest.items()}, "commit": commit,
+            commit = {k: bench_commit_path(backends, k, product, args.ingest_messages, args.batch_max) for k in kinds}
+            _save(tmp, stage, {"ingest": {f"{k}/{w}": v for (k, w), v in ingest.items()}, "commit": commit,
                                   "profile": prof_table})
         search_sq, search_pg = None, None
         if not args.skip_search:
@@ -559,13 +576,18 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     load_after = os.getloadavg()
-    msg_bytes = len(encode(messages(manifest, 1, np.random.default_rng(0))[0], "int8"))
+    msg_bytes = len(encode(messages(product, 1, np.random.default_rng(0))[0], "int8"))
+    ps = product.summary
     lines = [f"Load average (1/5/15 min) before: {load_before[0]:.1f}/{load_before[1]:.1f}/{load_before[2]:.1f}, "
              f"after: {load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f} on {os.cpu_count()} cores — this "
              "machine is shared with other engineers' work, so absolute numbers are pessimistic and noisy.", "",
              *([f"Resumed run: {' and '.join(reused)} come from an earlier run of the same command "
                 "(saved in $TOKENLINE_BENCH_OUT), the rest from this one.", ""] if reused else []),
-             f"Synthetic frames, K={K} summary tokens, D={D}; int8 tokens on the wire ({msg_bytes:,} B/message).", "",
+             f"Ingest: messages shaped like `{product.name}`'s (the model `make demo` exports: K={ps.k} summary tokens "
+             f"of d={ps.dim}, {'a %dx%d' % tuple(ps.footprint_grid) if ps.footprint_grid else 'no'} footprint, a "
+             f"D={product.embedding_dim} "
+             f"global embedding), synthetic values, int8 on the wire ({msg_bytes:,} B/message). Search: synthetic "
+             f"frames with K={K} tokens of D={D} in 200 clusters.", "",
              f"### Ingest through Mosquitto ({args.ingest_messages:,} messages, N worker processes on one shared "
              f"subscription, batches of <= {args.batch_max}, commit then ack)", "",
              "A backlog queued in Mosquitto for the workers' persistent sessions, drained: msg/s from the workers' "

@@ -25,9 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import write_section  # noqa: E402
-from benchmarks._timing import time_side_by_side  # noqa: E402
+from benchmarks._timing import add_timing_args, time_side_by_side  # noqa: E402
 from benchmarks.embed_cache import Spec, embed_rows, load_model, onnx_cached  # noqa: E402
-from benchmarks.neu_det import load_neu_det, retrieval_metrics, split_halves  # noqa: E402
+from benchmarks.neu_det import first_per_class, load_neu_det, retrieval_metrics, split_halves  # noqa: E402
 
 COLS = ["input (px)", "tokens", "GFLOPs", "FLOP speed-up", "ORT speed-up", "ΔP@10 held-out (pt)",
         "est. loss on calib. (pt)", "NN agreement (calib.)", "cos (calib.)"]
@@ -38,9 +38,7 @@ def main() -> int:
     ap.add_argument("--base", type=int, default=224, help="the reference input size (the export default)")
     ap.add_argument("--sizes", default="196,168,154,140", help="lower input sizes (multiples of the patch size)")
     ap.add_argument("--calib-per-class", type=int, default=25)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
+    add_timing_args(ap)
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
 
@@ -53,10 +51,9 @@ def main() -> int:
     from tokenline.preprocess import preprocess_batch, read_image
 
     console = Console()
-    paths, labels, classes = load_neu_det()
+    paths, labels, _ = load_neu_det()
     calib_half, held = split_halves(labels)
-    calib = np.sort(np.concatenate([calib_half[labels[calib_half] == c][: args.calib_per_class]
-                                    for c in range(len(classes))]))
+    calib = first_per_class(calib_half, labels, args.calib_per_class)
     sizes = [args.base] + [int(v) for v in args.sizes.split(",") if v]
     rows: Dict[int, dict] = {}
     onnx, inputs = {}, {}

@@ -32,9 +32,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import ROOT, write_section  # noqa: E402
-from benchmarks._timing import time_side_by_side  # noqa: E402
+from benchmarks._timing import add_timing_args, time_side_by_side  # noqa: E402
 from benchmarks.embed_cache import Spec, apply_spec, embed_rows, load_model, onnx_cached, study_dir  # noqa: E402
-from benchmarks.neu_det import load_neu_det, retrieval_metrics, split_halves  # noqa: E402
+from benchmarks.neu_det import first_per_class, load_neu_det, retrieval_metrics, split_halves  # noqa: E402
 
 FLOOR = 16
 K = 16
@@ -62,9 +62,7 @@ def main() -> int:
     ap.add_argument("--levels", default="1.5,2", help="also measure the grid's alpha-0 candidates at these speed-ups")
     ap.add_argument("--budgets", default="1", help="budgets (points) for the search")
     ap.add_argument("--time", action=argparse.BooleanOptionalAction, default=True, help="the throughput runs")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
+    add_timing_args(ap)
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
 
@@ -77,12 +75,9 @@ def main() -> int:
     from exporter.vit import gflops
 
     console = Console()
-    paths, labels, classes = load_neu_det(per_class=args.per_class)
+    paths, labels, _ = load_neu_det(per_class=args.per_class)
     calib_half, held = split_halves(labels)
-    calib = calib_half
-    if args.calib_per_class:  # the first n of each class in the (seeded, shuffled) calibration half
-        calib = np.sort(np.concatenate([calib_half[labels[calib_half] == c][: args.calib_per_class]
-                                        for c in range(len(classes))]))
+    calib = first_per_class(calib_half, labels, args.calib_per_class)  # what the search sees
     vit = load_model(args.image_size)
     cfg = vit.cfg
     emb: Dict[tuple, np.ndarray] = {}

@@ -54,3 +54,11 @@ def split_halves(labels: np.ndarray, seed: int = 0) -> Tuple[np.ndarray, np.ndar
         first.append(idx[: len(idx) // 2])
         second.append(idx[len(idx) // 2 :])
     return np.sort(np.concatenate(first)), np.sort(np.concatenate(second))
+
+
+def first_per_class(rows: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` of each class among ``rows`` (e.g. the calibration half, which is seeded and shuffled
+    within each class by ``split_halves``), sorted; ``n`` = 0 keeps them all."""
+    if not n:
+        return rows
+    return np.sort(np.concatenate([rows[labels[rows] == c][:n] for c in np.unique(labels)]))

@@ -102,12 +102,13 @@ def compare(torch_out: Sequence[np.ndarray], ort_out: Sequence[np.ndarray], tol:
         "patch_mean_cos_min": float(pm_cos.min()),
     }
     problems = []
+    near_tie = []  # what flipped merge decisions alone can cause (merged graphs)
     if fp_o.size and (fp_o.min() < 0 or fp_o.max() >= k):
         problems.append(f"the footprint names tokens outside 0..{k - 1}")
     if not merged and not exact.all():
         problems.append(f"max abs error {stats['max_abs_err']:.3g} of the global embedding > tolerance {tol:g}")
     if merged and stats["matched_fraction"] < 0.5:
-        problems.append(f"only {stats['matched_fraction']:.0%} of the images match within {tol:g} (need >= 50%)")
+        near_tie.append(f"only {stats['matched_fraction']:.0%} of the images match within {tol:g} (need >= 50%)")
     floor = 0.99 if precision == "fp16" else 0.999
     if stats["global_cos_min"] < floor:
         problems.append(f"global embedding cosine {stats['global_cos_min']:.5f} < {floor}")
@@ -117,8 +118,14 @@ def compare(torch_out: Sequence[np.ndarray], ort_out: Sequence[np.ndarray], tol:
     if stats["footprint_agreement"] < fp_floor:
         problems.append(f"footprints agree on {stats['footprint_agreement']:.1%} of the cells (need >= {fp_floor:.0%})")
     if stats["token_err"] > max(10 * tol, 1e-3):
-        problems.append(f"summary token error {stats['token_err']:.3g} > {max(10 * tol, 1e-3):g}")
-    return stats, problems
+        (near_tie if merged else problems).append(f"summary token error {stats['token_err']:.3g} > "
+                                                  f"{max(10 * tol, 1e-3):g}")
+    if near_tie and not problems:  # everything else agrees: say what that means and what to do
+        near_tie.append(f"the global embeddings agree (cosine >= {stats['global_cos_min']:.5f}) and so do "
+                        f"{stats['footprint_agreement']:.1%} of the footprint cells, so the graph computes the same "
+                        "thing, but near-ties among its many merge decisions round differently in ONNX Runtime on "
+                        "most images; merge fewer tokens, or none, at this input size (docs/choosing-a-schedule.md)")
+    return stats, problems + near_tie
 
 
 def worst(stats: Dict[str, float], new: Dict[str, float]) -> Dict[str, float]:

@@ -100,6 +100,37 @@ def test_export_fails_over_tolerance(tmp_path: Path) -> None:
         _export(tiny_vit(), tmp_path, MergeConfig(k=4), batch_sizes=[1], precision="fp16", tolerance=0.0)
 
 
+def _outputs(rng, n: int = 8, d: int = 32, k: int = 4, grid=(4, 4)) -> list:
+    g = rng.standard_normal((n, d)).astype(np.float32)
+    t = rng.standard_normal((n, k, d)).astype(np.float32)
+    fp = rng.integers(0, k, (n, *grid)).astype(np.int32)
+    pm = rng.standard_normal((n, d)).astype(np.float32)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    return [unit(g), unit(t), fp, unit(pm)]
+
+
+def test_validation_tells_near_ties_from_a_wrong_graph() -> None:
+    """A merged graph whose every image took one merge decision the other way (global cosine 0.9998, one footprint
+    cell of 16 moved, one token off) fails, and the error says why and what to do; a wrong graph (unrelated
+    outputs) fails without that explanation."""
+    from exporter.validate import compare
+
+    rng = np.random.default_rng(0)
+    ref = _outputs(rng)
+    flipped = [ref[0] + 0.01 * _outputs(rng)[0], ref[1].copy(), ref[2].copy(), ref[3]]
+    flipped[0] /= np.linalg.norm(flipped[0], axis=-1, keepdims=True)
+    flipped[1][:, 0] = _outputs(rng)[1][:, 0]  # one token of each image stands for other cells
+    flipped[2][:, 0, 0] = (flipped[2][:, 0, 0] + 1) % 4
+    stats, problems = compare(ref, flipped, 1e-4, merged=True, precision="fp32")
+    assert stats["matched_fraction"] == 0.0 and stats["global_cos_min"] > 0.999
+    assert any("near-ties" in p for p in problems) and "merge fewer tokens" in problems[-1]
+    assert compare(ref, ref, 1e-4, merged=True, precision="fp32")[1] == []
+    _, wrong = compare(ref, _outputs(np.random.default_rng(1)), 1e-4, merged=True, precision="fp32")
+    assert any("global embedding cosine" in p for p in wrong) and not any("near-ties" in p for p in wrong)
+    _, unmerged = compare(ref, flipped, 1e-4, merged=False, precision="fp32")
+    assert not any("near-ties" in p for p in unmerged)  # an unmerged graph has no decisions to blame
+
+
 def test_export_errors_are_clear(tmp_path: Path, ) -> None:
     with pytest.raises(ExportError, match="does not exist"):
         _export(tiny_vit(), tmp_path, MergeConfig(k=4), calib_dir=tmp_path / "nope")

@@ -338,14 +338,16 @@ def test_flagged_view(flagged_site):
             wait(driver, lambda d: d.find_element(By.ID, "nav-flagged").is_displayed())
             driver.find_element(By.ID, "nav-flagged").click()
             wait(driver, lambda d: "flagged frames" in text_of(d, "status-flagged"))
-            assert cards(driver, "flagged") == odd[::-1]  # newest first, the odd frames only
-            badges = texts(driver, "#results-flagged .card .ascore.anomaly")
+            # the view may be listed again meanwhile (the filter bar's menus arriving): every read below takes what
+            # one wait saw, never a second look that could fall between two listings
+            assert wait(driver, lambda d: cards(d, "flagged")) == odd[::-1]  # newest first, the odd frames only
+            badges = wait(driver, lambda d: texts(d, "#results-flagged .card .ascore.anomaly"))
             assert badges == [f"anomaly {scores[i]['score']:.3f} > {scores[i]['threshold']:.3f}" for i in odd[::-1]]
             for i in odd:
                 css = f'#results-flagged .card[data-frame-id="{i}"] .thumb rect.anomaly.box'
-                wait(driver, lambda d: _rect(d, css))
-                assert _rect(driver, css) == pytest.approx(_frame_box(scores[i]["region"]["box"]), abs=2e-3)
-            assert _rect(driver, css)[1] != pytest.approx(scores[i]["region"]["box"][1], abs=0.02)  # letterbox mapped
+                rect = wait(driver, lambda d: _rect(d, css))
+                assert rect == pytest.approx(_frame_box(scores[i]["region"]["box"]), abs=2e-3)
+            assert rect[1] != pytest.approx(scores[i]["region"]["box"][1], abs=0.02)  # letterbox mapped
             shot(driver, "flagged")
             Select(driver.find_element(By.ID, "flagged-sort")).select_by_value("score")
             by_score = sorted(odd, key=lambda i: -scores[i]["score"])
@@ -396,9 +398,9 @@ def test_scores_on_results_and_region_search_from_the_detail(flagged_site):
             assert hits[0] == twin and first not in hits and len(hits) == 26  # every other frame of the model
             assert "anomalous region (token 5)" in text_of(driver, "query-text")
             css = f'#results-search .card[data-frame-id="{twin}"] rect.match'
-            wait(driver, lambda d: _rect(d, css))
+            rect = wait(driver, lambda d: _rect(d, css))
             box = f["twin"].summary.centroids[3]
-            assert _rect(driver, css) == pytest.approx(_frame_box([box[0] - .125, box[1] - .125, box[0] + .125,
+            assert rect == pytest.approx(_frame_box([box[0] - .125, box[1] - .125, box[0] + .125,
                                                                    box[1] + .125]), abs=5e-3)
             shot(driver, "region-search")
         finally:

@@ -50,7 +50,7 @@ def test_devices_page_and_original_requested_from_the_edge(live):
         driver.find_element(By.CSS_SELECTOR, 'nav a[data-view="latest"]').click()
         wait(driver, lambda d: len(cards(d, "latest")) == 12)
         wait(driver, lambda d: "no original at central" in text_of(d, "results-latest"))
-        first = cards(driver, "latest")[0]
+        first = wait(driver, lambda d: (cards(d, "latest") or [None])[0])  # what one look saw (views re-list)
         driver.find_element(By.CSS_SELECTOR, f'#results-latest .card[data-frame-id="{first}"]').click()
         wait(driver, lambda d: d.find_elements(By.ID, "request-original"))
         assert "Central has no original" in text_of(driver, "detail-figure")
@@ -72,8 +72,7 @@ def test_devices_page_and_original_requested_from_the_edge(live):
         shot(driver, "devices-offline")
 
         driver.find_element(By.CSS_SELECTOR, 'nav a[data-view="latest"]').click()
-        wait(driver, lambda d: len(cards(d, "latest")) == 12)
-        other = cards(driver, "latest")[1]
+        other = wait(driver, lambda d: (lambda c: c[1] if len(c) == 12 else None)(cards(d, "latest")))
         driver.find_element(By.CSS_SELECTOR, f'#results-latest .card[data-frame-id="{other}"]').click()
         wait(driver, lambda d: d.find_elements(By.ID, "request-original"))
         driver.find_element(By.ID, "request-original").click()

@@ -84,7 +84,11 @@ export async function runLatest() {
 
 export const viewHooks = {};  // name -> (active) => void for views features add (flagged)
 
+let shown = 0;   // views shown so far (go)
+let starts = 0;  // start() runs: the latest one finishes, an earlier one stops at its next step
+
 function go(view) {
+  shown++;
   if (!views.includes(view)) view = "search";
   state.view = view;
   for (const v of views) $(`view-${v}`).hidden = v !== view;
@@ -97,18 +101,22 @@ function go(view) {
 }
 
 async function start() {
+  const run = ++starts, seen = shown;
   $("token").value = token.get();
   showZone();
   if (!token.get()) { search.setStatus("enter an API token (viewer role)"); return; }
   try {
     const who = await getJson("/v1/me");
+    if (run !== starts) return;  // the token changed meanwhile: the newer start does the rest
     setMe(who);
     $("me").textContent = `${who.name} (${who.role})`;
     await loadFilters();
     for (const hook of startHooks) await hook();
+    if (run !== starts) return;
     search.setStatus(`${models.length} model(s); search by an image, a text or a frame id`);
-    go(location.hash.slice(1) || "search");
+    if (shown === seen) go(location.hash.slice(1) || "search");  // a view opened meanwhile is not listed again
   } catch (e) {
+    if (run !== starts) return;
     $("me").textContent = "";
     search.setStatus(`token: ${e.message}`, true);
   }

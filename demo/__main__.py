@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import signal
@@ -96,8 +97,6 @@ EXPORT_ARGS = ["--name", "vit-s14-focus-turbo", "--r", "16", "--alpha", "5", "--
 
 def export_key(args: List[str]) -> str:
     """What the demo's export depends on: its options and the exporter's code (exporter/, the manifest type)."""
-    import hashlib
-
     h = hashlib.sha256(repr(args).encode())
     for p in sorted((ROOT / "exporter").rglob("*.py")) + [ROOT / "tokenline" / "manifest.py"]:
         h.update(p.relative_to(ROOT).as_posix().encode())

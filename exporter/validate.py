@@ -73,14 +73,14 @@ def compare(torch_out: Sequence[np.ndarray], ort_out: Sequence[np.ndarray], tol:
     """ONNX Runtime vs torch on the same images (outputs in ``tokenline.summary.OUTPUTS["slic"]`` order: global,
     tokens, footprint, patch mean): statistics and the list of failed checks (empty = pass).
 
-    Unmerged graphs must match everywhere within ``tol``. Merged graphs take discrete decisions (TopK,
-    ArgMax) on float scores: a near-tie that rounds differently in ONNX Runtime merges another token, which
-    moves that image's embedding by ~1e-3. So for them, most images (>= half) must match within ``tol``, and
-    every image must keep cosine >= 0.999 (0.99 in fp16) to torch; the patch mean, which pools every token of the
-    summary layer, moves more with a flipped merge than the [CLS] embedding (0.9986 measured with ToMe r=16 at
-    224 px on NEU-DET), so on merged graphs it must keep >= 0.995 (0.98 in fp16; unmerged: as the embedding). The summary head's clustering (ArgMin) has
-    the same kind of near-ties: a patch whose two nearest clusters tie may join the other one, and the next
-    iterations follow it. So on the images whose global embedding matches within ``tol`` (the merges agreed)
+    Unmerged graphs must match everywhere within ``tol``. Merged graphs take discrete decisions (TopK, ArgMax) on
+    float scores: a near-tie that rounds differently in ONNX Runtime merges another token, which moves that image's
+    embedding by ~1e-3. So for them, most images (>= half) must match within ``tol``, and every image must keep
+    cosine >= 0.999 (0.99 in fp16) to torch; the patch mean, which pools every token of the summary layer, moves
+    more with a flipped merge than the [CLS] embedding (0.9986 measured with ToMe r=16 at 224 px on NEU-DET), so on
+    merged graphs it must keep >= 0.995 (0.98 in fp16; unmerged: as the embedding). The summary head's clustering
+    (ArgMin) has the same kind of near-ties: a patch whose two nearest clusters tie may join the other one, and the
+    next iterations follow it. So on the images whose global embedding matches within ``tol`` (the merges agreed)
     footprints must agree on >= 90% of the cells (85% in fp16; a wrong graph agrees on about 1/K), and the tokens
     must match within 10 x ``tol`` on the images whose global embedding and footprint both match exactly.
     """

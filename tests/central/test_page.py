@@ -361,9 +361,8 @@ def test_flagged_view(flagged_site):
             wait(driver, lambda d: d.find_element(By.ID, "nav-flagged").is_displayed())
             driver.find_element(By.ID, "nav-flagged").click()
             wait(driver, lambda d: "flagged frames" in text_of(d, "status-flagged"))
-            # the view may be listed again meanwhile (the page's start, run at load and again when the token is
-            # entered, ends by showing the current view): every read below takes what one wait saw, never a second
-            # look that could fall between two listings
+            # a view may be listed again meanwhile (a filter change, or the page's start showing the view it opens
+            # on): every read below takes what one wait saw, never a second look that could fall between two listings
             assert wait(driver, lambda d: cards(d, "flagged")) == odd[::-1]  # newest first, the odd frames only
             badges = wait(driver, lambda d: texts(d, "#results-flagged .card .ascore.anomaly"))
             assert badges == [f"anomaly {scores[i]['score']:.3f} > {scores[i]['threshold']:.3f}" for i in odd[::-1]]

@@ -62,6 +62,7 @@ def test_rotated_projection_keeps_cosines_and_quantizes_finer() -> None:
     np.testing.assert_array_equal(r, rotation(12))  # seeded: every export of the same inputs bakes the same R
     mean, bare, _ = fit_projection(calib, np.ones(len(calib)), 12, rotation_seed=None)
     mean_r, rotated, _ = fit_projection(calib, np.ones(len(calib)), 12)
+    np.testing.assert_array_equal(mean_r, mean)  # the rotation turns the axes only: the same centring mean
     np.testing.assert_allclose(rotated, bare @ r, atol=1e-5)
     x = _textured(rng)
     outs = []

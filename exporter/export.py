@@ -30,7 +30,8 @@ from exporter.manifest import build_manifest, input_spec
 from exporter.options import ExportOptions, MergeConfig
 from exporter.summary_head import ROTATION_SEED, fit_projection
 from exporter.search import SearchError, SearchResult
-from exporter.validate import compare, ort_session, run_batched, throughput, throughput_side_by_side, worst
+from exporter.validate import (compare, ort_session, run_batched, self_baseline, throughput, throughput_side_by_side,
+                               worst)
 from exporter.vit import ViT, gflops
 from tokenline import manifest as mf
 from tokenline.summary import output_names
@@ -160,8 +161,14 @@ def export_validated(vit: ViT, merge: MergeConfig, opts: ExportOptions, calib: n
                      progress: Progress) -> Tuple[List[mf.FileSpec], Dict[str, float]]:
     """One merged encoder per batch size (one dynamic-batch file when there are none), each accepted only when
     ONNX Runtime agrees with torch on ``calib``. Returns their FileSpecs and the worst ``compare`` numbers."""
-    with torch.no_grad():
-        ref = [t.numpy() for t in vit(torch.from_numpy(calib))]
+    merged = merge.method != "none"
+
+    def run(x: np.ndarray) -> List[np.ndarray]:
+        with torch.no_grad():
+            return [t.numpy() for t in vit(torch.from_numpy(x))]
+
+    ref = run(calib)
+    baseline = self_baseline(run, calib) if merged else None  # torch against itself (near-ties, compare)
     out = Path(opts.out_dir)
     tokens = vit.tokens_per_block
     files: List[mf.FileSpec] = []
@@ -174,7 +181,8 @@ def export_validated(vit: ViT, merge: MergeConfig, opts: ExportOptions, calib: n
         export_onnx(vit, path, b, opts.opset, opts.precision, opts.simplify)
         progress(f"validating {fname} with ONNX Runtime against torch")
         got = run_batched(ort_session(path), calib, b)
-        cmp, problems = compare(ref, got, opts.max_abs_error, merged=merge.method != "none", precision=opts.precision)
+        cmp, problems = compare(ref, got, opts.max_abs_error, merged=merged, precision=opts.precision,
+                                baseline=baseline)
         log.info("%s: %s", fname, cmp)
         if problems:
             raise ExportError(f"{fname}: ONNX Runtime disagrees with torch: " + "; ".join(problems))
@@ -194,6 +202,7 @@ def merge_table(vit: ViT, stats: Dict[str, float]) -> Dict[str, object]:
         "max_rel_err_vs_torch": stats["max_rel_err"],
         "token_err_vs_torch": stats["token_err"],
         "images_matching_torch": stats["matched_fraction"],
+        "images_torch_matches_itself": stats.get("self_matched_fraction"),
         "footprint_agreement_vs_torch": stats["footprint_agreement"],
     }
 

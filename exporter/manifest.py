@@ -72,6 +72,7 @@ def build_manifest(vit: ViT, merge: MergeConfig, opts: ExportOptions, files: Lis
         validation=mf.ValidationSpec(
             max_abs_err_vs_torch=stats["max_abs_err"], max_rel_err_vs_torch=stats["max_rel_err"],
             tolerance=opts.max_abs_error, images_matching_torch=stats["matched_fraction"],
+            images_torch_matches_itself=stats.get("self_matched_fraction"),
             global_cosine_min_vs_torch=stats["global_cos_min"],
             cosine_vs_unmerged_mean=table.get("cosine_vs_unmerged_mean"),
             cosine_vs_unmerged_min=table.get("cosine_vs_unmerged_min"),

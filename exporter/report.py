@@ -59,7 +59,9 @@ def render_result(result: ExportResult, console: Console) -> None:
     summary.add_row("cosine vs unmerged (mean / min)", "1", f"{_fmt(t.get('cosine_vs_unmerged_mean'), '.4f')} / "
                     f"{_fmt(t.get('cosine_vs_unmerged_min'), '.4f')}", "")
     summary.add_row("max abs error vs torch", "", _fmt(t["max_abs_err_vs_torch"], ".2e"), "")
-    summary.add_row("images matching torch within tolerance", "", f"{t['images_matching_torch']:.0%}", "")
+    own = t.get("images_torch_matches_itself")
+    summary.add_row("images matching torch within tolerance", "", f"{t['images_matching_torch']:.0%}"
+                    + (f" (torch itself: {own:.0%})" if own is not None else ""), "")
     summary.add_row("summary token error vs torch (1-cos)", "", _fmt(t["token_err_vs_torch"], ".2e"), "")
     summary.add_row("footprint cells matching torch", "", f"{t['footprint_agreement_vs_torch']:.1%}", "")
     console.print(summary)

@@ -68,8 +68,18 @@ def token_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return 1.0 - sim.max(axis=-1).min(axis=-1)
 
 
+SELF_NOISE = 1e-6  # torch's own rounding sensitivity: its input moved by this fraction of its mean magnitude
+
+
+def self_baseline(run, x: np.ndarray) -> List[np.ndarray]:
+    """The outputs of ``run`` (torch) on ``x`` moved by ``SELF_NOISE`` of its mean magnitude (seeded): how far
+    torch differs from itself when its arithmetic rounds a little differently (``compare``'s ``baseline``)."""
+    noise = np.random.default_rng(0).standard_normal(x.shape)
+    return run((x + SELF_NOISE * float(np.abs(x).mean()) * noise).astype(np.float32))
+
+
 def compare(torch_out: Sequence[np.ndarray], ort_out: Sequence[np.ndarray], tol: float, merged: bool,
-            precision: str) -> Tuple[Dict[str, float], List[str]]:
+            precision: str, baseline: Optional[Sequence[np.ndarray]] = None) -> Tuple[Dict[str, float], List[str]]:
     """ONNX Runtime vs torch on the same images (outputs in ``tokenline.summary.OUTPUTS["slic"]`` order: global,
     tokens, footprint, patch mean): statistics and the list of failed checks (empty = pass).
 
@@ -83,6 +93,12 @@ def compare(torch_out: Sequence[np.ndarray], ort_out: Sequence[np.ndarray], tol:
     next iterations follow it. So on the images whose global embedding matches within ``tol`` (the merges agreed)
     footprints must agree on >= 90% of the cells (85% in fp16; a wrong graph agrees on about 1/K), and the tokens
     must match within 10 x ``tol`` on the images whose global embedding and footprint both match exactly.
+
+    With many decisions per image (448 px: about 350 merges) nearly every image has a near-tie, and torch itself
+    flips them when its input moves by one part in a million. ``baseline`` (``self_baseline``: torch's outputs on
+    that moved input) measures this: a merged graph that matches fewer than half of the images still passes when
+    it matches at least half as many as torch matches itself, its median error stays within 3x of torch's own,
+    and its token error within 3x of torch's own (ONNX Runtime differs from torch no more than torch from itself).
     """
     g_t, g_o = torch_out[0], ort_out[0]
     err = np.abs(g_t - g_o).max(axis=-1)  # per image
@@ -103,14 +119,25 @@ def compare(torch_out: Sequence[np.ndarray], ort_out: Sequence[np.ndarray], tol:
         "footprint_agreement": float(same_cells[exact].mean() if exact.any() else same_cells.mean()),
         "patch_mean_cos_min": float(pm_cos.min()),
     }
+    tok_limit = max(10 * tol, 1e-3)
+    self_ok = False  # merged, and as close to torch as torch is to itself
+    if merged and baseline is not None:
+        own, _ = compare(torch_out, baseline, tol, merged=True, precision=precision)
+        own_err = np.abs(g_t - baseline[0]).max(axis=-1)
+        stats["self_matched_fraction"] = own["matched_fraction"]
+        self_ok = (stats["matched_fraction"] >= own["matched_fraction"] / 2
+                   and float(np.median(err)) <= max(tol, 3 * float(np.median(own_err))))
+        tok_limit = max(tok_limit, 3 * own["token_err"]) if self_ok else tok_limit
     problems = []
     near_tie = []  # what flipped merge decisions alone can cause (merged graphs)
     if fp_o.size and (fp_o.min() < 0 or fp_o.max() >= k):
         problems.append(f"the footprint names tokens outside 0..{k - 1}")
     if not merged and not exact.all():
         problems.append(f"max abs error {stats['max_abs_err']:.3g} of the global embedding > tolerance {tol:g}")
-    if merged and stats["matched_fraction"] < 0.5:
-        near_tie.append(f"only {stats['matched_fraction']:.0%} of the images match within {tol:g} (need >= 50%)")
+    if merged and stats["matched_fraction"] < 0.5 and not self_ok:
+        own = (f"; torch itself, its input moved by {SELF_NOISE:g}, matches {stats['self_matched_fraction']:.0%}"
+               if "self_matched_fraction" in stats else "")
+        near_tie.append(f"only {stats['matched_fraction']:.0%} of the images match within {tol:g} (need >= 50%{own})")
     floor = 0.99 if precision == "fp16" else 0.999
     if stats["global_cos_min"] < floor:
         problems.append(f"global embedding cosine {stats['global_cos_min']:.5f} < {floor}")
@@ -120,9 +147,8 @@ def compare(torch_out: Sequence[np.ndarray], ort_out: Sequence[np.ndarray], tol:
     fp_floor = 0.85 if precision == "fp16" else 0.9
     if stats["footprint_agreement"] < fp_floor:
         problems.append(f"footprints agree on {stats['footprint_agreement']:.1%} of the cells (need >= {fp_floor:.0%})")
-    if stats["token_err"] > max(10 * tol, 1e-3):
-        (near_tie if merged else problems).append(f"summary token error {stats['token_err']:.3g} > "
-                                                  f"{max(10 * tol, 1e-3):g}")
+    if stats["token_err"] > tok_limit:
+        (near_tie if merged else problems).append(f"summary token error {stats['token_err']:.3g} > {tok_limit:.3g}")
     if near_tie and not problems:  # everything else agrees: say what that means and what to do
         near_tie.append(f"the global embeddings agree (cosine >= {stats['global_cos_min']:.5f}) and so do "
                         f"{stats['footprint_agreement']:.1%} of the footprint cells, so the graph computes the same "
@@ -135,6 +161,7 @@ def worst(stats: Dict[str, float], new: Dict[str, float]) -> Dict[str, float]:
     """``compare`` statistics of several files combined: the worst of each (lowest cosine and match fraction)."""
     out = dict(stats)
     for k, v in new.items():
-        pick = min if k in ("global_cos_min", "matched_fraction", "footprint_agreement", "patch_mean_cos_min") else max
+        pick = min if k in ("global_cos_min", "matched_fraction", "footprint_agreement", "patch_mean_cos_min",
+                            "self_matched_fraction") else max
         out[k] = pick(out.get(k, v), v)
     return out

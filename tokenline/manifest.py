@@ -236,7 +236,9 @@ class ValidationSpec(_Extended):
     gflops: Optional[float] = None
     gflops_unmerged: Optional[float] = None
     footprint_agreement_vs_torch: Optional[float] = None  # fraction of footprint cells equal in ONNX Runtime and torch
-    ADDED: ClassVar[Tuple[str, ...]] = ("footprint_agreement_vs_torch",)
+    # merged graphs: the fraction torch keeps within tolerance of itself when its input moves by one part in a million
+    images_torch_matches_itself: Optional[float] = None
+    ADDED: ClassVar[Tuple[str, ...]] = ("footprint_agreement_vs_torch", "images_torch_matches_itself")
 
 
 class Manifest(StrictModel):

@@ -36,6 +36,8 @@ def test_round_trip_fixed_batch_static_and_scatter_free(tmp_path: Path, merge: M
     man = mf.Manifest.from_file(tmp_path)
     assert man == res.manifest
     mf.verify_files(man, tmp_path)
+    # merged graphs are also measured against torch itself (near-ties); unmerged ones keep the /1 JSON
+    assert (man.validation.images_torch_matches_itself is None) == (merge.method == "none")
     enc = man.file("encoder", batch=2)
     model = onnx.load(str(tmp_path / enc.path))
     ops = {n.op_type for n in model.graph.node}
@@ -133,6 +135,43 @@ def test_validation_tells_near_ties_from_a_wrong_graph() -> None:
     assert not any("near-ties" in p for p in unmerged)  # an unmerged graph has no decisions to blame
 
 
+def _moved(ref: list, scale: float, rng, images=None) -> list:
+    """``ref`` with the global embedding of ``images`` (default all) moved by ``scale`` and re-normalized, as a
+    flipped merge decision moves it, and the first token and footprint cell of those images changed."""
+    at = np.arange(len(ref[0])) if images is None else np.asarray(images)
+    out = [ref[0].copy(), ref[1].copy(), ref[2].copy(), ref[3]]
+    out[0][at] += scale * _outputs(rng)[0][at]
+    out[0] /= np.linalg.norm(out[0], axis=-1, keepdims=True)
+    out[1][at, 0] = _outputs(rng)[1][at, 0]
+    out[2][at, 0, 0] = (out[2][at, 0, 0] + 1) % 4
+    return out
+
+
+def test_validation_measures_near_ties_against_torch_itself() -> None:
+    """With hundreds of merges per image (448 px) torch itself flips near-ties when its input moves by one part in
+    a million: a merged graph matching no image passes when torch matches itself on none either and the errors
+    are of the same size; it fails when torch matches itself on half the images, or when its median error is over
+    3x torch's own (a systematic error, not rounding), with torch's own fraction in the message."""
+    from exporter.validate import compare, self_baseline
+
+    rng = np.random.default_rng(3)
+    ref = _outputs(rng)
+    got = _moved(ref, 0.01, rng)
+    assert compare(ref, got, 1e-4, merged=True, precision="fp32")[0]["matched_fraction"] == 0.0
+    stats, problems = compare(ref, got, 1e-4, merged=True, precision="fp32", baseline=_moved(ref, 0.01, rng))
+    assert problems == [] and stats["self_matched_fraction"] == 0.0
+    half_flipped = _moved(ref, 0.01, rng, images=[0, 1, 2, 3])
+    _, half = compare(ref, got, 1e-4, merged=True, precision="fp32", baseline=half_flipped)
+    assert any("torch itself" in p and "matches 50%" in p for p in half), half
+    _, systematic = compare(ref, got, 1e-4, merged=True, precision="fp32", baseline=_moved(ref, 0.001, rng))
+    assert any("only 0% of the images match" in p for p in systematic), systematic
+    _, unmerged = compare(ref, got, 1e-4, merged=False, precision="fp32", baseline=_moved(ref, 0.01, rng))
+    assert any("max abs error" in p for p in unmerged)  # an unmerged graph must match everywhere
+    x = rng.standard_normal((2, 3)).astype(np.float32)  # the baseline's input: moved by 1e-6, seeded
+    moved = self_baseline(lambda v: [v], x)[0]
+    assert 0 < np.abs(moved - x).max() < 1e-5 and np.array_equal(moved, self_baseline(lambda v: [v], x)[0])
+
+
 def _turned(x: np.ndarray, cos: float, rng) -> np.ndarray:
     """Unit rows at exactly cosine ``cos`` to the unit rows ``x``."""
     o = rng.standard_normal(x.shape).astype(np.float32)
@@ -175,4 +214,6 @@ def test_calibration_on_real_images(tmp_path: Path, neu_det_dir: Path) -> None:
     res = _export(tiny_vit(), tmp_path, MergeConfig(r=6, alpha=5.0, k=4), calib_dir=neu_det_dir, batch_sizes=[4])
     assert res.manifest.validation is not None
     assert res.manifest.validation.max_abs_err_vs_torch < 1e-4
+    own = res.manifest.validation.images_torch_matches_itself  # merged: torch measured against itself
+    assert own is not None and 0.0 <= own <= 1.0 and res.table["images_torch_matches_itself"] == own
     assert res.table["ort_images_per_s"] > 0 and res.table["ort_images_per_s_unmerged"] > 0

@@ -328,6 +328,10 @@ class FeatureSets:
         try:
             from elpv_dataset.utils import load_dataset
         except ImportError:
+            if not getattr(self, "_said_no_elpv", False):
+                self._said_no_elpv = True
+                print("ELPV columns left empty: the benchmark dependency is missing (pip install elpv-dataset)",
+                      file=sys.stderr)
             return None
         images, probs, types = load_dataset()
         kind = "poly" if poly else "mono"

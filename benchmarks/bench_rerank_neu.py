@@ -33,7 +33,7 @@ from benchmarks._report import write_section  # noqa: E402
 from central import store  # noqa: E402
 from central.config import SearchConfig  # noqa: E402
 from central.encoder import Encoder  # noqa: E402
-from central.search import Filters, Query, Searcher  # noqa: E402
+from central.search import DEFAULT_RERANK_WEIGHT, Filters, Query, Searcher  # noqa: E402
 from sql.db import make_engine  # noqa: E402
 from sql.migrate import upgrade  # noqa: E402
 from tokenline.frame_id import new_frame_id  # noqa: E402
@@ -121,11 +121,14 @@ def main() -> int:
     if tiny:
         lines += ["**Tiny random test encoder — these numbers say nothing about retrieval quality**; they only show the "
                   "script runs end to end. Re-run with `--model-dir` pointing at a real exported model.", ""]
-    lines += [f"Model: `{manifest.name}` ({manifest.family}, merge {manifest.merge.method}, K={manifest.summary.k}, "
+    lines += [f"Model: `{manifest.name}` ({manifest.family}, merge {manifest.merge.method}, summary "
+              f"{manifest.summary.method} K={manifest.summary.k} of d={manifest.summary.dim}, global "
               f"D={manifest.embedding_dim}); {len(labels)} NEU-DET images, {len(n_rel)} classes; tokens carried as "
               f"{args.token_dtype} on the wire; encoding took {enc_s:.1f} s on CPU. Each image queries the rest "
               f"(itself excluded); re-ranking re-scores the top {args.candidates} global candidates with "
-              "score = (1-w)·cosine + w·MaxSim.", "",
+              "score = (1-w)·cosine + w·MaxSim; central re-ranks by default (`search.rerank`) with "
+              f"w = {DEFAULT_RERANK_WEIGHT[manifest.summary.method]:g} for this summary method "
+              "(`central.search.DEFAULT_RERANK_WEIGHT`, or `search.rerank_weight`).", "",
               "| ranking | precision@10 | mAP@100 |", "|---|---:|---:|"]
     for name, _, _ in variants:
         p10, ap100 = res[name]

@@ -135,9 +135,10 @@ def compare(torch_out: Sequence[np.ndarray], ort_out: Sequence[np.ndarray], tol:
     if not merged and not exact.all():
         problems.append(f"max abs error {stats['max_abs_err']:.3g} of the global embedding > tolerance {tol:g}")
     if merged and stats["matched_fraction"] < 0.5 and not self_ok:
-        own = (f"; torch itself, its input moved by {SELF_NOISE:g}, matches {stats['self_matched_fraction']:.0%}"
-               if "self_matched_fraction" in stats else "")
-        near_tie.append(f"only {stats['matched_fraction']:.0%} of the images match within {tol:g} (need >= 50%{own})")
+        itself = (f"; torch itself, its input moved by {SELF_NOISE:g}, matches {stats['self_matched_fraction']:.0%}"
+                  if "self_matched_fraction" in stats else "")
+        near_tie.append(f"only {stats['matched_fraction']:.0%} of the images match within {tol:g} "
+                        f"(need >= 50%{itself})")
     floor = 0.99 if precision == "fp16" else 0.999
     if stats["global_cos_min"] < floor:
         problems.append(f"global embedding cosine {stats['global_cos_min']:.5f} < {floor}")

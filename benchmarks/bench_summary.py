@@ -31,6 +31,7 @@ import hashlib
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -328,10 +329,8 @@ class FeatureSets:
         try:
             from elpv_dataset.utils import load_dataset
         except ImportError:
-            if not getattr(self, "_said_no_elpv", False):
-                self._said_no_elpv = True
-                print("ELPV columns left empty: the benchmark dependency is missing (pip install elpv-dataset)",
-                      file=sys.stderr)
+            warnings.warn("ELPV columns left empty: the benchmark dependency is missing (pip install elpv-dataset)",
+                          stacklevel=1)  # once: Python shows a warning once per place
             return None
         images, probs, types = load_dataset()
         kind = "poly" if poly else "mono"

@@ -663,7 +663,7 @@ class Searcher:
         sealed segment, all merged by distance. Sealed segments whose capture range misses the time filter are not
         searched.
 
-        Two rounds: first each sealed segment is asked for about twice its share of the top ``k``
+        Two rounds (halfvec indexes): first each sealed segment is asked for about twice its share of the top ``k``
         (``first_limits``), not all ``k``: with filters an iterative HNSW scan reads rows until that many pass, so
         this costs a fraction (at 1M frames, 1/8 passing, k = 201: 27 ms instead of 62, BENCHMARKS.md central).
         A segment that filled its first LIMIT with rows that all rank within the top ``k`` of everything found may
@@ -731,7 +731,9 @@ class Searcher:
                 rows = conn.execute(text(" UNION ALL ".join(parts)), params).all()
             return [(int(r[0]), 1.0 - float(r[1]), int(r[2])) for r in rows]
 
-        first = first_limits(k, [int(sg.rows or 0) for sg in sealed])
+        # bit branches read their binary_candidates whatever the LIMIT: one round, all k
+        first = [int(k) if sg.index_kind == "bit" else n
+                 for sg, n in zip(sealed, first_limits(k, [int(sg.rows or 0) for sg in sealed]))]
         found = run(exact_part + [branch(sg, n) for sg, n in zip(sealed, first)])
         if use_mirror:
             found += self._hot[model.id].knn(q, k, open_ids, f.site, f.line, f.camera, f.since_us, f.until_us)

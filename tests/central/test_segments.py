@@ -19,7 +19,7 @@ from central.originals import DAY_US
 from central.retention import sweep
 from central.search import Filters, Query, Searcher, first_limits, may_hold_more
 from sql.models import Frame
-from tests.central.conftest import make_message, make_slic_message, tx, unit
+from tests.central.conftest import make_message, tx, unit
 from tokenline import topics
 from tokenline.wire import encode
 
@@ -458,27 +458,3 @@ def test_search_finds_the_whole_top_k_when_one_segment_holds_most_of_it(engine, 
     if _pg(engine):
         assert any(rounds), "the concentrated segment was read again"
 
-
-def test_frame_rows_stay_in_the_heap_of_old_and_new_segments(engine, slic_manifest):
-    """Every segment, those of the migration and those sealing makes, keeps rows up to 4080 bytes whole in its
-    heap (migration 0006): a frame of a slic model (K=16 tokens of d=96, int8 rows: 1,600 B and a 4 B header; a D=384 embedding;
-    about 2.6 KB in all) is not TOASTed, so the re-rank reads a candidate in one heap fetch."""
-    if not _pg(engine):
-        pytest.skip("segments and TOAST are PostgreSQL's")
-    model = tx(engine, store.register_model, slic_manifest)
-    rng = np.random.default_rng(3)
-    _insert(engine, model, [make_slic_message(slic_manifest, rng, ts_us=T0 + i, seq=i) for i in range(20)])
-    _seal(engine)
-    _insert(engine, model, [make_slic_message(slic_manifest, rng, ts_us=T0 + 100 + i, seq=i) for i in range(20)])
-    with engine.connect() as c:
-        opts = dict(c.execute(text("SELECT c.relname, c.reloptions FROM pg_inherits i JOIN pg_class c ON "
-                                   "c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent "
-                                   "WHERE p.relname = 'frames'")).all())
-        assert sorted(opts) == ["frames_s0", "frames_s1", "frames_s2"]
-        assert all(f"toast_tuple_target={segments.TOAST_TUPLE_TARGET}" in (o or []) for o in opts.values()), opts
-        widths = c.execute(text("SELECT pg_column_size(tokens), pg_column_size(f.*) FROM frames f")).all()
-        assert len(widths) == 40 and all(t == 1604 and 2048 < row < 4080 for t, row in widths), widths[:3]
-        for seg in (1, 2):
-            toast = c.execute(text("SELECT pg_relation_size(reltoastrelid) FROM pg_class WHERE relname = :n"),
-                              {"n": segments.partition(seg)}).scalar()
-            assert toast == 0, (seg, toast)  # with the default 2 KB target every row's tokens went there

@@ -599,7 +599,6 @@ def may_hold_more(found: Sequence[Tuple[int, float, int]], segment: int, limit: 
     return min(mine) >= kth
 
 
-
 class Searcher:
     """Answers queries for any registered model; one instance per process (holds SQLite's vector indexes)."""
 
@@ -660,7 +659,7 @@ class Searcher:
         """PostgreSQL: exact over the hot, sealing and kept segments (the hot and sealing ones from the serving
         process's mirror, ``central.hot``, unless label filters or ``search.hot_rows`` say SQL), HNSW over each
         sealed segment's index (binary codes re-scored exactly for ``bit`` indexes); one statement, a branch per
-        sealed segment, all merged by distance. Sealed segments whose capture range misses the time filter are not
+        sealed segment, all merged by distance (a second statement when a segment may hold more). Sealed segments whose capture range misses the time filter are not
         searched.
 
         Two rounds (halfvec indexes): first each sealed segment is asked for 1.5 times its share of the top ``k``

@@ -579,9 +579,9 @@ FIRST_ROUND_PAD = 10
 
 
 def first_limits(k: int, rows: Sequence[int]) -> List[int]:
-    """First-round LIMIT of each sealed segment (``rows`` frames each): 1.5 times its share of the top ``k``
-    (a filtered iterative HNSW scan reads rows until that many pass, so its cost grows with the LIMIT), never
-    more than ``k``."""
+    """First-round LIMIT of each sealed segment (``rows`` frames each): ``FIRST_ROUND_OVERSAMPLE`` times its share
+    of the top ``k`` plus ``FIRST_ROUND_PAD`` (a filtered iterative HNSW scan reads rows until that many pass, so
+    its cost grows with the LIMIT), never more than ``k``."""
     total = max(1, sum(rows))
     return [min(int(k), int(np.ceil(FIRST_ROUND_OVERSAMPLE * k * n / total)) + FIRST_ROUND_PAD) for n in rows]
 
@@ -659,11 +659,11 @@ class Searcher:
         """PostgreSQL: exact over the hot, sealing and kept segments (the hot and sealing ones from the serving
         process's mirror, ``central.hot``, unless label filters or ``search.hot_rows`` say SQL), HNSW over each
         sealed segment's index (binary codes re-scored exactly for ``bit`` indexes); one statement, a branch per
-        sealed segment, all merged by distance (a second statement when a segment may hold more). Sealed segments whose capture range misses the time filter are not
-        searched.
+        sealed segment, all merged by distance (a second statement when a segment may hold more). Sealed segments
+        whose capture range misses the time filter are not searched.
 
-        Two rounds (halfvec indexes): first each sealed segment is asked for 1.5 times its share of the top ``k``
-        (``first_limits``), not all ``k``: with filters an iterative HNSW scan reads rows until that many pass, so
+        Two rounds (halfvec indexes): first each sealed segment is asked for a little more than its share of the top
+        ``k`` (``first_limits``), not all ``k``: with filters an iterative HNSW scan reads rows until that many pass, so
         this costs a fraction (at 1M frames, 1/8 passing, k = 201: 27 ms instead of 62 for the kNN).
         A segment that filled its first LIMIT with rows that all rank within the top ``k`` of everything found may
         hold more of it (``may_hold_more``): a second statement reads those segments' whole top ``k``, as one round

@@ -457,4 +457,3 @@ def test_search_finds_the_whole_top_k_when_one_segment_holds_most_of_it(engine, 
         assert len(set(got) & set(_brute(frames, q, flt, 150))) >= 148
     if _pg(engine):
         assert any(rounds), "the concentrated segment was read again"
-

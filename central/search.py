@@ -19,6 +19,7 @@ import logging
 import os
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -609,6 +610,14 @@ class Searcher:
         self._hot: Dict[int, hot.HotMirror] = {}
         self._lock = threading.Lock()
         self._dir: Optional[Path] = None
+        self._threads: Optional[ThreadPoolExecutor] = None
+
+    def _pool(self) -> ThreadPoolExecutor:
+        """Threads for work that overlaps a query's SQL (PostgreSQL: the hot mirror's scan)."""
+        with self._lock:
+            if self._threads is None:
+                self._threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="search")
+            return self._threads
 
     def _vindex(self, model: ModelInfo) -> VectorIndex:
         with self._lock:
@@ -725,17 +734,21 @@ class Searcher:
             if not parts:
                 return []
             with self.engine.connect() as conn, conn.begin():
-                conn.execute(text(f"SET LOCAL hnsw.ef_search = {ef}"))
-                conn.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
+                conn.exec_driver_sql(f"SET LOCAL hnsw.ef_search = {ef}; SET LOCAL hnsw.iterative_scan = relaxed_order")
                 rows = conn.execute(text(" UNION ALL ".join(parts)), params).all()
             return [(int(r[0]), 1.0 - float(r[1]), int(r[2])) for r in rows]
 
+        # the mirror's exact scan (numpy, no connection) runs while the server answers the first round
+        hot_rows = self._pool().submit(self._hot[model.id].knn, q, k, open_ids, f.site, f.line, f.camera,
+                                       f.since_us, f.until_us) if use_mirror else None
         # bit branches read their binary_candidates whatever the LIMIT: one round, all k
         first = [int(k) if sg.index_kind == "bit" else n
                  for sg, n in zip(sealed, first_limits(k, [int(sg.rows or 0) for sg in sealed]))]
-        found = run(exact_part + [branch(sg, n) for sg, n in zip(sealed, first)])
-        if use_mirror:
-            found += self._hot[model.id].knn(q, k, open_ids, f.site, f.line, f.camera, f.since_us, f.until_us)
+        try:
+            found = run(exact_part + [branch(sg, n) for sg, n in zip(sealed, first)])
+        finally:
+            found_hot = hot_rows.result() if hot_rows is not None else []
+        found += found_hot
         more = [sg for sg, n in zip(sealed, first) if n < k and may_hold_more(found, sg.id, n, k)]
         if more:  # second round: these segments' whole top k (what one round with LIMIT k reads)
             again = {sg.id for sg in more}

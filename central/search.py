@@ -744,11 +744,9 @@ class Searcher:
         # bit branches read their binary_candidates whatever the LIMIT: one round, all k
         first = [int(k) if sg.index_kind == "bit" else n
                  for sg, n in zip(sealed, first_limits(k, [int(sg.rows or 0) for sg in sealed]))]
-        try:
-            found = run(exact_part + [branch(sg, n) for sg, n in zip(sealed, first)])
-        finally:
-            found_hot = hot_rows.result() if hot_rows is not None else []
-        found += found_hot
+        found = run(exact_part + [branch(sg, n) for sg, n in zip(sealed, first)])
+        if hot_rows is not None:
+            found += hot_rows.result()
         more = [sg for sg, n in zip(sealed, first) if n < k and may_hold_more(found, sg.id, n, k)]
         if more:  # second round: these segments' whole top k (what one round with LIMIT k reads)
             again = {sg.id for sg in more}

@@ -152,6 +152,8 @@ def _worker_main(url: str, host: str, port: int, client_id: str, batch_max: int,
     worker = IngestWorker(engine, cfg.mqtt, cfg.ingest)
     threading.Thread(target=lambda: (stop.wait(), worker.stop()), daemon=True).start()
     threading.Thread(target=lambda: (worker.connected.wait(120), ready.set()), daemon=True).start()
+    if worker.scorer is not None:
+        worker.scorer.start()  # its process starts before the clock, as in a worker running for a while
     go.wait(300)
     prof = cProfile.Profile() if profile else None
     if prof:
@@ -193,12 +195,13 @@ def _start_workers(ctx, url, broker, workers, batch_max, profile, go, stop):
 
 def bench_ingest(backends: Backends, kind: str, manifest: Manifest, n: int, workers: int, batch_max: int, tmp: Path,
                  profile: str = "", msgs: Optional[List[TokenMessage]] = None,
-                 prepare: Optional[Callable[[Any], int]] = None) -> Dict[str, float]:
+                 prepare: Optional[Callable[[Any], int]] = None, scored: int = 0) -> Dict[str, float]:
     """Drain a backlog of ``n`` messages queued in Mosquitto for ``workers`` persistent sessions of one shared
     subscription: the workers subscribe once, go away, the messages are published, the workers come back and
     the clock runs from their reconnect to the last row committed (the publisher does not compete for CPU).
     ``msgs``: the messages (default: synthetic ones); ``prepare(engine)``: runs before the workers start and
-    returns how many frames it stored (e.g. a reference set's)."""
+    returns how many frames it stored (e.g. a reference set's); ``scored``: also time until that many frames
+    have their anomaly score (``scored_rate``, from the same start)."""
     url = backends.url(kind)
     engine = make_engine(url)
     upgrade(engine)
@@ -237,19 +240,29 @@ def bench_ingest(backends: Backends, kind: str, manifest: Manifest, n: int, work
             break
         time.sleep(0.05)
     dt = time.perf_counter() - t0
+    done_scored = 0
+    while scored and time.perf_counter() - t0 < 900:
+        with Session(engine) as s:
+            done_scored = store.counter_total(s, "frames_scored")
+        if done_scored >= scored:
+            break
+        time.sleep(0.05)
+    dt_scored = time.perf_counter() - t0
     stop.set()
     for p in procs:
         p.join(60)
     with engine.connect() as c:
         rows = c.execute(text("SELECT count(*), count(DISTINCT frame_id) FROM frames")).one()
+        scores = c.execute(text("SELECT count(*) FROM frame_scores")).scalar() if scored else 0
     with Session(engine) as s:
         dups = store.counter_total(s, "duplicates")
     broker.stop()
     engine.dispose()
     backends.drop(url)
-    ok = rows[0] == rows[1] == n + before
-    console.log(f"ingest {kind} x{workers}: {n / dt:,.0f} msg/s, rows {rows[0]:,} distinct {rows[1]:,} dups {dups}")
-    return {"rate": n / dt, "ok": float(ok), "dups": float(dups)}
+    ok = rows[0] == rows[1] == n + before and (not scored or scores == scored)
+    console.log(f"ingest {kind} x{workers}: {n / dt:,.0f} msg/s, rows {rows[0]:,} distinct {rows[1]:,} dups {dups}"
+                + (f"; scored {scores:,} at {n / dt_scored:,.0f} msg/s" if scored else ""))
+    return {"rate": n / dt, "ok": float(ok), "dups": float(dups), "scored_rate": n / dt_scored if scored else 0.0}
 
 
 def bench_commit_path(backends: Backends, kind: str, manifest: Manifest, n: int, batch: int) -> Dict[str, float]:

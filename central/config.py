@@ -125,7 +125,12 @@ class AnomalyConfig(StrictModel):
     nprobe: int = Field(8, ge=1)  # inverted lists searched per token in banks over tokenline.anomaly.EXHAUSTIVE_UP_TO
     min_token_size: float = Field(1.0, ge=0)  # tokens standing for fewer patches are not scored (empty ones)
     quantile: float = Field(0.99, gt=0, le=1)  # default threshold: this quantile of the leave-one-out scores
-    alerts: bool = True  # ingest workers publish alerts on tokenline/v2/<site>/<device>/alert/<line>/<camera>
+    # each ingest worker runs a scorer process beside it (central.anomaly.scoring): it scores the frames ingest
+    # queued, off the ingest path. false: run `tokenline-central score` somewhere, or the queue only grows
+    scorer: bool = True
+    score_batch: int = Field(500, ge=1, le=10_000)  # queued frames the scorer takes per transaction
+    score_poll_s: float = Field(0.2, gt=0, le=60)  # how often an idle scorer looks at the queue
+    alerts: bool = True  # scorers publish alerts on tokenline/v2/<site>/<device>/alert/<line>/<camera>
     webhook: WebhookConfig = WebhookConfig()
 
 

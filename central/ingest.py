@@ -29,9 +29,12 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from central import store
-from central.anomaly.scoring import IngestHook
+from central.anomaly import scoring
+from central.anomaly.alerts import AlertPublisher, Webhook
+from central.anomaly.process import ScorerProcess
 from central.config import AnomalyConfig, IngestConfig, MqttConfig
 from tokenline import acks, topics
+from tokenline.anomaly import AnomalyScore
 from tokenline.wire import TokenMessage, WireError, decode, peek_frame_id
 
 log = logging.getLogger(__name__)
@@ -98,10 +101,8 @@ class Rejected(Exception):
 class Ingestor:
     """Validates messages against the model registry and commits a batch (rows, dead letters, counters)."""
 
-    def __init__(self, engine: Engine, cfg: IngestConfig, worker: str,
-                 anomaly: Optional[AnomalyConfig] = None) -> None:
+    def __init__(self, engine: Engine, cfg: IngestConfig, worker: str) -> None:
         self.engine, self.cfg, self.worker = engine, cfg, worker
-        self.anomaly = IngestHook(engine, anomaly or AnomalyConfig(), worker)
         self._models: Dict[str, store.ModelInfo] = {}
         self._refreshed = 0.0
 
@@ -159,7 +160,7 @@ class Ingestor:
         seen: Dict[str, tuple] = {}
         status_updates: List[Tuple[topics.Topic, bytes]] = []
         outcomes: List[Tuple[DeviceKey, bytes, str]] = []  # (device, frame id, dead-letter reason or "")
-        valid: List[Tuple[TokenMessage, store.ModelInfo]] = []
+        edge: Dict[str, AnomalyScore] = {}  # the edges' own anomaly scores, by frame id, queued with the frames
         received = store.now_us()
         for m in batch:
             t: Optional[topics.Topic] = None
@@ -168,7 +169,8 @@ class Ingestor:
                 if t.kind == topics.KIND_TOKENS:
                     msg, model = self.validate_tokens(t, m.payload)
                     rows.append(store.frame_row(msg, model.id, received))
-                    valid.append((msg, model))
+                    if msg.anomaly is not None:
+                        edge[rows[-1]["frame_id"]] = msg.anomaly
                     seen[msg.device] = (msg.site, received)
                     if t.device is not None:
                         outcomes.append(((t.site, t.device), msg.frame_id, ""))
@@ -192,10 +194,9 @@ class Ingestor:
             fid = peek_frame_id(m.payload)  # tell the device, when the topic names it and the id is readable
             if t is not None and t.kind == topics.KIND_TOKENS and t.device is not None and fid is not None:
                 outcomes.append(((t.site, t.device), fid, dead[-1]["reason"]))
-        scored = self.anomaly.score(valid)
         new: set = set()
         try:
-            new.update(self._commit(rows, dead, seen, status_updates, res, scored))
+            new.update(self._commit(rows, dead, seen, status_updates, res, edge))
         except OperationalError:
             raise
         except (DBAPIError, SQLAlchemyError) as exc:  # a row the database refuses: isolate it
@@ -204,7 +205,7 @@ class Ingestor:
             refused = {}
             for r in rows:
                 try:
-                    new.update(self._commit([r], [], {}, [], res, scored))
+                    new.update(self._commit([r], [], {}, [], res, edge))
                 except OperationalError:
                     raise
                 except (DBAPIError, SQLAlchemyError) as e2:
@@ -238,8 +239,9 @@ class Ingestor:
 
     def _commit(self, rows: List[dict], dead: List[dict], seen: Dict[str, tuple],
                 status_updates: List[Tuple[topics.Topic, bytes]], res: BatchResult,
-                scored: Optional[dict] = None) -> List[str]:
-        """One transaction (the frames' anomaly scores in it, their alerts after it); returns the new frame ids."""
+                edge: Optional[Dict[str, AnomalyScore]] = None) -> List[str]:
+        """One transaction (the new frames of cameras with a reference set queued for the scorer in it); returns
+        the new frame ids."""
         with Session(self.engine) as s, s.begin():
             new_ids = store.insert_new_frames(s, rows)
             new = len(new_ids)
@@ -247,7 +249,8 @@ class Ingestor:
             # "received": token messages (stored, duplicate or refused); status and stats are status_updates
             counters = {"received": len(rows) + len(dead), "stored": new, "duplicates": dups,
                         "dead_letters": len(dead), "status_updates": len(status_updates)}
-            alerts = self.anomaly.record(s, [scored[f] for f in new_ids if f in (scored or {})], counters)
+            fresh = set(new_ids)
+            scoring.queue(s, [r for r in rows if r["frame_id"] in fresh], edge or {})
             store.touch_devices(s, seen)
             for t, payload in status_updates:
                 text = payload.decode("utf-8", "replace")
@@ -258,10 +261,9 @@ class Ingestor:
                     store.set_device_status(s, t.device or "", t.site, stats=text)
             store.insert_dead_letters(s, dead)
             store.add_counters(s, self.worker, counters)
-        self.anomaly.alert(alerts)
         res.stored += new
         res.duplicates += dups
-        fresh = set(new_ids)  # lag of first arrivals only: a resent duplicate says nothing about the pipeline
+        # lag of first arrivals only: a resent duplicate says nothing about the pipeline
         res.captures_s.extend(r["capture_us"] / 1e6 for r in rows if r["frame_id"] in fresh)
         res.dead += len(dead)
         res.status += len(status_updates)
@@ -279,7 +281,7 @@ class IngestWorker:
         from runtime.mqtt import make_client
 
         self.mqtt_cfg, self.cfg = mqtt_cfg, cfg
-        self.ingestor = Ingestor(engine, cfg, mqtt_cfg.client_id, anomaly)
+        self.ingestor = Ingestor(engine, cfg, mqtt_cfg.client_id)
         self.inbox: "queue.Queue[Incoming]" = queue.Queue()
         self.stop_event = threading.Event()
         self.connected = threading.Event()
@@ -295,11 +297,20 @@ class IngestWorker:
         c.on_message = self._on_message
         c.on_subscribe = self._on_subscribe
         self.client = c
-        self.ingestor.anomaly.set_publish(c.publish)  # alerts of committed batches
+        self.scorer = self._scorer(engine, anomaly or AnomalyConfig(), c.publish)
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = mqtt_cfg.session_expiry_s
         props.ReceiveMaximum = max(1, min(65535, cfg.batch_max))
         self._connect_props = props
+
+    def _scorer(self, engine: Engine, cfg: AnomalyConfig, publish) -> Optional[ScorerProcess]:  # noqa: ANN001
+        """The scoring process beside this worker (``anomaly.scorer``); its alerts go out through this worker's
+        MQTT client (``anomaly.alerts``) and the webhook."""
+        if not cfg.scorer:
+            return None
+        webhook = Webhook(cfg.webhook, engine, self.mqtt_cfg.client_id) if cfg.webhook.url else None
+        publisher = AlertPublisher(publish if cfg.alerts else None, webhook)
+        return ScorerProcess(engine, cfg, f"{self.mqtt_cfg.client_id}-scorer", publisher)
 
     def _on_connect(self, client, _ud, flags, reason_code, _props) -> None:  # noqa: ANN001 - paho signature
         if reason_code.is_failure:
@@ -379,13 +390,16 @@ class IngestWorker:
         self.client.connect_async(m.host, m.port, keepalive=m.keepalive_s, clean_start=False,
                                   properties=self._connect_props)
         self.client.loop_start()
+        if self.scorer is not None:
+            self.scorer.start()
         try:
             while not self.stop_event.is_set():
                 batch = self._next_batch()
                 if batch:
                     self._commit_with_retry(batch)
         finally:
-            self.ingestor.anomaly.close()
+            if self.scorer is not None:
+                self.scorer.close()
             self.client.disconnect()
             self.client.loop_stop()
             server = getattr(self, "_metrics_server", None)

@@ -1,5 +1,5 @@
 """SQLAlchemy 2.x table models of central: devices, models, frames, originals, dead letters, tokens, counters,
-reference sets (their frames and memory banks) and frames' anomaly scores.
+reference sets (their frames and memory banks), frames' anomaly scores and the frames waiting for one.
 
 Times are Unix microseconds (UTC) in BIGINT columns, the unit the wire format carries, so both dialects
 compare and index them the same way.
@@ -227,3 +227,19 @@ class FrameScore(Base):
     grid_w: Mapped[Optional[int]] = mapped_column(SmallInteger, nullable=True)
     edge_score: Mapped[Optional[float]] = mapped_column(Float, nullable=True)  # the edge's own score, when sent
     scored_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class ScoreQueue(Base):
+    """A frame ingest stored for a camera with a reference set, waiting for its anomaly score: the transactional
+    queue between ingest and the scorer (``central.anomaly.scoring``). Ingest inserts the row in the frame's
+    transaction; the scorer deletes it in the transaction that stores the score, so a crash of either leaves the
+    frame queued, never lost. ``edge_*``: the edge's own score of the frame, when its message carried one.
+    """
+
+    __tablename__ = "score_queue"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    frame_id: Mapped[str] = mapped_column(String(32))
+    queued_us: Mapped[int] = mapped_column(BigInteger)
+    edge_set_id: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    edge_set_version: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    edge_score: Mapped[Optional[float]] = mapped_column(Float, nullable=True)

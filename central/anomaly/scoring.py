@@ -1,30 +1,37 @@
-"""Anomaly scores at ingest and by backfill: each frame of a camera with a reference set gets its score, its most
-anomalous token and that token's region, stored in ``frame_scores``.
+"""Anomaly scores beside ingest and by backfill: each frame of a camera with a reference set gets its score, its
+most anomalous token and that token's region, stored in ``frame_scores``.
 
-At ingest (``Scorer``, one per worker) the scores are computed from the decoded messages before the batch's
-transaction, inserted in it with the frames (``record``), and the flagged frames become alerts the worker
-publishes after the commit. A message whose frame is already scored (a redelivery) adds nothing. The backfill
-scores frames stored before their camera's set existed, or scored against an older version of it, and raises
-no alerts (it is history).
+Ingest does not score. In the transaction that stores a frame of a camera with a set, it queues the frame
+(``queue``: a ``score_queue`` row, with the edge's own score when the message carried one). The scorer (``Scorer``:
+a process beside each ingest worker, or ``tokenline-central score``) takes the queue in order, scores a batch
+against each camera's current bank, and in one transaction deletes the batch's queue rows and inserts their
+scores; the flagged frames become alerts after that commit. Whoever deletes a queue row owns its frame's score
+and alert, so two scorers never alert twice (on PostgreSQL they also claim rows with SKIP LOCKED, so they do not
+score the same batch); a crash of ingest or scorer leaves each frame either unstored or queued, never unscored
+for good. The backfill scores frames stored before their camera's set existed, or scored against an older
+version of it, and raises no alerts (it is history).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from sqlalchemy import Engine, and_, func, or_, select
+from sqlalchemy import Engine, and_, delete, func, or_, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from central import store
 from central.anomaly import refsets
 from central.config import AnomalyConfig
 from central.store import ModelInfo
-from sql.models import Frame, FrameScore, ReferenceSet
+from sql.db import is_postgres
+from sql.models import Frame, FrameScore, ReferenceSet, ScoreQueue
 from sql.types import unpack_token_rows
-from tokenline.anomaly import Bank, footprint_regions, pack_masks, token_region
+from tokenline.anomaly import AnomalyScore, Bank, footprint_regions, pack_masks, token_region
 from tokenline.summary import Summary
 from tokenline.topics import Alert
 
@@ -33,6 +40,9 @@ log = logging.getLogger(__name__)
 Key = Tuple[int, str, str, str]  # (model_id, site, line, camera)
 SCORED = "frames_scored"  # counters (tokenline_<name>_total in /metrics)
 ALERTS = "anomaly_alerts"
+# SQLite has one write lock, and a writer that finds it taken sleeps in steps of 1, 2, 5, 10 ms...: the scorer
+# commits its scores in transactions this small so ingest, when it has to wait, waits one short step
+SQLITE_WRITE_ROWS = 100
 
 
 @dataclass(frozen=True)
@@ -108,32 +118,45 @@ def _insert(session: Session, table: Any, update: bool):
     return stmt.on_conflict_do_nothing(index_elements=["frame_id"])
 
 
-def record(session: Session, scored: Sequence[Scored], counters: Dict[str, int]) -> List[Alert]:
-    """Insert the scores of frames stored in this transaction (the caller's, which inserted them: so none has a
-    score yet, and a redelivered frame, not new, is not passed and raises no alert again); add their count and
-    the alerts' to ``counters``, which the caller adds to the database in its transaction. Returns the alerts.
-    One executemany, no RETURNING: the caller knows which frames are new."""
-    if not scored:
-        return []
-    if session.get_bind().dialect.name == "sqlite":  # the driver's executemany: the ORM's binds cost more than it
-        cols = list(scored[0].row)
+def _executemany(session: Session, table: Any, rows: Sequence[Dict[str, Any]], sqlite_suffix: str = "") -> None:
+    """Insert ``rows`` (dicts with the same keys) into ``table``: SQLite through the driver's executemany (the
+    ORM's binds cost more than the insert), PostgreSQL through Core (scores: ON CONFLICT DO NOTHING)."""
+    cols = list(rows[0])
+    if session.get_bind().dialect.name == "sqlite":
         raw = session.connection().connection.driver_connection
-        raw.executemany(f"INSERT INTO frame_scores ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
-                        "ON CONFLICT (frame_id) DO NOTHING", [tuple(s.row[c] for c in cols) for s in scored])
+        raw.executemany(f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+                        f"{sqlite_suffix}", [tuple(r[c] for c in cols) for r in rows])
+    elif table is FrameScore.__table__:
+        session.execute(_insert(session, table, update=False), list(rows))
     else:
-        session.execute(_insert(session, FrameScore.__table__, update=False), [s.row for s in scored])
-    alerts = [s.alert for s in scored if s.alert is not None]
-    counters[SCORED] = counters.get(SCORED, 0) + len(scored)
-    counters[ALERTS] = counters.get(ALERTS, 0) + len(alerts)
-    return alerts
+        session.execute(table.insert(), list(rows))
 
 
-class Scorer:
-    """The ingest hook of one worker: the banks of every camera with a reference set (reloaded when a set's
-    version changes; polled once per batch) and the scoring of decoded messages."""
+def queue(session: Session, rows: Sequence[Dict[str, Any]], edge: Dict[str, AnomalyScore]) -> int:
+    """In ingest's transaction: queue the new ``frames`` rows of cameras with a reference set for the scorer, each
+    with the edge's score (``edge``: by frame id) when its message carried one. Returns how many were queued."""
+    if not rows:
+        return 0
+    sets = refsets.active_versions(session)  # in the transaction: a set committed before it sees these frames
+    now = store.now_us()
+    out = []
+    for r in rows:
+        if (r["model_id"], r["site"], r["line"], r["camera"]) in sets:
+            e = edge.get(r["frame_id"])
+            out.append({"frame_id": r["frame_id"], "queued_us": now,
+                        "edge_set_id": None if e is None else e.set_id,
+                        "edge_set_version": None if e is None else e.set_version,
+                        "edge_score": None if e is None else float(e.score)})
+    if out:
+        _executemany(session, ScoreQueue.__table__, out)
+    return len(out)
 
-    def __init__(self, engine: Engine, cfg: AnomalyConfig) -> None:
-        self.engine, self.cfg = engine, cfg
+
+class Banks:
+    """The banks of every camera with a reference set, reloaded when a set's version changes (polled per batch)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
         self._versions: Dict[Key, Tuple[int, int]] = {}
         self._banks: Dict[Key, Bank] = {}
 
@@ -151,36 +174,134 @@ class Scorer:
             del self._banks[key]
         self._versions = versions
 
-    def score(self, items: Sequence[Tuple[Any, ModelInfo]]) -> List[Scored]:
-        """Scores of decoded, validated messages (``(TokenMessage, model)``) of cameras with a set."""
-        if not items:
-            return []
-        self.refresh()
-        groups: Dict[Key, List[Tuple[FrameMeta, Summary]]] = {}
-        grids: Dict[Key, Tuple[int, int]] = {}
-        for msg, model in items:
-            key = (model.id, msg.site, msg.line, msg.camera)
-            bank = self._banks.get(key)
-            if bank is None:
+    def get(self, key: Key) -> Optional[Bank]:
+        return self._banks.get(key)
+
+
+def frame_summaries(rows: Sequence[Any], footprint_grid: Optional[Tuple[int, int]],
+                    with_global: bool) -> List[Summary]:
+    """The summaries of ``frames`` rows (``k``, ``tokens``, ``sizes``, ``centroids``, ``footprint`` and, when
+    ``with_global``, ``global_embedding``), in the rows' order; the tokens of each shape decoded at once."""
+    out: Dict[int, Summary] = {}
+    index = {id(r): i for i, r in enumerate(rows)}
+    for part in refsets.group_by_shape(rows):
+        for r, tok in zip(part, unpack_token_rows([r.tokens for r in part], int(part[0].k))):
+            g = np.asarray(r.global_embedding, np.float32) if with_global else None
+            out[index[id(r)]] = refsets.row_summary(r, tok, footprint_grid, g)
+    return [out[i] for i in range(len(rows))]
+
+
+_QUEUE_COLS = (ScoreQueue.id.label("queue_id"), ScoreQueue.frame_id.label("queued_frame"), ScoreQueue.edge_set_id,
+               ScoreQueue.edge_set_version, ScoreQueue.edge_score, Frame.model_id, Frame.site, Frame.line,
+               Frame.camera, Frame.device, Frame.capture_us, Frame.k, Frame.tokens, Frame.sizes, Frame.centroids,
+               Frame.footprint, Frame.global_embedding)
+
+
+class Scorer:
+    """Scores the queued frames in order, a batch at a time (``step``), until the queue is empty (``drain``) or
+    until stopped (``run``); ``alerts`` receives the alerts of each committed batch. Counts ``frames_scored`` and
+    ``anomaly_alerts`` under ``name`` in the database's counters."""
+
+    def __init__(self, engine: Engine, cfg: AnomalyConfig, name: str,
+                 alerts: Optional[Callable[[List[Alert]], None]] = None) -> None:
+        self.engine, self.cfg, self.name, self.alerts = engine, cfg, name, alerts
+        self.banks = Banks(engine)
+        self._models: Dict[int, ModelInfo] = {}
+        self.scored = self.flagged = 0
+
+    def _model(self, session: Session, model_id: int) -> ModelInfo:
+        if model_id not in self._models:
+            self._models = {m.id: m for m in store.list_models(session)}
+        return self._models[model_id]
+
+    def _select(self):  # noqa: ANN202 - a SQLAlchemy Select
+        return (select(*_QUEUE_COLS).select_from(ScoreQueue).outerjoin(Frame, Frame.frame_id == ScoreQueue.frame_id)
+                .order_by(ScoreQueue.id).limit(self.cfg.score_batch))
+
+    def step(self) -> int:
+        """Score one batch of the queue; returns how many queue rows it took (0: the queue is empty)."""
+        self.banks.refresh()
+        if is_postgres(self.engine):  # claim the rows for this transaction: other scorers skip them
+            with Session(self.engine) as s, s.begin():
+                rows = s.execute(self._select().with_for_update(of=ScoreQueue, skip_locked=True)).all()
+                alerts = self._store(s, rows, self._score(s, rows))
+        else:  # SQLite: read, score, then write (a read snapshot cannot become a write once ingest committed)
+            with Session(self.engine) as s:
+                rows = s.execute(self._select()).all()
+                scored = self._score(s, rows)
+            alerts = []
+            for i in range(0, len(rows), SQLITE_WRITE_ROWS):  # short holds of the one write lock ingest needs
+                with Session(self.engine) as s, s.begin():
+                    alerts += self._store(s, rows[i:i + SQLITE_WRITE_ROWS], scored)
+        if alerts and self.alerts is not None:
+            self.alerts(alerts)
+        return len(rows)
+
+    def _score(self, session: Session, rows: Sequence[Any]) -> Dict[int, Scored]:
+        """``{queue id: Scored}`` of the rows whose frame is stored and whose camera has a bank."""
+        groups: Dict[Tuple[Key, int, int], List[Any]] = {}
+        for r in rows:
+            if r.model_id is None:  # retention deleted the frame meanwhile
                 continue
-            edge = msg.anomaly
-            same = edge is not None and (edge.set_id, edge.set_version) == (bank.info.set_id, bank.info.set_version)
-            meta = FrameMeta(msg.frame_id_hex, model.id, model.hash16, msg.site, msg.device, msg.line, msg.camera,
-                             int(msg.capture_ts_us), float(edge.score) if same else None)
-            groups.setdefault(key, []).append((meta, msg.summary))
-            if key not in grids:
-                grids[key] = tuple(model.manifest.encoder.grid)
-        out: List[Scored] = []
-        for key, frames in groups.items():
-            by_shape: Dict[tuple, list] = {}
-            for f in frames:
-                by_shape.setdefault(f[1].tokens.shape, []).append(f)
-            for part in by_shape.values():
-                try:
-                    out += score_frames(self._banks[key], part, grids[key])
-                except Exception:  # noqa: BLE001 - a bank that cannot score these frames must not stop ingest
-                    log.exception("cannot score %d frame(s) of %s", len(part), "/".join(key[1:]))
+            key = (int(r.model_id), r.site, r.line, r.camera)
+            if self.banks.get(key) is not None:
+                groups.setdefault((key, int(r.k), len(r.tokens)), []).append(r)
+        out: Dict[int, Scored] = {}
+        for (key, _, _), part in groups.items():
+            bank, model = self.banks.get(key), self._model(session, key[0])
+            info = bank.info
+            try:
+                sums = frame_summaries(part, model.manifest.summary.footprint_grid, info.mode != "tokens")
+                frames = []
+                for r, sm in zip(part, sums):
+                    same = r.edge_score is not None and (r.edge_set_id, r.edge_set_version) == (info.set_id,
+                                                                                                 info.set_version)
+                    frames.append((FrameMeta(r.queued_frame, key[0], model.hash16, r.site, r.device, r.line,
+                                             r.camera, int(r.capture_us), float(r.edge_score) if same else None), sm))
+                for r, sc in zip(part, score_frames(bank, frames, tuple(model.manifest.encoder.grid))):
+                    out[int(r.queue_id)] = sc
+            except Exception:  # noqa: BLE001 - frames a bank cannot score must not stop the queue
+                log.exception("cannot score %d frame(s) of %s; they stay unscored", len(part), "/".join(key[1:]))
         return out
+
+    def _store(self, session: Session, rows: Sequence[Any], scored: Dict[int, Scored]) -> List[Alert]:
+        """Delete the batch's queue rows and insert the scores of those this transaction deleted."""
+        if not rows:
+            return []
+        ids = [int(r.queue_id) for r in rows]
+        mine = set(session.execute(delete(ScoreQueue).where(ScoreQueue.id.in_(ids)).returning(ScoreQueue.id))
+                   .scalars())
+        done = [scored[i] for i in ids if i in mine and i in scored]
+        if done:
+            _executemany(session, FrameScore.__table__, [s.row for s in done], "ON CONFLICT (frame_id) DO NOTHING")
+        alerts = [s.alert for s in done if s.alert is not None]
+        store.add_counters(session, self.name, {SCORED: len(done), ALERTS: len(alerts)})
+        self.scored += len(done)
+        self.flagged += len(alerts)
+        return alerts
+
+    def drain(self) -> int:
+        """Score until the queue is empty; returns the queue rows taken."""
+        n = 0
+        while True:
+            got = self.step()
+            n += got
+            if got == 0:
+                return n
+
+    def run(self, stop: Callable[[], bool]) -> None:
+        """Score until ``stop()``: after a full batch the next at once, else poll every ``score_poll_s``; a database
+        outage is logged and retried with backoff, its rows left queued."""
+        delay = self.cfg.score_poll_s
+        while not stop():
+            try:
+                got = self.step()
+                delay = self.cfg.score_poll_s
+            except OperationalError as exc:
+                log.error("scorer: database unavailable (%s); retrying in %.1fs", exc.__class__.__name__, delay)
+                got, delay = 0, min(delay * 2, 30.0)
+            if got < self.cfg.score_batch:
+                time.sleep(delay)
 
 
 # -- backfill --------------------------------------------------------------------------------------------------
@@ -233,18 +354,10 @@ def backfill(engine: Engine, set_id: Optional[int] = None, batch: int = 500,
                 if not rows:
                     break
                 last_id = int(rows[-1].id)
-                scored: List[Scored] = []
-                for shape_rows in refsets.group_by_shape(rows):
-                    k = int(shape_rows[0].k)
-                    toks = unpack_token_rows([r.tokens for r in shape_rows], k)
-                    frames = []
-                    for r, t in zip(shape_rows, toks):
-                        g = (np.asarray(r.global_embedding, np.float32) if bank.info.mode != "tokens"
-                             else np.zeros(1, np.float32))
-                        summary = refsets.row_summary(r, t, fp_grid, g)
-                        frames.append((FrameMeta(r.frame_id, row.model_id, hash16, row.site, r.device, row.line,
-                                                 row.camera, int(r.capture_us)), summary))
-                    scored += score_frames(bank, frames, grid)
+                sums = frame_summaries(rows, fp_grid, bank.info.mode != "tokens")
+                frames = [(FrameMeta(r.frame_id, row.model_id, hash16, row.site, r.device, row.line, row.camera,
+                                     int(r.capture_us)), sm) for r, sm in zip(rows, sums)]
+                scored = score_frames(bank, frames, grid)
                 s.execute(_insert(s, fs, update=True), [x.row for x in scored])
                 store.add_counters(s, "backfill", {SCORED: len(scored)})
             done += len(rows)
@@ -257,37 +370,3 @@ def backfill(engine: Engine, set_id: Optional[int] = None, batch: int = 500,
     return rep
 
 
-
-class IngestHook:
-    """All that ingest does for anomaly scoring, in three calls: ``score`` the batch's messages before its
-    transaction, ``record`` the scores in it, ``alert`` after the commit (MQTT via ``publish``, the webhook)."""
-
-    def __init__(self, engine: Engine, cfg: AnomalyConfig, worker: str) -> None:
-        from central.anomaly.alerts import AlertPublisher, Webhook
-
-        self.worker = worker
-        self.scorer = Scorer(engine, cfg)
-        webhook = Webhook(cfg.webhook, engine, worker) if cfg.webhook.url else None
-        self.publisher = AlertPublisher(None, webhook)
-        self.publish_alerts = cfg.alerts
-
-    def set_publish(self, publish: Optional[Callable[..., object]]) -> None:
-        """The MQTT publish function (the worker's client) alerts go out through; None: no MQTT alerts."""
-        self.publisher.publish = publish if self.publish_alerts else None
-
-    def score(self, items: Sequence[Tuple[Any, ModelInfo]]) -> Dict[str, Scored]:
-        """``{frame id: Scored}`` of the batch's decoded messages; scoring never fails the batch."""
-        try:
-            return {s.row["frame_id"]: s for s in self.scorer.score(items)}
-        except Exception:  # noqa: BLE001 - e.g. the database hiccups while reloading a bank: frames still ingest
-            log.exception("anomaly scoring of a batch of %d failed; the frames are stored unscored", len(items))
-            return {}
-
-    def record(self, session: Session, scored: Sequence[Scored], counters: Dict[str, int]) -> List[Alert]:
-        return record(session, scored, counters)
-
-    def alert(self, alerts: Sequence[Alert]) -> None:
-        self.publisher(alerts)
-
-    def close(self) -> None:
-        self.publisher.close()

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from central import devices, store
 from runtime import metrics as prom
-from sql.models import Frame
+from sql.models import Frame, ScoreQueue
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class DatabaseCollector:
                 devs = devices.list_devices(s)
                 last = s.execute(select(Frame.received_us, Frame.capture_us).where(
                     Frame.id == select(func.max(Frame.id)).scalar_subquery())).first()
+                queued, first_queued = s.execute(select(func.count(), func.min(ScoreQueue.queued_us))).one()
         except Exception as exc:  # noqa: BLE001 - a scrape reports the database as down rather than failing
             log.warning("metrics: database unavailable: %s", exc)
             yield GaugeMetricFamily("tokenline_database_up", "1 when the database answered this scrape", value=0)
@@ -107,6 +108,10 @@ class DatabaseCollector:
         yield from (online, seen, backlog, oldest, fps, infer, drops)
         yield GaugeMetricFamily("tokenline_last_ingest_timestamp_seconds", "when the newest frame was stored",
                                 value=(last[0] / 1e6) if last else 0.0)
+        yield GaugeMetricFamily("tokenline_score_queue_frames", "frames stored and waiting for their anomaly score",
+                                value=queued)
+        yield GaugeMetricFamily("tokenline_score_queue_oldest_seconds", "how long the oldest of them has waited",
+                                value=max(0.0, store.now_us() - first_queued) / 1e6 if first_queued is not None else 0.0)
         yield GaugeMetricFamily("tokenline_newest_frame_lag_seconds", "capture to storage of the newest frame",
                                 value=max(0.0, (last[0] - last[1]) / 1e6) if last else 0.0)
 

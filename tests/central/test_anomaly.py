@@ -5,26 +5,32 @@ reference-set lifecycle, retention of scores, the webhook."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from central import store
 from central.anomaly import refsets
 from central.anomaly.alerts import AlertPublisher, Webhook
+from central.anomaly.scoring import Scorer
 from central.anomaly.bank import SetFrames, build_bank, greedy_coreset
 from central.api import create_app
 from central.blobs import BlobStore
-from central.config import AnomalyConfig, WebhookConfig
+from central.config import AnomalyConfig, IngestConfig, WebhookConfig
+from central.ingest import Incoming, Ingestor
 from central.retention import sweep
-from sql.models import Frame, FrameScore
+from sql.models import Frame, FrameScore, ScoreQueue
 from tests.central.conftest import config_for, tx
 from tests.central.test_ingest import LogTail, _publish_all, _publisher, _wait_for
 from tests.support.anomaly_frames import frame_message, unit
@@ -273,6 +279,130 @@ def test_retention_drops_the_scores_of_deleted_frames(engine, db_url, tmp_path, 
     with Session(engine) as s, s.begin():  # the set keeps its bank; rebuilding it skips the deleted frames
         info = refsets.update_set(s, cfg.anomaly, 1, quantile=0.9)
     assert info.frame_count == 5
+
+
+def _queue_count(engine) -> int:
+    return tx(engine, lambda s: s.scalar(select(func.count()).select_from(ScoreQueue)))
+
+
+def _scores(engine) -> dict:
+    with Session(engine) as s:
+        return {r.frame_id: r for r in s.scalars(select(FrameScore))}
+
+
+def _ingest_in_process(engine, msgs) -> None:
+    """Commit ``msgs`` as an ingest worker does, with no scorer running: the frames of a set's camera wait queued."""
+    items = [Incoming(i, 1, topics.tokens_topic(m.site, "d1", m.line, m.camera), encode(m, "int8"))
+             for i, m in enumerate(msgs)]
+    res = Ingestor(engine, IngestConfig(), "w-test").process(items)
+    assert res.stored == len(msgs) and res.dead == 0
+
+
+def test_scorers_share_the_queue_each_frame_scored_and_alerted_once(engine, tmp_path, tiny_manifest,
+                                                                    tiny_model_dir):
+    model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
+    rng = np.random.default_rng(5)
+    ref = [frame_message(tiny_manifest, rng, T0 + i * 1000, seq=i) for i in range(30)]
+    _store(engine, model.id, ref)
+    with Session(engine) as s, s.begin():
+        info = refsets.create_set(s, AnomalyConfig(), name="ref", frame_ids=[m.frame_id.hex() for m in ref],
+                                  threshold=0.5)  # odd tokens score over 0.5, normal ones far under
+    odd_at = {3: 2, 17: 9, 29: 14, 38: 0}  # message index -> its odd token
+    live = [frame_message(tiny_manifest, rng, T0 + 10**9 + i, seq=100 + i, odd=odd_at.get(i)) for i in range(40)]
+    other = [frame_message(tiny_manifest, rng, T0 + 10**9 + i, seq=200 + i, camera="c2") for i in range(3)]
+    _ingest_in_process(engine, live + other)
+    assert _queue_count(engine) == 40 and _scores(engine) == {}  # c2 has no set: not queued; nobody scored yet
+
+    cfg = AnomalyConfig(score_batch=7)
+    got: list = []
+    scorers = [Scorer(engine, cfg, f"scorer-{i}", alerts=got.extend) for i in range(2)]
+    threads = [threading.Thread(target=sc.drain) for sc in scorers]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    rows = _scores(engine)
+    assert set(rows) == {m.frame_id.hex() for m in live} and _queue_count(engine) == 0
+    assert sum(sc.scored for sc in scorers) == 40  # no frame scored by both: whoever deleted its queue row
+    assert {r.set_id for r in rows.values()} == {info.id}
+    flagged = {m.frame_id.hex(): j for i, m in enumerate(live) if (j := odd_at.get(i)) is not None}
+    assert {f for f, r in rows.items() if r.flagged} == set(flagged)
+    assert sorted(a.frame_id for a in got) == sorted(flagged)  # each alert once, across both scorers
+    assert all(rows[a.frame_id].token == flagged[a.frame_id] == a.token for a in got)
+    totals = tx(engine, store.counter_totals)
+    assert (totals["frames_scored"], totals["anomaly_alerts"]) == (40, 4)
+
+    # a queued frame retention deleted meanwhile, and frames of a set deleted meanwhile, leave the queue unscored
+    late = [frame_message(tiny_manifest, rng, T0 + 2 * 10**9 + i, seq=300 + i) for i in range(4)]
+    _ingest_in_process(engine, late)
+    with Session(engine) as s, s.begin():
+        s.execute(delete(Frame).where(Frame.frame_id == late[0].frame_id.hex()))
+    assert Scorer(engine, cfg, "scorer-2").drain() == 4
+    rows = _scores(engine)
+    assert late[0].frame_id.hex() not in rows and {m.frame_id.hex() for m in late[1:]} <= set(rows)
+    _ingest_in_process(engine, [frame_message(tiny_manifest, rng, T0 + 3 * 10**9, seq=400)])
+    with Session(engine) as s, s.begin():
+        assert refsets.delete_set(s, info.id)
+    assert _queue_count(engine) == 1
+    assert Scorer(engine, cfg, "scorer-3").drain() == 1 and _queue_count(engine) == 0 and _scores(engine) == {}
+
+
+def _scorer_pids(log: LogTail) -> list:
+    return [int(re.search(r"started \(pid (\d+)\)", x).group(1)) for x in list(log.lines) if "scorer" in x
+            and "started (pid" in x]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")  # a zombie is gone too
+    except FileNotFoundError:
+        return True
+
+
+def test_scorer_process_sigkill_is_restarted_and_loses_no_score(engine, db_url, mosquitto, tmp_path, tiny_manifest,
+                                                                tiny_model_dir):
+    """Frames queued while no scorer ran (as after a crash) are scored when one starts; a scorer killed with
+    SIGKILL is restarted by its worker and scores what came meanwhile; a killed worker takes its scorer along."""
+    model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
+    rng = np.random.default_rng(6)
+    ref = [frame_message(tiny_manifest, rng, T0 + i * 1000, seq=i) for i in range(30)]
+    _store(engine, model.id, ref)
+    with Session(engine) as s, s.begin():
+        refsets.create_set(s, AnomalyConfig(), name="ref", frame_ids=[m.frame_id.hex() for m in ref], threshold=0.5)
+    backlog = [frame_message(tiny_manifest, rng, T0 + 10**9 + i, seq=100 + i) for i in range(10)]
+    _ingest_in_process(engine, backlog)
+    assert _queue_count(engine) == 10
+
+    worker = _ingest_worker(tmp_path, db_url, mosquitto)
+    log = LogTail(worker)
+    alerts = Collector(mosquitto.host, mosquitto.port, topic=topics.ALERTS_FILTER)
+    pub = _publisher(mosquitto)
+    try:
+        log.wait("subscribed as group", 1, timeout=120)
+        assert _wait_for(lambda: len(_scores(engine)) == 10, 60), "".join(log.lines[-30:])
+        first = _scorer_pids(log)
+        assert len(first) == 1 and first[0] != worker.pid
+        os.kill(first[0], signal.SIGKILL)
+        live = [frame_message(tiny_manifest, rng, T0 + 2 * 10**9 + i, seq=200 + i, odd=5 if i in (2, 7) else None)
+                for i in range(10)]
+        _publish_all(pub, [(topics.tokens_topic("s1", "d1", "l1", "c1"), encode(m, "int8"), False) for m in live])
+        assert _wait_for(lambda: len(_scores(engine)) == 20, 60), "".join(log.lines[-30:])
+        assert any("scorer process" in x and "exited (code -9)" in x for x in log.lines)
+        pids = _scorer_pids(log)
+        assert len(pids) == 2 and pids[1] != first[0]
+        assert alerts.wait_for(lambda c: len(c.raw) >= 2, 10)
+        assert sorted(topics.parse_alert(p).frame_id for _, p, _ in alerts.raw) == \
+            sorted(live[i].frame_id.hex() for i in (2, 7))
+        assert _queue_count(engine) == 0
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+        assert _wait_for(lambda: _gone(pids[1]), 10), "the scorer outlived its worker"
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        alerts.close()
+        pub.loop_stop()
+        pub.disconnect()
 
 
 def test_bank_building_coreset_lists_and_leave_one_out_threshold(monkeypatch):

@@ -17,7 +17,7 @@ from tests.central.conftest import make_message, tx, unit
 
 
 def test_migration_creates_schema_and_downgrades(engine):
-    assert current(engine) == "0005"
+    assert current(engine) == "0006"
     names = set(inspect(engine).get_table_names())
     assert {"devices", "models", "frames", "originals", "dead_letters", "api_tokens", "counters", "reference_sets",
             "reference_frames", "frame_scores"} <= names
@@ -33,7 +33,7 @@ def test_migration_creates_schema_and_downgrades(engine):
     downgrade(engine, "base")
     assert "frames" not in set(inspect(engine).get_table_names())
     upgrade(engine)
-    assert current(engine) == "0005"
+    assert current(engine) == "0006"
 
 
 def test_frame_metadata_migration_keeps_older_rows(engine, tiny_manifest):

@@ -40,9 +40,6 @@ log = logging.getLogger(__name__)
 Key = Tuple[int, str, str, str]  # (model_id, site, line, camera)
 SCORED = "frames_scored"  # counters (tokenline_<name>_total in /metrics)
 ALERTS = "anomaly_alerts"
-# SQLite has one write lock, and a writer that finds it taken sleeps in steps of 1, 2, 5, 10 ms...: the scorer
-# commits its scores in transactions this small so ingest, when it has to wait, waits one short step
-SQLITE_WRITE_ROWS = 100
 
 
 @dataclass(frozen=True)
@@ -229,10 +226,8 @@ class Scorer:
             with Session(self.engine) as s:
                 rows = s.execute(self._select()).all()
                 scored = self._score(s, rows)
-            alerts = []
-            for i in range(0, len(rows), SQLITE_WRITE_ROWS):  # short holds of the one write lock ingest needs
-                with Session(self.engine) as s, s.begin():
-                    alerts += self._store(s, rows[i:i + SQLITE_WRITE_ROWS], scored)
+            with Session(self.engine) as s, s.begin():
+                alerts = self._store(s, rows, scored)
         if alerts and self.alerts is not None:
             self.alerts(alerts)
         return len(rows)

@@ -9,6 +9,10 @@ protocol 1 rely on the PUBACK, which still comes only after the commit. A worker
 the broker redelivers unacknowledged messages of the persistent session, and redelivered frames are dropped by
 the ``frames.frame_id`` unique constraint.
 
+Anomaly scoring stays off this path: the batch's transaction queues the new frames of cameras with a reference
+set (``central.anomaly.scoring.queue``), and the scorer process each worker starts beside it
+(``central.anomaly.process``) scores them and publishes their alerts through this worker's MQTT client.
+
 Identity: a protocol 2 token topic names the device (the broker lets a device publish only under its own name),
 and a payload whose device differs from its topic's is rejected as ``identity_mismatch``.
 """

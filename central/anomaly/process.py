@@ -62,6 +62,8 @@ class ScorerProcess:
         return None if self._proc is None else self._proc.pid
 
     def _spawn(self) -> None:
+        if self._conn is not None:
+            self._conn.close()  # the previous child's pipe
         recv, send = self._ctx.Pipe(duplex=False)
         self._proc = self._ctx.Process(target=_child, name=f"{self.name}-scorer", daemon=True,
                                        args=(self.url, self.cfg.model_dump_json(), self.name, send, os.getpid(),

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from typing import Optional
 
 from sqlalchemy import Engine
@@ -99,7 +100,7 @@ class ScorerProcess:
             return False
 
     def _watch(self) -> None:
-        backoff = 1.0
+        backoff, started = 1.0, time.monotonic()
         while not self._stop.is_set():
             if self._forward(0.5):
                 continue
@@ -107,6 +108,8 @@ class ScorerProcess:
                 return
             self._proc.join(5)  # its pipe closed: it is gone, or going
             code = self._proc.exitcode
+            if time.monotonic() - started > 60:
+                backoff = 1.0  # it had run a while: not a crash loop
             log.error("scorer process %s exited (code %s); restarting in %.0fs (its unscored frames stay queued)",
                       self.pid, code, backoff)
             if self._stop.wait(backoff):
@@ -114,6 +117,7 @@ class ScorerProcess:
             self.restarts += 1
             backoff = min(backoff * 2, 30.0)
             self._spawn()
+            started = time.monotonic()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the child (SIGTERM, then SIGKILL after ``timeout``), publish what it sent last, close the webhook."""

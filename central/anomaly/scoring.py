@@ -2,13 +2,13 @@
 most anomalous token and that token's region, stored in ``frame_scores``.
 
 Ingest does not score. In the transaction that stores a frame of a camera with a set, it queues the frame
-(``queue``: a ``score_queue`` row, with the edge's own score when the message carried one). The scorer (``Scorer``:
-a process beside each ingest worker, or ``tokenline-central score``) takes the queue in order, scores a batch
+(``queue``: a ``score_queue`` row, with the edge's own score when the message carried one). The scorer (``Scorer``,
+in a process beside each ingest worker: ``central.anomaly.process``) takes the queue in order, scores a batch
 against each camera's current bank, and in one transaction deletes the batch's queue rows and inserts their
 scores; the flagged frames become alerts after that commit. Whoever deletes a queue row owns its frame's score
 and alert, so two scorers never alert twice (on PostgreSQL they also claim rows with SKIP LOCKED, so they do not
 score the same batch); a crash of ingest or scorer leaves each frame either unstored or queued, never unscored
-for good. The backfill scores frames stored before their camera's set existed, or scored against an older
+for good (a frame its bank cannot score is logged and left to the backfill). The backfill scores frames stored before their camera's set existed, or scored against an older
 version of it, and raises no alerts (it is history).
 """
 

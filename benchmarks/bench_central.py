@@ -647,7 +647,7 @@ def main() -> int:
         lines += ["", "CPU profile of one PostgreSQL worker (cProfile, the worker's main thread: decode, validate, COPY, "
                   "commit; top entries by own time):", ""] + prof_table
     if search_sq is not None:
-        fr = args.frames
+        fr, dflt = args.frames, parse_config({})
         lines += ["", f"### Search at {fr:,} frames, top-10 ({args.queries} queries; ms)", "",
                   "global = kNN on the global embedding; rerank = 200 candidates + MaxSim over 16 tokens; filtered = "
                   "rerank with line+camera filters (1/8 of the frames); an untimed pass over the queries (caches warm, "
@@ -659,7 +659,8 @@ def main() -> int:
                   f"{search_sq.get('lists', 0):,} inverted lists (search.ivf_rows = {search_sq.get('ivf_rows', 0):,}: "
                   "the rows passing the filters in the nearest lists, about that many, scored exactly). PostgreSQL: "
                   f"{fr - min(HOT, fr // 5):,} frames in sealed segments of <= {args.seal_rows:,} with their HNSW "
-                  "index (m=16, ef_construction=64, ef_search=200, iterative scan; a UNION ALL branch per segment, "
+                  f"index (m={dflt.segments.hnsw_m}, ef_construction={dflt.segments.hnsw_ef_construction}, "
+                  f"ef_search={dflt.search.ef_search}, iterative scan; a UNION ALL branch per segment, "
                   "first asked for 1.5 times its share of the candidates, then for all of them where it may hold "
                   "more) "
                   f"and the last minute ({min(HOT, fr // 5):,} frames at 1,000 frames/s) in the hot segment, searched "

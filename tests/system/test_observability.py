@@ -35,7 +35,11 @@ CENTRAL = {
     "tokenline_device_frames_per_second": "gauge", "tokenline_device_dropped_frames": "counter",
     "tokenline_newest_frame_lag_seconds": "gauge", "tokenline_database_up": "gauge",
     "tokenline_original_requests": "counter", "process_cpu_seconds": "counter",
-    "process_resident_memory_bytes": "gauge",
+    "process_resident_memory_bytes": "gauge", "tokenline_frames_scored": "counter",
+    "tokenline_anomaly_alerts": "counter",
+    "tokenline_anomaly_webhook_sent": "counter", "tokenline_anomaly_webhook_failed": "counter",
+    "tokenline_anomaly_webhook_dropped": "counter", "tokenline_score_queue_frames": "gauge",
+    "tokenline_score_queue_oldest_seconds": "gauge",
 }
 WORKER = {
     "tokenline_ingest_batch_messages": "histogram", "tokenline_ingest_commit_seconds": "histogram",

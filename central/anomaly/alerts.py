@@ -22,6 +22,11 @@ from central import store
 from central.config import WebhookConfig
 from tokenline.topics import ALERT_QOS, Alert
 
+# counters (tokenline_<name>_total in /metrics)
+WEBHOOK_SENT = "anomaly_webhook_sent"
+WEBHOOK_FAILED = "anomaly_webhook_failed"
+WEBHOOK_DROPPED = "anomaly_webhook_dropped"
+
 log = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes, int, bool], object]  # (topic, payload, qos, retain), e.g. paho's client.publish
@@ -52,7 +57,7 @@ class Webhook:
             self._cond.notify()
         if dropped:
             log.warning("webhook queue full: %d alert(s) dropped", dropped)
-            self._count("anomaly_webhook_dropped", dropped)
+            self._count(WEBHOOK_DROPPED, dropped)
             self.dropped += dropped
 
     def _post(self, alert: Alert) -> None:
@@ -74,7 +79,7 @@ class Webhook:
                 try:
                     self._post(alert)
                     self.sent += 1
-                    self._count("anomaly_webhook_sent", 1)
+                    self._count(WEBHOOK_SENT, 1)
                     break
                 except (OSError, urllib.error.URLError, ValueError) as exc:
                     log.warning("webhook %s, attempt %d of %d for frame %s: %s", self.cfg.url, attempt + 1,
@@ -82,7 +87,7 @@ class Webhook:
                     with self._cond:
                         if self._stop or attempt == self.cfg.retries:
                             self.failed += 1
-                            self._count("anomaly_webhook_failed", 1)
+                            self._count(WEBHOOK_FAILED, 1)
                             break
                         self._cond.wait(delay)
                     delay *= 2

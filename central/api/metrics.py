@@ -21,6 +21,8 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from central import devices, store
+from central.anomaly.alerts import WEBHOOK_DROPPED, WEBHOOK_FAILED, WEBHOOK_SENT
+from central.anomaly.scoring import ALERTS, SCORED
 from runtime import metrics as prom
 from sql.models import Frame, ScoreQueue
 
@@ -34,11 +36,11 @@ DB_COUNTERS = {
     "dead_letters": "messages refused into dead letters",
     "status_updates": "status and stats messages from devices",
     "frames_deleted": "frame rows deleted (retention sweeps, models removed)",
-    "frames_scored": "frames given an anomaly score (scorers and backfills)",
-    "anomaly_alerts": "frames over their reference set's threshold (alerts published)",
-    "anomaly_webhook_sent": "alerts POSTed to the webhook",
-    "anomaly_webhook_failed": "alerts the webhook refused after every retry",
-    "anomaly_webhook_dropped": "alerts dropped because the webhook's queue was full",
+    SCORED: "frames given an anomaly score (scorers and backfills)",
+    ALERTS: "frames over their reference set's threshold (alerts published)",
+    WEBHOOK_SENT: "alerts POSTed to the webhook",
+    WEBHOOK_FAILED: "alerts the webhook refused after every retry",
+    WEBHOOK_DROPPED: "alerts dropped because the webhook's queue was full",
 }
 SEARCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

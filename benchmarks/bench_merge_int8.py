@@ -35,10 +35,8 @@ VARIANTS = ("fp32", "qdq", "dynamic", "dynamic-all")
 
 def quantize(variant: str, fp32: Path, calib: np.ndarray) -> Path:
     """The INT8 file of ``variant`` next to ``fp32`` (made once)."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from exporter.trt.quantize import QuantizeOptions, nodes_to_quantize, quantize_qdq
+    from exporter.int8_cpu import quantize_dynamic_file
+    from exporter.trt.quantize import QuantizeOptions, quantize_qdq
 
     out = fp32.with_name(fp32.stem + f"_{variant}.onnx")
     if out.exists():
@@ -47,17 +45,7 @@ def quantize(variant: str, fp32: Path, calib: np.ndarray) -> Path:
     if variant == "qdq":
         quantize_qdq(fp32, tmp, calib, QuantizeOptions(count=len(calib)))
     else:
-        model = onnx.load(str(fp32))
-        scope = "projections" if variant == "dynamic-all" else "no-down-proj"
-        chosen = set(nodes_to_quantize(model, scope))  # projections; ConvInteger (patch embedding) is slow on CPU
-        # the quantizer splits each Gemm (onnxslim's fused MatMul + Add) into "<name>_MatMul" + Add first
-        nodes = [n.name + "_MatMul" if n.op_type == "Gemm" else n.name for n in model.graph.node
-                 if n.name in chosen and n.op_type in ("MatMul", "Gemm")]
-        quantize_dynamic(str(fp32), str(tmp), op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=nodes,
-                         per_channel=True, weight_type=QuantType.QInt8)
-        done = sum(n.op_type == "MatMulInteger" for n in onnx.load(str(tmp), load_external_data=False).graph.node)
-        if done != len(nodes):
-            raise SystemExit(f"{fp32.name}: quantize_dynamic made {done} MatMulInteger nodes, expected {len(nodes)}")
+        quantize_dynamic_file(fp32, tmp, scope="projections" if variant == "dynamic-all" else "no-down-proj")
     tmp.rename(out)
     return out
 

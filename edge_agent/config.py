@@ -211,6 +211,9 @@ class ModelConfig(StrictModel):
     batch_size: int = Field(4, ge=1, le=256)  # frames per inference across cameras
     batch_timeout_ms: float = Field(10.0, ge=0)  # wait this long to fill a batch
     threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads; 0 = its default
+    # the manifest's encoder_int8 files (exported with --cpu-int8; ONNX Runtime dynamic INT8, faster on CPUs with
+    # VNNI): "auto" runs them when ONNX Runtime runs on the CPU alone, "on" always (an error without them), "off" never
+    int8: Literal["auto", "on", "off"] = "auto"
     verify_files: bool = True  # check sha256 of every file the manifest lists at start
 
 

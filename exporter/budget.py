@@ -5,6 +5,11 @@ global embeddings of the calibration images are the reference, every candidate t
 each schedule shape with ToMe's score and with the configured alpha) is run on the same images with torch, and
 the chosen candidate becomes an ordinary ``MergeConfig`` (per-block r, pre_r, alpha), so the rest of the export
 does not know a search happened. ``search_spec`` is what the manifest keeps.
+
+With ``int8`` (the export writes ``encoder_int8`` files) every candidate is measured in the INT8 arithmetic of
+those files (``exporter.int8_cpu.simulate``, at the batch the file runs), so the budget bounds what a CPU edge
+runs: merging and INT8 together, the unmerged encoder's INT8 loss included. When INT8 alone already exceeds the
+budget the search refuses (``SearchError``) rather than export a file the budget does not allow.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from typing import Callable, List, Tuple
 import numpy as np
 import torch
 
+from exporter.int8_cpu import simulate
 from exporter.options import MergeConfig
-from exporter.search import MEASURE, Candidate, SearchResult, candidates, search
+from exporter.search import MEASURE, Candidate, SearchError, SearchResult, candidates, fidelity, search
 from exporter.vit import ViT
 from tokenline import manifest as mf
 
@@ -44,9 +50,11 @@ def grid(vit: ViT, merge: MergeConfig) -> List[Candidate]:
 
 
 def choose_schedule(vit: ViT, merge: MergeConfig, calib: np.ndarray,
-                    progress: Callable[[str], None] = lambda _m: None) -> Tuple[MergeConfig, SearchResult]:
+                    progress: Callable[[str], None] = lambda _m: None, int8: bool = False,
+                    int8_batch: int = 8) -> Tuple[MergeConfig, SearchResult]:
     """Search the schedule grid for ``merge.budget`` on ``calib``; returns the chosen settings (unmerged when
-    nothing fits) and the search, every evaluated point included."""
+    nothing fits) and the search, every evaluated point included. ``int8``: measure every candidate as the
+    ``encoder_int8`` file of batch ``int8_batch`` computes (see the module docstring)."""
     if merge.budget is None:
         raise ValueError("choose_schedule needs merge.budget")
     unmerged = merge.unmerged()
@@ -54,11 +62,28 @@ def choose_schedule(vit: ViT, merge: MergeConfig, calib: np.ndarray,
     vit.configure_merging(unmerged)
     ref = global_embeddings(vit, calib)
 
+    def embed_now() -> np.ndarray:
+        if not int8:
+            return global_embeddings(vit, calib)
+        with simulate(vit):
+            return global_embeddings(vit, calib, batch=int8_batch)
+
+    base = None
+    if int8:
+        if len(calib) < 2:
+            raise SearchError("the schedule search needs calibration images")
+        base = fidelity(ref, embed_now())
+        progress(f"schedule search: unmerged INT8: loss {base.loss:.2f} points")
+        if base.loss > merge.budget:
+            raise SearchError(f"INT8 alone loses {base.loss:.2f} points on the calibration images, over the budget "
+                              f"of {merge.budget:g}: give a larger budget, or export without cpu_int8")
+
     def embed(c: Candidate) -> np.ndarray:
         vit.configure_merging(config_of(c, merge))
-        return global_embeddings(vit, calib)
+        return embed_now()
 
-    result = search(grid(vit, merge), embed, ref, merge.budget, progress=lambda m: progress(f"schedule search: {m}"))
+    result = search(grid(vit, merge), embed, ref, merge.budget, progress=lambda m: progress(f"schedule search: {m}"),
+                    precision="int8" if int8 else "fp32", base=base)
     chosen = config_of(result.chosen.candidate, merge) if result.chosen else unmerged
     vit.configure_merging(chosen)
     return chosen, result
@@ -68,9 +93,13 @@ def search_spec(result: SearchResult) -> mf.SearchSpec:
     """The manifest's record of a search: the budget, the measure, and what the chosen schedule measured."""
     p = result.chosen
     common = dict(budget=result.budget, measure=MEASURE, candidates_evaluated=max(1, len(result.points)),
-                  calibration_images=result.points[0].fidelity.images if result.points else 1)
+                  calibration_images=result.points[0].fidelity.images if result.points else
+                  (result.base.images if result.base else 1),
+                  precision="int8" if result.precision == "int8" else None)
     if p is None:
-        return mf.SearchSpec(**common, loss=0.0, nn_agreement=1.0, cosine_mean=1.0, cosine_min=1.0,
+        b = result.base
+        return mf.SearchSpec(**common, loss=b.loss if b else 0.0, nn_agreement=b.nn_agreement if b else 1.0,
+                             cosine_mean=b.cosine_mean if b else 1.0, cosine_min=b.cosine_min if b else 1.0,
                              schedule="unmerged (no candidate within the budget)", flop_speedup=1.0)
     f, c = p.fidelity, p.candidate
     return mf.SearchSpec(**common, loss=f.loss, nn_agreement=f.nn_agreement, cosine_mean=f.cosine_mean,

@@ -26,6 +26,7 @@ from exporter import __version__
 from exporter.budget import choose_schedule, search_spec
 from exporter.calibration import calibration_images
 from exporter.errors import ExportError
+from exporter.int8_cpu import cosine_rows, quantize_dynamic_file, simulate
 from exporter.manifest import build_manifest, input_spec
 from exporter.options import ExportOptions, MergeConfig
 from exporter.summary_head import ROTATION_SEED, fit_projection
@@ -80,12 +81,18 @@ def export_encoder(
     files, stats = export_validated(vit, merge, opts, calib, progress)
     main = files[0]
     table = merge_table(vit, stats)
+    int8_main = None
+    if opts.cpu_int8:
+        int8_files, int8_stats = export_int8(vit, files, opts, calib, progress)
+        table.update(int8_stats)
+        int8_main = out / int8_files[0].path
+        files.extend(int8_files)
     unmerged = None
     if merge.method != "none" and opts.export_unmerged:
         unmerged = export_unmerged(vit, merge, opts, main.batch, table, progress)
         files.append(unmerged)
     table.update(measure(out / main.path, None if unmerged is None else out / unmerged.path, main.batch, calib,
-                         opts, progress))
+                         opts, progress, int8=int8_main))
     trt_verdict = check_trt(out / main.path, progress) if opts.check_trt else {}
     text_spec = None
     if text is not None:
@@ -111,6 +118,7 @@ def planned_steps(merge: MergeConfig, opts: ExportOptions, text: bool = False) -
             + 2 * max(1, len(opts.batch_sizes))  # per encoder file: export, validate
             + (1 if merged and opts.export_unmerged else 0)
             + (2 if merged and opts.export_unmerged else 1)  # (merged vs unmerged,) throughput
+            + 2 * max(1, len(opts.batch_sizes)) * opts.cpu_int8  # per INT8 file: quantize, validate
             + (1 if opts.check_trt else 0)
             + (1 if text else 0)
             + 1)  # manifest.json
@@ -123,7 +131,8 @@ def search_schedule(vit: ViT, merge: MergeConfig, opts: ExportOptions, calib: np
     if opts.calib_dir is None:
         raise ExportError("a budget is measured on your own images: give a folder of calibration images (--calib)")
     try:
-        chosen, result = choose_schedule(vit, merge, calib, progress)
+        chosen, result = choose_schedule(vit, merge, calib, progress, int8=opts.cpu_int8,
+                                         int8_batch=(opts.batch_sizes or [opts.bench_batch])[0])
     except SearchError as exc:
         raise ExportError(f"schedule search: {exc}") from None
     progress(f"schedule search: chose {result.chosen.candidate.name}" if result.chosen else
@@ -192,6 +201,48 @@ def export_validated(vit: ViT, merge: MergeConfig, opts: ExportOptions, calib: n
     return files, stats
 
 
+INT8_COSINE_MIN = 0.98  # an encoder_int8 file whose global embedding strays further from fp32 is refused
+# ... and one the search's simulation (exporter.int8_cpu.simulate) does not predict: mean cosine between them (on
+# the reference ViT-S/14 0.9995: the file's rounding differs from torch's on a few values, as much as either
+# differs from fp32, so the simulation predicts the file's loss in distribution, not image by image)
+INT8_SIMULATION_MEAN = 0.998
+
+
+def export_int8(vit: ViT, files: List[mf.FileSpec], opts: ExportOptions, calib: np.ndarray,
+                progress: Progress) -> Tuple[List[mf.FileSpec], Dict[str, float]]:
+    """The ONNX Runtime dynamic INT8 version of each encoder file (``exporter.int8_cpu``), each accepted only when
+    its global embeddings on ``calib`` stay near the fp32 encoder's in torch and match the search's simulation."""
+    out = Path(opts.out_dir)
+    made: List[mf.FileSpec] = []
+    cos_all: List[np.ndarray] = []
+    for f in files:
+        b = f.batch
+        fname = encoder_file("encoder", "int8", b)
+        progress(f"quantizing {fname} (ONNX Runtime dynamic INT8, for CPUs)")
+        quantize_dynamic_file(out / f.path, out / fname)
+        progress(f"validating {fname} with ONNX Runtime against torch")
+        batch = b or opts.bench_batch  # INT8's activation ranges are per call: compare at equal batches
+        got = run_batched(ort_session(out / fname), calib, batch)[0]
+        with torch.no_grad():
+            fp32 = torch.cat([vit(torch.from_numpy(calib[i : i + batch]))[0] for i in range(0, len(calib), batch)])
+            with simulate(vit):
+                sim = torch.cat([vit(torch.from_numpy(calib[i : i + batch]))[0] for i in range(0, len(calib), batch)])
+        cos, agree = cosine_rows(fp32.numpy(), got), cosine_rows(sim.numpy(), got)
+        log.info("%s: cosine vs fp32 mean %.5f min %.5f; vs simulation mean %.5f", fname, cos.mean(), cos.min(),
+                 agree.mean())
+        if cos.min() < INT8_COSINE_MIN:
+            raise ExportError(f"{fname}: INT8 global embedding cosine to fp32 down to {cos.min():.4f} "
+                              f"(< {INT8_COSINE_MIN}): this model does not quantize well; export without cpu_int8")
+        if agree.mean() < INT8_SIMULATION_MEAN:
+            raise ExportError(f"{fname}: ONNX Runtime's INT8 and the search's simulation of it differ (mean cosine "
+                              f"{agree.mean():.4f} < {INT8_SIMULATION_MEAN}); please report this model")
+        cos_all.append(cos)
+        made.append(mf.FileSpec(path=fname, sha256=mf.sha256_file(out / fname), role="encoder_int8", precision="int8",
+                                batch=b))
+    cos = np.concatenate(cos_all)
+    return made, {"int8_cosine_vs_fp32_mean": float(cos.mean()), "int8_cosine_vs_fp32_min": float(cos.min())}
+
+
 def merge_table(vit: ViT, stats: Dict[str, float]) -> Dict[str, object]:
     """The export's table for the merged encoder: tokens and merges per block, GFLOPs, agreement with torch."""
     return {
@@ -224,26 +275,29 @@ def export_unmerged(vit: ViT, merge: MergeConfig, opts: ExportOptions, batch: Op
 
 
 def measure(merged: Path, unmerged: Optional[Path], batch: Optional[int], calib: np.ndarray, opts: ExportOptions,
-            progress: Progress) -> Dict[str, float]:
+            progress: Progress, int8: Optional[Path] = None) -> Dict[str, float]:
     """ONNX Runtime numbers of the main encoder: cosine to the unmerged one on ``calib`` (when there is one) and
-    throughput (images/s, median of ``opts.bench_runs``; both encoders measured side by side)."""
+    throughput (images/s, median of ``opts.bench_runs``; the encoders, ``int8`` too when given, side by side)."""
     table: Dict[str, float] = {}
     bench_b = batch or opts.bench_batch
     bench_x = np.ascontiguousarray(np.resize(calib, (bench_b, *calib.shape[1:])), dtype=np.float32)
     sess = ort_session(merged)
-    if unmerged is None:
-        progress(f"measuring ONNX Runtime throughput (batch {bench_b}, median of {opts.bench_runs})")
-        table["ort_images_per_s"] = throughput(sess, bench_x, opts.bench_runs)
-        return table
-    progress("comparing merged against unmerged on the calibration images")
-    un_sess = ort_session(unmerged)
-    cos = (run_batched(un_sess, calib, batch)[0] * run_batched(sess, calib, batch)[0]).sum(-1)
-    table["cosine_vs_unmerged_mean"] = float(cos.mean())
-    table["cosine_vs_unmerged_min"] = float(cos.min())
+    sessions = {"ort_images_per_s": sess}
+    if unmerged is not None:
+        progress("comparing merged against unmerged on the calibration images")
+        un_sess = ort_session(unmerged)
+        cos = (run_batched(un_sess, calib, batch)[0] * run_batched(sess, calib, batch)[0]).sum(-1)
+        table["cosine_vs_unmerged_mean"] = float(cos.mean())
+        table["cosine_vs_unmerged_min"] = float(cos.min())
+        sessions["ort_images_per_s_unmerged"] = un_sess
+    if int8 is not None:
+        sessions["ort_images_per_s_int8"] = ort_session(int8)
     progress(f"measuring ONNX Runtime throughput (batch {bench_b}, median of {opts.bench_runs})")
-    r_un, r_me = throughput_side_by_side([un_sess, sess], bench_x, max(1, opts.bench_runs // 2))
-    table["ort_images_per_s_unmerged"] = r_un
-    table["ort_images_per_s"] = r_me
+    if len(sessions) == 1:
+        table["ort_images_per_s"] = throughput(sess, bench_x, opts.bench_runs)
+    else:
+        rates = throughput_side_by_side(list(sessions.values()), bench_x, max(1, opts.bench_runs // 2))
+        table.update(zip(sessions, rates))
     return table
 
 

@@ -80,5 +80,8 @@ def build_manifest(vit: ViT, merge: MergeConfig, opts: ExportOptions, files: Lis
             ort_images_per_s_unmerged=table.get("ort_images_per_s_unmerged"),
             gflops=table.get("gflops"), gflops_unmerged=table.get("gflops_unmerged"),
             footprint_agreement_vs_torch=stats.get("footprint_agreement"),
+            int8_cosine_vs_fp32_mean=table.get("int8_cosine_vs_fp32_mean"),
+            int8_cosine_vs_fp32_min=table.get("int8_cosine_vs_fp32_min"),
+            ort_images_per_s_int8=table.get("ort_images_per_s_int8"),
         ),
     )

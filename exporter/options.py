@@ -93,6 +93,9 @@ class ExportOptions(_Options):
     tolerance: Optional[float] = Field(None, ge=0, description="max abs error vs torch (None: "
                                      + ", ".join(f"{v:g} in {k}" for k, v in DEFAULT_TOLERANCE.items()) + ")")
     check_trt: bool = Field(True, description="run the TensorRT parser compatibility check")
+    cpu_int8: bool = Field(False, description="also write encoder_int8 files: ONNX Runtime dynamic INT8 for CPU edges "
+                           "(exporter.int8_cpu; not for TensorRT); with merge.budget the search measures merging and "
+                           "INT8 together")
 
     @field_validator("opset")
     @classmethod
@@ -100,6 +103,12 @@ class ExportOptions(_Options):
         if v < 17:
             raise ValueError(f"opset {v} is too old: LayerNorm-era graphs need >= 17")
         return v
+
+    @model_validator(mode="after")
+    def _int8_from_fp32(self) -> "ExportOptions":
+        if self.cpu_int8 and self.precision != "fp32":
+            raise ValueError("cpu_int8 quantizes the fp32 graph: give it with precision fp32")
+        return self
 
     @field_validator("batch_sizes")
     @classmethod

@@ -17,7 +17,9 @@ def _fmt(v: object, spec: str = ".3g") -> str:
 def render_search(result: SearchResult, console: Console) -> None:
     """Every schedule the search evaluated, cheapest first: the Pareto front marked, the choice highlighted."""
     front = {id(p) for p in result.pareto}
-    table = Table(title=f"schedule search within {result.budget:g} points ({MEASURE}; "
+    int8 = result.precision == "int8"
+    table = Table(title=f"schedule search within {result.budget:g} points ({MEASURE}"
+                        f"{', merged and INT8 together' if int8 else ''}; "
                         f"{result.points[0].fidelity.images if result.points else 0} calibration images)")
     for col in ("pick", "schedule", "FLOP speed-up", "loss (pt)", "NN agreement", "cosine (mean / min)", "Pareto"):
         table.add_column(col, justify="left" if col in ("pick", "schedule") else "right", no_wrap=col == "pick")
@@ -27,6 +29,11 @@ def render_search(result: SearchResult, console: Console) -> None:
         table.add_row("chosen" if p is result.chosen else "", c.name, f"{c.speedup:.2f}x", f"{f.loss:.2f}",
                       f"{f.nn_agreement:.3f}", f"{f.cosine_mean:.4f} / {f.cosine_min:.4f}",
                       "*" if id(p) in front else "", style=style)
+    if result.base is not None:
+        b = result.base
+        table.add_row("chosen" if result.chosen is None else "", f"unmerged ({result.precision})", "1.00x",
+                      f"{b.loss:.2f}", f"{b.nn_agreement:.3f}", f"{b.cosine_mean:.4f} / {b.cosine_min:.4f}", "",
+                      style="bold green" if result.chosen is None else None)
     console.print(table)
 
 
@@ -56,6 +63,12 @@ def render_result(result: ExportResult, console: Console) -> None:
     s0, s1 = t.get("ort_images_per_s_unmerged"), t["ort_images_per_s"]
     summary.add_row("GFLOPs / image", _fmt(g0, ".2f"), _fmt(g1, ".2f"), _fmt(g0 / g1 if g0 else None, ".2f") + "x" if g0 else "-")
     summary.add_row("ONNX Runtime CPU images/s", _fmt(s0, ".1f"), _fmt(s1, ".1f"), _fmt(s1 / s0, ".2f") + "x" if s0 else "-")
+    s8 = t.get("ort_images_per_s_int8")
+    if s8:
+        summary.add_row("ONNX Runtime CPU images/s, encoder_int8", _fmt(s0, ".1f"), _fmt(s8, ".1f"),
+                        _fmt(s8 / s0, ".2f") + "x" if s0 else "-")
+        summary.add_row("encoder_int8 cosine vs fp32 (mean / min)", "", f"{_fmt(t.get('int8_cosine_vs_fp32_mean'), '.4f')}"
+                        f" / {_fmt(t.get('int8_cosine_vs_fp32_min'), '.4f')}", "")
     summary.add_row("cosine vs unmerged (mean / min)", "1", f"{_fmt(t.get('cosine_vs_unmerged_mean'), '.4f')} / "
                     f"{_fmt(t.get('cosine_vs_unmerged_min'), '.4f')}", "")
     summary.add_row("max abs error vs torch", "", _fmt(t["max_abs_err_vs_torch"], ".2e"), "")

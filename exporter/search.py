@@ -88,6 +88,8 @@ class SearchResult:
     budget: float
     points: Tuple[Point, ...]  # every candidate evaluated, in evaluation order
     chosen: Optional[Point]  # None: nothing fits, do not merge
+    precision: str = "fp32"  # the arithmetic every point was measured in ("int8": exporter.int8_cpu)
+    base: Optional[Fidelity] = None  # the unmerged encoder in that arithmetic (None: fp32, the reference itself)
 
     @property
     def pareto(self) -> List[Point]:
@@ -206,11 +208,13 @@ def choose(points: Sequence[Point], budget: float) -> Optional[Point]:
 
 
 def search(cands: Sequence[Candidate], embed: Callable[[Candidate], np.ndarray], ref: np.ndarray, budget: float,
-           progress: Callable[[str], None] = lambda _m: None) -> SearchResult:
+           progress: Callable[[str], None] = lambda _m: None, precision: str = "fp32",
+           base: Optional[Fidelity] = None) -> SearchResult:
     """Evaluate ``cands`` (grouped by family and alpha, mild to aggressive) until each group leaves the budget.
 
     ``embed(candidate)`` returns the calibration images' global embeddings under that candidate, ``ref``
-    the unmerged encoder's. A group stops at its first candidate over the budget: a stronger one of the same
+    the unmerged fp32 encoder's; ``precision`` and ``base`` (the unmerged encoder's fidelity in that
+    precision) are recorded with the result when ``embed`` computes in another arithmetic than fp32. A group stops at its first candidate over the budget: a stronger one of the same
     shape merges more, and a lucky measurement below the budget would be noise, not a better schedule.
     """
     if not budget >= 0:
@@ -228,4 +232,5 @@ def search(cands: Sequence[Candidate], embed: Callable[[Candidate], np.ndarray],
             progress(f"{c.name}: {c.speedup:.2f}x FLOPs, loss {f.loss:.2f} points")
             if f.loss > budget:
                 break
-    return SearchResult(budget=float(budget), points=tuple(points), chosen=choose(points, budget))
+    return SearchResult(budget=float(budget), points=tuple(points), chosen=choose(points, budget), precision=precision,
+                        base=base)

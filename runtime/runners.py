@@ -50,7 +50,10 @@ def check_outputs(outs: Sequence[np.ndarray], b: int, manifest: mf.Manifest) -> 
 
 
 def pad_batch(pixels: np.ndarray, sizes: Sequence[int]) -> List[np.ndarray]:
-    """Split/pad a batch to the model's fixed batch sizes (smallest size that fits, else the largest in chunks)."""
+    """Split/pad a batch to the model's fixed batch sizes (smallest size that fits, else the largest in chunks).
+
+    Padding repeats the chunk's last frame: an ``encoder_int8`` file quantizes its activations with one range
+    per call, which a repeated frame leaves as it is (zeros would widen it and change the real frames' tokens)."""
     if not sizes:
         return [pixels]
     sizes = sorted(sizes)
@@ -61,8 +64,7 @@ def pad_batch(pixels: np.ndarray, sizes: Sequence[int]) -> List[np.ndarray]:
         size = next((s for s in sizes if s >= rest), sizes[-1])
         chunk = pixels[i : i + size]
         if chunk.shape[0] < size:
-            pad = np.zeros((size - chunk.shape[0],) + chunk.shape[1:], dtype=chunk.dtype)
-            chunk = np.concatenate([chunk, pad], axis=0)
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - chunk.shape[0], axis=0)], axis=0)
         out.append(chunk)
         i += size
     return out
@@ -79,15 +81,30 @@ def resolve_providers(requested: Sequence[str], available: Sequence[str]) -> Lis
     return list(requested)
 
 
+def encoder_role(int8: str, manifest: mf.Manifest, providers: Sequence[str]) -> str:
+    """The manifest role of the files to run: ``encoder_int8`` (ONNX Runtime dynamic INT8, for CPUs) when
+    ``model.int8`` is "on", or "auto" and the manifest has them and ONNX Runtime runs on the CPU alone."""
+    has = any(f.role == "encoder_int8" for f in manifest.files)
+    if int8 == "on":
+        if not has:
+            raise RunnerError(f"model.int8: 'on', but manifest {manifest.name!r} lists no encoder_int8 file "
+                              "(export with --cpu-int8)")
+        return "encoder_int8"
+    if int8 == "auto" and has and list(providers) == ["CPUExecutionProvider"]:
+        return "encoder_int8"
+    return "encoder"
+
+
 class OnnxRuntimeRunner:
     """ONNX Runtime session(s) for the manifest's encoder file(s), one per fixed batch size (or one dynamic)."""
 
     def __init__(self, model_dir: Path, manifest: mf.Manifest, providers: Sequence[str] = ("auto",),
-                 threads: int = 0, cache_dir: Optional[Path] = None) -> None:
+                 threads: int = 0, cache_dir: Optional[Path] = None, int8: str = "off") -> None:
         import onnxruntime as ort  # the agent imports it lazily so that check-config stays fast
 
         self.manifest = manifest
         self.providers = resolve_providers(list(providers), ort.get_available_providers())
+        self.role = encoder_role(int8, manifest, self.providers)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -99,9 +116,9 @@ class OnnxRuntimeRunner:
                                       "trt_fp16_enable": manifest.precision != "fp32"}))
             else:
                 prov_args.append(p)
-        files = [f for f in manifest.files if f.role == "encoder"]
+        files = [f for f in manifest.files if f.role == self.role]
         if not files:
-            raise RunnerError(f"manifest {manifest.name!r} lists no encoder file")
+            raise RunnerError(f"manifest {manifest.name!r} lists no {self.role} file")
         self.sessions = {}
         for f in files:
             path = Path(model_dir) / f.path
@@ -114,7 +131,8 @@ class OnnxRuntimeRunner:
         self.batch_sizes = sorted(b for b in self.sessions if b is not None)
         if None in self.sessions:
             self.batch_sizes = []
-        self.name = f"onnxruntime[{','.join(p.replace('ExecutionProvider', '') for p in self.providers)}]"
+        self.name = (f"onnxruntime[{','.join(p.replace('ExecutionProvider', '') for p in self.providers)}]"
+                     + (" int8" if self.role == "encoder_int8" else ""))
 
     def _check_io(self, sess, path: Path) -> None:
         spec = self.manifest.input
@@ -243,4 +261,4 @@ def make_runner(model_cfg, manifest: mf.Manifest, model_dir: Path) -> Runner:
             raise RunnerError("model.engine: required when model.runner is 'tensorrt'")
         return TensorRTRunner(model_cfg.engine, manifest, model_dir)
     return OnnxRuntimeRunner(model_dir, manifest, providers=model_cfg.providers, threads=model_cfg.threads,
-                             cache_dir=Path(model_dir) / "trt_cache")
+                             cache_dir=Path(model_dir) / "trt_cache", int8=model_cfg.int8)

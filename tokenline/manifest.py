@@ -78,21 +78,6 @@ class EncoderSpec(StrictModel):
     has_cls: bool
 
 
-class SearchSpec(StrictModel):
-    """How ``tokenline-export export --budget`` chose the schedule, and what it measured on the calibration images."""
-
-    budget: float = Field(ge=0)  # points of the label-free loss the schedule had to stay within
-    measure: str  # the label-free loss (exporter.search.MEASURE)
-    loss: float  # that loss of the chosen schedule on the calibration images, points
-    nn_agreement: float  # fraction of the unmerged encoder's 10 nearest neighbours the chosen schedule keeps
-    cosine_mean: float  # global embedding vs the unmerged encoder's
-    cosine_min: float
-    calibration_images: int = Field(gt=0)
-    candidates_evaluated: int = Field(gt=0)
-    schedule: str  # the chosen candidate: shape, nominal speed-up, merges
-    flop_speedup: float = Field(gt=0)  # unmerged GFLOPs / chosen GFLOPs
-
-
 class _Extended(StrictModel):
     """A manifest section with keys added after /1 (``ADDED``): each is left out of the JSON while it is None, so
     a /1 manifest keeps its canonical JSON and therefore its hash (the id central registered it under)."""
@@ -106,6 +91,26 @@ class _Extended(StrictModel):
             if data.get(key) is None:
                 data.pop(key, None)
         return data
+
+
+class SearchSpec(_Extended):
+    """How ``tokenline-export export --budget`` chose the schedule, and what it measured on the calibration images."""
+
+    ADDED: ClassVar[Tuple[str, ...]] = ("precision",)
+
+    budget: float = Field(ge=0)  # points of the label-free loss the schedule had to stay within
+    measure: str  # the label-free loss (exporter.search.MEASURE)
+    loss: float  # that loss of the chosen schedule on the calibration images, points
+    nn_agreement: float  # fraction of the unmerged encoder's 10 nearest neighbours the chosen schedule keeps
+    cosine_mean: float  # global embedding vs the unmerged encoder's
+    cosine_min: float
+    calibration_images: int = Field(gt=0)
+    candidates_evaluated: int = Field(gt=0)
+    schedule: str  # the chosen candidate: shape, nominal speed-up, merges
+    flop_speedup: float = Field(gt=0)  # unmerged GFLOPs / chosen GFLOPs
+    # the arithmetic the loss was measured in: "int8" = the encoder_int8 files' (merging and INT8 together);
+    # None: fp32 (an export from before INT8 was searched)
+    precision: Optional[Literal["int8"]] = None
 
 
 class ProjectionSpec(_Extended):
@@ -197,7 +202,8 @@ class FileSpec(StrictModel):
 
     path: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    role: Literal["encoder", "encoder_unmerged", "text_encoder", "tokenizer", "encoder_qdq"]
+    # encoder_int8: ONNX Runtime dynamic INT8 of the encoder (CPU), encoder_qdq: QDQ INT8 for TensorRT
+    role: Literal["encoder", "encoder_unmerged", "text_encoder", "tokenizer", "encoder_qdq", "encoder_int8"]
     precision: Optional[Precision] = None
     batch: Optional[int] = None  # None: dynamic batch
 
@@ -238,7 +244,12 @@ class ValidationSpec(_Extended):
     footprint_agreement_vs_torch: Optional[float] = None  # fraction of footprint cells equal in ONNX Runtime and torch
     # merged graphs: the fraction torch keeps within tolerance of itself when its input moves by one part in a million
     images_torch_matches_itself: Optional[float] = None
-    ADDED: ClassVar[Tuple[str, ...]] = ("footprint_agreement_vs_torch", "images_torch_matches_itself")
+    # encoder_int8 files (ONNX Runtime) against the fp32 encoder in torch: global embedding cosine, and throughput
+    int8_cosine_vs_fp32_mean: Optional[float] = None
+    int8_cosine_vs_fp32_min: Optional[float] = None
+    ort_images_per_s_int8: Optional[float] = None
+    ADDED: ClassVar[Tuple[str, ...]] = ("footprint_agreement_vs_torch", "images_torch_matches_itself",
+                                        "int8_cosine_vs_fp32_mean", "int8_cosine_vs_fp32_min", "ort_images_per_s_int8")
 
 
 class Manifest(StrictModel):

@@ -72,11 +72,14 @@ def test_cli_budget_prints_the_explored_pareto(tmp_path: Path) -> None:
     ckpt = tiny_hf_dinov2(tmp_path / "dinov2")
     calib = _image_folder(tmp_path / "calib")
     res = run_cli("export", str(ckpt), "--out", str(tmp_path / "out"), "--budget", "5", "--calib", str(calib),
-                  "--k", "4", "--batch", "2", "--no-trt-check")
+                  "--k", "4", "--batch", "2", "--no-trt-check", "--cpu-int8")
     assert res.returncode == 0, res.stderr
     man = mf.Manifest.from_file(tmp_path / "out")
     assert man.merge.search is not None and man.merge.search.calibration_images == 60  # all of the folder
     assert "schedule search within 5 points" in res.stdout
+    assert "merged and INT8" in res.stdout  # the title says what was measured (rich wraps it)
+    assert man.merge.search.precision == "int8" and any(f.role == "encoder_int8" for f in man.files)
+    assert "(int8)" in res.stdout and "encoder_int8" in res.stdout  # the unmerged INT8 row, the INT8 file
     assert sum(line.lstrip("│┃ ").startswith("chosen") for line in res.stdout.splitlines()) == 1
     bad = run_cli("export", str(ckpt), "--out", str(tmp_path / "bad"), "--budget", "1")
     assert bad.returncode == 2 and "--calib" in bad.stderr and "Traceback" not in bad.stderr

@@ -14,7 +14,7 @@ budget the search refuses (``SearchError``) rather than export a file the budget
 
 from __future__ import annotations
 
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -89,13 +89,14 @@ def choose_schedule(vit: ViT, merge: MergeConfig, calib: np.ndarray,
     return chosen, result
 
 
-def search_spec(result: SearchResult) -> mf.SearchSpec:
-    """The manifest's record of a search: the budget, the measure, and what the chosen schedule measured."""
+def search_spec(result: SearchResult, file_loss: Optional[float] = None) -> mf.SearchSpec:
+    """The manifest's record of a search: the budget, the measure, and what the chosen schedule measured
+    (``file_loss``: the same loss measured on the written INT8 file)."""
     p = result.chosen
     common = dict(budget=result.budget, measure=MEASURE, candidates_evaluated=max(1, len(result.points)),
                   calibration_images=result.points[0].fidelity.images if result.points else
                   (result.base.images if result.base else 1),
-                  precision="int8" if result.precision == "int8" else None)
+                  precision="int8" if result.precision == "int8" else None, file_loss=file_loss)
     if p is None:
         b = result.base
         return mf.SearchSpec(**common, loss=b.loss if b else 0.0, nn_agreement=b.nn_agreement if b else 1.0,

@@ -30,7 +30,7 @@ from exporter.int8_cpu import cosine_rows, quantize_dynamic_file, simulate
 from exporter.manifest import build_manifest, input_spec
 from exporter.options import ExportOptions, MergeConfig
 from exporter.summary_head import ROTATION_SEED, fit_projection
-from exporter.search import SearchError, SearchResult
+from exporter.search import SearchError, SearchResult, fidelity
 from exporter.validate import (compare, ort_session, run_batched, self_baseline, throughput, throughput_side_by_side,
                                worst)
 from exporter.vit import ViT, gflops
@@ -82,11 +82,14 @@ def export_encoder(
     main = files[0]
     table = merge_table(vit, stats)
     int8_main = None
+    file_loss = None
     if opts.cpu_int8:
-        int8_files, int8_stats = export_int8(vit, files, opts, calib, progress)
+        int8_files, int8_stats, int8_global = export_int8(vit, files, opts, calib, progress)
         table.update(int8_stats)
         int8_main = out / int8_files[0].path
         files.extend(int8_files)
+        if searched is not None and searched.ref is not None:
+            file_loss = int8_loss(searched, int8_global, progress)
     unmerged = None
     if merge.method != "none" and opts.export_unmerged:
         unmerged = export_unmerged(vit, merge, opts, main.batch, table, progress)
@@ -101,7 +104,7 @@ def export_encoder(
 
     manifest = build_manifest(vit, merge, opts, files, stats, table, text_spec, projection, family=family,
                               source_path=source_path, source_sha256=source_sha256,
-                              search=search_spec(searched) if searched else None)
+                              search=search_spec(searched, file_loss) if searched else None)
     mpath = out / "manifest.json"
     manifest.write(mpath)
     progress(f"wrote {mpath}")
@@ -119,6 +122,7 @@ def planned_steps(merge: MergeConfig, opts: ExportOptions, text: bool = False) -
             + (1 if merged and opts.export_unmerged else 0)
             + (2 if merged and opts.export_unmerged else 1)  # (merged vs unmerged,) throughput
             + 2 * max(1, len(opts.batch_sizes)) * opts.cpu_int8  # per INT8 file: quantize, validate
+            + (1 if opts.cpu_int8 and merge.budget is not None else 0)  # the INT8 file's loss
             + (1 if opts.check_trt else 0)
             + (1 if text else 0)
             + 1)  # manifest.json
@@ -209,12 +213,14 @@ INT8_SIMULATION_MEAN = 0.998
 
 
 def export_int8(vit: ViT, files: List[mf.FileSpec], opts: ExportOptions, calib: np.ndarray,
-                progress: Progress) -> Tuple[List[mf.FileSpec], Dict[str, float]]:
+                progress: Progress) -> Tuple[List[mf.FileSpec], Dict[str, float], np.ndarray]:
     """The ONNX Runtime dynamic INT8 version of each encoder file (``exporter.int8_cpu``), each accepted only when
-    its global embeddings on ``calib`` stay near the fp32 encoder's in torch and match the search's simulation."""
+    its global embeddings on ``calib`` stay near the fp32 encoder's in torch and match the search's simulation.
+    Returns their FileSpecs, the cosine numbers and the first file's global embeddings of ``calib``."""
     out = Path(opts.out_dir)
     made: List[mf.FileSpec] = []
     cos_all: List[np.ndarray] = []
+    first = None
     for f in files:
         b = f.batch
         fname = encoder_file("encoder", "int8", b)
@@ -237,10 +243,26 @@ def export_int8(vit: ViT, files: List[mf.FileSpec], opts: ExportOptions, calib: 
             raise ExportError(f"{fname}: ONNX Runtime's INT8 and the search's simulation of it differ (mean cosine "
                               f"{agree.mean():.4f} < {INT8_SIMULATION_MEAN}); please report this model")
         cos_all.append(cos)
+        first = got if first is None else first
         made.append(mf.FileSpec(path=fname, sha256=mf.sha256_file(out / fname), role="encoder_int8", precision="int8",
                                 batch=b))
     cos = np.concatenate(cos_all)
-    return made, {"int8_cosine_vs_fp32_mean": float(cos.mean()), "int8_cosine_vs_fp32_min": float(cos.min())}
+    return made, {"int8_cosine_vs_fp32_mean": float(cos.mean()), "int8_cosine_vs_fp32_min": float(cos.min())}, first
+
+
+def int8_loss(searched: SearchResult, emb: np.ndarray, progress: Progress) -> float:
+    """The search's label-free loss measured on the written INT8 file's embeddings ``emb`` of the calibration
+    images; a warning when it exceeds the budget the simulation kept (the two differ by calibration noise)."""
+    loss = fidelity(searched.ref, emb).loss
+    chosen = searched.chosen.fidelity if searched.chosen else searched.base
+    progress(f"the INT8 file's loss on the calibration images: {loss:.2f} points (the search's simulation: "
+             f"{chosen.loss if chosen else 0.0:.2f})")
+    if loss > searched.budget:
+        log.warning("the encoder_int8 file loses %.2f points on the calibration images, over the budget of %g that "
+                    "the search's simulation of it kept (%.2f): the estimate is that noisy here; give the budget "
+                    "some margin or check the file on labelled frames", loss, searched.budget,
+                    chosen.loss if chosen else 0.0)
+    return loss
 
 
 def merge_table(vit: ViT, stats: Dict[str, float]) -> Dict[str, object]:

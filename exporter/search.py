@@ -15,7 +15,7 @@ Everything here is a pure, deterministic function of numbers the caller measured
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -90,6 +90,8 @@ class SearchResult:
     chosen: Optional[Point]  # None: nothing fits, do not merge
     precision: str = "fp32"  # the arithmetic every point was measured in ("int8": exporter.int8_cpu)
     base: Optional[Fidelity] = None  # the unmerged encoder in that arithmetic (None: fp32, the reference itself)
+    # the unmerged fp32 embeddings every point was measured against (to measure a written file the same way)
+    ref: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
 
     @property
     def pareto(self) -> List[Point]:
@@ -233,4 +235,4 @@ def search(cands: Sequence[Candidate], embed: Callable[[Candidate], np.ndarray],
             if f.loss > budget:
                 break
     return SearchResult(budget=float(budget), points=tuple(points), chosen=choose(points, budget), precision=precision,
-                        base=base)
+                        base=base, ref=ref)

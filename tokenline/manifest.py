@@ -96,7 +96,7 @@ class _Extended(StrictModel):
 class SearchSpec(_Extended):
     """How ``tokenline-export export --budget`` chose the schedule, and what it measured on the calibration images."""
 
-    ADDED: ClassVar[Tuple[str, ...]] = ("precision",)
+    ADDED: ClassVar[Tuple[str, ...]] = ("precision", "file_loss")
 
     budget: float = Field(ge=0)  # points of the label-free loss the schedule had to stay within
     measure: str  # the label-free loss (exporter.search.MEASURE)
@@ -111,6 +111,9 @@ class SearchSpec(_Extended):
     # the arithmetic the loss was measured in: "int8" = the encoder_int8 files' (merging and INT8 together);
     # None: fp32 (an export from before INT8 was searched)
     precision: Optional[Literal["int8"]] = None
+    # int8: the same loss measured on the written encoder_int8 file (ONNX Runtime) instead of the search's
+    # simulation of it; the two differ by the noise of the calibration set (docs/choosing-a-schedule.md)
+    file_loss: Optional[float] = None
 
 
 class ProjectionSpec(_Extended):

@@ -40,6 +40,7 @@ def test_budget_export_records_the_search_in_the_manifest(tmp_path: Path) -> Non
     s, chosen = man.merge.search, res.search.chosen
     assert s is not None and chosen is not None
     assert s.budget == 3.0 and s.loss == pytest.approx(chosen.fidelity.loss) and s.loss <= 3.0
+    assert s.precision is None and s.file_loss is None and "precision" not in man.merge.search.model_dump()
     assert s.calibration_images == 60 and s.candidates_evaluated == len(res.search.points)
     assert s.schedule == chosen.candidate.name and s.flop_speedup == pytest.approx(chosen.candidate.speedup)
     assert man.merge.r_per_block == list(chosen.candidate.r_per_block) and man.merge.pre_r == chosen.candidate.pre_r

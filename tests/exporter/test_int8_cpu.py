@@ -63,6 +63,8 @@ def test_budget_search_in_int8_writes_and_records_the_int8_file(tmp_path: Path) 
     base = res.search.base
     assert base is not None and 0 < base.loss <= 3.0  # INT8 alone costs something, within the budget
     assert s.loss <= 3.0 and s.loss == pytest.approx(res.search.chosen.fidelity.loss)
+    # the written file measured the same way: on this model the simulation is exact to rounding
+    assert s.file_loss is not None and s.file_loss == pytest.approx(s.loss, abs=0.2)
     int8 = [f for f in man.files if f.role == "encoder_int8"]
     assert [(f.path, f.precision, f.batch) for f in int8] == [("encoder_int8_b2.onnx", "int8", 2)]
     assert mf.sha256_file(tmp_path / "a" / int8[0].path) == int8[0].sha256

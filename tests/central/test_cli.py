@@ -8,8 +8,9 @@ import json
 import numpy as np
 from sqlalchemy.orm import Session
 
-from central import store
+from central import segments, store
 from central.cli import main
+from central.config import SegmentsConfig
 from sql.db import make_engine
 from tests.central.conftest import make_message, tx
 
@@ -138,10 +139,10 @@ def test_cli_expected_errors_are_one_line(tmp_path, tiny_model_dir, tiny_manifes
     assert "Traceback" in capsys.readouterr().err
 
 
-def test_cli_models_list_and_remove(tmp_path, tiny_model_dir, tiny_manifest, capsys):
+def test_cli_models_list_and_remove(tmp_path, db_url, tiny_model_dir, tiny_manifest, capsys):
     from tests.support.tiny_model import build_tiny_model
 
-    url = f"sqlite:///{tmp_path / 'c.db'}"
+    url = db_url
     assert main(["--db", url, "migrate"]) == 0
     other = build_tiny_model(tmp_path / "m2", size=32, patch=8, dim=384, seed=7, name=tiny_manifest.name)
     assert main(["--db", url, "register-model", str(tiny_model_dir)]) == 0
@@ -150,6 +151,11 @@ def test_cli_models_list_and_remove(tmp_path, tiny_model_dir, tiny_manifest, cap
     rng = np.random.default_rng(0)
     with Session(engine) as s, s.begin():
         store.insert_frames(s, [store.frame_row(make_message(tiny_manifest, rng, seq=i), 1, 0) for i in range(5)])
+    postgres = url.startswith("postgresql")
+    if postgres:  # the frames' segment sealed and indexed: removing the model drops its HNSW index
+        segments.seal(engine)
+        assert segments.build_indexes(engine, SegmentsConfig(), kind="halfvec")
+        assert _ann_indexes(engine, 1)
     capsys.readouterr()
     assert main(["--db", url, "models", "list", "--json"]) == 0
     models = json.loads(capsys.readouterr().out)
@@ -166,6 +172,17 @@ def test_cli_models_list_and_remove(tmp_path, tiny_model_dir, tiny_manifest, cap
     assert main(["--db", url, "models", "list", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
     assert tx(engine, store.counter_total, store.FRAMES_DELETED) == 5  # search indexes drop the deleted frames
+    if postgres:
+        assert _ann_indexes(engine, 1) == []
+
+
+def _ann_indexes(engine, model_id: int) -> list:
+    """Names of the per-segment HNSW indexes of ``model_id`` on PostgreSQL."""
+    from sqlalchemy import text
+
+    with engine.connect() as c:
+        return c.execute(text("SELECT indexname FROM pg_indexes WHERE indexname LIKE :p"),
+                         {"p": f"ix_frames_s%_ann_m{model_id}"}).scalars().all()
 
 
 def test_cli_is_quiet_by_default(tmp_path):

@@ -13,7 +13,7 @@ without its own tokens), or given by hand.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple
+from typing import Optional
 
 import numpy as np
 

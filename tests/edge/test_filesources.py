@@ -15,7 +15,7 @@ import pytest
 
 from edge_agent import config as C
 from edge_agent.filesources import FolderWatchSource, VideoFileSource, open_for_writing
-from edge_agent.journal import DONE, READING, FileJournal
+from edge_agent.journal import READING, FileJournal
 from edge_agent.sources import Captured, FrameError, SourceEnded, SourceError
 from edge_agent.synthetic import draw_conveyor_frame
 

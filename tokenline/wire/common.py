@@ -365,15 +365,15 @@ class Reader:
 
     def names(self) -> List[str]:
         out = []
-        for field in NAME_FIELDS:
-            ln = self.take(1, f"{field} length")[0]
-            raw = self.take(ln, field)
+        for key in NAME_FIELDS:
+            ln = self.take(1, f"{key} length")[0]
+            raw = self.take(ln, key)
             try:
                 text = raw.decode("ascii")
             except UnicodeDecodeError:
-                raise WireError("bad_string", f"{field} is not ASCII") from None
+                raise WireError("bad_string", f"{key} is not ASCII") from None
             if not NAME_RE.match(text):
-                raise WireError("bad_string", f"{field} {text!r} does not match {NAME_RULE}")
+                raise WireError("bad_string", f"{key} {text!r} does not match {NAME_RULE}")
             out.append(text)
         return out
 

@@ -45,3 +45,24 @@ def write_section(name: str, title: str, body: str) -> None:
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     BENCHMARKS_MD.write_text(text)
+
+
+def speed_quality_axes(ax, xlabel: str, ylabel: str, title: str, floor: float = -1.0, legend_size: int = 7,
+                       legend_cols: int = 1, legend_loc: str = "best") -> None:
+    """Label a quality-vs-speed plot and draw the speed-up target (2x) and the quality floor as dotted lines."""
+    ax.axvline(2.0, color="grey", ls=":", lw=1)
+    ax.axhline(floor, color="grey", ls=":", lw=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size, ncol=legend_cols, loc=legend_loc)
+    ax.grid(alpha=0.3)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

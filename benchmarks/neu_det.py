@@ -62,3 +62,11 @@ def first_per_class(rows: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
     if not n:
         return rows
     return np.sort(np.concatenate([rows[labels[rows] == c][:n] for c in np.unique(labels)]))
+
+
+def calibration_split(calib_per_class: int, per_class: int = 0):
+    """NEU-DET as the budget studies use it: (paths, labels, calib, held), ``calib`` the first ``calib_per_class``
+    images per class of the calibration half (what a search sees, 0: all of it), ``held`` the other half."""
+    paths, labels, _ = load_neu_det(per_class=per_class)
+    calib_half, held = split_halves(labels)
+    return paths, labels, first_per_class(calib_half, labels, calib_per_class), held

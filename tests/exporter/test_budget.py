@@ -26,9 +26,9 @@ def _image_folder(path: Path, n: int = 60, seed: int = 0) -> Path:
     return path
 
 
-def _export(out: Path, calib: Path, budget: float):
+def _export(out: Path, calib: Path, budget: float, **options):
     opts = ExportOptions(out_dir=out, name="tiny", calib_dir=calib, calib_count=60, batch_sizes=[2], bench_runs=2,
-                         check_trt=False)
+                         check_trt=False, **options)
     return export_encoder(tiny_vit(seed=1), MergeConfig(budget=budget, alpha=5.0, k=4), opts, family="timm_vit",
                           source_path="tiny.safetensors", source_sha256="a" * 64)
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from exporter.errors import ExportError, OptionsError
-from exporter.export import ExportOptions, export_encoder, export_onnx
+from exporter.export import ExportOptions, export_onnx
 from exporter.int8_cpu import cosine_rows, quantize_dynamic_file, simulate
 from exporter.options import MergeConfig
 from exporter.validate import ort_session, run_batched
 from runtime.runners import OnnxRuntimeRunner, RunnerError
+from tests.exporter.test_budget import _export as export_budget
 from tests.exporter.test_budget import _image_folder
 from tests.support.tiny_vit import tiny_vit
 from tokenline import manifest as mf
@@ -47,11 +48,8 @@ def test_simulation_computes_what_the_onnx_runtime_file_computes(tmp_path: Path)
     np.testing.assert_array_equal(again, fp32)
 
 
-def _export(out: Path, calib: Path, budget: float, **kw):
-    opts = ExportOptions(out_dir=out, name="tiny", calib_dir=calib, calib_count=60, batch_sizes=[2], bench_runs=2,
-                         check_trt=False, cpu_int8=True, **kw)
-    return export_encoder(tiny_vit(seed=1), MergeConfig(budget=budget, alpha=5.0, k=4), opts, family="timm_vit",
-                          source_path="tiny.safetensors", source_sha256="a" * 64)
+def _export(out: Path, calib: Path, budget: float):
+    return export_budget(out, calib, budget, cpu_int8=True)
 
 
 def test_budget_search_in_int8_writes_and_records_the_int8_file(tmp_path: Path) -> None:

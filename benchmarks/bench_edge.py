@@ -12,6 +12,11 @@ Side by side in one run, rounds interleaved, medians reported:
 
     python benchmarks/bench_edge.py                       # tiny test encoder (built on the fly)
     python benchmarks/bench_edge.py --model-dir out/model # a real export (manifest.json + encoder)
+    python benchmarks/bench_edge.py --model-dir out/demo/model --compare-int8   # fp32 vs encoder_int8, side by side
+
+``--compare-int8`` (an export made with ``--cpu-int8``): each round runs the bare encoder and the pipeline with
+defaults once with ``model.int8: off`` (the fp32 file) and once with ``on`` (``encoder_int8``); writes section
+``edge_pipeline_int8``.
 """
 
 from __future__ import annotations
@@ -36,10 +41,12 @@ from benchmarks._report import ROOT, write_section  # noqa: E402
 log = logging.getLogger("bench_edge")
 
 
-def bare_encoder(model_dir: Path, batch: int, n: int, threads: int) -> float:
-    """Images/s of the bare ONNX Runtime session (CPU) on ready tensors."""
+def bare_encoder(model_dir: Path, batch: int, n: int, threads: int, int8: str = "auto") -> float:
+    """Images/s of the bare ONNX Runtime session (CPU) on ready tensors, on the file the agent runs with
+    ``model.int8: int8``."""
     import onnxruntime as ort
 
+    from runtime.runners import encoder_role
     from tokenline.manifest import Manifest
 
     m = Manifest.from_file(model_dir)
@@ -50,7 +57,8 @@ def bare_encoder(model_dir: Path, batch: int, n: int, threads: int) -> float:
     # run the same ONNX file: a batch-1 bare session against a batch-4 pipeline would flatter the pipeline.
     fixed = [s for s in m.batch_sizes if s <= batch]
     b = batch if not m.batch_sizes else (max(fixed) if fixed else min(m.batch_sizes))
-    sess = ort.InferenceSession(str(model_dir / m.file("encoder", b).path), opts, providers=["CPUExecutionProvider"])
+    role = encoder_role(int8, m, ["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(model_dir / m.file(role, b).path), opts, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((b, 3, m.input.height, m.input.width)).astype(np.float32)
     sess.run(None, {m.input.name: x})
     steps = max(1, n // b)
@@ -61,7 +69,7 @@ def bare_encoder(model_dir: Path, batch: int, n: int, threads: int) -> float:
 
 
 def pipeline(model_dir: Path, port: int, work: Path, n: int, batch: int, threads: int, lean: bool,
-             token_dtype: str) -> float:
+             token_dtype: str, int8: str = "auto") -> float:
     """Frames/s through the whole agent until every message is acknowledged by the broker."""
     from edge_agent.agent import Agent
     from edge_agent.config import parse_config
@@ -69,7 +77,7 @@ def pipeline(model_dir: Path, port: int, work: Path, n: int, batch: int, threads
     work.mkdir(parents=True, exist_ok=True)
     cfg = parse_config({
         "device": "bench", "site": "bench", "model": {"dir": str(model_dir), "batch_size": batch,
-                                                     "batch_timeout_ms": 5, "threads": threads},
+                                                     "batch_timeout_ms": 5, "threads": threads, "int8": int8},
         "cameras": [{"name": "cam-1", "line": "l1",
                      "source": {"kind": "synthetic", "fps": 1000, "max_frames": n, "width": 640, "height": 480},
                      "sampling": {"mode": "every_nth"}, "queue_depth": n}],  # no drops: frames wait
@@ -182,6 +190,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = default)")
     ap.add_argument("--token-dtype", default="int8", choices=("int8", "int4", "fp16"))
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=True, help="write BENCHMARKS.md")
+    ap.add_argument("--int8", default="auto", choices=("auto", "on", "off"),
+                    help="model.int8 of the agent (and the bare encoder's file): auto as the edge's default")
+    ap.add_argument("--compare-int8", action="store_true",
+                    help="fp32 against encoder_int8 side by side (needs --model-dir of a --cpu-int8 export)")
     ap.add_argument("--section", default=None,
                     help="BENCHMARKS.md section (default: edge_pipeline, or edge_pipeline_model with --model-dir)")
     args = ap.parse_args()
@@ -190,6 +202,8 @@ def main() -> int:
 
     from tests.support.broker import Mosquitto
 
+    if args.compare_int8:
+        return compare_int8(args)
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         if args.model_dir is None:
@@ -212,11 +226,11 @@ def main() -> int:
         results: Dict[str, List[float]] = {"bare": [], "full": [], "lean": []}
         try:
             for r in range(args.runs):
-                results["bare"].append(bare_encoder(model_dir, args.batch, args.frames, args.threads))
+                results["bare"].append(bare_encoder(model_dir, args.batch, args.frames, args.threads, args.int8))
                 results["full"].append(pipeline(model_dir, broker.port, tmp / f"full{r}", args.frames, args.batch,
-                                                args.threads, lean=False, token_dtype=args.token_dtype))
+                                                args.threads, lean=False, token_dtype=args.token_dtype, int8=args.int8))
                 results["lean"].append(pipeline(model_dir, broker.port, tmp / f"lean{r}", args.frames, args.batch,
-                                                args.threads, lean=True, token_dtype=args.token_dtype))
+                                                args.threads, lean=True, token_dtype=args.token_dtype, int8=args.int8))
                 log.info("round %d/%d: bare %.0f img/s, pipeline %.0f (defaults) / %.0f (lean) frames/s", r + 1,
                          args.runs, results["bare"][-1], results["full"][-1], results["lean"][-1])
         finally:
@@ -294,6 +308,64 @@ def main() -> int:
             "" if args.model_dir is None else f" ({args.model_dir.name})")
         write_section(section, title, text)
     return 0
+
+
+def compare_int8(args) -> int:
+    """fp32 and encoder_int8 side by side: bare encoder and the default pipeline, interleaved rounds."""
+    from tests.support.broker import Mosquitto
+    from tokenline.manifest import Manifest
+
+    if args.model_dir is None:
+        raise SystemExit("--compare-int8 needs --model-dir of an export made with --cpu-int8")
+    model_dir = args.model_dir.resolve()
+    m = Manifest.from_file(model_dir)
+    if not any(f.role == "encoder_int8" for f in m.files):
+        raise SystemExit(f"{model_dir}: no encoder_int8 file (export with --cpu-int8)")
+    res: Dict[str, List[float]] = {k: [] for k in ("bare off", "full off", "bare on", "full on")}
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        broker = Mosquitto(tmp / "broker").start()
+        try:
+            for r in range(args.runs):
+                for mode in ("off", "on"):
+                    res[f"bare {mode}"].append(bare_encoder(model_dir, args.batch, args.frames, args.threads, mode))
+                    res[f"full {mode}"].append(pipeline(model_dir, broker.port, tmp / f"{mode}{r}", args.frames,
+                                                        args.batch, args.threads, lean=False,
+                                                        token_dtype=args.token_dtype, int8=mode))
+                log.info("round %d/%d: %s", r + 1, args.runs, ", ".join(f"{k} {v[-1]:.1f}" for k, v in res.items()))
+        finally:
+            broker.stop()
+    med = {k: statistics.median(v) for k, v in res.items()}
+    rows = ["| path | fp32 file (`model.int8: off`) | `encoder_int8` (`on`) | INT8 / fp32 |", "|---|---:|---:|---:|"]
+    for path, label in (("bare", "bare encoder (ORT session on ready tensors), images/s"),
+                        ("full", "pipeline with the defaults (synthetic 640x480 camera to PUBACK), frames/s")):
+        runs = lambda k: ", ".join(f"{x:.1f}" for x in res[k])  # noqa: E731
+        rows.append(f"| {label} | {med[path + ' off']:.1f} ({runs(path + ' off')}) | {med[path + ' on']:.1f} "
+                    f"({runs(path + ' on')}) | {med[path + ' on'] / med[path + ' off']:.2f}x |")
+    from benchmarks.bench_merge_int8 import _cpu
+
+    text = "\n".join([
+        f"Model: `{m.name}` ({m.family}, {m.input.width}x{m.input.height}, merge {m.merge.method} to "
+        f"{m.merge.final_tokens} tokens, batch sizes {m.batch_sizes}), exported with `--cpu-int8`. The agent in "
+        f"process with `model.int8: off` and `on`, ONNX Runtime CPU on {_cpu()}, batch {args.batch}, "
+        f"{args.frames} frames per run, {args.runs} interleaved rounds, medians (runs in brackets); pipeline as in "
+        "`edge_pipeline_model` (outbox synchronous=FULL, JPEG originals stored, timed until every message is "
+        "PUBACKed by a real Mosquitto).",
+        "",
+        *rows,
+        "",
+        f"The export measured this file's global embedding at cosine {_fmt(m.validation.int8_cosine_vs_fp32_mean)} "
+        f"(mean) / {_fmt(m.validation.int8_cosine_vs_fp32_min)} (min) to the fp32 encoder on its calibration images.",
+    ])
+    print(text)
+    if args.write:
+        write_section(args.section or "edge_pipeline_int8",
+                      f"Edge agent with the CPU INT8 encoder against fp32 ({args.model_dir.name})", text)
+    return 0
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
 
 
 if __name__ == "__main__":

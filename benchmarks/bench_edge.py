@@ -12,11 +12,12 @@ Side by side in one run, rounds interleaved, medians reported:
 
     python benchmarks/bench_edge.py                       # tiny test encoder (built on the fly)
     python benchmarks/bench_edge.py --model-dir out/model # a real export (manifest.json + encoder)
-    python benchmarks/bench_edge.py --model-dir out/demo/model --compare-int8   # fp32 vs encoder_int8, side by side
+    python benchmarks/bench_edge.py --model-dir out/demo/model --compare int8      # fp32 vs encoder_int8
+    python benchmarks/bench_edge.py --model-dir out/demo/model --compare spinning  # ORT threads spin or sleep
 
-``--compare-int8`` (an export made with ``--cpu-int8``): each round runs the bare encoder and the pipeline with
-defaults once with ``model.int8: off`` (the fp32 file) and once with ``on`` (``encoder_int8``); writes section
-``edge_pipeline_int8``.
+``--compare`` runs, in each round, the bare encoder and the pipeline with the defaults once per setting of one
+``model.*`` key, side by side: ``int8`` (``off``: the fp32 file, ``on``: ``encoder_int8``, an export made with
+``--cpu-int8``) or ``spinning`` (``model.ort_spinning`` true and false); writes section ``edge_pipeline_<what>``.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ from benchmarks._report import ROOT, write_section  # noqa: E402
 log = logging.getLogger("bench_edge")
 
 
-def bare_encoder(model_dir: Path, batch: int, n: int, threads: int, int8: str = "auto") -> float:
+def bare_encoder(model_dir: Path, batch: int, n: int, threads: int, int8: str = "auto",
+                 spinning: bool = False) -> float:
     """Images/s of the bare ONNX Runtime session (CPU) on ready tensors, on the file the agent runs with
-    ``model.int8: int8``."""
+    ``model.int8: int8`` and its thread setting ``model.ort_spinning: spinning``."""
     import onnxruntime as ort
 
     from runtime.runners import encoder_role
@@ -53,6 +55,8 @@ def bare_encoder(model_dir: Path, batch: int, n: int, threads: int, int8: str = 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # The same batch size as the agent's (the largest exported size that is not above it), so both sides
     # run the same ONNX file: a batch-1 bare session against a batch-4 pipeline would flatter the pipeline.
     fixed = [s for s in m.batch_sizes if s <= batch]
@@ -69,7 +73,7 @@ def bare_encoder(model_dir: Path, batch: int, n: int, threads: int, int8: str = 
 
 
 def pipeline(model_dir: Path, port: int, work: Path, n: int, batch: int, threads: int, lean: bool,
-             token_dtype: str, int8: str = "auto") -> float:
+             token_dtype: str, int8: str = "auto", spinning: bool = False) -> float:
     """Frames/s through the whole agent until every message is acknowledged by the broker."""
     from edge_agent.agent import Agent
     from edge_agent.config import parse_config
@@ -77,7 +81,8 @@ def pipeline(model_dir: Path, port: int, work: Path, n: int, batch: int, threads
     work.mkdir(parents=True, exist_ok=True)
     cfg = parse_config({
         "device": "bench", "site": "bench", "model": {"dir": str(model_dir), "batch_size": batch,
-                                                     "batch_timeout_ms": 5, "threads": threads, "int8": int8},
+                                                     "batch_timeout_ms": 5, "threads": threads, "int8": int8,
+                                                     "ort_spinning": spinning},
         "cameras": [{"name": "cam-1", "line": "l1",
                      "source": {"kind": "synthetic", "fps": 1000, "max_frames": n, "width": 640, "height": 480},
                      "sampling": {"mode": "every_nth"}, "queue_depth": n}],  # no drops: frames wait
@@ -192,8 +197,8 @@ def main() -> int:
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=True, help="write BENCHMARKS.md")
     ap.add_argument("--int8", default="auto", choices=("auto", "on", "off"),
                     help="model.int8 of the agent (and the bare encoder's file): auto as the edge's default")
-    ap.add_argument("--compare-int8", action="store_true",
-                    help="fp32 against encoder_int8 side by side (needs --model-dir of a --cpu-int8 export)")
+    ap.add_argument("--compare", choices=tuple(COMPARE), default=None,
+                    help="one model.* setting against another, side by side (int8 needs a --cpu-int8 export)")
     ap.add_argument("--section", default=None,
                     help="BENCHMARKS.md section (default: edge_pipeline, or edge_pipeline_model with --model-dir)")
     args = ap.parse_args()
@@ -202,8 +207,8 @@ def main() -> int:
 
     from tests.support.broker import Mosquitto
 
-    if args.compare_int8:
-        return compare_int8(args)
+    if args.compare:
+        return compare(args)
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         if args.model_dir is None:
@@ -310,57 +315,70 @@ def main() -> int:
     return 0
 
 
-def compare_int8(args) -> int:
-    """fp32 and encoder_int8 side by side: bare encoder and the default pipeline, interleaved rounds."""
+# --compare: the settings of one model.* key (bare_encoder/pipeline keywords), labelled, the base first
+COMPARE = {
+    "int8": [("fp32 file (`model.int8: off`)", {"int8": "off"}), ("`encoder_int8` (`model.int8: on`)", {"int8": "on"})],
+    "spinning": [("threads spin (`model.ort_spinning: true`)", {"spinning": True}),
+                 ("threads sleep (`false`, the default)", {"spinning": False})],
+}
+
+
+def compare(args) -> int:
+    """The settings of ``COMPARE[args.compare]`` side by side: bare encoder and the default pipeline, interleaved."""
     from tests.support.broker import Mosquitto
     from tokenline.manifest import Manifest
 
     if args.model_dir is None:
-        raise SystemExit("--compare-int8 needs --model-dir of an export made with --cpu-int8")
+        raise SystemExit("--compare needs --model-dir (an export; for int8 one made with --cpu-int8)")
     model_dir = args.model_dir.resolve()
     m = Manifest.from_file(model_dir)
-    if not any(f.role == "encoder_int8" for f in m.files):
+    if args.compare == "int8" and not any(f.role == "encoder_int8" for f in m.files):
         raise SystemExit(f"{model_dir}: no encoder_int8 file (export with --cpu-int8)")
-    res: Dict[str, List[float]] = {k: [] for k in ("bare off", "full off", "bare on", "full on")}
+    settings = COMPARE[args.compare]
+    res: Dict[str, List[float]] = {f"{p} {i}": [] for p in ("bare", "full") for i in range(len(settings))}
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         broker = Mosquitto(tmp / "broker").start()
         try:
             for r in range(args.runs):
-                for mode in ("off", "on"):
-                    res[f"bare {mode}"].append(bare_encoder(model_dir, args.batch, args.frames, args.threads, mode))
-                    res[f"full {mode}"].append(pipeline(model_dir, broker.port, tmp / f"{mode}{r}", args.frames,
-                                                        args.batch, args.threads, lean=False,
-                                                        token_dtype=args.token_dtype, int8=mode))
+                for i, (_, kw) in enumerate(settings):
+                    kw = {"int8": args.int8, **kw}
+                    res[f"bare {i}"].append(bare_encoder(model_dir, args.batch, args.frames, args.threads, **kw))
+                    res[f"full {i}"].append(pipeline(model_dir, broker.port, tmp / f"{i}-{r}", args.frames,
+                                                     args.batch, args.threads, lean=False,
+                                                     token_dtype=args.token_dtype, **kw))
                 log.info("round %d/%d: %s", r + 1, args.runs, ", ".join(f"{k} {v[-1]:.1f}" for k, v in res.items()))
         finally:
             broker.stop()
     med = {k: statistics.median(v) for k, v in res.items()}
-    rows = ["| path | fp32 file (`model.int8: off`) | `encoder_int8` (`on`) | INT8 / fp32 |", "|---|---:|---:|---:|"]
+    rows = ["| path | " + " | ".join(label for label, _ in settings) + " | ratio |",
+            "|---|" + "---:|" * (len(settings) + 1)]
     for path, label in (("bare", "bare encoder (ORT session on ready tensors), images/s"),
                         ("full", "pipeline with the defaults (synthetic 640x480 camera to PUBACK), frames/s")):
-        runs = lambda k: ", ".join(f"{x:.1f}" for x in res[k])  # noqa: E731
-        rows.append(f"| {label} | {med[path + ' off']:.1f} ({runs(path + ' off')}) | {med[path + ' on']:.1f} "
-                    f"({runs(path + ' on')}) | {med[path + ' on'] / med[path + ' off']:.2f}x |")
+        cells = [f"{med[f'{path} {i}']:.1f} ({', '.join(f'{x:.1f}' for x in res[f'{path} {i}'])})"
+                 for i in range(len(settings))]
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {med[f'{path} 1'] / med[f'{path} 0']:.2f}x |")
     from benchmarks.bench_merge_int8 import _cpu
 
+    v = m.validation
     text = "\n".join([
         f"Model: `{m.name}` ({m.family}, {m.input.width}x{m.input.height}, merge {m.merge.method} to "
-        f"{m.merge.final_tokens} tokens, batch sizes {m.batch_sizes}), exported with `--cpu-int8`. The agent in "
-        f"process with `model.int8: off` and `on`, ONNX Runtime CPU on {_cpu()}, batch {args.batch}, "
-        f"{args.frames} frames per run, {args.runs} interleaved rounds, medians (runs in brackets); pipeline as in "
-        "`edge_pipeline_model` (outbox synchronous=FULL, JPEG originals stored, timed until every message is "
-        "PUBACKed by a real Mosquitto).",
+        f"{m.merge.final_tokens} tokens, batch sizes {m.batch_sizes}"
+        + (", exported with `--cpu-int8`" if any(f.role == "encoder_int8" for f in m.files) else "")
+        + f"). The agent in process, ONNX Runtime CPU on {_cpu()}, batch {args.batch}, {args.frames} frames per "
+        f"run, {args.runs} interleaved rounds, medians (runs in brackets); the pipeline as in `edge_pipeline_model` "
+        "(outbox synchronous=FULL, JPEG originals stored, timed until every message is PUBACKed by a real "
+        "Mosquitto). Ratio: the second setting over the first.",
         "",
         *rows,
-        "",
-        f"The export measured this file's global embedding at cosine {_fmt(m.validation.int8_cosine_vs_fp32_mean)} "
-        f"(mean) / {_fmt(m.validation.int8_cosine_vs_fp32_min)} (min) to the fp32 encoder on its calibration images.",
+        *(["", f"The export measured the INT8 file's global embedding at cosine {_fmt(v.int8_cosine_vs_fp32_mean)} "
+               f"(mean) / {_fmt(v.int8_cosine_vs_fp32_min)} (min) to the fp32 encoder on its calibration images."]
+          if args.compare == "int8" else []),
     ])
     print(text)
     if args.write:
-        write_section(args.section or "edge_pipeline_int8",
-                      f"Edge agent with the CPU INT8 encoder against fp32 ({args.model_dir.name})", text)
+        write_section(args.section or f"edge_pipeline_{args.compare}",
+                      f"Edge agent: {args.compare} settings side by side ({args.model_dir.name})", text)
     return 0
 
 

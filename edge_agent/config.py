@@ -214,6 +214,10 @@ class ModelConfig(StrictModel):
     # the manifest's encoder_int8 files (exported with --cpu-int8; ONNX Runtime dynamic INT8, faster on CPUs with
     # VNNI): "auto" runs them when ONNX Runtime runs on the CPU alone, "on" always (an error without them), "off" never
     int8: Literal["auto", "on", "off"] = "auto"
+    # ONNX Runtime's worker threads spin-wait between parallel sections: a bare encoder gains a little, but on a
+    # small CPU the spinning takes the cycles of the capture, preprocessing and outbox threads (BENCHMARKS.md
+    # edge_pipeline_spinning), so the agent lets them sleep unless this is true
+    ort_spinning: bool = False
     verify_files: bool = True  # check sha256 of every file the manifest lists at start
 
 

@@ -99,7 +99,7 @@ class OnnxRuntimeRunner:
     """ONNX Runtime session(s) for the manifest's encoder file(s), one per fixed batch size (or one dynamic)."""
 
     def __init__(self, model_dir: Path, manifest: mf.Manifest, providers: Sequence[str] = ("auto",),
-                 threads: int = 0, cache_dir: Optional[Path] = None, int8: str = "off") -> None:
+                 threads: int = 0, cache_dir: Optional[Path] = None, int8: str = "off", spinning: bool = False) -> None:
         import onnxruntime as ort  # the agent imports it lazily so that check-config stays fast
 
         self.manifest = manifest
@@ -108,6 +108,9 @@ class OnnxRuntimeRunner:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        if not spinning:  # idle worker threads sleep instead of spin-waiting for the next parallel section
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         opts.log_severity_level = 3
         prov_args: List[object] = []
         for p in self.providers:
@@ -261,4 +264,5 @@ def make_runner(model_cfg, manifest: mf.Manifest, model_dir: Path) -> Runner:
             raise RunnerError("model.engine: required when model.runner is 'tensorrt'")
         return TensorRTRunner(model_cfg.engine, manifest, model_dir)
     return OnnxRuntimeRunner(model_dir, manifest, providers=model_cfg.providers, threads=model_cfg.threads,
-                             cache_dir=Path(model_dir) / "trt_cache", int8=model_cfg.int8)
+                             cache_dir=Path(model_dir) / "trt_cache", int8=model_cfg.int8,
+                             spinning=model_cfg.ort_spinning)

@@ -27,6 +27,16 @@ def test_onnxruntime_runner_matches_bare_session(tiny_model_dir: Path) -> None:
     assert out.global_embedding.shape == (3, 384) and out.centroids.shape == (3, 16, 2) and "CPU" in r.name
 
 
+def test_onnxruntime_threads_sleep_unless_spinning_is_asked(tiny_model_dir: Path) -> None:
+    m = Manifest.from_file(tiny_model_dir)
+    key = "session.intra_op.allow_spinning"
+    asleep = OnnxRuntimeRunner(tiny_model_dir, m, providers=["CPUExecutionProvider"])
+    spinning = OnnxRuntimeRunner(tiny_model_dir, m, providers=["CPUExecutionProvider"], spinning=True)
+    assert asleep.sessions[None].get_session_options().get_session_config_entry(key) == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # ONNX Runtime's own default: spin
+        spinning.sessions[None].get_session_options().get_session_config_entry(key)
+
+
 def test_fixed_batch_model_is_padded(tmp_path: Path) -> None:
     d = build_tiny_model(tmp_path / "b2", batch=2, dim=16)
     m = Manifest.from_file(d)

@@ -99,7 +99,7 @@ class OnnxRuntimeRunner:
     """ONNX Runtime session(s) for the manifest's encoder file(s), one per fixed batch size (or one dynamic)."""
 
     def __init__(self, model_dir: Path, manifest: mf.Manifest, providers: Sequence[str] = ("auto",),
-                 threads: int = 0, cache_dir: Optional[Path] = None, int8: str = "off", spinning: bool = False) -> None:
+                 threads: int = 0, cache_dir: Optional[Path] = None, int8: str = "off", spinning: bool = True) -> None:
         import onnxruntime as ort  # the agent imports it lazily so that check-config stays fast
 
         self.manifest = manifest
@@ -108,7 +108,9 @@ class OnnxRuntimeRunner:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        if not spinning:  # idle worker threads sleep instead of spin-waiting for the next parallel section
+        # spinning: ONNX Runtime's default (idle worker threads spin-wait for the next parallel section: lower latency
+        # for a lone encoder, e.g. central's queries); off, they sleep and leave the cores to other threads (the edge)
+        if not spinning:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         opts.log_severity_level = 3

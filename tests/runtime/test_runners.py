@@ -27,11 +27,11 @@ def test_onnxruntime_runner_matches_bare_session(tiny_model_dir: Path) -> None:
     assert out.global_embedding.shape == (3, 384) and out.centroids.shape == (3, 16, 2) and "CPU" in r.name
 
 
-def test_onnxruntime_threads_sleep_unless_spinning_is_asked(tiny_model_dir: Path) -> None:
+def test_onnxruntime_threads_sleep_when_asked(tiny_model_dir: Path) -> None:
     m = Manifest.from_file(tiny_model_dir)
     key = "session.intra_op.allow_spinning"
-    asleep = OnnxRuntimeRunner(tiny_model_dir, m, providers=["CPUExecutionProvider"])
-    spinning = OnnxRuntimeRunner(tiny_model_dir, m, providers=["CPUExecutionProvider"], spinning=True)
+    asleep = OnnxRuntimeRunner(tiny_model_dir, m, providers=["CPUExecutionProvider"], spinning=False)
+    spinning = OnnxRuntimeRunner(tiny_model_dir, m, providers=["CPUExecutionProvider"])  # central's encoder
     assert asleep.sessions[None].get_session_options().get_session_config_entry(key) == "0"
     with pytest.raises(RuntimeError, match="does not have configuration"):  # ONNX Runtime's own default: spin
         spinning.sessions[None].get_session_options().get_session_config_entry(key)

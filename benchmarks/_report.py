@@ -55,7 +55,10 @@ def speed_quality_axes(ax, xlabel: str, ylabel: str, title: str, floor: float = 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=legend_size, ncol=legend_cols, loc=legend_loc)
+    if legend_loc == "below":  # outside the axes, where no point can hide behind it
+        ax.legend(fontsize=legend_size, ncol=max(legend_cols, 2), loc="upper center", bbox_to_anchor=(0.5, -0.16))
+    else:
+        ax.legend(fontsize=legend_size, ncol=legend_cols, loc=legend_loc)
     ax.grid(alpha=0.3)
 
 

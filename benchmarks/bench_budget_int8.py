@@ -175,7 +175,7 @@ def plot(files: Dict[str, Path], dp10: Dict[str, float], timing: Dict[str, dict]
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=110)
+    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=110)
     for prec, marker, color in (("fp32", "o", "tab:blue"), ("int8", "^", "tab:red")):
         names = [n for n in files if n.endswith(" " + prec)]
         ax.scatter([timing[n]["ratio"] for n in names], [dp10[n] for n in names], marker=marker, color=color, s=45,
@@ -188,7 +188,7 @@ def plot(files: Dict[str, Path], dp10: Dict[str, float], timing: Dict[str, dict]
     speed_quality_axes(ax, "speed-up vs unmerged fp32 (ONNX Runtime CPU, 2 threads)",
                        "ΔP@10 on the held-out half (points)",
                        "Budget picks in fp32 and with --cpu-int8, ViT-S/14 at 224 px, NEU-DET",
-                       legend_loc="lower left")  # the picks' labels sit top right
+                       legend_loc="below")
     save_figure(fig, path)
 
 

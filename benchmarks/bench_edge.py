@@ -218,6 +218,7 @@ def main() -> int:
             model_label = "tiny test encoder (tests/support/tiny_model.py: 224 px, 4x4 patches of 56 px, " \
                           "random projection to D=384, K=16) - NOT a ViT"
         else:
+            from runtime.runners import encoder_role
             from tokenline.manifest import Manifest
 
             model_dir = args.model_dir.resolve()
@@ -225,7 +226,8 @@ def main() -> int:
             model_label = (f"`{mm.name}` ({mm.family}, {mm.input.width}x{mm.input.height}, merge {mm.merge.method} "
                            f"{mm.encoder.grid[0] * mm.encoder.grid[1] + mm.encoder.num_prefix_tokens}->"
                            f"{mm.merge.final_tokens} tokens, {mm.precision}, batch sizes {mm.batch_sizes or 'dynamic'}, "
-                           f"exporter {mm.exporter_version})")
+                           f"exporter {mm.exporter_version}; the agent and the bare encoder run its "
+                           f"`{encoder_role(args.int8, mm, ['CPUExecutionProvider'])}` files, `model.int8: {args.int8}`)")
         load_before = os.getloadavg()[0]
         broker = Mosquitto(tmp / "broker").start()
         results: Dict[str, List[float]] = {"bare": [], "full": [], "lean": []}

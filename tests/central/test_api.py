@@ -236,7 +236,6 @@ def test_search_parameters_are_validated(setup, data, parameter):
 
 def test_get_parameters_are_validated(setup):
     client, toks, msgs, cfg, model = setup
-    v = toks["viewer"]
     fid = msgs[0].frame_id.hex()
     for path, params, parameter in (("/v1/frames", {"limit": 0}, "limit"), ("/v1/frames", {"lim": 5}, "lim"),
                                     ("/v1/frames", {"model_id": "x"}, "model_id"),

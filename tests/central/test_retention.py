@@ -176,7 +176,6 @@ def test_sigkill_mid_sweep_keeps_blobs_and_rows_consistent(tmp_path, tiny_manife
     engine = make_engine(url)
     upgrade(engine)
     blobs = BlobStore(tmp_path / "o")
-    ret = ret_cfg(originals_days=1000, tokens_days=1000)
     n = 400
     now = store.now_us()
     with Session(engine) as s, s.begin():

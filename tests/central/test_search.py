@@ -230,7 +230,7 @@ def test_vector_index_loads_in_chunks_and_refuses_a_wrong_width_embedding(tmp_pa
 def test_vector_files_survive_a_restart_and_follow_the_database(tmp_path, tiny_manifest):
     """A new process maps the files instead of reading the rows; appends and deletions made meanwhile are
     caught up; files written for another database are rebuilt, not trusted."""
-    from central.search import VectorIndex, binary_codes, hamming
+    from central.search import binary_codes, hamming
 
     engine = _sqlite_engine(tmp_path)
     model, msgs, rng, _ = _populate(engine, tiny_manifest, n=400)

@@ -69,6 +69,7 @@ def token_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 SELF_NOISE = 1e-6  # torch's own rounding sensitivity: its input moved by this fraction of its mean magnitude
+HARD_FLOOR = 0.9  # no image of a merged graph may fall below this cosine to torch, whatever torch does to itself
 
 
 def self_baseline(run, x: np.ndarray) -> List[np.ndarray]:
@@ -99,6 +100,10 @@ def compare(torch_out: Sequence[np.ndarray], ort_out: Sequence[np.ndarray], tol:
     that moved input) measures this: a merged graph that matches fewer than half of the images still passes when
     it matches at least half as many as torch matches itself, its median error stays within 3x of torch's own,
     and its token error within 3x of torch's own (ONNX Runtime differs from torch no more than torch from itself).
+    The cosine floors are judged the same way: with heavy merging on many real images a flipped near-tie can move
+    an image's embedding far (ToMe r = 18 on 200 NEU-DET images: torch against itself down to cosine 0.977, 9 images
+    under 0.999), so a merged graph may have as many images under a floor as torch has against itself (2x, at
+    least one), never one under ``HARD_FLOOR``.
     """
     g_t, g_o = torch_out[0], ort_out[0]
     err = np.abs(g_t - g_o).max(axis=-1)  # per image
@@ -122,8 +127,10 @@ def compare(torch_out: Sequence[np.ndarray], ort_out: Sequence[np.ndarray], tol:
     }
     tok_limit = max(10 * tol, 1e-3)
     self_ok = False  # merged, and as close to torch as torch is to itself
+    own_cos = own_pm = None  # torch against itself: per-image cosines (merged graphs with a baseline)
     if merged and baseline is not None:
         own, _ = compare(torch_out, baseline, tol, merged=True, precision=precision)
+        own_cos, own_pm = (g_t * baseline[0]).sum(-1), (np.asarray(torch_out[3]) * np.asarray(baseline[3])).sum(-1)
         stats["self_matched_fraction"] = own["matched_fraction"]
         self_ok = (stats["matched_fraction"] >= own["matched_fraction"] / 2
                    and stats["median_err"] <= max(tol, 3 * own["median_err"]))
@@ -141,11 +148,20 @@ def compare(torch_out: Sequence[np.ndarray], ort_out: Sequence[np.ndarray], tol:
         near_tie.append(f"only {stats['matched_fraction']:.0%} of the images match within {tol:g} "
                         f"(need >= 50%{itself})")
     floor = 0.99 if precision == "fp16" else 0.999
-    if stats["global_cos_min"] < floor:
-        problems.append(f"global embedding cosine {stats['global_cos_min']:.5f} < {floor}")
     pm_floor = (0.98 if precision == "fp16" else 0.995) if merged else floor
-    if stats["patch_mean_cos_min"] < pm_floor:
-        problems.append(f"patch mean cosine {stats['patch_mean_cos_min']:.5f} < {pm_floor}")
+    for what, values, lowest, own_values in (("global embedding", cos, floor, own_cos),
+                                             ("patch mean", pm_cos, pm_floor, own_pm)):
+        under = int((values < lowest).sum())
+        if not under:
+            continue
+        if own_values is None:
+            problems.append(f"{what} cosine {float(values.min()):.5f} < {lowest}")
+            continue
+        own_under = int((own_values < lowest).sum())
+        if values.min() < HARD_FLOOR or under > max(1, 2 * own_under):
+            problems.append(f"{what} cosine under {lowest} on {under} image(s), down to {float(values.min()):.5f} "
+                            f"(torch itself, its input moved by {SELF_NOISE:g}: {own_under}, down to "
+                            f"{float(own_values.min()):.5f}; never below {HARD_FLOOR})")
     fp_floor = 0.85 if precision == "fp16" else 0.9
     if stats["footprint_agreement"] < fp_floor:
         problems.append(f"footprints agree on {stats['footprint_agreement']:.1%} of the cells (need >= {fp_floor:.0%})")

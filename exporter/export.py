@@ -26,7 +26,7 @@ from exporter import __version__
 from exporter.budget import choose_schedule, search_spec
 from exporter.calibration import calibration_images
 from exporter.errors import ExportError
-from exporter.int8_cpu import cosine_rows, quantize_dynamic_file, simulate
+from exporter.int8_cpu import cosine_rows, projections, quantize_dynamic_file
 from exporter.manifest import build_manifest, input_spec
 from exporter.options import ExportOptions, MergeConfig
 from exporter.summary_head import ROTATION_SEED, fit_projection
@@ -205,17 +205,18 @@ def export_validated(vit: ViT, merge: MergeConfig, opts: ExportOptions, calib: n
     return files, stats
 
 
-INT8_COSINE_MIN = 0.98  # an encoder_int8 file whose global embedding strays further from fp32 is refused
-# ... and one the search's simulation (exporter.int8_cpu.simulate) does not predict: mean cosine between them (on
-# the reference ViT-S/14 0.9995: the file's rounding differs from torch's on a few values, as much as either
-# differs from fp32, so the simulation predicts the file's loss in distribution, not image by image)
-INT8_SIMULATION_MEAN = 0.998
+# an encoder_int8 file whose global embedding strays further from fp32 on average is refused: a model that does not
+# quantize well. Mean, not minimum: merged graphs flip near-tie merges under INT8's rounding, which moves a few
+# images far (ToMe r = 18 on 200 NEU-DET images: min 0.82, mean 0.9966; unmerged: mean 0.9994); the budget's
+# label-free loss is what bounds those (merge.search.file_loss)
+INT8_COSINE_MEAN = 0.99
 
 
 def export_int8(vit: ViT, files: List[mf.FileSpec], opts: ExportOptions, calib: np.ndarray,
                 progress: Progress) -> Tuple[List[mf.FileSpec], Dict[str, float], np.ndarray]:
     """The ONNX Runtime dynamic INT8 version of each encoder file (``exporter.int8_cpu``), each accepted only when
-    its global embeddings on ``calib`` stay near the fp32 encoder's in torch and match the search's simulation.
+    its global embeddings on ``calib`` stay near the fp32 encoder's in torch (mean cosine) and it quantizes exactly the
+    projections the search's simulation does.
     Returns their FileSpecs, the cosine numbers and the first file's global embeddings of ``calib``."""
     out = Path(opts.out_dir)
     made: List[mf.FileSpec] = []
@@ -225,23 +226,22 @@ def export_int8(vit: ViT, files: List[mf.FileSpec], opts: ExportOptions, calib: 
         b = f.batch
         fname = encoder_file("encoder", "int8", b)
         progress(f"quantizing {fname} (ONNX Runtime dynamic INT8, for CPUs)")
-        quantize_dynamic_file(out / f.path, out / fname)
+        made_n = quantize_dynamic_file(out / f.path, out / fname)
         progress(f"validating {fname} with ONNX Runtime against torch")
         batch = b or opts.bench_batch  # INT8's activation ranges are per call: compare at equal batches
         got = run_batched(ort_session(out / fname), calib, batch)[0]
         with torch.no_grad():
             fp32 = torch.cat([vit(torch.from_numpy(calib[i : i + batch]))[0] for i in range(0, len(calib), batch)])
-            with simulate(vit):
-                sim = torch.cat([vit(torch.from_numpy(calib[i : i + batch]))[0] for i in range(0, len(calib), batch)])
-        cos, agree = cosine_rows(fp32.numpy(), got), cosine_rows(sim.numpy(), got)
-        log.info("%s: cosine vs fp32 mean %.5f min %.5f; vs simulation mean %.5f", fname, cos.mean(), cos.min(),
-                 agree.mean())
-        if cos.min() < INT8_COSINE_MIN:
-            raise ExportError(f"{fname}: INT8 global embedding cosine to fp32 down to {cos.min():.4f} "
-                              f"(< {INT8_COSINE_MIN}): this model does not quantize well; export without cpu_int8")
-        if agree.mean() < INT8_SIMULATION_MEAN:
-            raise ExportError(f"{fname}: ONNX Runtime's INT8 and the search's simulation of it differ (mean cosine "
-                              f"{agree.mean():.4f} < {INT8_SIMULATION_MEAN}); please report this model")
+        simulated = projections(vit)
+        cos = cosine_rows(fp32.numpy(), got)
+        log.info("%s: %d projections quantized; cosine vs fp32 mean %.5f min %.5f", fname, made_n, cos.mean(),
+                 cos.min())
+        if made_n != len(simulated):
+            raise ExportError(f"{fname}: the file quantizes {made_n} projections, the search's simulation of it "
+                              f"{len(simulated)}; please report this model")
+        if cos.mean() < INT8_COSINE_MEAN:
+            raise ExportError(f"{fname}: INT8 global embedding cosine to fp32 {cos.mean():.4f} on average "
+                              f"(< {INT8_COSINE_MEAN}): this model does not quantize well; export without cpu_int8")
         cos_all.append(cos)
         first = got if first is None else first
         made.append(mf.FileSpec(path=fname, sha256=mf.sha256_file(out / fname), role="encoder_int8", precision="int8",

@@ -112,22 +112,27 @@ def _fake_quant_weight(w):
     return torch.clamp(torch.round(w / scale), -127, 127) * scale
 
 
+def projections(vit) -> list:
+    """(name, module) of the projections ``simulate`` quantizes: as many as the file's ``MatMulInteger`` nodes."""
+    from torch import nn
+
+    return [(name, mod) for name, mod in vit.named_modules()
+            if isinstance(mod, nn.Linear) and quantizable(mod.in_features, mod.out_features)]
+
+
 @contextlib.contextmanager
 def simulate(vit) -> Iterator[List[str]]:
     """Within the block, ``vit``'s quantized projections compute dynamic INT8 arithmetic (yields their names)."""
     import torch
-    from torch import nn
 
-    patched = []
-    for name, mod in vit.named_modules():
-        if isinstance(mod, nn.Linear) and quantizable(mod.in_features, mod.out_features):
-            wq = _fake_quant_weight(mod.weight.detach())
+    patched = projections(vit)
+    for _, mod in patched:
+        wq = _fake_quant_weight(mod.weight.detach())
 
-            def forward(x, mod=mod, wq=wq):
-                return torch.nn.functional.linear(_fake_quant_input(x), wq, mod.bias)
+        def forward(x, mod=mod, wq=wq):
+            return torch.nn.functional.linear(_fake_quant_input(x), wq, mod.bias)
 
-            mod.forward = forward
-            patched.append((name, mod))
+        mod.forward = forward
     try:
         yield [n for n, _ in patched]
     finally:

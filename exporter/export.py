@@ -29,7 +29,7 @@ from exporter.errors import ExportError
 from exporter.int8_cpu import cosine_rows, projections, quantize_dynamic_file
 from exporter.manifest import build_manifest, input_spec
 from exporter.options import ExportOptions, MergeConfig
-from exporter.summary_head import ROTATION_SEED, fit_projection
+from exporter.summary_head import ROTATION_SEED, fit_head
 from exporter.search import SearchError, SearchResult, fidelity
 from exporter.validate import (compare, ort_session, run_batched, self_baseline, throughput, throughput_side_by_side,
                                worst)
@@ -157,14 +157,7 @@ def fit_summary(vit: ViT, calib: np.ndarray, fitted_on: str, progress: Progress,
     assert head is not None
     progress(f"fitting the summary projection (block {vit.summary_layer}, {head.mean.shape[0]} -> {head.dim} dims) "
              f"on {len(calib)} {fitted_on} images")
-    feats, sizes = [], []
-    with torch.no_grad():
-        for i in range(0, len(calib), batch):
-            f, s = vit.summary_features(torch.from_numpy(calib[i : i + batch]))
-            feats.append(f.reshape(-1, f.shape[-1]).float().numpy())
-            sizes.append(s.reshape(-1).float().numpy())
-    mean, proj, explained = fit_projection(np.concatenate(feats), np.concatenate(sizes), head.dim, ROTATION_SEED)
-    head.set_projection(mean, proj)
+    explained = fit_head(vit, calib, batch)
     return mf.ProjectionSpec(method="pca" if head.dim < head.mean.shape[0] else "centre", input_dim=head.mean.shape[0],
                              dims=head.dim, fitted_on=fitted_on, images=len(calib), explained_variance=explained,
                              rotation_seed=ROTATION_SEED)

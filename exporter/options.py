@@ -55,11 +55,16 @@ class MergeConfig(_Options):
     summary_lam: float = Field(0.5, ge=0, description="spatial weight of the summary head's clustering")
     budget: Optional[float] = Field(None, ge=0, description="choose the schedule: the fastest whose label-free loss "
                                     "on the calibration images stays within this many points (exporter.search)")
+    summary_budget: Optional[float] = Field(None, ge=0, description="with budget: the summary tokens' label-free "
+                                            "loss must stay within this many points too (exporter.search; for "
+                                            "anomaly flagging, which scores the summary)")
 
     @model_validator(mode="after")
     def _one_way(self) -> "MergeConfig":
         if self.budget is not None and (self.r or self.r_list or self.target or self.pre_r):
             raise ValueError("budget chooses the schedule: give it without r, r_list, target or pre_r")
+        if self.summary_budget is not None and self.budget is None:
+            raise ValueError("summary_budget bounds the schedule search: give it with budget")
         return self
 
     @property
@@ -71,7 +76,7 @@ class MergeConfig(_Options):
     def unmerged(self) -> "MergeConfig":
         """The same summary head without merging in the blocks: the reference encoder."""
         return MergeConfig(**{**self.model_dump(), "r": None, "r_list": None, "target": None, "pre_r": 0, "floor": 0,
-                              "budget": None})
+                              "budget": None, "summary_budget": None})
 
 
 class ExportOptions(_Options):

@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from exporter.export import ExportResult
-from exporter.search import MEASURE, SearchResult
+from exporter.search import MEASURE, SUMMARY_MEASURE, SearchResult, fits
 
 
 def _fmt(v: object, spec: str = ".3g") -> str:
@@ -18,22 +18,27 @@ def render_search(result: SearchResult, console: Console) -> None:
     """Every schedule the search evaluated, cheapest first: the Pareto front marked, the choice highlighted."""
     front = {id(p) for p in result.pareto}
     int8 = result.precision == "int8"
+    sb = result.summary_budget
     table = Table(title=f"schedule search within {result.budget:g} points ({MEASURE}"
-                        f"{', merged and INT8 together' if int8 else ''}; "
+                        + ("" if sb is None else f") and {sb:g} summary points ({SUMMARY_MEASURE}")
+                        + f"{', merged and INT8 together' if int8 else ''}; "
                         f"{result.points[0].fidelity.images if result.points else 0} calibration images)")
-    for col in ("pick", "schedule", "FLOP speed-up", "loss (pt)", "NN agreement", "cosine (mean / min)", "Pareto"):
+    cols = ["pick", "schedule", "FLOP speed-up", "loss (pt)"] + ([] if sb is None else ["summary loss (pt)"])
+    for col in cols + ["NN agreement", "cosine (mean / min)", "Pareto"]:
         table.add_column(col, justify="left" if col in ("pick", "schedule") else "right", no_wrap=col == "pick")
+
+    def cells(f) -> list:
+        return [f"{f.loss:.2f}"] + ([] if sb is None else [_fmt(f.summary_loss, ".2f")]) + [
+            f"{f.nn_agreement:.3f}", f"{f.cosine_mean:.4f} / {f.cosine_min:.4f}"]
+
     for p in sorted(result.points, key=lambda p: p.candidate.gflops):
         c, f = p.candidate, p.fidelity
-        style = "bold green" if p is result.chosen else "dim" if f.loss > result.budget else None
-        table.add_row("chosen" if p is result.chosen else "", c.name, f"{c.speedup:.2f}x", f"{f.loss:.2f}",
-                      f"{f.nn_agreement:.3f}", f"{f.cosine_mean:.4f} / {f.cosine_min:.4f}",
+        style = "bold green" if p is result.chosen else None if fits(f, result.budget, sb) else "dim"
+        table.add_row("chosen" if p is result.chosen else "", c.name, f"{c.speedup:.2f}x", *cells(f),
                       "*" if id(p) in front else "", style=style)
     if result.base is not None:
-        b = result.base
         table.add_row("chosen" if result.chosen is None else "", f"unmerged ({result.precision})", "1.00x",
-                      f"{b.loss:.2f}", f"{b.nn_agreement:.3f}", f"{b.cosine_mean:.4f} / {b.cosine_min:.4f}", "",
-                      style="bold green" if result.chosen is None else None)
+                      *cells(result.base), "", style="bold green" if result.chosen is None else None)
     console.print(table)
 
 

@@ -9,14 +9,17 @@ Everything here is a pure, deterministic function of numbers the caller measured
 - ``fidelity`` compares the global embeddings of calibration images under a candidate with the unmerged
   encoder's, without labels: an estimate of the precision@10 drop in points from the share of nearest
   neighbours that change (see ``Fidelity``), which is the number the budget bounds.
-- ``search`` walks each shape from mild to aggressive, stops a shape at its first candidate over the
-  budget, and ``choose`` returns the cheapest candidate within it; ``pareto`` is what gets printed.
+- ``summary_fidelity`` does the same for the summary tokens when a summary budget is given: the share of each
+  image's top-10 neighbours by the summaries' Chamfer similarity that change, times ``KAPPA_SUMMARY``, an
+  estimate of the anomaly AUROC drop in points (see ``Fidelity``).
+- ``search`` walks each shape from mild to aggressive, stops a shape at its first candidate over a budget, and
+  ``choose`` returns the cheapest candidate within them; ``pareto`` is what gets printed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -28,6 +31,8 @@ KAPPA = 0.07  # share of changed top-10 neighbours counted as lost precision (se
 SPEEDUPS: Tuple[float, ...] = (1.1, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0)
 NEIGHBOURS = 10  # the k of the neighbour measures (precision@10 is what retrieval users watch)
 MIN_IMAGES = 50  # fewer calibration images than this cannot say anything about neighbours
+SUMMARY_MEASURE = "kappa-summary-chamfer-nn-disagreement@10"  # the name of Fidelity.summary_loss in manifests
+KAPPA_SUMMARY = 1.0  # share of changed Chamfer top-10 neighbours counted as lost anomaly AUROC (see Fidelity)
 
 
 class SearchError(ValueError):
@@ -64,6 +69,13 @@ class Fidelity:
     schedules measured on NEU-DET halves of 600 images when it was set (0.02 to 0.074), so the estimate errs
     on the safe side there (BENCHMARKS.md, merge_schedules_224px, sets it against the measured drop). Disagreement grows with the number
     of calibration images (more near neighbours to swap), so a larger calibration set is stricter.
+
+    ``summary_loss`` (points, only with a summary budget) does the same for the summary tokens, which anomaly
+    flagging scores and the global measure does not see: ``KAPPA_SUMMARY`` x the points of top-10 neighbour
+    disagreement when images are compared by their summaries' Chamfer similarity (``chamfer``). Merging changes
+    the summary far more than the global embedding; on the reference ViT-S/14 at 224 px (BENCHMARKS.md,
+    merge_summary_224px) the ratio of the anomaly AUROC drop (ELPV cells, NEU-DET mosaics) to that disagreement
+    was 0 to 1.03 over the constant schedules, ToMe's and Turbo's, so ``KAPPA_SUMMARY`` = 1 errs on the safe side.
     """
 
     p10_loss: float  # points
@@ -71,6 +83,8 @@ class Fidelity:
     cosine_mean: float  # global embedding vs unmerged
     cosine_min: float
     images: int
+    summary_loss: Optional[float] = None  # points (a search with a summary budget)
+    summary_agreement: Optional[float] = None  # mean fraction of the Chamfer top-10 neighbours kept
 
     @property
     def loss(self) -> float:
@@ -92,6 +106,7 @@ class SearchResult:
     base: Optional[Fidelity] = None  # the unmerged encoder in that arithmetic (None: fp32, the reference itself)
     # the unmerged fp32 embeddings every point was measured against (to measure a written file the same way)
     ref: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
+    summary_budget: Optional[float] = None  # points of Fidelity.summary_loss every choice had to stay within too
 
     @property
     def pareto(self) -> List[Point]:
@@ -166,26 +181,43 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def neighbours(emb: np.ndarray, k: int = NEIGHBOURS) -> np.ndarray:
-    """Indices of each row's k nearest other rows by cosine, nearest first (ties by index: deterministic)."""
-    e = _unit(emb)
-    sim = e @ e.T
-    np.fill_diagonal(sim, -np.inf)
-    return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+def chamfer(tokens: np.ndarray) -> np.ndarray:
+    """[F, F] symmetric Chamfer similarity of F images' summary tokens [F, K, d]: the mean over one image's
+    tokens of the best cosine to the other's, averaged both ways."""
+    t = _unit(np.asarray(tokens).reshape(-1, tokens.shape[-1])).reshape(tokens.shape)
+    best = np.einsum("iad,jbd->ijab", t, t, optimize=True).max(axis=-1).mean(axis=-1)
+    return (best + best.T) / 2
 
 
-def fidelity(ref: np.ndarray, emb: np.ndarray, k: int = NEIGHBOURS) -> Fidelity:
-    """Label-free fidelity of ``emb`` to ``ref`` (global embeddings of the same images, row by row)."""
+def _agreement(sim_ref: np.ndarray, sim: np.ndarray, k: int) -> float:
+    """Mean fraction of each row's k most similar other rows under ``sim_ref`` that ``sim`` keeps."""
+    def top(s: np.ndarray) -> List[set]:
+        s = np.array(s, dtype=np.float64)
+        np.fill_diagonal(s, -np.inf)
+        return [set(r) for r in np.argsort(-s, axis=1, kind="stable")[:, :k].tolist()]
+    return float(np.mean([len(a & b) / k for a, b in zip(top(sim_ref), top(sim))]))
+
+
+def fidelity(ref: np.ndarray, emb: np.ndarray, k: int = NEIGHBOURS, ref_tokens: Optional[np.ndarray] = None,
+             tokens: Optional[np.ndarray] = None) -> Fidelity:
+    """Label-free fidelity of ``emb`` to ``ref`` (global embeddings of the same images, row by row), and of the
+    summary ``tokens`` [F, K, d] to ``ref_tokens`` when both are given."""
     if ref.shape != emb.shape:
         raise SearchError(f"embeddings differ in shape: {ref.shape} vs {emb.shape}")
     n = ref.shape[0]
     if n <= k:
         raise SearchError(f"{n} calibration images cannot rank {k} neighbours")
-    nr, ne = neighbours(ref, k), neighbours(emb, k)
-    agree = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(nr.tolist(), ne.tolist())]))
-    cos = (_unit(ref) * _unit(emb)).sum(axis=1)
+    sr, se = _unit(ref), _unit(emb)
+    agree = _agreement(sr @ sr.T, se @ se.T, k)
+    cos = (sr * se).sum(axis=1)
+    s_loss = s_agree = None
+    if ref_tokens is not None and tokens is not None:
+        if ref_tokens.shape != tokens.shape or ref_tokens.shape[0] != n:
+            raise SearchError(f"summary tokens differ in shape: {ref_tokens.shape} vs {tokens.shape}")
+        s_agree = _agreement(chamfer(ref_tokens), chamfer(tokens), k)
+        s_loss = KAPPA_SUMMARY * 100.0 * (1.0 - s_agree)
     return Fidelity(p10_loss=KAPPA * 100.0 * (1.0 - agree), nn_agreement=agree, cosine_mean=float(cos.mean()),
-                    cosine_min=float(cos.min()), images=n)
+                    cosine_min=float(cos.min()), images=n, summary_loss=s_loss, summary_agreement=s_agree)
 
 
 # -- choice ------------------------------------------------------------------------------------------
@@ -203,19 +235,28 @@ def pareto(points: Sequence[Point]) -> List[Point]:
     return front
 
 
-def choose(points: Sequence[Point], budget: float) -> Optional[Point]:
-    """The cheapest point whose loss is within ``budget`` (ties: lower loss, then name); None if none fits."""
-    fits = [p for p in points if p.fidelity.loss <= budget]
-    return min(fits, key=_order) if fits else None
+def fits(f: Fidelity, budget: float, summary_budget: Optional[float] = None) -> bool:
+    """Within ``budget`` and, when given, within ``summary_budget`` (a loss not measured does not fit it)."""
+    return f.loss <= budget and (summary_budget is None or
+                                 (f.summary_loss is not None and f.summary_loss <= summary_budget))
 
 
-def search(cands: Sequence[Candidate], embed: Callable[[Candidate], np.ndarray], ref: np.ndarray, budget: float,
+def choose(points: Sequence[Point], budget: float, summary_budget: Optional[float] = None) -> Optional[Point]:
+    """The cheapest point within the budgets (``fits``; ties: lower loss, then name); None if none fits."""
+    ok = [p for p in points if fits(p.fidelity, budget, summary_budget)]
+    return min(ok, key=_order) if ok else None
+
+
+def search(cands: Sequence[Candidate], embed: Callable[[Candidate], Any], ref: np.ndarray, budget: float,
            progress: Callable[[str], None] = lambda _m: None, precision: str = "fp32",
-           base: Optional[Fidelity] = None) -> SearchResult:
+           base: Optional[Fidelity] = None, summary_budget: Optional[float] = None,
+           ref_tokens: Optional[np.ndarray] = None) -> SearchResult:
     """Evaluate ``cands`` (grouped by family and alpha, mild to aggressive) until each group leaves the budget.
 
     ``embed(candidate)`` returns the calibration images' global embeddings under that candidate, ``ref``
-    the unmerged fp32 encoder's; ``precision`` and ``base`` (the unmerged encoder's fidelity in that
+    the unmerged fp32 encoder's; with ``summary_budget`` it returns (global embeddings, summary tokens) and
+    ``ref_tokens`` are the unmerged encoder's summaries, and a candidate must stay within both budgets;
+    ``precision`` and ``base`` (the unmerged encoder's fidelity in that
     precision) are recorded with the result when ``embed`` computes in another arithmetic than fp32. A group stops at its first candidate over the budget: a stronger one of the same
     shape merges more, and a lucky measurement below the budget would be noise, not a better schedule.
     """
@@ -223,16 +264,24 @@ def search(cands: Sequence[Candidate], embed: Callable[[Candidate], np.ndarray],
         raise SearchError(f"budget must be >= 0 points, got {budget}")
     if ref.shape[0] < MIN_IMAGES:
         raise SearchError(f"the schedule search needs at least {MIN_IMAGES} calibration images, got {ref.shape[0]}")
+    if summary_budget is not None and not (summary_budget >= 0 and ref_tokens is not None):
+        raise SearchError(f"a summary budget needs the unmerged summaries and >= 0 points, got {summary_budget}")
     groups: Dict[Tuple[str, float], List[Candidate]] = {}
     for c in cands:
         groups.setdefault((c.family, c.alpha), []).append(c)
     points: List[Point] = []
     for (family, alpha), group in groups.items():
         for c in sorted(group, key=lambda c: c.gflops, reverse=True):
-            f = fidelity(ref, embed(c))
+            if summary_budget is None:
+                f = fidelity(ref, embed(c))
+            else:
+                emb, toks = embed(c)
+                f = fidelity(ref, emb, ref_tokens=ref_tokens, tokens=toks)
             points.append(Point(c, f))
-            progress(f"{c.name}: {c.speedup:.2f}x FLOPs, loss {f.loss:.2f} points")
-            if f.loss > budget:
+            progress(f"{c.name}: {c.speedup:.2f}x FLOPs, loss {f.loss:.2f} points"
+                     + ("" if f.summary_loss is None else f", summary {f.summary_loss:.2f}"))
+            if not fits(f, budget, summary_budget):
                 break
-    return SearchResult(budget=float(budget), points=tuple(points), chosen=choose(points, budget), precision=precision,
-                        base=base, ref=ref)
+    return SearchResult(budget=float(budget), points=tuple(points), chosen=choose(points, budget, summary_budget),
+                        precision=precision, base=base, ref=ref,
+                        summary_budget=None if summary_budget is None else float(summary_budget))

@@ -151,3 +151,20 @@ def fit_projection(feat: np.ndarray, size: np.ndarray, dims: int,
     var = sv**2
     return (mu.astype(np.float32), (vt[:dims].T @ rot).astype(np.float32),
             float(var[:dims].sum() / max(var.sum(), 1e-30)))
+
+
+def fit_head(vit, calib: np.ndarray, batch: int = 8) -> float:
+    """Fit ``vit.head``'s centring and projection (``fit_projection``) on the calibration images' summary-layer
+    tokens, as ``vit`` is configured (merges included), and bake them into the head; returns the explained
+    variance. ``calib``: preprocessed images [B, 3, H, W]."""
+    head = vit.head
+    assert head is not None
+    feats, sizes = [], []
+    with torch.no_grad():
+        for i in range(0, len(calib), batch):
+            f, s = vit.summary_features(torch.from_numpy(np.ascontiguousarray(calib[i : i + batch])))
+            feats.append(f.reshape(-1, f.shape[-1]).float().numpy())
+            sizes.append(s.reshape(-1).float().numpy())
+    mean, proj, explained = fit_projection(np.concatenate(feats), np.concatenate(sizes), head.dim, ROTATION_SEED)
+    head.set_projection(mean, proj)
+    return explained

@@ -96,7 +96,8 @@ class _Extended(StrictModel):
 class SearchSpec(_Extended):
     """How ``tokenline-export export --budget`` chose the schedule, and what it measured on the calibration images."""
 
-    ADDED: ClassVar[Tuple[str, ...]] = ("precision", "file_loss")
+    ADDED: ClassVar[Tuple[str, ...]] = ("precision", "file_loss", "summary_budget", "summary_measure", "summary_loss",
+                                        "summary_agreement")
 
     budget: float = Field(ge=0)  # points of the label-free loss the schedule had to stay within
     measure: str  # the label-free loss (exporter.search.MEASURE)
@@ -114,6 +115,12 @@ class SearchSpec(_Extended):
     # int8: the same loss measured on the written encoder_int8 file (ONNX Runtime) instead of the search's
     # simulation of it; the two differ by the noise of the calibration set (docs/choosing-a-schedule.md)
     file_loss: Optional[float] = None
+    # --summary-budget: the summary tokens' label-free loss bound too (exporter.search.SUMMARY_MEASURE), and what
+    # the chosen schedule measured; None: the search judged the global embedding only
+    summary_budget: Optional[float] = Field(None, ge=0)
+    summary_measure: Optional[str] = None
+    summary_loss: Optional[float] = None  # points
+    summary_agreement: Optional[float] = None  # fraction of the summaries' Chamfer top-10 neighbours kept
 
 
 class ProjectionSpec(_Extended):

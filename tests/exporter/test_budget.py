@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from exporter.errors import ExportError, OptionsError
 from exporter.export import ExportOptions, export_encoder
 from exporter.options import MergeConfig
+from exporter.search import SUMMARY_MEASURE
 from tests.exporter.test_cli import run_cli, tiny_hf_dinov2
 from tests.support.tiny_vit import tiny_vit
 from tokenline import manifest as mf
@@ -26,11 +28,12 @@ def _image_folder(path: Path, n: int = 60, seed: int = 0) -> Path:
     return path
 
 
-def _export(out: Path, calib: Path, budget: float, **options):
+def _export(out: Path, calib: Path, budget: float, summary_budget: Optional[float] = None, **options):
     opts = ExportOptions(out_dir=out, name="tiny", calib_dir=calib, calib_count=60, batch_sizes=[2], bench_runs=2,
                          check_trt=False, **options)
-    return export_encoder(tiny_vit(seed=1), MergeConfig(budget=budget, alpha=5.0, k=4), opts, family="timm_vit",
-                          source_path="tiny.safetensors", source_sha256="a" * 64)
+    merge = MergeConfig(budget=budget, summary_budget=summary_budget, alpha=5.0, k=4)
+    return export_encoder(tiny_vit(seed=1), merge, opts, family="timm_vit", source_path="tiny.safetensors",
+                          source_sha256="a" * 64)
 
 
 def test_budget_export_records_the_search_in_the_manifest(tmp_path: Path) -> None:
@@ -51,6 +54,31 @@ def test_budget_export_records_the_search_in_the_manifest(tmp_path: Path) -> Non
     again = _export(tmp_path / "b", calib, budget=3.0)  # deterministic: same points, same choice
     assert again.search == res.search
     assert mf.Manifest.from_file(tmp_path / "b").merge == man.merge
+
+
+def test_a_summary_budget_keeps_the_schedule_that_the_summary_allows(tmp_path: Path) -> None:
+    """With --summary-budget the search also measures the summary tokens against the unmerged encoder's and picks
+    a milder schedule than the global embedding alone allows; the manifest records both measures."""
+    calib = _image_folder(tmp_path / "calib")
+    global_only = _export(tmp_path / "g", calib, budget=3.0).search
+    res = _export(tmp_path / "s", calib, budget=3.0, summary_budget=50.0)
+    s = mf.Manifest.from_file(tmp_path / "s").merge.search
+    assert all(p.fidelity.summary_loss is not None for p in res.search.points)
+    chosen = res.search.chosen
+    assert chosen is not None and chosen.fidelity.summary_loss <= 50.0 and chosen.fidelity.loss <= 3.0
+    over = [p for p in global_only.points if p.candidate.gflops < chosen.candidate.gflops]
+    assert chosen.candidate.gflops > global_only.chosen.candidate.gflops  # the summary held the search back
+    assert over and all(q.fidelity.summary_loss > 50.0 for q in res.search.points
+                        if q.candidate.gflops < chosen.candidate.gflops)  # every cheaper one measured misses it
+    assert s.summary_budget == 50.0 and s.summary_measure == SUMMARY_MEASURE
+    assert s.summary_loss == pytest.approx(chosen.fidelity.summary_loss)
+    assert s.summary_agreement == pytest.approx(chosen.fidelity.summary_agreement)
+    assert "summary_budget" not in mf.Manifest.from_file(tmp_path / "g").merge.search.model_dump()  # old hash kept
+    none = _export(tmp_path / "z", calib, budget=3.0, summary_budget=0.0)  # nothing merged keeps the summary
+    z = mf.Manifest.from_file(tmp_path / "z")
+    assert none.search.chosen is None and z.merge.method == "none" and z.merge.search.summary_loss == 0.0
+    with pytest.raises(OptionsError, match="summary_budget"):
+        MergeConfig(summary_budget=1.0)
 
 
 def test_budget_needs_real_calibration_images_and_no_schedule(tmp_path: Path) -> None:
@@ -82,6 +110,16 @@ def test_cli_budget_prints_the_explored_pareto(tmp_path: Path) -> None:
     assert man.merge.search.precision == "int8" and any(f.role == "encoder_int8" for f in man.files)
     assert "(int8)" in res.stdout and "encoder_int8" in res.stdout  # the unmerged INT8 row, the INT8 file
     assert sum(line.lstrip("│┃ ").startswith("chosen") for line in res.stdout.splitlines()) == 1
+    sb = run_cli("export", str(ckpt), "--out", str(tmp_path / "sb"), "--budget", "5", "--summary-budget", "60",
+                 "--calib", str(calib), "--k", "4", "--batch", "2", "--no-trt-check")
+    assert sb.returncode == 0, sb.stderr
+    ss = mf.Manifest.from_file(tmp_path / "sb").merge.search
+    assert ss.summary_budget == 60.0 and "60 summary points" in sb.stdout  # the title (rich wraps the columns)
+    chosen_row = next(line for line in sb.stdout.splitlines() if line.lstrip("│┃ ").startswith("chosen"))
+    assert f"{ss.summary_loss:.2f}" in chosen_row  # the chosen schedule's summary loss, in its own column
+    alone = run_cli("export", str(ckpt), "--out", str(tmp_path / "alone"), "--summary-budget", "1", "--calib",
+                    str(calib))
+    assert alone.returncode == 2 and "give it with budget" in alone.stderr and "Traceback" not in alone.stderr
     bad = run_cli("export", str(ckpt), "--out", str(tmp_path / "bad"), "--budget", "1")
     assert bad.returncode == 2 and "--calib" in bad.stderr and "Traceback" not in bad.stderr
     both = run_cli("export", str(ckpt), "--out", str(tmp_path / "both"), "--budget", "1", "--pre-r", "4",

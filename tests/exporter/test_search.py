@@ -9,13 +9,16 @@ import torch
 from exporter.search import (
     FAMILIES,
     KAPPA,
+    KAPPA_SUMMARY,
     Candidate,
     Fidelity,
     Point,
     SearchError,
     candidates,
+    chamfer,
     choose,
     fidelity,
+    fits,
     pareto,
     search,
 )
@@ -111,6 +114,68 @@ def test_search_respects_the_budget_and_stops_each_shape_at_its_first_miss() -> 
     loose = search(grid, _fake_embed(ref), ref, budget=50.0)
     assert len(loose.points) == len(grid) and loose.chosen.candidate.gflops == min(c.gflops for c in grid)
     assert loose.chosen.candidate.gflops < res.chosen.candidate.gflops
+
+
+def _tokens(ref: np.ndarray, k: int = 4, seed: int = 1) -> np.ndarray:
+    """[F, k, D] summary-like token sets around each image's embedding."""
+    rng = np.random.default_rng(seed)
+    return ref[:, None, :] + 0.5 * rng.normal(size=(ref.shape[0], k, ref.shape[1]))
+
+
+def test_chamfer_is_the_mean_best_cosine_both_ways_and_ignores_token_order() -> None:
+    t = np.random.default_rng(0).normal(size=(5, 3, 8))
+    sim = chamfer(t)
+    u = t / np.linalg.norm(t, axis=-1, keepdims=True)
+    for i in range(5):
+        for j in range(5):
+            one = np.mean([max(u[i, a] @ u[j, b] for b in range(3)) for a in range(3)])
+            other = np.mean([max(u[j, b] @ u[i, a] for a in range(3)) for b in range(3)])
+            assert sim[i, j] == pytest.approx((one + other) / 2)
+    shuffled = t[:, ::-1]  # the same sets in another order
+    assert np.allclose(chamfer(shuffled), sim)
+
+
+def test_summary_loss_is_kappa_times_the_changed_chamfer_neighbours() -> None:
+    ref, _, rng = _clusters(n_per=12)
+    toks = _tokens(ref)
+    same = fidelity(ref, ref, ref_tokens=toks, tokens=toks[:, ::-1].copy())
+    assert same.summary_loss == 0.0 and same.summary_agreement == 1.0 and same.p10_loss == 0.0
+    moved = toks + 1.5 * rng.normal(size=toks.shape)
+    f = fidelity(ref, ref, ref_tokens=toks, tokens=moved)
+    assert f.p10_loss == 0.0 and 0.0 < f.summary_agreement < 1.0  # the global embedding did not move, the summary did
+    assert f.summary_loss == pytest.approx(KAPPA_SUMMARY * 100 * (1 - f.summary_agreement))
+    worse = fidelity(ref, ref, ref_tokens=toks, tokens=toks + 4.0 * rng.normal(size=toks.shape))
+    assert worse.summary_loss > f.summary_loss
+    assert fidelity(ref, ref).summary_loss is None  # measured only when asked
+    assert not fits(fidelity(ref, ref), 1.0, summary_budget=5.0)  # a summary budget needs a measured summary
+    with pytest.raises(SearchError, match="summary tokens differ"):
+        fidelity(ref, ref, ref_tokens=toks, tokens=toks[:, :2])
+
+
+def test_search_with_a_summary_budget_chooses_within_both_budgets() -> None:
+    ref, _, _ = _clusters(n_per=12)
+    toks = _tokens(ref)
+    grid = candidates(tiny_vit().cfg, floor=4)
+    glob = _fake_embed(ref)
+
+    def embed(c: Candidate):  # the global embedding barely moves, the summary moves with the speed-up
+        rng = np.random.default_rng(abs(hash((c.pre_r, c.r_per_block, 1))) % 2**32)
+        return ref + 1e-6 * (glob(c) - ref), toks + (c.speedup - 1.0) * 3.0 * rng.normal(size=toks.shape)
+
+    global_only = search(grid, lambda c: embed(c)[0], ref, budget=1.0)
+    assert global_only.chosen.candidate.gflops == min(c.gflops for c in grid)  # nothing stops it
+    res = search(grid, embed, ref, budget=1.0, summary_budget=20.0, ref_tokens=toks)
+    assert res.summary_budget == 20.0 and all(p.fidelity.summary_loss is not None for p in res.points)
+    assert res.chosen is not None and res.chosen.fidelity.summary_loss <= 20.0
+    assert res.chosen == choose(res.points, 1.0, summary_budget=20.0)
+    assert res.chosen.candidate.gflops > global_only.chosen.candidate.gflops
+    for fam in {c.family for c in grid}:
+        seen = [p for p in res.points if p.candidate.family == fam]
+        over = [i for i, p in enumerate(seen) if p.fidelity.summary_loss > 20.0]
+        assert not over or over[0] == len(seen) - 1  # each shape stops at its first summary miss
+    assert search(grid, embed, ref, budget=1.0, summary_budget=0.0, ref_tokens=toks).chosen is None
+    with pytest.raises(SearchError, match="summary budget"):
+        search(grid, embed, ref, budget=1.0, summary_budget=5.0)  # without the unmerged summaries
 
 
 def test_search_refuses_too_few_images_and_a_negative_budget() -> None:

@@ -62,10 +62,12 @@ def speed_quality_axes(ax, xlabel: str, ylabel: str, title: str, floor: float = 
     ax.grid(alpha=0.3)
 
 
-def save_figure(fig, path: Path) -> None:
-    """Lay out, write and close a matplotlib figure."""
+def save_figure(fig, path: Path, title: str = "") -> None:
+    """Title (when given), lay out, write and close a matplotlib figure."""
     import matplotlib.pyplot as plt
 
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

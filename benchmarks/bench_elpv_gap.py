@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._report import ROOT, write_section  # noqa: E402
+from benchmarks._report import ROOT, save_figure, write_section  # noqa: E402
 from benchmarks.bench_summary import (FeatureSets, Rep, Variant, auroc, build_eval, compress, head_rep,  # noqa: E402
                                       knn_distance, layer_feats, md_table, neu_data)
 from benchmarks import summary_head_ref as ref  # noqa: E402
@@ -126,10 +126,7 @@ def plot(rows: List[dict], bound: np.ndarray, path: Path) -> None:
     a2.set_ylabel("ELPV mono AUROC (mean over draws)")
     a2.legend(fontsize=6)
     a2.grid(alpha=0.3)
-    fig.suptitle("Where the summary loses ELPV signal: K, projection, novelty-protected tokens")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path, "Where the summary loses ELPV signal: K, projection, novelty-protected tokens")
 
 
 def main() -> int:

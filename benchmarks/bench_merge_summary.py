@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._report import ROOT, write_section  # noqa: E402
+from benchmarks._report import ROOT, save_figure, write_section  # noqa: E402
 from benchmarks.bench_elpv_gap import bank_draws, elpv_aurocs  # noqa: E402
 from benchmarks.bench_summary import (Extractor, FeatureSets, Mosaics, Variant, compress, head_rep,  # noqa: E402
                                       md_table, mosaic_anomaly, neu_data, project, render)
@@ -70,32 +70,27 @@ def plot(rows: List[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
     x = np.arange(len(rows))
+    names = [r["schedule"].split(" (")[0] for r in rows]
     for key, label in (("elpv", "ELPV mono AUROC (5 draws)"), ("neu", "NEU 3x3 anomaly AUROC"),
                        ("apoint", "NEU anomaly pointing")):
         a1.plot(x, [r[key] for r in rows], marker="o", label=label)
-    a1.set_xticks(x, [r["schedule"].split(" (")[0] for r in rows], rotation=25, ha="right", fontsize=7)
-    a1.set_ylabel("summary tokens (PCA 96 int8)")
-    a1.legend(fontsize=7)
-    a1.grid(alpha=0.3)
     for key, label in (("p10_loss", "search's global loss estimate (pt)"),
                        ("chamfer_loss", "summary Chamfer top-10 disagreement (pt)")):
         a2.plot(x, [r[key] for r in rows], marker="o", label=label)
-    a2.plot(x, [100 * (rows[0]["elpv"] - r["elpv"]) for r in rows], marker="x", ls="--", label="ELPV AUROC drop (pt)")
-    a2.plot(x, [100 * (rows[0]["neu"] - r["neu"]) for r in rows], marker="x", ls="--", label="NEU AUROC drop (pt)")
-    a2.set_xticks(x, [r["schedule"].split(" (")[0] for r in rows], rotation=25, ha="right", fontsize=7)
-    a2.set_ylabel("points")
-    a2.legend(fontsize=7)
-    a2.grid(alpha=0.3)
-    fig.suptitle("Merging vs the summary tokens' anomaly scores, and what a search can see without labels (224 px)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    for key, label in (("elpv", "ELPV AUROC drop (pt)"), ("neu", "NEU AUROC drop (pt)")):
+        a2.plot(x, [100 * (rows[0][key] - r[key]) for r in rows], marker="x", ls="--", label=label)
+    for ax, ylabel in ((a1, "summary tokens (PCA 96 int8)"), (a2, "points")):
+        ax.set_xticks(x, names, rotation=25, ha="right", fontsize=7)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    save_figure(fig, path, "Merging vs the summary tokens' anomaly scores, and what a search can see without labels (224 px)")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--draws", type=int, default=5, help="ELPV bank draws")
     ap.add_argument("--calib-per-class", type=int, default=25, help="NEU-DET calibration images per class")
+    ap.add_argument("--draws", type=int, default=5, help="ELPV bank draws")
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
 

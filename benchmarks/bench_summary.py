@@ -800,10 +800,12 @@ FOOTPRINT_CELLS = 256  # footprints on the wire: at most a 16 x 16 grid (2 x 2 p
 
 
 def footprint_bytes(t: int, n_p: int) -> int:
+    """The wire's footprint section body: one cell per patch up to 256 cells, 4 or 8 bits a cell (wire.v2)."""
+    from tokenline.wire.v2 import footprint_bits
+
     if t <= 1 or t >= n_p:
         return 0
-    bits = int(np.ceil(np.log2(t)))
-    return (min(n_p, FOOTPRINT_CELLS) * bits + 7) // 8
+    return (min(n_p, FOOTPRINT_CELLS) * footprint_bits(t) + 7) // 8
 
 
 def message_bytes(t: int, d: int, dtype: str, n_p: int) -> int:

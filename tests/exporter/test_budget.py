@@ -81,6 +81,28 @@ def test_a_summary_budget_keeps_the_schedule_that_the_summary_allows(tmp_path: P
         MergeConfig(summary_budget=1.0)
 
 
+def test_int8_alone_over_the_summary_budget_is_refused(tmp_path: Path) -> None:
+    """With --cpu-int8 the unmerged INT8 model's summary loss is measured first; over the summary budget the search
+    stops with a one-line error instead of exporting (seed 0 of the tiny model: INT8 moves a summary neighbour)."""
+    from exporter.budget import choose_schedule
+    from exporter.calibration import calibration_images
+    from exporter.export import input_spec
+    from exporter.search import SearchError
+
+    calib_dir = _image_folder(tmp_path / "calib")
+
+    def run(summary_budget: float):
+        vit = tiny_vit(seed=0).eval()
+        x = calibration_images(input_spec(vit), calib_dir, 60)
+        return choose_schedule(vit, MergeConfig(budget=50.0, summary_budget=summary_budget, k=4, alpha=5.0), x,
+                               int8=True, int8_batch=2)[1]
+
+    own = run(100.0).base.summary_loss
+    assert own is not None and own > 0, "INT8 no longer moves this tiny model's summaries: pick another seed"
+    with pytest.raises(SearchError, match=r"INT8 alone loses [0-9.]+ points of the summary .* summary budget"):
+        run(own / 2)
+
+
 def test_budget_needs_real_calibration_images_and_no_schedule(tmp_path: Path) -> None:
     opts = ExportOptions(out_dir=tmp_path, name="tiny", batch_sizes=[2], check_trt=False)
     with pytest.raises(ExportError, match="calibration images"):

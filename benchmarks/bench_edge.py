@@ -45,24 +45,18 @@ log = logging.getLogger("bench_edge")
 def bare_encoder(model_dir: Path, batch: int, n: int, threads: int, int8: str = "auto",
                  spinning: bool = False) -> float:
     """Images/s of the bare ONNX Runtime session (CPU) on ready tensors, on the file the agent runs with
-    ``model.int8: int8`` and its thread setting ``model.ort_spinning: spinning``."""
-    import onnxruntime as ort
-
-    from runtime.runners import encoder_role
+    ``model.int8: int8`` and its thread setting ``model.ort_spinning: spinning`` (the agent's runner makes it)."""
+    from runtime.runners import OnnxRuntimeRunner
     from tokenline.manifest import Manifest
 
     m = Manifest.from_file(model_dir)
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    runner = OnnxRuntimeRunner(model_dir, m, providers=["CPUExecutionProvider"], threads=threads, int8=int8,
+                               spinning=spinning)
     # The same batch size as the agent's (the largest exported size that is not above it), so both sides
     # run the same ONNX file: a batch-1 bare session against a batch-4 pipeline would flatter the pipeline.
     fixed = [s for s in m.batch_sizes if s <= batch]
     b = batch if not m.batch_sizes else (max(fixed) if fixed else min(m.batch_sizes))
-    role = encoder_role(int8, m, ["CPUExecutionProvider"])
-    sess = ort.InferenceSession(str(model_dir / m.file(role, b).path), opts, providers=["CPUExecutionProvider"])
+    sess = runner.sessions[b if m.batch_sizes else None]
     x = np.random.default_rng(0).standard_normal((b, 3, m.input.height, m.input.width)).astype(np.float32)
     sess.run(None, {m.input.name: x})
     steps = max(1, n // b)

@@ -34,8 +34,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import ROOT, save_figure, write_section  # noqa: E402
-from benchmarks.bench_summary import (FeatureSets, Rep, Variant, auroc, build_eval, compress, head_rep,  # noqa: E402
-                                      knn_distance, layer_feats, md_table, neu_data)
+from benchmarks.bench_summary import (FeatureSets, Rep, Variant, build_eval, compress, elpv_anomaly,  # noqa: E402
+                                      head_rep, layer_feats, md_table, neu_data)
 from benchmarks import summary_head_ref as ref  # noqa: E402
 
 LAYER = "L8"
@@ -95,10 +95,7 @@ def elpv_aurocs(probs: np.ndarray, masks: List[np.ndarray], rep_of: Callable[[np
     out = []
     for m in masks:
         rep = rep_of(m)
-        c, _ = compress(rep, rep.tokens[m], v)
-        score = knn_distance(c.tokens[~m], c.tokens[m].reshape(-1, c.tokens.shape[-1])).max(-1)
-        y = probs[~m] > 0
-        out.append(auroc(score[~y], score[y]))
+        out.append(elpv_anomaly(probs, m, compress(rep, rep.tokens[m], v)[0]))
     return np.array(out)
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._report import ROOT, save_figure, write_section  # noqa: E402
 from benchmarks.bench_elpv_gap import bank_draws, elpv_aurocs  # noqa: E402
 from benchmarks.bench_summary import (Extractor, FeatureSets, Mosaics, Variant, compress, head_rep,  # noqa: E402
-                                      md_table, mosaic_anomaly, neu_data, project, render)
+                                      elpv_selection, md_table, mosaic_anomaly, neu_data, project, render)
 from benchmarks.neu_det import calibration_split  # noqa: E402
 from exporter.int8_cpu import simulate  # noqa: E402
 from exporter.search import KAPPA_SUMMARY, fidelity  # noqa: E402
@@ -108,14 +108,7 @@ def main() -> int:
         console.print("[red]ELPV data missing (pip install elpv-dataset)[/red]")
         return 1
     probs, _, _ = e
-    from elpv_dataset.utils import load_dataset
-
-    images, allp, types = load_dataset()  # the same 400 cells as FeatureSets.elpv (its selection, re-done here)
-    keep = np.flatnonzero((types == "mono") & ((allp == 0) | (allp >= 2 / 3)))
-    rng = np.random.default_rng(7)
-    normals, defective = rng.permutation(keep[allp[keep] == 0]), rng.permutation(keep[allp[keep] > 0])[:150]
-    keep = np.concatenate([normals[:250], defective])
-    assert np.array_equal(allp[keep], probs), "the ELPV selection differs from bench_summary's"
+    images, _, keep = elpv_selection()  # the cells FeatureSets.elpv encodes, in its order
     cells = [np.repeat(images[i][..., None], 3, axis=2) for i in keep]
     mosaic_frames = [render(m, 3, fs.read) for m in ms]
     paths, _, calib, _ = calibration_split(args.calib_per_class)

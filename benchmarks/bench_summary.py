@@ -326,19 +326,11 @@ class FeatureSets:
              product: Optional["Product"] = None) -> Optional[Tuple[np.ndarray, np.ndarray, Dict]]:
         """(defect probabilities, is_bank mask, features) of ELPV mono (or poly) cells; None without the package.
         ``product``: through an exported model's ONNX encoder instead (its input size)."""
-        try:
-            from elpv_dataset.utils import load_dataset
-        except ImportError:
-            warnings.warn("ELPV columns left empty: the benchmark dependency is missing (pip install elpv-dataset)",
-                          stacklevel=1)  # once: Python shows a warning once per place
+        sel = elpv_selection(poly)
+        if sel is None:
             return None
-        images, probs, types = load_dataset()
+        images, probs, keep = sel
         kind = "poly" if poly else "mono"
-        keep = np.flatnonzero((types == kind) & ((probs == 0) | (probs >= 2 / 3)))
-        rng = np.random.default_rng(7)
-        normals = rng.permutation(keep[probs[keep] == 0])
-        defective = rng.permutation(keep[probs[keep] > 0])[: ELPV["defective"]]
-        keep = np.concatenate([normals[: ELPV["bank"] + ELPV["normal"]], defective])
         is_bank = np.arange(len(keep)) < ELPV["bank"]
         key = f"elpv|v{FEATURE_VERSION if merge_r else 1}|{kind}|{px}|r{merge_r}|{len(keep)}|{LAYERS}"
         name, make = f"elpv-{kind}-{px}{'m' if merge_r else ''}", lambda: Extractor(px, merge_r)
@@ -347,6 +339,24 @@ class FeatureSets:
         feats = cached_features(name, key, lambda i: np.repeat(images[keep[i]][..., None], 3, axis=2), len(keep),
                                 make, 8 if px <= 224 else 2, self.progress)
         return probs[keep], is_bank, feats
+
+
+def elpv_selection(poly: bool = False) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(all ELPV images, their defect probabilities, the indices the benchmarks use: ELPV["bank"] + ELPV["normal"]
+    normal cells, the bank first, then ELPV["defective"] defective ones, p >= 2/3) of the mono (or poly) cells,
+    seeded; None (with a warning) without the elpv-dataset package."""
+    try:
+        from elpv_dataset.utils import load_dataset
+    except ImportError:
+        warnings.warn("ELPV columns left empty: the benchmark dependency is missing (pip install elpv-dataset)",
+                      stacklevel=1)  # once: Python shows a warning once per place
+        return None
+    images, probs, types = load_dataset()
+    keep = np.flatnonzero((types == ("poly" if poly else "mono")) & ((probs == 0) | (probs >= 2 / 3)))
+    rng = np.random.default_rng(7)
+    normals = rng.permutation(keep[probs[keep] == 0])
+    defective = rng.permutation(keep[probs[keep] > 0])[: ELPV["defective"]]
+    return images, probs, np.concatenate([normals[: ELPV["bank"] + ELPV["normal"]], defective])
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ import torch
 
 from exporter.int8_cpu import simulate
 from exporter.options import MergeConfig
-from exporter.search import (MEASURE, SUMMARY_MEASURE, Candidate, Fidelity, SearchError, SearchResult, candidates,
-                             fidelity, search)
+from exporter.search import (MEASURE, SUMMARY_MEASURE, Candidate, SearchError, SearchResult, candidates, fidelity_of,
+                             search)
 from exporter.summary_head import fit_head
 from exporter.vit import ViT
 from tokenline import manifest as mf
@@ -95,14 +95,11 @@ def choose_schedule(vit: ViT, merge: MergeConfig, calib: np.ndarray,
         with simulate(vit):
             return run(int8_batch)
 
-    def measured(out) -> Fidelity:
-        return fidelity(ref, out[0], ref_tokens=ref_tokens, tokens=out[1]) if summary else fidelity(ref, out)
-
     base = None
     if int8:
         if len(calib) < 2:
             raise SearchError("the schedule search needs calibration images")
-        base = measured(embed_now())
+        base = fidelity_of(ref, embed_now(), ref_tokens)
         progress(f"schedule search: unmerged INT8: loss {base.loss:.2f} points"
                  + ("" if base.summary_loss is None else f", summary {base.summary_loss:.2f}"))
         if base.loss > merge.budget:

@@ -215,23 +215,24 @@ def export_int8(vit: ViT, files: List[mf.FileSpec], opts: ExportOptions, calib: 
     made: List[mf.FileSpec] = []
     cos_all: List[np.ndarray] = []
     first = None
+    n_simulated = len(projections(vit))  # what the search's INT8 simulation quantizes
+    step = 8  # the fp32 encoder in torch, what every INT8 file is held against (no per-call ranges: any batch)
+    with torch.no_grad():
+        fp32 = torch.cat([vit(torch.from_numpy(calib[i : i + step]))[0] for i in range(0, len(calib), step)]).numpy()
     for f in files:
         b = f.batch
         fname = encoder_file("encoder", "int8", b)
         progress(f"quantizing {fname} (ONNX Runtime dynamic INT8, for CPUs)")
         made_n = quantize_dynamic_file(out / f.path, out / fname)
         progress(f"validating {fname} with ONNX Runtime against torch")
-        batch = b or opts.bench_batch  # INT8's activation ranges are per call: compare at equal batches
-        got = run_batched(ort_session(out / fname), calib, batch)[0]
-        with torch.no_grad():
-            fp32 = torch.cat([vit(torch.from_numpy(calib[i : i + batch]))[0] for i in range(0, len(calib), batch)])
-        simulated = projections(vit)
-        cos = cosine_rows(fp32.numpy(), got)
+        # INT8's activation ranges are per call: run the file at its own batch
+        got = run_batched(ort_session(out / fname), calib, b or opts.bench_batch)[0]
+        cos = cosine_rows(fp32, got)
         log.info("%s: %d projections quantized; cosine vs fp32 mean %.5f min %.5f", fname, made_n, cos.mean(),
                  cos.min())
-        if made_n != len(simulated):
+        if made_n != n_simulated:
             raise ExportError(f"{fname}: the file quantizes {made_n} projections, the search's simulation of it "
-                              f"{len(simulated)}; please report this model")
+                              f"{n_simulated}; please report this model")
         if cos.mean() < INT8_COSINE_MEAN:
             raise ExportError(f"{fname}: INT8 global embedding cosine to fp32 {cos.mean():.4f} on average "
                               f"(< {INT8_COSINE_MEAN}): this model does not quantize well; export without cpu_int8")

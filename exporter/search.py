@@ -9,9 +9,9 @@ Everything here is a pure, deterministic function of numbers the caller measured
 - ``fidelity`` compares the global embeddings of calibration images under a candidate with the unmerged
   encoder's, without labels: an estimate of the precision@10 drop in points from the share of nearest
   neighbours that change (see ``Fidelity``), which is the number the budget bounds.
-- ``summary_fidelity`` does the same for the summary tokens when a summary budget is given: the share of each
-  image's top-10 neighbours by the summaries' Chamfer similarity that change, times ``KAPPA_SUMMARY``, an
-  estimate of the anomaly AUROC drop in points (see ``Fidelity``).
+  Given the summary tokens too (a summary budget), it does the same for them: the share of each image's
+  top-10 neighbours by the summaries' Chamfer similarity that change, times ``KAPPA_SUMMARY``, an estimate of
+  the anomaly AUROC drop in points (see ``Fidelity``); ``fidelity_of`` takes what a search's ``embed`` returns.
 - ``search`` walks each shape from mild to aggressive, stops a shape at its first candidate over a budget, and
   ``choose`` returns the cheapest candidate within them; ``pareto`` is what gets printed.
 """
@@ -220,6 +220,15 @@ def fidelity(ref: np.ndarray, emb: np.ndarray, k: int = NEIGHBOURS, ref_tokens: 
                     cosine_min=float(cos.min()), images=n, summary_loss=s_loss, summary_agreement=s_agree)
 
 
+def fidelity_of(ref: np.ndarray, out, ref_tokens: Optional[np.ndarray] = None) -> Fidelity:
+    """``fidelity`` of what a search's ``embed`` returned: the global embeddings, or (them, summary tokens) when
+    ``ref_tokens`` (the unmerged summaries) are given."""
+    if ref_tokens is None:
+        return fidelity(ref, out)
+    emb, tokens = out
+    return fidelity(ref, emb, ref_tokens=ref_tokens, tokens=tokens)
+
+
 # -- choice ------------------------------------------------------------------------------------------
 def _order(p: Point) -> tuple:
     c = p.candidate
@@ -272,11 +281,7 @@ def search(cands: Sequence[Candidate], embed: Callable[[Candidate], Any], ref: n
     points: List[Point] = []
     for (family, alpha), group in groups.items():
         for c in sorted(group, key=lambda c: c.gflops, reverse=True):
-            if summary_budget is None:
-                f = fidelity(ref, embed(c))
-            else:
-                emb, toks = embed(c)
-                f = fidelity(ref, emb, ref_tokens=ref_tokens, tokens=toks)
+            f = fidelity_of(ref, embed(c), ref_tokens)
             points.append(Point(c, f))
             progress(f"{c.name}: {c.speedup:.2f}x FLOPs, loss {f.loss:.2f} points"
                      + ("" if f.summary_loss is None else f", summary {f.summary_loss:.2f}"))

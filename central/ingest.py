@@ -255,8 +255,14 @@ class Ingestor:
                         "dead_letters": len(dead), "status_updates": len(status_updates)}
             fresh = set(new_ids)
             scoring.queue(s, [r for r in rows if r["frame_id"] in fresh], edge or {})
-            store.touch_devices(s, seen)
+            # every device this batch writes, locked first and in device order (store.touch_devices), so
+            # concurrent batches cannot wait on each other's device rows in a cycle
+            devices = dict(seen)
             for t, payload in status_updates:
+                if payload or t.kind != topics.KIND_STATUS:  # an empty retained status writes nothing
+                    devices.setdefault(t.device or "", (t.site, store.now_us()))
+            store.touch_devices(s, devices)
+            for t, payload in sorted(status_updates, key=lambda u: u[0].device or ""):
                 text = payload.decode("utf-8", "replace")
                 if t.kind == topics.KIND_STATUS:
                     if text:  # an empty retained message clears the status

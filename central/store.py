@@ -188,6 +188,10 @@ def _halfvec_binary(v: np.ndarray) -> bytes:
 def insert_new_frames(session: Session, rows: Sequence[Dict[str, Any]]) -> List[str]:
     """Insert rows not already present (by ``frame_id``); return the frame ids that were new. Caller commits.
 
+    Rows are written in frame id order (UUIDv7: capture order), whatever order they arrived in: two workers
+    committing overlapping batches (redeliveries) then take the unique index's row locks in one order, so
+    neither waits on the other in a cycle (PostgreSQL aborts one of such a pair with "deadlock detected").
+
     SQLite: ``INSERT OR IGNORE`` against the unique ``frame_id`` (writers are serialised by SQLite's lock). PostgreSQL: binary COPY into the hot segment (no ANN index to
     update); ``frame_id`` is unique per segment, so the batch is first checked against the segments that can
     hold its ids, under the shared hot lock (``central.segments``): a segment sealed meanwhile waits for this
@@ -196,11 +200,12 @@ def insert_new_frames(session: Session, rows: Sequence[Dict[str, Any]]) -> List[
     """
     if not rows:
         return []
-    unique: Dict[str, Dict[str, Any]] = {}
+    first: Dict[str, Dict[str, Any]] = {}
     for r in rows:
-        unique.setdefault(r["frame_id"], r)
+        first.setdefault(r["frame_id"], r)
+    ids = sorted(first)
+    unique = {fid: first[fid] for fid in ids}  # written in frame id order: see above
     conn = session.connection()
-    ids = sorted(unique)
     if not is_postgres(session.get_bind()):
         # Write first: a read would pin a snapshot that a concurrent writer's commit makes stale, and SQLite
         # then refuses the write at once (SQLITE_BUSY, no busy wait). Row by row to learn which were new.
@@ -261,9 +266,9 @@ def touch_devices(session: Session, seen: Dict[str, tuple]) -> None:
     """Upsert devices from ``{device: (site, last_seen_us)}`` (one statement)."""
     if not seen:
         return
-    stmt = dialect_insert(session, Device).values(
+    stmt = dialect_insert(session, Device).values(  # in device order: concurrent batches lock rows alike
         [{"device": dev, "site": site, "first_seen_us": ts, "last_seen_us": ts, "status": "unknown"}
-         for dev, (site, ts) in seen.items()])
+         for dev, (site, ts) in sorted(seen.items())])
     latest = (func.greatest if is_postgres(session.get_bind()) else func.max)(Device.last_seen_us,
                                                                               stmt.excluded.last_seen_us)
     session.execute(stmt.on_conflict_do_update(index_elements=["device"],

@@ -194,7 +194,8 @@ def test_browse_latest_frames(setup, engine, tiny_manifest):
     rng = np.random.default_rng(5)
     newest = max(m.capture_ts_us for m in msgs) + 1000
     other = [make_message(tiny_manifest, rng, seq=i, line="l2", camera="c9", ts_us=newest)
-             for i in range(3)]  # one capture time: ties are ordered by row id, newest row first
+             for i in range(3)]  # one capture time: ties are ordered by row id (a batch is written in frame id
+    # order), newest row first
     with Session(engine) as s, s.begin():
         store.insert_frames(s, [store.frame_row(m, model.id, store.now_us()) for m in other])
     pages = _pages(client, v, "/v1/frames", params={"limit": 6}, key="frames")
@@ -203,7 +204,7 @@ def test_browse_latest_frames(setup, engine, tiny_manifest):
     assert len({f["frame_id"] for f in flat}) == 23
     keys = [(f["capture_us"]) for f in flat]
     assert keys == sorted(keys, reverse=True)  # newest first
-    assert [f["frame_id"] for f in flat[:3]] == [m.frame_id.hex() for m in reversed(other)]
+    assert [f["frame_id"] for f in flat[:3]] == sorted((m.frame_id.hex() for m in other), reverse=True)
     only = _pages(client, v, "/v1/frames", params={"line": "l2", "camera": "c9", "limit": 2}, key="frames")
     assert sorted(f["frame_id"] for p in only for f in p) == sorted(m.frame_id.hex() for m in other)
     ts = sorted(m.capture_ts_us for m in msgs)

@@ -426,8 +426,9 @@ class IngestWorker:
                 break
             except OperationalError as exc:
                 self.metrics.db_retries.inc()
-                log.error("database unavailable (%s); retrying %d messages in %.1fs", exc.__class__.__name__,
-                          len(batch), delay)
+                cause = getattr(exc, "orig", None) or exc  # the driver's own error: DeadlockDetected, ...
+                log.error("database unavailable or the transaction aborted (%s: %s); retrying %d messages in %.1fs",
+                          cause.__class__.__name__, str(cause).split("\n")[0][:200], len(batch), delay)
                 if self.stop_event.wait(delay):
                     return  # not acknowledged: the broker redelivers them to the next session
                 delay = min(delay * 2, self.cfg.retry_backoff_max_s)

@@ -3,6 +3,7 @@ errors)."""
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -15,30 +16,42 @@ def _fmt(v: object, spec: str = ".3g") -> str:
 
 
 def render_search(result: SearchResult, console: Console) -> None:
-    """Every schedule the search evaluated, cheapest first: the Pareto front marked, the choice highlighted."""
+    """Every schedule the search evaluated, cheapest first: the Pareto front marked, the choice highlighted.
+
+    Fits an 80-column terminal: numbers never wrap, the schedule cell (shape, level, alpha, merges per block)
+    does; units and measures are in the caption."""
     front = {id(p) for p in result.pareto}
     int8 = result.precision == "int8"
     sb = result.summary_budget
     table = Table(title=f"schedule search within {result.budget:g} points ({MEASURE}"
                         + ("" if sb is None else f") and {sb:g} summary points ({SUMMARY_MEASURE}")
                         + f"{', merged and INT8 together' if int8 else ''}; "
-                        f"{result.points[0].fidelity.images if result.points else 0} calibration images)")
-    cols = ["pick", "schedule", "FLOP speed-up", "loss (pt)"] + ([] if sb is None else ["summary loss (pt)"])
-    for col in cols + ["NN agreement", "cosine (mean / min)", "Pareto"]:
-        table.add_column(col, justify="left" if col in ("pick", "schedule") else "right", no_wrap=col == "pick")
+                        f"{result.points[0].fidelity.images if result.points else 0} calibration images)",
+                  caption="pick: chosen, or * on the Pareto front (speed-up against loss); speed-up: FLOP model; "
+                          "loss" + ("" if sb is None else " and summary") + ": points; NN agr.: top-10 "
+                          "neighbour agreement; cos min: lowest cosine to the unmerged embedding",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    cols = ["pick", "schedule (merges per block)", "speed-up", "loss"] + ([] if sb is None else ["summary"]) + [
+        "NN agr.", "cos min"]
+    for col in cols:
+        wraps = col.startswith("schedule")
+        table.add_column(col, justify="left" if col in ("pick",) or wraps else "right", no_wrap=not wraps,
+                         min_width=None if wraps else max(len(col), 6), ratio=1 if wraps else None)
 
     def cells(f) -> list:
         return [f"{f.loss:.2f}"] + ([] if sb is None else [_fmt(f.summary_loss, ".2f")]) + [
-            f"{f.nn_agreement:.3f}", f"{f.cosine_mean:.4f} / {f.cosine_min:.4f}"]
+            f"{f.nn_agreement:.3f}", f"{f.cosine_min:.4f}"]
 
     for p in sorted(result.points, key=lambda p: p.candidate.gflops):
         c, f = p.candidate, p.fidelity
         style = "bold green" if p is result.chosen else None if fits(f, result.budget, sb) else "dim"
-        table.add_row("chosen" if p is result.chosen else "", c.name, f"{c.speedup:.2f}x", *cells(f),
-                      "*" if id(p) in front else "", style=style)
+        pre = f"pre {c.pre_r} + " if c.pre_r else ""
+        table.add_row("chosen" if p is result.chosen else "*" if id(p) in front else "",
+                      f"{c.family} {c.level:g}x, alpha {c.alpha:g}: {pre}r {', '.join(map(str, c.r_per_block))}",
+                      f"{c.speedup:.2f}x", *cells(f), style=style)
     if result.base is not None:
         table.add_row("chosen" if result.chosen is None else "", f"unmerged ({result.precision})", "1.00x",
-                      *cells(result.base), "", style="bold green" if result.chosen is None else None)
+                      *cells(result.base), style="bold green" if result.chosen is None else None)
     console.print(table)
 
 

@@ -4,7 +4,7 @@ The unmerged encoder and merged schedules (``--merged``), each as fp32 and as IN
 - ``qdq``: static QDQ from ``exporter.trt.quantize`` (the TensorRT recipe, calibrated on images of the
   calibration half). ONNX Runtime runs QDQ MatMuls fast only with int8 dot-product instructions (VNNI);
 - ``dynamic``: ``onnxruntime.quantization.quantize_dynamic`` on the same projection MatMuls
-  (MatMulInteger with activations quantized per call; weights per channel): the route on CPUs without
+  (MatMulInteger with activations quantized per image at run time; weights per channel): the route on CPUs without
   VNNI, such as AVX2-only ones. ``dynamic-all`` also quantizes the MLP down-projections.
 
 Throughput: all models side by side in interleaved rounds (2 intra-op threads, batch 8, under the benchmark
@@ -136,7 +136,7 @@ def main() -> int:
             f"`exporter.trt.quantize` default recipe (projection weights except the MLP down-projection, MinMax, "
             f"per-channel symmetric), calibrated on {args.calib} images of the calibration half. `dynamic`: "
             "`onnxruntime.quantization.quantize_dynamic` (MatMulInteger, per-channel int8 weights, activations "
-            "quantized per call) on the same MatMuls; `dynamic-all` adds the MLP down-projections. ONNX Runtime "
+            "quantized per image at run time) on the same MatMuls; `dynamic-all` adds the MLP down-projections. ONNX Runtime "
             f"{_ort_version()} CPU provider on {_cpu()}, {args.threads} intra-op threads, {args.rounds} interleaved "
             f"rounds (a short run on a shared machine); speed-up = median of per-round ratios. Quality: ONNX Runtime "
             f"global embeddings of {len(paths)} NEU-DET images ({args.per_class or 200} per class), leave-one-out, "

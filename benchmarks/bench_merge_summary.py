@@ -45,7 +45,7 @@ CONFIGS = [  # name, constant r, alpha, INT8 (exporter.int8_cpu.simulate: the --
     ("constant r = 4 (1.1x)", 4, 0.0, False), ("constant r = 8 (1.25x, --budget 1's pick)", 8, 0.0, False),
     ("constant r = 14 (1.5x)", 14, 0.0, False), ("constant r = 16, alpha 0", 16, 0.0, False),
     ("constant r = 16, alpha 5 (make demo)", 16, 5.0, False)]
-INT8_BATCH = 8  # the batch the INT8 rows run at (per-call activation ranges; the exporter's search uses 8 too)
+INT8_BATCH = 8  # the batch the INT8 rows run at (the exporter's search uses 8 too)
 PLOT = ROOT / "docs" / "img" / "merge_summary_224px.png"
 
 

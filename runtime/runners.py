@@ -52,8 +52,9 @@ def check_outputs(outs: Sequence[np.ndarray], b: int, manifest: mf.Manifest) -> 
 def pad_batch(pixels: np.ndarray, sizes: Sequence[int]) -> List[np.ndarray]:
     """Split/pad a batch to the model's fixed batch sizes (smallest size that fits, else the largest in chunks).
 
-    Padding repeats the chunk's last frame: an ``encoder_int8`` file quantizes its activations with one range
-    per call, which a repeated frame leaves as it is (zeros would widen it and change the real frames' tokens)."""
+    Padding repeats the chunk's last frame: ``encoder_int8`` files exported before their activation ranges were
+    taken per image quantize with one range per call, which a repeated frame leaves as it is (zeros would widen it
+    and change the real frames' tokens)."""
     if not sizes:
         return [pixels]
     sizes = sorted(sizes)

@@ -37,7 +37,7 @@ def test_simulation_computes_what_the_onnx_runtime_file_computes(tmp_path: Path)
     with simulate(vit) as names:
         sim = _global(vit, x, 4)
         # every projection of every block: q/k/v, attention output, both MLP layers (the down-projection too)
-        assert len(names) == made == sum(n.op_type == "MatMulInteger" for n in nodes) == 4 * 3
+        assert len(names) == made == sum(n.op_type == "MatMulInteger" for n in nodes) // 4 == 4 * 3  # per image
         assert {n.rsplit(".", 1)[-1] for n in names} == {"qkv", "proj", "fc1", "fc2"}
     fp32 = _global(vit, x, 4)
     ort = run_batched(ort_session(tmp_path / "int8.onnx"), x, 4)[0]
@@ -46,6 +46,32 @@ def test_simulation_computes_what_the_onnx_runtime_file_computes(tmp_path: Path)
     assert err_sim.mean() < 0.2 * err_fp32.mean()  # ... and the simulation moves it the same way
     again = _global(vit, x, 4)  # leaving the block restores fp32
     np.testing.assert_array_equal(again, fp32)
+
+
+def test_a_batch_file_quantizes_each_image_by_its_own_ranges(tmp_path: Path) -> None:
+    """In a batch file an image's outputs do not depend on the images batched with it, other images or 40 times
+    larger ones (ONNX Runtime's quantizer alone, one range per call, moves its summary tokens: the check can fail)."""
+    vit = tiny_vit(seed=3)
+    vit.configure_merging(MergeConfig(r=4, k=4))
+    export_onnx(vit, tmp_path / "fp32.onnx", 4, 17, "fp32", simplify=True)
+    made = quantize_dynamic_file(tmp_path / "fp32.onnx", tmp_path / "int8.onnx")
+    quantize_dynamic_file(tmp_path / "fp32.onnx", tmp_path / "per_call.onnx", per_image=False)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 3, 48, 48)).astype(np.float32)
+    loud = np.concatenate([x[:1], 40 * rng.standard_normal((3, 3, 48, 48)).astype(np.float32)])
+    alone = np.repeat(x[:1], 4, axis=0)
+    nodes = onnx.load(str(tmp_path / "int8.onnx")).graph.node
+    assert made == 12 and sum(n.op_type == "DynamicQuantizeLinear" for n in nodes) == 4 * made  # per image
+    per_image = ort_session(tmp_path / "int8.onnx")
+    outs = [per_image.run(None, {"pixels": b}) for b in (x, loud, alone)]
+    for name, a, b, c in zip([o.name for o in per_image.get_outputs()], *outs):
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(a[0], c[0], rtol=1e-5, atol=1e-6, err_msg=name)
+    per_call = ort_session(tmp_path / "per_call.onnx")
+    quiet, noisy = (per_call.run(None, {"pixels": b}) for b in (alone, loud))
+    assert np.abs(quiet[1][0] - noisy[1][0]).max() > 1e-2  # its mates move image 0's summary tokens
+    for a, b in zip(quiet, outs[2]):  # alone, the two files compute the same
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-4, atol=1e-5)
 
 
 def _export(out: Path, calib: Path, budget: float):
@@ -91,3 +117,20 @@ def test_runner_int8_on_needs_the_file(tiny_model_dir: Path) -> None:
     with pytest.raises(RunnerError, match="model.int8: 'on'.*--cpu-int8"):
         OnnxRuntimeRunner(tiny_model_dir, man, providers=["CPUExecutionProvider"], int8="on")
     assert OnnxRuntimeRunner(tiny_model_dir, man, providers=["CPUExecutionProvider"], int8="auto").role == "encoder"
+
+
+def test_export_refuses_an_int8_batch_file_whose_images_depend_on_each_other(tmp_path: Path, monkeypatch) -> None:
+    """The export's own check: a batch file made with one activation range per call (ONNX Runtime's quantizer as
+    it is) is refused with a one-line reason; the exporter's per-image file passes it (the other tests)."""
+    from functools import partial
+
+    import exporter.export as export_mod
+    from exporter.export import export_encoder
+
+    monkeypatch.setattr(export_mod, "quantize_dynamic_file", partial(quantize_dynamic_file, per_image=False))
+    calib = _image_folder(tmp_path / "calib")
+    opts = ExportOptions(out_dir=tmp_path / "out", name="tiny", calib_dir=calib, calib_count=8, batch_sizes=[4],
+                         bench_runs=1, check_trt=False, cpu_int8=True)
+    with pytest.raises(ExportError, match="changes with the images batched with it"):
+        export_encoder(tiny_vit(seed=1), MergeConfig(r=4, k=4), opts, family="timm_vit",
+                       source_path="tiny.safetensors", source_sha256="a" * 64)

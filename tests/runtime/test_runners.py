@@ -48,7 +48,7 @@ def test_fixed_batch_model_is_padded(tmp_path: Path) -> None:
     np.testing.assert_allclose(out.tokens[2], r.run(px[2:3]).tokens[0], atol=1e-6)
     assert [c.shape[0] for c in pad_batch(px, [1, 4])] == [4]
     assert [c.shape[0] for c in pad_batch(np.zeros((9, 1)), [1, 4])] == [4, 4, 1]
-    # padding repeats the last frame: a per-call INT8 activation range (encoder_int8) sees nothing new
+    # padding repeats the last frame: an older encoder_int8 file's per-call activation range sees nothing new
     padded = pad_batch(px, [4])[0]
     np.testing.assert_array_equal(padded[3], px[2])
 

@@ -85,7 +85,7 @@ def main() -> int:
         fp32 = onnx_cached(vit, spec, args.batch)
         files[f"{key} fp32"] = fp32
         if key == "unmerged" or any(pk.get("spec") == spec and pk["precision"] == "int8" for pk in picks):
-            q = fp32.with_name(fp32.stem + "_cpu-int8.onnx")
+            q = fp32.with_name(fp32.stem + "_cpu-int8-per-image.onnx")  # not the per-call files of before
             if not q.exists():
                 console.log(f"quantizing {fp32.name}")
                 quantize_dynamic_file(fp32, q)

@@ -38,7 +38,7 @@ def quantize(variant: str, fp32: Path, calib: np.ndarray) -> Path:
     from exporter.int8_cpu import quantize_dynamic_file
     from exporter.trt.quantize import QuantizeOptions, quantize_qdq
 
-    out = fp32.with_name(fp32.stem + f"_{variant}.onnx")
+    out = fp32.with_name(fp32.stem + f"_{variant}{'' if variant == 'qdq' else '-per-image'}.onnx")  # not older files
     if out.exists():
         return out
     tmp = out.with_suffix(".partial")

@@ -173,8 +173,9 @@ def main() -> int:
             "- Against the fp32 file of the same batch the unmerged INT8 file runs "
             f"{get(u, 1, '(batch 1)')['vs_fp32']:.2f}x at batch 1, {upi['vs_fp32']:.2f}x at batch {b0} per image ({upc['vs_fp32']:.2f}x per call); merged "
             f"{one['vs_fp32']:.2f}x, {pi['vs_fp32']:.2f}x ({pc['vs_fp32']:.2f}x).",
-            "- Earlier INT8 sections (`merge_int8`, `merge_budget_int8_224px`, the edge's int8 rows before "
-            "2026-12-03) were measured with per-call files, faster by the ratios above.",
+            "- `merge_int8` was measured with per-call files (faster by the ratios above); "
+            "`merge_budget_int8_224px`, `edge_pipeline_int8` and `edge_pipeline_model` were re-measured with "
+            "per-image files on 2026-12-03.",
         ])
         write_section("int8_batch_ranges", "CPU INT8: activation ranges per call vs per image (batch mates)", body)
         console.print("[green]BENCHMARKS.md section int8_batch_ranges written[/green]")

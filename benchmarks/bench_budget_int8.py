@@ -65,7 +65,7 @@ def main() -> int:
             tag = "int8" if int8 else "fp32"
             console.log(f"budget {b:g}, search in {tag} on {len(calib)} calibration images")
             try:
-                chosen, res = choose_schedule(vit, merge, xc, progress=console.log, int8=int8, int8_batch=args.batch)
+                chosen, res = choose_schedule(vit, merge, xc, progress=console.log, int8=int8)
             except SearchError as exc:
                 picks.append({"budget": b, "precision": tag, "refused": str(exc)})
                 continue
@@ -150,8 +150,7 @@ def main() -> int:
             f"floor {FLOOR}, alpha {ALPHA:g} configured): the exporter's `exporter.budget.choose_schedule` on "
             f"{len(calib)} images of NEU-DET's calibration half ({args.calib_per_class} per class), searching in fp32 "
             "and, with `--cpu-int8`, measuring every candidate as the `encoder_int8` file computes "
-            "(`exporter.int8_cpu.simulate`: dynamic INT8 of every projection, activation ranges per image, at batch "
-            f"{args.batch}). Each pick exported to ONNX (batch {args.batch}) and, for INT8, quantized by "
+            "(`exporter.int8_cpu.simulate`: dynamic INT8 of every projection, activation ranges per image). Each pick exported to ONNX (batch {args.batch}) and, for INT8, quantized by "
             "`exporter.int8_cpu.quantize_dynamic_file`; quality with ONNX Runtime on the held-out half (600 images "
             f"the search never saw; unmerged fp32 P@10 {base:.4f}), leave-one-out, class = relevance; 'est. loss "
             "..., the file' is the search's label-free loss measured on the real file instead of the simulation. "

@@ -200,11 +200,10 @@ def insert_new_frames(session: Session, rows: Sequence[Dict[str, Any]]) -> List[
     """
     if not rows:
         return []
-    first: Dict[str, Dict[str, Any]] = {}
-    for r in rows:
-        first.setdefault(r["frame_id"], r)
-    ids = sorted(first)
-    unique = {fid: first[fid] for fid in ids}  # written in frame id order: see above
+    unique: Dict[str, Dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: r["frame_id"]):  # written in frame id order: see above
+        unique.setdefault(r["frame_id"], r)
+    ids = list(unique)
     conn = session.connection()
     if not is_postgres(session.get_bind()):
         # Write first: a read would pin a snapshot that a concurrent writer's commit makes stale, and SQLite

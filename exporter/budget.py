@@ -7,8 +7,8 @@ the chosen candidate becomes an ordinary ``MergeConfig`` (per-block r, pre_r, al
 does not know a search happened. ``search_spec`` is what the manifest keeps.
 
 With ``int8`` (the export writes ``encoder_int8`` files) every candidate is measured in the INT8 arithmetic of
-those files (``exporter.int8_cpu.simulate``, at the batch the file runs), so the budget bounds what a CPU edge
-runs: merging and INT8 together, the unmerged encoder's INT8 loss included. When INT8 alone already exceeds the
+those files (``exporter.int8_cpu.simulate``; its activation ranges are per image, so at any batch), so the
+budget bounds what a CPU edge runs: merging and INT8 together, the unmerged encoder's INT8 loss included. When INT8 alone already exceeds the
 budget the search refuses (``SearchError``) rather than export a file the budget does not allow.
 
 With ``MergeConfig.summary_budget`` the summary tokens are measured too (``exporter.search.fidelity``'s summary
@@ -19,6 +19,7 @@ candidate must stay within both budgets.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np
@@ -69,11 +70,11 @@ def grid(vit: ViT, merge: MergeConfig) -> List[Candidate]:
 
 
 def choose_schedule(vit: ViT, merge: MergeConfig, calib: np.ndarray,
-                    progress: Callable[[str], None] = lambda _m: None, int8: bool = False,
-                    int8_batch: int = 8) -> Tuple[MergeConfig, SearchResult]:
+                    progress: Callable[[str], None] = lambda _m: None,
+                    int8: bool = False) -> Tuple[MergeConfig, SearchResult]:
     """Search the schedule grid for ``merge.budget`` on ``calib``; returns the chosen settings (unmerged when
     nothing fits) and the search, every evaluated point included. ``int8``: measure every candidate as the
-    ``encoder_int8`` file of batch ``int8_batch`` computes (see the module docstring)."""
+    ``encoder_int8`` file computes (see the module docstring)."""
     if merge.budget is None:
         raise ValueError("choose_schedule needs merge.budget")
     unmerged = merge.unmerged()
@@ -88,12 +89,8 @@ def choose_schedule(vit: ViT, merge: MergeConfig, calib: np.ndarray,
         ref = global_embeddings(vit, calib)
 
     def embed_now():
-        def run(batch: int):
-            return embeddings(vit, calib, batch) if summary else global_embeddings(vit, calib, batch)
-        if not int8:
-            return run(32)
-        with simulate(vit):
-            return run(int8_batch)
+        with simulate(vit) if int8 else contextlib.nullcontext():
+            return embeddings(vit, calib) if summary else global_embeddings(vit, calib)
 
     base = None
     if int8:

@@ -135,8 +135,7 @@ def search_schedule(vit: ViT, merge: MergeConfig, opts: ExportOptions, calib: np
     if opts.calib_dir is None:
         raise ExportError("a budget is measured on your own images: give a folder of calibration images (--calib)")
     try:
-        chosen, result = choose_schedule(vit, merge, calib, progress, int8=opts.cpu_int8,
-                                         int8_batch=(opts.batch_sizes or [opts.bench_batch])[0])
+        chosen, result = choose_schedule(vit, merge, calib, progress, int8=opts.cpu_int8)
     except SearchError as exc:
         raise ExportError(f"schedule search: {exc}") from None
     progress(f"schedule search: chose {result.chosen.candidate.name}" if result.chosen else

@@ -86,13 +86,13 @@ def per_image_ranges(model, batch: int):
 
     ``DynamicQuantizeLinear`` measures one (scale, zero point) over its whole input, so in a batch file one image's
     outliers would coarsen the others' activations and a frame's tokens would depend on the frames it happened to
-    be batched with (merged ViT-S/14, batch 4: the summary's Chamfer similarity to the same frame run alone 0.94,
-    as far as INT8 is from fp32). Each quantized projection, rows image-major ([B * N, K] or [B, N, K]), becomes
+    be batched with (merged ViT-S/14, batch 4: a frame's global embedding down to cosine 0.69 of the same frame's
+    alone; BENCHMARKS.md ``int8_batch_ranges``). Each quantized projection, rows image-major ([B * N, K] or [B, N, K]), becomes
     ``Split`` into the images, per image the quantizer's own ``DynamicQuantizeLinear`` -> ``MatMulInteger`` ->
     ``Cast`` -> ``Mul`` by (activation scale x weight scales) [-> ``Add`` bias], which ONNX Runtime fuses into one
-    kernel, then ``Concat``: the batch-1 file's arithmetic image by image. It costs the two copies (BENCHMARKS.md
-    ``int8_batch_ranges``); ONNX Runtime's ``MatMulInteger`` takes one activation zero point only, and doing the
-    per-image zero points by hand costs more than the copies (measured)."""
+    kernel, then ``Concat``: the batch-1 file's arithmetic image by image. It costs the two copies and smaller
+    products (same benchmark); ONNX Runtime's ``MatMulInteger`` takes one activation zero point only, so the images
+    cannot share one product as they are."""
     import onnx
     from onnx import helper, numpy_helper
 

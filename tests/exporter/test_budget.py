@@ -95,7 +95,7 @@ def test_int8_alone_over_the_summary_budget_is_refused(tmp_path: Path) -> None:
         vit = tiny_vit(seed=0).eval()
         x = calibration_images(input_spec(vit), calib_dir, 60)
         return choose_schedule(vit, MergeConfig(budget=50.0, summary_budget=summary_budget, k=4, alpha=5.0), x,
-                               int8=True, int8_batch=2)[1]
+                               int8=True)[1]
 
     own = run(100.0).base.summary_loss
     assert own is not None and own > 0, "INT8 no longer moves this tiny model's summaries: pick another seed"

@@ -122,23 +122,26 @@ def test_token_packing_keeps_cosine():
         unpack_tokens(pack_tokens(t)[:-1], 16, 384)
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("mode", ["int8", "int4", "fp16"])
-def test_stored_tokens_are_exactly_the_decoded_ones_for_int8(engine, tiny_manifest, mode):
-    """An int8 message's token rows are stored as they arrived (same layout, no second rounding): reading the frame
-    back gives exactly the decoded tokens. Other encodings are packed from the decoded floats."""
+def test_stored_tokens_are_exactly_the_decoded_ones(engine, tiny_manifest, mode, version):
+    """An int8 or int4 message's token rows are stored as they arrived (the int8 layout, int4 codes widened under
+    their scales: no second rounding): reading the frame back gives exactly the decoded tokens, so central scores
+    what an edge scoring its own tokens scores. fp16 tokens are packed from the decoded floats."""
     from tokenline import wire
 
     model = tx(engine, store.register_model, tiny_manifest)
-    msg = wire.decode(wire.encode(make_message(tiny_manifest, np.random.default_rng(4)), mode))
-    assert (msg.int8_rows is not None) == (mode == "int8")
+    msg = wire.decode(wire.encode(make_message(tiny_manifest, np.random.default_rng(4)), mode, version=version))
+    assert msg.version == version and (msg.int8_rows is not None) == (mode != "fp16")
     row = store.frame_row(msg, model.id, store.now_us())
     if mode == "int8":
         assert row["tokens"] == msg.int8_rows
     with Session(engine) as s, s.begin():
         assert store.insert_frames(s, [row]) == 1
     back = tx(engine, store.get_frame, msg.frame_id.hex()).summary.tokens
-    if mode == "int8":
+    if mode != "fp16":
         np.testing.assert_array_equal(back, msg.summary.tokens)
+        np.testing.assert_array_equal(back, wire.as_decoded(msg.summary.tokens, mode))
     else:
         assert np.abs(back - msg.summary.tokens).max() < 0.01 * np.abs(msg.summary.tokens).max()
     # a summary replaced after decoding is stored as it is now, not as the rows that arrived

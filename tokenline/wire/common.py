@@ -65,9 +65,11 @@ class TokenMessage:
     ``metadata`` (v2 only) is ``{"source": file name, "labels": {name: text}}`` with either key optional;
     ``anomaly`` (v2 only) is the edge's own anomaly score of the frame against a bank exported from central;
     ``version`` is the wire version the message was decoded from (what ``encode`` writes by default);
-    ``int8_rows`` (set by ``decode`` for int8 tokens) is the token rows exactly as they arrived, K float32 scales
-    then K*d int8 values (``encode_rows``), so that a reader storing that layout keeps them as they are; they are
-    read through ``token_rows()``, which drops them once the summary is replaced (``dataclasses.replace``).
+    ``int8_rows`` (set by ``decode`` for int8 and int4 tokens) is the token rows in the int8 layout, K float32
+    scales then K*d int8 values (``encode_rows``), holding exactly the values that arrived (int4 codes widened to
+    int8 with their scales: ``int8_layout``), so that a reader storing that layout keeps them as they are, with no
+    second rounding; they are read through ``token_rows()``, which drops them once the summary is replaced
+    (``dataclasses.replace``).
     """
 
     frame_id: bytes
@@ -262,6 +264,18 @@ def encode_rows(x: np.ndarray, mode: str) -> bytes:
         return x.astype("<f2").tobytes()
     q, s = quantize(x, 8 if mode == "int8" else 4)
     return s.astype("<f4").tobytes() + (q if mode == "int8" else pack_int4(q)).tobytes()
+
+
+def int8_layout(raw: bytes, k: int, d: int, mode: str) -> Optional[bytes]:
+    """Rows written by ``encode_rows`` in ``mode`` -> the same values in the int8 layout (K f32 scales, K*d int8):
+    int8 rows as they are, int4 codes widened to int8 under the same scales (exact: q * scale either way); None
+    for fp16. ``raw`` has been checked by ``Reader.rows``."""
+    if mode == "int8":
+        return bytes(raw)
+    if mode == "int4":
+        packed = np.frombuffer(raw, dtype=np.uint8, count=k * ((d + 1) // 2), offset=4 * k)
+        return bytes(raw[:4 * k]) + unpack_int4(packed.reshape(k, (d + 1) // 2), d).tobytes()
+    return None
 
 
 def rows_size(mode: str, k: int, d: int) -> int:

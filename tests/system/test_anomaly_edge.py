@@ -25,6 +25,7 @@ from tests.central.test_anomaly import _ingest_worker
 from tests.central.test_ingest import LogTail, _wait_for
 from tests.edge.conftest import agent_config, synthetic_camera
 from tests.support.mqtt_sub import Collector
+from tests.support.tiny_model import build_tiny_model
 from tokenline import topics
 from tokenline.anomaly import Bank, bank_path
 from tokenline.manifest import Manifest
@@ -37,14 +38,26 @@ def _count(engine, table) -> int:
         return int(s.scalar(select(func.count()).select_from(table)))
 
 
-def _run_agent(tmp: Path, model_dir: Path, port: int, seed: int, **over) -> Agent:
-    cfg = agent_config(tmp, model_dir, port, [synthetic_camera("cam-1", seed=seed, frames=FRAMES)], **over)
+def _run_agent(tmp: Path, model_dir: Path, port: int, seed: int, source=None, **over) -> Agent:
+    cfg = agent_config(tmp, model_dir, port, [synthetic_camera("cam-1", seed=seed, frames=FRAMES, **(source or {}))],
+                       **over)
     return Agent(parse_config(cfg)).start()
 
 
-def test_edge_scores_like_central_and_both_alert_the_same_frames(mosquitto, tmp_path, tiny_model_dir, capsys):
+@pytest.mark.parametrize("profile", ["default", "flagging"])
+def test_edge_scores_like_central_and_both_alert_the_same_frames(mosquitto, tmp_path, tiny_model_dir, capsys,
+                                                                  profile):
+    """``flagging``: the shape of the export for flagging (docs/anomaly.md): slic tokens with footprints, more than
+    16 of them (8-bit footprint cells on the wire, K=64 here), projected to 64 dims and sent as int4."""
     model_dir = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, model_dir)
+    if profile == "default":
+        shutil.copytree(tiny_model_dir, model_dir)
+        messages, good, new = {}, {"seed": 1}, {"seed": 2}
+    else:  # the reference frames again, now with defects on some plates: only frames showing one are unusual
+        build_tiny_model(model_dir, size=64, patch=8, dim=384, head="slic", token_dim=64)
+        messages = {"messages": {"token_dtype": "int4"}}
+        good, new = {"seed": 1, "source": {"defect_rate": 0.0}}, {"seed": 1, "source": {"defect_rate": 0.5}}
+    k = Manifest.from_file(model_dir).summary.k
     url = f"sqlite:///{tmp_path / 'central.db'}"
     assert central_cli(["--db", url, "migrate"]) == 0
     assert central_cli(["--db", url, "register-model", str(model_dir)]) == 0
@@ -55,7 +68,7 @@ def test_edge_scores_like_central_and_both_alert_the_same_frames(mosquitto, tmp_
     try:
         log.wait("subscribed as group", 1, timeout=120)  # a loaded machine starts it slowly
         # 1. good frames, no local scoring: central stores them, then a reference set of all of them, exported
-        agent = _run_agent(tmp_path / "run1", model_dir, mosquitto.port, seed=1)
+        agent = _run_agent(tmp_path / "run1", model_dir, mosquitto.port, **good, **messages)
         try:
             assert _wait_for(lambda: _count(engine, Frame) == FRAMES, 60), "".join(log.lines[-20:])
         finally:
@@ -72,7 +85,8 @@ def test_edge_scores_like_central_and_both_alert_the_same_frames(mosquitto, tmp_
         assert (bank.info.set_id, bank.info.set_version) == (1, 1)
 
         # 2. new frames scored on the edge; central scores them too
-        agent = _run_agent(tmp_path / "run2", model_dir, mosquitto.port, seed=2, anomaly={"enabled": True})
+        agent = _run_agent(tmp_path / "run2", model_dir, mosquitto.port, anomaly={"enabled": True}, **new,
+                           **messages)
         sub = Collector(mosquitto.host, mosquitto.port, confirm=False)  # sees the messages; central confirms
         try:
             assert _wait_for(lambda: _count(engine, FrameScore) == FRAMES, 60), "".join(log.lines[-20:])
@@ -83,6 +97,11 @@ def test_edge_scores_like_central_and_both_alert_the_same_frames(mosquitto, tmp_
         with Session(engine) as s:
             rows = {r.frame_id: r for r in s.scalars(select(FrameScore))}
         edge = {m.frame_id_hex: m.anomaly for m in sub.messages}
+        assert all(m.token_dtype == ("int4" if profile == "flagging" else "int8") and len(m.summary.tokens) == k
+                   for m in sub.messages)
+        if profile == "flagging":
+            assert k == 64 and all(m.summary.footprint is not None and m.summary.footprint.max() >= 16
+                                   for m in sub.messages)  # footprint cells name tokens past 15: 8 bits a cell
         sub.close()
         assert len(rows) == FRAMES and set(edge) == set(rows)
         for fid, r in rows.items():

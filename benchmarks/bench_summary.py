@@ -404,7 +404,7 @@ def product_rows(fs: "FeatureSets", model_dir: Path, roles: Sequence[str] = ("en
     from tokenline.manifest import Manifest
 
     m = Manifest.from_file(model_dir)
-    px, k, d = m.input.height, m.summary.k, m.summary.dim
+    px, k = m.input.height, m.summary.k
     g = 2 if px >= 448 else 3
     grid = m.summary.footprint_grid
     n_cells = grid[0] * grid[1]
@@ -429,7 +429,7 @@ def product_rows(fs: "FeatureSets", model_dir: Path, roles: Sequence[str] = ("en
         e = fs.elpv(px, product=prod) if px == 224 else None
         reps = [("global embedding", global_rep(feats["global"], n_cells), qf["global"], None if e is None else
                  global_rep(e[2]["global"], n_cells)),
-                ("K=16 summary", product_rep(feats, k), qf["patch_mean"], None if e is None else
+                (f"K={k} summary", product_rep(feats, k), qf["patch_mean"], None if e is None else
                  product_rep(e[2], k))]
         for name, rep, qv, erep in reps:
             dtypes = ("fp32",) if name.startswith("global") else ("fp32", "int8", "int4")

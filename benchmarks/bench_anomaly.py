@@ -2,12 +2,14 @@
 
     python benchmarks/bench_anomaly.py                      # quality on NEU-DET mosaics and ELPV mono, timings
     python benchmarks/bench_anomaly.py --poly               # also the held-out ELPV poly cells (run once, at the end)
-    flock /tmp/tokenline-bench.lock python benchmarks/bench_anomaly.py --runs 3 --product out/demo/model
+    flock /tmp/tokenline-bench.lock python benchmarks/bench_anomaly.py --runs 3 --product out/demo/model \
+        --product out/k48:int4     # the export for flagging (docs/anomaly.md), its messages in int4
 
 Quality (no timing): the data, features and caches of benchmarks/bench_summary.py (block-8 features of the
 ViT-S/14, NEU-DET 2x2 mosaics at 448 px, ELPV cells at 224 px). The summary tokens come from the reference head
-(benchmarks/summary_head_ref.py: K=16, PCA 96 fitted on the calibration frames, int8 round trip), the research
-setting; the exported product is measured by bench_summary.py --product. Those tokens are scored by
+(benchmarks/summary_head_ref.py), the research setting, in the default export's form (K=16, PCA 96 fitted on the
+calibration frames, int8 round trip) and the export for flagging's (K=48, PCA 64, int4); the exported product is
+measured by bench_summary.py --product and bench_elpv_gap.py --product. Those tokens are scored by
 the product's code: central.anomaly.bank.build_bank (coreset, inverted lists, leave-one-out threshold) and
 tokenline.anomaly.Bank.score_arrays in the modes tokens / global / both, exactly as central and the edge score.
 The upper bound is every patch token (centred, fp32) scored by exact nearest neighbours. Pointing: the most
@@ -15,7 +17,8 @@ anomalous token lies (by most of its footprint) on the odd tile of a NEU mosaic.
 
 Timing (under the lock): scoring time per frame, one frame per call and in batches of 100, by each search
 (exhaustive or inverted lists, every token or bound and refine), against a real 10k-token bank of NEU-DET
-summaries through an exported model (--product) and synthetic banks of 10k, 50k and 100k tokens (d=96, K=16);
+summaries through each exported model (--product) and synthetic banks of 10k, 50k and 100k tokens (the model's
+K and d);
 and central's ingest (Ingestor.process on SQLite, batches of 100 messages, in process: the database work without
 MQTT, so scoring's share is the largest it can be) with scoring off and on (a reference set with a 10k-token
 bank), interleaved, median of --runs.
@@ -44,10 +47,13 @@ from central.anomaly.bank import SetFrames, build_bank  # noqa: E402
 from central.kmeans import spherical_kmeans  # noqa: E402
 from tokenline.anomaly import EXHAUSTIVE_UP_TO, Bank, BankInfo  # noqa: E402
 
-QUALITY_VERSION = 1  # bump when the quality computation changes (part of the cache key of its results)
+QUALITY_VERSION = 2  # bump when the quality computation changes (part of the cache key of its results)
 LAYER = "L8"
 HEAD = {"k": 16, "k_protect": 0, "lam": 0.5, "iters": 3}
 PRODUCT = Variant("summary", "new", "int8", 96)  # the wire's summary tokens: PCA 96, int8
+# The export for flagging (docs/anomaly.md): --k 48 --summary-dim 64, edge messages.token_dtype int4
+FLAG_HEAD = {**HEAD, "k": 48}
+FLAG = Variant("summary K=48", "flag", "int4", 64)
 UPPER = Variant("all patch tokens (centred)", "patches", "fp32", 384)
 MODES = ("tokens", "global", "both")
 
@@ -83,28 +89,31 @@ def neu_rows(fs: FeatureSets) -> Dict[str, Dict[str, float]]:
     ms, feats = fs.mosaics(2, 448)
     mos = Mosaics(2, (32, 32), ms, feats)
     tok = layer_feats(feats, LAYER)
-    reps = {"patches": patch_rep(tok), "new": head_rep(tok, mos.grid, **HEAD)}
+    reps = {"patches": patch_rep(tok), "new": head_rep(tok, mos.grid, **HEAD),
+            "flag": head_rep(tok, mos.grid, **FLAG_HEAD)}
     upper, _ = compress(reps["patches"], reps["patches"].tokens[mos.calib], UPPER)
-    summ, _ = compress(reps["new"], reps["new"].tokens[mos.calib], PRODUCT)
     g = _int8(feats["global"].astype(np.float32))
     out = {"upper": mosaic_anomaly(mos, upper)}
-    frac = summ.tile_frac(mos.tile, 4)
-    top2s: List[float] = []
-    for mode in MODES:
-        aucs, hits = [], []
-        for b in np.unique(mos.bg):
-            cal = mos.calib[mos.bg[mos.calib] == b]
-            pos, neg = mos.anom[mos.bg[mos.anom] == b], mos.norm[mos.bg[mos.norm] == b]
-            s, t, top2 = product_scores(summ, g, cal, np.concatenate([pos, neg]), mode)
-            aucs.append(auroc(s[len(pos):], s[:len(pos)]))
-            if mode == "tokens":
-                top2s.append(auroc(top2[len(pos):], top2[:len(pos)]))
-            if mode != "global":
-                hits += [frac[f, j, mos.odd_pos[f]] >= 0.5 for f, j in zip(pos, t[:len(pos)]) if j >= 0]
-        out[mode] = {"auroc": float(np.mean(aucs))}
-        if hits:
-            out[mode]["apoint"] = float(np.mean(hits))
-    out["top2"] = {"auroc": float(np.mean(top2s))}
+    for prefix, v, modes in (("", PRODUCT, MODES), ("flag_", FLAG, ("tokens", "both"))):
+        summ, _ = compress(reps[v.rep], reps[v.rep].tokens[mos.calib], v)
+        frac = summ.tile_frac(mos.tile, 4)
+        top2s: List[float] = []
+        for mode in modes:
+            aucs, hits = [], []
+            for b in np.unique(mos.bg):
+                cal = mos.calib[mos.bg[mos.calib] == b]
+                pos, neg = mos.anom[mos.bg[mos.anom] == b], mos.norm[mos.bg[mos.norm] == b]
+                s, t, top2 = product_scores(summ, g, cal, np.concatenate([pos, neg]), mode)
+                aucs.append(auroc(s[len(pos):], s[:len(pos)]))
+                if mode == "tokens":
+                    top2s.append(auroc(top2[len(pos):], top2[:len(pos)]))
+                if mode != "global":
+                    hits += [frac[f, j, mos.odd_pos[f]] >= 0.5 for f, j in zip(pos, t[:len(pos)]) if j >= 0]
+            out[prefix + mode] = {"auroc": float(np.mean(aucs))}
+            if hits:
+                out[prefix + mode]["apoint"] = float(np.mean(hits))
+        if not prefix:
+            out["top2"] = {"auroc": float(np.mean(top2s))}
     return out
 
 
@@ -114,17 +123,19 @@ def elpv_rows(fs: FeatureSets, poly: bool) -> Dict[str, Dict[str, float]]:
         return {}
     probs, is_bank, feats = e
     tok = layer_feats(feats, LAYER)
-    reps = {"patches": patch_rep(tok), "new": head_rep(tok, (16, 16), **HEAD)}
+    reps = {"patches": patch_rep(tok), "new": head_rep(tok, (16, 16), **HEAD),
+            "flag": head_rep(tok, (16, 16), **FLAG_HEAD)}
     upper, _ = compress(reps["patches"], reps["patches"].tokens[is_bank], UPPER)
-    summ, _ = compress(reps["new"], reps["new"].tokens[is_bank], PRODUCT)
     g = _int8(feats["global"].astype(np.float32))
     out = {"upper": {"auroc": elpv_anomaly(probs, is_bank, upper)}}
     bank, ev = np.flatnonzero(is_bank), np.flatnonzero(~is_bank)
-    for mode in MODES:
-        s, _, top2 = product_scores(summ, g, bank, ev, mode)
-        out[mode] = {"auroc": auroc(s[probs[ev] == 0], s[probs[ev] > 0])}
-        if mode == "tokens":
-            out["top2"] = {"auroc": auroc(top2[probs[ev] == 0], top2[probs[ev] > 0])}
+    for prefix, v, modes in (("", PRODUCT, MODES), ("flag_", FLAG, ("tokens", "both"))):
+        summ, _ = compress(reps[v.rep], reps[v.rep].tokens[is_bank], v)
+        for mode in modes:
+            s, _, top2 = product_scores(summ, g, bank, ev, mode)
+            out[prefix + mode] = {"auroc": auroc(s[probs[ev] == 0], s[probs[ev] > 0])}
+            if mode == "tokens" and not prefix:
+                out["top2"] = {"auroc": auroc(top2[probs[ev] == 0], top2[probs[ev] > 0])}
     return out
 
 
@@ -258,8 +269,10 @@ def time_searches(label: str, bank: Bank, q: np.ndarray, sizes: np.ndarray, batc
 
 def latency_rows(rt: "RealTokens | None", frames: int, rng: np.random.Generator) -> List[dict]:
     """Scoring time per frame: the real NEU-DET bank of 10k tokens (when an exported model is given) and
-    synthetic clustered banks of 10k, 50k and 100k tokens (d=96, K=16), by each search."""
+    synthetic clustered banks of 10k, 50k and 100k tokens (the model's K and d; without one K=16, d=96), by each
+    search."""
     rows = []
+    k, d = (rt.manifest.summary.k, rt.manifest.summary.dim) if rt is not None else (16, 96)
     if rt is not None:
         ref, rest = real_tokens_split(rt)
         bank = real_bank(rt, ref)
@@ -267,27 +280,28 @@ def latency_rows(rt: "RealTokens | None", frames: int, rng: np.random.Generator)
         rows += time_searches(f"NEU-DET, {len(ref)} frames (real)", bank, np.asarray(s.tokens[rest], np.float32),
                               np.asarray(s.sizes[rest], np.float32))
     for n in (10_000, 50_000, 100_000):
-        bank, centres = synthetic_bank(n, 96, rng)
+        bank, centres = synthetic_bank(n, d, rng)
         # frames like the bank's (normal frames): each token near one of the bank's cluster centres
-        q = _unit(centres[rng.integers(0, 500, (frames, 16))] + 0.5 * _unit(rng.standard_normal((frames, 16, 96))))
-        rows += time_searches("synthetic clustered", bank, q, np.ones((frames, 16), np.float32))
+        q = _unit(centres[rng.integers(0, 500, (frames, k))] + 0.5 * _unit(rng.standard_normal((frames, k, d))))
+        rows += time_searches("synthetic clustered", bank, q, np.ones((frames, k), np.float32))
     return rows
 
 
 def real_tokens_split(rt: RealTokens) -> Tuple[np.ndarray, np.ndarray]:
-    return rt.split(700)  # 700 x 16 = 11,200 tokens, coreset to 10,000
+    return rt.split(700)  # 700 x K tokens (11,200 at K=16), coreset to 10,000
 
 
 class Stream:
     """The ingest benchmark's messages: a manifest, reference frames (700) and a stream, real or synthetic."""
 
-    def __init__(self, tmp: Path, rt: "RealTokens | None") -> None:
+    def __init__(self, tmp: Path, rt: "RealTokens | None", dtype: str = "int8") -> None:
         from tests.support.tiny_model import build_tiny_model
         from tokenline.manifest import Manifest
         from tokenline.summary import Summary
 
         self.rng = np.random.default_rng(0)
         self.real = rt is not None
+        self.dtype = dtype  # the messages' token dtype on the wire
         if rt is not None:
             self.manifest = rt.manifest
             ref_idx, rest_idx = real_tokens_split(rt)
@@ -310,7 +324,7 @@ class Stream:
         from tokenline.wire import TokenMessage
 
         return [TokenMessage(new_frame_id(t0 + i), "dev1", "s1", "l1", "c1", t0 + i, i, self.manifest.hash_bytes(),
-                             self.summary_of(i, ref)) for i in range(count)]
+                             self.summary_of(i, ref), token_dtype=self.dtype) for i in range(count)]
 
     def create_set(self, engine, cfg) -> Tuple[int, float]:
         """Store the 700 reference frames and make them a reference set: (bank tokens, seconds to build)."""
@@ -319,7 +333,7 @@ class Stream:
         from central import store
         from central.anomaly import refsets
 
-        ref = self.msgs(700, 1_600_000_000_000_000, True)  # 11,200 tokens, coreset to 10,000
+        ref = self.msgs(700, 1_600_000_000_000_000, True)  # 700 x K tokens, coreset to 10,000
         with Session(engine) as s, s.begin():
             model = store.register_model(s, self.manifest)  # the registered one
             store.insert_frames(s, [store.frame_row(m, model.id, store.now_us()) for m in ref])
@@ -329,7 +343,7 @@ class Stream:
         return info.bank_tokens, time.perf_counter() - t0
 
 
-def ingest_rows(runs: int, n: int, tmp: Path, rt: "RealTokens | None") -> dict:
+def ingest_rows(runs: int, n: int, tmp: Path, rt: "RealTokens | None", dtype: str = "int8") -> dict:
     """Messages/s of Ingestor.process on SQLite with scoring off (no reference set) and on (a 10k-token bank: ingest
     queues each frame, the worker's scorer process scores them beside it), interleaved; with scoring on also the
     rate at which frames were scored, from the same start to the last score. With an exported model: its manifest
@@ -349,7 +363,7 @@ def ingest_rows(runs: int, n: int, tmp: Path, rt: "RealTokens | None") -> dict:
     from tokenline import topics
     from tokenline.wire import encode
 
-    stream = Stream(tmp, rt)
+    stream = Stream(tmp, rt, dtype)
     cfg = AnomalyConfig(max_bank_tokens=10_000)
     rates: Dict[str, List[float]] = {"off": [], "on": [], "scored": []}
     builds: List[float] = []
@@ -372,7 +386,7 @@ def ingest_rows(runs: int, n: int, tmp: Path, rt: "RealTokens | None") -> dict:
                 scorer = ScorerProcess(engine, cfg, "bench-scorer", AlertPublisher(None))
                 scorer.start()
             ing = Ingestor(engine, IngestConfig(), "bench")
-            payloads = [Incoming(i, 1, topics.tokens_topic("s1", "dev1", "l1", "c1"), encode(m, "int8"))
+            payloads = [Incoming(i, 1, topics.tokens_topic("s1", "dev1", "l1", "c1"), encode(m))
                         for i, m in enumerate(stream.msgs(n, 1_700_000_000_000_000 + r * n, False))]
             ing.process(payloads[:100])  # warm: models; with scoring, the scorer's start and bank
             while scorer is not None and queued(engine):
@@ -395,13 +409,13 @@ def ingest_rows(runs: int, n: int, tmp: Path, rt: "RealTokens | None") -> dict:
             "dim": stream.manifest.summary.dim, "real": stream.real, "rates": rates}
 
 
-def broker_rows(runs: int, n: int, tmp: Path, rt: "RealTokens | None") -> dict:
+def broker_rows(runs: int, n: int, tmp: Path, rt: "RealTokens | None", dtype: str = "int8") -> dict:
     """Messages/s through Mosquitto into one ingest worker process on SQLite (benchmarks/bench_central.py's
     backlog drain), scoring off and on (a 10k-token reference set for the stream's camera), interleaved."""
     from benchmarks.bench_central import Backends, bench_ingest
     from central.config import AnomalyConfig
 
-    stream = Stream(tmp, rt)
+    stream = Stream(tmp, rt, dtype)
     cfg = AnomalyConfig(max_bank_tokens=10_000)
     rates: Dict[str, List[float]] = {"off": [], "on": [], "scored": []}
     ok = True
@@ -425,6 +439,75 @@ def broker_rows(runs: int, n: int, tmp: Path, rt: "RealTokens | None") -> dict:
             "n": n, "rates": rates, "ok": ok}
 
 
+def timing_body(product: "Path | None", dtype: str, args, console) -> str:
+    """Scoring latency and ingest with scoring off and on for one exported model (or synthetic tokens)."""
+    from rich.progress import Progress
+
+    rng = np.random.default_rng(1)
+    with Progress(console=console, transient=True) as progress:
+        rt = real_tokens(product, progress) if product else None
+    k, d = (rt.manifest.summary.k, rt.manifest.summary.dim) if rt is not None else (16, 96)
+    lat = latency_rows(rt, args.latency_frames, rng)
+    lt = md_table(lat, [("bank", "bank", ""), ("tokens", "bank tokens", ",d"), ("lists", "lists", "d"),
+                        ("search", "search", ""),
+                        ("one", "ms/frame, one frame per call (median)", ".3f"),
+                        ("batched", "ms/frame, batches of 100 (median)", ".3f"),
+                        ("searched", "tokens searched", ".0%"),
+                        ("diff", "largest score difference from the first row", ".1e")])
+    console.print(lt)
+    with tempfile.TemporaryDirectory() as tmp:
+        ing = ingest_rows(args.runs, args.messages, Path(tmp), rt, dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        brk = broker_rows(args.runs, args.broker_messages, Path(tmp), rt, dtype) if args.broker_messages else None
+
+    def rate_rows(res: dict) -> list:
+        return [{"mode": "scoring off (no reference set)", "rate": res["off"],
+                 "runs": ", ".join(f"{v:,.0f}" for v in res["rates"]["off"])},
+                {"mode": f"scoring on ({ing['bank_tokens']:,} bank tokens): frames stored", "rate": res["on"],
+                 "runs": ", ".join(f"{v:,.0f}" for v in res["rates"]["on"])},
+                {"mode": "scoring on: frames scored (same start to the last score)", "rate": res["scored"],
+                 "runs": ", ".join(f"{v:,.0f}" for v in res["rates"]["scored"])}]
+
+    it = md_table(rate_rows(ing), [("mode", "ingest (SQLite, in process, batches of 100)", ""),
+                                   ("rate", "msg/s", ",.0f"), ("runs", "runs", "")])
+    console.print(it)
+    name = f"`{rt.manifest.name}` (`{product}`, K={k}, d={d}, {dtype} tokens)" if rt is not None else \
+        f"synthetic tokens (K={k}, d={d}, {dtype})"
+    src = (f"the NEU-DET images' summaries through {name}: reference set of 700 images (classes interleaved), the "
+           "stream cycles through the other 500" if rt is not None else
+           "a test model with 384-d synthetic tokens (pass --product for an exported model's real summaries)")
+    body = (f"\n### {name}: scoring latency (the product searches banks up to "
+            f"{EXHAUSTIVE_UP_TO:,} tokens exhaustively, larger ones by their inverted lists; bound and refine "
+            "searches only the tokens that can be a frame's farthest, see tokenline/anomaly.py)\n\n"
+            f"Real bank: central's builder over 700 NEU-DET frames ({700 * k:,} tokens, coreset to 10,000), the "
+            f"other 500 frames scored. Synthetic banks: d={d}, K={k} a frame, 500 clusters, frames drawn like the "
+            "bank's. `tokens searched`: the share of a frame's tokens searched in the bank; the rest are cleared by "
+            "their bound from their nearest list.\n\n" + lt +
+            f"\n\n#### Ingest with scoring off and on (median of {ing['runs']} interleaved runs of "
+            f"{ing['n']:,} messages)\n\nMessages: {src}. Scoring runs beside ingest: ingest queues each frame "
+            "of a camera with a reference set in the frame's transaction, the worker's scorer process scores "
+            "the queue on the other core (central/anomaly/scoring.py). Scoring's cost to ingest is the drop of "
+            "the stored rate; the scored rate says whether scoring keeps up.\n\n" + it +
+            f"\n\nScoring costs {100 * ing['cost']:.1f}% of ingest throughput at a "
+            f"{ing['bank_tokens']:,}-token bank (target <= 10%: "
+            f"{'met' if ing['cost'] <= 0.10 else 'missed'}), in process without MQTT; frames were scored at "
+            f"{ing['scored'] / ing['on']:.2f} of the rate they were stored. Building that bank (700 frames, "
+            f"coreset to 10,000 tokens, leave-one-out threshold): {ing['build_s']:.1f} s (median).\n")
+    if brk is not None:
+        bt = md_table(rate_rows(brk), [("mode", "ingest through Mosquitto (SQLite, one worker process)", ""),
+                                       ("rate", "msg/s", ",.0f"), ("runs", "runs", "")])
+        console.print(bt)
+        body += (f"\nThrough the broker (benchmarks/bench_central.py's backlog drain: "
+                 f"{brk['n']:,} messages queued in Mosquitto, one worker process and its scorer process, batches "
+                 f"of <= 500; broker, worker, scorer and database on the 2 cores; median of {brk['runs']} "
+                 f"interleaved runs; every run stored every message once, and scored each once: "
+                 f"{'yes' if brk['ok'] else 'NO'}):\n\n" + bt +
+                 f"\n\nScoring costs {100 * brk['cost']:.1f}% of ingest throughput through the broker (target "
+                 f"<= 10%: {'met' if brk['cost'] <= 0.10 else 'missed'}); frames were scored at "
+                 f"{brk['scored'] / brk['on']:.2f} of the rate they were stored.\n")
+    return body
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--poly", action="store_true", help="also the held-out ELPV poly cells (once, at the end)")
@@ -434,9 +517,10 @@ def main() -> int:
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--broker-messages", type=int, default=5000,
                     help="messages per run through Mosquitto into an ingest worker, scoring off and on (0: skip)")
-    ap.add_argument("--product", type=Path, default=None,
-                    help="an exported slic model directory (e.g. out/demo/model from make demo): timings on the "
-                         "NEU-DET images' real summaries through it; without it, synthetic tokens only")
+    ap.add_argument("--product", action="append", default=[], metavar="DIR[:DTYPE]",
+                    help="an exported slic model directory (e.g. out/demo/model from make demo), optionally with "
+                         "the token dtype its messages travel in (int8 default, int4): timings on the NEU-DET "
+                         "images' real summaries through it; repeatable; without it, synthetic tokens only")
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
 
@@ -446,14 +530,18 @@ def main() -> int:
     console = Console()
     with Progress(console=console, transient=True) as progress:
         fs = FeatureSets(neu_data(), progress)
-        key = f"v{QUALITY_VERSION}|{FEATURE_VERSION}|{MOSAICS}|{SPLIT}|{ELPV}|{LAYER}|{HEAD}|{PRODUCT}|{UPPER}"
+        key = (f"v{QUALITY_VERSION}|{FEATURE_VERSION}|{MOSAICS}|{SPLIT}|{ELPV}|{LAYER}|{HEAD}|{PRODUCT}|{UPPER}"
+               f"|{FLAG_HEAD}|{FLAG}")
         neu = cached_rows("anomaly-neu", key, lambda: [neu_rows(fs)])[0]  # results cached: timing reruns are quick
         mono = cached_rows("anomaly-mono", key, lambda: [elpv_rows(fs, poly=False)])[0]
         poly = cached_rows("anomaly-poly", key, lambda: [elpv_rows(fs, poly=True)])[0] if args.poly else {}
-    names = {"upper": "all patch tokens (centred, fp32; upper bound)", "tokens": "summary tokens (product mode tokens)",
-             "global": "global embedding (mode global)", "both": "summary + global (mode both)",
-             "top2": "summary tokens, mean of the 2 largest distances (not used)"}
-    rows = []
+    names = {"upper": "all patch tokens (centred, fp32; upper bound)",
+             "tokens": "K=16 summary, PCA 96 int8 (default export; mode tokens)",
+             "global": "global embedding (mode global)", "both": "K=16 summary + global (mode both)",
+             "top2": "K=16 summary, mean of the 2 largest distances (not used)",
+             "flag_tokens": "K=48 summary, PCA 64 int4 (export for flagging; mode tokens)",
+             "flag_both": "K=48 summary + global (export for flagging; mode both)"}
+    rows: Dict[str, dict] = {}
     for key, name in names.items():
         row = {"rep": name, "neu": neu[key]["auroc"]}
         if "apoint" in neu[key]:
@@ -462,33 +550,39 @@ def main() -> int:
             row["mono"] = mono[key]["auroc"]
         if poly:
             row["poly"] = poly[key]["auroc"]
-        rows.append(row)
+        rows[key] = row
     cols = [("rep", "representation / scoring", ""), ("neu", "NEU mosaics AUROC", ".3f"),
             ("apoint", "anomaly pointing", ".3f"), ("mono", "ELPV mono AUROC", ".3f")]
     if poly:
         cols.append(("poly", "ELPV poly AUROC (held out)", ".3f"))
-    quality = md_table(rows, cols)
+    quality = md_table(list(rows.values()), cols)
     console.print(quality)
-    up, tk = rows[0], rows[1]
-    best = {k: max(rows[1:4], key=lambda r: r.get(k, -1))["rep"] for k in ("neu", "mono")}
-    verdict = [
-        f"- NEU mosaics: summary {tk['neu']:.3f} vs all patches {up['neu']:.3f} "
-        f"({'met' if tk['neu'] >= up['neu'] - 0.02 else 'missed'}: within 0.02); pointing "
-        f"{tk['apoint']:.3f} = {tk['apoint'] / up['apoint']:.2f} of all patches' {up['apoint']:.3f} "
-        f"({'met' if tk['apoint'] >= 0.9 * up['apoint'] else 'missed'}: >= 0.9). Best product mode: {best['neu']}."]
-    if mono:
-        gap = up["mono"] - max(r["mono"] for r in rows[1:4])
-        verdict.append(f"- ELPV mono: summary {tk['mono']:.3f} vs all patches {up['mono']:.3f} "
-                       f"({'met' if tk['mono'] >= up['mono'] - 0.02 else 'missed'}: within 0.02); best product "
-                       f"mode: {best['mono']}, {gap:.3f} below the bound."
-                       + ("" if any(r["mono"] >= up["mono"] - 0.02 for r in rows[1:]) else
-                          " Neither the global embedding nor the top-2 mean closes it: the loss is in the "
-                          "representation (K=16 summary, PCA 96, int8), not in the scoring."))
+    up = rows["upper"]
+    verdict = []
+    for label, tk, modes in (("K=16 (default export)", rows["tokens"], ("tokens", "global", "both")),
+                             ("K=48 (export for flagging)", rows["flag_tokens"], ("flag_tokens", "global", "flag_both"))):
+        best = {k: max((rows[m] for m in modes), key=lambda r: r.get(k, -1)) for k in ("neu", "mono")}
+        line = (f"- {label}, NEU mosaics: summary {tk['neu']:.3f} vs all patches {up['neu']:.3f} "
+                f"({'met' if tk['neu'] >= up['neu'] - 0.02 else 'missed'}: within 0.02); pointing "
+                f"{tk['apoint']:.3f} = {tk['apoint'] / up['apoint']:.2f} of all patches' {up['apoint']:.3f} "
+                f"({'met' if tk['apoint'] >= 0.9 * up['apoint'] else 'missed'}: >= 0.9). Best mode: "
+                f"{best['neu']['rep']}.")
+        if mono:
+            gap = up["mono"] - best["mono"]["mono"]
+            line += (f" ELPV mono: summary {tk['mono']:.3f} vs all patches {up['mono']:.3f} "
+                     f"({'met' if tk['mono'] >= up['mono'] - 0.02 else 'missed'}: within 0.02); best mode: "
+                     f"{best['mono']['rep']}, {gap:.3f} below the bound.")
+        verdict.append(line)
     if poly:
-        verdict.append(f"- ELPV poly (held out, one run): summary {tk['poly']:.3f}, global {rows[2]['poly']:.3f}, "
-                       f"both {rows[3]['poly']:.3f}, all patches {up['poly']:.3f}.")
+        verdict.append("- ELPV poly (held out, one run): " + ", ".join(
+            f"{rows[k]['rep'].split(' (')[0]} {rows[k]['poly']:.3f}" for k in
+            ("tokens", "global", "both", "flag_tokens", "flag_both", "upper")) + ".")
+    verdict.append("- One fixed split is noisy (about +-0.03); bench_elpv_gap.py (`elpv_gap`) draws the ELPV bank five "
+                   "times and measures the exported models too.")
     body = ("Summary tokens from the reference head (benchmarks/summary_head_ref.py, the research setting: 2x2 "
-            "mosaics at 448 px; the exported product at 224 px is measured in `summary_product`), PCA 96, int8, scored by the product's bank and scorer (central.anomaly.bank, "
+            "mosaics at 448 px; the exported product at 224 px is measured in `summary_product` and `elpv_gap`): "
+            "the default export's K=16, PCA 96, int8 and the export for flagging's K=48, PCA 64, int4 "
+            "(docs/anomaly.md), scored by the product's bank and scorer (central.anomaly.bank, "
             "tokenline.anomaly). Banks: NEU, per background class its 5 calibration mosaics; ELPV, 100 normal "
             "cells; evaluation: NEU 90 mosaics with an odd tile and 48 without, ELPV 150 normal and 150 defective "
             "cells (expert probability >= 2/3). Small samples: about +-0.03 AUROC.\n\n" + quality + "\n\n"
@@ -497,66 +591,9 @@ def main() -> int:
         body += ("\nScoring latency and ingest throughput with scoring on vs off: not measured in this run "
                  "(--no-timing).\n")
     else:
-        rng = np.random.default_rng(1)
-        with Progress(console=console, transient=True) as progress:
-            rt = real_tokens(args.product, progress) if args.product else None
-        lat = latency_rows(rt, args.latency_frames, rng)
-        lt = md_table(lat, [("bank", "bank", ""), ("tokens", "bank tokens", ",d"), ("lists", "lists", "d"),
-                            ("search", "search", ""),
-                            ("one", "ms/frame, one frame per call (median)", ".3f"),
-                            ("batched", "ms/frame, batches of 100 (median)", ".3f"),
-                            ("searched", "tokens searched", ".0%"),
-                            ("diff", "largest score difference from the first row", ".1e")])
-        console.print(lt)
-        with tempfile.TemporaryDirectory() as d:
-            ing = ingest_rows(args.runs, args.messages, Path(d), rt)
-        with tempfile.TemporaryDirectory() as d:
-            brk = broker_rows(args.runs, args.broker_messages, Path(d), rt) if args.broker_messages else None
-        def rate_rows(res: dict) -> list:
-            return [{"mode": "scoring off (no reference set)", "rate": res["off"],
-                     "runs": ", ".join(f"{v:,.0f}" for v in res["rates"]["off"])},
-                    {"mode": f"scoring on ({ing['bank_tokens']:,} bank tokens): frames stored", "rate": res["on"],
-                     "runs": ", ".join(f"{v:,.0f}" for v in res["rates"]["on"])},
-                    {"mode": "scoring on: frames scored (same start to the last score)", "rate": res["scored"],
-                     "runs": ", ".join(f"{v:,.0f}" for v in res["rates"]["scored"])}]
-
-        it = md_table(rate_rows(ing), [("mode", "ingest (SQLite, in process, batches of 100)", ""),
-                                       ("rate", "msg/s", ",.0f"), ("runs", "runs", "")])
-        console.print(it)
-        if brk is not None:
-            bt = md_table(rate_rows(brk), [("mode", "ingest through Mosquitto (SQLite, one worker process)", ""),
-                                           ("rate", "msg/s", ",.0f"), ("runs", "runs", "")])
-            console.print(bt)
-        src = (f"the NEU-DET images' summaries through `{args.product}` (`{rt.manifest.name}`, K={rt.manifest.summary.k}, "
-               f"d={rt.manifest.summary.dim}): reference set of 700 images (classes interleaved), the stream cycles "
-               "through the other 500" if rt is not None else
-               "a test model with 384-d synthetic tokens (pass --product for an exported model's real summaries)")
-        body += ("\n### Scoring latency (K=16; the product searches banks up to "
-                 f"{EXHAUSTIVE_UP_TO:,} tokens exhaustively, larger ones by their inverted lists; bound and refine "
-                 "searches only the tokens that can be a frame's farthest, see tokenline/anomaly.py)\n\n"
-                 "Real bank: central's builder over 700 NEU-DET frames (coreset to 10,000 tokens), the other 500 "
-                 "frames scored. Synthetic banks: d=96, 500 clusters, frames drawn like the bank's. "
-                 "`tokens searched`: the share of a frame's tokens searched in the bank; the rest are cleared by "
-                 "their bound from their nearest list.\n\n" + lt +
-                 f"\n\n### Ingest with scoring off and on (median of {ing['runs']} interleaved runs of "
-                 f"{ing['n']:,} messages)\n\nMessages: {src}. Scoring runs beside ingest: ingest queues each frame "
-                 "of a camera with a reference set in the frame's transaction, the worker's scorer process scores "
-                 "the queue on the other core (central/anomaly/scoring.py). Scoring's cost to ingest is the drop of "
-                 "the stored rate; the scored rate says whether scoring keeps up.\n\n" + it +
-                 f"\n\nScoring costs {100 * ing['cost']:.1f}% of ingest throughput at a "
-                 f"{ing['bank_tokens']:,}-token bank (target <= 10%: "
-                 f"{'met' if ing['cost'] <= 0.10 else 'missed'}), in process without MQTT; frames were scored at "
-                 f"{ing['scored'] / ing['on']:.2f} of the rate they were stored. Building that bank (700 frames, "
-                 f"coreset to 10,000 tokens, leave-one-out threshold): {ing['build_s']:.1f} s (median).\n")
-        if brk is not None:
-            body += (f"\nThrough the broker (benchmarks/bench_central.py's backlog drain: "
-                     f"{brk['n']:,} messages queued in Mosquitto, one worker process and its scorer process, batches "
-                     f"of <= 500; broker, worker, scorer and database on the 2 cores; median of {brk['runs']} "
-                     f"interleaved runs; every run stored every message once, and scored each once: "
-                     f"{'yes' if brk['ok'] else 'NO'}):\n\n" + bt +
-                     f"\n\nScoring costs {100 * brk['cost']:.1f}% of ingest throughput through the broker (target "
-                     f"<= 10%: {'met' if brk['cost'] <= 0.10 else 'missed'}); frames were scored at "
-                     f"{brk['scored'] / brk['on']:.2f} of the rate they were stored.\n")
+        for spec in args.product or [None]:
+            product, _, dtype = (spec or "").partition(":")
+            body += timing_body(Path(product) if product else None, dtype or "int8", args, console)
     if args.write:
         write_section("anomaly", "Anomaly scoring from summary tokens (issue 15)", body)
     return 0

@@ -211,7 +211,7 @@ def bench_ingest(backends: Backends, kind: str, manifest: Manifest, n: int, work
     rng = np.random.default_rng(workers)
     msgs = msgs if msgs is not None else messages(manifest, n, rng)
     n = len(msgs)
-    payloads = [(topics.tokens_topic(m.site, m.device, m.line, m.camera), encode(m, "int8")) for m in msgs]
+    payloads = [(topics.tokens_topic(m.site, m.device, m.line, m.camera), encode(m)) for m in msgs]
     broker = Mosquitto(tmp / f"broker-{kind}-{workers}-{backends.n}",
                        extra_conf=f"max_inflight_messages {batch_max}\n").start()
     ctx = mp.get_context("spawn")

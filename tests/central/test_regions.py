@@ -26,7 +26,7 @@ from tests.support.tiny_model import build_tiny_model
 from tokenline.frame_id import new_frame_id
 from tokenline.manifest import Manifest
 from tokenline.preprocess import frame_geometry, preprocess
-from tokenline.wire import TokenMessage
+from tokenline.wire import TokenMessage, decode, encode
 
 T0 = 1_700_000_000_000_000
 
@@ -57,13 +57,22 @@ def _brute(engine, model, q, flt: Filters, k: int, exclude=None):
     return rows[:k]
 
 
-def test_region_search_equals_brute_force(engine, slic_manifest) -> None:
+@pytest.mark.parametrize("shape", ["default", "flagging"])
+def test_region_search_equals_brute_force(engine, slic_manifest, tmp_path, shape) -> None:
+    """``flagging``: the export for flagging's shape (docs/anomaly.md): K=64 tokens (8-bit footprint cells) of 64
+    dims that arrived as int4 (stored exactly as they arrived)."""
+    if shape == "flagging":
+        slic_manifest = Manifest.from_file(build_tiny_model(tmp_path / "k64", size=64, patch=8, dim=384, head="slic",
+                                                            token_dim=64))
+        assert (slic_manifest.summary.k, slic_manifest.summary.dim) == (64, 64)
     model = tx(engine, store.register_model, slic_manifest)
     rng = np.random.default_rng(0)
     msgs = [make_slic_message(slic_manifest, rng, site=f"s{i % 2}", line=f"l{i % 3}", ts_us=T0 + i, seq=i)
             for i in range(700)]
     msgs = [replace(m, metadata={"labels": {"lot": str(i % 4), **({"rework": "y"} if i % 5 == 0 else {})}})
             if i % 7 else m for i, m in enumerate(msgs)]
+    if shape == "flagging":  # through the wire, as central receives them
+        msgs = [decode(encode(m, "int4")) for m in msgs]
     _store(engine, model, msgs)
     for qi, flt in enumerate([Filters(), Filters(site="s1"), Filters(line="l2", since_us=T0 + 100, until_us=T0 + 600),
                               Filters(labels=(("lot", "1"), ("rework", None)))]):

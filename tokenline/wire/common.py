@@ -67,7 +67,7 @@ class TokenMessage:
     ``version`` is the wire version the message was decoded from (what ``encode`` writes by default);
     ``int8_rows`` (set by ``decode`` for int8 and int4 tokens) is the token rows in the int8 layout, K float32
     scales then K*d int8 values (``encode_rows``), holding exactly the values that arrived (int4 codes widened to
-    int8 with their scales: ``int8_layout``), so that a reader storing that layout keeps them as they are, with no
+    int8 with their scales: ``Reader.rows``), so that a reader storing that layout keeps them as they are, with no
     second rounding; they are read through ``token_rows()``, which drops them once the summary is replaced
     (``dataclasses.replace``).
     """
@@ -266,18 +266,6 @@ def encode_rows(x: np.ndarray, mode: str) -> bytes:
     return s.astype("<f4").tobytes() + (q if mode == "int8" else pack_int4(q)).tobytes()
 
 
-def int8_layout(raw: bytes, k: int, d: int, mode: str) -> Optional[bytes]:
-    """Rows written by ``encode_rows`` in ``mode`` -> the same values in the int8 layout (K f32 scales, K*d int8):
-    int8 rows as they are, int4 codes widened to int8 under the same scales (exact: q * scale either way); None
-    for fp16. ``raw`` has been checked by ``Reader.rows``."""
-    if mode == "int8":
-        return bytes(raw)
-    if mode == "int4":
-        packed = np.frombuffer(raw, dtype=np.uint8, count=k * ((d + 1) // 2), offset=4 * k)
-        return bytes(raw[:4 * k]) + unpack_int4(packed.reshape(k, (d + 1) // 2), d).tobytes()
-    return None
-
-
 def rows_size(mode: str, k: int, d: int) -> int:
     """Bytes of ``encode_rows`` for [K, d]."""
     if mode == "int8":
@@ -409,12 +397,15 @@ class Reader:
         finite(what, v)
         return v
 
-    def rows(self, k: int, d: int, mode: str, what: str) -> np.ndarray:
-        """Rows written by ``encode_rows``."""
+    def rows(self, k: int, d: int, mode: str, what: str) -> Tuple[np.ndarray, Optional[bytes]]:
+        """Rows written by ``encode_rows``: (float32 [K, d], the same values in the int8 layout of
+        ``TokenMessage.int8_rows``: int8 rows as they are, int4 codes widened to int8 under their scales; None for
+        fp16)."""
         if mode == "fp16":
             t = self.array("<f2", k * d, what).astype(np.float32).reshape(k, d)
             finite(what, t)
-            return t
+            return t, None
+        at = self.pos
         ts = self.array("<f4", k, f"{what} scales")
         safe = _scales_safe(f"{what} scales", ts)
         if mode == "int8":
@@ -428,7 +419,7 @@ class Reader:
         t = dequantize(q, ts)
         if not safe:
             finite(what, t)
-        return t
+        return t, (self.buf[at: self.pos] if mode == "int8" else self.buf[at: at + 4 * k] + q.tobytes())
 
 
 def open_message(buf: object, max_bytes: int, fixed_size: int) -> bytes:

@@ -15,7 +15,7 @@ from tokenline.summary import Summary
 from tokenline.wire.common import (
     CODE_DTYPES, CRC_SIZE, DTYPE_CODES, MAGIC, MAX_D, MAX_K, Reader, TokenMessage, WireError, check_boxes,
     check_flags, check_frame_id_bytes, check_header_fields, check_timestamp, check_vectors, encode_rows,
-    encode_vector, int8_layout, open_message, pack_names, rows_size, seal,
+    encode_vector, open_message, pack_names, rows_size, seal,
 )
 
 VERSION = 1
@@ -87,9 +87,7 @@ def decode(buf: bytes, max_bytes: int) -> TokenMessage:
     if expect != n:
         raise WireError("length_mismatch", f"K={k}, D={d}, {mode} need {expect} bytes, payload has {n}")
     g = r.vector(d, "fp16" if mode == "fp16" else "int8", "global_embedding")
-    rows_at = r.pos
-    t = r.rows(k, d, mode, "tokens")
-    int8_rows = int8_layout(data[rows_at: r.pos], k, d, mode)
+    t, int8_rows = r.rows(k, d, mode, "tokens")
     sizes = r.array("<f4", k, "sizes").astype(np.float32)
     centroids = (r.array("<u2", 2 * k, "centroids").astype(np.float32) / _CENTROID_SCALE).reshape(k, 2)
     sizes, centroids = check_boxes(sizes, centroids, k)

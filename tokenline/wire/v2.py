@@ -21,8 +21,8 @@ from tokenline.summary import Summary, boxes_from_footprint
 from tokenline.wire.common import (
     CODE_DTYPES, CRC_SIZE, DTYPE_CODES, MAGIC, MAX_D, MAX_K, Reader, TokenMessage, WireError, check_boxes,
     check_flags, check_frame_id_bytes, check_header_fields, check_timestamp, check_vectors, decode_metadata,
-    encode_metadata, encode_rows, encode_vector, int8_layout, open_message, pack_names, pack_nibbles, rows_size,
-    seal, unpack_nibbles,
+    encode_metadata, encode_rows, encode_vector, open_message, pack_names, pack_nibbles, rows_size, seal,
+    unpack_nibbles,
 )
 
 VERSION = 2
@@ -205,9 +205,7 @@ def decode(buf: bytes, max_bytes: int) -> TokenMessage:
     if sec.end - sec.pos != rows_size(mode, k, td):
         raise WireError("length_mismatch", f"K={k}, d={td}, {mode} need {rows_size(mode, k, td)} bytes, the tokens "
                                            f"section has {sec.end - sec.pos}")
-    rows_at = sec.pos
-    t = sec.rows(k, td, mode, "tokens")
-    int8_rows = int8_layout(data[rows_at: sec.pos], k, td, mode)
+    t, int8_rows = sec.rows(k, td, mode, "tokens")
 
     footprint = None
     if FOOTPRINT in found:

@@ -137,6 +137,17 @@ def plot(rows: List[dict], bound: np.ndarray, path: Path) -> None:
     save_figure(fig, path, "Where the summary loses ELPV signal: K, projection, novelty-protected tokens")
 
 
+def exported_reps(fs: FeatureSets, model_dirs: List[Path], probs: np.ndarray, poly: bool = False) -> list:
+    """[(manifest, name, Rep)]: each exported model's own summaries of the study's ELPV cells (ONNX Runtime)."""
+    out = []
+    for model_dir in model_dirs:
+        prod = Product(model_dir, "encoder")
+        pe = fs.elpv(224, poly=poly, product=prod)
+        assert pe is not None and np.array_equal(pe[0], probs), "the product's ELPV cells are the study's"
+        out.append((prod.manifest, prod.name, product_rep(pe[2], prod.manifest.summary.k)))
+    return out
+
+
 def held_out_poly(fs: FeatureSets, args, console) -> str:
     """The held-out ELPV poly cells, bank drawn as for mono: the bound, the default and the flagging summaries, and
     the exported models (a markdown section)."""
@@ -151,14 +162,10 @@ def held_out_poly(fs: FeatureSets, args, console) -> str:
     studied = [("all patch tokens (centred), fp32 [bound]", Variant("b", "patches", "fp32", 384)),
                ("K=16 summary, PCA 96 int8 [product]", Variant("s", "k16", "int8", 96)),
                ("K=48 summary, PCA 64 int4", Variant("s", "k48", "int4", 64))]
-    for model_dir in args.product:
-        prod = Product(model_dir, "encoder")
-        m = prod.manifest
-        pe = fs.elpv(224, poly=True, product=prod)
-        assert pe is not None and np.array_equal(pe[0], probs), "the product's poly cells are the study's"
-        reps[prod.name] = product_rep(pe[2], m.summary.k)
+    for m, name, rep in exported_reps(fs, args.product, probs, poly=True):
+        reps[name] = rep
         dt = "int8" if m.summary.k <= 16 else "int4"
-        studied.append((f"exported {m.name} (K={m.summary.k}, d={m.summary.dim}), {dt}", Variant("p", prod.name, dt)))
+        studied.append((f"exported {m.name} (K={m.summary.k}, d={m.summary.dim}), {dt}", Variant("p", name, dt)))
     rows, bound = [], None
     for name, v in studied:
         draws = elpv_aurocs(probs, masks, lambda mask, r=reps[v.rep]: r, v)
@@ -235,32 +242,25 @@ def main() -> int:
         *[(f"K=16 with {kp} novelty-protected, PCA 96 int8", Variant("s", f"nov{kp}", "int8", 96))
           for kp in (2, 4, 8)],
     ]
-    neu_of = {name: name for name, _ in studied}
-    made: List[str] = []  # representations with NEU columns (the research head's)
-    with Progress(console=console, transient=True) as progress:
-        for model_dir in args.product:  # the exported model's own summaries: ELPV cells through its ONNX encoder
-            prod = Product(model_dir, "encoder")
-            m = prod.manifest
-            pe = fs.elpv(224, product=prod)
-            assert pe is not None and np.array_equal(pe[0], probs), "the product's ELPV cells are the study's"
-            prep = product_rep(pe[2], m.summary.k)
-            rep_of[prod.name] = lambda mask, prep=prep: prep
-            made.append(f"`{m.name}` (`{model_dir}`: {'unmerged' if m.merge.method == 'none' else m.merge.method}"
-                        f", K={m.summary.k}, PCA {m.summary.projection.input_dim} -> {m.summary.dim} fitted on "
-                        f"{m.summary.projection.images} NEU-DET calibration images, not on ELPV)")
-            for dt in ("int8", "int4"):
-                studied.append((f"exported {m.name} (K={m.summary.k}, d={m.summary.dim}), {dt}",
-                                Variant("p", prod.name, dt)))
+    with_neu = {name for name, _ in studied}  # the research head's representations have NEU columns
+    made: List[str] = []
+    for model_dir, (m, name, rep) in zip(args.product, exported_reps(fs, args.product, probs)):  # ONNX encoders
+        rep_of[name] = lambda mask, rep=rep: rep
+        made.append(f"`{m.name}` (`{model_dir}`: {'unmerged' if m.merge.method == 'none' else m.merge.method}"
+                    f", K={m.summary.k}, PCA {m.summary.projection.input_dim} -> {m.summary.dim} fitted on "
+                    f"{m.summary.projection.images} NEU-DET calibration images, not on ELPV)")
+        for dt in ("int8", "int4"):
+            studied.append((f"exported {m.name} (K={m.summary.k}, d={m.summary.dim}), {dt}", Variant("p", name, dt)))
     rows, bound = [], None
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("representations", total=len(studied))
         for name, v in studied:
-            r = ev.row(v) if name in neu_of else {}
+            r = ev.row(v) if name in with_neu else {}
             draws = elpv_aurocs(probs, masks, rep_of[v.rep], v)
             if bound is None:
                 bound = draws
-            t, d = rep_of[v.rep](masks[0]).tokens.shape[1], v.dims or rep_of[v.rep](masks[0]).tokens.shape[2]
-            rows.append({"rep": name, "msg": message_bytes(t, d, v.dtype, 256), "map": r.get("map", ""),
+            _, t, d = rep_of[v.rep](masks[0]).tokens.shape
+            rows.append({"rep": name, "msg": message_bytes(t, v.dims or d, v.dtype, 256), "map": r.get("map", ""),
                          "point": r.get("point", ""), "auroc": r.get("auroc", ""), "apoint": r.get("apoint", ""),
                          "split": r.get("elpv", ""), "draws": draws, "mean": float(draws.mean()),
                          "sd": float(draws.std()), "gap": float((bound - draws).mean()),

@@ -10,8 +10,9 @@ from __future__ import annotations
 import fcntl
 import statistics
 from contextlib import contextmanager
+from math import comb
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Union
+from typing import Callable, Dict, Iterator, List, Tuple, Union
 
 import numpy as np
 
@@ -52,3 +53,16 @@ def time_side_by_side(paths: Dict[str, Path], x: Union[np.ndarray, Dict[str, np.
     ref = rates[base]
     return {name: {"img_s": statistics.median(r), "ratio": statistics.median(a / b for a, b in zip(r, ref)),
                    "rounds": len(r)} for name, r in rates.items()}
+
+
+def median_interval(values: List[float], level: float = 0.9) -> Tuple[float, float, float]:
+    """(median, lo, hi) of ``values`` with a distribution-free interval for the median: the order statistics
+    x(j) and x(n+1-j), j the largest with P(Binomial(n, 1/2) < j) <= (1 - level) / 2 (the sign test's interval;
+    its coverage is at least ``level``). With too few values for that level the interval is the whole range."""
+    xs, n = sorted(values), len(values)
+    tail, j = 0.0, 0
+    while j < n // 2 and tail + comb(n, j) / 2 ** n <= (1 - level) / 2:
+        tail += comb(n, j) / 2 ** n
+        j += 1
+    j = max(j, 1)
+    return statistics.median(xs), xs[j - 1], xs[n - j]

@@ -503,12 +503,12 @@ def timing_body(product: "Path | None", dtype: str, args, console) -> str:
             "bank's. `tokens searched`: the share of a frame's tokens searched in the bank; the rest are cleared by "
             "their bound from their nearest list.\n\n" + lt +
             f"\n\n#### Ingest with scoring off and on ({ing['runs']} pairs of runs of {ing['n']:,} messages)"
-            "\n\nMessages: {src}. Scoring runs beside ingest: ingest queues each frame "
+            f"\n\nMessages: {src}. Scoring runs beside ingest: ingest queues each frame "
             "of a camera with a reference set in the frame's transaction, the worker's scorer process scores "
             "the queue on the other core (central/anomaly/scoring.py). Scoring's cost to ingest is the drop of "
             "the stored rate; the scored rate says whether scoring keeps up.\n\n" + it +
             "\n\n" + cost_text(ing, f"at a {ing['bank_tokens']:,}-token bank, in process without MQTT") +
-            f"; frames were scored at "
+            "; frames were scored at "
             f"{ing['scored'] / ing['on']:.2f} of the rate they were stored. Building that bank (700 frames, "
             f"coreset to 10,000 tokens, leave-one-out threshold): {ing['build_s']:.1f} s (median).\n")
     if brk is not None:

@@ -166,7 +166,7 @@ def region_search(engine: Engine, model: ModelInfo, query: RegionQuery, k: int, 
             after = int(rows[-1][0])
             keep = [r for r in rows if r[1] != query.frame_id]
             if keep:
-                toks = unpack_token_rows([r[2] for r in keep], kk)
+                toks = unpack_token_rows([r[2] for r in keep], kk, model.token_dim)
                 sizes = np.stack([unpack_f32(r[3], (kk,)) for r in keep])
                 score, tok = best_tokens(vec, toks, sizes)
                 ids = np.fromiter((r[0] for r in keep), np.int64, len(keep))

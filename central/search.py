@@ -777,7 +777,7 @@ class Searcher:
         hits_tokens = None
         with Session(self.engine) as s:
             if use_tokens:  # the candidates' tokens only; whole frames for the hits below
-                light = store.candidate_tokens(s, [c[0] for c in cands], where)
+                light = store.candidate_tokens(s, [c[0] for c in cands], model, where)
                 cands = [c for c in cands if c[0] in light and light[c[0]][0] != query.exclude_frame_id]
             else:
                 frames = store.get_frames(s, [c[0] for c in cands], model, where)

@@ -31,7 +31,7 @@ from sql.db import is_postgres
 from sql.models import ApiToken, Counter, DeadLetter, Device, Frame, Model, Original
 from sql.types import (pack_f32, pack_footprint, pack_tokens, unpack_f32, unpack_footprint, unpack_token_rows,
                        unpack_tokens)
-from tokenline.manifest import Manifest
+from tokenline.manifest import Manifest, SummarySpec
 from tokenline.preprocess import FrameGeometry
 from tokenline.summary import Summary
 
@@ -151,6 +151,16 @@ def remove_model(session: Session, model_id: int, delete_frames: bool = False) -
 
 
 # -- frames ------------------------------------------------------------------------------------------
+def stored_tokens(msg: "TokenMessage") -> bytes:
+    """The ``tokens`` blob of a message: its int8 or int4 rows as they arrived (no second rounding, int4 in half
+    the bytes; ``sql.types.token_bits`` tells the layouts apart by length), other tokens (fp16) packed as int8.
+    int4 rows of d = 1 are as long as int8 rows of d = 1, so those are widened to int8 (exactly)."""
+    rows = msg.token_rows()
+    if rows is None or (msg.token_dtype == "int4" and msg.summary.token_dim < 2):
+        return pack_tokens(msg.summary.tokens)
+    return rows
+
+
 def frame_row(msg: "TokenMessage", model_id: int, received_us: int) -> Dict[str, Any]:
     """The ``frames`` row of a decoded, validated message (the footprint and the frame's geometry when it has them)."""
     fp, frame = msg.summary.footprint, (msg.metadata or {}).get("frame")
@@ -159,8 +169,7 @@ def frame_row(msg: "TokenMessage", model_id: int, received_us: int) -> Dict[str,
         "line": msg.line, "camera": msg.camera, "capture_us": int(msg.capture_ts_us), "received_us": received_us,
         "seq": int(msg.seq), "flags": int(msg.flags), "token_dtype": msg.token_dtype,
         "k": msg.summary.k, "global_embedding": np.asarray(msg.summary.global_embedding, np.float32),
-        # int8 rows as they arrived: the stored layout (pack_tokens) is the wire's, no second rounding
-        "tokens": msg.token_rows() or pack_tokens(msg.summary.tokens),
+        "tokens": stored_tokens(msg),
         "sizes": pack_f32(msg.summary.sizes),
         "centroids": pack_f32(msg.summary.centroids),
         "legal_hold": False,
@@ -332,20 +341,21 @@ class FrameData:
 _SUMMARY_COLS = ("legal_hold", "k", "tokens", "sizes", "centroids", "footprint", "geometry")
 
 
-def _frame_data(r: Any, global_embedding: np.ndarray, grid: Optional[Tuple[int, int]]) -> FrameData:
-    """A ``FrameData`` from a ``frames`` row (ORM object or result row) whose blobs are still packed; ``grid`` is
-    the model's footprint grid (its manifest's)."""
-    k = int(r.k)
+def _frame_data(r: Any, global_embedding: np.ndarray, spec: SummarySpec) -> FrameData:
+    """A ``FrameData`` from a ``frames`` row (ORM object or result row) whose blobs are still packed; ``spec`` is
+    the model's summary (its manifest's: the tokens' dimension, the footprint grid)."""
+    k, grid = int(r.k), spec.footprint_grid
     fp = None if r.footprint is None or grid is None else unpack_footprint(r.footprint, grid)
-    summary = Summary(global_embedding, unpack_tokens(r.tokens, k), unpack_f32(r.sizes, (k,)),
+    summary = Summary(global_embedding, unpack_tokens(r.tokens, k, spec.dim), unpack_f32(r.sizes, (k,)),
                       unpack_f32(r.centroids, (k, 2)), fp)
     geometry = None if r.geometry is None else FrameGeometry.from_json(json.loads(r.geometry))
     return FrameData(**{n: getattr(r, n) for n in _FRAME_META}, legal_hold=bool(r.legal_hold), summary=summary,
                      geometry=geometry)
 
 
-def decode_frame(f: Frame, grid: Optional[Tuple[int, int]] = None) -> FrameData:
-    return _frame_data(f, np.asarray(f.global_embedding, np.float32), grid)
+def decode_frame(f: Frame, spec: SummarySpec) -> FrameData:
+    """A ``frames`` ORM row of a model whose manifest's summary is ``spec``, decoded."""
+    return _frame_data(f, np.asarray(f.global_embedding, np.float32), spec)
 
 
 def get_frame(session: Session, frame_id: str) -> Optional[FrameData]:
@@ -353,8 +363,7 @@ def get_frame(session: Session, frame_id: str) -> Optional[FrameData]:
                           .where(Frame.frame_id == frame_id)).first()
     if row is None:
         return None
-    grid = Manifest.from_json(row[1]).summary.footprint_grid
-    return decode_frame(row[0], grid)
+    return decode_frame(row[0], Manifest.from_json(row[1]).summary)
 
 
 def rows_by_id(session: Session, cols: Sequence[Any], ids: Sequence[int],
@@ -391,26 +400,21 @@ def get_frames(session: Session, ids: Sequence[int], model: ModelInfo,
     see ``rows_by_id``."""
     cols = [getattr(Frame, n) for n in ("id", *_FRAME_META, *_SUMMARY_COLS)]
     empty = np.zeros(0, np.float32)
-    grid = model.manifest.summary.footprint_grid
-    return {r.id: _frame_data(r, empty, grid) for r in rows_by_id(session, cols, ids, segment_of)}
+    return {r.id: _frame_data(r, empty, model.manifest.summary) for r in rows_by_id(session, cols, ids, segment_of)}
 
 
-def candidate_tokens(session: Session, ids: Sequence[int], segment_of: Optional[Mapping[int, int]] = None
-                     ) -> Dict[int, Tuple[str, np.ndarray, np.ndarray]]:
-    """What the MaxSim re-rank reads of each candidate, by surrogate ``id``: (frame id, tokens [K, d], which
-    tokens take part [K] (those standing for a footprint cell; all without a footprint)); the blobs of one K
+def candidate_tokens(session: Session, ids: Sequence[int], model: ModelInfo,
+                     segment_of: Optional[Mapping[int, int]] = None) -> Dict[int, Tuple[str, np.ndarray, np.ndarray]]:
+    """What the MaxSim re-rank reads of each candidate of ``model``, by surrogate ``id``: (frame id, tokens
+    [K, d], which tokens take part [K] (those standing for a footprint cell; all without a footprint)); the blobs
     are unpacked together. The full frames are read afterwards for the hits only (``get_frames``).
     ``segment_of``: see ``rows_by_id``."""
-    rows = rows_by_id(session, (Frame.id, Frame.frame_id, Frame.k, Frame.tokens, Frame.sizes,
-                                Frame.footprint.is_(None)), ids, segment_of)
-    out: Dict[int, Tuple[str, np.ndarray, np.ndarray]] = {}
-    for k in {int(r[2]) for r in rows}:
-        part = [r for r in rows if int(r[2]) == k]
-        tokens = unpack_token_rows([r[3] for r in part], k)
-        sizes = np.frombuffer(b"".join(bytes(r[4]) for r in part), dtype="<f4").reshape(len(part), k)
-        for r, t, sz in zip(part, tokens, sizes):
-            out[int(r[0])] = (r[1], t, np.ones(k, bool) if r[5] else sz > 0)
-    return out
+    rows = rows_by_id(session, (Frame.id, Frame.frame_id, Frame.tokens, Frame.sizes, Frame.footprint.is_(None)),
+                      ids, segment_of)
+    k = model.k
+    tokens = unpack_token_rows([r[2] for r in rows], k, model.token_dim)
+    sizes = np.frombuffer(b"".join(bytes(r[3]) for r in rows), dtype="<f4").reshape(len(rows), k)
+    return {int(r[0]): (r[1], t, np.ones(k, bool) if r[4] else sz > 0) for r, t, sz in zip(rows, tokens, sizes)}
 
 
 _LIST_COLS = ("id", *_FRAME_META, "legal_hold", "k")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 from pgvector import HalfVector
@@ -12,7 +12,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
-from tokenline.wire.common import pack_nibbles, unpack_nibbles
+from tokenline.wire.common import pack_nibbles, unpack_int4, unpack_nibbles
 
 
 class Embedding(TypeDecorator):
@@ -54,8 +54,10 @@ Labels = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgre
 
 
 def pack_tokens(tokens: np.ndarray) -> bytes:
-    """Store [K, D] float tokens as int8 with one float32 scale per token: K*4 scale bytes, then K*D int8 (the
-    layout of the wire's int8 token rows, ``tokenline.wire.common.encode_rows``, which central stores as received).
+    """Store [K, d] float tokens as int8 with one float32 scale per token: K*4 scale bytes, then K*d int8 (the
+    layout of the wire's int8 token rows, ``tokenline.wire.common.encode_rows``). Central stores the token rows
+    of int8 and int4 messages as they arrived (``TokenMessage.token_rows``) and packs other tokens (fp16
+    messages) with this.
 
     Tokens are unit-norm, so a per-token symmetric scale keeps cosine similarity above 0.999.
     """
@@ -68,36 +70,40 @@ def pack_tokens(tokens: np.ndarray) -> bytes:
     return scale.astype("<f4").tobytes() + q.tobytes()
 
 
-def token_dim(blob: bytes, k: int) -> int:
-    """The dimension d of ``pack_tokens``' blob of K tokens (K*4 scale bytes + K*d values)."""
-    d, rest = divmod(len(blob) - 4 * k, k)
-    if rest or d < 1:
-        raise ValueError(f"a token blob of {len(blob)} bytes does not hold K={k} tokens")
-    return d
+def token_bits(nbytes: int, k: int, d: int) -> int:
+    """The layout of a stored token blob of K tokens of the model's dimension d, from its length: 8 (K*4 scale
+    bytes, then K*d int8) or 4 (K*4 scale bytes, then per token ceil(d/2) bytes of two int4 values, the first in
+    the low nibble: the wire's int4 rows). The two lengths differ for every d > 1; a model's d is fixed (its
+    manifest's ``summary.dim``), so the length tells them apart without a column of its own."""
+    if nbytes == k * (4 + d):
+        return 8
+    if d > 1 and nbytes == k * (4 + (d + 1) // 2):
+        return 4
+    raise ValueError(f"a token blob of {nbytes} bytes does not hold K={k} tokens of dimension {d}")
 
 
-def unpack_tokens(blob: bytes, k: int, d: int | None = None) -> np.ndarray:
-    """Inverse of ``pack_tokens``: float32 [K, d] (d from the blob's length when not given)."""
-    d = token_dim(blob, k) if d is None else d
-    need = k * 4 + k * d
-    if len(blob) != need:
-        raise ValueError(f"token blob is {len(blob)} bytes, expected {need} for K={k}, d={d}")
-    scale = np.frombuffer(blob, dtype="<f4", count=k)
-    q = np.frombuffer(blob, dtype=np.int8, offset=k * 4).reshape(k, d)
-    return q.astype(np.float32) * scale[:, None].astype(np.float32)
+def unpack_tokens(blob: bytes, k: int, d: int) -> np.ndarray:
+    """One stored token blob (int8 or int4 layout, see ``token_bits``) as float32 [K, d]."""
+    return unpack_token_rows([blob], k, d)[0]
 
 
-def unpack_token_rows(blobs: list, k: int) -> np.ndarray:
-    """Many frames' token blobs of the same K and d at once: float32 [F, K, d] (region search's scan)."""
-    if not blobs:
-        return np.zeros((0, k, 0), np.float32)
-    d = token_dim(blobs[0], k)
-    raw = np.frombuffer(b"".join(bytes(b) for b in blobs), dtype=np.uint8).reshape(len(blobs), -1)
-    if raw.shape[1] != k * (4 + d):
-        raise ValueError(f"token blobs of K={k} differ in length")
-    scale = raw[:, : 4 * k].copy().view("<f4").astype(np.float32)  # [F, K]
-    q = raw[:, 4 * k :].view(np.int8).reshape(len(blobs), k, d)
-    return q.astype(np.float32) * scale[:, :, None]
+def unpack_token_rows(blobs: Sequence[bytes], k: int, d: int) -> np.ndarray:
+    """Many frames' token blobs of one model (K tokens of dimension d; int8 and int4 layouts may be mixed) at once:
+    float32 [F, K, d], in the blobs' order. Blobs of one layout are decoded together."""
+    out = np.empty((len(blobs), k, d), np.float32)
+    by_len: Dict[int, List[int]] = {}
+    for i, b in enumerate(blobs):
+        by_len.setdefault(len(b), []).append(i)
+    for n, idx in by_len.items():
+        bits = token_bits(n, k, d)
+        raw = np.frombuffer(b"".join(bytes(blobs[i]) for i in idx), dtype=np.uint8).reshape(len(idx), n)
+        scale = raw[:, : 4 * k].copy().view("<f4").astype(np.float32)  # [F, K]
+        if bits == 8:
+            q = raw[:, 4 * k:].view(np.int8).reshape(len(idx), k, d).astype(np.float32)
+        else:
+            q = unpack_int4(raw[:, 4 * k:].reshape(len(idx), k, (d + 1) // 2), d).astype(np.float32)
+        out[idx] = q * scale[:, :, None]
+    return out
 
 
 def pack_footprint(footprint: np.ndarray) -> bytes:

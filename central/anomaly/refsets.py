@@ -22,6 +22,7 @@ from central.errors import Conflict, Invalid, NotFound
 from sql.models import Frame, FrameScore, Model, ReferenceFrame, ReferenceSet
 from sql.types import unpack_f32, unpack_footprint, unpack_token_rows
 from tokenline.anomaly import MODES, Bank, BankInfo
+from tokenline.manifest import Manifest
 from tokenline.summary import Summary
 
 REASON = "bad_reference_set"  # the reason of every Invalid raised here
@@ -72,16 +73,10 @@ def row_summary(r: Any, tokens: np.ndarray, footprint_grid: Optional[Tuple[int, 
     return Summary(g, tokens, unpack_f32(r.sizes, (k,)), unpack_f32(r.centroids, (k, 2)), fp)
 
 
-def group_by_shape(rows: Sequence[Any]) -> List[List[Any]]:
-    """Frame rows (with ``k`` and ``tokens``) grouped by token shape, so each group decodes as one array."""
-    groups: Dict[Tuple[int, int], List[Any]] = {}
-    for r in rows:
-        groups.setdefault((int(r.k), len(r.tokens)), []).append(r)
-    return list(groups.values())
-
-
-def load_frames(session: Session, frame_ids: Sequence[str], with_globals: bool) -> Tuple[List[str], SetFrames]:
-    """The stored frames among ``frame_ids`` (in that order) as arrays; frames retention deleted are skipped."""
+def load_frames(session: Session, frame_ids: Sequence[str], token_dim: int, with_globals: bool
+                ) -> Tuple[List[str], SetFrames]:
+    """The stored frames among ``frame_ids`` (in that order; frames of one model, whose tokens have dimension
+    ``token_dim``) as arrays; frames retention deleted are skipped."""
     rows: Dict[str, Any] = {}
     cols = [Frame.frame_id, Frame.k, Frame.tokens, Frame.sizes] + ([Frame.global_embedding] if with_globals else [])
     ids = list(frame_ids)
@@ -93,9 +88,9 @@ def load_frames(session: Session, frame_ids: Sequence[str], with_globals: bool) 
         empty = np.zeros((0, 1), np.float32)
         return [], SetFrames(np.zeros((0, 1, 1), np.float32), empty, empty)
     k = int(rows[found[0]].k)
-    if len({(int(rows[f].k), len(rows[f].tokens)) for f in found}) != 1:
-        raise Invalid("the set's frames have different token shapes (K or d)", reason=REASON)
-    tokens = unpack_token_rows([rows[f].tokens for f in found], k)
+    if len({int(rows[f].k) for f in found}) != 1:
+        raise Invalid("the set's frames have different token counts (K)", reason=REASON)
+    tokens = unpack_token_rows([rows[f].tokens for f in found], k, token_dim)
     sizes = np.stack([unpack_f32(rows[f].sizes, (k,)) for f in found])
     globals_ = (np.stack([np.asarray(rows[f].global_embedding, np.float32) for f in found]) if with_globals
                 else np.zeros((len(found), 0), np.float32))
@@ -139,7 +134,8 @@ def _select_frames(session: Session, model_id: int, place: Tuple[str, str, str],
 def _build(session: Session, row: ReferenceSet, frame_ids: List[str], cfg: AnomalyConfig,
            threshold: Optional[float]) -> Bank:
     model = session.get(Model, row.model_id)
-    found, frames = load_frames(session, frame_ids, with_globals=row.mode != "tokens")
+    found, frames = load_frames(session, frame_ids, Manifest.from_json(model.manifest_json).summary.dim,
+                                with_globals=row.mode != "tokens")
     if len(found) < 2:
         raise Invalid(f"a reference set needs at least two stored frames, {len(found)} found", reason=REASON)
     info = BankInfo(set_id=row.id, set_version=row.version, name=row.name, site=row.site, line=row.line,

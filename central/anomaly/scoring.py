@@ -32,6 +32,7 @@ from sql.db import is_postgres
 from sql.models import Frame, FrameScore, ReferenceSet, ScoreQueue
 from sql.types import unpack_token_rows
 from tokenline.anomaly import AnomalyScore, Bank, footprint_regions, pack_masks, token_region
+from tokenline.manifest import SummarySpec
 from tokenline.summary import Summary
 from tokenline.topics import Alert
 
@@ -175,17 +176,16 @@ class Banks:
         return self._banks.get(key)
 
 
-def frame_summaries(rows: Sequence[Any], footprint_grid: Optional[Tuple[int, int]],
-                    with_global: bool) -> List[Summary]:
-    """The summaries of ``frames`` rows (``k``, ``tokens``, ``sizes``, ``centroids``, ``footprint`` and, when
-    ``with_global``, ``global_embedding``), in the rows' order; the tokens of each shape decoded at once."""
-    out: Dict[int, Summary] = {}
-    index = {id(r): i for i, r in enumerate(rows)}
-    for part in refsets.group_by_shape(rows):
-        for r, tok in zip(part, unpack_token_rows([r.tokens for r in part], int(part[0].k))):
-            g = np.asarray(r.global_embedding, np.float32) if with_global else None
-            out[index[id(r)]] = refsets.row_summary(r, tok, footprint_grid, g)
-    return [out[i] for i in range(len(rows))]
+def frame_summaries(rows: Sequence[Any], spec: SummarySpec, with_global: bool) -> List[Summary]:
+    """The summaries of ``frames`` rows of one model whose manifest's summary is ``spec`` (``k``, ``tokens``,
+    ``sizes``, ``centroids``, ``footprint`` and, when ``with_global``, ``global_embedding``), in the rows' order;
+    the tokens decoded at once."""
+    if not rows:
+        return []
+    tokens = unpack_token_rows([r.tokens for r in rows], int(rows[0].k), spec.dim)
+    return [refsets.row_summary(r, tok, spec.footprint_grid,
+                                np.asarray(r.global_embedding, np.float32) if with_global else None)
+            for r, tok in zip(rows, tokens)]
 
 
 _QUEUE_COLS = (ScoreQueue.id.label("queue_id"), ScoreQueue.frame_id.label("queued_frame"), ScoreQueue.edge_set_id,
@@ -234,19 +234,19 @@ class Scorer:
 
     def _score(self, session: Session, rows: Sequence[Any]) -> Dict[int, Scored]:
         """``{queue id: Scored}`` of the rows whose frame is stored and whose camera has a bank."""
-        groups: Dict[Tuple[Key, int, int], List[Any]] = {}
+        groups: Dict[Tuple[Key, int], List[Any]] = {}
         for r in rows:
             if r.model_id is None:  # retention deleted the frame meanwhile
                 continue
             key = (int(r.model_id), r.site, r.line, r.camera)
             if self.banks.get(key) is not None:
-                groups.setdefault((key, int(r.k), len(r.tokens)), []).append(r)
+                groups.setdefault((key, int(r.k)), []).append(r)
         out: Dict[int, Scored] = {}
-        for (key, _, _), part in groups.items():
+        for (key, _), part in groups.items():
             bank, model = self.banks.get(key), self._model(session, key[0])
             info = bank.info
             try:
-                sums = frame_summaries(part, model.manifest.summary.footprint_grid, info.mode != "tokens")
+                sums = frame_summaries(part, model.manifest.summary, info.mode != "tokens")
                 frames = []
                 for r, sm in zip(part, sums):
                     same = r.edge_score is not None and (r.edge_set_id, r.edge_set_version) == (info.set_id,
@@ -334,7 +334,7 @@ def backfill(engine: Engine, set_id: Optional[int] = None, batch: int = 500,
             total = int(s.scalar(select(func.count()).select_from(Frame).outerjoin(
                 fs, fs.c.frame_id == Frame.frame_id).where(_stale(row))) or 0)
             grid, hash16 = tuple(model.manifest.encoder.grid), model.hash16
-            fp_grid = model.manifest.summary.footprint_grid
+            spec = model.manifest.summary
         if bank is None:
             continue
         done, last_id = 0, 0
@@ -349,7 +349,7 @@ def backfill(engine: Engine, set_id: Optional[int] = None, batch: int = 500,
                 if not rows:
                     break
                 last_id = int(rows[-1].id)
-                sums = frame_summaries(rows, fp_grid, bank.info.mode != "tokens")
+                sums = frame_summaries(rows, spec, bank.info.mode != "tokens")
                 frames = [(FrameMeta(r.frame_id, row.model_id, hash16, row.site, r.device, row.line, row.camera,
                                      int(r.capture_us)), sm) for r, sm in zip(rows, sums)]
                 scored = score_frames(bank, frames, grid)

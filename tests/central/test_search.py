@@ -44,7 +44,8 @@ def _load_all(engine):
     from sql.models import Frame
 
     with Session(engine) as s:
-        return [store.decode_frame(f) for f in s.scalars(select(Frame))]
+        specs = {m.id: m.manifest.summary for m in store.list_models(s)}
+        return [store.decode_frame(f, specs[f.model_id]) for f in s.scalars(select(Frame))]
 
 
 def _brute(frames, model, q, flt, k):

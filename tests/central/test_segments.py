@@ -44,7 +44,8 @@ def _insert(engine, model, msgs) -> int:
 
 def _all_frames(engine):
     with Session(engine) as s:
-        return [store.decode_frame(f, 384) for f in s.scalars(select(Frame))]
+        specs = {m.id: m.manifest.summary for m in store.list_models(s)}
+        return [store.decode_frame(f, specs[f.model_id]) for f in s.scalars(select(Frame))]
 
 
 def _brute(frames, q, flt: Filters, k: int):
@@ -137,7 +138,7 @@ def test_candidates_are_read_from_their_own_segment_and_a_moved_row_is_still_fou
         where[moved] = 1  # as if it had moved after the kNN
     ids = [i for i, _, _ in cands]
     with Session(engine) as s:
-        plain, located = store.candidate_tokens(s, ids), store.candidate_tokens(s, ids, where)
+        plain, located = store.candidate_tokens(s, ids, model), store.candidate_tokens(s, ids, model, where)
         assert sorted(plain) == sorted(located) == sorted(ids)
         for i in ids:
             assert plain[i][0] == located[i][0] and np.array_equal(plain[i][1], located[i][1])

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from central import store
 from sql.migrate import current, downgrade, upgrade
 from sql.models import Frame
-from sql.types import pack_tokens, unpack_tokens
+from sql.types import pack_tokens, token_bits, unpack_token_rows, unpack_tokens
 from tests.central.conftest import make_message, tx, unit
 
 
@@ -125,17 +125,19 @@ def test_token_packing_keeps_cosine():
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("mode", ["int8", "int4", "fp16"])
 def test_stored_tokens_are_exactly_the_decoded_ones(engine, tiny_manifest, mode, version):
-    """An int8 or int4 message's token rows are stored as they arrived (the int8 layout, int4 codes widened under
-    their scales: no second rounding): reading the frame back gives exactly the decoded tokens, so central scores
-    what an edge scoring its own tokens scores. fp16 tokens are packed from the decoded floats."""
+    """An int8 or int4 message's token rows are stored as they arrived (no second rounding; int4 in its own,
+    half-size layout): reading the frame back gives exactly the decoded tokens, so central scores what an edge
+    scoring its own tokens scores. fp16 tokens are packed from the decoded floats as int8."""
     from tokenline import wire
 
     model = tx(engine, store.register_model, tiny_manifest)
     msg = wire.decode(wire.encode(make_message(tiny_manifest, np.random.default_rng(4)), mode, version=version))
-    assert msg.version == version and (msg.int8_rows is not None) == (mode != "fp16")
+    assert msg.version == version and (msg.raw_rows is not None) == (mode != "fp16")
     row = store.frame_row(msg, model.id, store.now_us())
-    if mode == "int8":
-        assert row["tokens"] == msg.int8_rows
+    k, d = msg.summary.tokens.shape
+    if mode != "fp16":
+        assert row["tokens"] == msg.raw_rows
+    assert len(row["tokens"]) == k * (4 + ((d + 1) // 2 if mode == "int4" else d))
     with Session(engine) as s, s.begin():
         assert store.insert_frames(s, [row]) == 1
     back = tx(engine, store.get_frame, msg.frame_id.hex()).summary.tokens
@@ -147,8 +149,36 @@ def test_stored_tokens_are_exactly_the_decoded_ones(engine, tiny_manifest, mode,
     # a summary replaced after decoding is stored as it is now, not as the rows that arrived
     other = replace(msg, frame_id=bytes(16), summary=replace(msg.summary, tokens=-msg.summary.tokens))
     assert other.token_rows() is None
-    np.testing.assert_allclose(unpack_tokens(store.frame_row(other, model.id, 0)["tokens"], 16, 384),
+    np.testing.assert_allclose(unpack_tokens(store.frame_row(other, model.id, 0)["tokens"], k, d),
                                -msg.summary.tokens, atol=0.01)
+
+
+@pytest.mark.parametrize("d", [1, 2, 7, 64])
+def test_token_blobs_of_both_layouts_decode_together(d):
+    """Frames of one model may arrive as int8 and as int4 (edges configured differently): their blobs tell the
+    layouts apart by length for every d (int4 rows of d = 1 are stored widened to int8) and decode in one call,
+    in order, to exactly the decoded values; a blob of neither length is refused."""
+    from tokenline import wire
+    from tokenline.frame_id import new_frame_id
+    from tokenline.summary import Summary
+
+    rng, k, t0 = np.random.default_rng(d), 5, 1_700_000_000_000_000
+    blobs, want = [], []
+    for i in range(6):
+        summ = Summary(unit(rng, 8), unit(rng, k, d) * rng.uniform(0.2, 1, (k, 1)).astype(np.float32),
+                       np.ones(k, np.float32), rng.uniform(0, 1, (k, 2)).astype(np.float32))
+        msg = wire.decode(wire.encode(wire.TokenMessage(new_frame_id(t0 + i), "d", "s", "l", "c", t0, i, bytes(16),
+                                                        summ), ("int8", "int4", "fp16")[i % 3]))
+        blobs.append(store.stored_tokens(msg))
+        want.append(msg.summary.tokens)
+    assert [token_bits(len(b), k, d) for b in blobs] == [8, 4 if d > 1 else 8, 8] * 2
+    got = unpack_token_rows(blobs, k, d)
+    assert got.shape == (6, k, d)
+    for i in (0, 1, 3, 4):  # int8 and int4: exactly; fp16 was packed to int8
+        np.testing.assert_array_equal(got[i], want[i])
+    np.testing.assert_allclose(got[2], want[2], atol=0.01)
+    with pytest.raises(ValueError, match="does not hold"):
+        unpack_token_rows([blobs[0][:-1]], k, d)
 
 
 def test_api_tokens_hashed_with_roles(engine):

@@ -65,10 +65,10 @@ class TokenMessage:
     ``metadata`` (v2 only) is ``{"source": file name, "labels": {name: text}}`` with either key optional;
     ``anomaly`` (v2 only) is the edge's own anomaly score of the frame against a bank exported from central;
     ``version`` is the wire version the message was decoded from (what ``encode`` writes by default);
-    ``int8_rows`` (set by ``decode`` for int8 and int4 tokens) is the token rows in the int8 layout, K float32
-    scales then K*d int8 values (``encode_rows``), holding exactly the values that arrived (int4 codes widened to
-    int8 with their scales: ``Reader.rows``), so that a reader storing that layout keeps them as they are, with no
-    second rounding; they are read through ``token_rows()``, which drops them once the summary is replaced
+    ``raw_rows`` (set by ``decode`` for int8 and int4 tokens) is the token rows as they arrived, in the layout
+    of ``encode_rows`` for ``token_dtype`` (K float32 scales, then K*d int8 values or K*ceil(d/2) bytes of int4
+    pairs), so that a reader storing them keeps exactly the values that arrived, with no second rounding and in
+    as few bytes; they are read through ``token_rows()``, which drops them once the summary is replaced
     (``dataclasses.replace``).
     """
 
@@ -86,12 +86,12 @@ class TokenMessage:
     metadata: Optional[Dict[str, Any]] = None
     anomaly: Optional[AnomalyScore] = None
     version: int = 2
-    int8_rows: Optional[bytes] = field(default=None, repr=False)
-    rows_of: Optional[Summary] = field(default=None, repr=False)  # the summary ``int8_rows`` encode
+    raw_rows: Optional[bytes] = field(default=None, repr=False)
+    rows_of: Optional[Summary] = field(default=None, repr=False)  # the summary ``raw_rows`` encode
 
     def token_rows(self) -> Optional[bytes]:
-        """``int8_rows`` while they still encode this message's summary, else None."""
-        return self.int8_rows if self.int8_rows is not None and self.rows_of is self.summary else None
+        """``raw_rows`` while they still encode this message's summary, else None."""
+        return self.raw_rows if self.raw_rows is not None and self.rows_of is self.summary else None
 
     @property
     def frame_id_hex(self) -> str:
@@ -160,9 +160,13 @@ def unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
 
 
 def unpack_int4(packed: np.ndarray, d: int) -> np.ndarray:
-    """Packed nibbles [..., ceil(D/2)] -> int8 [..., D] in [-8, 7]."""
-    both = unpack_nibbles(packed, d).astype(np.int8)
-    return np.where(both > 7, both - 16, both).astype(np.int8)
+    """Packed nibbles [..., ceil(D/2)] -> int8 [..., D] in [-8, 7]: arithmetic shifts of the bytes as int8 sign-
+    extend each nibble (low: shift left 4 then right 4; high: right 4)."""
+    s = np.ascontiguousarray(packed, np.uint8).view(np.int8)
+    out = np.empty(s.shape + (2,), np.int8)
+    np.right_shift(np.left_shift(s, 4), 4, out=out[..., 0])
+    np.right_shift(s, 4, out=out[..., 1])
+    return out.reshape(s.shape[:-1] + (2 * s.shape[-1],))[..., :d]
 
 
 # -- checks shared by both versions -------------------------------------------------------------------------
@@ -398,9 +402,8 @@ class Reader:
         return v
 
     def rows(self, k: int, d: int, mode: str, what: str) -> Tuple[np.ndarray, Optional[bytes]]:
-        """Rows written by ``encode_rows``: (float32 [K, d], the same values in the int8 layout of
-        ``TokenMessage.int8_rows``: int8 rows as they are, int4 codes widened to int8 under their scales; None for
-        fp16)."""
+        """Rows written by ``encode_rows``: (float32 [K, d], their bytes as they arrived for int8 and int4
+        (``TokenMessage.raw_rows``), None for fp16)."""
         if mode == "fp16":
             t = self.array("<f2", k * d, what).astype(np.float32).reshape(k, d)
             finite(what, t)
@@ -419,7 +422,7 @@ class Reader:
         t = dequantize(q, ts)
         if not safe:
             finite(what, t)
-        return t, (self.buf[at: self.pos] if mode == "int8" else self.buf[at: at + 4 * k] + q.tobytes())
+        return t, self.buf[at: self.pos]
 
 
 def open_message(buf: object, max_bytes: int, fixed_size: int) -> bytes:

@@ -87,7 +87,7 @@ def decode(buf: bytes, max_bytes: int) -> TokenMessage:
     if expect != n:
         raise WireError("length_mismatch", f"K={k}, D={d}, {mode} need {expect} bytes, payload has {n}")
     g = r.vector(d, "fp16" if mode == "fp16" else "int8", "global_embedding")
-    t, int8_rows = r.rows(k, d, mode, "tokens")
+    t, raw_rows = r.rows(k, d, mode, "tokens")
     sizes = r.array("<f4", k, "sizes").astype(np.float32)
     centroids = (r.array("<u2", 2 * k, "centroids").astype(np.float32) / _CENTROID_SCALE).reshape(k, 2)
     sizes, centroids = check_boxes(sizes, centroids, k)
@@ -95,5 +95,5 @@ def decode(buf: bytes, max_bytes: int) -> TokenMessage:
     return TokenMessage(
         frame_id=fid, device=names[0], site=names[1], line=names[2], camera=names[3], capture_ts_us=ts_us,
         seq=seq, manifest_hash=mhash, summary=summary, token_dtype=mode, flags=flags, version=VERSION,
-        int8_rows=int8_rows, rows_of=summary,
+        raw_rows=raw_rows, rows_of=summary,
     )

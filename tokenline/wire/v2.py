@@ -205,7 +205,7 @@ def decode(buf: bytes, max_bytes: int) -> TokenMessage:
     if sec.end - sec.pos != rows_size(mode, k, td):
         raise WireError("length_mismatch", f"K={k}, d={td}, {mode} need {rows_size(mode, k, td)} bytes, the tokens "
                                            f"section has {sec.end - sec.pos}")
-    t, int8_rows = sec.rows(k, td, mode, "tokens")
+    t, raw_rows = sec.rows(k, td, mode, "tokens")
 
     footprint = None
     if FOOTPRINT in found:
@@ -250,5 +250,5 @@ def decode(buf: bytes, max_bytes: int) -> TokenMessage:
     return TokenMessage(
         frame_id=fid, device=names[0], site=names[1], line=names[2], camera=names[3], capture_ts_us=ts_us,
         seq=seq, manifest_hash=mhash, summary=summary, token_dtype=mode, flags=flags, metadata=metadata,
-        anomaly=anomaly, version=VERSION, int8_rows=int8_rows, rows_of=summary,
+        anomaly=anomaly, version=VERSION, raw_rows=raw_rows, rows_of=summary,
     )

@@ -27,6 +27,7 @@ bank), interleaved, median of --runs.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -358,6 +359,12 @@ def paired_cost(rates: Dict[str, List[float]]) -> dict:
             "cost_lo": lo, "cost_hi": hi, "costs": costs, "verdict": verdict}
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` (Linux: /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def ingest_rows(runs: int, n: int, tmp: Path, rt: "RealTokens | None", dtype: str = "int8") -> dict:
     """Messages/s of Ingestor.process on SQLite with scoring off (no reference set) and on (a 10k-token bank: ingest
     queues each frame, the worker's scorer process scores them beside it), interleaved; with scoring on also the
@@ -381,6 +388,7 @@ def ingest_rows(runs: int, n: int, tmp: Path, rt: "RealTokens | None", dtype: st
     stream = Stream(tmp, rt, dtype)
     cfg = AnomalyConfig(max_bank_tokens=10_000)
     rates: Dict[str, List[float]] = {"off": [], "on": [], "scored": []}
+    cpu: Dict[str, List[float]] = {"off": [], "on": [], "scorer": []}  # CPU seconds per message
     builds: List[float] = []
     bank_tokens = 0
 
@@ -406,19 +414,25 @@ def ingest_rows(runs: int, n: int, tmp: Path, rt: "RealTokens | None", dtype: st
             ing.process(payloads[:100])  # warm: models; with scoring, the scorer's start and bank
             while scorer is not None and queued(engine):
                 time.sleep(0.05)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
+            s0 = process_cpu(scorer.pid) if scorer is not None else 0.0
             for i in range(100, n, 100):
                 ing.process(payloads[i:i + 100])
             rates[mode].append((n - 100) / (time.perf_counter() - t0))
+            cpu[mode].append((time.process_time() - c0) / (n - 100))
             if scorer is not None:
                 while queued(engine):
                     time.sleep(0.01)
                 rates["scored"].append((n - 100) / (time.perf_counter() - t0))
+                cpu["scorer"].append((process_cpu(scorer.pid) - s0) / (n - 100))
                 scorer.close()
                 with Session(engine) as s:
                     assert store.counter_total(s, "frames_scored") == n, "a frame was not scored"
             engine.dispose()
-    return {**paired_cost(rates), "scored": statistics.median(rates["scored"]), "bank_tokens": bank_tokens, "runs": runs, "n": n, "build_s": statistics.median(builds),
+    queueing = [b / a - 1 for a, b in zip(cpu["off"], cpu["on"])]
+    return {**paired_cost(rates), "scored": statistics.median(rates["scored"]),
+            "cpu": {k: statistics.median(v) for k, v in cpu.items()}, "queueing": median_interval(queueing),
+            "bank_tokens": bank_tokens, "runs": runs, "n": n, "build_s": statistics.median(builds),
             "dim": stream.manifest.summary.dim, "real": stream.real, "rates": rates}
 
 
@@ -487,6 +501,7 @@ def timing_body(product: "Path | None", dtype: str, args, console) -> str:
                 f" pairs of runs, the pair's two modes back to back, their order alternating; sign-test 90% interval"
                 f" {100 * res['cost_lo']:.1f}% to {100 * res['cost_hi']:.1f}%; target <= 10%: {res['verdict']})")
 
+    cpu, q = ing["cpu"], ing["queueing"]
     it = md_table(rate_rows(ing), [("mode", "ingest (SQLite, in process, batches of 100)", ""),
                                    ("rate", "msg/s", ",.0f"), ("runs", "runs", "")])
     console.print(it)
@@ -510,7 +525,14 @@ def timing_body(product: "Path | None", dtype: str, args, console) -> str:
             "\n\n" + cost_text(ing, f"at a {ing['bank_tokens']:,}-token bank, in process without MQTT") +
             "; frames were scored at "
             f"{ing['scored'] / ing['on']:.2f} of the rate they were stored. Building that bank (700 frames, "
-            f"coreset to 10,000 tokens, leave-one-out threshold): {ing['build_s']:.1f} s (median).\n")
+            f"coreset to 10,000 tokens, leave-one-out threshold): {ing['build_s']:.1f} s (median).\n\n"
+            f"CPU time per message (medians over the runs; a process's own CPU time, which the machine's other "
+            f"load disturbs less than the clock): ingest {1e6 * cpu['off']:.0f} µs without a reference set, "
+            f"{1e6 * cpu['on']:.0f} µs with one (queueing each frame for the scorer: {100 * q[0]:+.1f}% per pair "
+            f"of runs, sign-test 90% interval {100 * q[1]:+.1f}% to {100 * q[2]:+.1f}%); the scorer "
+            f"{1e6 * cpu['scorer']:.0f} µs per frame, in its own process. Where the scorer has a core to itself, "
+            "that queueing is what scoring costs ingest; where broker, worker and scorer need more cores than "
+            "there are, the scorer's CPU is taken from ingest.\n")
     if brk is not None:
         bt = md_table(rate_rows(brk), [("mode", "ingest through Mosquitto (SQLite, one worker process)", ""),
                                        ("rate", "msg/s", ",.0f"), ("runs", "runs", "")])

@@ -90,20 +90,26 @@ def unpack_tokens(blob: bytes, k: int, d: int) -> np.ndarray:
 def unpack_token_rows(blobs: Sequence[bytes], k: int, d: int) -> np.ndarray:
     """Many frames' token blobs of one model (K tokens of dimension d; int8 and int4 layouts may be mixed) at once:
     float32 [F, K, d], in the blobs' order. Blobs of one layout are decoded together."""
-    out = np.empty((len(blobs), k, d), np.float32)
     by_len: Dict[int, List[int]] = {}
     for i, b in enumerate(blobs):
         by_len.setdefault(len(b), []).append(i)
+    if len(by_len) == 1:  # the usual case: one layout, no reordering
+        return _unpack_same(blobs, next(iter(by_len)), k, d)
+    out = np.empty((len(blobs), k, d), np.float32)
     for n, idx in by_len.items():
-        bits = token_bits(n, k, d)
-        raw = np.frombuffer(b"".join(bytes(blobs[i]) for i in idx), dtype=np.uint8).reshape(len(idx), n)
-        scale = raw[:, : 4 * k].copy().view("<f4").astype(np.float32)  # [F, K]
-        if bits == 8:
-            q = raw[:, 4 * k:].view(np.int8).reshape(len(idx), k, d).astype(np.float32)
-        else:
-            q = unpack_int4(raw[:, 4 * k:].reshape(len(idx), k, (d + 1) // 2), d).astype(np.float32)
-        out[idx] = q * scale[:, :, None]
+        out[idx] = _unpack_same([blobs[i] for i in idx], n, k, d)
     return out
+
+
+def _unpack_same(blobs: Sequence[bytes], n: int, k: int, d: int) -> np.ndarray:
+    """``unpack_token_rows`` of blobs that are all ``n`` bytes long."""
+    bits = token_bits(n, k, d)
+    raw = np.frombuffer(b"".join(bytes(b) for b in blobs), dtype=np.uint8).reshape(len(blobs), n)
+    scale = raw[:, : 4 * k].copy().view("<f4").astype(np.float32)  # [F, K]
+    body = raw[:, 4 * k:]
+    q = (body.view(np.int8).reshape(len(blobs), k, d) if bits == 8
+         else unpack_int4(body.reshape(len(blobs), k, (d + 1) // 2), d))
+    return q.astype(np.float32) * scale[:, :, None]
 
 
 def pack_footprint(footprint: np.ndarray) -> bytes:

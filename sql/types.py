@@ -119,6 +119,18 @@ def pack_footprint(footprint: np.ndarray) -> bytes:
     return (pack_nibbles(fp) if fp.size and int(fp.max()) < 16 else fp).tobytes()
 
 
+def unpack_footprints(blobs: Sequence[bytes], grid: tuple) -> np.ndarray:
+    """Many frames' ``pack_footprint`` blobs of one model (one length) at once: uint8 [F, gh, gw]."""
+    gh, gw = int(grid[0]), int(grid[1])
+    n = gh * gw
+    b = np.frombuffer(b"".join(bytes(x) for x in blobs), dtype=np.uint8)
+    if b.size == n * len(blobs):
+        return b.reshape(len(blobs), gh, gw).copy()
+    if b.size != (n + 1) // 2 * len(blobs):
+        raise ValueError(f"footprint blobs of {sorted({len(x) for x in blobs})} bytes do not fit a {gh}x{gw} grid")
+    return unpack_nibbles(b.reshape(len(blobs), -1), n).reshape(len(blobs), gh, gw)
+
+
 def unpack_footprint(blob: bytes, grid: tuple) -> np.ndarray:
     """Inverse of ``pack_footprint``: uint8 [gh, gw]."""
     gh, gw = int(grid[0]), int(grid[1])
@@ -138,3 +150,9 @@ def pack_f32(arr: np.ndarray) -> bytes:
 
 def unpack_f32(blob: bytes, shape: tuple) -> np.ndarray:
     return np.frombuffer(bytes(blob), dtype="<f4").astype(np.float32).reshape(shape)
+
+
+def unpack_f32_rows(blobs: Sequence[bytes], shape: tuple) -> np.ndarray:
+    """Many rows' ``pack_f32`` blobs of one ``shape`` at once: float32 [F, *shape]."""
+    return np.frombuffer(b"".join(bytes(b) for b in blobs), dtype="<f4").astype(np.float32).reshape(
+        (len(blobs),) + tuple(shape))

@@ -23,7 +23,6 @@ from central.kmeans import unit
 from central.search import Filters, frame_conditions
 from sql.db import is_postgres
 from sql.models import Frame, FrameScore
-from sql.types import unpack_tokens
 from tokenline.anomaly import Region, token_region, unpack_mask
 from tokenline.summary import Summary
 
@@ -164,8 +163,7 @@ def _frame_tokens(session: Session, frame_id: str, models: Dict[int, Any]) -> Tu
                                Frame.footprint).where(Frame.frame_id == frame_id)).first()
     if r is None:
         raise NotFound("unknown frame", reason="not_found")
-    spec = models[r.model_id].manifest.summary
-    return r, refsets.row_summary(r, unpack_tokens(r.tokens, int(r.k), spec.dim), spec.footprint_grid)
+    return r, refsets.frame_summaries([r], models[r.model_id].manifest.summary, with_global=False)[0]
 
 
 def similar_region(session: Session, frame_id: str, token: Optional[int] = None, k: int = 24,

@@ -20,9 +20,9 @@ from central.anomaly.bank import SetFrames, build_bank, with_threshold
 from central.config import AnomalyConfig
 from central.errors import Conflict, Invalid, NotFound
 from sql.models import Frame, FrameScore, Model, ReferenceFrame, ReferenceSet
-from sql.types import unpack_f32, unpack_footprint, unpack_token_rows
+from sql.types import unpack_f32, unpack_f32_rows, unpack_footprints, unpack_token_rows
 from tokenline.anomaly import MODES, Bank, BankInfo
-from tokenline.manifest import Manifest
+from tokenline.manifest import Manifest, SummarySpec
 from tokenline.summary import Summary
 
 REASON = "bad_reference_set"  # the reason of every Invalid raised here
@@ -63,14 +63,20 @@ def _info(row: ReferenceSet, bank: Optional[Bank] = None) -> SetInfo:
 
 
 # -- frames of a set -------------------------------------------------------------------------------------------
-def row_summary(r: Any, tokens: np.ndarray, footprint_grid: Optional[Tuple[int, int]],
-                global_embedding: Optional[np.ndarray] = None) -> Summary:
-    """The summary of a ``frames`` row (``k``, ``sizes``, ``centroids``, ``footprint``) whose tokens are decoded,
-    with its footprint when the model has one (the anomalous region's mask comes from it)."""
-    k = int(r.k)
-    fp = None if r.footprint is None or footprint_grid is None else unpack_footprint(r.footprint, footprint_grid)
-    g = np.zeros(1, np.float32) if global_embedding is None else global_embedding
-    return Summary(g, tokens, unpack_f32(r.sizes, (k,)), unpack_f32(r.centroids, (k, 2)), fp)
+def frame_summaries(rows: Sequence[Any], spec: SummarySpec, with_global: bool) -> Summary:
+    """The summaries of ``frames`` rows of one model whose manifest's summary is ``spec`` (``k``, ``tokens``,
+    ``sizes``, ``centroids``, ``footprint`` and, when ``with_global``, ``global_embedding``) as one batch, in the
+    rows' order. Ingest stores a footprint with every frame of a model that has a footprint grid and none
+    otherwise; rows that break that are read without footprints (regions from the centroids)."""
+    k, n = int(rows[0].k), len(rows)
+    fp = None
+    if spec.footprint_grid is not None and all(r.footprint is not None for r in rows):
+        fp = unpack_footprints([r.footprint for r in rows], spec.footprint_grid)
+    g = (np.stack([np.asarray(r.global_embedding, np.float32) for r in rows]) if with_global
+         else np.zeros((n, 1), np.float32))
+    return Summary(g, unpack_token_rows([r.tokens for r in rows], k, spec.dim),
+                   unpack_f32_rows([r.sizes for r in rows], (k,)), unpack_f32_rows([r.centroids for r in rows], (k, 2)),
+                   fp)
 
 
 def load_frames(session: Session, frame_ids: Sequence[str], token_dim: int, with_globals: bool

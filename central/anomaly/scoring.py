@@ -30,9 +30,7 @@ from central.config import AnomalyConfig
 from central.store import ModelInfo
 from sql.db import is_postgres
 from sql.models import Frame, FrameScore, ReferenceSet, ScoreQueue
-from sql.types import unpack_token_rows
 from tokenline.anomaly import AnomalyScore, Bank, footprint_regions, pack_masks, token_region
-from tokenline.manifest import SummarySpec
 from tokenline.summary import Summary
 from tokenline.topics import Alert
 
@@ -64,33 +62,31 @@ class Scored:
     alert: Optional[Alert]  # set when the frame is over its set's threshold
 
 
-def score_frames(bank: Bank, frames: Sequence[Tuple[FrameMeta, Summary]], grid: Tuple[int, int]) -> List[Scored]:
-    """Score frames of one camera (same K and d) against its bank; one row (and maybe an alert) each."""
-    if not frames:
+def score_frames(bank: Bank, metas: Sequence[FrameMeta], batch: Summary, grid: Tuple[int, int]) -> List[Scored]:
+    """Score frames of one camera (their summaries ``batch``, batched: same K and d, in ``metas``' order) against
+    its bank; one row (and maybe an alert) each."""
+    if not metas:
         return []
-    sums = [s for _, s in frames]
-    fs = bank.score_arrays(np.stack([s.tokens for s in sums]), np.stack([s.sizes for s in sums]),
-                           np.stack([s.global_embedding for s in sums]) if bank.info.mode != "tokens" else None)
+    fs = bank.score_arrays(batch.tokens, batch.sizes,
+                           batch.global_embedding if bank.info.mode != "tokens" else None)
     info = bank.info
     flagged = fs.score.astype(np.float64) > info.threshold  # as Bank.anomaly_score compares (the edge)
-    boxes = np.zeros((len(frames), 4))
-    masks: List[Optional[bytes]] = [None] * len(frames)
-    grids: List[Tuple[Optional[int], Optional[int]]] = [(None, None)] * len(frames)
-    with_fp = [i for i, s in enumerate(sums) if s.footprint is not None and fs.token[i] >= 0]
-    by_grid: Dict[tuple, List[int]] = {}
-    for i in with_fp:
-        by_grid.setdefault(sums[i].footprint.shape, []).append(i)
-    for shape, idx in by_grid.items():  # the regions of footprinted frames, all at once
-        b, m = footprint_regions(np.stack([sums[i].footprint for i in idx]), fs.token[idx])
-        boxes[idx] = b
-        for i, packed in zip(idx, pack_masks(m)):
-            masks[i], grids[i] = packed, (int(shape[0]), int(shape[1]))
-    for i in np.flatnonzero(fs.token >= 0):
-        if sums[i].footprint is None:
-            boxes[i] = token_region(sums[i], int(fs.token[i]), grid).box
+    boxes = np.zeros((len(metas), 4))
+    masks: List[Optional[bytes]] = [None] * len(metas)
+    grids: List[Tuple[Optional[int], Optional[int]]] = [(None, None)] * len(metas)
+    found = np.flatnonzero(fs.token >= 0)
+    if batch.footprint is not None:  # the regions from the footprints, all at once
+        b, m = footprint_regions(batch.footprint[found], fs.token[found])
+        boxes[found] = b
+        shape = (int(batch.footprint.shape[1]), int(batch.footprint.shape[2]))
+        for i, packed in zip(found, pack_masks(m)):
+            masks[i], grids[i] = packed, shape
+    else:
+        for i in found:
+            boxes[i] = token_region(batch[i], int(fs.token[i]), grid).box
     now = store.now_us()
     out = []
-    for i, (meta, _) in enumerate(frames):
+    for i, meta in enumerate(metas):
         score, token, box = float(fs.score[i]), int(fs.token[i]), tuple(float(v) for v in boxes[i])
         row = {"frame_id": meta.frame_id, "set_id": info.set_id, "set_version": info.set_version,
                "model_id": meta.model_id, "site": meta.site, "line": meta.line, "camera": meta.camera,
@@ -176,18 +172,6 @@ class Banks:
         return self._banks.get(key)
 
 
-def frame_summaries(rows: Sequence[Any], spec: SummarySpec, with_global: bool) -> List[Summary]:
-    """The summaries of ``frames`` rows of one model whose manifest's summary is ``spec`` (``k``, ``tokens``,
-    ``sizes``, ``centroids``, ``footprint`` and, when ``with_global``, ``global_embedding``), in the rows' order;
-    the tokens decoded at once."""
-    if not rows:
-        return []
-    tokens = unpack_token_rows([r.tokens for r in rows], int(rows[0].k), spec.dim)
-    return [refsets.row_summary(r, tok, spec.footprint_grid,
-                                np.asarray(r.global_embedding, np.float32) if with_global else None)
-            for r, tok in zip(rows, tokens)]
-
-
 _QUEUE_COLS = (ScoreQueue.id.label("queue_id"), ScoreQueue.frame_id.label("queued_frame"), ScoreQueue.edge_set_id,
                ScoreQueue.edge_set_version, ScoreQueue.edge_score, Frame.model_id, Frame.site, Frame.line,
                Frame.camera, Frame.device, Frame.capture_us, Frame.k, Frame.tokens, Frame.sizes, Frame.centroids,
@@ -246,14 +230,14 @@ class Scorer:
             bank, model = self.banks.get(key), self._model(session, key[0])
             info = bank.info
             try:
-                sums = frame_summaries(part, model.manifest.summary, info.mode != "tokens")
-                frames = []
-                for r, sm in zip(part, sums):
+                batch = refsets.frame_summaries(part, model.manifest.summary, info.mode != "tokens")
+                metas = []
+                for r in part:
                     same = r.edge_score is not None and (r.edge_set_id, r.edge_set_version) == (info.set_id,
                                                                                                  info.set_version)
-                    frames.append((FrameMeta(r.queued_frame, key[0], model.hash16, r.site, r.device, r.line,
-                                             r.camera, int(r.capture_us), float(r.edge_score) if same else None), sm))
-                for r, sc in zip(part, score_frames(bank, frames, tuple(model.manifest.encoder.grid))):
+                    metas.append(FrameMeta(r.queued_frame, key[0], model.hash16, r.site, r.device, r.line,
+                                           r.camera, int(r.capture_us), float(r.edge_score) if same else None))
+                for r, sc in zip(part, score_frames(bank, metas, batch, tuple(model.manifest.encoder.grid))):
                     out[int(r.queue_id)] = sc
             except Exception:  # noqa: BLE001 - frames a bank cannot score must not stop the queue
                 log.exception("cannot score %d frame(s) of %s; they stay unscored", len(part), "/".join(key[1:]))
@@ -349,10 +333,9 @@ def backfill(engine: Engine, set_id: Optional[int] = None, batch: int = 500,
                 if not rows:
                     break
                 last_id = int(rows[-1].id)
-                sums = frame_summaries(rows, spec, bank.info.mode != "tokens")
-                frames = [(FrameMeta(r.frame_id, row.model_id, hash16, row.site, r.device, row.line, row.camera,
-                                     int(r.capture_us)), sm) for r, sm in zip(rows, sums)]
-                scored = score_frames(bank, frames, grid)
+                metas = [FrameMeta(r.frame_id, row.model_id, hash16, row.site, r.device, row.line, row.camera,
+                                   int(r.capture_us)) for r in rows]
+                scored = score_frames(bank, metas, refsets.frame_summaries(rows, spec, bank.info.mode != "tokens"), grid)
                 s.execute(_insert(s, fs, update=True), [x.row for x in scored])
                 store.add_counters(s, "backfill", {SCORED: len(scored)})
             done += len(rows)

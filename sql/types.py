@@ -123,12 +123,15 @@ def unpack_footprints(blobs: Sequence[bytes], grid: tuple) -> np.ndarray:
     """Many frames' ``pack_footprint`` blobs of one model (one length) at once: uint8 [F, gh, gw]."""
     gh, gw = int(grid[0]), int(grid[1])
     n = gh * gw
-    b = np.frombuffer(b"".join(bytes(x) for x in blobs), dtype=np.uint8)
-    if b.size == n * len(blobs):
+    if not blobs:
+        return np.zeros((0, gh, gw), np.uint8)
+    sizes = {len(x) for x in blobs}
+    if len(sizes) > 1 or not sizes <= {n, (n + 1) // 2}:
+        raise ValueError(f"footprint blobs of {sorted(sizes)} bytes do not fit a {gh}x{gw} grid")
+    b = np.frombuffer(b"".join(bytes(x) for x in blobs), dtype=np.uint8).reshape(len(blobs), -1)
+    if sizes == {n}:
         return b.reshape(len(blobs), gh, gw).copy()
-    if b.size != (n + 1) // 2 * len(blobs):
-        raise ValueError(f"footprint blobs of {sorted({len(x) for x in blobs})} bytes do not fit a {gh}x{gw} grid")
-    return unpack_nibbles(b.reshape(len(blobs), -1), n).reshape(len(blobs), gh, gw)
+    return unpack_nibbles(b, n).reshape(len(blobs), gh, gw)
 
 
 def unpack_footprint(blob: bytes, grid: tuple) -> np.ndarray:

@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session
 from central import store
 from sql.migrate import current, downgrade, upgrade
 from sql.models import Frame
-from sql.types import pack_tokens, token_bits, unpack_token_rows, unpack_tokens
+from sql.types import (pack_f32, pack_footprint, pack_tokens, token_bits, unpack_f32_rows, unpack_footprint,
+                       unpack_footprints, unpack_token_rows, unpack_tokens)
 from tests.central.conftest import make_message, tx, unit
 
 
@@ -179,6 +180,23 @@ def test_token_blobs_of_both_layouts_decode_together(d):
     np.testing.assert_allclose(got[2], want[2], atol=0.01)
     with pytest.raises(ValueError, match="does not hold"):
         unpack_token_rows([blobs[0][:-1]], k, d)
+
+
+@pytest.mark.parametrize("k", [16, 64])
+def test_footprints_and_float_rows_decode_together(k):
+    """The scorer's batch decoders give what the per-row ones give: footprints in nibbles (K <= 16) or bytes
+    (K > 16), float32 rows of any shape; a footprint blob of another length is refused."""
+    rng, grid = np.random.default_rng(k), (16, 16)
+    fps = [rng.integers(0, k, grid).astype(np.uint8) for _ in range(5)]
+    blobs = [pack_footprint(f) for f in fps]
+    assert len(blobs[0]) == (128 if k <= 16 else 256)
+    np.testing.assert_array_equal(unpack_footprints(blobs, grid), np.stack(fps))
+    np.testing.assert_array_equal(unpack_footprints(blobs, grid)[3], unpack_footprint(blobs[3], grid))
+    for bad in (blobs[:2] + [blobs[2][:-1]], [blobs[0][:-1], blobs[1] + b"\0"], [blobs[0] + b"\0"]):
+        with pytest.raises(ValueError, match="do not fit"):
+            unpack_footprints(bad, grid)
+    cents = [rng.uniform(0, 1, (k, 2)).astype(np.float32) for _ in range(4)]
+    np.testing.assert_array_equal(unpack_f32_rows([pack_f32(c) for c in cents], (k, 2)), np.stack(cents))
 
 
 def test_api_tokens_hashed_with_roles(engine):

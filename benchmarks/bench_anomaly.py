@@ -21,7 +21,8 @@ summaries through each exported model (--product) and synthetic banks of 10k, 50
 K and d);
 and central's ingest (Ingestor.process on SQLite, batches of 100 messages, in process: the database work without
 MQTT, so scoring's share is the largest it can be) with scoring off and on (a reference set with a 10k-token
-bank), interleaved, median of --runs.
+bank) in --runs pairs of runs (off and on back to back), and through Mosquitto the same way: the median over
+pairs of the drop, with the sign test's 90% interval, and the CPU time per message of ingest and of the scorer.
 """
 
 from __future__ import annotations
@@ -550,7 +551,7 @@ def timing_body(product: "Path | None", dtype: str, args, console) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--poly", action="store_true", help="also the held-out ELPV poly cells (once, at the end)")
-    ap.add_argument("--runs", type=int, default=3, help="ingest runs per mode (median)")
+    ap.add_argument("--runs", type=int, default=3, help="pairs of ingest runs (scoring off and on)")
     ap.add_argument("--messages", type=int, default=2000, help="messages per ingest run")
     ap.add_argument("--latency-frames", type=int, default=200)
     ap.add_argument("--no-timing", action="store_true")

@@ -30,7 +30,7 @@ from central.errors import Invalid
 from central.kmeans import unit
 from central.store import FrameData, ModelInfo
 from sql.models import Frame
-from sql.types import unpack_f32, unpack_token_rows
+from sql.types import unpack_f32_rows, unpack_token_rows
 from tokenline.manifest import InputSpec
 from tokenline.preprocess import Box, FrameGeometry, frame_to_input, input_to_frame, mask_to_frame
 from tokenline.summary import mask_box
@@ -167,7 +167,7 @@ def region_search(engine: Engine, model: ModelInfo, query: RegionQuery, k: int, 
             keep = [r for r in rows if r[1] != query.frame_id]
             if keep:
                 toks = unpack_token_rows([r[2] for r in keep], kk, model.token_dim)
-                sizes = np.stack([unpack_f32(r[3], (kk,)) for r in keep])
+                sizes = unpack_f32_rows([r[3] for r in keep], (kk,))
                 score, tok = best_tokens(vec, toks, sizes)
                 ids = np.fromiter((r[0] for r in keep), np.int64, len(keep))
                 top_ids = np.concatenate([top_ids, ids])

@@ -29,8 +29,8 @@ from central import segments
 from central.errors import Conflict, Invalid, NotFound
 from sql.db import is_postgres
 from sql.models import ApiToken, Counter, DeadLetter, Device, Frame, Model, Original
-from sql.types import (pack_f32, pack_footprint, pack_tokens, unpack_f32, unpack_footprint, unpack_token_rows,
-                       unpack_tokens)
+from sql.types import (pack_f32, pack_footprint, pack_tokens, unpack_f32, unpack_f32_rows, unpack_footprint,
+                       unpack_token_rows, unpack_tokens)
 from tokenline.manifest import Manifest, SummarySpec
 from tokenline.preprocess import FrameGeometry
 from tokenline.summary import Summary
@@ -413,7 +413,7 @@ def candidate_tokens(session: Session, ids: Sequence[int], model: ModelInfo,
                       ids, segment_of)
     k = model.k
     tokens = unpack_token_rows([r[2] for r in rows], k, model.token_dim)
-    sizes = np.frombuffer(b"".join(bytes(r[3]) for r in rows), dtype="<f4").reshape(len(rows), k)
+    sizes = unpack_f32_rows([r[3] for r in rows], (k,))
     return {int(r[0]): (r[1], t, np.ones(k, bool) if r[4] else sz > 0) for r, t, sz in zip(rows, tokens, sizes)}
 
 

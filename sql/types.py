@@ -136,14 +136,7 @@ def unpack_footprints(blobs: Sequence[bytes], grid: tuple) -> np.ndarray:
 
 def unpack_footprint(blob: bytes, grid: tuple) -> np.ndarray:
     """Inverse of ``pack_footprint``: uint8 [gh, gw]."""
-    gh, gw = int(grid[0]), int(grid[1])
-    n = gh * gw
-    b = np.frombuffer(bytes(blob), dtype=np.uint8)
-    if b.size == n:
-        return b.reshape(gh, gw).copy()
-    if b.size != (n + 1) // 2:
-        raise ValueError(f"a footprint blob of {b.size} bytes does not fit a {gh}x{gw} grid")
-    return unpack_nibbles(b, n).reshape(gh, gw)
+    return unpack_footprints([blob], grid)[0]
 
 
 def pack_f32(arr: np.ndarray) -> bytes:

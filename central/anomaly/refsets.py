@@ -20,7 +20,7 @@ from central.anomaly.bank import SetFrames, build_bank, with_threshold
 from central.config import AnomalyConfig
 from central.errors import Conflict, Invalid, NotFound
 from sql.models import Frame, FrameScore, Model, ReferenceFrame, ReferenceSet
-from sql.types import unpack_f32, unpack_f32_rows, unpack_footprints, unpack_token_rows
+from sql.types import unpack_f32_rows, unpack_footprints, unpack_token_rows
 from tokenline.anomaly import MODES, Bank, BankInfo
 from tokenline.manifest import Manifest, SummarySpec
 from tokenline.summary import Summary
@@ -97,7 +97,7 @@ def load_frames(session: Session, frame_ids: Sequence[str], token_dim: int, with
     if len({int(rows[f].k) for f in found}) != 1:
         raise Invalid("the set's frames have different token counts (K)", reason=REASON)
     tokens = unpack_token_rows([rows[f].tokens for f in found], k, token_dim)
-    sizes = np.stack([unpack_f32(rows[f].sizes, (k,)) for f in found])
+    sizes = unpack_f32_rows([rows[f].sizes for f in found], (k,))
     globals_ = (np.stack([np.asarray(rows[f].global_embedding, np.float32) for f in found]) if with_globals
                 else np.zeros((len(found), 0), np.float32))
     return found, SetFrames(tokens, sizes, globals_)

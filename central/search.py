@@ -466,7 +466,7 @@ class VectorIndex:
         sample = alive[np.linspace(0, alive.size - 1, min(alive.size, KMEANS_SAMPLE)).astype(np.int64)]
         x = np.asarray(self.emb[sample], np.float32)
         seeds = np.linspace(0, len(x) - 1, c).astype(np.int64)
-        _, cent = kmeans.spherical_kmeans(x, c, seeds)
+        _, cent = kmeans.kmeans(x, c, seeds)
         lists = kmeans.assign(self.emb, cent, chunk=65_536)
         for name, arr in (("centroids", cent.astype(np.float32)), ("lists", lists)):
             tmp = self._path(name + ".tmp")

@@ -7,6 +7,16 @@ token, over the tokens that stand for at least ``min_token_size`` patches (an em
 ``global`` scores the global embedding against the bank's; ``both`` adds the two scores standardized by the
 set's own leave-one-out scores. The most anomalous token (and its footprint) is where the frame is unusual.
 
+Metric. ``cosine``: a token's distance is 1 - cosine. ``whitened`` (what central builds): distances are Euclidean
+after whitening by the set's own tokens, z = (q - m) W with m the mean of the set's (unit) tokens and W = V L^-1/2
+from the eigendecomposition V L V^T of their covariance shrunk towards a multiple of I (Oracle Approximating
+Shrinkage, parameter-free): directions in which the set's normal tokens barely vary count more, so an odd patch
+averaged into a summary token with its normal neighbours still stands out (the Mahalanobis idea of PaDiM and
+Gaussian AD, applied to a nearest-neighbour bank; ELPV and NEU-DET gains in BENCHMARKS.md anomaly). The search
+stays a largest inner product: a bank token z_b is searched as [z_b, -|z_b|^2 / 2] and a query as [z, 1], so
+|z - z_b|^2 = |z|^2 - 2 (their product), and inverted lists (Euclidean k-means centroids, searched the same way)
+and the bound below carry over unchanged.
+
 Nearest-neighbour search is exhaustive (one matrix product per block of a batch's tokens) for banks of up to
 ``EXHAUSTIVE_UP_TO`` tokens, or when the bank has one list or ``nprobe`` covers all of them; above that size it
 probes the ``nprobe`` lists whose centroids are closest to each token. Edge and central run this same code on the same
@@ -26,8 +36,9 @@ clear, instead of K (about a tenth of the tokens on NEU-DET summaries, BENCHMARK
 The bank file (``Bank.to_bytes``, written by ``tokenline-central reference-set export``, read by the edge) is an
 uncompressed ``.npz`` with the arrays ``tokens`` (float16 [M, d], unit norm, grouped by list), ``offsets``
 (int64 [C + 1]), ``centroids`` (float32 [C, d]), ``src`` (int32 [M], the set frame each token came from),
-``globals`` (float16 [F, D]) and ``meta`` (UTF-8 JSON: ``BankInfo``, with the sha256 of the arrays). The file
-lives in the model directory as ``anomaly/<site>/<line>/<camera>.npz`` (``bank_path``).
+``globals`` (float16 [F, D]), in metric ``whitened`` also ``whiten`` (float32 [d + 1, d]: m, then W; the tokens
+and centroids are then whitened ones) and ``meta`` (UTF-8 JSON: ``BankInfo``, with the sha256 of the arrays; files
+without a ``metric`` are cosine banks). The file lives in the model directory as ``anomaly/<site>/<line>/<camera>.npz`` (``bank_path``).
 
 Python 3.8+, numpy only.
 """
@@ -48,14 +59,18 @@ from tokenline.summary import Summary, mask_boxes
 
 SCHEMA = "tokenline.anomaly-bank/1"
 MODES = ("tokens", "global", "both")
+METRICS = ("cosine", "whitened")
 BANK_DIR = "anomaly"  # inside the model directory
 ARRAYS = ("tokens", "offsets", "centroids", "src", "globals")
+WHITEN = "whiten"  # the whitening's array, in banks of metric "whitened" only
 # banks up to this many tokens are built with one list and searched exhaustively (exact): at the default 10k-token
 # bank that costs a small factor over the inverted lists, at 50k several times more (BENCHMARKS.md anomaly,
 # benchmarks/bench_anomaly.py)
 EXHAUSTIVE_UP_TO = 20_000
 LISTS_FROM = 1_000  # banks of this many tokens or more get inverted lists (bound and refine; the search above EXHAUSTIVE_UP_TO)
-TIE = 2e-5  # distances this close to the farthest token's may tie with it (token choice rounds to 1e-5)
+TIE = 2e-5  # distances this close to the farthest token's may tie with it (token choice rounds to 1e-5); whitened
+# distances (about 1-20) get TIE times the farthest distance
+FAR = 1e4  # a whitened token's distance when no bank token is left to compare with (cosine: 2, the largest)
 
 
 class BankError(ValueError):
@@ -89,6 +104,7 @@ class BankInfo:
     camera: str
     manifest_hash: str  # 32 hex: the first 16 bytes of the model's manifest hash (as on the wire)
     mode: str = "tokens"
+    metric: str = "cosine"
     threshold: float = float("inf")
     nprobe: int = 8
     min_token_size: float = 1.0
@@ -162,6 +178,7 @@ class Bank:
     src: np.ndarray  # [M] int32, index of the set frame each token came from
     globals: np.ndarray  # [F, D] float32 (empty [0, D] when the mode does not use them)
     info: BankInfo
+    whiten: Optional[np.ndarray] = None  # [d + 1, d] float32 (m, then W) in metric whitened, else None
     _half: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -170,7 +187,40 @@ class Bank:
         self.centroids = np.ascontiguousarray(self.centroids, np.float32)
         self.src = np.asarray(self.src, np.int32)
         self.globals = np.ascontiguousarray(self.globals, np.float32)
+        if self.whiten is not None:
+            self.whiten = np.ascontiguousarray(self.whiten, np.float32)
         self.check()
+        # what the search multiplies (module docstring): the tokens and centroids, or in metric whitened
+        # [z, -|z|^2 / 2]
+        self._search_tokens = self._searched(self.tokens)
+        self._search_centroids = self._searched(self.centroids)
+
+    @property
+    def whitened(self) -> bool:
+        return self.info.metric == "whitened"
+
+    def _searched(self, z: np.ndarray) -> np.ndarray:
+        if not self.whitened:
+            return z
+        return np.ascontiguousarray(np.concatenate([z, -0.5 * np.einsum("ij,ij->i", z, z)[:, None]], axis=1))
+
+    def queries(self, q: np.ndarray) -> np.ndarray:
+        """Unit tokens [..., d] as the search takes them: themselves, or in metric whitened [(q - m) W, 1]."""
+        q = np.asarray(q, np.float32)
+        if not self.whitened:
+            return np.ascontiguousarray(q)
+        assert self.whiten is not None
+        z = (_unit(q) - self.whiten[0]) @ self.whiten[1:]
+        return np.ascontiguousarray(np.concatenate([z, np.ones(z.shape[:-1] + (1,), np.float32)], axis=-1))
+
+    def distance(self, qs: np.ndarray, sim: np.ndarray) -> np.ndarray:
+        """Distances from search queries ``qs`` [..., ds] (``queries``) and their largest products ``sim`` [...]:
+        1 - cosine, or in metric whitened |z - z_b| = sqrt(|z|^2 - 2 sim) (``FAR`` where no token was left)."""
+        if not self.whitened:
+            return (1.0 - sim).astype(np.float32)
+        z2 = np.einsum("...i,...i->...", qs[..., :-1], qs[..., :-1])
+        d = np.sqrt(np.maximum(z2 - 2.0 * sim, 0.0))
+        return np.where(np.isfinite(sim), np.minimum(d, FAR), FAR).astype(np.float32)
 
     # -- shape ------------------------------------------------------------------------------------------------
     @property
@@ -179,6 +229,7 @@ class Bank:
 
     @property
     def dim(self) -> int:
+        """The summary tokens' dimension d (whitened tokens have the same)."""
         return int(self.tokens.shape[1])
 
     @property
@@ -199,20 +250,29 @@ class Bank:
             raise BankError(f"bank src must be [{t.shape[0]}], got {self.src.shape}")
         if info.mode not in MODES:
             raise BankError(f"bank mode must be one of {MODES}, got {info.mode!r}")
+        if info.metric not in METRICS:
+            raise BankError(f"bank metric must be one of {METRICS}, got {info.metric!r}")
+        if (info.metric == "whitened") != (self.whiten is not None):
+            raise BankError(f"a bank of metric {info.metric!r} "
+                            f"{'needs a whitening' if info.metric == 'whitened' else 'cannot have a whitening'}")
+        if self.whiten is not None and self.whiten.shape != (t.shape[1] + 1, t.shape[1]):
+            raise BankError(f"bank whitening must be [{t.shape[1] + 1}, {t.shape[1]}], got {self.whiten.shape}")
         if info.mode != "tokens" and (self.globals.ndim != 2 or self.globals.shape[0] < 1):
             raise BankError(f"bank mode {info.mode!r} needs global embeddings")
         if info.nprobe < 1:
             raise BankError("bank nprobe must be >= 1")
-        for a in (t, cen, self.globals):
+        for a in (t, cen, self.globals, np.zeros(0) if self.whiten is None else self.whiten):
             if not np.all(np.isfinite(a)):
                 raise BankError("bank arrays contain NaN or Inf")
 
     # -- nearest neighbours -------------------------------------------------------------------------------------
     def nn_similarity(self, q: np.ndarray, exclude: Optional[np.ndarray] = None) -> np.ndarray:
-        """[N] cosine of each query token [N, d] to its nearest bank token (exhaustive up to ``EXHAUSTIVE_UP_TO``
-        bank tokens, one list or ``nprobe`` covering all; else the probed lists). ``exclude`` [N]: ignore bank
-        tokens whose ``src`` equals the query's entry (leave-one-frame-out); a query whose probed lists hold
-        nothing else is searched exhaustively. -1 when no bank token is left at all."""
+        """[N] largest product of each search query [N, ds] (``queries``) with a bank token: the cosine to the
+        nearest one, or in metric whitened what ``distance`` turns into the distance to it. Exhaustive up to
+        ``EXHAUSTIVE_UP_TO`` bank tokens, one list or ``nprobe`` covering all; else the probed lists.
+        ``exclude`` [N]: ignore bank tokens whose ``src`` equals the query's entry (leave-one-frame-out); a query
+        whose probed lists hold nothing else is searched exhaustively. -1 (whitened: -inf) when no bank token is
+        left at all."""
         q = np.ascontiguousarray(q, np.float32)
         n = q.shape[0]
         c = self.lists
@@ -220,7 +280,7 @@ class Bank:
             return np.zeros(0, np.float32)
         if c <= 1 or self.info.nprobe >= c or self.size <= EXHAUSTIVE_UP_TO:
             return self._exact(q, exclude)
-        probe = np.argpartition(-(q @ self.centroids.T), self.info.nprobe - 1, axis=1)[:, : self.info.nprobe]
+        probe = np.argpartition(-(q @ self._search_centroids.T), self.info.nprobe - 1, axis=1)[:, : self.info.nprobe]
         best = self._search_lists(q, probe, exclude)
         missing = np.flatnonzero(~np.isfinite(best))
         if missing.size:
@@ -228,8 +288,8 @@ class Bank:
         return best
 
     def _search_lists(self, q: np.ndarray, probe: np.ndarray, exclude: Optional[np.ndarray]) -> np.ndarray:
-        """[N] cosine of each query token [N, d] to its nearest bank token in its lists ``probe`` [N, P] (one
-        matrix product per list, over the tokens that probe it); -inf where those lists hold nothing."""
+        """[N] largest product of each search query [N, ds] with a bank token in its lists ``probe`` [N, P] (one
+        matrix product per list, over the queries that probe it); -inf where those lists hold nothing."""
         n, p = probe.shape
         rows = np.repeat(np.arange(n), p)
         cols = probe.reshape(-1)
@@ -242,34 +302,37 @@ class Bank:
             if hi == lo:
                 continue
             r = rows[bounds[j]: bounds[j + 1]]
-            s = q[r] @ self.tokens[lo:hi].T
+            s = q[r] @ self._search_tokens[lo:hi].T
             if exclude is not None:
                 s[exclude[r][:, None] == self.src[lo:hi][None, :]] = -np.inf
             best[r] = np.maximum(best[r], s.max(axis=1))
         return best
 
+    def _none_left(self, sim: np.ndarray) -> np.ndarray:
+        """-inf products (no bank token) as -1 in metric cosine (distance 2); whitened keeps -inf (``FAR``)."""
+        return sim if self.whitened else np.where(np.isfinite(sim), sim, -1.0).astype(np.float32)
+
     def nearest_list_similarity(self, q: np.ndarray) -> np.ndarray:
-        """[N] cosine of each query token [N, d] to its nearest bank token in the list of its nearest centroid
-        (-1 where that list is empty)."""
-        best = self._search_lists(q, np.argmax(q @ self.centroids.T, axis=1)[:, None], None)
-        return np.where(np.isfinite(best), best, -1.0).astype(np.float32)
+        """[N] largest product of each search query [N, ds] with a bank token in the list of its nearest centroid
+        (no token: as ``nn_similarity``)."""
+        return self._none_left(self._search_lists(q, np.argmax(q @ self._search_centroids.T, axis=1)[:, None], None))
 
     def frame_distances(self, q: np.ndarray, ok: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """Bound and refine (module docstring) over frames' tokens ``q`` [F, K, d] that qualify where ``ok``
-        [F, K]: (distances [F, K], searched [F, K]); where not searched the distance is the token's bound, which is
-        below its frame's farthest distance by more than ``TIE``; 0 where not ``ok``."""
-        f, k, d = q.shape
+        """Bound and refine (module docstring) over frames' search queries ``q`` [F, K, ds] (``queries``) that
+        qualify where ``ok`` [F, K]: (distances [F, K], searched [F, K]); where not searched the distance is the
+        token's bound, which is below its frame's farthest distance by more than the tie; 0 where not ``ok``."""
+        f, k, ds = q.shape
         dist = np.zeros((f, k), np.float32)
         searched = np.zeros((f, k), bool)
         if f == 0 or not ok.any():
             return dist, searched
-        near = self.nearest_list_similarity(q.reshape(f * k, d)).reshape(f, k)
-        bound = np.where(ok, 1.0 - near, -np.inf)
+        near = self.nearest_list_similarity(q.reshape(f * k, ds)).reshape(f, k)
+        bound = np.where(ok, self.distance(q, near), -np.inf)
 
         def search(mask: np.ndarray) -> None:
             if mask.any():
                 sim = np.maximum(self.nn_similarity(q[mask]), near[mask])  # rounding: keep d <= u
-                dist[mask] = 1.0 - sim
+                dist[mask] = self.distance(q[mask], sim)
                 searched[mask] = True
 
         first = np.zeros((f, k), bool)
@@ -277,7 +340,8 @@ class Bank:
         first[rows, bound[rows].argmax(axis=1)] = True
         search(first)
         far = np.where(searched, dist, -np.inf).max(axis=1)
-        search(ok & ~searched & (bound >= far[:, None] - TIE))
+        tie = TIE * np.maximum(1.0, far) if self.whitened else np.float32(TIE)
+        search(ok & ~searched & (bound >= (far - tie)[:, None]))
         rest = ok & ~searched
         dist[rest] = bound[rest]
         return dist, searched
@@ -286,11 +350,11 @@ class Bank:
         out = np.empty(q.shape[0], np.float32)
         step = max(1, 4_000_000 // max(1, self.size))  # bound the [rows, M] block
         for i in range(0, q.shape[0], step):
-            s = q[i: i + step] @ self.tokens.T
+            s = q[i: i + step] @ self._search_tokens.T
             if exclude is not None:
                 s[exclude[i: i + step][:, None] == self.src[None, :]] = -np.inf
             out[i: i + step] = s.max(axis=1)
-        return np.where(np.isfinite(out), out, -1.0).astype(np.float32)
+        return self._none_left(out)
 
     def global_similarity(self, g: np.ndarray, exclude: Optional[np.ndarray] = None) -> np.ndarray:
         """[F] cosine of each global embedding [F, D] to the nearest bank frame's (``exclude``: a frame index)."""
@@ -303,7 +367,7 @@ class Bank:
     # -- scoring ------------------------------------------------------------------------------------------------
     def score_arrays(self, tokens: np.ndarray, sizes: np.ndarray, globals_: Optional[np.ndarray] = None,
                      exclude: Optional[np.ndarray] = None, every_token: bool = False) -> FrameScores:
-        """Scores of F frames: ``tokens`` [F, K, d], ``sizes`` [F, K], ``globals_`` [F, D] (modes global and
+        """Scores of F frames: ``tokens`` [F, K, d] (unit norm), ``sizes`` [F, K], ``globals_`` [F, D] (modes global and
         both), ``exclude`` [F] the set-frame index of each frame to leave out (threshold calibration).
         Bound and refine unless ``exclude`` or ``every_token`` asks for every token's distance."""
         tokens = np.ascontiguousarray(tokens, np.float32)
@@ -311,15 +375,16 @@ class Bank:
         if d != self.dim:
             raise BankError(f"tokens have dimension {d}, the bank {self.dim}")
         ok = np.asarray(sizes, np.float32).reshape(f, k) >= self.info.min_token_size
+        q = self.queries(tokens)
         if exclude is None and not every_token and self.lists > 1:
-            dist, _ = self.frame_distances(tokens, ok)
+            dist, _ = self.frame_distances(q, ok)
         else:
-            flat = tokens.reshape(f * k, d)
+            flat = q.reshape(f * k, q.shape[-1])
             keep = np.flatnonzero(ok.reshape(-1))
             dist = np.zeros(f * k, np.float32)
             ex = None if exclude is None else np.repeat(np.asarray(exclude, np.int64), k)[keep]
-            dist[keep] = 1.0 - self.nn_similarity(flat[keep], ex)
-        dist = np.clip(dist, 0.0, 2.0).reshape(f, k)
+            dist[keep] = self.distance(flat[keep], self.nn_similarity(flat[keep], ex))
+        dist = np.clip(dist, 0.0, FAR if self.whitened else 2.0).reshape(f, k)
         masked = np.where(ok, dist, -1.0)
         # the farthest token; distances within 1e-5 count as a tie, taken by the lowest index, so that the edge and
         # central name the same token although their BLAS calls may round differently
@@ -356,14 +421,19 @@ class Bank:
         if "tokens" not in self._half:
             self._half["tokens"] = self.tokens.astype(np.float16)
             self._half["globals"] = self.globals.astype(np.float16)
-        return {"tokens": self._half["tokens"], "offsets": self.offsets.astype("<i8"),
-                "centroids": self.centroids.astype("<f4"), "src": self.src.astype("<i4"),
-                "globals": self._half["globals"]}
+        out = {"tokens": self._half["tokens"], "offsets": self.offsets.astype("<i8"),
+               "centroids": self.centroids.astype("<f4"), "src": self.src.astype("<i4"),
+               "globals": self._half["globals"]}
+        if self.whiten is not None:
+            out[WHITEN] = self.whiten.astype("<f4")
+        return out
 
     def to_bytes(self) -> bytes:
         arrays = self.arrays()
         meta = json.loads(BankInfo(**{**asdict(self.info), "content_sha256": _content_sha256(arrays)}).to_json())
         meta["schema"] = SCHEMA
+        if meta["metric"] == "cosine":
+            del meta["metric"]  # cosine files stay readable by builds from before the metric existed
         buf = io.BytesIO()
         np.savez(buf, meta=np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), np.uint8), **arrays)
         return buf.getvalue()
@@ -377,7 +447,7 @@ class Bank:
                 missing = sorted((set(ARRAYS) | {"meta"}) - names)
                 if missing:
                     raise BankError(f"{where}: not a bank file (missing {missing})")
-                arrays = {k: z[k] for k in ARRAYS}
+                arrays = {k: z[k] for k in ARRAYS + ((WHITEN,) if WHITEN in names else ())}
                 meta = bytes(z["meta"].astype(np.uint8).tobytes()).decode("utf-8")
         except BankError:
             raise
@@ -390,7 +460,8 @@ class Bank:
         if info.content_sha256 != _content_sha256(arrays):
             raise BankError(f"{where}: content does not match its checksum (corrupt or edited)")
         try:
-            bank = cls(arrays["tokens"], arrays["offsets"], arrays["centroids"], arrays["src"], arrays["globals"], info)
+            bank = cls(arrays["tokens"], arrays["offsets"], arrays["centroids"], arrays["src"], arrays["globals"], info,
+                       arrays.get(WHITEN))
         except BankError as exc:
             raise BankError(f"{where}: {exc}") from None
         bank._half.update(tokens=arrays["tokens"], globals=arrays["globals"])
@@ -425,7 +496,7 @@ class Bank:
 
 def _content_sha256(arrays: Dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
-    for k in ARRAYS:
+    for k in ARRAYS + ((WHITEN,) if WHITEN in arrays else ()):  # cosine banks: as before the whitening existed
         a = np.ascontiguousarray(arrays[k])
         h.update(f"{k}:{a.dtype.str}:{a.shape}".encode("ascii"))
         h.update(a.tobytes())

@@ -39,6 +39,7 @@ class SetInfo:
     line: str
     camera: str
     mode: str
+    metric: str
     threshold_mode: str
     quantile: float
     threshold: float
@@ -57,7 +58,8 @@ class SetInfo:
 
 def _info(row: ReferenceSet, bank: Optional[Bank] = None) -> SetInfo:
     bank = bank or Bank.from_bytes(bytes(row.bank), where=f"reference_sets[{row.id}].bank")
-    return SetInfo(row.id, row.name, row.model_id, row.site, row.line, row.camera, row.mode, row.threshold_mode,
+    return SetInfo(row.id, row.name, row.model_id, row.site, row.line, row.camera, row.mode, bank.info.metric,
+                   row.threshold_mode,
                    float(row.quantile), float(row.threshold), row.version, row.frame_count, row.bank_tokens,
                    bank.info.pool_tokens, bank.lists, bank.info.nprobe, row.created_us, row.updated_us)
 
@@ -144,8 +146,11 @@ def _build(session: Session, row: ReferenceSet, frame_ids: List[str], cfg: Anoma
                                 with_globals=row.mode != "tokens")
     if len(found) < 2:
         raise Invalid(f"a reference set needs at least two stored frames, {len(found)} found", reason=REASON)
+    metric = cfg.metric
+    if threshold is not None and row.bank:  # a number set by hand is in its bank's metric: keep it
+        metric = Bank.from_bytes(bytes(row.bank), where=f"reference_sets[{row.id}].bank").info.metric
     info = BankInfo(set_id=row.id, set_version=row.version, name=row.name, site=row.site, line=row.line,
-                    camera=row.camera, manifest_hash=model.hash16, mode=row.mode, nprobe=cfg.nprobe,
+                    camera=row.camera, manifest_hash=model.hash16, mode=row.mode, metric=metric, nprobe=cfg.nprobe,
                     min_token_size=cfg.min_token_size, created_us=store.now_us())
     try:
         built = build_bank(frames, info, cfg.max_bank_tokens, row.quantile, threshold)

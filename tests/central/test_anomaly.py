@@ -24,7 +24,7 @@ from central import store
 from central.anomaly import refsets
 from central.anomaly.alerts import AlertPublisher, Webhook
 from central.anomaly.scoring import Scorer
-from central.anomaly.bank import SetFrames, build_bank, greedy_coreset
+from central.anomaly.bank import WHITEN_MIN_TOKENS_PER_DIM, SetFrames, build_bank, fit_whitening, greedy_coreset
 from central.api import create_app
 from central.blobs import BlobStore
 from central.config import AnomalyConfig, IngestConfig, WebhookConfig
@@ -82,7 +82,8 @@ def test_reference_set_from_the_api_then_ingest_scores_alerts_odd_frames_only_an
     rs = r.json()
     assert (rs["site"], rs["line"], rs["camera"], rs["model_id"], rs["frame_count"], rs["version"]) == \
         ("s1", "l1", "c1", model.id, 30, 1)
-    assert rs["bank_tokens"] == 30 * 16 and rs["threshold_mode"] == "quantile" and 0 < rs["threshold"] < 0.2
+    assert rs["bank_tokens"] == 30 * 16 and rs["threshold_mode"] == "quantile" and rs["threshold"] > 0
+    assert rs["metric"] == "cosine"  # 480 tokens of 384 dims: too few to whiten by (WHITEN_MIN_TOKENS_PER_DIM)
 
     worker = _ingest_worker(tmp_path, db_url, mosquitto)
     log = LogTail(worker)
@@ -103,7 +104,7 @@ def test_reference_set_from_the_api_then_ingest_scores_alerts_odd_frames_only_an
             assert not r.flagged and r.score <= r.threshold and (r.set_id, r.set_version) == (rs["id"], 1)
         for m, j in zip(odd, (5, 11)):
             r = rows[m.frame_id.hex()]
-            assert r.flagged and r.score > 0.5 and r.token == j
+            assert r.flagged and r.score > r.threshold and r.token == j
             cx, cy = m.summary.centroids[j]
             assert (r.x0, r.y0, r.x1, r.y1) == pytest.approx((cx - 0.125, cy - 0.125, cx + 0.125, cy + 0.125),
                                                           abs=1e-4)  # centroids travel quantised
@@ -145,7 +146,8 @@ def test_reference_set_from_the_api_then_ingest_scores_alerts_odd_frames_only_an
                                                     abs=1e-4)
     flagged = client.get("/v1/anomalies", params={"flagged": True, "sort": "time"}, headers=v).json()["results"]
     assert [x["frame_id"] for x in flagged] == [m.frame_id.hex() for m in odd]
-    assert len(client.get("/v1/anomalies", params={"min_score": 0.5}, headers=v).json()["results"]) == 2
+    cut = (max(rows[m.frame_id.hex()].score for m in normal) + min(rows[m.frame_id.hex()].score for m in odd)) / 2
+    assert len(client.get("/v1/anomalies", params={"min_score": cut}, headers=v).json()["results"]) == 2
     assert client.get("/v1/anomalies", params={"camera": "other"}, headers=v).json()["results"] == []
     some = [odd[1].frame_id.hex(), normal[0].frame_id.hex(), history[0].frame_id.hex()]  # history: unscored yet
     got = client.get("/v1/anomalies", params={"frame_id": some, "sort": "time"}, headers=v).json()["results"]
@@ -227,10 +229,11 @@ def test_reference_set_lifecycle_and_validation(engine, db_url, tmp_path, tiny_m
     assert patch({"add_frame_ids": [c2[0].frame_id.hex()]}).status_code == 400
     r = patch({"since_us": T0 + 25_000}).json()  # every later frame of the camera
     assert (r["frame_count"], r["version"]) == (28, 3)
+    t99 = r["threshold"]  # the default quantile, 0.99, of the leave-one-out scores
     r = patch({"threshold": 0.25}).json()
     assert (r["threshold"], r["threshold_mode"], r["version"], r["frame_count"]) == (0.25, "manual", 4, 28)
     r = patch({"quantile": 0.5}).json()
-    assert r["threshold_mode"] == "quantile" and r["quantile"] == 0.5 and r["threshold"] < 0.25
+    assert r["threshold_mode"] == "quantile" and r["quantile"] == 0.5 and 0 < r["threshold"] < t99
     r = client.get(f"/v1/reference-sets/{sid}", params={"frames": True}, headers=v).json()
     assert len(r["frame_ids"]) == 28 and c1[0].frame_id.hex() not in r["frame_ids"]
     raw = client.get(f"/v1/reference-sets/{sid}/bank", headers=v)
@@ -305,8 +308,9 @@ def test_scorers_share_the_queue_each_frame_scored_and_alerted_once(engine, tmp_
     ref = [frame_message(tiny_manifest, rng, T0 + i * 1000, seq=i) for i in range(30)]
     _store(engine, model.id, ref)
     with Session(engine) as s, s.begin():
-        info = refsets.create_set(s, AnomalyConfig(), name="ref", frame_ids=[m.frame_id.hex() for m in ref],
-                                  threshold=0.5)  # odd tokens score over 0.5, normal ones far under
+        info = refsets.create_set(s, AnomalyConfig(metric="cosine"), name="ref",
+                                  frame_ids=[m.frame_id.hex() for m in ref],
+                                  threshold=0.5)  # cosine: odd tokens score over 0.5, normal ones far under
     odd_at = {3: 2, 17: 9, 29: 14, 38: 0}  # message index -> its odd token
     live = [frame_message(tiny_manifest, rng, T0 + 10**9 + i, seq=100 + i, odd=odd_at.get(i)) for i in range(40)]
     other = [frame_message(tiny_manifest, rng, T0 + 10**9 + i, seq=200 + i, camera="c2") for i in range(3)]
@@ -368,7 +372,8 @@ def test_scorer_process_sigkill_is_restarted_and_loses_no_score(engine, db_url, 
     ref = [frame_message(tiny_manifest, rng, T0 + i * 1000, seq=i) for i in range(30)]
     _store(engine, model.id, ref)
     with Session(engine) as s, s.begin():
-        refsets.create_set(s, AnomalyConfig(), name="ref", frame_ids=[m.frame_id.hex() for m in ref], threshold=0.5)
+        refsets.create_set(s, AnomalyConfig(metric="cosine"), name="ref", frame_ids=[m.frame_id.hex() for m in ref],
+                           threshold=0.5)  # cosine: odd tokens score over 0.5, normal ones far under
     backlog = [frame_message(tiny_manifest, rng, T0 + 10**9 + i, seq=100 + i) for i in range(10)]
     _ingest_in_process(engine, backlog)
     assert _queue_count(engine) == 10
@@ -447,6 +452,63 @@ def test_bank_building_coreset_lists_and_leave_one_out_threshold(monkeypatch):
     own = np.broadcast_to(small.src[None, None, :] == np.arange(f)[:, None, None], sims.shape)
     sims[own] = -np.inf  # leave each frame's own tokens out
     np.testing.assert_allclose(small_built.loo_scores, (1.0 - sims.max(axis=2)).max(axis=1), atol=1e-5)
+
+
+def test_whitened_banks_fit_their_whitening_on_the_set_and_group_it_by_euclidean_lists(monkeypatch):
+    rng = np.random.default_rng(8)
+    # the whitening: with many tokens the whitened pool has about unit covariance (the shrinkage is tiny)
+    scales = np.linspace(0.3, 1.0, 12)
+    x = rng.standard_normal((20_000, 12)) * scales + 0.3
+    w = fit_whitening(x)
+    z = (x - w[0]) @ w[1:]
+    np.testing.assert_allclose(w[0], x.mean(0), atol=1e-6)
+    np.testing.assert_allclose(np.cov(z.T), np.eye(12), atol=0.02)
+    # fewer tokens than dimensions: shrunk towards a multiple of I, so finite and invertible
+    few = fit_whitening(rng.standard_normal((5, 40)))
+    assert np.all(np.isfinite(few)) and np.linalg.matrix_rank(few[1:]) == 40
+    monkeypatch.setattr(anomaly_contract, "EXHAUSTIVE_UP_TO", 2048)
+    vocab = unit(rng.standard_normal((40, 32)))
+    f = 200
+    tokens = unit(vocab[rng.integers(0, 40, (f, 16))] + 0.05 * rng.standard_normal((f, 16, 32)))
+    frames = SetFrames(tokens, np.ones((f, 16), np.float32), np.zeros((f, 8), np.float32))
+    bank = build_bank(frames, BankInfo(1, 1, "x", "s", "l", "c", "0" * 32, nprobe=4, metric="whitened"),
+                      max_tokens=2500, quantile=0.9).bank
+    assert bank.whitened and bank.size == 2500 and bank.lists == 50
+    np.testing.assert_allclose(bank.whiten, fit_whitening(unit(tokens.reshape(-1, 32))), atol=1e-5)
+    # the bank holds whitened tokens, each in the list of its nearest centroid (Euclidean)
+    pool = (unit(tokens.reshape(-1, 32)) - bank.whiten[0]) @ bank.whiten[1:]
+    assert np.abs(pool[:, None, :] - bank.tokens[None, :64]).sum(-1).min(0).max() < 0.05  # float16 tokens
+    lists = np.repeat(np.arange(bank.lists), np.diff(bank.offsets))
+    near = ((bank.tokens[:, None, :] - bank.centroids[None]) ** 2).sum(-1).argmin(1)
+    np.testing.assert_array_equal(near, lists)
+    odd = tokens[:3].copy()
+    odd[1, 6] = unit(rng.standard_normal(32))
+    fs = bank.score_arrays(odd, np.ones((3, 16), np.float32))
+    assert fs.token[1] == 6 and fs.score[1] > bank.info.threshold >= max(fs.score[0], fs.score[2])
+
+
+def test_a_set_with_a_threshold_by_hand_keeps_its_banks_metric(engine, tiny_manifest, tiny_model_dir):
+    model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
+    rng = np.random.default_rng(9)
+    d = tiny_manifest.summary.dim
+    n = -(-WHITEN_MIN_TOKENS_PER_DIM * d // 16)  # frames of 16 tokens enough to whiten by
+    msgs = [frame_message(tiny_manifest, rng, T0 + i * 1000) for i in range(n + 2)]
+    _store(engine, model.id, msgs)
+    ids = [m.frame_id.hex() for m in msgs]
+    cosine, whitened = AnomalyConfig(metric="cosine"), AnomalyConfig()
+    with Session(engine) as s, s.begin():
+        a = refsets.create_set(s, cosine, name="a", frame_ids=ids[:n], threshold=0.3)
+        assert a.metric == "cosine"
+        # the deployment moves to whitened banks: the number 0.3 is a cosine distance, so this set stays cosine
+        a = refsets.update_set(s, whitened, a.id, add_frame_ids=ids[n:])
+        assert (a.metric, a.threshold, a.frame_count) == ("cosine", 0.3, n + 2)
+        assert refsets.load_bank(s, a.id).info.metric == "cosine"
+        # back to a quantile: the threshold comes from the set again, in the configured metric
+        a = refsets.update_set(s, whitened, a.id, quantile=0.9)
+        assert a.metric == "whitened" and refsets.load_bank(s, a.id).whitened
+        # too few tokens to whiten by: a cosine bank whatever the configuration
+        a = refsets.update_set(s, whitened, a.id, remove_frame_ids=ids[n // 2:])
+        assert (a.metric, a.frame_count) == ("cosine", n // 2)
 
 
 def test_greedy_coreset_matches_a_direct_k_center_on_the_projected_tokens():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 
 import numpy as np
@@ -283,3 +284,79 @@ def test_alert_topic_and_payload() -> None:
         topics.parse_alert(json.dumps(dict(good, extra=1)).encode())
     with pytest.raises(topics.TopicError):
         topics.parse_alert(b"\xff")
+
+
+def make_whitened_bank(m: int = 3000, d: int = 16, lists: int = 30, seed: int = 0) -> Bank:
+    """A bank of metric whitened: unit tokens around 30 centres, whitened by a fixed mean and matrix (any
+    whitening: the bank does not care how central fitted it), grouped by centre."""
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.standard_normal((lists, d)))
+    which = np.sort(rng.integers(0, lists, m))
+    raw = unit(centres[which] + 0.2 * unit(rng.standard_normal((m, d))) * np.linspace(0.1, 1.5, d))
+    whiten = np.concatenate([raw.mean(0, keepdims=True), rng.standard_normal((d, d)) / np.sqrt(d) + 2 * np.eye(d)])
+    z = ((raw - whiten[0]) @ whiten[1:]).astype(np.float16).astype(np.float32)
+    cent = np.stack([z[which == c].mean(0) for c in range(lists)])
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(which, minlength=lists))])
+    info = BankInfo(set_id=3, set_version=2, name="good", site="s1", line="l1", camera="c1", manifest_hash="ab" * 16,
+                    metric="whitened", threshold=4.0, nprobe=4, frames=m // 16)
+    return Bank(z, offsets, cent, np.arange(m) // 16, np.zeros((0, 24), np.float32), info, whiten.astype(np.float32))
+
+
+def whitened_distances(bank: Bank, q: np.ndarray, exclude=None) -> np.ndarray:
+    """Brute force: each unit token's Euclidean distance, after the bank's whitening, to its nearest bank token."""
+    assert bank.whiten is not None
+    z = (q.reshape(-1, q.shape[-1]) - bank.whiten[0]) @ bank.whiten[1:]
+    d = np.sqrt(((z[:, None, :] - bank.tokens[None]) ** 2).sum(-1))
+    if exclude is not None:
+        d[np.repeat(exclude, q.shape[-2] if q.ndim == 3 else 1)[:, None] == bank.src[None, :]] = np.inf
+    return d.min(axis=1).reshape(q.shape[:-1])
+
+
+def test_whitened_bank_scores_euclidean_distances_after_its_whitening_in_every_search(monkeypatch) -> None:
+    bank = make_whitened_bank()
+    assert bank.whitened and bank.lists == 30 and bank.size <= anomaly.EXHAUSTIVE_UP_TO
+    rng = np.random.default_rng(3)
+    f = 40
+    noise = rng.uniform(0.02, 0.5, (f, 16, 1))
+    frames = unit(bank.tokens[rng.integers(0, bank.size, (f, 16))] @ np.linalg.inv(bank.whiten[1:]) + bank.whiten[0]
+                  + noise * rng.standard_normal((f, 16, bank.dim)))
+    frames[7, 4] = unit(rng.standard_normal(bank.dim))  # an odd region
+    sizes = np.ones((f, 16), np.float32)
+    want = whitened_distances(bank, frames)
+    full = bank.score_arrays(frames, sizes, every_token=True)
+    np.testing.assert_allclose(full.distances, want, rtol=1e-4, atol=1e-4)
+    fast = bank.score_arrays(frames, sizes)  # bound and refine by the lists
+    np.testing.assert_allclose(fast.score, want.max(axis=1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(fast.token, full.token)
+    assert fast.token[7] == 4 and fast.score[7] > np.delete(fast.score, 7).max()
+    # leave one frame out, as the builder calibrates thresholds
+    ex = rng.integers(0, bank.size // 16, f)
+    loo = bank.score_arrays(frames, sizes, exclude=ex)
+    np.testing.assert_allclose(loo.distances, whitened_distances(bank, frames, ex), rtol=1e-4, atol=1e-4)
+    # inverted lists probed by the nearest (Euclidean) centroids: exact when every list is probed
+    monkeypatch.setattr(anomaly, "EXHAUSTIVE_UP_TO", 0)
+    probed = bank.score_arrays(frames, sizes, every_token=True)
+    assert np.all(probed.distances >= want - 1e-4) and np.mean(np.isclose(probed.distances, want, atol=1e-4)) >= 0.9
+    everything = dataclasses.replace(bank, info=dataclasses.replace(bank.info, nprobe=bank.lists))
+    np.testing.assert_allclose(everything.score_arrays(frames, sizes).score, want.max(axis=1), rtol=1e-4, atol=1e-4)
+    # the file keeps the whitening; edge and central score the same bytes alike
+    back = Bank.from_bytes(bank.to_bytes())
+    assert back.info.metric == "whitened" and np.array_equal(back.whiten, bank.whiten)
+    np.testing.assert_array_equal(back.score_arrays(frames, sizes).score, bank.score_arrays(frames, sizes).score)
+
+
+def test_bank_metric_is_checked_and_cosine_files_stay_as_they_were() -> None:
+    bank = make_whitened_bank(m=320, lists=2)
+    with pytest.raises(BankError, match="needs a whitening"):
+        dataclasses.replace(bank, whiten=None)
+    with pytest.raises(BankError, match="'cosine' cannot have a whitening"):
+        dataclasses.replace(bank, info=dataclasses.replace(bank.info, metric="cosine"))
+    with pytest.raises(BankError, match=r"whitening must be \[17, 16\]"):
+        dataclasses.replace(bank, whiten=bank.whiten[:-1])
+    with pytest.raises(BankError, match="metric must be one of"):
+        dataclasses.replace(bank, info=dataclasses.replace(bank.info, metric="euclid"))
+    # a cosine bank's file has neither a whitening nor a metric key: builds from before the metric read it
+    data = make_bank(m=320, lists=2).to_bytes()
+    with np.load(io.BytesIO(data)) as z:
+        assert "whiten" not in z.files and "metric" not in json.loads(bytes(z["meta"]).decode())
+    assert Bank.from_bytes(data).info.metric == "cosine"

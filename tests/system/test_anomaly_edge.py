@@ -83,6 +83,9 @@ def test_edge_scores_like_central_and_both_alert_the_same_frames(mosquitto, tmp_
         capsys.readouterr()
         bank = Bank.load(bank_path(model_dir, "site-a", "line-1", "cam-1"))
         assert (bank.info.set_id, bank.info.set_version) == (1, 1)
+        # flagging: 24 x 64 tokens of 64 dims, enough to whiten by (central's default); default: 384 tokens of 384
+        # dims, a cosine bank (central.anomaly.bank.WHITEN_MIN_TOKENS_PER_DIM)
+        assert bank.info.metric == ("whitened" if profile == "flagging" else "cosine")
 
         # 2. new frames scored on the edge; central scores them too
         agent = _run_agent(tmp_path / "run2", model_dir, mosquitto.port, anomaly={"enabled": True}, **new,

@@ -80,6 +80,7 @@ class ReferenceSetOut(BaseModel):
     line: str
     camera: str
     mode: Mode
+    metric: Literal["whitened", "cosine"] = Field(description="how token distances are measured (tokenline.anomaly)")
     threshold_mode: Literal["quantile", "manual"]
     quantile: float
     threshold: float

@@ -11,9 +11,11 @@ ViT-S/14, NEU-DET 2x2 mosaics at 448 px, ELPV cells at 224 px). The summary toke
 calibration frames, int8 round trip) and the export for flagging's (K=48, PCA 64, int4); the exported product is
 measured by bench_summary.py --product and bench_elpv_gap.py --product. Those tokens are scored by
 the product's code: central.anomaly.bank.build_bank (coreset, inverted lists, leave-one-out threshold) and
-tokenline.anomaly.Bank.score_arrays in the modes tokens / global / both, exactly as central and the edge score.
-The upper bound is every patch token (centred, fp32) scored by exact nearest neighbours. Pointing: the most
-anomalous token lies (by most of its footprint) on the odd tile of a NEU mosaic.
+tokenline.anomaly.Bank.score_arrays in the modes tokens / global / both, exactly as central and the edge score,
+in both metrics: cosine, and whitened by the bank's own tokens (central's default). The upper bound is every
+patch token (centred, fp32) scored by exact nearest neighbours in the same metric (bench_summary.knn_distance;
+whitened: fitted on the bank's patch tokens by the product's central.anomaly.bank.fit_whitening). Pointing: the
+most anomalous token lies (by most of its footprint) on the odd tile of a NEU mosaic.
 
 Timing (under the lock): scoring time per frame, one frame per call and in batches of 100, by each search
 (exhaustive or inverted lists, every token or bound and refine), against a real 10k-token bank of NEU-DET
@@ -44,13 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._report import write_section  # noqa: E402
 from benchmarks._timing import median_interval  # noqa: E402
 from benchmarks.bench_summary import (ELPV, FEATURE_VERSION, MOSAICS, SPLIT, FeatureSets, Mosaics, Rep,  # noqa: E402
-                                      Variant, auroc, cached_rows, compress, elpv_anomaly, head_rep, layer_feats,
-                                      md_table, mosaic_anomaly, neu_data, patch_rep)
-from central.anomaly.bank import SetFrames, build_bank  # noqa: E402
-from central.kmeans import spherical_kmeans  # noqa: E402
+                                      Variant, auroc, cached_rows, compress, head_rep, knn_distance, layer_feats,
+                                      md_table, neu_data, patch_rep)
+from central.anomaly.bank import SetFrames, build_bank, fit_whitening  # noqa: E402
+from central.config import AnomalyConfig  # noqa: E402
+from central.kmeans import kmeans  # noqa: E402
 from tokenline.anomaly import EXHAUSTIVE_UP_TO, Bank, BankInfo  # noqa: E402
 
-QUALITY_VERSION = 2  # bump when the quality computation changes (part of the cache key of its results)
+QUALITY_VERSION = 3  # bump when the quality computation changes (part of the cache key of its results)
 LAYER = "L8"
 HEAD = {"k": 16, "k_protect": 0, "lam": 0.5, "iters": 3}
 PRODUCT = Variant("summary", "new", "int8", 96)  # the wire's summary tokens: PCA 96, int8
@@ -59,6 +62,7 @@ FLAG_HEAD = {**HEAD, "k": 48}
 FLAG = Variant("summary K=48", "flag", "int4", 64)
 UPPER = Variant("all patch tokens (centred)", "patches", "fp32", 384)
 MODES = ("tokens", "global", "both")
+METRICS = ("cosine", "whitened")  # tokenline.anomaly; whitened rows are keyed "w_" + the cosine row's key
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -77,12 +81,12 @@ def sizes_of(rep: Rep) -> np.ndarray:
     return np.stack([np.bincount(fp, minlength=k)[:k] for fp in rep.footprint]).astype(np.float32)
 
 
-def product_scores(rep: Rep, globals_: np.ndarray, bank_idx: np.ndarray, ev: np.ndarray, mode: str
-                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def product_scores(rep: Rep, globals_: np.ndarray, bank_idx: np.ndarray, ev: np.ndarray, mode: str,
+                   metric: str = "cosine") -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(scores [E], most anomalous token [E], the mean of each frame's two largest token distances [E]: a variant
     the product does not use) of frames ``ev`` against a bank of frames ``bank_idx``, the product way."""
     sizes = sizes_of(rep)
-    info = BankInfo(1, 1, "bench", "s", "l", "c", "0" * 32, mode=mode)
+    info = BankInfo(1, 1, "bench", "s", "l", "c", "0" * 32, mode=mode, metric=metric)
     built = build_bank(SetFrames(rep.tokens[bank_idx], sizes[bank_idx], globals_[bank_idx]), info, 10_000, 0.99)
     fs = built.bank.score_arrays(rep.tokens[ev], sizes[ev], globals_[ev] if mode != "tokens" else None)
     return fs.score, fs.token, np.mean(np.sort(fs.distances, -1)[:, -2:], -1)
@@ -96,27 +100,39 @@ def neu_rows(fs: FeatureSets) -> Dict[str, Dict[str, float]]:
             "flag": head_rep(tok, mos.grid, **FLAG_HEAD)}
     upper, _ = compress(reps["patches"], reps["patches"].tokens[mos.calib], UPPER)
     g = _int8(feats["global"].astype(np.float32))
-    out = {"upper": mosaic_anomaly(mos, upper)}
-    for prefix, v, modes in (("", PRODUCT, MODES), ("flag_", FLAG, ("tokens", "both"))):
-        summ, _ = compress(reps[v.rep], reps[v.rep].tokens[mos.calib], v)
-        frac = summ.tile_frac(mos.tile, 4)
-        top2s: List[float] = []
-        for mode in modes:
-            aucs, hits = [], []
-            for b in np.unique(mos.bg):
-                cal = mos.calib[mos.bg[mos.calib] == b]
-                pos, neg = mos.anom[mos.bg[mos.anom] == b], mos.norm[mos.bg[mos.norm] == b]
-                s, t, top2 = product_scores(summ, g, cal, np.concatenate([pos, neg]), mode)
-                aucs.append(auroc(s[len(pos):], s[:len(pos)]))
-                if mode == "tokens":
-                    top2s.append(auroc(top2[len(pos):], top2[:len(pos)]))
-                if mode != "global":
-                    hits += [frac[f, j, mos.odd_pos[f]] >= 0.5 for f, j in zip(pos, t[:len(pos)]) if j >= 0]
-            out[prefix + mode] = {"auroc": float(np.mean(aucs))}
-            if hits:
-                out[prefix + mode]["apoint"] = float(np.mean(hits))
-        if not prefix:
-            out["top2"] = {"auroc": float(np.mean(top2s))}
+    out: Dict[str, Dict[str, float]] = {}
+    ufrac = upper.tile_frac(mos.tile, 4)
+    for metric in METRICS:
+        w = "w_" if metric == "whitened" else ""
+        aucs, hits = [], []
+        for b in np.unique(mos.bg):
+            cal = mos.calib[mos.bg[mos.calib] == b]
+            pos, neg = mos.anom[mos.bg[mos.anom] == b], mos.norm[mos.bg[mos.norm] == b]
+            bank = upper.tokens[cal].reshape(-1, upper.tokens.shape[-1])
+            dp, dn = knn_distance(upper.tokens[pos], bank, metric), knn_distance(upper.tokens[neg], bank, metric)
+            aucs.append(auroc(dn.max(-1), dp.max(-1)))
+            hits += [ufrac[f, j, mos.odd_pos[f]] >= 0.5 for f, j in zip(pos, dp.argmax(-1))]
+        out[w + "upper"] = {"auroc": float(np.mean(aucs)), "apoint": float(np.mean(hits))}
+        for prefix, v, modes in (("", PRODUCT, MODES), ("flag_", FLAG, ("tokens", "both"))):
+            summ, _ = compress(reps[v.rep], reps[v.rep].tokens[mos.calib], v)
+            frac = summ.tile_frac(mos.tile, 4)
+            top2s: List[float] = []
+            for mode in modes if not w else [m for m in modes if m != "global"]:  # global: no token metric
+                aucs, hits = [], []
+                for b in np.unique(mos.bg):
+                    cal = mos.calib[mos.bg[mos.calib] == b]
+                    pos, neg = mos.anom[mos.bg[mos.anom] == b], mos.norm[mos.bg[mos.norm] == b]
+                    s, t, top2 = product_scores(summ, g, cal, np.concatenate([pos, neg]), mode, metric)
+                    aucs.append(auroc(s[len(pos):], s[:len(pos)]))
+                    if mode == "tokens":
+                        top2s.append(auroc(top2[len(pos):], top2[:len(pos)]))
+                    if mode != "global":
+                        hits += [frac[f, j, mos.odd_pos[f]] >= 0.5 for f, j in zip(pos, t[:len(pos)]) if j >= 0]
+                out[w + prefix + mode] = {"auroc": float(np.mean(aucs))}
+                if hits:
+                    out[w + prefix + mode]["apoint"] = float(np.mean(hits))
+            if not prefix:
+                out[w + "top2"] = {"auroc": float(np.mean(top2s))}
     return out
 
 
@@ -130,15 +146,19 @@ def elpv_rows(fs: FeatureSets, poly: bool) -> Dict[str, Dict[str, float]]:
             "flag": head_rep(tok, (16, 16), **FLAG_HEAD)}
     upper, _ = compress(reps["patches"], reps["patches"].tokens[is_bank], UPPER)
     g = _int8(feats["global"].astype(np.float32))
-    out = {"upper": {"auroc": elpv_anomaly(probs, is_bank, upper)}}
     bank, ev = np.flatnonzero(is_bank), np.flatnonzero(~is_bank)
-    for prefix, v, modes in (("", PRODUCT, MODES), ("flag_", FLAG, ("tokens", "both"))):
-        summ, _ = compress(reps[v.rep], reps[v.rep].tokens[is_bank], v)
-        for mode in modes:
-            s, _, top2 = product_scores(summ, g, bank, ev, mode)
-            out[prefix + mode] = {"auroc": auroc(s[probs[ev] == 0], s[probs[ev] > 0])}
-            if mode == "tokens" and not prefix:
-                out["top2"] = {"auroc": auroc(top2[probs[ev] == 0], top2[probs[ev] > 0])}
+    out: Dict[str, Dict[str, float]] = {}
+    for metric in METRICS:
+        w = "w_" if metric == "whitened" else ""
+        s = knn_distance(upper.tokens[ev], upper.tokens[bank].reshape(-1, upper.tokens.shape[-1]), metric).max(-1)
+        out[w + "upper"] = {"auroc": auroc(s[probs[ev] == 0], s[probs[ev] > 0])}
+        for prefix, v, modes in (("", PRODUCT, MODES), ("flag_", FLAG, ("tokens", "both"))):
+            summ, _ = compress(reps[v.rep], reps[v.rep].tokens[is_bank], v)
+            for mode in modes if not w else [m for m in modes if m != "global"]:
+                s, _, top2 = product_scores(summ, g, bank, ev, mode, metric)
+                out[w + prefix + mode] = {"auroc": auroc(s[probs[ev] == 0], s[probs[ev] > 0])}
+                if mode == "tokens" and not prefix:
+                    out[w + "top2"] = {"auroc": auroc(top2[probs[ev] == 0], top2[probs[ev] > 0])}
     return out
 
 
@@ -209,25 +229,30 @@ def real_tokens(model_dir: Path, progress) -> RealTokens:
 
 
 def real_bank(rt: RealTokens, ref: np.ndarray, max_tokens: int = 10_000):
-    """A bank from the reference images' summaries, built by central's builder (coreset, threshold)."""
+    """A bank from the reference images' summaries, built by central's builder (whitening, coreset, threshold)
+    in central's default metric."""
     s = rt.summary
     frames = SetFrames(np.asarray(s.tokens[ref], np.float32), np.asarray(s.sizes[ref], np.float32),
                        np.asarray(s.global_embedding[ref], np.float32))
-    info = BankInfo(1, 1, "bench", "s1", "l1", "c1", rt.manifest.hash()[:32])
+    info = BankInfo(1, 1, "bench", "s1", "l1", "c1", rt.manifest.hash()[:32], metric=AnomalyConfig().metric)
     return build_bank(frames, info, max_tokens, 0.99).bank
 
 
 def synthetic_bank(n: int, d: int, rng: np.random.Generator) -> Tuple[Bank, np.ndarray]:
-    """A bank of n tokens in 500 clusters, grouped into about sqrt(n) inverted lists (as a bank above
+    """A bank of n tokens in 500 clusters in central's default metric (whitened by their own whitening, as
+    central.anomaly.bank builds), grouped into about sqrt(n) inverted lists (as a bank above
     ``EXHAUSTIVE_UP_TO`` is), so that the same bank can be searched both ways; and the cluster centres."""
     centres = _unit(rng.standard_normal((500, d)))
     x = _unit(centres[rng.integers(0, 500, n)] + 0.5 * _unit(rng.standard_normal((n, d))))
+    metric = AnomalyConfig().metric
+    w = fit_whitening(x) if metric == "whitened" else None
+    z = x if w is None else (x - w[0]) @ w[1:]
     c = int(round(np.sqrt(n)))
-    assign, cent = spherical_kmeans(x, c, rng.choice(n, c, replace=False))
+    assign, cent = kmeans(z, c, rng.choice(n, c, replace=False), euclidean=w is not None)
     order = np.argsort(assign, kind="stable")
     offsets = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=c))])
-    info = BankInfo(1, 1, "bench", "s", "l", "c", "0" * 32, threshold=0.5)
-    return Bank(x[order], offsets, cent, np.zeros(n, np.int32), np.zeros((0, d), np.float32), info), centres
+    info = BankInfo(1, 1, "bench", "s", "l", "c", "0" * 32, threshold=0.5, metric=metric)
+    return Bank(z[order], offsets, cent, np.zeros(n, np.int32), np.zeros((0, d), np.float32), info, w), centres
 
 
 def time_searches(label: str, bank: Bank, q: np.ndarray, sizes: np.ndarray, batch: int = 100) -> List[dict]:
@@ -248,7 +273,7 @@ def time_searches(label: str, bank: Bank, q: np.ndarray, sizes: np.ndarray, batc
         try:
             full = b.score_arrays(q, sizes, every_token=every)  # also warms the pilot
             ok = sizes >= b.info.min_token_size
-            searched = ok.sum() if every else b.frame_distances(q, ok)[1].sum()
+            searched = ok.sum() if every else b.frame_distances(b.queries(q), ok)[1].sum()
             one = []
             for i in range(min(frames, 50)):
                 t0 = time.perf_counter()
@@ -516,7 +541,8 @@ def timing_body(product: "Path | None", dtype: str, args, console) -> str:
             "searches only the tokens that can be a frame's farthest, see tokenline/anomaly.py)\n\n"
             f"Real bank: central's builder over 700 NEU-DET frames ({700 * k:,} tokens, coreset to 10,000), the "
             f"other 500 frames scored. Synthetic banks: d={d}, K={k} a frame, 500 clusters, frames drawn like the "
-            "bank's. `tokens searched`: the share of a frame's tokens searched in the bank; the rest are cleared by "
+            f"bank's. Every bank in central's default metric ({AnomalyConfig().metric}; tokenline.anomaly). "
+            "`tokens searched`: the share of a frame's tokens searched in the bank; the rest are cleared by "
             "their bound from their nearest list.\n\n" + lt +
             f"\n\n#### Ingest with scoring off and on ({ing['runs']} pairs of runs of {ing['n']:,} messages)"
             f"\n\nMessages: {src}. Scoring runs beside ingest: ingest queues each frame "
@@ -582,41 +608,57 @@ def main() -> int:
              "flag_tokens": "K=48 summary, PCA 64 int4 (export for flagging; mode tokens)",
              "flag_both": "K=48 summary + global (export for flagging; mode both)"}
     rows: Dict[str, dict] = {}
-    for key, name in names.items():
-        row = {"rep": name, "neu": neu[key]["auroc"]}
-        if "apoint" in neu[key]:
-            row["apoint"] = neu[key]["apoint"]
-        if mono:
-            row["mono"] = mono[key]["auroc"]
-        if poly:
-            row["poly"] = poly[key]["auroc"]
-        rows[key] = row
-    cols = [("rep", "representation / scoring", ""), ("neu", "NEU mosaics AUROC", ".3f"),
+    for metric in METRICS:
+        for key, name in names.items():
+            key = ("w_" if metric == "whitened" else "") + key
+            if key not in neu:  # global embeddings have no token metric
+                continue
+            row = {"rep": name, "metric": metric, "neu": neu[key]["auroc"]}
+            if "apoint" in neu[key]:
+                row["apoint"] = neu[key]["apoint"]
+            if mono:
+                row["mono"] = mono[key]["auroc"]
+            if poly:
+                row["poly"] = poly[key]["auroc"]
+            rows[key] = row
+    cols = [("rep", "representation / scoring", ""), ("metric", "metric", ""), ("neu", "NEU mosaics AUROC", ".3f"),
             ("apoint", "anomaly pointing", ".3f"), ("mono", "ELPV mono AUROC", ".3f")]
     if poly:
         cols.append(("poly", "ELPV poly AUROC (held out)", ".3f"))
     quality = md_table(list(rows.values()), cols)
     console.print(quality)
-    up = rows["upper"]
     verdict = []
-    for label, tk, modes in (("K=16 (default export)", rows["tokens"], ("tokens", "global", "both")),
-                             ("K=48 (export for flagging)", rows["flag_tokens"], ("flag_tokens", "global", "flag_both"))):
-        best = {k: max((rows[m] for m in modes), key=lambda r: r.get(k, -1)) for k in ("neu", "mono")}
-        line = (f"- {label}, NEU mosaics: summary {tk['neu']:.3f} vs all patches {up['neu']:.3f} "
-                f"({'met' if tk['neu'] >= up['neu'] - 0.02 else 'missed'}: within 0.02); pointing "
-                f"{tk['apoint']:.3f} = {tk['apoint'] / up['apoint']:.2f} of all patches' {up['apoint']:.3f} "
-                f"({'met' if tk['apoint'] >= 0.9 * up['apoint'] else 'missed'}: >= 0.9). Best mode: "
-                f"{best['neu']['rep']}.")
-        if mono:
-            gap = up["mono"] - best["mono"]["mono"]
-            line += (f" ELPV mono: summary {tk['mono']:.3f} vs all patches {up['mono']:.3f} "
-                     f"({'met' if tk['mono'] >= up['mono'] - 0.02 else 'missed'}: within 0.02); best mode: "
-                     f"{best['mono']['rep']}, {gap:.3f} below the bound.")
-        verdict.append(line)
+    for metric in METRICS:
+        w = "w_" if metric == "whitened" else ""
+        up = rows[w + "upper"]
+        for label, tk, modes in (("K=16 (default export)", rows[w + "tokens"], (w + "tokens", "global", w + "both")),
+                                 ("K=48 (export for flagging)", rows[w + "flag_tokens"],
+                                  (w + "flag_tokens", "global", w + "flag_both"))):
+            best = {k: max((rows[m] for m in modes), key=lambda r: r.get(k, -1)) for k in ("neu", "mono")}
+            line = (f"- {metric}, {label}, NEU mosaics: summary {tk['neu']:.3f} vs all patches {up['neu']:.3f} "
+                    f"({'met' if tk['neu'] >= up['neu'] - 0.02 else 'missed'}: within 0.02); pointing "
+                    f"{tk['apoint']:.3f} = {tk['apoint'] / up['apoint']:.2f} of all patches' {up['apoint']:.3f} "
+                    f"({'met' if tk['apoint'] >= 0.9 * up['apoint'] else 'missed'}: >= 0.9). Best mode: "
+                    f"{best['neu']['rep']}.")
+            if mono:
+                gap = up["mono"] - best["mono"]["mono"]
+                line += (f" ELPV mono: summary {tk['mono']:.3f} vs all patches {up['mono']:.3f} "
+                         f"({'met' if tk['mono'] >= up['mono'] - 0.02 else 'missed'}: within 0.02); best mode: "
+                         f"{best['mono']['rep']}, {gap:.3f} below the bound.")
+            verdict.append(line)
+    def change(k: str) -> str:
+        a, b = rows[k], rows["w_" + k]
+        cols = [c for c in ("neu", "apoint", "mono", "poly") if c in a and c in b]
+        return (f"{a['rep'].split(' (')[0]}{' + global' if k.endswith('both') else ''}: "
+                + ", ".join(f"{c} {a[c]:.3f} -> {b[c]:.3f}" for c in cols))
+
+    verdict.append("- Whitened against cosine (the same tokens, banks and modes): "
+                   + "; ".join(change(k) for k in ("upper", "tokens", "both", "flag_tokens", "flag_both")) + ".")
     if poly:
         verdict.append("- ELPV poly (held out, one run): " + ", ".join(
-            f"{rows[k]['rep'].split(' (')[0]} {rows[k]['poly']:.3f}" for k in
-            ("tokens", "global", "both", "flag_tokens", "flag_both", "upper")) + ".")
+            f"{rows[k]['rep'].split(' (')[0]}{' (whitened)' if k.startswith('w_') else ''} {rows[k]['poly']:.3f}"
+            for k in ("tokens", "global", "both", "flag_tokens", "flag_both", "upper", "w_tokens", "w_both",
+                      "w_flag_tokens", "w_flag_both", "w_upper")) + ".")
     verdict.append("- One fixed split is noisy (about +-0.03); bench_elpv_gap.py (`elpv_gap`) draws the ELPV bank five "
                    "times and measures the exported models too.")
     body = ("Summary tokens from the reference head (benchmarks/summary_head_ref.py, the research setting: 2x2 "

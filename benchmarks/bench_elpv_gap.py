@@ -2,6 +2,7 @@
 
     python benchmarks/bench_elpv_gap.py                 # 5 draws of the ELPV mono bank; writes BENCHMARKS.md
     python benchmarks/bench_elpv_gap.py --draws 3 --no-write
+    python benchmarks/bench_elpv_gap.py --metrics --product out/k16 --product out/k48 --poly  # cosine vs whitened
     python benchmarks/bench_elpv_gap.py --product out/k16 --product out/k48 --poly  # exported models, made by
     tokenline-export export CKPT --out out/k48 --r 0 --k 48 --summary-dim 64 --batch 1 --calib NEU-DET/images
 
@@ -41,9 +42,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import ROOT, save_figure, write_section  # noqa: E402
-from benchmarks.bench_summary import (FeatureSets, Product, Rep, Variant, build_eval, compress,  # noqa: E402
-                                      elpv_anomaly, head_rep, layer_feats, md_table, message_bytes, neu_data,
-                                      patch_rep, product_rep)
+from benchmarks.bench_summary import (FeatureSets, Product, Rep, Variant, auroc, build_eval,  # noqa: E402
+                                      compress, elpv_anomaly, head_rep, knn_distance, layer_feats, md_table,
+                                      message_bytes, neu_data, patch_rep, product_rep)
 from benchmarks import summary_head_ref as ref  # noqa: E402
 
 LAYER = "L8"
@@ -188,6 +189,119 @@ def held_out_poly(fs: FeatureSets, args, console) -> str:
                f"against K=16's {k16['gap']:.3f}.\n"))
 
 
+METRIC_STUDY = "elpv_metric"  # the BENCHMARKS.md section --metrics writes
+
+
+def metric_study(fs: FeatureSets, args, console) -> str:
+    """Cosine against whitened bank distances (tokenline.anomaly's two metrics) over the same bank draws: the
+    bound, the research head in the two exports' forms and the exported models, mono and (with --poly) poly cells;
+    every row scored by exact nearest neighbours in its metric (bench_summary.knn_distance, the whitening fitted
+    on the draw's bank as central fits a set's). A markdown body."""
+    rows = []
+    for kind in ("mono", "poly") if args.poly else ("mono",):
+        e = fs.elpv(224, poly=kind == "poly")
+        if e is None:
+            return ""
+        probs, _, feats = e
+        tok = layer_feats(feats, LAYER).astype(np.float32)
+        masks = bank_draws(probs, args.draws)
+        reps: Dict[str, Rep] = {"patches": patch_rep(tok), "k16": head_rep(tok, (16, 16), **HEAD),
+                                "k48": head_rep(tok, (16, 16), **{**HEAD, "k": 48})}
+        studied = [("all patch tokens (centred), fp32 [bound]", Variant("b", "patches", "fp32", 384)),
+                   ("K=16 summary, PCA 96 int8 (default export's form)", Variant("s", "k16", "int8", 96)),
+                   ("K=48 summary, PCA 64 int4 (export for flagging's form)", Variant("s", "k48", "int4", 64))]
+        for m, name, rep in exported_reps(fs, args.product, probs, poly=kind == "poly"):
+            reps[name] = rep
+            dt = "int8" if m.summary.k <= 16 else "int4"
+            studied.append((f"exported {m.name} (K={m.summary.k}, d={m.summary.dim}), {dt}", Variant("p", name, dt)))
+        got: Dict[str, Dict[str, np.ndarray]] = {}
+        for metric in ("cosine", "whitened"):
+            for name, v in studied:
+                draws = []
+                for mask in masks:
+                    rep = compress(reps[v.rep], reps[v.rep].tokens[mask], v)[0]
+                    ev = ~mask
+                    sc = knn_distance(rep.tokens[ev], rep.tokens[mask].reshape(-1, rep.tokens.shape[-1]), metric)
+                    sc = sc.max(-1)
+                    draws.append(auroc(sc[probs[ev] == 0], sc[probs[ev] > 0]))
+                got.setdefault(name, {})[metric] = np.array(draws)
+                console.print(f"{kind} {metric} {name}: {np.mean(draws):.3f}")
+        bound = got[studied[0][0]]
+        for name, _ in studied:
+            c, w = got[name]["cosine"], got[name]["whitened"]
+            rows.append({"cells": kind, "rep": name, "cos": float(c.mean()), "cgap": float((bound["cosine"] - c).mean()),
+                         "white": float(w.mean()), "wgap": float((bound["whitened"] - w).mean()),
+                         "wworst": float((bound["whitened"] - w).max()), "gain": float((w - c).mean()),
+                         "lost": int((w < c).sum())})
+    table = md_table(rows, [("cells", "ELPV cells", ""), ("rep", "representation", ""),
+                            ("cos", "cosine AUROC", ".3f"), ("cgap", "gap to bound", "+.3f"),
+                            ("white", "whitened AUROC", ".3f"), ("wgap", "gap to bound (whitened)", "+.3f"),
+                            ("wworst", "largest gap (whitened)", "+.3f"), ("gain", "whitened - cosine", "+.3f"),
+                            ("lost", f"draws lost (of {args.draws})", "d")])
+    console.print(table)
+    summ = [r for r in rows if not r["rep"].startswith("all patch")]
+    cal = calibration(fs, args, console)
+    return ("Central's banks measure a token's distance to the bank either as 1 - cosine or, by default now, as "
+            "the Euclidean distance after whitening by the reference set's own tokens (tokenline.anomaly, "
+            "central.anomaly.bank.fit_whitening: the set's mean and its covariance shrunk by Oracle Approximating "
+            "Shrinkage, no parameter, nothing fitted on labels). Both metrics over the same "
+            f"{args.draws} bank draws as `elpv_gap` (100 normal cells each; the rest and the defective cells "
+            "scored); the gap to the bound is paired within each metric (the bound scored in the same metric). "
+            "The whitening has nothing to tune (OAS has no parameter); the held-out poly cells were scored once, "
+            "beside mono cells and NEU-DET mosaics, when it was adopted.\n\n" + table + "\n\n"
+            + "- Whitened minus cosine, mean over the draws: "
+            + "; ".join(f"{r['cells']} {r['rep'].split(' (')[0]}"
+                        f"{' exported' if r['rep'].startswith('exported') else ''} {r['gain']:+.3f}" for r in summ)
+            + ".\n- Gap to the bound in the same metric, summaries: "
+            + "; ".join(f"{r['cells']} {r['rep']} {r['cgap']:.3f} -> {r['wgap']:.3f}" for r in summ) + ".\n"
+            + "\nThresholds: a set's threshold is a quantile of its own frames' leave-one-out scores, so about that "
+            "share of new good frames should stay under it. Measured through the product's builder and scorer "
+            "(central.anomaly.bank.build_bank, K=16 summaries in the default export's form) with sets of "
+            "10, 30 and 100 ELPV mono cells (the same draws), the share of the other good cells flagged. Below "
+            "10 tokens per dimension (central.anomaly.bank.WHITEN_MIN_TOKENS_PER_DIM) central builds cosine banks "
+            "whatever anomaly.metric says; the whitened rows under that size are what it would do otherwise.\n\n"
+            + cal + "\n")
+
+
+def calibration(fs: FeatureSets, args, console) -> str:
+    """Share of new good ELPV mono cells flagged by thresholds at the 0.5 / 0.9 / 0.99 quantile of the set's
+    leave-one-out scores, by set size and metric (the product's builder and scorer; a markdown table)."""
+    from benchmarks.bench_anomaly import sizes_of
+    from central.anomaly import bank as builder
+    from tokenline.anomaly import BankInfo
+
+    probs, _, feats = fs.elpv(224)
+    tok = layer_feats(feats, LAYER).astype(np.float32)
+    summ = head_rep(tok, (16, 16), **HEAD)
+    v = Variant("s", "k16", "int8", 96)
+    rows = []
+    saved, builder.WHITEN_MIN_TOKENS_PER_DIM = builder.WHITEN_MIN_TOKENS_PER_DIM, 0  # what whitening would do
+    try:
+        for n in (10, 30, 100):
+            for metric in ("cosine", "whitened"):
+                got = []
+                for mask in bank_draws(probs, args.draws, n):
+                    rep = compress(summ, summ.tokens[mask], v)[0]
+                    sizes = sizes_of(rep)
+                    ref, new = np.flatnonzero(mask), np.flatnonzero(~mask & (probs == 0))
+                    frames = builder.SetFrames(rep.tokens[ref], sizes[ref], np.zeros((len(ref), 8), np.float32))
+                    out = []
+                    for q in (0.5, 0.9, 0.99):
+                        b = builder.build_bank(frames, BankInfo(1, 1, "b", "s", "l", "c", "0" * 32, metric=metric),
+                                               10_000, q).bank
+                        out.append(float((b.score_arrays(rep.tokens[new], sizes[new]).score > b.info.threshold).mean()))
+                    got.append(out)
+                m = np.mean(got, axis=0)
+                rows.append({"n": n, "tokens": n * 16, "metric": metric, "q50": m[0], "q90": m[1], "q99": m[2],
+                             "used": "yes" if metric == "cosine" or n * 16 >= saved * 96 else "no (cosine instead)"})
+                console.print(rows[-1])
+    finally:
+        builder.WHITEN_MIN_TOKENS_PER_DIM = saved
+    return md_table(rows, [("n", "set frames", "d"), ("tokens", "tokens (d = 96)", ",d"), ("metric", "metric", ""),
+                           ("q50", "flagged at q 0.5", ".3f"), ("q90", "at q 0.9", ".3f"), ("q99", "at q 0.99", ".3f"),
+                           ("used", "central builds it", "")])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--draws", type=int, default=5, help="ELPV bank draws")
@@ -196,6 +310,9 @@ def main() -> int:
     ap.add_argument("--poly", action="store_true",
                     help="also the held-out ELPV poly cells, same draws, for the bound, K=16 / K=48 and the products "
                          "(run once, at the end: not for choosing)")
+    ap.add_argument("--metrics", action="store_true",
+                    help=f"only the cosine vs whitened study (section {METRIC_STUDY}): the bound, K=16 / K=48 and the "
+                         "--product models over the same draws, with --poly also on the poly cells")
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
 
@@ -203,6 +320,15 @@ def main() -> int:
     from rich.progress import Progress
 
     console = Console()
+    if args.metrics:
+        with Progress(console=console, transient=True) as progress:
+            body = metric_study(FeatureSets(neu_data(), progress), args, console)
+        if not body:
+            console.print("[red]ELPV data missing (pip install elpv-dataset): nothing to study[/red]")
+            return 1
+        if args.write:
+            write_section(METRIC_STUDY, "ELPV anomaly: cosine vs whitened bank distances over bank draws", body)
+        return 0
     with Progress(console=console, transient=True) as progress:
         fs = FeatureSets(neu_data(), progress)
         ev = build_eval(fs, 2, 448, LAYER, HEAD)

@@ -641,10 +641,23 @@ def region_task(qv: np.ndarray, q_lab: np.ndarray, mos: Mosaics, rep: Rep, topk:
     return {"map": float(np.mean(aps)), "p10": float(np.mean(p10)), "point": float(np.mean(hits))}
 
 
-def knn_distance(tokens: np.ndarray, bank: np.ndarray) -> np.ndarray:
-    """[F, T] cosine distance of every token to its nearest bank token."""
+def knn_distance(tokens: np.ndarray, bank: np.ndarray, metric: str = "cosine") -> np.ndarray:
+    """[F, T] distance of every token to its nearest bank token [M, D] (exact): 1 - cosine, or with ``metric``
+    "whitened" Euclidean after whitening by the bank's own tokens (central.anomaly.bank.fit_whitening, as central
+    builds a reference set's bank; tokenline.anomaly)."""
     f, t, d = tokens.shape
-    return 1.0 - (tokens.reshape(f * t, d) @ bank.T).max(-1).reshape(f, t)
+    x = tokens.reshape(f * t, d).astype(np.float32)
+    b = np.asarray(bank, np.float32)
+    if metric == "whitened":
+        from central.anomaly.bank import fit_whitening
+
+        w = fit_whitening(b)
+        x, b = (x - w[0]) @ w[1:], (b - w[0]) @ w[1:]
+    half = 0.5 * np.einsum("ij,ij->i", b, b) if metric == "whitened" else 0.0
+    best = np.concatenate([(x[i: i + 4096] @ b.T - half).max(axis=1) for i in range(0, len(x), 4096)])
+    if metric == "whitened":
+        return np.sqrt(np.maximum(np.einsum("ij,ij->i", x, x) - 2.0 * best, 0.0)).reshape(f, t)
+    return (1.0 - best).reshape(f, t)
 
 
 def frame_anomaly(dist: np.ndarray, topk: int = 1) -> np.ndarray:

@@ -48,7 +48,7 @@ from benchmarks._timing import median_interval  # noqa: E402
 from benchmarks.bench_summary import (ELPV, FEATURE_VERSION, MOSAICS, SPLIT, FeatureSets, Mosaics, Rep,  # noqa: E402
                                       Variant, auroc, cached_rows, compress, head_rep, knn_distance, layer_feats,
                                       md_table, neu_data, patch_rep)
-from central.anomaly.bank import SetFrames, build_bank, fit_whitening  # noqa: E402
+from central.anomaly.bank import WHITEN_MIN_TOKENS_PER_DIM, SetFrames, build_bank, fit_whitening  # noqa: E402
 from central.config import AnomalyConfig  # noqa: E402
 from central.kmeans import kmeans  # noqa: E402
 from tokenline.anomaly import EXHAUSTIVE_UP_TO, Bank, BankInfo  # noqa: E402
@@ -649,11 +649,25 @@ def main() -> int:
     def change(k: str) -> str:
         a, b = rows[k], rows["w_" + k]
         cols = [c for c in ("neu", "apoint", "mono", "poly") if c in a and c in b]
-        return (f"{a['rep'].split(' (')[0]}{' + global' if k.endswith('both') else ''}: "
+        return (f"{a['rep'].split(' (')[0]}: "
                 + ", ".join(f"{c} {a[c]:.3f} -> {b[c]:.3f}" for c in cols))
 
     verdict.append("- Whitened against cosine (the same tokens, banks and modes): "
                    + "; ".join(change(k) for k in ("upper", "tokens", "both", "flag_tokens", "flag_both")) + ".")
+    sizes = {"K=16": (HEAD["k"], PRODUCT.dims), "K=48": (FLAG_HEAD["k"], FLAG.dims)}
+
+    def built(n: int, size: str) -> str:
+        k, d = sizes[size]
+        return f"{n * k:,} tokens at {size} ({'whitened' if n * k >= WHITEN_MIN_TOKENS_PER_DIM * d else 'cosine'})"
+
+    verdict.append(f"- Central whitens a bank only from {WHITEN_MIN_TOKENS_PER_DIM} tokens per dimension "
+                   "(central.anomaly.bank.WHITEN_MIN_TOKENS_PER_DIM): NEU banks of "
+                   f"{MOSAICS['calib']} mosaics a class hold "
+                   + ", ".join(built(MOSAICS["calib"], size) for size in sizes)
+                   + f"; ELPV banks of {ELPV['bank']} cells "
+                   + ", ".join(built(ELPV["bank"], size) for size in sizes)
+                   + ". Where a bank is built cosine its whitened row repeats the cosine one; the bound is scored "
+                   "whitened in its rows.")
     if poly:
         verdict.append("- ELPV poly (held out, one run): " + ", ".join(
             f"{rows[k]['rep'].split(' (')[0]}{' (whitened)' if k.startswith('w_') else ''} {rows[k]['poly']:.3f}"

@@ -229,7 +229,8 @@ def metric_study(fs: FeatureSets, args, console) -> str:
         bound = got[studied[0][0]]
         for name, _ in studied:
             c, w = got[name]["cosine"], got[name]["whitened"]
-            rows.append({"cells": kind, "rep": name, "cos": float(c.mean()), "cgap": float((bound["cosine"] - c).mean()),
+            rows.append({"cells": kind, "rep": name, "cos": float(c.mean()),
+                         "cgap": float((bound["cosine"] - c).mean()),
                          "white": float(w.mean()), "wgap": float((bound["whitened"] - w).mean()),
                          "wworst": float((bound["whitened"] - w).max()), "gain": float((w - c).mean()),
                          "lost": int((w < c).sum())})

@@ -12,7 +12,7 @@ after whitening by the set's own tokens, z = (q - m) W with m the mean of the se
 from the eigendecomposition V L V^T of their covariance shrunk towards a multiple of I (Oracle Approximating
 Shrinkage, parameter-free): directions in which the set's normal tokens barely vary count more, so an odd patch
 averaged into a summary token with its normal neighbours still stands out (the Mahalanobis idea of PaDiM and
-Gaussian AD, applied to a nearest-neighbour bank; ELPV and NEU-DET gains in BENCHMARKS.md anomaly). The search
+Gaussian AD, applied to a nearest-neighbour bank; ELPV gains in BENCHMARKS.md elpv_metric and anomaly). The search
 stays a largest inner product: a bank token z_b is searched as [z_b, -|z_b|^2 / 2] and a query as [z, 1], so
 |z - z_b|^2 = |z|^2 - 2 (their product), and inverted lists (Euclidean k-means centroids, searched the same way)
 and the bound below carry over unchanged.
@@ -38,7 +38,8 @@ uncompressed ``.npz`` with the arrays ``tokens`` (float16 [M, d], unit norm, gro
 (int64 [C + 1]), ``centroids`` (float32 [C, d]), ``src`` (int32 [M], the set frame each token came from),
 ``globals`` (float16 [F, D]), in metric ``whitened`` also ``whiten`` (float32 [d + 1, d]: m, then W; the tokens
 and centroids are then whitened ones) and ``meta`` (UTF-8 JSON: ``BankInfo``, with the sha256 of the arrays; files
-without a ``metric`` are cosine banks). The file lives in the model directory as ``anomaly/<site>/<line>/<camera>.npz`` (``bank_path``).
+without a ``metric`` are cosine banks). The file lives in the model directory as
+``anomaly/<site>/<line>/<camera>.npz`` (``bank_path``).
 
 Python 3.8+, numpy only.
 """

@@ -3,13 +3,13 @@
 Pure functions on arrays. The token pool (every summary token of the set's frames that stands for at least
 ``min_token_size`` patches), in metric ``whitened`` first whitened by its own mean and shrunk covariance
 (``fit_whitening``; tokenline.anomaly says why; a pool of fewer than ``WHITEN_MIN_TOKENS_PER_DIM`` tokens per
-dimension gets a cosine bank instead), is subsampled to ``max_bank_tokens`` by a greedy k-center coreset (PatchCore's
-subsampling: each step keeps the token farthest from those kept, on a fixed random projection for speed); a bank
-of ``tokenline.anomaly.LISTS_FROM`` tokens or more is then grouped into about sqrt(M) inverted lists by k-means
-(spherical for cosine, Euclidean for whitened banks) seeded with the coreset's first picks (smaller banks keep one list): the lists bound each token's distance
-when scoring, and above ``tokenline.anomaly.EXHAUSTIVE_UP_TO`` tokens they are what is searched. The
-threshold is a quantile of the set's own frames' leave-one-out scores (each frame scored against the bank
-without its own tokens), or given by hand.
+dimension gets a cosine bank instead), is subsampled to ``max_bank_tokens`` by a greedy k-center coreset
+(PatchCore's subsampling: each step keeps the token farthest from those kept, on a fixed random projection for
+speed); a bank of ``tokenline.anomaly.LISTS_FROM`` tokens or more is then grouped into about sqrt(M) inverted lists
+by k-means (spherical for cosine, Euclidean for whitened banks) seeded with the coreset's first picks (smaller
+banks keep one list): the lists bound each token's distance when scoring, and above
+``tokenline.anomaly.EXHAUSTIVE_UP_TO`` tokens they are what is searched. The threshold is a quantile of the set's
+own frames' leave-one-out scores (each frame scored against the bank without its own tokens), or given by hand.
 """
 
 from __future__ import annotations

@@ -149,24 +149,34 @@ def exported_reps(fs: FeatureSets, model_dirs: List[Path], probs: np.ndarray, po
     return out
 
 
-def held_out_poly(fs: FeatureSets, args, console) -> str:
-    """The held-out ELPV poly cells, bank drawn as for mono: the bound, the default and the flagging summaries, and
-    the exported models (a markdown section)."""
-    e = fs.elpv(224, poly=True)
+def study_cells(fs: FeatureSets, args, poly: bool):
+    """(defect probabilities, bank draws, representations, [(name, Variant)]) of the ELPV mono or poly cells for
+    the studies that follow the choice: the bound, the default and the flagging summaries, the --product models;
+    None without the data."""
+    e = fs.elpv(224, poly=poly)
     if e is None:
-        return ""
+        return None
     probs, _, feats = e
     tok = layer_feats(feats, LAYER).astype(np.float32)
-    masks = bank_draws(probs, args.draws)
     reps: Dict[str, Rep] = {"patches": patch_rep(tok), "k16": head_rep(tok, (16, 16), **HEAD),
                             "k48": head_rep(tok, (16, 16), **{**HEAD, "k": 48})}
     studied = [("all patch tokens (centred), fp32 [bound]", Variant("b", "patches", "fp32", 384)),
                ("K=16 summary, PCA 96 int8 [product]", Variant("s", "k16", "int8", 96)),
                ("K=48 summary, PCA 64 int4", Variant("s", "k48", "int4", 64))]
-    for m, name, rep in exported_reps(fs, args.product, probs, poly=True):
+    for m, name, rep in exported_reps(fs, args.product, probs, poly=poly):
         reps[name] = rep
         dt = "int8" if m.summary.k <= 16 else "int4"
         studied.append((f"exported {m.name} (K={m.summary.k}, d={m.summary.dim}), {dt}", Variant("p", name, dt)))
+    return probs, bank_draws(probs, args.draws), reps, studied
+
+
+def held_out_poly(fs: FeatureSets, args, console) -> str:
+    """The held-out ELPV poly cells, bank drawn as for mono: the bound, the default and the flagging summaries, and
+    the exported models (a markdown section)."""
+    cells = study_cells(fs, args, poly=True)
+    if cells is None:
+        return ""
+    probs, masks, reps, studied = cells
     rows, bound = [], None
     for name, v in studied:
         draws = elpv_aurocs(probs, masks, lambda mask, r=reps[v.rep]: r, v)
@@ -199,21 +209,10 @@ def metric_study(fs: FeatureSets, args, console) -> str:
     on the draw's bank as central fits a set's). A markdown body."""
     rows = []
     for kind in ("mono", "poly") if args.poly else ("mono",):
-        e = fs.elpv(224, poly=kind == "poly")
-        if e is None:
+        cells = study_cells(fs, args, poly=kind == "poly")
+        if cells is None:
             return ""
-        probs, _, feats = e
-        tok = layer_feats(feats, LAYER).astype(np.float32)
-        masks = bank_draws(probs, args.draws)
-        reps: Dict[str, Rep] = {"patches": patch_rep(tok), "k16": head_rep(tok, (16, 16), **HEAD),
-                                "k48": head_rep(tok, (16, 16), **{**HEAD, "k": 48})}
-        studied = [("all patch tokens (centred), fp32 [bound]", Variant("b", "patches", "fp32", 384)),
-                   ("K=16 summary, PCA 96 int8 (default export's form)", Variant("s", "k16", "int8", 96)),
-                   ("K=48 summary, PCA 64 int4 (export for flagging's form)", Variant("s", "k48", "int4", 64))]
-        for m, name, rep in exported_reps(fs, args.product, probs, poly=kind == "poly"):
-            reps[name] = rep
-            dt = "int8" if m.summary.k <= 16 else "int4"
-            studied.append((f"exported {m.name} (K={m.summary.k}, d={m.summary.dim}), {dt}", Variant("p", name, dt)))
+        probs, masks, reps, studied = cells
         got: Dict[str, Dict[str, np.ndarray]] = {}
         for metric in ("cosine", "whitened"):
             for name, v in studied:
@@ -251,8 +250,7 @@ def metric_study(fs: FeatureSets, args, console) -> str:
             "The whitening has nothing to tune (OAS has no parameter); the held-out poly cells were scored once, "
             "beside mono cells and NEU-DET mosaics, when it was adopted.\n\n" + table + "\n\n"
             + "- Whitened minus cosine, mean over the draws: "
-            + "; ".join(f"{r['cells']} {r['rep'].split(' (')[0]}"
-                        f"{' exported' if r['rep'].startswith('exported') else ''} {r['gain']:+.3f}" for r in summ)
+            + "; ".join(f"{r['cells']} {r['rep'].split(' (')[0]} {r['gain']:+.3f}" for r in summ)
             + ".\n- Gap to the bound in the same metric, summaries: "
             + "; ".join(f"{r['cells']} {r['rep']} {r['cgap']:.3f} -> {r['wgap']:.3f}" for r in summ) + ".\n"
             + "\nThresholds: a set's threshold is a quantile of its own frames' leave-one-out scores, so about that "

@@ -439,7 +439,8 @@ def _positive(text: str) -> int:
 def _set_line(info) -> str:
     return (f"set {info.id} {info.name!r} {info.site}/{info.line}/{info.camera} model {info.model_id} "
             f"v{info.version}: {info.frame_count} frames, bank {info.bank_tokens} of {info.pool_tokens} tokens "
-            f"({info.lists} lists, nprobe {info.nprobe}), mode {info.mode}, {info.metric}, threshold {info.threshold:.4f} "
+            f"({info.lists} lists, nprobe {info.nprobe}), mode {info.mode}, {info.metric}, "
+            f"threshold {info.threshold:.4f} "
             f"({info.threshold_mode}{f' q={info.quantile:g}' if info.threshold_mode == 'quantile' else ''})")
 
 

@@ -59,9 +59,9 @@ class SetInfo:
 def _info(row: ReferenceSet, bank: Optional[Bank] = None) -> SetInfo:
     bank = bank or Bank.from_bytes(bytes(row.bank), where=f"reference_sets[{row.id}].bank")
     return SetInfo(row.id, row.name, row.model_id, row.site, row.line, row.camera, row.mode, bank.info.metric,
-                   row.threshold_mode,
-                   float(row.quantile), float(row.threshold), row.version, row.frame_count, row.bank_tokens,
-                   bank.info.pool_tokens, bank.lists, bank.info.nprobe, row.created_us, row.updated_us)
+                   row.threshold_mode, float(row.quantile), float(row.threshold), row.version, row.frame_count,
+                   row.bank_tokens, bank.info.pool_tokens, bank.lists, bank.info.nprobe, row.created_us,
+                   row.updated_us)
 
 
 # -- frames of a set -------------------------------------------------------------------------------------------

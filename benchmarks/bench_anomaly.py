@@ -51,7 +51,7 @@ from benchmarks.bench_summary import (ELPV, FEATURE_VERSION, MOSAICS, SPLIT, Fea
 from central.anomaly.bank import WHITEN_MIN_TOKENS_PER_DIM, SetFrames, build_bank, fit_whitening  # noqa: E402
 from central.config import AnomalyConfig  # noqa: E402
 from central.kmeans import kmeans  # noqa: E402
-from tokenline.anomaly import EXHAUSTIVE_UP_TO, Bank, BankInfo  # noqa: E402
+from tokenline.anomaly import EXHAUSTIVE_UP_TO, METRICS, Bank, BankInfo, apply_whitening  # noqa: E402
 
 QUALITY_VERSION = 3  # bump when the quality computation changes (part of the cache key of its results)
 LAYER = "L8"
@@ -62,7 +62,6 @@ FLAG_HEAD = {**HEAD, "k": 48}
 FLAG = Variant("summary K=48", "flag", "int4", 64)
 UPPER = Variant("all patch tokens (centred)", "patches", "fp32", 384)
 MODES = ("tokens", "global", "both")
-METRICS = ("cosine", "whitened")  # tokenline.anomaly; whitened rows are keyed "w_" + the cosine row's key
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -246,7 +245,7 @@ def synthetic_bank(n: int, d: int, rng: np.random.Generator) -> Tuple[Bank, np.n
     x = _unit(centres[rng.integers(0, 500, n)] + 0.5 * _unit(rng.standard_normal((n, d))))
     metric = AnomalyConfig().metric
     w = fit_whitening(x) if metric == "whitened" else None
-    z = x if w is None else (x - w[0]) @ w[1:]
+    z = x if w is None else apply_whitening(x, w)
     c = int(round(np.sqrt(n)))
     assign, cent = kmeans(z, c, rng.choice(n, c, replace=False), euclidean=w is not None)
     order = np.argsort(assign, kind="stable")

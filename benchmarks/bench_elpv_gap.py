@@ -46,6 +46,7 @@ from benchmarks.bench_summary import (FeatureSets, Product, Rep, Variant, auroc,
                                       compress, elpv_anomaly, head_rep, knn_distance, layer_feats, md_table,
                                       message_bytes, neu_data, patch_rep, product_rep)
 from benchmarks import summary_head_ref as ref  # noqa: E402
+from tokenline.anomaly import METRICS  # noqa: E402
 
 LAYER = "L8"
 HEAD = {"k": 16, "k_protect": 0, "lam": 0.5, "iters": 3}
@@ -214,7 +215,7 @@ def metric_study(fs: FeatureSets, args, console) -> str:
             return ""
         probs, masks, reps, studied = cells
         got: Dict[str, Dict[str, np.ndarray]] = {}
-        for metric in ("cosine", "whitened"):
+        for metric in METRICS:
             for name, v in studied:
                 draws = []
                 for mask in masks:
@@ -277,7 +278,7 @@ def calibration(fs: FeatureSets, args, console) -> str:
     saved, builder.WHITEN_MIN_TOKENS_PER_DIM = builder.WHITEN_MIN_TOKENS_PER_DIM, 0  # what whitening would do
     try:
         for n in (10, 30, 100):
-            for metric in ("cosine", "whitened"):
+            for metric in METRICS:
                 got = []
                 for mask in bank_draws(probs, args.draws, n):
                     rep = compress(summ, summ.tokens[mask], v)[0]

@@ -650,9 +650,10 @@ def knn_distance(tokens: np.ndarray, bank: np.ndarray, metric: str = "cosine") -
     b = np.asarray(bank, np.float32)
     if metric == "whitened":
         from central.anomaly.bank import fit_whitening
+        from tokenline.anomaly import apply_whitening
 
         w = fit_whitening(b)
-        x, b = (x - w[0]) @ w[1:], (b - w[0]) @ w[1:]
+        x, b = apply_whitening(x, w), apply_whitening(b, w)
     half = 0.5 * np.einsum("ij,ij->i", b, b) if metric == "whitened" else 0.0
     best = np.concatenate([(x[i: i + 4096] @ b.T - half).max(axis=1) for i in range(0, len(x), 4096)])
     if metric == "whitened":

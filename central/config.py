@@ -126,8 +126,8 @@ class AnomalyConfig(StrictModel):
     max_set_frames: int = Field(5000, ge=2)  # frames one reference set may hold
     nprobe: int = Field(8, ge=1)  # inverted lists searched per token in banks over tokenline.anomaly.EXHAUSTIVE_UP_TO
     min_token_size: float = Field(1.0, ge=0)  # tokens standing for fewer patches are not scored (empty ones)
-    # distances of new banks (tokenline.anomaly): whitened by the set's own tokens (better on every benchmark,
-    # BENCHMARKS.md anomaly) or cosine; a set whose threshold was set by hand keeps its bank's metric on rebuilds
+    # distances of new banks (tokenline.anomaly): whitened by the set's own tokens (higher ELPV AUROC, BENCHMARKS.md
+    # elpv_metric) or cosine; a set whose threshold was set by hand keeps its bank's metric on rebuilds
     metric: Literal["whitened", "cosine"] = "whitened"
     quantile: float = Field(0.99, gt=0, le=1)  # default threshold: this quantile of the leave-one-out scores
     # each ingest worker runs a scorer process beside it (central.anomaly.scoring): it scores the frames ingest

@@ -164,6 +164,11 @@ def bank_path(model_dir: Union[str, Path], site: str, line: str, camera: str) ->
     return bank_file(Path(model_dir) / BANK_DIR, site, line, camera)
 
 
+def apply_whitening(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Tokens ``x`` [..., d] whitened by a bank's whitening ``w`` [d + 1, d] (its mean m, then W): (x - m) W."""
+    return (x - w[0]) @ w[1:]
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -211,7 +216,7 @@ class Bank:
         if not self.whitened:
             return np.ascontiguousarray(q)
         assert self.whiten is not None
-        z = (_unit(q) - self.whiten[0]) @ self.whiten[1:]
+        z = apply_whitening(_unit(q), self.whiten)
         return np.ascontiguousarray(np.concatenate([z, np.ones(z.shape[:-1] + (1,), np.float32)], axis=-1))
 
     def distance(self, qs: np.ndarray, sim: np.ndarray) -> np.ndarray:

@@ -127,7 +127,7 @@ def build_bank(frames: SetFrames, info: BankInfo, max_tokens: int, quantile: flo
         info = replace(info, metric="cosine")
     if info.metric == "whitened":
         whiten = fit_whitening(pool)
-        pool = (pool - whiten[0]) @ whiten[1:]
+        pool = anomaly.apply_whitening(pool, whiten)
     n_bank = min(max_tokens, pool.shape[0])
     c = n_lists_for(n_bank)
     if n_bank < pool.shape[0] or c > 1:

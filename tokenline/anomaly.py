@@ -169,6 +169,13 @@ def apply_whitening(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return (x - w[0]) @ w[1:]
 
 
+def standardized_sum(tok: np.ndarray, glob: np.ndarray, token_stats: Tuple[float, float],
+                     global_stats: Tuple[float, float]) -> np.ndarray:
+    """Mode ``both``: the token and global scores, each standardized by its (mean, sd) over the set's frames, summed."""
+    (mt, st), (mg, sg) = token_stats, global_stats
+    return (tok - mt) / max(st, 1e-6) + (glob - mg) / max(sg, 1e-6)
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -407,8 +414,7 @@ class Bank:
         elif self.info.mode == "global":
             score, tok_score = glob_score, nan
         else:
-            (mt, st), (mg, sg) = self.info.token_stats, self.info.global_stats
-            score = (tok_score - mt) / max(st, 1e-6) + (glob_score - mg) / max(sg, 1e-6)
+            score = standardized_sum(tok_score, glob_score, self.info.token_stats, self.info.global_stats)
         return FrameScores(np.asarray(score, np.float32), token, dist, tok_score, np.asarray(glob_score, np.float32))
 
     def score(self, summary: Summary) -> AnomalyScore:

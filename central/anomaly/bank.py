@@ -9,7 +9,8 @@ speed); a bank of ``tokenline.anomaly.LISTS_FROM`` tokens or more is then groupe
 by k-means (spherical for cosine, Euclidean for whitened banks) seeded with the coreset's first picks (smaller
 banks keep one list): the lists bound each token's distance when scoring, and above
 ``tokenline.anomaly.EXHAUSTIVE_UP_TO`` tokens they are what is searched. The threshold is a quantile of the set's
-own frames' leave-one-out scores (each frame scored against the bank without its own tokens), or given by hand.
+own frames' leave-one-out scores (each frame scored against the bank without its own tokens and, in metric
+whitened, with a whitening fitted without them too: ``loo_whitened_scores``), or given by hand.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from tokenline.anomaly import Bank, BankInfo
 
 PROJECTION_DIM = 64  # coreset selection runs on this many random projections of the tokens
 # a whitened bank needs a pool of at least this many tokens per dimension; smaller sets get cosine banks: their
-# covariance is too poorly known, and their leave-one-out thresholds flag far more good frames than the quantile
-# says (ELPV cells, K=16, d=96, threshold at the 0.99 quantile: 37 % of new good frames flagged from a 10-frame set,
-# 7.5 % from 30 frames, 1.9 % from 100 frames; cosine 5.8 / 4.5 / 1.6 %)
-WHITEN_MIN_TOKENS_PER_DIM = 10
+# covariance is too poorly known to rank better, and their thresholds flag more new good frames than cosine ones do
+# (ELPV mono cells, the default export's K=16 d=96 summaries, threshold at the 0.99 quantile, 5 draws; BENCHMARKS.md
+# `elpv_metric`: sets of 5 and 6 frames (0.8 and 1 token per dimension) rank no better whitened and flag 19 and 21 %
+# of new good cells against cosine's 12 and 15 %; from 10 frames (1.7 per dimension) whitened ranks better, AUROC
+# 0.852 against 0.836, and flags as many, 8.8 against 9.2 %)
+WHITEN_MIN_TOKENS_PER_DIM = 1.5
 
 
 @dataclass(frozen=True)
@@ -84,23 +87,82 @@ def greedy_coreset(x: np.ndarray, m: int, proj_dim: int = PROJECTION_DIM, seed: 
     return picked
 
 
-def fit_whitening(x: np.ndarray) -> np.ndarray:
-    """[d + 1, d] float32: the mean m of tokens ``x`` [N, d] and W = V L^-1/2, where V L V^T is their covariance S
-    shrunk towards mu I (mu = tr(S) / d) by Oracle Approximating Shrinkage (Chen et al. 2010; what scikit-learn's
-    OAS computes): rho = min(1, (tr(S^2) / d + mu^2) / ((N + 1) (tr(S^2) / d - mu^2 / d))), no parameter. The
-    shrinkage keeps W finite when the set has fewer tokens than dimensions."""
-    x = np.asarray(x, np.float64)
-    n, d = x.shape
-    m = x.mean(axis=0)
-    s = (x - m).T @ (x - m) / max(n, 1)
+def shrunk_covariance(s: np.ndarray, n: int) -> np.ndarray:
+    """The covariance ``s`` [d, d] of ``n`` tokens shrunk towards mu I (mu = tr(S) / d) by Oracle Approximating
+    Shrinkage (Chen et al. 2010; what scikit-learn's OAS computes): (1 - rho) S + rho mu I with
+    rho = min(1, (tr(S^2) / d + mu^2) / ((n + 1) (tr(S^2) / d - mu^2 / d))), no parameter. The shrinkage keeps it
+    invertible when the set has fewer tokens than dimensions."""
+    d = s.shape[0]
     mu = float(np.trace(s)) / d
     alpha = float(np.mean(s * s))
     den = (n + 1.0) * (alpha - mu * mu / d)
     rho = 1.0 if den <= 0 else min(1.0, (alpha + mu * mu) / den)
-    s = (1.0 - rho) * s + rho * mu * np.eye(d)
+    return (1.0 - rho) * s + rho * mu * np.eye(d)
+
+
+def fit_whitening(x: np.ndarray) -> np.ndarray:
+    """[d + 1, d] float32: the mean m of tokens ``x`` [N, d] and W = V L^-1/2, where V L V^T is their covariance
+    shrunk by ``shrunk_covariance``."""
+    x = np.asarray(x, np.float64)
+    n = x.shape[0]
+    m = x.mean(axis=0)
+    s = shrunk_covariance((x - m).T @ (x - m) / max(n, 1), n)
     lam, v = np.linalg.eigh(s)
-    w = v / np.sqrt(np.maximum(lam, 1e-12 * max(mu, 1e-30)))[None, :]
+    w = v / np.sqrt(np.maximum(lam, 1e-12 * max(float(np.trace(s)) / len(m), 1e-30)))[None, :]
     return np.concatenate([m[None, :], w]).astype(np.float32)
+
+
+def loo_whitened_scores(pool: np.ndarray, src: np.ndarray, bank: Bank, queries: np.ndarray, ok: np.ndarray
+                        ) -> np.ndarray:
+    """[F] each set frame's leave-one-out score in metric whitened, *its whitening fitted without it too*.
+
+    ``pool`` [N, d] the unit tokens the whitening was fitted on, ``src`` [N] their frames; ``bank`` the whitened
+    bank built from them; ``queries`` [F, K, d] the frames' unit tokens, ``ok`` [F, K] those that count. Frame i's
+    score is the largest, over its tokens x, distance to the nearest bank token b of another frame, measured with
+    S_i, the shrunk covariance of the pool without frame i's tokens: d_i(x, b)^2 = (x - b)^T S_i^-1 (x - b).
+
+    Why: a frame's own tokens shape the set's covariance, so measured with it they look more typical than a new
+    good frame does; thresholds from such scores flag several times the quantile's share of new good frames
+    (BENCHMARKS.md, `elpv_metric`). How, without whitening the bank again for each frame: with z = W^T (x - m) in
+    the set's whitening, d_i^2 = u^T A_i^-1 u for u = z_x - z_b and A_i = W^T S_i W (d x d; S_i from the pool's
+    sums less the frame's tokens). With A_i = Q G Q^T, d_i^2 lies within [|u|^2 / G_max, |u|^2 / G_min], so the
+    nearest token under S_i is among those whose |u|^2 is at most G_max / G_min times the smallest; only those are
+    measured with A_i (for a set of many frames A_i is close to I and they are few)."""
+    w = bank.whiten
+    assert w is not None
+    x = np.asarray(pool, np.float64)
+    n, d = x.shape
+    sum_x, sum_xx = x.sum(axis=0), x.T @ x
+    wm = w[1:].astype(np.float64)
+    zq = anomaly.apply_whitening(unit(queries), w).astype(np.float32)  # [F, K, d]
+    zb = bank.tokens.astype(np.float32)
+    zb2 = np.einsum("ij,ij->i", zb, zb)
+    f = queries.shape[0]
+    out = np.zeros(f, np.float32)
+    for i in range(f):
+        rows = np.flatnonzero(ok[i])
+        if rows.size == 0:
+            continue  # no token counts: score 0, as Bank.score_arrays
+        mine = x[src == i]
+        left = n - mine.shape[0]
+        others = bank.src != i
+        if left < 2 or not others.any():
+            out[i] = anomaly.FAR
+            continue
+        mean = (sum_x - mine.sum(axis=0)) / left
+        s_i = shrunk_covariance((sum_xx - mine.T @ mine) / left - np.outer(mean, mean), left)
+        g, q = np.linalg.eigh(wm.T @ s_i @ wm)
+        g = np.maximum(g, 1e-12 * g.max())
+        z = zq[i, rows]
+        d2 = np.einsum("ij,ij->i", z, z)[:, None] + zb2[None, :] - 2.0 * (z @ zb.T)
+        d2[:, ~others] = np.inf
+        reach = d2.min(axis=1, keepdims=True) * (g[-1] / g[0]) * (1.0 + 1e-4) + 1e-6
+        t, b = np.nonzero(d2 <= reach)
+        proj = ((z[t] - zb[b]).astype(np.float64) @ q) / np.sqrt(g)
+        best = np.full(rows.size, np.inf)
+        np.minimum.at(best, t, np.einsum("ij,ij->i", proj, proj))
+        out[i] = min(float(np.sqrt(best.max())), anomaly.FAR)
+    return out
 
 
 def n_lists_for(m: int) -> int:
@@ -118,7 +180,7 @@ def build_bank(frames: SetFrames, info: BankInfo, max_tokens: int, quantile: flo
     if f < 2:
         raise ValueError("a reference set needs at least two frames (its threshold comes from leave-one-out scores)")
     ok = frames.sizes.reshape(-1) >= info.min_token_size
-    pool = unit(frames.tokens.reshape(f * k, d)[ok])
+    pool = units = unit(frames.tokens.reshape(f * k, d)[ok])
     src = np.repeat(np.arange(f, dtype=np.int32), k)[ok]
     if pool.shape[0] == 0:
         raise ValueError(f"no token of the set's frames stands for >= {info.min_token_size} patches")
@@ -148,16 +210,19 @@ def build_bank(frames: SetFrames, info: BankInfo, max_tokens: int, quantile: flo
     # the half-precision tokens are what the file stores and every scorer uses: calibrate on them too
     bank = Bank(kept.astype(np.float16), offsets, cent, kept_src, globals_.astype(np.float16), info, whiten)
     every = np.arange(f)
-    tok = replace(bank, info=replace(info, mode="tokens")).score_arrays(frames.tokens, frames.sizes,
-                                                                      exclude=every).score
+    if whiten is not None:  # each frame measured with a whitening fitted without it (loo_whitened_scores)
+        tok = loo_whitened_scores(units, src, bank, frames.tokens, ok.reshape(f, k))
+    else:
+        tok = replace(bank, info=replace(info, mode="tokens")).score_arrays(frames.tokens, frames.sizes,
+                                                                          exclude=every).score
     stats = {"token_stats": (float(tok.mean()), float(tok.std()))}
+    loo = tok
     if info.mode != "tokens":
         glob = 1.0 - bank.global_similarity(unit(frames.globals), exclude=every)
         stats["global_stats"] = (float(glob.mean()), float(glob.std()))
+        loo = glob if info.mode == "global" else anomaly.standardized_sum(tok, glob, stats["token_stats"],
+                                                                             stats["global_stats"])
     bank = replace(bank, info=replace(bank.info, **stats))
-    # mode tokens: the leave-one-out scores are the token scores above (one search of the pool, not two)
-    loo = tok if info.mode == "tokens" else bank.score_arrays(frames.tokens, frames.sizes, frames.globals,
-                                                              exclude=every).score
     t = float(threshold) if threshold is not None else float(np.quantile(loo, quantile))
     return Built(replace(bank, info=replace(bank.info, threshold=t)), loo)
 

@@ -487,11 +487,61 @@ def test_whitened_banks_fit_their_whitening_on_the_set_and_group_it_by_euclidean
     assert fs.token[1] == 6 and fs.score[1] > bank.info.threshold >= max(fs.score[0], fs.score[2])
 
 
+def test_whitened_thresholds_measure_each_set_frame_with_a_whitening_fitted_without_it():
+    rng = np.random.default_rng(10)
+    for f, k, d, max_tokens in ((12, 16, 24, 10_000), (40, 8, 16, 10_000), (300, 16, 32, 2000)):
+        vocab = unit(rng.standard_normal((30, d)) * np.linspace(0.2, 1, d))
+        tokens = unit(vocab[rng.integers(0, 30, (f, k))] + 0.2 * rng.standard_normal((f, k, d)))
+        sizes = np.ones((f, k), np.float32)
+        sizes[:, 0] = 0  # an empty token counts for nothing
+        built = build_bank(SetFrames(tokens, sizes, np.zeros((f, 8), np.float32)),
+                           BankInfo(1, 1, "x", "s", "l", "c", "0" * 32, metric="whitened"), max_tokens, 0.9)
+        bank = built.bank
+        assert bank.whitened and bank.size == min(max_tokens, f * (k - 1))
+        # brute force: frame i's tokens against the bank's tokens of other frames, in the whitening of the pool
+        # without frame i (the bank's tokens back in the tokens' own space)
+        w = bank.whiten.astype(np.float64)
+        raw = bank.tokens.astype(np.float64) @ np.linalg.inv(w[1:]) + w[0]
+        pool, src = unit(tokens[:, 1:]).reshape(-1, d), np.repeat(np.arange(f), k - 1)
+        want = []
+        for i in range(f):
+            wi = fit_whitening(pool[src != i]).astype(np.float64)
+            zx, zb = (pool[src == i] - wi[0]) @ wi[1:], (raw[bank.src != i] - wi[0]) @ wi[1:]
+            want.append(np.sqrt(((zx[:, None] - zb[None]) ** 2).sum(-1).min(1)).max())
+        np.testing.assert_allclose(built.loo_scores, want, rtol=1e-5)
+        assert bank.info.threshold == pytest.approx(float(np.quantile(want, 0.9)), rel=1e-5)
+        assert bank.info.token_stats[0] == pytest.approx(float(np.mean(want)), rel=1e-5)
+
+
+def test_whitened_thresholds_flag_about_the_quantiles_share_of_new_good_frames():
+    # sets of 12 frames (16 tokens of 32 dims) from one anisotropic distribution; new frames from the same one. A
+    # frame measured with the whitening its own tokens helped fit looks more typical than a new one: thresholds
+    # from such scores flag about three times the 10 % the quantile says
+    flagged, in_sample = [], []
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        d, k, f = 32, 16, 12
+        scales = np.geomspace(0.02, 1.0, d)
+
+        def draw(n: int) -> np.ndarray:
+            return unit(rng.standard_normal((n, k, d)) * scales + 3 * np.eye(d)[0])
+
+        ref, new = draw(f), draw(2000)
+        frames = SetFrames(ref, np.ones((f, k), np.float32), np.zeros((f, 8), np.float32))
+        bank = build_bank(frames, BankInfo(1, 1, "x", "s", "l", "c", "0" * 32, metric="whitened"), 10_000, 0.9).bank
+        scores = bank.score_arrays(new, np.ones((2000, k), np.float32)).score
+        flagged.append(float((scores > bank.info.threshold).mean()))
+        own = bank.score_arrays(ref, frames.sizes, exclude=np.arange(f)).score  # the set's own whitening
+        in_sample.append(float((scores > np.quantile(own, 0.9)).mean()))
+    assert 0.05 < np.mean(flagged) < 0.2, flagged
+    assert np.mean(in_sample) > 1.8 * np.mean(flagged), (flagged, in_sample)
+
+
 def test_a_set_with_a_threshold_by_hand_keeps_its_banks_metric(engine, tiny_manifest, tiny_model_dir):
     model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
     rng = np.random.default_rng(9)
     d = tiny_manifest.summary.dim
-    n = -(-WHITEN_MIN_TOKENS_PER_DIM * d // 16)  # frames of 16 tokens enough to whiten by
+    n = int(np.ceil(WHITEN_MIN_TOKENS_PER_DIM * d / 16))  # frames of 16 tokens enough to whiten by
     msgs = [frame_message(tiny_manifest, rng, T0 + i * 1000) for i in range(n + 2)]
     _store(engine, model.id, msgs)
     ids = [m.frame_id.hex() for m in msgs]

@@ -46,6 +46,7 @@ from benchmarks.bench_summary import (FeatureSets, Product, Rep, Variant, auroc,
                                       compress, elpv_anomaly, head_rep, knn_distance, layer_feats, md_table,
                                       message_bytes, neu_data, patch_rep, product_rep)
 from benchmarks import summary_head_ref as ref  # noqa: E402
+from central.anomaly.bank import WHITEN_MIN_TOKENS_PER_DIM  # noqa: E402
 from tokenline.anomaly import METRICS  # noqa: E402
 
 LAYER = "L8"
@@ -255,51 +256,73 @@ def metric_study(fs: FeatureSets, args, console) -> str:
             + ".\n- Gap to the bound in the same metric, summaries: "
             + "; ".join(f"{r['cells']} {r['rep']} {r['cgap']:.3f} -> {r['wgap']:.3f}" for r in summ) + ".\n"
             + "\nThresholds: a set's threshold is a quantile of its own frames' leave-one-out scores, so about that "
-            "share of new good frames should stay under it. Measured through the product's builder and scorer "
-            "(central.anomaly.bank.build_bank, K=16 summaries in the default export's form) with sets of "
-            "10, 30 and 100 ELPV mono cells (the same draws), the share of the other good cells flagged. Below "
-            "10 tokens per dimension (central.anomaly.bank.WHITEN_MIN_TOKENS_PER_DIM) central builds cosine banks "
-            "whatever anomaly.metric says; the whitened rows under that size are what it would do otherwise.\n\n"
+            "share of new good frames should stay over it. In metric whitened each set frame is measured with a "
+            "whitening fitted without it (central.anomaly.bank.loo_whitened_scores); measured with the set's own "
+            "whitening (the row `set frames in their own whitening`, what central did before) a frame looks more "
+            "typical than a new good one, and its thresholds flag several times the quantile's share. Sets of "
+            f"{', '.join(map(str, CAL_SIZES))} ELPV mono cells (the same draws), the other cells scored through the "
+            "product's builder and scorer (central.anomaly.bank.build_bank). Below "
+            f"{WHITEN_MIN_TOKENS_PER_DIM:g} tokens per dimension (central.anomaly.bank.WHITEN_MIN_TOKENS_PER_DIM) "
+            "central builds cosine banks whatever anomaly.metric says; the whitened rows under that size are what "
+            "it would do otherwise.\n\n"
             + cal + "\n")
 
 
+CAL_SIZES = (5, 6, 10, 30, 100)  # reference set frames in the threshold study
+CAL_QUANTILES = (0.9, 0.95, 0.99)
+
+
 def calibration(fs: FeatureSets, args, console) -> str:
-    """Share of new good ELPV mono cells flagged by thresholds at the 0.5 / 0.9 / 0.99 quantile of the set's
-    leave-one-out scores, by set size and metric (the product's builder and scorer; a markdown table)."""
+    """Thresholds at the 0.9 / 0.95 / 0.99 quantile of a set's leave-one-out scores: the share of new good ELPV
+    mono cells they flag and of defective cells at 0.99, with the AUROC of the same bank, by set size and metric,
+    through the product's builder and scorer on the first --product model's own summaries (a markdown table)."""
     from benchmarks.bench_anomaly import sizes_of
     from central.anomaly import bank as builder
     from tokenline.anomaly import BankInfo
 
-    probs, _, feats = fs.elpv(224)
-    tok = layer_feats(feats, LAYER).astype(np.float32)
-    summ = head_rep(tok, (16, 16), **HEAD)
-    v = Variant("s", "k16", "int8", 96)
+    probs = fs.elpv(224)[0]
+    if not args.product:
+        return "(no --product model: the threshold study needs an exported model's summaries)"
+    (m, name, rep), = exported_reps(fs, args.product[:1], probs)
+    tok, sizes = rep.tokens.astype(np.float32), sizes_of(rep)
     rows = []
     saved, builder.WHITEN_MIN_TOKENS_PER_DIM = builder.WHITEN_MIN_TOKENS_PER_DIM, 0  # what whitening would do
     try:
-        for n in (10, 30, 100):
-            for metric in METRICS:
-                got = []
-                for mask in bank_draws(probs, args.draws, n):
-                    rep = compress(summ, summ.tokens[mask], v)[0]
-                    sizes = sizes_of(rep)
-                    ref, new = np.flatnonzero(mask), np.flatnonzero(~mask & (probs == 0))
-                    frames = builder.SetFrames(rep.tokens[ref], sizes[ref], np.zeros((len(ref), 8), np.float32))
-                    out = []
-                    for q in (0.5, 0.9, 0.99):
-                        b = builder.build_bank(frames, BankInfo(1, 1, "b", "s", "l", "c", "0" * 32, metric=metric),
-                                               10_000, q).bank
-                        out.append(float((b.score_arrays(rep.tokens[new], sizes[new]).score > b.info.threshold).mean()))
-                    got.append(out)
-                m = np.mean(got, axis=0)
-                rows.append({"n": n, "tokens": n * 16, "metric": metric, "q50": m[0], "q90": m[1], "q99": m[2],
-                             "used": "yes" if metric == "cosine" or n * 16 >= saved * 96 else "no (cosine instead)"})
+        for n in CAL_SIZES:
+            got: Dict[str, list] = {}
+            for mask in bank_draws(probs, args.draws, n):
+                ref, ev = np.flatnonzero(mask), np.flatnonzero(~mask)
+                good, bad = probs[ev] == 0, probs[ev] > 0
+                frames = builder.SetFrames(tok[ref], sizes[ref], np.zeros((len(ref), 8), np.float32))
+                for metric in METRICS:
+                    built = builder.build_bank(frames, BankInfo(1, 1, "b", "s", "l", "c", "0" * 32, metric=metric),
+                                               10_000, 0.99)
+                    sc = built.bank.score_arrays(tok[ev], sizes[ev]).score
+                    loos = {metric: built.loo_scores}
+                    if metric == "whitened":  # before: each set frame measured with the set's own whitening
+                        loos["whitened, set frames in their own whitening"] = built.bank.score_arrays(
+                            frames.tokens, frames.sizes, exclude=np.arange(len(ref))).score
+                    for key, loo in loos.items():
+                        th = np.quantile(loo, CAL_QUANTILES)
+                        got.setdefault(key, []).append(
+                            [auroc(sc[good], sc[bad])] + [float((sc[good] > t).mean()) for t in th]
+                            + [float((sc[bad] > th[-1]).mean())])
+            for key, vals in got.items():
+                mean = np.mean(vals, axis=0)
+                whitened = key != "cosine"
+                rows.append({"n": n, "tokens": n * m.summary.k, "metric": key, "auroc": mean[0],
+                             **{f"q{i}": v for i, v in enumerate(mean[1:4])}, "tpr": mean[4],
+                             "used": ("yes" if not whitened or n * m.summary.k >= saved * m.summary.dim
+                                      else "no (cosine instead)") if key in METRICS else "no (before)"})
                 console.print(rows[-1])
     finally:
         builder.WHITEN_MIN_TOKENS_PER_DIM = saved
-    return md_table(rows, [("n", "set frames", "d"), ("tokens", "tokens (d = 96)", ",d"), ("metric", "metric", ""),
-                           ("q50", "flagged at q 0.5", ".3f"), ("q90", "at q 0.9", ".3f"), ("q99", "at q 0.99", ".3f"),
-                           ("used", "central builds it", "")])
+    return (f"Measured on `{m.name}`'s own summaries (K={m.summary.k}, d={m.summary.dim}, int8 as on the wire).\n\n"
+            + md_table(rows, [("n", "set frames", "d"), ("tokens", f"tokens (d = {m.summary.dim})", ",d"),
+                              ("metric", "metric", ""), ("auroc", "AUROC", ".3f"),
+                              ("q0", "good flagged at q 0.9", ".3f"), ("q1", "at q 0.95", ".3f"),
+                              ("q2", "at q 0.99", ".3f"), ("tpr", "defective flagged at q 0.99", ".3f"),
+                              ("used", "central builds it", "")]))
 
 
 def main() -> int:

@@ -53,7 +53,7 @@ from central.config import AnomalyConfig  # noqa: E402
 from central.kmeans import kmeans  # noqa: E402
 from tokenline.anomaly import EXHAUSTIVE_UP_TO, METRICS, Bank, BankInfo, apply_whitening  # noqa: E402
 
-QUALITY_VERSION = 3  # bump when the quality computation changes (part of the cache key of its results)
+QUALITY_VERSION = 4  # bump when the quality computation changes (part of the cache key of its results)
 LAYER = "L8"
 HEAD = {"k": 16, "k_protect": 0, "lam": 0.5, "iters": 3}
 PRODUCT = Variant("summary", "new", "int8", 96)  # the wire's summary tokens: PCA 96, int8
@@ -596,7 +596,7 @@ def main() -> int:
     with Progress(console=console, transient=True) as progress:
         fs = FeatureSets(neu_data(), progress)
         key = (f"v{QUALITY_VERSION}|{FEATURE_VERSION}|{MOSAICS}|{SPLIT}|{ELPV}|{LAYER}|{HEAD}|{PRODUCT}|{UPPER}"
-               f"|{FLAG_HEAD}|{FLAG}")
+               f"|{FLAG_HEAD}|{FLAG}|whiten from {WHITEN_MIN_TOKENS_PER_DIM}")  # central's rule picks the metric
         neu = cached_rows("anomaly-neu", key, lambda: [neu_rows(fs)])[0]  # results cached: timing reruns are quick
         mono = cached_rows("anomaly-mono", key, lambda: [elpv_rows(fs, poly=False)])[0]
         poly = cached_rows("anomaly-poly", key, lambda: [elpv_rows(fs, poly=True)])[0] if args.poly else {}

@@ -154,14 +154,23 @@ def loo_whitened_scores(pool: np.ndarray, src: np.ndarray, bank: Bank, queries: 
         g, q = np.linalg.eigh(wm.T @ s_i @ wm)
         g = np.maximum(g, 1e-12 * g.max())
         z = zq[i, rows]
-        d2 = np.einsum("ij,ij->i", z, z)[:, None] + zb2[None, :] - 2.0 * (z @ zb.T)
+        z2 = np.einsum("ij,ij->i", z, z)[:, None]
+        d2 = z2 + zb2[None, :] - 2.0 * (z @ zb.T)
         d2[:, ~others] = np.inf
-        reach = d2.min(axis=1, keepdims=True) * (g[-1] / g[0]) * (1.0 + 1e-4) + 1e-6
+        # |u|^2 in float32 is off by up to about 1e-6 (|z|^2 + |z_b|^2) (cancellation when u is small): widen the
+        # reach by that much, so that the nearest token is among the candidates whatever the rounding
+        slack = 1e-5 * (z2 + zb2.max())
+        reach = (np.maximum(d2.min(axis=1, keepdims=True), 0.0) + slack) * (g[-1] / g[0]) + slack
         t, b = np.nonzero(d2 <= reach)
-        proj = ((z[t] - zb[b]).astype(np.float64) @ q) / np.sqrt(g)
-        best = np.full(rows.size, np.inf)
-        np.minimum.at(best, t, np.einsum("ij,ij->i", proj, proj))
-        out[i] = min(float(np.sqrt(best.max())), anomaly.FAR)
+        # measured as the scorer measures (float32, |z|^2 - 2 z.z_b + |z_b|^2): a new frame identical to a set frame
+        # then scores what that set frame scores here, rounding included (a static scene's threshold is not below
+        # the rounding of its own frames' scores)
+        turn = (q / np.sqrt(g)).astype(np.float32)
+        px, pb = z[t] @ turn, zb[b] @ turn
+        best = np.full(rows.size, np.inf, np.float32)
+        np.minimum.at(best, t, np.einsum("ij,ij->i", px, px) + np.einsum("ij,ij->i", pb, pb)
+                      - 2.0 * np.einsum("ij,ij->i", px, pb))
+        out[i] = min(float(np.sqrt(max(float(best.max()), 0.0))), anomaly.FAR)
     return out
 
 

@@ -174,6 +174,17 @@ def loo_whitened_scores(pool: np.ndarray, src: np.ndarray, bank: Bank, queries: 
     return out
 
 
+ROUNDING = 1e-5  # relative float32 rounding of a squared distance |z|^2 - 2 z.z_b + |z_b|^2, with room to spare
+
+
+def rounding_floor(bank: Bank) -> float:
+    """The smallest whitened distance the scorer tells from 0: sqrt(ROUNDING (|z|^2 + |z_b|^2)) at the bank's
+    largest |z_b|. A quantile threshold is never set below it: a set of identical frames (a static scene) has
+    leave-one-out scores that are rounding, and new identical frames round differently (their search differs)."""
+    z2 = float(np.max(np.einsum("ij,ij->i", bank.tokens.astype(np.float32), bank.tokens.astype(np.float32))))
+    return float(np.sqrt(ROUNDING * 2.0 * z2))
+
+
 def n_lists_for(m: int) -> int:
     """Inverted lists for a bank of m tokens: one below ``LISTS_FROM``, else about sqrt(m)."""
     return 1 if m < anomaly.LISTS_FROM else int(round(np.sqrt(m)))
@@ -233,6 +244,8 @@ def build_bank(frames: SetFrames, info: BankInfo, max_tokens: int, quantile: flo
                                                                              stats["global_stats"])
     bank = replace(bank, info=replace(bank.info, **stats))
     t = float(threshold) if threshold is not None else float(np.quantile(loo, quantile))
+    if threshold is None and whiten is not None and info.mode == "tokens":
+        t = max(t, rounding_floor(bank))
     return Built(replace(bank, info=replace(bank.info, threshold=t)), loo)
 
 

@@ -24,7 +24,8 @@ from central import store
 from central.anomaly import refsets
 from central.anomaly.alerts import AlertPublisher, Webhook
 from central.anomaly.scoring import Scorer
-from central.anomaly.bank import WHITEN_MIN_TOKENS_PER_DIM, SetFrames, build_bank, fit_whitening, greedy_coreset
+from central.anomaly.bank import (WHITEN_MIN_TOKENS_PER_DIM, SetFrames, build_bank, fit_whitening, greedy_coreset,
+                                  rounding_floor)
 from central.api import create_app
 from central.blobs import BlobStore
 from central.config import AnomalyConfig, IngestConfig, WebhookConfig
@@ -535,6 +536,25 @@ def test_whitened_thresholds_flag_about_the_quantiles_share_of_new_good_frames()
         in_sample.append(float((scores > np.quantile(own, 0.9)).mean()))
     assert 0.05 < np.mean(flagged) < 0.2, flagged
     assert np.mean(in_sample) > 1.8 * np.mean(flagged), (flagged, in_sample)
+
+
+def test_a_static_scenes_whitened_threshold_is_not_below_its_own_rounding():
+    # a set of three scenes seen eight times each: leave-one-out scores are float32 rounding (about 0.002 here),
+    # and the same scenes arriving again round differently; the threshold stays above the rounding, an odd
+    # token far above it
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        d, k = 16, 16
+        scenes = unit(rng.standard_normal((3, k, d)) * np.geomspace(0.01, 1, d) + 2 * np.eye(d)[0])
+        ref = scenes[np.arange(24) % 3]
+        frames = SetFrames(ref, np.ones((24, k), np.float32), np.zeros((24, 8), np.float32))
+        built = build_bank(frames, BankInfo(1, 1, "x", "s", "l", "c", "0" * 32, metric="whitened"), 10_000, 0.99)
+        bank = built.bank
+        assert bank.whitened and built.loo_scores.max() < 0.01 and bank.info.threshold == rounding_floor(bank)
+        odd = scenes.copy()
+        odd[0, 3] = unit(rng.standard_normal(d))
+        scores = bank.score_arrays(odd, np.ones((3, k), np.float32)).score
+        assert scores[1:].max() < 0.01 < bank.info.threshold < 1.0 < scores[0], (scores, bank.info.threshold)
 
 
 def test_a_set_with_a_threshold_by_hand_keeps_its_banks_metric(engine, tiny_manifest, tiny_model_dir):

@@ -112,6 +112,9 @@ def fit_whitening(x: np.ndarray) -> np.ndarray:
     return np.concatenate([m[None, :], w]).astype(np.float32)
 
 
+ROUNDING = 1e-5  # relative float32 rounding of a squared distance |z|^2 - 2 z.z_b + |z_b|^2, with room to spare
+
+
 def loo_whitened_scores(pool: np.ndarray, src: np.ndarray, bank: Bank, queries: np.ndarray, ok: np.ndarray
                         ) -> np.ndarray:
     """[F] each set frame's leave-one-out score in metric whitened, *its whitening fitted without it too*.
@@ -157,9 +160,9 @@ def loo_whitened_scores(pool: np.ndarray, src: np.ndarray, bank: Bank, queries: 
         z2 = np.einsum("ij,ij->i", z, z)[:, None]
         d2 = z2 + zb2[None, :] - 2.0 * (z @ zb.T)
         d2[:, ~others] = np.inf
-        # |u|^2 in float32 is off by up to about 1e-6 (|z|^2 + |z_b|^2) (cancellation when u is small): widen the
+        # |u|^2 in float32 is off by up to ROUNDING (|z|^2 + |z_b|^2) (cancellation when u is small): widen the
         # reach by that much, so that the nearest token is among the candidates whatever the rounding
-        slack = 1e-5 * (z2 + zb2.max())
+        slack = ROUNDING * (z2 + zb2.max())
         reach = (np.maximum(d2.min(axis=1, keepdims=True), 0.0) + slack) * (g[-1] / g[0]) + slack
         t, b = np.nonzero(d2 <= reach)
         # measured as the scorer measures (float32, |z|^2 - 2 z.z_b + |z_b|^2): a new frame identical to a set frame
@@ -172,9 +175,6 @@ def loo_whitened_scores(pool: np.ndarray, src: np.ndarray, bank: Bank, queries: 
                       - 2.0 * np.einsum("ij,ij->i", px, pb))
         out[i] = min(float(np.sqrt(max(float(best.max()), 0.0))), anomaly.FAR)
     return out
-
-
-ROUNDING = 1e-5  # relative float32 rounding of a squared distance |z|^2 - 2 z.z_b + |z_b|^2, with room to spare
 
 
 def rounding_floor(bank: Bank) -> float:

@@ -171,11 +171,16 @@ class Banks:
     def get(self, key: Key) -> Optional[Bank]:
         return self._banks.get(key)
 
+    @property
+    def need_globals(self) -> bool:
+        """Whether a loaded bank scores global embeddings (mode global or both)."""
+        return any(b.info.mode != "tokens" for b in self._banks.values())
+
 
 _QUEUE_COLS = (ScoreQueue.id.label("queue_id"), ScoreQueue.frame_id.label("queued_frame"), ScoreQueue.edge_set_id,
                ScoreQueue.edge_set_version, ScoreQueue.edge_score, Frame.model_id, Frame.site, Frame.line,
                Frame.camera, Frame.device, Frame.capture_us, Frame.k, Frame.tokens, Frame.sizes, Frame.centroids,
-               Frame.footprint, Frame.global_embedding)
+               Frame.footprint)  # + Frame.global_embedding while a bank of mode global or both is loaded
 
 
 class Scorer:
@@ -196,7 +201,8 @@ class Scorer:
         return self._models[model_id]
 
     def _select(self):  # noqa: ANN202 - a SQLAlchemy Select
-        return (select(*_QUEUE_COLS).select_from(ScoreQueue).outerjoin(Frame, Frame.frame_id == ScoreQueue.frame_id)
+        cols = _QUEUE_COLS + ((Frame.global_embedding,) if self.banks.need_globals else ())
+        return (select(*cols).select_from(ScoreQueue).outerjoin(Frame, Frame.frame_id == ScoreQueue.frame_id)
                 .order_by(ScoreQueue.id).limit(self.cfg.score_batch))
 
     def step(self) -> int:

@@ -302,6 +302,32 @@ def _ingest_in_process(engine, msgs) -> None:
     assert res.stored == len(msgs) and res.dead == 0
 
 
+@pytest.mark.parametrize("mode", ["tokens", "both", "global"])
+def test_the_scorer_reads_global_embeddings_for_the_sets_that_score_them(engine, tiny_manifest, tiny_model_dir, mode):
+    model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
+    rng = np.random.default_rng(6)
+    ref = [frame_message(tiny_manifest, rng, T0 + i * 1000, seq=i) for i in range(30)]
+    _store(engine, model.id, ref)
+    with Session(engine) as s, s.begin():
+        refsets.create_set(s, AnomalyConfig(), name="ref", frame_ids=[m.frame_id.hex() for m in ref], mode=mode)
+    live = [frame_message(tiny_manifest, rng, T0 + 10**9 + i, seq=100 + i, odd=3 if i == 2 else None)
+            for i in range(6)]
+    _ingest_in_process(engine, live)
+    scorer = Scorer(engine, AnomalyConfig(), "scorer")
+    assert scorer.drain() == 6
+    assert scorer.banks.need_globals == (mode != "tokens")
+    with Session(engine) as s:
+        bank = refsets.load_bank(s, 1)
+        stored = {r.frame_id: r for r in s.execute(select(Frame.frame_id, Frame.k, Frame.tokens, Frame.sizes,
+                                                          Frame.centroids, Frame.footprint,
+                                                          Frame.global_embedding))}
+    rows = [stored[m.frame_id.hex()] for m in live]
+    summ = refsets.frame_summaries(rows, tiny_manifest.summary, True)
+    want = bank.score_arrays(summ.tokens, summ.sizes, summ.global_embedding).score
+    got = _scores(engine)
+    np.testing.assert_allclose([got[m.frame_id.hex()].score for m in live], want, rtol=1e-5, atol=1e-6)
+
+
 def test_scorers_share_the_queue_each_frame_scored_and_alerted_once(engine, tmp_path, tiny_manifest,
                                                                     tiny_model_dir):
     model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)

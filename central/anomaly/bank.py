@@ -141,12 +141,14 @@ def loo_whitened_scores(pool: np.ndarray, src: np.ndarray, bank: Bank, queries: 
     zb = bank.tokens.astype(np.float32)
     zb2 = np.einsum("ij,ij->i", zb, zb)
     f = queries.shape[0]
+    by_frame = np.argsort(src, kind="stable")  # the pool's rows of frame i: by_frame[starts[i]:starts[i + 1]]
+    starts = np.searchsorted(src[by_frame], np.arange(f + 1))
     out = np.zeros(f, np.float32)
     for i in range(f):
         rows = np.flatnonzero(ok[i])
         if rows.size == 0:
             continue  # no token counts: score 0, as Bank.score_arrays
-        mine = x[src == i]
+        mine = x[by_frame[starts[i]: starts[i + 1]]]
         left = n - mine.shape[0]
         others = bank.src != i
         if left < 2 or not others.any():
@@ -181,8 +183,8 @@ def rounding_floor(bank: Bank) -> float:
     """The smallest whitened distance the scorer tells from 0: sqrt(ROUNDING (|z|^2 + |z_b|^2)) at the bank's
     largest |z_b|. A quantile threshold is never set below it: a set of identical frames (a static scene) has
     leave-one-out scores that are rounding, and new identical frames round differently (their search differs)."""
-    z2 = float(np.max(np.einsum("ij,ij->i", bank.tokens.astype(np.float32), bank.tokens.astype(np.float32))))
-    return float(np.sqrt(ROUNDING * 2.0 * z2))
+    zb = bank.tokens.astype(np.float32)
+    return float(np.sqrt(ROUNDING * 2.0 * float(np.einsum("ij,ij->i", zb, zb).max())))
 
 
 def n_lists_for(m: int) -> int:

@@ -55,14 +55,26 @@ def time_side_by_side(paths: Dict[str, Path], x: Union[np.ndarray, Dict[str, np.
                    "rounds": len(r)} for name, r in rates.items()}
 
 
-def median_interval(values: List[float], level: float = 0.9) -> Tuple[float, float, float]:
-    """(median, lo, hi) of ``values`` with a distribution-free interval for the median: the order statistics
-    x(j) and x(n+1-j), j the largest with P(Binomial(n, 1/2) < j) <= (1 - level) / 2 (the sign test's interval;
-    its coverage is at least ``level``). With too few values for that level the interval is the whole range."""
-    xs, n = sorted(values), len(values)
+def _sign_rank(n: int, level: float) -> Tuple[int, float]:
+    """(j, coverage): the rank of the sign test's interval for the median of ``n`` values, the largest j with
+    P(Binomial(n, 1/2) < j) <= (1 - level) / 2 (at least 1), and the interval's coverage 1 - 2 P(Binomial < j)."""
     tail, j = 0.0, 0
     while j < n // 2 and tail + comb(n, j) / 2 ** n <= (1 - level) / 2:
         tail += comb(n, j) / 2 ** n
         j += 1
-    j = max(j, 1)
+    return (j, 1 - 2 * tail) if j else (1, 1 - 2 / 2 ** n)
+
+
+def median_interval(values: List[float], level: float = 0.9) -> Tuple[float, float, float]:
+    """(median, lo, hi) of ``values`` with a distribution-free interval for the median: the order statistics
+    x(j) and x(n+1-j) (the sign test's interval, ``_sign_rank``; its coverage is at least ``level``). With too
+    few values for that level (fewer than 5 at 0.9) the interval is the whole range, whose coverage
+    (``interval_coverage``) is below ``level``."""
+    xs, n = sorted(values), len(values)
+    j, _ = _sign_rank(n, level)
     return statistics.median(xs), xs[j - 1], xs[n - j]
+
+
+def interval_coverage(n: int, level: float = 0.9) -> float:
+    """The coverage of ``median_interval``'s interval over ``n`` values (at least ``level`` from 5 values at 0.9)."""
+    return _sign_rank(n, level)[1]

@@ -44,7 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import write_section  # noqa: E402
-from benchmarks._timing import median_interval  # noqa: E402
+from benchmarks._timing import interval_coverage, median_interval  # noqa: E402
 from benchmarks.bench_summary import (ELPV, FEATURE_VERSION, MOSAICS, SPLIT, FeatureSets, Mosaics, Rep,  # noqa: E402
                                       Variant, auroc, cached_rows, compress, head_rep, knn_distance, layer_feats,
                                       md_table, neu_data, patch_rep)
@@ -376,10 +376,13 @@ ORDERS = (("off", "on"), ("on", "off"))  # run r times its modes in ORDERS[r % 2
 def paired_cost(rates: Dict[str, List[float]]) -> dict:
     """Scoring's cost to ingest from runs in pairs (off and on back to back): the median over pairs of
     1 - on / off, with the sign test's 90% interval; the verdict on the 10% target is "met" or "missed" only when
-    the whole interval is on one side of it."""
+    the whole interval is on one side of it (and never from fewer than 5 pairs, whose interval covers less)."""
     costs = [1 - b / a for a, b in zip(rates["off"], rates["on"])]
     cost, lo, hi = median_interval(costs)
-    verdict = "met" if hi <= 0.10 else "missed" if lo > 0.10 else "not resolved at this machine's noise"
+    if interval_coverage(len(costs)) < 0.9:
+        verdict = f"not resolved: {len(costs)} pairs are too few for a 90% interval (5 at least)"
+    else:
+        verdict = "met" if hi <= 0.10 else "missed" if lo > 0.10 else "not resolved at this machine's noise"
     return {"off": statistics.median(rates["off"]), "on": statistics.median(rates["on"]), "cost": cost,
             "cost_lo": lo, "cost_hi": hi, "costs": costs, "verdict": verdict}
 
@@ -509,7 +512,8 @@ def timing_body(product: "Path | None", dtype: str, args, console) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         ing = ingest_rows(args.runs, args.messages, Path(tmp), rt, dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        brk = broker_rows(args.runs, args.broker_messages, Path(tmp), rt, dtype) if args.broker_messages else None
+        brk = (broker_rows(args.broker_runs or args.runs, args.broker_messages, Path(tmp), rt, dtype)
+               if args.broker_messages else None)
 
     def rate_rows(res: dict) -> list:
         return [{"mode": "scoring off (no reference set)", "rate": res["off"],
@@ -582,6 +586,8 @@ def main() -> int:
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--broker-messages", type=int, default=5000,
                     help="messages per run through Mosquitto into an ingest worker, scoring off and on (0: skip)")
+    ap.add_argument("--broker-runs", type=int, default=0,
+                    help="pairs of runs through Mosquitto (default: --runs); the broker's runs spread more")
     ap.add_argument("--product", action="append", default=[], metavar="DIR[:DTYPE]",
                     help="an exported slic model directory (e.g. out/demo/model from make demo), optionally with "
                          "the token dtype its messages travel in (int8 default, int4): timings on the NEU-DET "

@@ -2,8 +2,9 @@
 
     python benchmarks/bench_anomaly.py                      # quality on NEU-DET mosaics and ELPV mono, timings
     python benchmarks/bench_anomaly.py --poly               # also the held-out ELPV poly cells (run once, at the end)
-    flock /tmp/tokenline-bench.lock python benchmarks/bench_anomaly.py --runs 3 --product out/demo/model \
+    flock /tmp/tokenline-bench.lock python benchmarks/bench_anomaly.py --runs 8 --product out/demo/model \
         --product out/k48:int4     # the export for flagging (docs/anomaly.md), its messages in int4
+    ... --broker-runs 16 --broker-messages 20000   # what resolves the cost through the broker (about 35 min)
 
 Quality (no timing): the data, features and caches of benchmarks/bench_summary.py (block-8 features of the
 ViT-S/14, NEU-DET 2x2 mosaics at 448 px, ELPV cells at 224 px). The summary tokens come from the reference head

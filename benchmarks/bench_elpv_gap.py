@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import ROOT, save_figure, write_section  # noqa: E402
 from benchmarks.bench_summary import (FeatureSets, Product, Rep, Variant, auroc, build_eval,  # noqa: E402
-                                      compress, elpv_anomaly, head_rep, knn_distance, layer_feats, md_table,
+                                      compress, elpv_anomaly, head_rep, layer_feats, md_table,
                                       message_bytes, neu_data, patch_rep, product_rep)
 from benchmarks import summary_head_ref as ref  # noqa: E402
 from central.anomaly.bank import WHITEN_MIN_TOKENS_PER_DIM  # noqa: E402
@@ -101,13 +101,13 @@ def bank_draws(probs: np.ndarray, draws: int, bank: int = 100) -> List[np.ndarra
     return out
 
 
-def elpv_aurocs(probs: np.ndarray, masks: List[np.ndarray], rep_of: Callable[[np.ndarray], Rep], v: Variant
-                ) -> np.ndarray:
-    """AUROC per bank draw (the representation and its projection fitted on that draw's bank)."""
+def elpv_aurocs(probs: np.ndarray, masks: List[np.ndarray], rep_of: Callable[[np.ndarray], Rep], v: Variant,
+                metric: str = "cosine") -> np.ndarray:
+    """AUROC per bank draw (the representation and its projection fitted on that draw's bank) in ``metric``."""
     out = []
     for m in masks:
         rep = rep_of(m)
-        out.append(elpv_anomaly(probs, m, compress(rep, rep.tokens[m], v)[0]))
+        out.append(elpv_anomaly(probs, m, compress(rep, rep.tokens[m], v)[0], metric=metric))
     return np.array(out)
 
 
@@ -218,14 +218,8 @@ def metric_study(fs: FeatureSets, args, console) -> str:
         got: Dict[str, Dict[str, np.ndarray]] = {}
         for metric in METRICS:
             for name, v in studied:
-                draws = []
-                for mask in masks:
-                    rep = compress(reps[v.rep], reps[v.rep].tokens[mask], v)[0]
-                    ev = ~mask
-                    sc = knn_distance(rep.tokens[ev], rep.tokens[mask].reshape(-1, rep.tokens.shape[-1]), metric)
-                    sc = sc.max(-1)
-                    draws.append(auroc(sc[probs[ev] == 0], sc[probs[ev] > 0]))
-                got.setdefault(name, {})[metric] = np.array(draws)
+                draws = elpv_aurocs(probs, masks, lambda mask, r=reps[v.rep]: r, v, metric)
+                got.setdefault(name, {})[metric] = draws
                 console.print(f"{kind} {metric} {name}: {np.mean(draws):.3f}")
         bound = got[studied[0][0]]
         for name, _ in studied:

@@ -29,9 +29,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import write_section  # noqa: E402
-from benchmarks.bench_elpv_gap import LAYER, bank_draws, exported_reps  # noqa: E402
-from benchmarks.bench_summary import (FeatureSets, Variant, auroc, compress, elpv_selection, knn_distance,  # noqa: E402
-                                      layer_feats, md_table, message_bytes, neu_data, patch_rep)
+from benchmarks.bench_elpv_gap import LAYER, bank_draws, elpv_aurocs, exported_reps  # noqa: E402
+from benchmarks.bench_summary import (FeatureSets, Variant, elpv_selection, layer_feats, md_table,  # noqa: E402
+                                      message_bytes, neu_data, patch_rep)
 from benchmarks.neu_det import NEU_DET  # noqa: E402
 from tokenline.anomaly import METRICS  # noqa: E402
 
@@ -83,11 +83,11 @@ def study(fs: FeatureSets, kind: str, tmp: Path, draws: int, console) -> List[di
     masks = bank_draws(probs, draws)
     line = line_cells(kind, tmp / f"line-{kind}")
     dirs, rows = [], []
-    for i, (label, dim, src, count, _) in enumerate(EXPORTS):
+    for i, (_, dim, src, count, _) in enumerate(EXPORTS):
         out = tmp / f"k16-{'line-' + kind if src == 'line' else 'neu'}-{i}"
         dirs.append(out if out.is_dir() else export(out, dim, line if src == "line" else NEU_DET, count, console))
     reps = {"bound": patch_rep(layer_feats(feats, LAYER).astype(np.float32))}
-    for (label, dim, _, _, dtypes), (m, _, rep) in zip(EXPORTS, exported_reps(fs, dirs, probs, poly=kind == "poly")):
+    for (label, *_), (_, _, rep) in zip(EXPORTS, exported_reps(fs, dirs, probs, poly=kind == "poly")):
         reps[label] = rep
     plan = [("all patch tokens (centred), fp32 [bound]", Variant("b", "bound", "fp32", 384), 0)]
     for label, dim, _, _, dtypes in EXPORTS:
@@ -96,13 +96,8 @@ def study(fs: FeatureSets, kind: str, tmp: Path, draws: int, console) -> List[di
     got: Dict[str, Dict[str, np.ndarray]] = {}
     for metric in METRICS:
         for name, v, _ in plan:
-            a = []
-            for mask in masks:
-                rep = compress(reps[v.rep], reps[v.rep].tokens[mask], v)[0]
-                ev = ~mask
-                sc = knn_distance(rep.tokens[ev], rep.tokens[mask].reshape(-1, rep.tokens.shape[-1]), metric).max(-1)
-                a.append(auroc(sc[probs[ev] == 0], sc[probs[ev] > 0]))
-            got.setdefault(name, {})[metric] = np.array(a)
+            a = elpv_aurocs(probs, masks, lambda mask, r=reps[v.rep]: r, v, metric)
+            got.setdefault(name, {})[metric] = a
             console.log(f"{kind} {metric} {name}: {np.mean(a):.3f}")
     bound = got[plan[0][0]]
     for name, _, size in plan:

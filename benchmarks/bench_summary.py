@@ -685,13 +685,14 @@ def mosaic_anomaly(mos: Mosaics, rep: Rep, topk: int = 1, bank_frames: int = 0) 
     return {"auroc": float(np.mean(aucs)), "apoint": float(np.mean(hits))}
 
 
-def elpv_anomaly(probs: np.ndarray, is_bank: np.ndarray, rep: Rep, topk: int = 1, bank_n: int = 0) -> float:
+def elpv_anomaly(probs: np.ndarray, is_bank: np.ndarray, rep: Rep, topk: int = 1, bank_n: int = 0,
+                 metric: str = "cosine") -> float:
     bank_idx = np.flatnonzero(is_bank)
     if bank_n:
         bank_idx = bank_idx[:bank_n]
     bank = rep.tokens[bank_idx].reshape(-1, rep.tokens.shape[-1])
     ev = ~is_bank
-    s = frame_anomaly(knn_distance(rep.tokens[ev], bank), topk)
+    s = frame_anomaly(knn_distance(rep.tokens[ev], bank, metric), topk)
     return auroc(s[probs[ev] == 0], s[probs[ev] > 0])
 
 

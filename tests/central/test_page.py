@@ -488,3 +488,104 @@ def test_detail_draws_the_footprint_cells_of_the_anomalous_region(tmp_path):
             shot(driver, "detail-anomaly-footprint")
         finally:
             driver.quit()
+
+
+def test_marking_good_frames_makes_reference_sets(site):
+    """An admin ticks result cards as good (ticking never opens the detail) and marks them: a new set for their
+    camera, then frames added to it (one from its detail too); a camera whose frames cannot make a set shows its error and keeps its ticks
+    while the others go through; the filter bar's camera and time range marked as good; the Reference sets view
+    lists the sets and deletes one; the Flagged view appears once a set exists. A viewer gets neither ticks nor
+    actions."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from central.anomaly import refsets
+
+    cfg, engine, msgs, toks = site
+    ids = [m.frame_id.hex() for m in msgs]  # 0-29 on s1/l3/c1, 30-34 on s1/l4/c2
+
+    def sets() -> dict:
+        return {(s.line, s.camera): (s, sorted(refsets.set_frame_ids(sess, s.id)))
+                for sess in [Session(engine)] for s in refsets.list_sets(sess)}
+
+    def tick(driver, i: int) -> None:
+        driver.find_element(By.CSS_SELECTOR, f'#results-latest .card[data-frame-id="{ids[i]}"] input.good').click()
+
+    with serving(create_app(cfg, engine)) as base:
+        driver = chrome()
+        try:
+            login(driver, base, toks["admin"], view="latest")
+            wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results-latest .card input.good")) == 35)
+            assert not driver.find_element(By.ID, "nav-flagged").is_displayed()  # no set yet
+            for i in (29, 28, 27):
+                tick(driver, i)
+            assert not driver.find_element(By.ID, "detail").get_attribute("open")  # a tick is not a card click
+            assert "3 frame(s) ticked" in text_of(driver, "selection")
+            driver.find_element(By.ID, "sel-good").click()
+            wait(driver, lambda d: "new set" in text_of(d, "sel-status"))
+            (s, frames), = sets().values()
+            assert (s.site, s.line, s.camera, s.frame_count, s.version) == ("s1", "l3", "c1", 3, 1)
+            assert frames == sorted(ids[27:30])
+            assert not driver.find_element(By.ID, "selection").find_element(By.ID, "sel-good").is_displayed()
+            wait(driver, lambda d: d.find_element(By.ID, "nav-flagged").is_displayed())
+            assert driver.execute_script("return document.querySelectorAll('input.good:checked').length") == 0
+            shot(driver, "marked-good")
+
+            driver.find_element(By.CSS_SELECTOR, f'#results-latest .card[data-frame-id="{ids[25]}"] .meta').click()
+            wait(driver, lambda d: d.find_elements(By.ID, "mark-good"))[0].click()  # one frame, from its detail
+            wait(driver, lambda d: "this frame added to set" in text_of(d, "detail-fields"))
+            assert sets()[("l3", "c1")][1] == sorted([ids[25], *ids[27:30]])
+            driver.find_element(By.ID, "close").click()
+
+            tick(driver, 26)  # c1: added to its set
+            tick(driver, 34)  # c2: a single frame cannot make a set
+            driver.find_element(By.ID, "sel-good").click()
+            wait(driver, lambda d: "added to set" in text_of(d, "sel-status"))
+            status = text_of(driver, "sel-status")
+            assert "s1/l4/c2: a reference set needs at least two stored frames" in status
+            assert "error" in driver.find_element(By.ID, "sel-status").get_attribute("class")
+            assert "1 frame(s) ticked" in text_of(driver, "selection")  # the failed camera's tick stays
+            assert driver.execute_script("return [...document.querySelectorAll('input.good:checked')]"
+                                         ".map(b => b.closest('.card').dataset.frameId)") == [ids[34]]
+            got = sets()
+            assert list(got) == [("l3", "c1")]
+            s, frames = got[("l3", "c1")]
+            assert (s.frame_count, s.version, frames) == (5, 3, sorted(ids[25:30]))
+            driver.find_element(By.ID, "sel-clear").click()
+            assert driver.execute_script("return document.querySelectorAll('input.good:checked').length") == 0
+
+            driver.find_element(By.ID, "nav-sets").click()
+            wait(driver, lambda d: "1 reference set" in text_of(d, "status-sets"))
+            row = texts(driver, "#sets tbody tr")
+            assert len(row) == 1 and "s1/l3/c1" in row[0] and "l3/c1 good" in row[0] and "v3" in row[0]
+            assert driver.find_element(By.ID, "range-good").get_attribute("disabled")  # no camera or range yet
+            assert texts(driver, "#camera option") == ["all", "c1 (30)", "c2 (5)"]
+            Select(driver.find_element(By.ID, "camera")).select_by_value("c2")  # its site and line say "all"
+            for field, value in (("since", "2023-11-14T22:13:50"), ("until", "2023-11-14T22:13:55")):
+                driver.execute_script(f"const e = document.getElementById('{field}'); e.value = '{value}';"
+                                      "e.dispatchEvent(new Event('change', {bubbles: true}))")
+            wait(driver, lambda d: not d.find_element(By.ID, "range-good").get_attribute("disabled"))
+            assert "s1/l4/c2, 2023-11-14 22:13:50.000 UTC to 2023-11-14 22:13:55.000 UTC" in text_of(driver,
+                                                                                                   "range-what")
+            driver.find_element(By.ID, "range-good").click()
+            wait(driver, lambda d: "new set" in text_of(d, "status-sets"))
+            s, frames = sets()[("l4", "c2")]
+            assert (s.frame_count, frames) == (5, sorted(ids[30:35]))
+            wait(driver, lambda d: len(texts(d, "#sets tbody tr")) == 2)
+            shot(driver, "reference-sets")
+            driver.find_element(By.CSS_SELECTOR, f'#sets tr[data-set-id="{s.id}"] button.delete-set').click()
+            driver.switch_to.alert.accept()
+            wait(driver, lambda d: len(texts(d, "#sets tbody tr")) == 1)
+            assert list(sets()) == [("l3", "c1")]
+
+            driver.quit()
+            driver = chrome()  # the viewer in a browser of its own (no admin token in its storage)
+            login(driver, base, toks["viewer"], view="latest")
+            wait(driver, lambda d: len(cards(d, "latest")) == 35)
+            assert driver.find_elements(By.CSS_SELECTOR, "input.good") == []
+            driver.find_element(By.ID, "nav-sets").click()
+            wait(driver, lambda d: "1 reference set" in text_of(d, "status-sets"))
+            assert driver.find_elements(By.CSS_SELECTOR, "#sets button") == []
+            assert not driver.find_element(By.ID, "range-form").is_displayed()
+        finally:
+            driver.quit()

@@ -28,6 +28,14 @@ export async function api(path, opts = {}) {
 
 export const getJson = async (path) => (await api(path)).json();
 
+// A JSON request (POST, PATCH, PUT, DELETE); the answer's JSON, or null for an empty one (204).
+export async function sendJson(method, path, body) {
+  const opts = { method };
+  if (body !== undefined) Object.assign(opts, { headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+  const r = await api(path, opts);
+  return r.status === 204 ? null : r.json();
+}
+
 // Query parameters of an object: arrays repeat their key, empty values are left out.
 export function query(params) {
   const q = new URLSearchParams();

@@ -1,7 +1,7 @@
 // The detail of one frame: the original with its regions, every stored field, the original's state and legal
 // hold, a download, "request from edge" with its progress when central has no original, and the actions
 // features add (find frames like this, like this region, ...).
-import { api, getJson, imageUrl } from "./api.js";
+import { api, getJson, imageUrl, sendJson } from "./api.js";
 import { figure, itemRegions } from "./overlay.js";
 import { fmt } from "./time.js";
 
@@ -14,6 +14,7 @@ let polling = null;
 let shown = null;  // the ctx of the frame the detail shows
 
 export function setMe(who) { me = who; }
+export const role = () => me.role;
 
 function button(label, id, run) {
   const b = document.createElement("button");
@@ -140,8 +141,7 @@ export async function openDetail(hit, model, hooks) {
     const held = doc.frame.legal_hold;
     actions.appendChild(button(held ? "Release legal hold" : "Put on legal hold", "hold", async () => {
       try {
-        await api(`/v1/frames/${hit.frame_id}/hold`, { method: "PUT", headers: { "Content-Type": "application/json" },
-          body: JSON.stringify({ hold: !held }) });
+        await sendJson("PUT", `/v1/frames/${hit.frame_id}/hold`, { hold: !held });
         hit.legal_hold = !held;
         ctx.reload();
       } catch (e) { status(e.message, true); }

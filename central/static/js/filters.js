@@ -71,6 +71,16 @@ export function filterParams() {
   };
 }
 
+// The camera the menus name, {site, line, camera}: the camera menu's choice, its site and line from the menus or,
+// when they say "all", from the one place that has a camera of that name (null when none is chosen or it is ambiguous).
+export function chosenCamera() {
+  const site = $("site").value, line = $("line").value, camera = $("camera").value;
+  if (!camera) return null;
+  const at = cameras.filter((c) => c.camera === camera && (!site || c.site === site) && (!line || c.line === line));
+  const places = new Set(at.map((c) => `${c.site}/${c.line}`));
+  return places.size === 1 ? { site: at[0].site, line: at[0].line, camera } : null;
+}
+
 export function showZone() {
   $("tzname").textContent = zone.name();
   $("tz-local").textContent = `local (${zone.localName})`;

@@ -1,15 +1,16 @@
 // tokenline's page: vanilla ES modules, no build step, served by central, nothing from the internet.
-// Views (#search, #latest, #devices, and #flagged when central scores frames) share the filter bar and the detail.
+// Views (#search, #latest, #sets, #devices, and #flagged when central scores frames) share the filter bar and the detail.
 import { getJson, postForm, query, token } from "./api.js";
 import { openDetail, initDetail, setMe } from "./detail.js";
 import { showDevices } from "./devices.js";
 import { filterParams, loadFilters, models, refreshPlaces, selectedModel, showZone } from "./filters.js";
 import { Pager, frameCard, retime } from "./grid.js";
 import { initAnomaly } from "./anomaly.js";
+import { initSets } from "./sets.js";
 import { fromUs, zone } from "./time.js";
 
 const $ = (id) => document.getElementById(id);
-const views = ["search", "latest", "flagged", "devices"];
+const views = ["search", "latest", "flagged", "sets", "devices"];
 export const state = { view: "search", query: null };
 
 const modelOf = (item) => models.find((m) => m.id === item.model_id) || selectedModel();
@@ -153,4 +154,5 @@ initDetail();
 const anomaly = initAnomaly(modelOf, open);
 startHooks.push(anomaly.start);
 viewHooks.flagged = anomaly.show;
+viewHooks.sets = initSets(anomaly.start).show;
 start();

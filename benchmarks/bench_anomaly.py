@@ -367,7 +367,8 @@ class Stream:
             store.insert_frames(s, [store.frame_row(m, model.id, store.now_us()) for m in ref])
         t0 = time.perf_counter()
         with Session(engine) as s, s.begin():
-            info = refsets.create_set(s, cfg, name="bench", frame_ids=[m.frame_id.hex() for m in ref])
+            set_id = refsets.create_set(s, cfg, name="bench", frame_ids=[m.frame_id.hex() for m in ref]).id
+        info = refsets.build_set(engine, cfg, set_id)
         return info.bank_tokens, time.perf_counter() - t0
 
 

@@ -441,7 +441,9 @@ def _set_line(info) -> str:
             f"v{info.version}: {info.frame_count} frames, bank {info.bank_tokens} of {info.pool_tokens} tokens "
             f"({info.lists} lists, nprobe {info.nprobe}), mode {info.mode}, {info.metric}, "
             f"threshold {info.threshold:.4f} "
-            f"({info.threshold_mode}{f' q={info.quantile:g}' if info.threshold_mode == 'quantile' else ''})")
+            f"({info.threshold_mode}{f' q={info.quantile:g}' if info.threshold_mode == 'quantile' else ''})"
+            + ("" if info.state == "ready" else f", {info.state}: bank of v{info.bank_version}"
+               + (f" ({info.build_error})" if info.build_error else "")))
 
 
 def _frame_list(args: argparse.Namespace, attr: str, file_attr: str) -> List[str]:
@@ -466,6 +468,7 @@ def cmd_reference_set(args: argparse.Namespace) -> int:
     cfg = _cfg(args)
     engine = _engine(cfg)
     out = _console()
+    built = None  # (verb, set id): a change committed below, its bank built after the commit
     with Session(engine) as s, s.begin():
         if args.action == "create":
             info = refsets.create_set(s, cfg.anomaly, name=args.name, model_id=args.model_id, site=args.site,
@@ -473,13 +476,18 @@ def cmd_reference_set(args: argparse.Namespace) -> int:
                                       frame_ids=_frame_list(args, "frame", "frames_file"), since_us=args.since_us,
                                       until_us=args.until_us, mode=args.mode or "tokens", quantile=args.quantile,
                                       threshold=args.threshold)
-            out.print(f"[green]created[/] {_set_line(info)}", soft_wrap=True, markup=True, highlight=False)
+            built = ("created", info.id)
         elif args.action == "update":
             info = refsets.update_set(s, cfg.anomaly, args.set_id, add_frame_ids=_frame_list(args, "add", "add_file"),
                                       remove_frame_ids=args.remove or [], since_us=args.since_us,
                                       until_us=args.until_us, mode=args.mode, quantile=args.quantile,
                                       threshold=args.threshold, name=args.name)
-            out.print(f"[green]updated[/] {_set_line(info)}", soft_wrap=True, highlight=False)
+            built = ("updated", info.id)
+        elif args.action == "build":
+            info = refsets.get_set(s, args.set_id)
+            if info.state == "failed":
+                refsets.retry_build(s, args.set_id)
+            built = ("built", info.id)
         elif args.action == "list":
             sets = refsets.list_sets(s, args.model_id, args.site, args.line, args.camera)
             if args.json:
@@ -508,9 +516,13 @@ def cmd_reference_set(args: argparse.Namespace) -> int:
             tmp = path.with_suffix(".tmp")
             tmp.write_bytes(data)
             tmp.replace(path)
-            out.print(f"[green]wrote[/] {path} ({len(data):,} bytes): set {info.id} v{info.version}, "
+            out.print(f"[green]wrote[/] {path} ({len(data):,} bytes): set {info.id} v{info.bank_version}, "
                       f"{bank.size} tokens, threshold {bank.info.threshold:.4f}, model {bank.info.manifest_hash}",
                       soft_wrap=True, highlight=False)
+    if built is not None:  # the change is committed: its bank is built without holding the database
+        with out.status(f"building the bank of reference set {built[1]}"):
+            info = refsets.build_set(engine, cfg.anomaly, built[1])
+        out.print(f"[green]{built[0]}[/] {_set_line(info)}", soft_wrap=True, highlight=False)
     return 0
 
 
@@ -631,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _reference_set_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
-    rs = sub.add_parser("reference-set", help="create, update, list, show, delete or export reference sets")
+    rs = sub.add_parser("reference-set", help="create, update, build, list, show, delete or export reference sets")
     acts = rs.add_subparsers(dest="action", required=True)
 
     def threshold(a: argparse.ArgumentParser) -> None:
@@ -650,6 +662,9 @@ def _reference_set_parser(sub) -> None:  # noqa: ANN001 - argparse's private sub
     a.add_argument("--frame", action="append", help="a frame id (repeat)")
     a.add_argument("--frames-file", help="a file of frame ids (whitespace separated)")
     threshold(a)
+    a.set_defaults(fn=cmd_reference_set)
+    a = acts.add_parser("build", help="build a set's bank again (after a failed build, or one central left)")
+    a.add_argument("set_id", type=int)
     a.set_defaults(fn=cmd_reference_set)
     a = acts.add_parser("update", help="add or remove frames, change the threshold or mode (rebuilds the bank)")
     a.add_argument("set_id", type=int)

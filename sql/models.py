@@ -160,7 +160,9 @@ class ReferenceSet(Base):
     """Frames an engineer marked as good for one camera and model, and the memory bank built from them.
 
     ``version`` rises with every change (frames, threshold, mode); ``bank`` is the bank file's bytes
-    (``tokenline.anomaly.Bank.to_bytes``), rebuilt in the transaction that changes the set.
+    (``tokenline.anomaly.Bank.to_bytes``) built for set version ``bank_version`` (0: none yet), rebuilt after each
+    change outside its transaction (``central.anomaly.refsets.build_set``); ``build_error`` says why the current
+    version's build failed.
     """
 
     __tablename__ = "reference_sets"
@@ -181,6 +183,8 @@ class ReferenceSet(Base):
     bank: Mapped[bytes] = mapped_column(LargeBinary)
     created_us: Mapped[int] = mapped_column(BigInteger)
     updated_us: Mapped[int] = mapped_column(BigInteger)
+    bank_version: Mapped[int] = mapped_column(Integer, server_default="0")
+    build_error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
 
 
 class ReferenceFrame(Base):

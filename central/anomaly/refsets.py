@@ -1,9 +1,15 @@
-"""Reference sets as rows: create, change, delete, list and read them; the bank is rebuilt with every change.
+"""Reference sets as rows: create, change, delete, list and read them; their banks built apart from the change.
 
 A set belongs to one camera (site, line, camera) and one model, at most one set per camera and model. Its frames
 are given as frame ids or as "everything from this camera between these times"; they must be stored frames of
-that camera and model. Every function takes the caller's ``Session`` and never commits (as ``central.store``);
-building the bank is part of the caller's transaction, so a set and its bank change together.
+that camera and model. ``create_set``, ``update_set`` and ``delete_set`` take the caller's ``Session`` and never
+commit (as ``central.store``); a change raises the set's ``version`` and leaves its bank to ``build_set``, which
+builds the current version's bank from committed rows without holding a write transaction (a bank of thousands of
+frames takes tens of seconds; SQLite has one writer, and ingest must not wait for it) and stores it only if the set
+is still at that version. Until then the scorer keeps scoring with the bank built before (``bank_version``); a set
+that never had a bank scores nothing yet. States: ``ready`` (the bank is the current version's), ``building``,
+``failed`` (``build_error`` says why; the next change builds again). A change of the threshold by hand or of the
+name alone re-labels the current bank in the change's transaction, with no build.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
-from sqlalchemy import delete, exists, select
+from sqlalchemy import Engine, delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from central import store
@@ -39,7 +45,7 @@ class SetInfo:
     line: str
     camera: str
     mode: str
-    metric: str
+    metric: Optional[str]  # the bank's (None before the first build)
     threshold_mode: str
     quantile: float
     threshold: float
@@ -51,17 +57,31 @@ class SetInfo:
     nprobe: int
     created_us: int
     updated_us: int
+    state: str  # ready | building | failed
+    bank_version: int  # the set version the bank (and threshold, bank_tokens, ...) was built for; 0: none yet
+    build_error: Optional[str]
 
     def public(self) -> Dict[str, Any]:
         return dict(self.__dict__)
 
 
+STATES = ("ready", "building", "failed")
+
+
+def _state(row: ReferenceSet) -> str:
+    if row.bank_version == row.version:
+        return "ready"
+    return "failed" if row.build_error else "building"
+
+
 def _info(row: ReferenceSet, bank: Optional[Bank] = None) -> SetInfo:
-    bank = bank or Bank.from_bytes(bytes(row.bank), where=f"reference_sets[{row.id}].bank")
-    return SetInfo(row.id, row.name, row.model_id, row.site, row.line, row.camera, row.mode, bank.info.metric,
-                   row.threshold_mode, float(row.quantile), float(row.threshold), row.version, row.frame_count,
-                   row.bank_tokens, bank.info.pool_tokens, bank.lists, bank.info.nprobe, row.created_us,
-                   row.updated_us)
+    if bank is None and row.bank:
+        bank = Bank.from_bytes(bytes(row.bank), where=f"reference_sets[{row.id}].bank")
+    return SetInfo(row.id, row.name, row.model_id, row.site, row.line, row.camera, row.mode,
+                   bank.info.metric if bank else None, row.threshold_mode, float(row.quantile), float(row.threshold),
+                   row.version, row.frame_count, row.bank_tokens, bank.info.pool_tokens if bank else 0,
+                   bank.lists if bank else 0, bank.info.nprobe if bank else 0, row.created_us, row.updated_us,
+                   _state(row), row.bank_version, row.build_error)
 
 
 # -- frames of a set -------------------------------------------------------------------------------------------
@@ -139,28 +159,84 @@ def _select_frames(session: Session, model_id: int, place: Tuple[str, str, str],
 
 
 # -- building --------------------------------------------------------------------------------------------------
-def _build(session: Session, row: ReferenceSet, frame_ids: List[str], cfg: AnomalyConfig,
-           threshold: Optional[float]) -> Bank:
-    model = session.get(Model, row.model_id)
-    found, frames = load_frames(session, frame_ids, Manifest.from_json(model.manifest_json).summary.dim,
-                                with_globals=row.mode != "tokens")
-    if len(found) < 2:
-        raise Invalid(f"a reference set needs at least two stored frames, {len(found)} found", reason=REASON)
-    metric = cfg.metric
-    if threshold is not None and row.bank:  # a number set by hand is in its bank's metric: keep it
-        metric = Bank.from_bytes(bytes(row.bank), where=f"reference_sets[{row.id}].bank").info.metric
-    info = BankInfo(set_id=row.id, set_version=row.version, name=row.name, site=row.site, line=row.line,
-                    camera=row.camera, manifest_hash=model.hash16, mode=row.mode, metric=metric, nprobe=cfg.nprobe,
-                    min_token_size=cfg.min_token_size, created_us=store.now_us())
-    try:
-        built = build_bank(frames, info, cfg.max_bank_tokens, row.quantile, threshold)
-    except ValueError as exc:
-        raise Invalid(str(exc), reason=REASON) from None
-    row.bank = built.bank.to_bytes()
-    row.threshold = built.bank.info.threshold
-    row.frame_count = len(found)
-    row.bank_tokens = built.bank.size
-    return built.bank
+def _check_frames(session: Session, frame_ids: Sequence[str]) -> None:
+    """A set's frames can make a bank: at least two of them stored, all with one token count (K)."""
+    stored, ks = 0, set()
+    ids = list(frame_ids)
+    for i in range(0, len(ids), 500):
+        for k, n in session.execute(select(Frame.k, func.count()).where(Frame.frame_id.in_(ids[i: i + 500]))
+                                    .group_by(Frame.k)):
+            stored += int(n)
+            ks.add(int(k))
+    if stored < 2:
+        raise Invalid(f"a reference set needs at least two stored frames, {stored} found", reason=REASON)
+    if len(ks) > 1:
+        raise Invalid("the set's frames have different token counts (K)", reason=REASON)
+
+
+def build_set(engine: Engine, cfg: AnomalyConfig, set_id: int) -> SetInfo:
+    """Build the bank of the set's current version and store it if the set is still at that version; the set as
+    it is then. Reads in one session, builds with no transaction open, writes in a short one (the write matches
+    the version read, so a change meanwhile keeps its own build pending). ``Invalid`` when the version cannot make
+    a bank (its frames deleted by retention meanwhile, no token large enough, ...), recorded as ``build_error``."""
+    with Session(engine) as s:
+        row = s.get(ReferenceSet, set_id)
+        if row is None:
+            raise NotFound(f"unknown reference set {set_id}", reason=REASON)
+        if row.bank_version == row.version:
+            return _info(row)
+        version = row.version
+        model = s.get(Model, row.model_id)
+        metric = cfg.metric
+        manual = float(row.threshold) if row.threshold_mode == "manual" else None
+        if manual is not None and row.bank:  # a number set by hand is in its bank's metric: keep it
+            metric = Bank.from_bytes(bytes(row.bank), where=f"reference_sets[{row.id}].bank").info.metric
+        info = BankInfo(set_id=row.id, set_version=version, name=row.name, site=row.site, line=row.line,
+                        camera=row.camera, manifest_hash=model.hash16, mode=row.mode, metric=metric,
+                        nprobe=cfg.nprobe, min_token_size=cfg.min_token_size, created_us=store.now_us())
+        quantile = float(row.quantile)
+        error = None
+        try:
+            found, frames = load_frames(s, _frame_ids(s, set_id), Manifest.from_json(model.manifest_json).summary.dim,
+                                        with_globals=row.mode != "tokens")
+        except Invalid as exc:
+            error, found = str(exc), []
+    if error is None and len(found) < 2:
+        error = f"a reference set needs at least two stored frames, {len(found)} found"
+    built = None
+    if error is None:
+        try:
+            built = build_bank(frames, info, cfg.max_bank_tokens, quantile, manual)
+        except ValueError as exc:
+            error = str(exc)
+    where = (ReferenceSet.id == set_id) & (ReferenceSet.version == version)
+    with Session(engine) as s, s.begin():
+        if built is None:
+            s.execute(update(ReferenceSet).where(where).values(build_error=error))
+        else:
+            s.execute(update(ReferenceSet).where(where).values(
+                bank=built.bank.to_bytes(), bank_version=version, threshold=built.bank.info.threshold,
+                frame_count=len(found), bank_tokens=built.bank.size, build_error=None))
+    if built is None:
+        raise Invalid(error, reason=REASON)
+    with Session(engine) as s:
+        return get_set(s, set_id)
+
+
+def retry_build(session: Session, set_id: int) -> None:
+    """Clear a failed build's error so that the set is built again (``build_set``)."""
+    row = session.get(ReferenceSet, set_id)
+    if row is None:
+        raise NotFound(f"unknown reference set {set_id}", reason=REASON)
+    row.build_error = None
+    session.flush()
+
+
+def pending_sets(session: Session) -> List[int]:
+    """Ids of the sets whose current version has no bank yet and no failed build."""
+    return list(session.scalars(select(ReferenceSet.id).where(ReferenceSet.bank_version != ReferenceSet.version,
+                                                              ReferenceSet.build_error.is_(None))
+                                .order_by(ReferenceSet.id)))
 
 
 def _frame_ids(session: Session, set_id: int) -> List[str]:
@@ -206,17 +282,18 @@ def create_set(session: Session, cfg: AnomalyConfig, *, name: str, model_id: Opt
         raise Conflict(f"{'/'.join(place)} already has a reference set for model {model_id}; change or delete it",
                        reason="reference_set_exists")
     ids = _select_frames(session, model_id, place, frame_ids, since_us, until_us, cfg.max_set_frames)
+    _check_frames(session, ids)
     now = store.now_us()
     row = ReferenceSet(name=name, model_id=model_id, site=place[0], line=place[1], camera=place[2], mode=mode,
                        threshold_mode="manual" if threshold is not None else "quantile",
-                       quantile=cfg.quantile if quantile is None else float(quantile), threshold=0.0, version=1,
-                       frame_count=0, bank_tokens=0, bank=b"", created_us=now, updated_us=now)
+                       quantile=cfg.quantile if quantile is None else float(quantile),
+                       threshold=0.0 if threshold is None else float(threshold), version=1, frame_count=len(ids),
+                       bank_tokens=0, bank=b"", created_us=now, updated_us=now, bank_version=0, build_error=None)
     session.add(row)
     session.flush()
     session.add_all([ReferenceFrame(set_id=row.id, frame_id=f) for f in ids])
-    bank = _build(session, row, ids, cfg, threshold)
     session.flush()
-    return _info(row, bank)
+    return _info(row)
 
 
 def update_set(session: Session, cfg: AnomalyConfig, set_id: int, *, add_frame_ids: Sequence[str] = (),
@@ -224,8 +301,8 @@ def update_set(session: Session, cfg: AnomalyConfig, set_id: int, *, add_frame_i
                mode: Optional[str] = None, quantile: Optional[float] = None, threshold: Optional[float] = None,
                name: Optional[str] = None) -> SetInfo:
     """Add frames (ids or a time range), remove frames, change the mode or the threshold (a manual value, or
-    back to a ``quantile``): the version rises and the bank is rebuilt (only re-thresholded when just the
-    threshold changes)."""
+    back to a ``quantile``) or the name: the version rises and the bank waits for ``build_set``, except that a
+    threshold set by hand or a new name on a current bank re-labels it at once."""
     row = session.get(ReferenceSet, set_id)
     if row is None:
         raise NotFound(f"unknown reference set {set_id}", reason=REASON)
@@ -239,31 +316,34 @@ def update_set(session: Session, cfg: AnomalyConfig, set_id: int, *, add_frame_i
     frames = sorted((current | add) - remove)
     if len(frames) > cfg.max_set_frames:
         raise Invalid(f"more than anomaly.max_set_frames={cfg.max_set_frames} frames", reason=REASON)
+    if add or remove:
+        _check_frames(session, frames)
+    was_current = row.bank_version == row.version and bool(row.bank)
     if name is not None:
         row.name = name
     rebuild = bool(add or remove) or (mode is not None and mode != row.mode)
     if mode is not None:
         row.mode = _check_mode(mode)
     if threshold is not None:
-        row.threshold_mode = "manual"
+        row.threshold_mode, row.threshold = "manual", float(threshold)
     elif quantile is not None:
         row.threshold_mode, row.quantile = "quantile", float(quantile)
         rebuild = True
     row.version += 1
     row.updated_us = store.now_us()
+    row.build_error = None
+    row.frame_count = len(frames)
     if add:
         session.add_all([ReferenceFrame(set_id=row.id, frame_id=f) for f in sorted(add)])
     if remove:
         session.execute(delete(ReferenceFrame).where(ReferenceFrame.set_id == set_id,
                                                      ReferenceFrame.frame_id.in_(sorted(remove))))
-    manual = threshold if threshold is not None else (row.threshold if row.threshold_mode == "manual" else None)
-    if rebuild:
-        bank = _build(session, row, frames, cfg, manual)
-    else:  # only the threshold or the name: the same bank under the new version
+    bank = None
+    if not rebuild and was_current:  # only the threshold or the name: the same bank under the new version
         old = Bank.from_bytes(bytes(row.bank), where=f"reference_sets[{row.id}].bank")
         bank = with_threshold(replace(old, info=replace(old.info, set_version=row.version, name=row.name)),
-                              float(manual) if manual is not None else old.info.threshold)
-        row.bank = bank.to_bytes()
+                              float(row.threshold) if row.threshold_mode == "manual" else old.info.threshold)
+        row.bank, row.bank_version = bank.to_bytes(), row.version
         row.threshold = bank.info.threshold
     session.flush()
     return _info(row, bank)
@@ -303,23 +383,29 @@ def set_frame_ids(session: Session, set_id: int) -> List[str]:
 
 
 def bank_bytes(session: Session, set_id: int) -> Tuple[SetInfo, bytes]:
-    """A set and its bank file's bytes (what ``reference-set export`` writes for the edge)."""
+    """A set and its bank file's bytes (what ``reference-set export`` writes for the edge): the last bank built,
+    of set version ``bank_version``; ``Conflict`` before the first build."""
     row = session.get(ReferenceSet, set_id)
     if row is None:
         raise NotFound(f"unknown reference set {set_id}", reason=REASON)
+    if not row.bank:
+        raise Conflict(f"reference set {set_id} has no bank yet ({_state(row)}"
+                       f"{': ' + row.build_error if row.build_error else ''})", reason="bank_not_built")
     return _info(row), bytes(row.bank)
 
 
 def active_versions(session: Session) -> Dict[Tuple[int, str, str, str], Tuple[int, int]]:
-    """``{(model_id, site, line, camera): (set id, version)}`` of every set: what scorers poll per batch."""
+    """``{(model_id, site, line, camera): (set id, bank version)}`` of every set with a bank: what scorers poll per
+    batch (a set's bank changes when a build stores a new one)."""
     return {(int(m), s, li, c): (int(i), int(v)) for i, v, m, s, li, c in session.execute(
-        select(ReferenceSet.id, ReferenceSet.version, ReferenceSet.model_id, ReferenceSet.site, ReferenceSet.line,
-               ReferenceSet.camera))}
+        select(ReferenceSet.id, ReferenceSet.bank_version, ReferenceSet.model_id, ReferenceSet.site,
+               ReferenceSet.line, ReferenceSet.camera).where(ReferenceSet.bank_version > 0))}
 
 
 def load_bank(session: Session, set_id: int) -> Optional[Bank]:
+    """The set's last built bank (None for an unknown set or before its first build)."""
     raw = session.scalar(select(ReferenceSet.bank).where(ReferenceSet.id == set_id))
-    return None if raw is None else Bank.from_bytes(bytes(raw), where=f"reference_sets[{set_id}].bank")
+    return None if not raw else Bank.from_bytes(bytes(raw), where=f"reference_sets[{set_id}].bank")
 
 
 def prune_scores(session: Session, batch: int = 5000) -> int:

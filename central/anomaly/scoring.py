@@ -298,11 +298,11 @@ class BackfillReport:
 
 
 def _stale(row: ReferenceSet):
-    """Frames of the set's camera and model without a current score (none, another set's, an older version's)."""
+    """Frames of the set's camera and model without a score from its bank (none, another set's, an older bank's)."""
     fs = FrameScore.__table__.c
     return and_(Frame.model_id == row.model_id, Frame.site == row.site, Frame.line == row.line,
                 Frame.camera == row.camera,
-                or_(fs.frame_id.is_(None), fs.set_id != row.id, fs.set_version != row.version))
+                or_(fs.frame_id.is_(None), fs.set_id != row.id, fs.set_version != row.bank_version))
 
 
 def backfill(engine: Engine, set_id: Optional[int] = None, batch: int = 500,

@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
 
+from central.anomaly.builder import BankBuilder
 from central.api.deps import Services
 from central.api.errors import error_response
 from central.api.metrics import Metrics, count_requests
@@ -35,14 +36,17 @@ def create_app(cfg: CentralConfig, engine: Optional[Engine] = None) -> FastAPI:
     engine = engine or make_engine(cfg.database.url)
     svc = Services(cfg=cfg, engine=engine, blobs=BlobStore(cfg.originals.root), searcher=Searcher(engine, cfg.search),
                    encoders=EncoderPool(cfg.search.providers), tokens=TokenCache(engine), metrics=Metrics(engine),
-                   images=ImagePool(cfg.api.image_workers, cfg.api.image_queue), original_requests=OriginalRequests(cfg))
+                   images=ImagePool(cfg.api.image_workers, cfg.api.image_queue), original_requests=OriginalRequests(cfg),
+                   builder=BankBuilder(engine, cfg.anomaly))
     app = FastAPI(title="tokenline central", version="0.1.0", docs_url=None, redoc_url=None,
                   dependencies=[Depends(reject_unknown)],
                   description="Token retrieval service: search frames by example image or text; browse frames; "
                               "originals and their retention; devices. Every /v1 route takes a bearer token "
                               "(Authorize). Times are Unix microseconds (UTC).")
     app.state.services = svc
+    app.router.on_startup.append(svc.builder.start)  # sets left without a bank when central stopped
     app.router.on_shutdown.append(svc.images.close)
+    app.router.on_shutdown.append(svc.builder.close)
     count_requests(app, svc.metrics)
     app.add_exception_handler(CentralError, error_response)
     app.add_exception_handler(RequestValidationError, validation_error)

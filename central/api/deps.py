@@ -14,6 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from central.anomaly.builder import BankBuilder
 from central.api.metrics import Metrics
 from central.auth import Principal, TokenCache, authorize
 from central.blobs import BlobStore
@@ -37,6 +38,7 @@ class Services:
     metrics: Metrics
     images: ImagePool  # image decoding and encoding, off the event loop
     original_requests: OriginalRequests
+    builder: BankBuilder  # reference sets' banks, built off the requests
 
 
 def services(request: Request) -> Services:

@@ -96,6 +96,15 @@ def tx(engine, fn, *args, **kwargs):
         return fn(s, *args, **kwargs)
 
 
+def built_set(engine, cfg, change, *args, **kwargs):
+    """A reference set change (``refsets.create_set`` or ``update_set`` with these arguments) committed, then its
+    bank built as central builds it (``refsets.build_set``): the set as it is then."""
+    from central.anomaly import refsets
+
+    info = tx(engine, change, cfg, *args, **kwargs)
+    return refsets.build_set(engine, cfg, info.id)
+
+
 def unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
     v = rng.standard_normal(shape).astype(np.float32)
     return v / np.linalg.norm(v, axis=-1, keepdims=True)

@@ -32,7 +32,7 @@ from central.config import AnomalyConfig, IngestConfig, WebhookConfig
 from central.ingest import Incoming, Ingestor
 from central.retention import sweep
 from sql.models import Frame, FrameScore, ScoreQueue
-from tests.central.conftest import config_for, tx
+from tests.central.conftest import built_set, config_for, tx
 from tests.central.test_ingest import LogTail, _publish_all, _publisher, _wait_for
 from tests.support.anomaly_frames import frame_message, unit
 from tests.support.mqtt_sub import Collector
@@ -78,7 +78,7 @@ def test_reference_set_from_the_api_then_ingest_scores_alerts_odd_frames_only_an
 
     body = {"name": "good plates", "frame_ids": [m.frame_id.hex() for m in history[:30]], "quantile": 1.0}
     assert client.post("/v1/reference-sets", json=body, headers=toks["viewer"]).status_code == 403
-    r = client.post("/v1/reference-sets", json=body, headers=toks["admin"])
+    r = client.post("/v1/reference-sets", json=body, headers=toks["admin"], params={"wait": True})
     assert r.status_code == 201, r.text
     rs = r.json()
     assert (rs["site"], rs["line"], rs["camera"], rs["model_id"], rs["frame_count"], rs["version"]) == \
@@ -205,7 +205,7 @@ def test_reference_set_lifecycle_and_validation(engine, db_url, tmp_path, tiny_m
     _store(engine, model.id, c1 + c2)
     client, toks = _api(engine, db_url, tmp_path)
     a, v = toks["admin"], toks["viewer"]
-    post = lambda body: client.post("/v1/reference-sets", json=body, headers=a)  # noqa: E731
+    post = lambda body: client.post("/v1/reference-sets", json=body, headers=a, params={"wait": True})  # noqa: E731
 
     assert post({"name": "x"}).status_code == 400  # neither frames nor a time range
     assert post({"name": "x", "since_us": 0}).json()["error"] == "bad_reference_set"  # a range needs the camera
@@ -222,7 +222,8 @@ def test_reference_set_lifecycle_and_validation(engine, db_url, tmp_path, tiny_m
     assert post({"name": "again", "site": "s1", "line": "l1", "camera": "c1", "since_us": T0}).status_code == 409
 
     sid = rs["id"]
-    patch = lambda body, h=a: client.patch(f"/v1/reference-sets/{sid}", json=body, headers=h)  # noqa: E731
+    patch = lambda body, h=a: client.patch(f"/v1/reference-sets/{sid}", json=body, headers=h,  # noqa: E731
+                                           params={"wait": True})
     assert patch({"threshold": 0.5}, v).status_code == 403
     r = patch({"add_frame_ids": [m.frame_id.hex() for m in c1[20:25]],
                "remove_frame_ids": [c1[0].frame_id.hex(), c1[1].frame_id.hex()]}).json()
@@ -241,7 +242,7 @@ def test_reference_set_lifecycle_and_validation(engine, db_url, tmp_path, tiny_m
     bank = Bank.from_bytes(raw.content)
     assert (bank.info.set_id, bank.info.set_version, bank.info.threshold, bank.info.manifest_hash) == \
         (sid, r["version"], pytest.approx(r["threshold"]), model.hash16)
-    assert raw.headers["x-tokenline-set-version"] == str(r["version"])
+    assert raw.headers["x-tokenline-set-version"] == str(r["version"]) == str(r["bank_version"])
     listed = client.get("/v1/reference-sets", params={"camera": "c1"}, headers=v).json()["reference_sets"]
     assert [x["id"] for x in listed] == [sid]
     assert client.get("/v1/reference-sets", params={"camera": "c2"}, headers=v).json()["reference_sets"] == []
@@ -270,8 +271,7 @@ def test_retention_drops_the_scores_of_deleted_frames(engine, db_url, tmp_path, 
     msgs = [frame_message(tiny_manifest, rng, (old_ts if i < 5 else new_ts) + i) for i in range(10)]
     _store(engine, model.id, msgs)
     cfg = config_for(tmp_path, db_url, retention={"originals_days": 1, "tokens_days": 10})
-    with Session(engine) as s, s.begin():
-        refsets.create_set(s, cfg.anomaly, name="all", frame_ids=[m.frame_id.hex() for m in msgs])
+    built_set(engine, cfg.anomaly, refsets.create_set, name="all", frame_ids=[m.frame_id.hex() for m in msgs])
     from central.anomaly.scoring import backfill
 
     assert backfill(engine).scored == 10
@@ -280,9 +280,9 @@ def test_retention_drops_the_scores_of_deleted_frames(engine, db_url, tmp_path, 
     with Session(engine) as s:
         left = set(s.scalars(select(FrameScore.frame_id)))
         assert left == set(s.scalars(select(Frame.frame_id))) == {m.frame_id.hex() for m in msgs[5:]}
-    with Session(engine) as s, s.begin():  # the set keeps its bank; rebuilding it skips the deleted frames
-        info = refsets.update_set(s, cfg.anomaly, 1, quantile=0.9)
-    assert info.frame_count == 5
+    # the set keeps its bank; rebuilding it skips the deleted frames
+    info = built_set(engine, cfg.anomaly, refsets.update_set, 1, quantile=0.9)
+    assert info.frame_count == 5 and info.state == "ready"
 
 
 def _queue_count(engine) -> int:
@@ -308,8 +308,8 @@ def test_the_scorer_reads_global_embeddings_for_the_sets_that_score_them(engine,
     rng = np.random.default_rng(6)
     ref = [frame_message(tiny_manifest, rng, T0 + i * 1000, seq=i) for i in range(30)]
     _store(engine, model.id, ref)
-    with Session(engine) as s, s.begin():
-        refsets.create_set(s, AnomalyConfig(), name="ref", frame_ids=[m.frame_id.hex() for m in ref], mode=mode)
+    built_set(engine, AnomalyConfig(), refsets.create_set, name="ref", frame_ids=[m.frame_id.hex() for m in ref],
+              mode=mode)
     live = [frame_message(tiny_manifest, rng, T0 + 10**9 + i, seq=100 + i, odd=3 if i == 2 else None)
             for i in range(6)]
     _ingest_in_process(engine, live)
@@ -334,10 +334,9 @@ def test_scorers_share_the_queue_each_frame_scored_and_alerted_once(engine, tmp_
     rng = np.random.default_rng(5)
     ref = [frame_message(tiny_manifest, rng, T0 + i * 1000, seq=i) for i in range(30)]
     _store(engine, model.id, ref)
-    with Session(engine) as s, s.begin():
-        info = refsets.create_set(s, AnomalyConfig(metric="cosine"), name="ref",
-                                  frame_ids=[m.frame_id.hex() for m in ref],
-                                  threshold=0.5)  # cosine: odd tokens score over 0.5, normal ones far under
+    info = built_set(engine, AnomalyConfig(metric="cosine"), refsets.create_set, name="ref",
+                     frame_ids=[m.frame_id.hex() for m in ref],
+                     threshold=0.5)  # cosine: odd tokens score over 0.5, normal ones far under
     odd_at = {3: 2, 17: 9, 29: 14, 38: 0}  # message index -> its odd token
     live = [frame_message(tiny_manifest, rng, T0 + 10**9 + i, seq=100 + i, odd=odd_at.get(i)) for i in range(40)]
     other = [frame_message(tiny_manifest, rng, T0 + 10**9 + i, seq=200 + i, camera="c2") for i in range(3)]
@@ -398,9 +397,9 @@ def test_scorer_process_sigkill_is_restarted_and_loses_no_score(engine, db_url, 
     rng = np.random.default_rng(6)
     ref = [frame_message(tiny_manifest, rng, T0 + i * 1000, seq=i) for i in range(30)]
     _store(engine, model.id, ref)
-    with Session(engine) as s, s.begin():
-        refsets.create_set(s, AnomalyConfig(metric="cosine"), name="ref", frame_ids=[m.frame_id.hex() for m in ref],
-                           threshold=0.5)  # cosine: odd tokens score over 0.5, normal ones far under
+    built_set(engine, AnomalyConfig(metric="cosine"), refsets.create_set, name="ref",
+              frame_ids=[m.frame_id.hex() for m in ref],
+              threshold=0.5)  # cosine: odd tokens score over 0.5, normal ones far under
     backlog = [frame_message(tiny_manifest, rng, T0 + 10**9 + i, seq=100 + i) for i in range(10)]
     _ingest_in_process(engine, backlog)
     assert _queue_count(engine) == 10
@@ -592,19 +591,18 @@ def test_a_set_with_a_threshold_by_hand_keeps_its_banks_metric(engine, tiny_mani
     _store(engine, model.id, msgs)
     ids = [m.frame_id.hex() for m in msgs]
     cosine, whitened = AnomalyConfig(metric="cosine"), AnomalyConfig()
-    with Session(engine) as s, s.begin():
-        a = refsets.create_set(s, cosine, name="a", frame_ids=ids[:n], threshold=0.3)
-        assert a.metric == "cosine"
-        # the deployment moves to whitened banks: the number 0.3 is a cosine distance, so this set stays cosine
-        a = refsets.update_set(s, whitened, a.id, add_frame_ids=ids[n:])
-        assert (a.metric, a.threshold, a.frame_count) == ("cosine", 0.3, n + 2)
-        assert refsets.load_bank(s, a.id).info.metric == "cosine"
-        # back to a quantile: the threshold comes from the set again, in the configured metric
-        a = refsets.update_set(s, whitened, a.id, quantile=0.9)
-        assert a.metric == "whitened" and refsets.load_bank(s, a.id).whitened
-        # too few tokens to whiten by: a cosine bank whatever the configuration
-        a = refsets.update_set(s, whitened, a.id, remove_frame_ids=ids[n // 2:])
-        assert (a.metric, a.frame_count) == ("cosine", n // 2)
+    a = built_set(engine, cosine, refsets.create_set, name="a", frame_ids=ids[:n], threshold=0.3)
+    assert a.metric == "cosine"
+    # the deployment moves to whitened banks: the number 0.3 is a cosine distance, so this set stays cosine
+    a = built_set(engine, whitened, refsets.update_set, a.id, add_frame_ids=ids[n:])
+    assert (a.metric, a.threshold, a.frame_count) == ("cosine", 0.3, n + 2)
+    assert tx(engine, refsets.load_bank, a.id).info.metric == "cosine"
+    # back to a quantile: the threshold comes from the set again, in the configured metric
+    a = built_set(engine, whitened, refsets.update_set, a.id, quantile=0.9)
+    assert a.metric == "whitened" and tx(engine, refsets.load_bank, a.id).whitened
+    # too few tokens to whiten by: a cosine bank whatever the configuration
+    a = built_set(engine, whitened, refsets.update_set, a.id, remove_frame_ids=ids[n // 2:])
+    assert (a.metric, a.frame_count) == ("cosine", n // 2)
 
 
 def test_greedy_coreset_matches_a_direct_k_center_on_the_projected_tokens():
@@ -703,3 +701,112 @@ def test_cli_reference_sets_and_export(tmp_path, tiny_model_dir, tiny_manifest, 
     assert (bank.info.set_version, bank.info.threshold, bank.size) == (2, 0.4, 11 * 16)
     assert main(["--db", url, "reference-set", "delete", "1"]) == 0
     assert main(["--db", url, "reference-set", "show", "1"]) == 2
+
+
+def test_the_api_builds_banks_off_the_request_and_keeps_the_last_bank_meanwhile(engine, db_url, tmp_path,
+                                                                                 tiny_manifest, tiny_model_dir):
+    """A change answers 202 at once with state building; the builder thread builds the bank; until then the set
+    has no bank (409 for the edge's file, nothing for the scorer) or keeps its last one (the scorer's version and
+    the file stay the older version's); a build that cannot make a bank leaves the set failed with the reason, and
+    building again after a fix (frames added) makes it ready."""
+    model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
+    rng = np.random.default_rng(11)
+    msgs = [frame_message(tiny_manifest, rng, T0 + i * 1000) for i in range(30)]
+    _store(engine, model.id, msgs)
+    ids = [m.frame_id.hex() for m in msgs]
+    client, toks = _api(engine, db_url, tmp_path)
+    a, v = toks["admin"], toks["viewer"]
+    builder = client.app.state.services.builder
+    place = (model.id, "s1", "l1", "c1")
+
+    r = client.post("/v1/reference-sets", json={"name": "x", "frame_ids": ids[:20]}, headers=a)
+    assert r.status_code == 202, r.text
+    rs = r.json()
+    assert (rs["state"], rs["version"], rs["bank_version"], rs["frame_count"], rs["metric"]) == \
+        ("building", 1, 0, 20, None)
+    sid = rs["id"]
+    builder.join()
+    rs = client.get(f"/v1/reference-sets/{sid}", headers=v).json()
+    assert (rs["state"], rs["version"], rs["bank_version"], rs["bank_tokens"]) == ("ready", 1, 1, 20 * 16)
+    assert tx(engine, refsets.active_versions) == {place: (sid, 1)}
+
+    # a change keeps the last bank until its own is built
+    with Session(engine) as s, s.begin():
+        info = refsets.update_set(s, AnomalyConfig(), sid, add_frame_ids=ids[20:25])
+    assert (info.state, info.version, info.bank_version, info.bank_tokens) == ("building", 2, 1, 20 * 16)
+    assert tx(engine, refsets.active_versions) == {place: (sid, 1)}
+    raw = client.get(f"/v1/reference-sets/{sid}/bank", headers=v)
+    assert raw.headers["x-tokenline-set-version"] == "1" and Bank.from_bytes(raw.content).info.set_version == 1
+    r = client.post(f"/v1/reference-sets/{sid}/build", headers=a)  # what central's start does for such a set
+    assert r.status_code == 202 and r.json()["state"] == "building"
+    builder.join()
+    rs = client.get(f"/v1/reference-sets/{sid}", headers=v).json()
+    assert (rs["state"], rs["bank_version"], rs["frame_count"], rs["bank_tokens"]) == ("ready", 2, 25, 25 * 16)
+    assert tx(engine, refsets.active_versions) == {place: (sid, 2)}
+
+    # a build that cannot make a bank: its frames are gone (retention) -> failed, with the reason; the scorer
+    # keeps the last bank
+    with Session(engine) as s, s.begin():
+        refsets.update_set(s, AnomalyConfig(), sid, name="renamed", quantile=0.9)
+        s.execute(delete(Frame).where(Frame.frame_id.in_(ids[1:25])))
+    r = client.post(f"/v1/reference-sets/{sid}/build", headers=a, params={"wait": True})
+    assert r.status_code == 400 and "at least two stored frames, 1 found" in r.json()["detail"]
+    rs = client.get(f"/v1/reference-sets/{sid}", headers=v).json()
+    assert (rs["state"], rs["version"], rs["bank_version"]) == ("failed", 3, 2)
+    assert "at least two stored frames" in rs["build_error"]
+    assert tx(engine, refsets.active_versions) == {place: (sid, 2)}
+    assert tx(engine, refsets.pending_sets) == []  # a failed set is not retried by itself
+    r = client.patch(f"/v1/reference-sets/{sid}", json={"add_frame_ids": ids[25:30]}, headers=a,
+                     params={"wait": True})  # good frames again: the change builds
+    assert r.status_code == 200 and (r.json()["state"], r.json()["bank_version"], r.json()["frame_count"]) == \
+        ("ready", 4, 6)
+
+    # no bank yet: nothing to export, nothing to score with
+    tx(engine, refsets.delete_set, sid)
+    with Session(engine) as s, s.begin():
+        sid = refsets.create_set(s, AnomalyConfig(), name="new", frame_ids=ids[25:30]).id
+    assert client.get(f"/v1/reference-sets/{sid}/bank", headers=v).json()["error"] == "bank_not_built"
+    assert tx(engine, refsets.active_versions) == {}
+
+
+def test_a_build_is_stored_only_if_the_set_did_not_change_meanwhile_and_holds_no_write_lock(
+        engine, tiny_manifest, tiny_model_dir, monkeypatch):
+    """build_set reads the set, builds with no transaction open (another writer commits meanwhile: a frame, and a
+    change of the set), and does not store a bank for a version the set has left; the next build does."""
+    from central.anomaly import bank as bank_module
+
+    model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
+    rng = np.random.default_rng(12)
+    msgs = [frame_message(tiny_manifest, rng, T0 + i * 1000) for i in range(12)]
+    _store(engine, model.id, msgs[:10])
+    cfg = AnomalyConfig()
+    sid = tx(engine, refsets.create_set, cfg, name="x", frame_ids=[m.frame_id.hex() for m in msgs[:8]]).id
+    real = bank_module.build_bank
+
+    def changing(*args, **kwargs):
+        _store(engine, model.id, msgs[10:])  # ingest writes during the build
+        tx(engine, refsets.update_set, cfg, sid, add_frame_ids=[m.frame_id.hex() for m in msgs[8:12]])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(refsets, "build_bank", changing)
+    info = refsets.build_set(engine, cfg, sid)
+    assert (info.state, info.version, info.bank_version, info.frame_count) == ("building", 2, 0, 12)
+    assert tx(engine, refsets.load_bank, sid) is None  # version 1's bank was not stored
+    monkeypatch.setattr(refsets, "build_bank", real)
+    info = refsets.build_set(engine, cfg, sid)
+    assert (info.state, info.bank_version, info.bank_tokens) == ("ready", 2, 12 * 16)
+    assert tx(engine, refsets.load_bank, sid).info.set_version == 2
+
+
+def test_central_builds_the_sets_left_without_a_bank_when_it_starts(engine, db_url, tmp_path, tiny_manifest,
+                                                                      tiny_model_dir):
+    model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
+    rng = np.random.default_rng(13)
+    msgs = [frame_message(tiny_manifest, rng, T0 + i * 1000) for i in range(10)]
+    _store(engine, model.id, msgs)
+    sid = tx(engine, refsets.create_set, AnomalyConfig(), name="x", frame_ids=[m.frame_id.hex() for m in msgs]).id
+    client, toks = _api(engine, db_url, tmp_path)
+    with client:  # the app's start: its builder takes up the set
+        client.app.state.services.builder.join()
+        rs = client.get(f"/v1/reference-sets/{sid}", headers=toks["viewer"]).json()
+    assert (rs["state"], rs["bank_version"], rs["bank_tokens"]) == ("ready", 1, 10 * 16)

@@ -20,7 +20,7 @@ from central.originals import store_original
 from central.retention import sweep
 from sql.db import make_engine
 from sql.migrate import upgrade
-from tests.central.conftest import config_for, make_message, tx
+from tests.central.conftest import built_set, config_for, make_message, tx
 from tests.support.browser import BROWSER_TZ, cards, chrome, login, serving, shot, text_of, texts, wait
 
 T0 = 1_700_000_000_000_000  # 2023-11-14 22:13:20 UTC = 2023-11-15 07:13:20 in Tokyo
@@ -317,7 +317,8 @@ def flagged_site(tmp_path):
     twin.summary.tokens[3] = unit(odd[0].summary.tokens[5] + 0.05 * unit(rng.standard_normal(384)))
     with Session(engine) as s, s.begin():
         store.insert_frames(s, [store.frame_row(m, model.id, store.now_us()) for m in good + normal + odd + [twin]])
-        refsets.create_set(s, cfg.anomaly, name="good", frame_ids=[m.frame_id.hex() for m in good], quantile=1.0)
+    built_set(engine, cfg.anomaly, refsets.create_set, name="good", frame_ids=[m.frame_id.hex() for m in good],
+              quantile=1.0)
     assert backfill(engine).scored == 26  # the set's camera only
     _keep_originals(cfg, engine, normal + odd + [twin])
     return cfg, engine, {"good": good, "normal": normal, "odd": odd, "twin": twin}, tx(engine, store.create_token, "v", "viewer")
@@ -466,7 +467,8 @@ def test_detail_draws_the_footprint_cells_of_the_anomalous_region(tmp_path):
     msgs = [message(i, i == 10) for i in range(11)]
     with Session(engine) as s, s.begin():
         store.insert_frames(s, [store.frame_row(m, model.id, store.now_us()) for m in msgs])
-        refsets.create_set(s, cfg.anomaly, name="good", frame_ids=[m.frame_id.hex() for m in msgs[:10]], quantile=1.0)
+    built_set(engine, cfg.anomaly, refsets.create_set, name="good", frame_ids=[m.frame_id.hex() for m in msgs[:10]],
+              quantile=1.0)
     backfill(engine)
     _keep_originals(cfg, engine, msgs[10:])
     odd = msgs[10].frame_id.hex()
@@ -575,8 +577,8 @@ def test_marking_good_frames_makes_reference_sets(site):
             shot(driver, "reference-sets")
             driver.find_element(By.CSS_SELECTOR, f'#sets tr[data-set-id="{s.id}"] button.delete-set').click()
             driver.switch_to.alert.accept()
-            wait(driver, lambda d: len(texts(d, "#sets tbody tr")) == 1)
-            assert list(sets()) == [("l3", "c1")]
+            wait(driver, lambda d: "deleted reference set" in text_of(d, "status-sets"))
+            assert len(texts(driver, "#sets tbody tr")) == 1 and list(sets()) == [("l3", "c1")]
 
             driver.quit()
             driver = chrome()  # the viewer in a browser of its own (no admin token in its storage)

@@ -18,7 +18,7 @@ from tests.central.conftest import make_message, tx, unit
 
 
 def test_migration_creates_schema_and_downgrades(engine):
-    assert current(engine) == "0006"
+    assert current(engine) == "0007"
     names = set(inspect(engine).get_table_names())
     assert {"devices", "models", "frames", "originals", "dead_letters", "api_tokens", "counters", "reference_sets",
             "reference_frames", "frame_scores"} <= names
@@ -34,7 +34,7 @@ def test_migration_creates_schema_and_downgrades(engine):
     downgrade(engine, "base")
     assert "frames" not in set(inspect(engine).get_table_names())
     upgrade(engine)
-    assert current(engine) == "0006"
+    assert current(engine) == "0007"
 
 
 def test_frame_metadata_migration_keeps_older_rows(engine, tiny_manifest):
@@ -83,6 +83,23 @@ def test_migration_0003_keeps_frames_both_ways(engine, tiny_manifest):
     with engine.connect() as c:
         after = c.execute(text("SELECT id, frame_id FROM frames ORDER BY id")).all()
     assert after[:4] == before and len(after) == 5 and after[4][0] > before[-1][0]
+    upgrade(engine)
+
+
+def test_migration_0007_keeps_the_sets_banks_current(engine, tiny_manifest):
+    """Sets made before 0007 had their bank built with each change: after it they are ready at their version."""
+    downgrade(engine, "0006")
+    model = tx(engine, store.register_model, tiny_manifest)
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO reference_sets (name, model_id, site, line, camera, mode, threshold_mode, quantile, "
+                       "threshold, version, frame_count, bank_tokens, bank, created_us, updated_us) VALUES "
+                       "('old', :m, 's1', 'l1', 'c1', 'tokens', 'quantile', 0.99, 0.3, 4, 2, 32, :b, 0, 0)"),
+                  {"m": model.id, "b": b"bank bytes"})
+    upgrade(engine)
+    with engine.connect() as c:
+        assert c.execute(text("SELECT version, bank_version, build_error FROM reference_sets")).one() == (4, 4, None)
+    downgrade(engine, "0006")
+    assert "bank_version" not in {c["name"] for c in inspect(engine).get_columns("reference_sets")}
     upgrade(engine)
 
 

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field, model_validator
 
 from central.anomaly import queries, refsets
-from central.api.deps import Admin, ServicesDep, SessionDep, Viewer
+from central.api.deps import Admin, Services, ServicesDep, SessionDep, Viewer
 from central.api.validation import name_filter, time_range
 from central.errors import NotFound
 from central.search import Filters
@@ -80,7 +80,8 @@ class ReferenceSetOut(BaseModel):
     line: str
     camera: str
     mode: Mode
-    metric: Literal["whitened", "cosine"] = Field(description="how token distances are measured (tokenline.anomaly)")
+    metric: Optional[Literal["whitened", "cosine"]] = Field(
+        description="how the bank measures token distances (tokenline.anomaly); null before the first build")
     threshold_mode: Literal["quantile", "manual"]
     quantile: float
     threshold: float
@@ -92,6 +93,11 @@ class ReferenceSetOut(BaseModel):
     nprobe: int
     created_us: int
     updated_us: int
+    state: Literal["ready", "building", "failed"] = Field(
+        description="ready: the bank is the current version's; building: it is being built (the scorer keeps the "
+                    "bank of bank_version meanwhile); failed: build_error says why")
+    bank_version: int = Field(description="the set version of the stored bank, threshold and bank figures; 0: none yet")
+    build_error: Optional[str] = None
     frame_ids: Optional[List[str]] = None
 
 
@@ -159,14 +165,32 @@ class SimilarRegionOut(BaseModel):
 
 
 # -- reference sets --------------------------------------------------------------------------------------------
-@router.post("/v1/reference-sets", status_code=201, response_model=ReferenceSetOut)
-def create_reference_set(body: CreateSetBody, svc: ServicesDep, session: SessionDep, _p: Admin) -> dict:
+WAIT = Query(False, description="build the bank in this request and answer when it is done (201 / 200), instead "
+                                "of answering at once (202) while central builds it; a failed build is then a 400")
+
+
+def _build(svc: Services, info: refsets.SetInfo, wait: bool, response: Response, done: int) -> dict:
+    """After a committed change: the set with its bank built in the request (``wait``: status ``done``), or as it
+    is while the builder thread builds it (202)."""
+    if wait:
+        response.status_code = done
+        return refsets.build_set(svc.engine, svc.cfg.anomaly, info.id).public()
+    svc.builder.submit(info.id)
+    return info.public()
+
+
+@router.post("/v1/reference-sets", status_code=202, response_model=ReferenceSetOut,
+             responses={201: {"model": ReferenceSetOut, "description": "created, its bank built (wait=true)"}})
+def create_reference_set(body: CreateSetBody, svc: ServicesDep, session: SessionDep, _p: Admin, response: Response,
+                         wait: bool = WAIT) -> dict:
+    """Create a set; 202 with state ``building`` while central builds its bank (poll the set), or 201 when built
+    (``wait``)."""
     info = refsets.create_set(session, svc.cfg.anomaly, name=body.name, model_id=body.model_id, site=body.site,
                               line=body.line, camera=body.camera, frame_ids=body.frame_ids, since_us=body.since_us,
                               until_us=body.until_us, mode=body.mode, quantile=body.quantile,
                               threshold=body.threshold)
     session.commit()
-    return info.public()
+    return _build(svc, info, wait, response, 201)
 
 
 @router.get("/v1/reference-sets", response_model=ReferenceSetsOut)
@@ -184,15 +208,38 @@ def get_reference_set(set_id: int, session: SessionDep, _p: Viewer, frames: bool
     return out
 
 
-@router.patch("/v1/reference-sets/{set_id}", response_model=ReferenceSetOut)
+@router.patch("/v1/reference-sets/{set_id}", status_code=202, response_model=ReferenceSetOut,
+              responses={200: {"model": ReferenceSetOut, "description": "changed; the bank is current"}})
 def update_reference_set(set_id: int, body: UpdateSetBody, svc: ServicesDep, session: SessionDep,
-                         _p: Admin) -> dict:
+                         _p: Admin, response: Response, wait: bool = WAIT) -> dict:
+    """Change a set; 200 when its bank is current (a threshold by hand or a new name re-label it; ``wait`` builds
+    it in the request), else 202 with state ``building``."""
     info = refsets.update_set(session, svc.cfg.anomaly, set_id, add_frame_ids=body.add_frame_ids,
                               remove_frame_ids=body.remove_frame_ids, since_us=body.since_us,
                               until_us=body.until_us, mode=body.mode, quantile=body.quantile,
                               threshold=body.threshold, name=body.name)
     session.commit()
-    return info.public()
+    if info.state == "ready":
+        response.status_code = 200
+        return info.public()
+    return _build(svc, info, wait, response, 200)
+
+
+@router.post("/v1/reference-sets/{set_id}/build", status_code=202, response_model=ReferenceSetOut,
+             responses={200: {"model": ReferenceSetOut, "description": "the bank is current"}})
+def build_reference_set(set_id: int, svc: ServicesDep, session: SessionDep, _p: Admin, response: Response,
+                        wait: bool = WAIT) -> dict:
+    """Build a set's bank again after a failed build (its frames or central changed since): 202 while building,
+    200 when current."""
+    info = refsets.get_set(session, set_id)
+    if info.state == "ready":
+        response.status_code = 200
+        return info.public()
+    if info.state == "failed":
+        refsets.retry_build(session, set_id)
+        session.commit()
+        info = refsets.get_set(session, set_id)
+    return _build(svc, info, wait, response, 200)
 
 
 @router.delete("/v1/reference-sets/{set_id}", status_code=204)
@@ -206,10 +253,11 @@ def delete_reference_set(set_id: int, session: SessionDep, _p: Admin) -> Respons
 @router.get("/v1/reference-sets/{set_id}/bank", response_class=Response,
             responses={200: {"content": {"application/octet-stream": {}}}, 404: {}})
 def reference_set_bank(set_id: int, session: SessionDep, _p: Viewer) -> Response:
-    """The bank file for the edge (``tokenline-central reference-set export`` writes the same bytes)."""
+    """The bank file for the edge (``tokenline-central reference-set export`` writes the same bytes): the last
+    bank built (its set version in ``X-Tokenline-Set-Version``); 409 ``bank_not_built`` before the first build."""
     info, data = refsets.bank_bytes(session, set_id)
     headers = {"Content-Disposition": f'attachment; filename="{info.camera}.npz"',
-               "X-Tokenline-Set-Version": str(info.version)}
+               "X-Tokenline-Set-Version": str(info.bank_version)}
     return Response(data, media_type="application/octet-stream", headers=headers)
 
 

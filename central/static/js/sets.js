@@ -13,6 +13,7 @@ const selected = new Map();  // frame id -> card item, across views and pages
 let sets = [];
 let onChange = () => {};     // after a set changed: the Flagged view's hook (central now scores frames)
 let busy = false;
+const BUILD_POLL_MS = 500;   // how often a set central is building is read again
 
 const place = (x) => `${x.site}/${x.line}/${x.camera}`;
 const modelName = (id) => { const m = models.find((x) => x.id === id); return m ? `${m.name} · ${m.short_hash}` : `model ${id}`; };
@@ -35,15 +36,17 @@ function renderSets() {
   for (const s of sets) {
     const tr = document.createElement("tr");
     tr.dataset.setId = s.id;
+    const state = s.state === "ready" ? "ready" : s.state === "building" ? `building (bank of v${s.bank_version})` :
+      `failed: ${s.build_error}`;
     const cells = [s.id, s.name, place(s), modelName(s.model_id), s.frame_count.toLocaleString("en"),
-      s.bank_tokens.toLocaleString("en"), thresholdText(s), `v${s.version}`, fmt(s.updated_us)];
+      s.bank_tokens.toLocaleString("en"), s.bank_version ? thresholdText(s) : "–", `v${s.version}`, state,
+      fmt(s.updated_us)];
     for (const v of cells) { const td = document.createElement("td"); td.textContent = v; tr.appendChild(td); }
+    tr.classList.toggle("failed", s.state === "failed");
     const td = document.createElement("td");
     if (role() === "admin") {
-      const b = document.createElement("button");
-      b.type = "button"; b.textContent = "Delete"; b.className = "delete-set";
-      b.addEventListener("click", () => deleteSet(s));
-      td.appendChild(b);
+      if (s.state === "failed") td.appendChild(button("Build again", "build-set", () => buildAgain(s)));
+      td.appendChild(button("Delete", "delete-set", () => deleteSet(s)));
     }
     tr.appendChild(td);
     body.appendChild(tr);
@@ -59,26 +62,58 @@ async function showSets() {
   if (admin) rangeHint();
 }
 
+function button(label, cls, run) {
+  const b = document.createElement("button");
+  b.type = "button"; b.textContent = label; b.className = cls;
+  b.addEventListener("click", run);
+  return b;
+}
+
+async function buildAgain(s) {
+  try {
+    const built = await whenBuilt(await sendJson("POST", `/v1/reference-sets/${s.id}/build`), (t) => setStatus("status-sets", t));
+    await loadSets(); renderSets();
+    setStatus("status-sets", `set ${built.id}: bank of ${built.bank_tokens.toLocaleString("en")} tokens built`);
+  } catch (e) {
+    await loadSets().then(renderSets, () => {});
+    setStatus("status-sets", e.message, true);
+  }
+}
+
 async function deleteSet(s) {
   if (!window.confirm(`Delete reference set ${s.id} “${s.name}” (${place(s)}) and every score made against it?`)) return;
   try {
     await sendJson("DELETE", `/v1/reference-sets/${s.id}`);
-    setStatus("status-sets", `deleted reference set ${s.id}`);
     await loadSets(); renderSets(); onChange();
+    setStatus("status-sets", `deleted reference set ${s.id} “${s.name}”`);
   } catch (e) { setStatus("status-sets", e.message, true); }
 }
 
-// Add frames (ids, or a time range) to the camera's set for the model, or create it. Returns a line for the status.
-async function markGood(key, body, count) {
+// A set central is building a bank for, once built (polled): the set, or an error saying why its build failed.
+async function whenBuilt(s, progress) {
+  const t0 = Date.now();
+  while (s.state === "building") {
+    progress(`${place(s)}: building the bank of ${s.frame_count.toLocaleString("en")} frames… ` +
+      `${Math.round((Date.now() - t0) / 1000)} s`);
+    await new Promise((resolve) => setTimeout(resolve, BUILD_POLL_MS));
+    s = await getJson(`/v1/reference-sets/${s.id}`);
+  }
+  if (s.state === "failed") throw new Error(`set ${s.id}: ${s.build_error}`);
+  return s;
+}
+
+// Add frames (ids, or a time range) to the camera's set for the model, or create it; central builds its bank,
+// and the line for the status comes once it is built.
+async function markGood(key, body, count, progress = () => {}) {
   const existing = sets.find((s) => s.model_id === key.model_id && s.site === key.site && s.line === key.line &&
     s.camera === key.camera);
   if (existing) {
-    const s = await sendJson("PATCH", `/v1/reference-sets/${existing.id}`,
-      body.frame_ids ? { add_frame_ids: body.frame_ids } : { since_us: body.since_us, until_us: body.until_us });
+    const s = await whenBuilt(await sendJson("PATCH", `/v1/reference-sets/${existing.id}`,
+      body.frame_ids ? { add_frame_ids: body.frame_ids } : { since_us: body.since_us, until_us: body.until_us }), progress);
     return `${place(s)}: ${count} added to set ${s.id} “${s.name}” (v${s.version}, ${s.frame_count} frames)`;
   }
-  const s = await sendJson("POST", "/v1/reference-sets", Object.assign({ name: `${place(key)} good`,
-    model_id: key.model_id, site: key.site, line: key.line, camera: key.camera }, body));
+  const s = await whenBuilt(await sendJson("POST", "/v1/reference-sets", Object.assign({ name: `${place(key)} good`,
+    model_id: key.model_id, site: key.site, line: key.line, camera: key.camera }, body)), progress);
   return `${place(s)}: new set ${s.id} “${s.name}” (${s.frame_count} frames, threshold ${s.threshold.toFixed(4)})`;
 }
 
@@ -101,7 +136,8 @@ async function markSelected() {
     for (const [k, ids] of groups) {
       const [model_id, site, line, camera] = JSON.parse(k);
       try {
-        lines.push(await markGood({ model_id, site, line, camera }, { frame_ids: ids }, `${ids.length} frame(s)`));
+        lines.push(await markGood({ model_id, site, line, camera }, { frame_ids: ids }, `${ids.length} frame(s)`,
+          (text) => setStatus("sel-status", [...lines, text].join(" · "))));
         for (const id of ids) unselect(id);
       } catch (e) {
         failed = true;
@@ -144,7 +180,8 @@ async function markRange() {
     const body = {};
     if (f.since_us) body.since_us = f.since_us;
     if (f.until_us) body.until_us = f.until_us;
-    const text = await markGood(Object.assign({ model_id: Number(f.model_id) }, cam), body, "the range's frames");
+    const text = await markGood(Object.assign({ model_id: Number(f.model_id) }, cam), body, "the range's frames",
+      (t) => setStatus("status-sets", t));
     await loadSets(); renderSets();
     setStatus("status-sets", text);
     onChange();
@@ -193,7 +230,9 @@ function detailAction(ctx) {
     const h = ctx.hit;
     try {
       await loadSets();
-      ctx.addField("reference set", await markGood(h, { frame_ids: [h.frame_id] }, "this frame"));
+      ctx.addField("reference set", await markGood(h, { frame_ids: [h.frame_id] }, "this frame",
+        (t) => { $("detail-status").textContent = t; }));
+      $("detail-status").textContent = "";
       onChange();
     } catch (e) { ctx.addField("reference set", e.message); }
   } }];

@@ -1,0 +1,89 @@
+"""Builds reference sets' banks in the background for the API: one thread working through a queue of set ids.
+
+A set changed through the API is committed at once and its bank built here (``refsets.build_set``), so a request
+does not wait tens of seconds for a large set, and the database is not held meanwhile. At start the builder takes up
+every set left without a bank of its current version (central stopped during a build). A build that fails is
+recorded on the set (``build_error``, state ``failed``) and logged; the service keeps running.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Optional
+
+from sqlalchemy import Engine, update
+from sqlalchemy.orm import Session
+
+from central.anomaly import refsets
+from central.config import AnomalyConfig
+from central.errors import Invalid, NotFound
+from sql.models import ReferenceSet
+
+log = logging.getLogger(__name__)
+
+
+class BankBuilder:
+    """``submit(set_id)`` queues a build; the thread starts with the first submit (or ``start``)."""
+
+    def __init__(self, engine: Engine, cfg: AnomalyConfig) -> None:
+        self.engine, self.cfg = engine, cfg
+        self._queue: "queue.Queue[Optional[int]]" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start the thread and queue every set whose current version has no bank (nor a failed build)."""
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="bank-builder", daemon=True)
+            self._thread.start()
+        try:
+            with Session(self.engine) as s:
+                for set_id in refsets.pending_sets(s):
+                    self._queue.put(set_id)
+        except Exception:  # noqa: BLE001 - a database not reachable at start: builds resume with the next change
+            log.exception("bank builder: cannot list the sets waiting for a bank")
+
+    def submit(self, set_id: int) -> None:
+        self.start()
+        self._queue.put(set_id)
+
+    def join(self) -> None:
+        """Wait until every queued build is done (tests, shutdown)."""
+        self._queue.join()
+
+    def close(self, timeout: float = 30.0) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            set_id = self._queue.get()
+            try:
+                if set_id is None:
+                    return
+                self._build(set_id)
+            finally:
+                self._queue.task_done()
+
+    def _build(self, set_id: int) -> None:
+        try:
+            info = refsets.build_set(self.engine, self.cfg, set_id)
+            log.info("reference set %d %s: %s, %d bank tokens, threshold %.4f", set_id, info.name, info.state,
+                     info.bank_tokens, info.threshold)
+        except NotFound:
+            pass  # deleted meanwhile
+        except Invalid as exc:
+            log.warning("reference set %d: no bank: %s", set_id, exc)
+        except Exception as exc:  # noqa: BLE001 - one set's build must not stop the others'
+            log.exception("reference set %d: bank build failed", set_id)
+            try:
+                with Session(self.engine) as s, s.begin():
+                    s.execute(update(ReferenceSet).where(ReferenceSet.id == set_id)
+                              .values(build_error=f"internal error: {exc.__class__.__name__}: {exc}"[:500]))
+            except Exception:  # noqa: BLE001 - the database itself is gone: the log says it
+                log.exception("reference set %d: cannot record the failed build", set_id)

@@ -16,7 +16,7 @@ whitened, with a whitening fitted without them too: ``loo_whitened_scores``), or
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -92,12 +92,17 @@ def shrunk_covariance(s: np.ndarray, n: int) -> np.ndarray:
     Shrinkage (Chen et al. 2010; what scikit-learn's OAS computes): (1 - rho) S + rho mu I with
     rho = min(1, (tr(S^2) / d + mu^2) / ((n + 1) (tr(S^2) / d - mu^2 / d))), no parameter. The shrinkage keeps it
     invertible when the set has fewer tokens than dimensions."""
+    rho, mu = oas_shrinkage(s, n)
+    return (1.0 - rho) * s + rho * mu * np.eye(s.shape[0])
+
+
+def oas_shrinkage(s: np.ndarray, n: int) -> Tuple[float, float]:
+    """(rho, mu) of ``shrunk_covariance``."""
     d = s.shape[0]
     mu = float(np.trace(s)) / d
     alpha = float(np.mean(s * s))
     den = (n + 1.0) * (alpha - mu * mu / d)
-    rho = 1.0 if den <= 0 else min(1.0, (alpha + mu * mu) / den)
-    return (1.0 - rho) * s + rho * mu * np.eye(d)
+    return (1.0 if den <= 0 else min(1.0, (alpha + mu * mu) / den)), mu
 
 
 def fit_whitening(x: np.ndarray) -> np.ndarray:
@@ -137,6 +142,7 @@ def loo_whitened_scores(pool: np.ndarray, src: np.ndarray, bank: Bank, queries: 
     n, d = x.shape
     sum_x, sum_xx = x.sum(axis=0), x.T @ x
     wm = w[1:].astype(np.float64)
+    w_xx_w, w_w = wm.T @ sum_xx @ wm, wm.T @ wm  # A_i from these and frame i's tokens: no d^3 product per frame
     zq = anomaly.apply_whitening(unit(queries), w).astype(np.float32)  # [F, K, d]
     zb = bank.tokens.astype(np.float32)
     zb2 = np.einsum("ij,ij->i", zb, zb)
@@ -155,8 +161,10 @@ def loo_whitened_scores(pool: np.ndarray, src: np.ndarray, bank: Bank, queries: 
             out[i] = anomaly.FAR
             continue
         mean = (sum_x - mine.sum(axis=0)) / left
-        s_i = shrunk_covariance((sum_xx - mine.T @ mine) / left - np.outer(mean, mean), left)
-        g, q = np.linalg.eigh(wm.T @ s_i @ wm)
+        rho, mu = oas_shrinkage((sum_xx - mine.T @ mine) / left - np.outer(mean, mean), left)
+        mw, w_mean = mine @ wm, mean @ wm  # W^T S_i W, S_i shrunk, without forming S_i W
+        a_i = (1.0 - rho) * ((w_xx_w - mw.T @ mw) / left - np.outer(w_mean, w_mean)) + rho * mu * w_w
+        g, q = np.linalg.eigh(a_i)
         g = np.maximum(g, 1e-12 * g.max())
         z = zq[i, rows]
         z2 = np.einsum("ij,ij->i", z, z)[:, None]
@@ -171,10 +179,11 @@ def loo_whitened_scores(pool: np.ndarray, src: np.ndarray, bank: Bank, queries: 
         # then scores what that set frame scores here, rounding included (a static scene's threshold is not below
         # the rounding of its own frames' scores)
         turn = (q / np.sqrt(g)).astype(np.float32)
-        px, pb = z[t] @ turn, zb[b] @ turn
+        ub, ib = np.unique(b, return_inverse=True)  # each candidate bank token turned once, not once per pair
+        px, pb = z @ turn, zb[ub] @ turn
+        px2, pb2 = np.einsum("ij,ij->i", px, px), np.einsum("ij,ij->i", pb, pb)
         best = np.full(rows.size, np.inf, np.float32)
-        np.minimum.at(best, t, np.einsum("ij,ij->i", px, px) + np.einsum("ij,ij->i", pb, pb)
-                      - 2.0 * np.einsum("ij,ij->i", px, pb))
+        np.minimum.at(best, t, px2[t] + pb2[ib] - 2.0 * np.einsum("ij,ij->i", px[t], pb[ib]))
         out[i] = min(float(np.sqrt(max(float(best.max()), 0.0))), anomaly.FAR)
     return out
 

@@ -21,6 +21,8 @@ from tokenline.topics import NAME_PATTERN
 router = APIRouter(tags=["anomaly"])
 Mode = Literal["tokens", "global", "both"]
 assert set(MODES) == set(Mode.__args__)  # type: ignore[attr-defined]
+State = Literal["ready", "building", "failed"]
+assert set(refsets.STATES) == set(State.__args__)  # type: ignore[attr-defined]
 FRAME_ID = r"^[0-9a-f]{32}$"
 
 
@@ -93,7 +95,7 @@ class ReferenceSetOut(BaseModel):
     nprobe: int
     created_us: int
     updated_us: int
-    state: Literal["ready", "building", "failed"] = Field(
+    state: State = Field(
         description="ready: the bank is the current version's; building: it is being built (the scorer keeps the "
                     "bank of bank_version meanwhile); failed: build_error says why")
     bank_version: int = Field(description="the set version of the stored bank, threshold and bank figures; 0: none yet")

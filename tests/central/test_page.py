@@ -591,3 +591,40 @@ def test_marking_good_frames_makes_reference_sets(site):
             assert not driver.find_element(By.ID, "range-form").is_displayed()
         finally:
             driver.quit()
+
+
+def test_a_set_whose_build_failed_shows_why_and_builds_again(site):
+    """The Reference sets view shows a failed build's reason; once its cause is gone (the frames are back),
+    "Build again" builds the bank and the row turns ready."""
+    from selenium.webdriver.common.by import By
+    from sqlalchemy import delete
+
+    from central.anomaly import refsets
+    from central.errors import Invalid
+    from sql.models import Frame
+
+    cfg, engine, msgs, toks = site
+    c2 = msgs[30:35]
+    set_id = tx(engine, refsets.create_set, cfg.anomaly, name="c2", frame_ids=[m.frame_id.hex() for m in c2]).id
+    with Session(engine) as s, s.begin():
+        s.execute(delete(Frame).where(Frame.frame_id.in_([m.frame_id.hex() for m in c2[1:]])))
+    with pytest.raises(Invalid):
+        refsets.build_set(engine, cfg.anomaly, set_id)
+    with serving(create_app(cfg, engine)) as base:
+        driver = chrome()
+        try:
+            login(driver, base, toks["admin"], view="sets")
+            row = f'#sets tr[data-set-id="{set_id}"]'
+            wait(driver, lambda d: texts(d, row))
+            assert "failed: a reference set needs at least two stored frames, 1 found" in texts(driver, row)[0]
+            shot(driver, "reference-set-failed")
+            with Session(engine) as s, s.begin():  # the frames are back
+                store.insert_frames(s, [store.frame_row(m, 1, store.now_us()) for m in c2[1:]])
+            driver.find_element(By.CSS_SELECTOR, f"{row} button.build-set").click()
+            wait(driver, lambda d: "bank of 80 tokens built" in text_of(d, "status-sets"))
+            assert "\tready\t" in texts(driver, row)[0]
+            assert not driver.find_elements(By.CSS_SELECTOR, f"{row} button.build-set")
+        finally:
+            driver.quit()
+    info = tx(engine, refsets.get_set, set_id)
+    assert (info.state, info.bank_version, info.frame_count) == ("ready", 1, 5)  # the same version, built

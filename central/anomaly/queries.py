@@ -122,7 +122,7 @@ def latest_flagged(session: Session, per_camera: int = 5, model_id: Optional[int
         rows = session.scalars(q.order_by(FrameScore.capture_us.desc(), FrameScore.frame_id)
                                .limit(max(1, min(per_camera, 100))))
         out.append({"site": st.site, "line": st.line, "camera": st.camera, "model_id": st.model_id,
-                    "reference_set": st.id, "set_version": st.version, "threshold": round(st.threshold, 6),
+                    "reference_set": st.id, "set_version": st.bank_version, "threshold": round(st.threshold, 6),
                     "frames": [_scored(r) for r in rows]})
     return out
 

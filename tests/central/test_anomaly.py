@@ -737,6 +737,8 @@ def test_the_api_builds_banks_off_the_request_and_keeps_the_last_bank_meanwhile(
     assert tx(engine, refsets.active_versions) == {place: (sid, 1)}
     raw = client.get(f"/v1/reference-sets/{sid}/bank", headers=v)
     assert raw.headers["x-tokenline-set-version"] == "1" and Bank.from_bytes(raw.content).info.set_version == 1
+    cam, = client.get("/v1/anomalies/latest", headers=v).json()["cameras"]
+    assert (cam["reference_set"], cam["set_version"]) == (sid, 1)  # the version of the bank and its threshold
     r = client.post(f"/v1/reference-sets/{sid}/build", headers=a)  # what central's start does for such a set
     assert r.status_code == 202 and r.json()["state"] == "building"
     builder.join()

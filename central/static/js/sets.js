@@ -1,7 +1,8 @@
 // Reference sets on the page: the Reference sets view (every set, its bank and threshold), frames marked as good by
 // ticking result cards (or from a frame's detail), and "everything from this camera between these times" from the
-// filter bar. Marking adds the frames to their camera's set for their model, or creates it; central rebuilds the
-// bank in the same request. Changing sets needs the admin role; viewers see the list.
+// filter bar. Marking adds the frames to their camera's set for their model, or creates it; central builds the bank
+// after the request, and the page follows the set until it is built. Changing sets needs the admin role; viewers see
+// the list.
 import { getJson, sendJson } from "./api.js";
 import { detailActions, role } from "./detail.js";
 import { chosenCamera, filterParams, models } from "./filters.js";
@@ -36,8 +37,9 @@ function renderSets() {
   for (const s of sets) {
     const tr = document.createElement("tr");
     tr.dataset.setId = s.id;
-    const state = s.state === "ready" ? "ready" : s.state === "building" ? `building (bank of v${s.bank_version})` :
-      `failed: ${s.build_error}`;
+    const kept = s.bank_version ? `bank of v${s.bank_version} in use` : "no bank yet";
+    const state = s.state === "ready" ? "ready" : s.state === "building" ? `building (${kept})` :
+      `failed: ${s.build_error} (${kept})`;
     const cells = [s.id, s.name, place(s), modelName(s.model_id), s.frame_count.toLocaleString("en"),
       s.bank_tokens.toLocaleString("en"), s.bank_version ? thresholdText(s) : "–", `v${s.version}`, state,
       fmt(s.updated_us)];

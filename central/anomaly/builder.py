@@ -3,7 +3,8 @@
 A set changed through the API is committed at once and its bank built here (``refsets.build_set``), so a request
 does not wait tens of seconds for a large set, and the database is not held meanwhile. At start the builder takes up
 every set left without a bank of its current version (central stopped during a build). A build that fails is
-recorded on the set (``build_error``, state ``failed``) and logged; the service keeps running.
+recorded on the set (``build_error``, state ``failed``) and logged; the service keeps running (a build that
+could not read the database leaves the set ``building``: the next start takes it up).
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ import queue
 import threading
 from typing import Optional
 
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from central.anomaly import refsets
 from central.config import AnomalyConfig
 from central.errors import Invalid, NotFound
-from sql.models import ReferenceSet
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,6 @@ class BankBuilder:
             pass  # deleted meanwhile
         except Invalid as exc:
             log.warning("reference set %d: no bank: %s", set_id, exc)
-        except Exception as exc:  # noqa: BLE001 - one set's build must not stop the others'
+        except Exception:  # noqa: BLE001 - one set's build must not stop the others'; build_set recorded a defect
+            # on the set (state failed); a database that could not be read leaves it building, for the next start
             log.exception("reference set %d: bank build failed", set_id)
-            try:
-                with Session(self.engine) as s, s.begin():
-                    s.execute(update(ReferenceSet).where(ReferenceSet.id == set_id)
-                              .values(build_error=f"internal error: {exc.__class__.__name__}: {exc}"[:500]))
-            except Exception:  # noqa: BLE001 - the database itself is gone: the log says it
-                log.exception("reference set %d: cannot record the failed build", set_id)

@@ -204,12 +204,17 @@ def build_set(engine: Engine, cfg: AnomalyConfig, set_id: int) -> SetInfo:
     if error is None and len(found) < 2:
         error = f"a reference set needs at least two stored frames, {len(found)} found"
     built = None
+    where = (ReferenceSet.id == set_id) & (ReferenceSet.version == version)
     if error is None:
         try:
             built = build_bank(frames, info, cfg.max_bank_tokens, quantile, manual)
         except ValueError as exc:
             error = str(exc)
-    where = (ReferenceSet.id == set_id) & (ReferenceSet.version == version)
+        except Exception as exc:  # a defect: recorded on this version's set (not a newer one), then raised
+            with Session(engine) as s, s.begin():
+                s.execute(update(ReferenceSet).where(where).values(
+                    build_error=f"internal error: {exc.__class__.__name__}: {exc}"[:500]))
+            raise
     with Session(engine) as s, s.begin():
         if built is None:
             s.execute(update(ReferenceSet).where(where).values(build_error=error))

@@ -812,3 +812,27 @@ def test_central_builds_the_sets_left_without_a_bank_when_it_starts(engine, db_u
         client.app.state.services.builder.join()
         rs = client.get(f"/v1/reference-sets/{sid}", headers=toks["viewer"]).json()
     assert (rs["state"], rs["bank_version"], rs["bank_tokens"]) == ("ready", 1, 10 * 16)
+
+
+def test_a_defect_in_one_build_is_recorded_on_its_set_and_the_builder_goes_on(engine, db_url, tmp_path, tiny_manifest,
+                                                                                 tiny_model_dir, monkeypatch):
+    model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
+    rng = np.random.default_rng(14)
+    msgs = [frame_message(tiny_manifest, rng, T0 + i * 1000) for i in range(6)]
+    msgs += [frame_message(tiny_manifest, rng, T0 + i * 1000, camera="c2") for i in range(6)]
+    _store(engine, model.id, msgs)
+    client, toks = _api(engine, db_url, tmp_path)
+    real = refsets.build_bank
+
+    def broken(frames, info, *a, **kw):
+        if info.camera == "c1":
+            raise RuntimeError("boom")
+        return real(frames, info, *a, **kw)
+
+    monkeypatch.setattr(refsets, "build_bank", broken)
+    ids = [client.post("/v1/reference-sets", json={"name": c, "frame_ids": [m.frame_id.hex() for m in part]},
+                       headers=toks["admin"]).json()["id"] for c, part in (("c1", msgs[:6]), ("c2", msgs[6:]))]
+    client.app.state.services.builder.join()
+    got = [client.get(f"/v1/reference-sets/{i}", headers=toks["viewer"]).json() for i in ids]
+    assert (got[0]["state"], got[0]["build_error"]) == ("failed", "internal error: RuntimeError: boom")
+    assert (got[1]["state"], got[1]["bank_tokens"]) == ("ready", 6 * 16)

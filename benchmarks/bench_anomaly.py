@@ -195,7 +195,7 @@ def real_tokens(model_dir: Path, progress) -> RealTokens:
 
     import onnxruntime as ort
 
-    from benchmarks.bench_summary import CACHE
+    from benchmarks.bench_summary import CACHE, prune_cache, used
     from benchmarks.neu_det import load_neu_det
     from tokenline.manifest import Manifest
     from tokenline.preprocess import preprocess_batch, read_image
@@ -205,6 +205,7 @@ def real_tokens(model_dir: Path, progress) -> RealTokens:
     paths, labels, _ = load_neu_det()
     path = CACHE / f"anomaly-neu-{m.hash()[:10]}-{hashlib.sha1(repr(paths).encode()).hexdigest()[:8]}.npz"
     if path.exists():
+        used(path)
         with np.load(path) as z:
             return RealTokens(m, Summary(**{k: z[k] for k in z.files}), labels)
     f = min((f for f in m.files if f.role == "encoder"), key=lambda f: f.batch or 0)
@@ -225,6 +226,7 @@ def real_tokens(model_dir: Path, progress) -> RealTokens:
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **summ.arrays())
     tmp.replace(path)
+    prune_cache()
     return RealTokens(m, summ, labels)
 
 

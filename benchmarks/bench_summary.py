@@ -44,6 +44,7 @@ from benchmarks._report import ROOT, write_section  # noqa: E402
 from benchmarks.neu_det import load_neu_det  # noqa: E402
 
 CACHE = Path(os.environ.get("TOKENLINE_BENCH_CACHE", Path.home() / ".cache" / "tokenline-bench" / "summary"))
+CACHE_DAYS = float(os.environ.get("TOKENLINE_BENCH_CACHE_DAYS", "30"))  # cache files unused this long are deleted
 LAYERS = (6, 8, 10, 12)  # block outputs kept (12 = final), each through the final LayerNorm
 FEATURE_VERSION = 2  # bump when the extracted features change (part of every cache key)
 SPLIT = {"query": 20, "calib": 40}  # per NEU-DET class; the rest is evaluation
@@ -252,10 +253,38 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return (v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
 
 
+def used(path: Path) -> None:
+    """Mark a cache file as used now (its modification time: what ``prune_cache`` goes by)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def prune_cache(days: float = CACHE_DAYS, now: Optional[float] = None) -> List[Path]:
+    """Delete the cache's files neither read nor written for ``days`` days; the paths deleted. Every export gets
+    files of its own (keyed by its manifest, whose hash changes with each export), so those of exports no longer
+    measured would otherwise pile up (several MB each)."""
+    if not CACHE.is_dir():
+        return []
+    limit = (time.time() if now is None else now) - days * 86400.0
+    gone = []
+    for p in sorted(CACHE.iterdir()):
+        try:
+            if p.is_file() and p.stat().st_mtime < limit:
+                p.unlink()
+                gone.append(p)
+        except OSError:
+            pass
+    return gone
+
+
 def cached_features(name: str, key: str, frames_fn, n: int, make_extractor, batch: int, progress) -> Dict[str, np.ndarray]:
-    """Features of n frames (frames_fn(i) -> image) from the cache, or extracted in batches and cached."""
+    """Features of n frames (frames_fn(i) -> image) from the cache, or extracted in batches and cached (files
+    unused for CACHE_DAYS pruned then)."""
     path = CACHE / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.npz"
     if path.exists():
+        used(path)
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
     ext = make_extractor()
@@ -271,6 +300,7 @@ def cached_features(name: str, key: str, frames_fn, n: int, make_extractor, batc
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **feats)
     tmp.replace(path)
+    prune_cache()
     return feats
 
 
@@ -481,10 +511,12 @@ def cached_rows(name: str, key: str, fn) -> list:
 
     path = CACHE / f"rows-{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
     if path.exists():
+        used(path)
         return json.loads(path.read_text())
     rows = fn()
     CACHE.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows))
+    prune_cache()
     return rows
 
 

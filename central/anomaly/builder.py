@@ -55,7 +55,9 @@ class BankBuilder:
         """Wait until every queued build is done (tests, shutdown)."""
         self._queue.join()
 
-    def close(self, timeout: float = 30.0) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop after the build under way, waiting at most ``timeout`` s (a set whose build is cut off stays
+        ``building``: the next start builds it)."""
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout)

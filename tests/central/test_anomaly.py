@@ -259,9 +259,12 @@ def test_reference_set_lifecycle_and_validation(engine, db_url, tmp_path, tiny_m
     assert tx(engine, lambda s: s.scalar(select(func.count()).select_from(FrameScore))) == 0
     spec = client.get("/openapi.json").json()
     assert {"/v1/reference-sets", "/v1/reference-sets/{set_id}", "/v1/reference-sets/{set_id}/bank",
+            "/v1/reference-sets/{set_id}/build",
             "/v1/anomalies", "/v1/anomalies/latest", "/v1/frames/{frame_id}/anomaly",
             "/v1/frames/{frame_id}/similar-region"} <= set(spec["paths"])
     assert "ScoredFrameOut" in spec["components"]["schemas"]
+    states = spec["components"]["schemas"]["ReferenceSetOut"]["properties"]["state"]
+    assert set(states["enum"]) == {"ready", "building", "failed"}
 
 
 def test_retention_drops_the_scores_of_deleted_frames(engine, db_url, tmp_path, tiny_manifest, tiny_model_dir):

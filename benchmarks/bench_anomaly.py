@@ -195,7 +195,7 @@ def real_tokens(model_dir: Path, progress) -> RealTokens:
 
     import onnxruntime as ort
 
-    from benchmarks.bench_summary import CACHE, prune_cache, used
+    from benchmarks.bench_summary import CACHE, cache_load, cache_save
     from benchmarks.neu_det import load_neu_det
     from tokenline.manifest import Manifest
     from tokenline.preprocess import preprocess_batch, read_image
@@ -204,10 +204,9 @@ def real_tokens(model_dir: Path, progress) -> RealTokens:
     m = Manifest.from_file(model_dir)
     paths, labels, _ = load_neu_det()
     path = CACHE / f"anomaly-neu-{m.hash()[:10]}-{hashlib.sha1(repr(paths).encode()).hexdigest()[:8]}.npz"
-    if path.exists():
-        used(path)
-        with np.load(path) as z:
-            return RealTokens(m, Summary(**{k: z[k] for k in z.files}), labels)
+    cached = cache_load(path)
+    if cached is not None:
+        return RealTokens(m, Summary(**cached), labels)
     f = min((f for f in m.files if f.role == "encoder"), key=lambda f: f.batch or 0)
     sess = ort.InferenceSession(str(Path(model_dir) / f.path), providers=["CPUExecutionProvider"])
     step = f.batch or 8
@@ -222,11 +221,7 @@ def real_tokens(model_dir: Path, progress) -> RealTokens:
         parts.append(Summary(**{k: v[:n] for k, v in s.arrays().items()}))
         progress.advance(task, n)
     summ = Summary.concat(parts)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **summ.arrays())
-    tmp.replace(path)
-    prune_cache()
+    cache_save(path, summ.arrays())
     return RealTokens(m, summ, labels)
 
 

@@ -279,14 +279,30 @@ def prune_cache(days: float = CACHE_DAYS, now: Optional[float] = None) -> List[P
     return gone
 
 
+def cache_load(path: Path) -> Optional[Dict[str, np.ndarray]]:
+    """The arrays of a cache file (marked used), or None when it is not there."""
+    if not path.exists():
+        return None
+    used(path)
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def cache_save(path: Path, arrays: Dict[str, np.ndarray]) -> None:
+    """Write a cache file whole (through a temporary file), then prune the files unused for CACHE_DAYS."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    prune_cache()
+
+
 def cached_features(name: str, key: str, frames_fn, n: int, make_extractor, batch: int, progress) -> Dict[str, np.ndarray]:
-    """Features of n frames (frames_fn(i) -> image) from the cache, or extracted in batches and cached (files
-    unused for CACHE_DAYS pruned then)."""
+    """Features of n frames (frames_fn(i) -> image) from the cache, or extracted in batches and cached."""
     path = CACHE / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.npz"
-    if path.exists():
-        used(path)
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+    cached = cache_load(path)
+    if cached is not None:
+        return cached
     ext = make_extractor()
     task = progress.add_task(f"features {name}", total=n)
     parts: Dict[str, List[np.ndarray]] = {}
@@ -296,11 +312,7 @@ def cached_features(name: str, key: str, frames_fn, n: int, make_extractor, batc
             parts.setdefault(k, []).append(v)
         progress.advance(task, min(n, i + batch) - i)
     feats = {k: np.concatenate(v) for k, v in parts.items()}
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **feats)
-    tmp.replace(path)
-    prune_cache()
+    cache_save(path, feats)
     return feats
 
 

@@ -484,10 +484,7 @@ def cmd_reference_set(args: argparse.Namespace) -> int:
                                       threshold=args.threshold, name=args.name)
             built = ("updated", info.id)
         elif args.action == "build":
-            info = refsets.get_set(s, args.set_id)
-            if info.state == "failed":
-                refsets.retry_build(s, args.set_id)
-            built = ("built", info.id)
+            built = ("built", refsets.request_build(s, args.set_id).id)
         elif args.action == "list":
             sets = refsets.list_sets(s, args.model_id, args.site, args.line, args.camera)
             if args.json:

@@ -32,6 +32,7 @@ from tokenline.manifest import Manifest, SummarySpec
 from tokenline.summary import Summary
 
 REASON = "bad_reference_set"  # the reason of every Invalid raised here
+MIXED_K = "the set's frames have different token counts (K)"
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,13 @@ def _state(row: ReferenceSet) -> str:
     return "failed" if row.build_error else "building"
 
 
+def _row_bank(row: ReferenceSet) -> Optional[Bank]:
+    """The set's stored bank (None before its first build)."""
+    return Bank.from_bytes(bytes(row.bank), where=f"reference_sets[{row.id}].bank") if row.bank else None
+
+
 def _info(row: ReferenceSet, bank: Optional[Bank] = None) -> SetInfo:
-    if bank is None and row.bank:
-        bank = Bank.from_bytes(bytes(row.bank), where=f"reference_sets[{row.id}].bank")
+    bank = bank or _row_bank(row)
     return SetInfo(row.id, row.name, row.model_id, row.site, row.line, row.camera, row.mode,
                    bank.info.metric if bank else None, row.threshold_mode, float(row.quantile), float(row.threshold),
                    row.version, row.frame_count, row.bank_tokens, bank.info.pool_tokens if bank else 0,
@@ -117,7 +122,7 @@ def load_frames(session: Session, frame_ids: Sequence[str], token_dim: int, with
         return [], SetFrames(np.zeros((0, 1, 1), np.float32), empty, empty)
     k = int(rows[found[0]].k)
     if len({int(rows[f].k) for f in found}) != 1:
-        raise Invalid("the set's frames have different token counts (K)", reason=REASON)
+        raise Invalid(MIXED_K, reason=REASON)
     tokens = unpack_token_rows([rows[f].tokens for f in found], k, token_dim)
     sizes = unpack_f32_rows([rows[f].sizes for f in found], (k,))
     globals_ = (np.stack([np.asarray(rows[f].global_embedding, np.float32) for f in found]) if with_globals
@@ -169,9 +174,13 @@ def _check_frames(session: Session, frame_ids: Sequence[str]) -> None:
             stored += int(n)
             ks.add(int(k))
     if stored < 2:
-        raise Invalid(f"a reference set needs at least two stored frames, {stored} found", reason=REASON)
+        raise _too_few(stored)
     if len(ks) > 1:
-        raise Invalid("the set's frames have different token counts (K)", reason=REASON)
+        raise Invalid(MIXED_K, reason=REASON)
+
+
+def _too_few(found: int) -> Invalid:
+    return Invalid(f"a reference set needs at least two stored frames, {found} found", reason=REASON)
 
 
 def build_set(engine: Engine, cfg: AnomalyConfig, set_id: int) -> SetInfo:
@@ -190,7 +199,7 @@ def build_set(engine: Engine, cfg: AnomalyConfig, set_id: int) -> SetInfo:
         metric = cfg.metric
         manual = float(row.threshold) if row.threshold_mode == "manual" else None
         if manual is not None and row.bank:  # a number set by hand is in its bank's metric: keep it
-            metric = Bank.from_bytes(bytes(row.bank), where=f"reference_sets[{row.id}].bank").info.metric
+            metric = _row_bank(row).info.metric
         info = BankInfo(set_id=row.id, set_version=version, name=row.name, site=row.site, line=row.line,
                         camera=row.camera, manifest_hash=model.hash16, mode=row.mode, metric=metric,
                         nprobe=cfg.nprobe, min_token_size=cfg.min_token_size, created_us=store.now_us())
@@ -199,10 +208,10 @@ def build_set(engine: Engine, cfg: AnomalyConfig, set_id: int) -> SetInfo:
         try:
             found, frames = load_frames(s, _frame_ids(s, set_id), Manifest.from_json(model.manifest_json).summary.dim,
                                         with_globals=row.mode != "tokens")
+            if len(found) < 2:  # frames deleted by retention since the change
+                raise _too_few(len(found))
         except Invalid as exc:
-            error, found = str(exc), []
-    if error is None and len(found) < 2:
-        error = f"a reference set needs at least two stored frames, {len(found)} found"
+            error = str(exc)
     built = None
     where = (ReferenceSet.id == set_id) & (ReferenceSet.version == version)
     if error is None:
@@ -228,13 +237,16 @@ def build_set(engine: Engine, cfg: AnomalyConfig, set_id: int) -> SetInfo:
         return get_set(s, set_id)
 
 
-def retry_build(session: Session, set_id: int) -> None:
-    """Clear a failed build's error so that the set is built again (``build_set``)."""
+def request_build(session: Session, set_id: int) -> SetInfo:
+    """Ask for the set's bank to be built again: a failed build's error is cleared (state ``building``, for
+    ``build_set``); a set building or ready is left as it is. The set then."""
     row = session.get(ReferenceSet, set_id)
     if row is None:
         raise NotFound(f"unknown reference set {set_id}", reason=REASON)
-    row.build_error = None
-    session.flush()
+    if row.build_error is not None and row.bank_version != row.version:
+        row.build_error = None
+        session.flush()
+    return _info(row)
 
 
 def pending_sets(session: Session) -> List[int]:
@@ -345,7 +357,7 @@ def update_set(session: Session, cfg: AnomalyConfig, set_id: int, *, add_frame_i
                                                      ReferenceFrame.frame_id.in_(sorted(remove))))
     bank = None
     if not rebuild and was_current:  # only the threshold or the name: the same bank under the new version
-        old = Bank.from_bytes(bytes(row.bank), where=f"reference_sets[{row.id}].bank")
+        old = _row_bank(row)
         bank = with_threshold(replace(old, info=replace(old.info, set_version=row.version, name=row.name)),
                               float(row.threshold) if row.threshold_mode == "manual" else old.info.threshold)
         row.bank, row.bank_version = bank.to_bytes(), row.version

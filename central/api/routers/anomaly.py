@@ -233,14 +233,11 @@ def build_reference_set(set_id: int, svc: ServicesDep, session: SessionDep, _p: 
                         wait: bool = WAIT) -> dict:
     """Build a set's bank again after a failed build (its frames or central changed since): 202 while building,
     200 when current."""
-    info = refsets.get_set(session, set_id)
+    info = refsets.request_build(session, set_id)
+    session.commit()
     if info.state == "ready":
         response.status_code = 200
         return info.public()
-    if info.state == "failed":
-        refsets.retry_build(session, set_id)
-        session.commit()
-        info = refsets.get_set(session, set_id)
     return _build(svc, info, wait, response, 200)
 
 

@@ -16,9 +16,11 @@ let shown = null;  // the ctx of the frame the detail shows
 export function setMe(who) { me = who; }
 export const role = () => me.role;
 
-function button(label, id, run) {
+// A button that runs ``run`` on click; ``props`` are set on it (id, className, ...).
+export function button(label, run, props = {}) {
   const b = document.createElement("button");
-  b.type = "button"; b.textContent = label; b.id = id;
+  b.type = "button"; b.textContent = label;
+  Object.assign(b, props);
   b.addEventListener("click", run);
   return b;
 }
@@ -126,7 +128,7 @@ export async function openDetail(hit, model, hooks) {
       const url = await imageUrl(`/v1/frames/${hit.frame_id}/original`);
       ctx.figure = figure(url, (w, h) => itemRegions(hit, model && model.input, w, h), "fig big");
       fig.appendChild(ctx.figure);
-      actions.appendChild(button("Download", "download", () => download(hit.frame_id).catch((e) => status(e.message, true))));
+      actions.appendChild(button("Download", () => download(hit.frame_id).catch((e) => status(e.message, true)), { id: "download" }));
     } catch (e) { status(e.message, true); }
   } else {
     const p = document.createElement("p");
@@ -134,23 +136,23 @@ export async function openDetail(hit, model, hooks) {
     p.textContent = o ? "The original is no longer kept (retention policy)." :
       "Central has no original of this frame. Edges with upload policy on_request keep it locally: request it.";
     fig.appendChild(p);
-    if (!o) actions.appendChild(button("Request from edge", "request-original", () => requestOriginal(ctx)));
+    if (!o) actions.appendChild(button("Request from edge", () => requestOriginal(ctx), { id: "request-original" }));
   }
-  actions.appendChild(button("Find frames like this", "find-like", () => { $("detail").close(); hooks.likeFrame(hit); }));
+  actions.appendChild(button("Find frames like this", () => { $("detail").close(); hooks.likeFrame(hit); }, { id: "find-like" }));
   if (me.role === "admin" && doc.frame) {
     const held = doc.frame.legal_hold;
-    actions.appendChild(button(held ? "Release legal hold" : "Put on legal hold", "hold", async () => {
+    actions.appendChild(button(held ? "Release legal hold" : "Put on legal hold", async () => {
       try {
         await sendJson("PUT", `/v1/frames/${hit.frame_id}/hold`, { hold: !held });
         hit.legal_hold = !held;
         ctx.reload();
       } catch (e) { status(e.message, true); }
-    }));
+    }, { id: "hold" }));
   }
   for (const provider of detailActions) {
     const list = await provider(ctx);
     if (!ctx.current()) return;  // another frame was opened meanwhile
-    for (const a of list) actions.appendChild(button(a.label, a.id, () => a.run(ctx)));
+    for (const a of list) actions.appendChild(button(a.label, () => a.run(ctx), { id: a.id }));
   }
 }
 

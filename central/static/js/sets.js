@@ -4,7 +4,7 @@
 // after the request, and the page follows the set until it is built. Changing sets needs the admin role; viewers see
 // the list.
 import { getJson, sendJson } from "./api.js";
-import { detailActions, role } from "./detail.js";
+import { button, detailActions, role } from "./detail.js";
 import { chosenCamera, filterParams, models } from "./filters.js";
 import { cardDecorators } from "./grid.js";
 import { fmt } from "./time.js";
@@ -47,8 +47,8 @@ function renderSets() {
     tr.classList.toggle("failed", s.state === "failed");
     const td = document.createElement("td");
     if (role() === "admin") {
-      if (s.state === "failed") td.appendChild(button("Build again", "build-set", () => buildAgain(s)));
-      td.appendChild(button("Delete", "delete-set", () => deleteSet(s)));
+      if (s.state === "failed") td.appendChild(button("Build again", () => buildAgain(s), { className: "build-set" }));
+      td.appendChild(button("Delete", () => deleteSet(s), { className: "delete-set" }));
     }
     tr.appendChild(td);
     body.appendChild(tr);
@@ -62,13 +62,6 @@ async function showSets() {
   const admin = role() === "admin";
   $("range-form").hidden = !admin;
   if (admin) rangeHint();
-}
-
-function button(label, cls, run) {
-  const b = document.createElement("button");
-  b.type = "button"; b.textContent = label; b.className = cls;
-  b.addEventListener("click", run);
-  return b;
 }
 
 async function buildAgain(s) {

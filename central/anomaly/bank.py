@@ -131,21 +131,40 @@ def loo_whitened_scores(pool: np.ndarray, src: np.ndarray, bank: Bank, queries: 
 
     Why: a frame's own tokens shape the set's covariance, so measured with it they look more typical than a new
     good frame does; thresholds from such scores flag several times the quantile's share of new good frames
-    (BENCHMARKS.md, `elpv_metric`). How, without whitening the bank again for each frame: with z = W^T (x - m) in
-    the set's whitening, d_i^2 = u^T A_i^-1 u for u = z_x - z_b and A_i = W^T S_i W (d x d; S_i from the pool's
-    sums less the frame's tokens). With A_i = Q G Q^T, d_i^2 lies within [|u|^2 / G_max, |u|^2 / G_min], so the
-    nearest token under S_i is among those whose |u|^2 is at most G_max / G_min times the smallest; only those are
-    measured with A_i (for a set of many frames A_i is close to I and they are few)."""
+    (BENCHMARKS.md, `elpv_metric`).
+
+    How, without a d x d inverse per frame. In the set's whitening z = W^T (x - m), d_i^2 = u^T A_i^-1 u for
+    u = z_x - z_b and A_i = W^T S_i W. With C the pool's covariance, Z the frame's c tokens (centred on the pool's
+    mean, whitened) and L = N - c tokens left, S_i = (1 - rho_i) C_i + rho_i mu_i I (OAS) and
+    W^T C_i W = (N / L) M - Z^T Z / L - z' z'^T, z' = -sum(Z) / L, where M = W^T C W and W^T W are fixed. One basis T
+    for the whole set makes both diagonal (T^T W^T W T = I, T^T M T = Gamma): there, with v = T^T u,
+    A_i = D_i - Y^T Y, D_i = (1 - rho_i)(N / L) Gamma + rho_i mu_i (a vector), Y the (c + 1) rows sqrt(1 - rho_i)
+    [Z T / sqrt(L); z' T]. Woodbury: d_i^2 = |p|^2 + |p J|^2 with p = D_i^-1/2 v and J = Y_d^T U (1 - g)^-1/2 for
+    Y_d = Y D_i^-1/2, Y_d Y_d^T = U g U^T: a Euclidean distance after a (d + c + 1)-column map of p, O(d c) per
+    token instead of O(d^2). Candidates: with D_0 = (1 - rho) Gamma + rho mu (the set's A = I in this basis) and
+    r = D_0 / D_i, d_i^2 lies within [r_min |u|^2, r_max |u|^2 / (1 - g_max)], so the nearest token under S_i is
+    among those whose |u|^2 is at most r_max / (r_min (1 - g_max)) times the smallest; only those are measured."""
     w = bank.whiten
     assert w is not None
     x = np.asarray(pool, np.float64)
     n, d = x.shape
-    sum_x, sum_xx = x.sum(axis=0), x.T @ x
+    xc = x - x.mean(axis=0)
+    cov = xc.T @ xc / n
+    rho, mu = oas_shrinkage(cov, n)
     wm = w[1:].astype(np.float64)
-    w_xx_w, w_w = wm.T @ sum_xx @ wm, wm.T @ wm  # A_i from these and frame i's tokens: no d^3 product per frame
+    ww = wm.T @ wm
+    nu, qn = np.linalg.eigh(ww)
+    half = (qn / np.sqrt(np.maximum(nu, 1e-30 * nu.max()))) @ qn.T  # (W^T W)^-1/2
+    gamma, r = np.linalg.eigh(half @ (wm.T @ cov @ wm) @ half)
+    gamma = np.maximum(gamma, 0.0)
+    t = half @ r  # T^T W^T W T = I, T^T (W^T C W) T = diag(gamma)
+    d0 = (1.0 - rho) * gamma + rho * mu
+    vpool = xc @ (wm @ t)  # the pool's tokens, centred, in the basis T: the frames' Y
     zq = anomaly.apply_whitening(unit(queries), w).astype(np.float32)  # [F, K, d]
     zb = bank.tokens.astype(np.float32)
     zb2 = np.einsum("ij,ij->i", zb, zb)
+    tf = t.astype(np.float32)
+    vq, vb = zq @ tf, zb @ tf
     f = queries.shape[0]
     by_frame = np.argsort(src, kind="stable")  # the pool's rows of frame i: by_frame[starts[i]:starts[i + 1]]
     starts = np.searchsorted(src[by_frame], np.arange(f + 1))
@@ -154,18 +173,23 @@ def loo_whitened_scores(pool: np.ndarray, src: np.ndarray, bank: Bank, queries: 
         rows = np.flatnonzero(ok[i])
         if rows.size == 0:
             continue  # no token counts: score 0, as Bank.score_arrays
-        mine = x[by_frame[starts[i]: starts[i + 1]]]
-        left = n - mine.shape[0]
+        mine = by_frame[starts[i]: starts[i + 1]]
+        left = n - mine.size
         others = bank.src != i
         if left < 2 or not others.any():
             out[i] = anomaly.FAR
             continue
-        mean = (sum_x - mine.sum(axis=0)) / left
-        rho, mu = oas_shrinkage((sum_xx - mine.T @ mine) / left - np.outer(mean, mean), left)
-        mw, w_mean = mine @ wm, mean @ wm  # W^T S_i W, S_i shrunk, without forming S_i W
-        a_i = (1.0 - rho) * ((w_xx_w - mw.T @ mw) / left - np.outer(w_mean, w_mean)) + rho * mu * w_w
-        g, q = np.linalg.eigh(a_i)
-        g = np.maximum(g, 1e-12 * g.max())
+        xm = xc[mine]
+        shift = xm.sum(axis=0) / left  # minus the mean of the tokens left
+        rho_i, mu_i = oas_shrinkage((n * cov - xm.T @ xm) / left - np.outer(shift, shift), left)
+        dg = (1.0 - rho_i) * (n / left) * gamma + rho_i * mu_i
+        vm = vpool[mine]
+        y = np.sqrt(1.0 - rho_i) * np.vstack([vm / np.sqrt(left), -vm.sum(axis=0, keepdims=True) / left])
+        yd = y / np.sqrt(dg)
+        g, u = np.linalg.eigh(yd @ yd.T)
+        g = np.minimum(np.maximum(g, 0.0), 1.0 - 1e-9)  # < 1: A_i is positive definite (rounding aside)
+        jm = (yd.T @ (u / np.sqrt(1.0 - g))).astype(np.float32)
+        ratio = d0 / dg
         z = zq[i, rows]
         z2 = np.einsum("ij,ij->i", z, z)[:, None]
         d2 = z2 + zb2[None, :] - 2.0 * (z @ zb.T)
@@ -173,18 +197,16 @@ def loo_whitened_scores(pool: np.ndarray, src: np.ndarray, bank: Bank, queries: 
         # |u|^2 in float32 is off by up to ROUNDING (|z|^2 + |z_b|^2) (cancellation when u is small): widen the
         # reach by that much, so that the nearest token is among the candidates whatever the rounding
         slack = ROUNDING * (z2 + zb2.max())
-        reach = (np.maximum(d2.min(axis=1, keepdims=True), 0.0) + slack) * (g[-1] / g[0]) + slack
-        t, b = np.nonzero(d2 <= reach)
-        # measured as the scorer measures (float32, |z|^2 - 2 z.z_b + |z_b|^2): a new frame identical to a set frame
-        # then scores what that set frame scores here, rounding included (a static scene's threshold is not below
-        # the rounding of its own frames' scores)
-        turn = (q / np.sqrt(g)).astype(np.float32)
-        ub, ib = np.unique(b, return_inverse=True)  # each candidate bank token turned once, not once per pair
-        px, pb = z @ turn, zb[ub] @ turn
-        px2, pb2 = np.einsum("ij,ij->i", px, px), np.einsum("ij,ij->i", pb, pb)
-        best = np.full(rows.size, np.inf, np.float32)
-        np.minimum.at(best, t, px2[t] + pb2[ib] - 2.0 * np.einsum("ij,ij->i", px[t], pb[ib]))
-        out[i] = min(float(np.sqrt(max(float(best.max()), 0.0))), anomaly.FAR)
+        reach = (np.maximum(d2.min(axis=1, keepdims=True), 0.0) + slack) * (
+            ratio.max() / (ratio.min() * (1.0 - g.max()))) + slack
+        cand = np.flatnonzero((d2 <= reach).any(axis=0))
+        # measured as the scorer measures (float32, |a|^2 - 2 a.b + |b|^2): a new frame identical to a set frame
+        # then scores about what that set frame scores here, rounding included
+        scale = (1.0 / np.sqrt(dg)).astype(np.float32)
+        px, pb = vq[i, rows] * scale, vb[cand] * scale
+        fx, fb = np.hstack([px, px @ jm]), np.hstack([pb, pb @ jm])
+        dist = np.einsum("ij,ij->i", fx, fx)[:, None] + np.einsum("ij,ij->i", fb, fb)[None, :] - 2.0 * (fx @ fb.T)
+        out[i] = min(float(np.sqrt(max(float(dist.min(axis=1).max()), 0.0))), anomaly.FAR)
     return out
 
 

@@ -25,6 +25,7 @@ from tokenline import anomaly
 from tokenline.anomaly import Bank, BankInfo
 
 PROJECTION_DIM = 64  # coreset selection runs on this many random projections of the tokens
+HOT_SHARE = 0.01  # greedy_coreset updates this share of the rows at every pick, the rest now and then
 # a whitened bank needs a pool of at least this many tokens per dimension; smaller sets get cosine banks: their
 # covariance is too poorly known to rank better, and their thresholds flag more new good frames than cosine ones do
 # (ELPV mono cells, the default export's K=16 d=96 summaries, threshold at the 0.99 quantile, 5 draws; BENCHMARKS.md
@@ -58,9 +59,14 @@ def greedy_coreset(x: np.ndarray, m: int, proj_dim: int = PROJECTION_DIM, seed: 
     """Indices of ``m`` rows of ``x`` [N, d] chosen greedily, each the farthest from those already chosen
     (k-center); the first is row 0. Distances on a fixed Gaussian projection to ``proj_dim`` dims when d is larger.
 
-    Each pick updates every row's distance to the nearest pick with one matrix-vector product, done by ``einsum``
-    (its own loop, not BLAS): a threaded BLAS call per pick costs milliseconds of thread hand-off on a busy
-    machine, which made 10,000 picks take minutes."""
+    Exact, with lazy updates: a row's squared distance to the nearest pick only falls as picks are added, so a value
+    last computed some picks ago is an upper bound. Only the ``HOT_SHARE`` of rows with the largest values (at or
+    above tau, the quantile at the last split) are updated at every pick, by one matrix-vector product done by
+    ``einsum`` (its own loop: a threaded BLAS call per pick costs milliseconds of thread hand-off on a busy machine);
+    while the largest of them is >= tau it is the farthest row of all, since every other row's bound is below tau.
+    When it falls below tau, the other rows catch up on the picks since in blocks of one BLAS matrix product each,
+    and the rows are split again. Same picks as updating every row at every pick, up to float32 rounding of ties;
+    3.5-5x faster on 11,000-240,000 tokens (10,000 picks), which streamed the whole pool through memory per pick."""
     x = np.asarray(x, np.float32)
     n = x.shape[0]
     if m >= n:
@@ -72,18 +78,48 @@ def greedy_coreset(x: np.ndarray, m: int, proj_dim: int = PROJECTION_DIM, seed: 
         z = x
     z = np.ascontiguousarray(z)
     sq = np.einsum("ij,ij->i", z, z)
-    picked = np.empty(m, np.int64)
-    mind = np.full(n, np.inf, np.float32)
-    cur = 0
-    for i in range(m):
+    picked = np.zeros(m, np.int64)  # the first pick: row 0
+    mind = np.einsum("ij,j->i", z, z[0])  # each row's squared distance to its nearest pick (an upper bound)
+    mind *= -2.0
+    mind += sq
+    mind += sq[0]
+    mind[0] = -1.0
+    done = 1  # every row is up to date with picks[:done]; the hot rows with all picks
+
+    def split() -> Tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        tau = float(np.quantile(mind, 1.0 - HOT_SHARE))
+        hot = np.flatnonzero(mind >= tau)
+        return tau, hot, np.ascontiguousarray(z[hot]), sq[hot], mind[hot]
+
+    tau, hot, z_hot, sq_hot, mind_hot = split()
+    i = 1
+    while i < m:
+        j = int(np.argmax(mind_hot))
+        if mind_hot[j] < tau:  # a cold row may be the farthest now: bring every row up to date, split again
+            mind[hot] = mind_hot
+            cold = np.ones(n, bool)
+            cold[hot] = False
+            rows = np.flatnonzero(cold)
+            z_new, sq_new = z[picked[done:i]], sq[picked[done:i]]
+            for a in range(0, rows.size, 8192):
+                r = rows[a: a + 8192]
+                d2 = z[r] @ z_new.T
+                d2 *= -2.0
+                d2 += sq[r][:, None]
+                d2 += sq_new[None, :]
+                mind[r] = np.minimum(mind[r], d2.min(axis=1))
+            done = i
+            tau, hot, z_hot, sq_hot, mind_hot = split()
+            continue
+        cur = int(hot[j])
         picked[i] = cur
-        d = np.einsum("ij,j->i", z, z[cur])
+        d = np.einsum("ij,j->i", z_hot, z[cur])
         d *= -2.0
-        d += sq
+        d += sq_hot
         d += sq[cur]
-        np.minimum(mind, d, out=mind)
-        mind[cur] = -1.0
-        cur = int(np.argmax(mind))
+        np.minimum(mind_hot, d, out=mind_hot)
+        mind_hot[j] = -1.0
+        i += 1
     return picked
 
 

@@ -470,6 +470,14 @@ def test_bank_building_coreset_lists_and_leave_one_out_threshold(monkeypatch):
     for i in range(1, 20):
         d = ((x[:, None, :] - x[picks[:i]][None]) ** 2).sum(-1).min(1)
         assert d[picks[i]] == pytest.approx(d.max(), rel=1e-4)
+    # on more rows, most of them updated lazily (only the farthest 1 % at every pick): still each pick the farthest
+    x = rng.standard_normal((6000, 12)).astype(np.float32) * np.linspace(0.2, 1, 12, dtype=np.float32)
+    picks = greedy_coreset(x, 600)
+    assert len(set(picks.tolist())) == 600
+    x64, mind = x.astype(np.float64), np.full(6000, np.inf)
+    for i in range(600):
+        assert mind[picks[i]] >= mind.max() * (1 - 1e-5), i
+        mind = np.minimum(mind, ((x64 - x64[picks[i]]) ** 2).sum(1))
     with pytest.raises(ValueError, match="at least two"):
         build_bank(SetFrames(tokens[:1], sizes[:1], frames.globals[:1]), info, 100, 0.9)
     monkeypatch.undo()  # at the shipped size a bank this small has lists (for the bounds) but is searched exhaustively

@@ -2,13 +2,19 @@
 
     python benchmarks/bench_refset_build.py            # writes BENCHMARKS.md section refset_build
     python benchmarks/bench_refset_build.py --runs 1 --sizes 100 700 --no-write
+    python benchmarks/bench_refset_build.py --against 59cd1df   # also the two costly steps of that commit's code
 
 A change of a reference set is committed at once and its bank built afterwards (central.anomaly.refsets.build_set;
 the API's builder thread, the CLI inline). This times ``central.anomaly.bank.build_bank`` (whitened bank: whitening,
 greedy coreset to ``max_bank_tokens`` = 10,000, inverted lists, leave-one-out threshold) on sets of 100 to 5,000
-frames with the two exports' token shapes (K=16, d=96: the default; K=48, d=64: the export for flagging), median of
+frames with the exports' token shapes (K=16, d=96: the default; K=48, d=64: the export for flagging; K=16, d=384:
+an export without projection, ``--summary-dim 0``), median of
 ``--runs`` builds, with its two costly steps apart. The tokens are synthetic (unit vectors around 500 centres,
 seeded): build time depends on the counts and the dimension, not on what the tokens show.
+
+With ``--against REF`` the two costly steps of ``central/anomaly/bank.py`` as it was at git commit REF run side by
+side with today's on the same inputs (the pool and the built bank of today's build), interleaved, each pair's ratio
+taken within the pair; the agreement of their results is reported beside.
 
 Then, through the product's path on SQLite (the embedded default, one writer at a time): a set of 200 frames of the
 tests' 384-dim model created and built (``create_set`` committed, then ``build_set``) while another connection
@@ -19,16 +25,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from benchmarks._report import write_section  # noqa: E402
 from benchmarks.bench_summary import md_table  # noqa: E402
@@ -36,7 +45,7 @@ from central.anomaly import bank as bank_module  # noqa: E402
 from tokenline.anomaly import BankInfo  # noqa: E402
 
 SECTION = "refset_build"
-SHAPES = (("default export", 16, 96), ("export for flagging", 48, 64))
+SHAPES = (("default export", 16, 96), ("export for flagging", 48, 64), ("no projection", 16, 384))
 STEPS = ("greedy_coreset", "loo_whitened_scores")
 
 
@@ -75,6 +84,63 @@ def timed_build(frames: bank_module.SetFrames) -> Dict[str, float]:
             setattr(bank_module, s, originals[s])
     spent["bank"] = built.bank.size
     return spent
+
+
+def bank_module_at(ref: str) -> types.ModuleType:
+    """``central.anomaly.bank`` as it was at git commit ``ref`` (importing today's other modules)."""
+    path = "central/anomaly/bank.py"
+    src = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    mod = types.ModuleType(f"bank_at_{ref}")
+    sys.modules[mod.__name__] = mod  # dataclasses look their module up
+    exec(compile(src, f"{ref}:{path}", "exec"), mod.__dict__)
+    return mod
+
+
+def step_inputs(frames: bank_module.SetFrames) -> Dict[str, Tuple[Any, ...]]:
+    """The arguments today's build passes to each of STEPS."""
+    seen: Dict[str, Tuple[Any, ...]] = {}
+    originals = {s: getattr(bank_module, s) for s in STEPS}
+
+    def grab(name: str):
+        def run(*a):
+            seen[name] = a
+            return originals[name](*a)
+        return run
+
+    for s in STEPS:
+        setattr(bank_module, s, grab(s))
+    try:
+        bank_module.build_bank(frames, BankInfo(set_id=1, set_version=1, name="bench", site="s", line="l", camera="c",
+                                                manifest_hash="0" * 16, mode="tokens", metric="whitened", nprobe=8,
+                                                min_token_size=1.0, created_us=0), 10_000, 0.99)
+    finally:
+        for s in STEPS:
+            setattr(bank_module, s, originals[s])
+    return seen
+
+
+def side_by_side(old: types.ModuleType, frames: bank_module.SetFrames, runs: int) -> Dict[str, Any]:
+    """Each of STEPS, the old module's and today's on the same inputs, interleaved: medians, the median of the
+    paired ratios (old / today) and how far their results agree."""
+    inputs = step_inputs(frames)
+    out: Dict[str, Any] = {}
+    for name in STEPS:
+        if name not in inputs:
+            continue
+        t_old, t_new, results = [], [], {}
+        for r in range(runs):
+            for which, mod, times in (("old", old, t_old), ("new", bank_module, t_new))[:: 1 if r % 2 == 0 else -1]:
+                t = time.perf_counter()
+                results[which] = getattr(mod, name)(*inputs[name])
+                times.append(time.perf_counter() - t)
+        out[name] = (statistics.median(t_old), statistics.median(t_new),
+                     statistics.median(a / b for a, b in zip(t_old, t_new)))
+        a, b = results["old"], results["new"]
+        if name == "greedy_coreset":
+            out[name + " agreement"] = f"{float(np.mean(a == b)):.1%} picks the same"
+        else:
+            out[name + " agreement"] = f"largest relative difference {float(np.max(np.abs(a - b) / np.abs(a))):.1e}"
+    return out
 
 
 def writer_wait(tmp: Path, frames: int = 200) -> Dict[str, float]:
@@ -139,6 +205,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="builds per set (median)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[100, 700, 2000, 5000], help="set sizes in frames")
+    ap.add_argument("--against", metavar="REF", help="git commit whose bank code runs side by side with today's")
+    ap.add_argument("--against-sizes", type=int, nargs="+", default=[100, 700, 2000],
+                    help="set sizes for --against (the older code is slower)")
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
 
@@ -162,6 +231,19 @@ def main() -> int:
                              "coreset": med["greedy_coreset"], "loo": med["loo_whitened_scores"],
                              "all": " ".join(f"{r['total']:.1f}" for r in runs)})
                 console.print(f"{label} {f} frames: {med['total']:.1f} s")
+        pairs = []
+        if args.against:
+            old = bank_module_at(args.against)
+            task2 = progress.add_task(f"side by side with {args.against}", total=len(SHAPES) * len(args.against_sizes))
+            for label, k, d in SHAPES:
+                for f in args.against_sizes:
+                    sbs = side_by_side(old, synthetic_frames(f, k, d), args.runs)
+                    for name, what in (("greedy_coreset", "coreset"), ("loo_whitened_scores", "leave-one-out threshold")):
+                        if name in sbs:
+                            o, n, ratio = sbs[name]
+                            pairs.append({"shape": f"{label} (K={k}, d={d})", "frames": f, "step": what, "old": o,
+                                          "new": n, "ratio": ratio, "agree": sbs[name + " agreement"]})
+                    progress.advance(task2)
         with tempfile.TemporaryDirectory() as tmp:
             w = writer_wait(Path(tmp))
     table = md_table(rows, [("shape", "tokens", ""), ("frames", "set frames", ",d"), ("pool", "tokens in the set", ",d"),
@@ -169,6 +251,11 @@ def main() -> int:
                             ("coreset", "of which coreset", ".1f"), ("loo", "of which leave-one-out threshold", ".1f"),
                             ("all", "each build (s)", "")])
     console.print(table)
+    if pairs:
+        against = md_table(pairs, [("shape", "tokens", ""), ("frames", "set frames", ",d"), ("step", "step", ""),
+                                   ("old", f"{args.against} (s, median)", ".2f"), ("new", "today (s, median)", ".2f"),
+                                   ("ratio", "speed-up (median of paired ratios)", ".1f"), ("agree", "results", "")])
+        console.print(against)
     console.print(w)
     biggest = {r["shape"]: r for r in rows if r["frames"] == max(args.sizes)}
     body = (__doc__.split("\n\n", 2)[2].strip() + "\n\n" + table + "\n\n"
@@ -178,6 +265,9 @@ def main() -> int:
             + f"- On SQLite, while a {200}-frame set of 384-dim tokens was created and built ({w['build']:.1f} s), "
             f"the other connection committed {w['commits']} frames, the longest waiting {w['longest'] * 1000:.0f} ms "
             f"for the write lock, {w['failed']} failed (the build holds no transaction).\n")
+    if pairs:
+        body += (f"\nSide by side with the code of commit {args.against} (`--against {args.against}`; the same inputs, "
+                 f"{args.runs} interleaved runs each):\n\n" + against + "\n")
     if args.write:
         write_section(SECTION, "Reference sets: building the bank, by set size", body)
     return 0

@@ -43,3 +43,14 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 def is_postgres(engine: Engine) -> bool:
     return engine.dialect.name == "postgresql"
+
+
+def is_read_only(engine: Engine) -> bool:
+    """PostgreSQL refuses writes on this connection's database: a hot-standby replica (a search-only ``serve``,
+    docs/deployment.md) or a database or role set read-only. SQLite: False."""
+    if not is_postgres(engine):
+        return False
+    from sqlalchemy import text
+
+    with engine.connect() as c:
+        return c.execute(text("SHOW transaction_read_only")).scalar() == "on"

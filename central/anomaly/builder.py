@@ -4,7 +4,10 @@ A set changed through the API is committed at once and its bank built here (``re
 does not wait tens of seconds for a large set, and the database is not held meanwhile. At start the builder takes up
 every set left without a bank of its current version (central stopped during a build). A build that fails is
 recorded on the set (``build_error``, state ``failed``) and logged; the service keeps running (a build that
-could not read the database leaves the set ``building``: the next start takes it up).
+could not read the database leaves the set ``building``: the next start takes it up). A set another central process
+is building (PostgreSQL: ``refsets.build_lock``) is looked at again every ``BUSY_RETRY_S``: built by then, or built
+here when that build was of a version since changed. On a read-only database (a search replica) nothing is built:
+its primary's central builds.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from sqlalchemy.orm import Session
 from central.anomaly import refsets
 from central.config import AnomalyConfig
 from central.errors import Invalid, NotFound
+from sql.db import is_read_only
 
 log = logging.getLogger(__name__)
+BUSY_RETRY_S = 2.0
 
 
 class BankBuilder:
@@ -32,11 +37,23 @@ class BankBuilder:
         self._queue: "queue.Queue[Optional[int]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._started = False
+        self.read_only = False
 
     def start(self) -> None:
-        """Start the thread and queue every set whose current version has no bank (nor a failed build)."""
+        """Start the thread and queue every set whose current version has no bank (nor a failed build); on a
+        read-only database only say so."""
         with self._lock:
-            if self._thread is not None:
+            if self._started:
+                return
+            self._started = True
+            try:
+                self.read_only = is_read_only(self.engine)
+            except Exception:  # noqa: BLE001 - not reachable now: pending_sets below logs it
+                pass
+            if self.read_only:
+                log.info("read-only database (a replica): reference-set banks are built by the primary's central")
                 return
             self._thread = threading.Thread(target=self._run, name="bank-builder", daemon=True)
             self._thread.start()
@@ -49,7 +66,8 @@ class BankBuilder:
 
     def submit(self, set_id: int) -> None:
         self.start()
-        self._queue.put(set_id)
+        if not self.read_only:
+            self._queue.put(set_id)
 
     def join(self) -> None:
         """Wait until every queued build is done (tests, shutdown)."""
@@ -58,6 +76,7 @@ class BankBuilder:
     def close(self, timeout: float = 5.0) -> None:
         """Stop after the build under way, waiting at most ``timeout`` s (a set whose build is cut off stays
         ``building``: the next start builds it)."""
+        self._closing.set()
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout)
@@ -74,9 +93,14 @@ class BankBuilder:
 
     def _build(self, set_id: int) -> None:
         try:
-            info = refsets.build_set(self.engine, self.cfg, set_id)
+            info = refsets.build_set(self.engine, self.cfg, set_id, wait=False)
             log.info("reference set %d %s: %s, %d bank tokens, threshold %.4f", set_id, info.name, info.state,
                      info.bank_tokens, info.threshold)
+        except refsets.Busy:
+            # another process builds it, perhaps a version since changed: look again (queued before this one is
+            # done, so join still waits for it)
+            if not self._closing.wait(BUSY_RETRY_S):
+                self._queue.put(set_id)
         except NotFound:
             pass  # deleted meanwhile
         except Invalid as exc:

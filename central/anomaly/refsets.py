@@ -9,22 +9,26 @@ frames takes tens of seconds; SQLite has one writer, and ingest must not wait fo
 is still at that version. Until then the scorer keeps scoring with the bank built before (``bank_version``); a set
 that never had a bank scores nothing yet. States: ``ready`` (the bank is the current version's), ``building``,
 ``failed`` (``build_error`` says why; the next change builds again). A change of the threshold by hand or of the
-name alone re-labels the current bank in the change's transaction, with no build.
+name alone re-labels the current bank in the change's transaction, with no build. On PostgreSQL one process at a
+time builds a set (an advisory lock, ``build_lock``): several central processes on one database (API processes, the
+CLI) never build the same set twice over.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
-from sqlalchemy import Engine, delete, exists, func, select, update
+from sqlalchemy import Engine, delete, exists, func, select, text, update
 from sqlalchemy.orm import Session
 
 from central import store
 from central.anomaly.bank import SetFrames, build_bank, with_threshold
 from central.config import AnomalyConfig
 from central.errors import Conflict, Invalid, NotFound
+from sql.db import is_postgres
 from sql.models import Frame, FrameScore, Model, ReferenceFrame, ReferenceSet
 from sql.types import unpack_f32_rows, unpack_footprints, unpack_token_rows
 from tokenline.anomaly import MODES, Bank, BankInfo
@@ -32,6 +36,7 @@ from tokenline.manifest import Manifest, SummarySpec
 from tokenline.summary import Summary
 
 REASON = "bad_reference_set"  # the reason of every Invalid raised here
+BUILD_LOCK = 0x746B6C70  # PostgreSQL: a process building set n holds the session advisory lock (BUILD_LOCK, n)
 MIXED_K = "the set's frames have different token counts (K)"
 
 
@@ -183,11 +188,46 @@ def _too_few(found: int) -> Invalid:
     return Invalid(f"a reference set needs at least two stored frames, {found} found", reason=REASON)
 
 
-def build_set(engine: Engine, cfg: AnomalyConfig, set_id: int) -> SetInfo:
+class Busy(Exception):
+    """Another central process is building this set's bank (PostgreSQL); look again later."""
+
+
+@contextmanager
+def build_lock(engine: Engine, set_id: int, wait: bool = True) -> Iterator[None]:
+    """Held while this process builds the set's bank. PostgreSQL: the session advisory lock (``BUILD_LOCK``, set id)
+    on a connection of its own, taken and committed before the build (no transaction stays open meanwhile),
+    released after it, or by the server when the process dies; ``wait`` False: ``Busy`` at once when another
+    process holds it. SQLite (one host, the API's one builder): no lock."""
+    if not is_postgres(engine):
+        yield
+        return
+    key = {"c": BUILD_LOCK, "k": int(set_id)}
+    with engine.connect() as c:
+        if wait:
+            c.execute(text("SELECT pg_advisory_lock(:c, :k)"), key)
+        elif not c.execute(text("SELECT pg_try_advisory_lock(:c, :k)"), key).scalar():
+            c.rollback()
+            raise Busy(f"reference set {set_id} is being built by another central process")
+        c.commit()
+        try:
+            yield
+        finally:
+            c.execute(text("SELECT pg_advisory_unlock(:c, :k)"), key)
+            c.commit()
+
+
+def build_set(engine: Engine, cfg: AnomalyConfig, set_id: int, wait: bool = True) -> SetInfo:
     """Build the bank of the set's current version and store it if the set is still at that version; the set as
     it is then. Reads in one session, builds with no transaction open, writes in a short one (the write matches
     the version read, so a change meanwhile keeps its own build pending). ``Invalid`` when the version cannot make
-    a bank (its frames deleted by retention meanwhile, no token large enough, ...), recorded as ``build_error``."""
+    a bank (its frames deleted by retention meanwhile, no token large enough, ...), recorded as ``build_error``.
+    Under ``build_lock``: a set another process is building is waited for (then found built, unless it changed
+    meanwhile), or with ``wait`` False ``Busy``."""
+    with build_lock(engine, set_id, wait):
+        return _build_set(engine, cfg, set_id)
+
+
+def _build_set(engine: Engine, cfg: AnomalyConfig, set_id: int) -> SetInfo:
     with Session(engine) as s:
         row = s.get(ReferenceSet, set_id)
         if row is None:

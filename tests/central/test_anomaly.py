@@ -848,3 +848,91 @@ def test_a_defect_in_one_build_is_recorded_on_its_set_and_the_builder_goes_on(en
     got = [client.get(f"/v1/reference-sets/{i}", headers=toks["viewer"]).json() for i in ids]
     assert (got[0]["state"], got[0]["build_error"]) == ("failed", "internal error: RuntimeError: boom")
     assert (got[1]["state"], got[1]["bank_tokens"]) == ("ready", 6 * 16)
+
+
+def test_on_postgresql_one_central_process_at_a_time_builds_a_set(pg_server, tiny_manifest, tiny_model_dir,
+                                                                   monkeypatch, caplog):
+    """Two central processes on one database (two engines here, each with its own connections): a set another
+    process is building is not built again but looked at again, and built here when that build's version has since
+    changed; two builders starting together build every pending set once; a read-only database (a search replica)
+    builds nothing."""
+    from sqlalchemy import text
+
+    from central.anomaly import builder as builder_module
+    from sql.db import make_engine
+    from sql.migrate import upgrade
+    from tests.central.conftest import _pg_database
+
+    url = _pg_database(pg_server)
+    engine, other = make_engine(url), make_engine(url)
+    read_only = make_engine(url, connect_args={"options": "-c default_transaction_read_only=on"})
+    try:
+        upgrade(engine)
+        model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
+        rng = np.random.default_rng(15)
+        cams = ("c1", "c2", "c3", "c4")
+        msgs = {c: [frame_message(tiny_manifest, rng, T0 + i * 1000, camera=c) for i in range(8)] for c in cams}
+        _store(engine, model.id, [m for c in cams for m in msgs[c]])
+        cfg = AnomalyConfig()
+
+        def create(c: str) -> int:
+            return tx(engine, refsets.create_set, cfg, name=c, frame_ids=[m.frame_id.hex() for m in msgs[c][:6]]).id
+
+        ids = {"c1": create("c1")}
+        builds = []
+        real = refsets.build_bank
+
+        def counting(frames, info, *a, **kw):
+            builds.append((info.set_id, info.set_version))
+            return real(frames, info, *a, **kw)
+
+        monkeypatch.setattr(refsets, "build_bank", counting)
+        monkeypatch.setattr(builder_module, "BUSY_RETRY_S", 0.2)
+        sid = ids["c1"]
+        with other.connect() as c:  # the other process is building set c1 (version 1)
+            c.execute(text("SELECT pg_advisory_lock(:c, :k)"), {"c": refsets.BUILD_LOCK, "k": sid})
+            c.commit()
+            with pytest.raises(refsets.Busy, match="another central process"):
+                refsets.build_set(engine, cfg, sid, wait=False)
+            here = builder_module.BankBuilder(engine, cfg)
+            here.submit(sid)
+            time.sleep(1.0)  # several looks, no build
+            assert builds == [] and tx(engine, refsets.get_set, sid).state == "building"
+            tx(engine, refsets.update_set, cfg, sid, add_frame_ids=[m.frame_id.hex() for m in msgs["c1"][6:]])
+            c.execute(text("SELECT pg_advisory_unlock(:c, :k)"), {"c": refsets.BUILD_LOCK, "k": sid})
+            c.commit()  # its version-1 build stored nothing (the set is at version 2 now)
+        here.join()
+        info = tx(engine, refsets.get_set, sid)
+        assert builds == [(sid, 2)] and (info.state, info.bank_version, info.frame_count) == ("ready", 2, 8)
+        here.close()
+
+        # two processes start together with three sets pending: each set built once
+        ids.update({c: create(c) for c in cams[1:]})
+        builds.clear()
+        first, second = builder_module.BankBuilder(engine, cfg), builder_module.BankBuilder(other, cfg)
+        starts = [threading.Thread(target=b.start) for b in (first, second)]
+        for t in starts:
+            t.start()
+        for t in starts:
+            t.join()
+        first.join()
+        second.join()
+        assert sorted(builds) == sorted((ids[c], 1) for c in cams[1:])
+        assert {tx(engine, refsets.get_set, ids[c]).state for c in cams} == {"ready"}
+        first.close()
+        second.close()
+
+        # a search replica: nothing built, and it says why
+        tx(engine, refsets.update_set, cfg, ids["c2"], add_frame_ids=[m.frame_id.hex() for m in msgs["c2"][6:]])
+        builds.clear()
+        replica = builder_module.BankBuilder(read_only, cfg)
+        with caplog.at_level("INFO", logger=builder_module.__name__):
+            replica.start()
+            replica.submit(ids["c2"])
+        replica.join()
+        assert replica.read_only and builds == [] and tx(engine, refsets.get_set, ids["c2"]).state == "building"
+        assert "built by the primary" in caplog.text
+        replica.close()
+    finally:
+        for e in (engine, other, read_only):
+            e.dispose()

@@ -64,10 +64,11 @@ METRICS = ("cosine", "whitened")
 BANK_DIR = "anomaly"  # inside the model directory
 ARRAYS = ("tokens", "offsets", "centroids", "src", "globals")
 WHITEN = "whiten"  # the whitening's array, in banks of metric "whitened" only
-# banks up to this many tokens are built with one list and searched exhaustively (exact): at the default 10k-token
-# bank that costs a small factor over the inverted lists, at 50k several times more (BENCHMARKS.md anomaly,
-# benchmarks/bench_anomaly.py)
-EXHAUSTIVE_UP_TO = 20_000
+# banks up to this many tokens are searched exhaustively (exact; bound and refine): on real banks of 8,000-48,000
+# tokens nprobe 8 was at most 2.2x as fast but raised a fifth to a quarter of the frames' scores (by up to 1.9), above
+# the exact distances a set's threshold is calibrated on, while the exact search cost 0.08-0.55 ms a frame in the
+# scorer's batches (BENCHMARKS.md anomaly_search); synthetic banks of 100,000 tokens: 0.36-0.45 ms (anomaly)
+EXHAUSTIVE_UP_TO = 100_000
 LISTS_FROM = 1_000  # banks of this many tokens or more get inverted lists (bound and refine; the search above EXHAUSTIVE_UP_TO)
 TIE = 2e-5  # distances this close to the farthest token's may tie with it (token choice rounds to 1e-5); whitened
 # distances (about 1-20) get TIE times the farthest distance

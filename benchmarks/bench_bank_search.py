@@ -75,7 +75,8 @@ def study(rt, name: str, n_ref: int, rest: np.ndarray, runs: int) -> List[dict]:
         finally:
             anomaly.EXHAUSTIVE_UP_TO = saved
         diff = got - want
-        rows.append({"model": name, "frames": len(ref), "tokens": bank.size, "lists": bank.lists, "search": label,
+        rows.append({"model": name, "frames": len(ref), "tokens": bank.size, "lists": bank.lists,
+                     "threshold": f"{thr:.2f}", "median": f"{float(np.median(want)):.2f}", "search": label,
                      "batched": batched, "one": one, "differ": int((np.abs(diff) > 1e-3).sum()), "of": len(rest),
                      "largest": float(np.abs(diff).max()),
                      "alerts": f"{int((got > thr).sum())} ({int(((got > thr) & ~(want > thr)).sum())} new, "
@@ -108,7 +109,8 @@ def main() -> int:
                 rows += study(rt, name, n, rest, args.runs)
                 progress.advance(task)
     table = md_table(rows, [("model", "model", ""), ("frames", "set frames", ",d"), ("tokens", "bank tokens", ",d"),
-                            ("lists", "lists", ",d"), ("search", "search", ""),
+                            ("lists", "lists", ",d"), ("threshold", "threshold", ""),
+                            ("median", "median exact score", ""), ("search", "search", ""),
                             ("batched", "ms/frame, batches of 100", ".3f"), ("one", "ms/frame, one per call", ".3f"),
                             ("differ", "scores off by > 0.001", ",d"), ("of", "of frames", ",d"),
                             ("largest", "largest difference", ".3f"), ("alerts", "alerts (vs exhaustive)", "")])

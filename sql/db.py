@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
 
@@ -50,7 +50,5 @@ def is_read_only(engine: Engine) -> bool:
     docs/deployment.md) or a database or role set read-only. SQLite: False."""
     if not is_postgres(engine):
         return False
-    from sqlalchemy import text
-
     with engine.connect() as c:
         return c.execute(text("SHOW transaction_read_only")).scalar() == "on"

@@ -47,6 +47,8 @@ from tokenline.anomaly import BankInfo  # noqa: E402
 SECTION = "refset_build"
 SHAPES = (("default export", 16, 96), ("export for flagging", 48, 64), ("no projection", 16, 384))
 STEPS = ("greedy_coreset", "loo_whitened_scores")
+INFO = BankInfo(set_id=1, set_version=1, name="bench", site="s", line="l", camera="c", manifest_hash="0" * 16,
+                mode="tokens", metric="whitened", nprobe=8, min_token_size=1.0, created_us=0)
 
 
 def synthetic_frames(f: int, k: int, d: int, seed: int = 0) -> bank_module.SetFrames:
@@ -71,13 +73,11 @@ def timed_build(frames: bank_module.SetFrames) -> Dict[str, float]:
                 spent[name] += time.perf_counter() - t
         return run
 
-    info = BankInfo(set_id=1, set_version=1, name="bench", site="s", line="l", camera="c", manifest_hash="0" * 16,
-                    mode="tokens", metric="whitened", nprobe=8, min_token_size=1.0, created_us=0)
     for s in STEPS:
         setattr(bank_module, s, wrap(s))
     try:
         t0 = time.perf_counter()
-        built = bank_module.build_bank(frames, info, 10_000, 0.99)
+        built = bank_module.build_bank(frames, INFO, 10_000, 0.99)
         spent["total"] = time.perf_counter() - t0
     finally:
         for s in STEPS:
@@ -110,9 +110,7 @@ def step_inputs(frames: bank_module.SetFrames) -> Dict[str, Tuple[Any, ...]]:
     for s in STEPS:
         setattr(bank_module, s, grab(s))
     try:
-        bank_module.build_bank(frames, BankInfo(set_id=1, set_version=1, name="bench", site="s", line="l", camera="c",
-                                                manifest_hash="0" * 16, mode="tokens", metric="whitened", nprobe=8,
-                                                min_token_size=1.0, created_us=0), 10_000, 0.99)
+        bank_module.build_bank(frames, INFO, 10_000, 0.99)
     finally:
         for s in STEPS:
             setattr(bank_module, s, originals[s])

@@ -195,6 +195,7 @@ def loo_whitened_scores(pool: np.ndarray, src: np.ndarray, bank: Bank, queries: 
     gamma = np.maximum(gamma, 0.0)
     t = half @ r  # T^T W^T W T = I, T^T (W^T C W) T = diag(gamma)
     d0 = (1.0 - rho) * gamma + rho * mu
+    d0 = np.maximum(d0, 1e-12 * d0.max())
     vpool = xc @ (wm @ t)  # the pool's tokens, centred, in the basis T: the frames' Y
     zq = anomaly.apply_whitening(unit(queries), w).astype(np.float32)  # [F, K, d]
     zb = bank.tokens.astype(np.float32)
@@ -219,6 +220,7 @@ def loo_whitened_scores(pool: np.ndarray, src: np.ndarray, bank: Bank, queries: 
         shift = xm.sum(axis=0) / left  # minus the mean of the tokens left
         rho_i, mu_i = oas_shrinkage((n * cov - xm.T @ xm) / left - np.outer(shift, shift), left)
         dg = (1.0 - rho_i) * (n / left) * gamma + rho_i * mu_i
+        dg = np.maximum(dg, 1e-12 * dg.max())  # a direction the pool has no variance in, and no shrinkage
         vm = vpool[mine]
         y = np.sqrt(1.0 - rho_i) * np.vstack([vm / np.sqrt(left), -vm.sum(axis=0, keepdims=True) / left])
         yd = y / np.sqrt(dg)

@@ -5,11 +5,11 @@
 
 The `anomaly` section measures ingest with scoring off (no reference set) and on (a set: ingest queues each frame
 in its transaction, the worker's scorer process scores the queue beside it). Ingest's own CPU time per message
-rises more with the export for flagging (K=48) than with the default export (K=16) there, though the queueing
-code is the same. This takes the difference apart: ingest's process CPU time per message (``Ingestor.process`` on
-SQLite, batches of 100, the NEU-DET images' real summaries through the exported model, as `anomaly`'s in-process
-runs) in four modes, run in rounds with the order rotating, each mode's change taken against the no-set run of its
-own round (median over rounds, sign-test 90% interval):
+rises with a set there, in its runs more with the export for flagging (K=48) than with the default export
+(K=16), though the queueing code is the same. This takes the rise apart: ingest's process CPU time per message
+(``Ingestor.process`` on SQLite, batches of 100, the NEU-DET images' real summaries through the exported model,
+as `anomaly`'s in-process runs) in four modes, run in rounds with the order rotating, each mode's change taken
+against the no-set run of its own round (median over rounds, sign-test 90% interval):
 
 - ``no set``: the baseline;
 - ``set, no scorer``: the set's 700 frames stored and its bank built, frames queued, nothing scoring them: the

@@ -89,7 +89,7 @@ def main() -> int:
     ap.add_argument("--product", action="append", default=[], metavar="DIR", help="exported model directory")
     ap.add_argument("--refs", type=int, nargs="+", default=[500, 1000],
                     help="reference images per bank (NEU-DET's 1,200 images less the 200 scored)")
-    ap.add_argument("--runs", type=int, default=5, help="timing rounds over the 500 scored images")
+    ap.add_argument("--runs", type=int, default=5, help="timing rounds over the 200 scored images")
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
     products = args.product or ["out/demo/model", "out/k48"]

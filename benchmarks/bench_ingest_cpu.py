@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import statistics
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from benchmarks._report import write_section  # noqa: E402
 from benchmarks._timing import median_interval  # noqa: E402
 from benchmarks.bench_anomaly import Stream, real_tokens  # noqa: E402
 from benchmarks.bench_summary import md_table  # noqa: E402
-from central.anomaly.process import BLAS_THREADS  # noqa: E402
+from central.anomaly.process import one_blas_thread  # noqa: E402
 
 SECTION = "ingest_cpu"
 MODES = ("no set", "set, no scorer", "no set, busy neighbour", "set and scorer")
@@ -80,16 +79,8 @@ def ingest_cpu(mode: str, stream: Stream, tmp: Path, r: int, n: int) -> float:
     stop, busy, scorer = ctx.Event(), None, None
     if mode == "no set, busy neighbour":
         busy = ctx.Process(target=neighbour, args=(stream.manifest.summary.k, stream.manifest.summary.dim, stop))
-        saved = {k: os.environ.get(k) for k in BLAS_THREADS}
-        os.environ.update(BLAS_THREADS)  # the child's numpy reads them when it loads
-        try:
+        with one_blas_thread():  # as the scorer
             busy.start()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         time.sleep(1.0)  # started and searching
     if mode == "set and scorer":
         scorer = ScorerProcess(engine, cfg, "bench-scorer", AlertPublisher(None))

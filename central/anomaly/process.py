@@ -14,7 +14,8 @@ import os
 import signal
 import threading
 import time
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 from sqlalchemy import Engine
 
@@ -26,6 +27,22 @@ log = logging.getLogger(__name__)
 # One BLAS thread in the scorer: numpy's default of one per core would take the worker's core too (measured: with
 # it, the scorer beside an in-process ingest cost that ingest 35-45% of its rate; a one-thread load, nothing)
 BLAS_THREADS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Processes started inside run their BLAS with one thread: the child inherits these variables and its numpy
+    reads them when it loads (the parent's own numpy has read them already)."""
+    saved = {k: os.environ.get(k) for k in BLAS_THREADS}
+    os.environ.update(BLAS_THREADS)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _child(url: str, cfg_json: str, name: str, conn, parent: int, level: int) -> None:  # noqa: ANN001 - a Connection
@@ -69,16 +86,8 @@ class ScorerProcess:
         self._proc = self._ctx.Process(target=_child, name=f"{self.name}-scorer", daemon=True,
                                        args=(self.url, self.cfg.model_dump_json(), self.name, send, os.getpid(),
                                              logging.getLogger().level))
-        saved = {k: os.environ.get(k) for k in BLAS_THREADS}
-        os.environ.update(BLAS_THREADS)  # the child inherits them and its numpy reads them when it loads
-        try:
+        with one_blas_thread():
             self._proc.start()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         send.close()
         self._conn = recv
 

@@ -59,13 +59,16 @@ def synthetic_frames(f: int, k: int, d: int, seed: int = 0) -> bank_module.SetFr
     return bank_module.SetFrames(t, np.full((f, k), 16.0, np.float32), np.zeros((f, 1), np.float32))
 
 
-def timed_build(frames: bank_module.SetFrames) -> Dict[str, float]:
-    """Seconds of one build_bank, in all and in each of STEPS."""
+def instrumented_build(frames: bank_module.SetFrames) -> Tuple[Dict[str, float], Dict[str, Tuple[Any, ...]]]:
+    """One build_bank with each of STEPS wrapped: (seconds in all and in each step, with the bank's size under
+    "bank"; the arguments the build passed to each step)."""
     spent = {s: 0.0 for s in STEPS}
+    seen: Dict[str, Tuple[Any, ...]] = {}
     originals = {s: getattr(bank_module, s) for s in STEPS}
 
     def wrap(name: str):
         def run(*a, **kw):
+            seen[name] = a
             t = time.perf_counter()
             try:
                 return originals[name](*a, **kw)
@@ -83,7 +86,7 @@ def timed_build(frames: bank_module.SetFrames) -> Dict[str, float]:
         for s in STEPS:
             setattr(bank_module, s, originals[s])
     spent["bank"] = built.bank.size
-    return spent
+    return spent, seen
 
 
 def bank_module_at(ref: str) -> types.ModuleType:
@@ -96,31 +99,10 @@ def bank_module_at(ref: str) -> types.ModuleType:
     return mod
 
 
-def step_inputs(frames: bank_module.SetFrames) -> Dict[str, Tuple[Any, ...]]:
-    """The arguments today's build passes to each of STEPS."""
-    seen: Dict[str, Tuple[Any, ...]] = {}
-    originals = {s: getattr(bank_module, s) for s in STEPS}
-
-    def grab(name: str):
-        def run(*a):
-            seen[name] = a
-            return originals[name](*a)
-        return run
-
-    for s in STEPS:
-        setattr(bank_module, s, grab(s))
-    try:
-        bank_module.build_bank(frames, INFO, 10_000, 0.99)
-    finally:
-        for s in STEPS:
-            setattr(bank_module, s, originals[s])
-    return seen
-
-
 def side_by_side(old: types.ModuleType, frames: bank_module.SetFrames, runs: int) -> Dict[str, Any]:
     """Each of STEPS, the old module's and today's on the same inputs, interleaved: medians, the median of the
     paired ratios (old / today) and how far their results agree."""
-    inputs = step_inputs(frames)
+    inputs = instrumented_build(frames)[1]
     out: Dict[str, Any] = {}
     for name in STEPS:
         if name not in inputs:
@@ -221,7 +203,7 @@ def main() -> int:
                 frames = synthetic_frames(f, k, d)
                 runs = []
                 for _ in range(args.runs):
-                    runs.append(timed_build(frames))
+                    runs.append(instrumented_build(frames)[0])
                     progress.advance(task)
                 med = {key: statistics.median(r[key] for r in runs) for key in ("total", *STEPS)}
                 rows.append({"shape": f"{label} (K={k}, d={d})", "frames": f, "pool": f * k,

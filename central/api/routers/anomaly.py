@@ -172,8 +172,11 @@ WAIT = Query(False, description="build the bank in this request and answer when 
 
 
 def _build(svc: Services, info: refsets.SetInfo, wait: bool, response: Response, done: int) -> dict:
-    """After a committed change: the set with its bank built in the request (``wait``: status ``done``), or as it
-    is while the builder thread builds it (202)."""
+    """After a committed change: the set as it is when its bank is current (200), else with its bank built in the
+    request (``wait``: status ``done``), or as it is while the builder thread builds it (202)."""
+    if info.state == "ready":
+        response.status_code = 200
+        return info.public()
     if wait:
         response.status_code = done
         return refsets.build_set(svc.engine, svc.cfg.anomaly, info.id).public()
@@ -221,9 +224,6 @@ def update_reference_set(set_id: int, body: UpdateSetBody, svc: ServicesDep, ses
                               until_us=body.until_us, mode=body.mode, quantile=body.quantile,
                               threshold=body.threshold, name=body.name)
     session.commit()
-    if info.state == "ready":
-        response.status_code = 200
-        return info.public()
     return _build(svc, info, wait, response, 200)
 
 
@@ -235,9 +235,6 @@ def build_reference_set(set_id: int, svc: ServicesDep, session: SessionDep, _p: 
     200 when current."""
     info = refsets.request_build(session, set_id)
     session.commit()
-    if info.state == "ready":
-        response.status_code = 200
-        return info.public()
     return _build(svc, info, wait, response, 200)
 
 

@@ -5,8 +5,8 @@ does not wait tens of seconds for a large set, and the database is not held mean
 every set left without a bank of its current version (central stopped during a build). A build that fails is
 recorded on the set (``build_error``, state ``failed``) and logged; the service keeps running (a build that
 could not read the database leaves the set ``building``: the next start takes it up). A set another central process
-is building (PostgreSQL: ``refsets.build_lock``) is looked at again every ``BUSY_RETRY_S``: built by then, or built
-here when that build was of a version since changed. On a read-only database (a search replica) nothing is built:
+is building (``refsets.build_lock``) is looked at again every ``BUSY_RETRY_S`` (logged once): built by then, or
+built here when that build was of a version since changed. On a read-only database (a search replica) nothing is built:
 its primary's central builds.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Optional
+from typing import Optional, Set
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
@@ -40,6 +40,7 @@ class BankBuilder:
         self._closing = threading.Event()
         self._started = False
         self.read_only = False
+        self._waiting: Set[int] = set()  # sets found busy elsewhere (logged once each)
 
     def start(self) -> None:
         """Start the thread and queue every set whose current version has no bank (nor a failed build); on a
@@ -99,8 +100,13 @@ class BankBuilder:
         except refsets.Busy:
             # another process builds it, perhaps a version since changed: look again (queued before this one is
             # done, so join still waits for it)
+            if set_id not in self._waiting:
+                self._waiting.add(set_id)
+                log.info("reference set %d is being built by another central process; looking again every %.0f s",
+                         set_id, BUSY_RETRY_S)
             if not self._closing.wait(BUSY_RETRY_S):
                 self._queue.put(set_id)
+            return
         except NotFound:
             pass  # deleted meanwhile
         except Invalid as exc:
@@ -108,3 +114,4 @@ class BankBuilder:
         except Exception:  # noqa: BLE001 - one set's build must not stop the others'; build_set recorded a defect
             # on the set (state failed); a database that could not be read leaves it building, for the next start
             log.exception("reference set %d: bank build failed", set_id)
+        self._waiting.discard(set_id)

@@ -9,18 +9,23 @@ frames takes tens of seconds; SQLite has one writer, and ingest must not wait fo
 is still at that version. Until then the scorer keeps scoring with the bank built before (``bank_version``); a set
 that never had a bank scores nothing yet. States: ``ready`` (the bank is the current version's), ``building``,
 ``failed`` (``build_error`` says why; the next change builds again). A change of the threshold by hand or of the
-name alone re-labels the current bank in the change's transaction, with no build. On PostgreSQL one process at a
-time builds a set (an advisory lock, ``build_lock``): several central processes on one database (API processes, the
-CLI) never build the same set twice over.
+name alone re-labels the current bank in the change's transaction, with no build. One process at a time builds a set
+(``build_lock``: an advisory lock on PostgreSQL, a file lock beside an SQLite file): several central processes on
+one database (API processes, the CLI) never build the same set twice over.
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: SQLite builds go without the file lock
+    fcntl = None  # type: ignore[assignment]
 from sqlalchemy import Engine, delete, exists, func, select, text, update
 from sqlalchemy.orm import Session
 
@@ -189,25 +194,54 @@ def _too_few(found: int) -> Invalid:
 
 
 class Busy(Exception):
-    """Another central process is building this set's bank (PostgreSQL); look again later."""
+    """Another central process is building this set's bank; look again later."""
+
+
+LOCKS_SUFFIX = ".build-locks"  # SQLite: a process building set n holds flock on <database file>.build-locks/<n>
 
 
 @contextmanager
 def build_lock(engine: Engine, set_id: int, wait: bool = True) -> Iterator[None]:
-    """Held while this process builds the set's bank. PostgreSQL: the session advisory lock (``BUILD_LOCK``, set id)
-    on a connection of its own, taken and committed before the build (no transaction stays open meanwhile),
-    released after it, or by the server when the process dies; ``wait`` False: ``Busy`` at once when another
-    process holds it. SQLite (one host, the API's one builder): no lock."""
-    if not is_postgres(engine):
+    """Held while this process builds the set's bank; ``wait`` False: ``Busy`` at once when another process holds
+    it. Released after the build, or by the server or kernel when the process dies.
+    PostgreSQL: the session advisory lock (``BUILD_LOCK``, set id) on a connection of its own, taken and committed
+    before the build (no transaction stays open meanwhile). SQLite file: an exclusive ``flock`` on the file
+    ``<n>`` in the directory ``<database file>.build-locks`` (API processes and the CLI share a host with their
+    SQLite file; the empty files stay); an in-memory database (one process) or a ``file:`` URI gets none."""
+    if is_postgres(engine):
+        with _advisory_lock(engine, set_id, wait):
+            yield
+        return
+    database = engine.url.database
+    if fcntl is None or not database or database == ":memory:" or database.startswith("file:"):
         yield
         return
+    folder = database + LOCKS_SUFFIX
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, str(int(set_id))), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _busy(set_id) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _busy(set_id: int) -> Busy:
+    return Busy(f"reference set {set_id} is being built by another central process")
+
+
+@contextmanager
+def _advisory_lock(engine: Engine, set_id: int, wait: bool) -> Iterator[None]:
     key = {"c": BUILD_LOCK, "k": int(set_id)}
     with engine.connect() as c:
         if wait:
             c.execute(text("SELECT pg_advisory_lock(:c, :k)"), key)
         elif not c.execute(text("SELECT pg_try_advisory_lock(:c, :k)"), key).scalar():
             c.rollback()
-            raise Busy(f"reference set {set_id} is being built by another central process")
+            raise _busy(set_id)
         c.commit()
         try:
             yield

@@ -850,24 +850,28 @@ def test_a_defect_in_one_build_is_recorded_on_its_set_and_the_builder_goes_on(en
     assert (got[1]["state"], got[1]["bank_tokens"]) == ("ready", 6 * 16)
 
 
-def test_on_postgresql_one_central_process_at_a_time_builds_a_set(pg_server, tiny_manifest, tiny_model_dir,
-                                                                   monkeypatch, caplog):
-    """Two central processes on one database (two engines here, each with its own connections): a set another
-    process is building is not built again but looked at again, and built here when that build's version has since
-    changed; two builders starting together build every pending set once; a read-only database (a search replica)
-    builds nothing."""
-    from sqlalchemy import text
+HOLD_BUILD_LOCK = """
+import sys, time
+from central.anomaly import refsets
+from sql.db import make_engine
+with refsets.build_lock(make_engine(sys.argv[1]), int(sys.argv[2])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
 
+
+def test_one_central_process_at_a_time_builds_a_set(engine, db_url, tiny_manifest, tiny_model_dir, monkeypatch,
+                                                    caplog):
+    """Several central processes on one database: a set another process is building (a real second process
+    holding ``build_lock``) is not built again but looked at again, and built here once that process is gone
+    (SIGKILL: the server or the kernel releases its lock) when its build's version has since changed; two
+    builders starting together (two engines, each with its own connections and lock files) build every pending
+    set once. On PostgreSQL a read-only database (a search replica) builds nothing."""
     from central.anomaly import builder as builder_module
-    from sql.db import make_engine
-    from sql.migrate import upgrade
-    from tests.central.conftest import _pg_database
+    from sql.db import is_postgres, make_engine
 
-    url = _pg_database(pg_server)
-    engine, other = make_engine(url), make_engine(url)
-    read_only = make_engine(url, connect_args={"options": "-c default_transaction_read_only=on"})
+    other = make_engine(db_url)
     try:
-        upgrade(engine)
         model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
         rng = np.random.default_rng(15)
         cams = ("c1", "c2", "c3", "c4")
@@ -889,18 +893,22 @@ def test_on_postgresql_one_central_process_at_a_time_builds_a_set(pg_server, tin
         monkeypatch.setattr(refsets, "build_bank", counting)
         monkeypatch.setattr(builder_module, "BUSY_RETRY_S", 0.2)
         sid = ids["c1"]
-        with other.connect() as c:  # the other process is building set c1 (version 1)
-            c.execute(text("SELECT pg_advisory_lock(:c, :k)"), {"c": refsets.BUILD_LOCK, "k": sid})
-            c.commit()
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_BUILD_LOCK, db_url, str(sid)], cwd=ROOT,
+                                  stdout=subprocess.PIPE, text=True)
+        try:  # the other process is building set c1 (version 1)
+            assert holder.stdout.readline().strip() == "held"
             with pytest.raises(refsets.Busy, match="another central process"):
                 refsets.build_set(engine, cfg, sid, wait=False)
             here = builder_module.BankBuilder(engine, cfg)
-            here.submit(sid)
-            time.sleep(1.0)  # several looks, no build
+            with caplog.at_level("INFO", logger=builder_module.__name__):
+                here.submit(sid)
+                time.sleep(1.0)  # several looks, no build, said once
             assert builds == [] and tx(engine, refsets.get_set, sid).state == "building"
+            assert caplog.text.count(f"reference set {sid} is being built by another central process") == 1
             tx(engine, refsets.update_set, cfg, sid, add_frame_ids=[m.frame_id.hex() for m in msgs["c1"][6:]])
-            c.execute(text("SELECT pg_advisory_unlock(:c, :k)"), {"c": refsets.BUILD_LOCK, "k": sid})
-            c.commit()  # its version-1 build stored nothing (the set is at version 2 now)
+        finally:
+            holder.kill()  # dies mid-build: its version-1 build stored nothing
+            holder.wait()
         here.join()
         info = tx(engine, refsets.get_set, sid)
         assert builds == [(sid, 2)] and (info.state, info.bank_version, info.frame_count) == ("ready", 2, 8)
@@ -921,8 +929,11 @@ def test_on_postgresql_one_central_process_at_a_time_builds_a_set(pg_server, tin
         assert {tx(engine, refsets.get_set, ids[c]).state for c in cams} == {"ready"}
         first.close()
         second.close()
+        if not is_postgres(engine):
+            return
 
         # a search replica: nothing built, and it says why
+        read_only = make_engine(db_url, connect_args={"options": "-c default_transaction_read_only=on"})
         tx(engine, refsets.update_set, cfg, ids["c2"], add_frame_ids=[m.frame_id.hex() for m in msgs["c2"][6:]])
         builds.clear()
         replica = builder_module.BankBuilder(read_only, cfg)
@@ -933,6 +944,6 @@ def test_on_postgresql_one_central_process_at_a_time_builds_a_set(pg_server, tin
         assert replica.read_only and builds == [] and tx(engine, refsets.get_set, ids["c2"]).state == "building"
         assert "built by the primary" in caplog.text
         replica.close()
+        read_only.dispose()
     finally:
-        for e in (engine, other, read_only):
-            e.dispose()
+        other.dispose()

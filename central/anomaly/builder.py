@@ -97,13 +97,12 @@ class BankBuilder:
             info = refsets.build_set(self.engine, self.cfg, set_id, wait=False)
             log.info("reference set %d %s: %s, %d bank tokens, threshold %.4f", set_id, info.name, info.state,
                      info.bank_tokens, info.threshold)
-        except refsets.Busy:
+        except refsets.Busy as busy:
             # another process builds it, perhaps a version since changed: look again (queued before this one is
             # done, so join still waits for it)
             if set_id not in self._waiting:
                 self._waiting.add(set_id)
-                log.info("reference set %d is being built by another central process; looking again every %.0f s",
-                         set_id, BUSY_RETRY_S)
+                log.info("%s; looking again every %.0f s", busy, BUSY_RETRY_S)
             if not self._closing.wait(BUSY_RETRY_S):
                 self._queue.put(set_id)
             return

@@ -17,8 +17,10 @@ one database (API processes, the CLI) never build the same set twice over.
 from __future__ import annotations
 
 import os
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -207,7 +209,8 @@ def build_lock(engine: Engine, set_id: int, wait: bool = True) -> Iterator[None]
     PostgreSQL: the session advisory lock (``BUILD_LOCK``, set id) on a connection of its own, taken and committed
     before the build (no transaction stays open meanwhile). SQLite file: an exclusive ``flock`` on the file
     ``<n>`` in the directory ``<database file>.build-locks`` (API processes and the CLI share a host with their
-    SQLite file; the empty files stay); an in-memory database (one process) or a ``file:`` URI gets none."""
+    SQLite file; each file says who holds it: pid, host, since when); an in-memory database (one process) or a
+    ``file:`` URI gets none. ``Busy`` names the holder (PostgreSQL: its database session's pid and address)."""
     if is_postgres(engine):
         with _advisory_lock(engine, set_id, wait):
             yield
@@ -223,14 +226,26 @@ def build_lock(engine: Engine, set_id: int, wait: bool = True) -> Iterator[None]
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise _busy(set_id) from None
+            raise _busy(set_id, os.pread(fd, 200, 0).decode("utf-8", "replace").strip()) from None
+        os.ftruncate(fd, 0)  # who holds it, for the others' Busy
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_utc_now()}".encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock
 
 
-def _busy(set_id: int) -> Busy:
-    return Busy(f"reference set {set_id} is being built by another central process")
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _busy(set_id: int, holder: str) -> Busy:
+    return Busy(f"reference set {set_id} is being built by another central process"
+                + (f" ({holder})" if holder else ""))
+
+
+_HOLDER = text("SELECT a.pid, a.client_addr, a.application_name FROM pg_locks l JOIN pg_stat_activity a "
+               "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted AND l.classid = :c AND l.objid = :k "
+               "AND l.objsubid = 2")
 
 
 @contextmanager
@@ -240,8 +255,12 @@ def _advisory_lock(engine: Engine, set_id: int, wait: bool) -> Iterator[None]:
         if wait:
             c.execute(text("SELECT pg_advisory_lock(:c, :k)"), key)
         elif not c.execute(text("SELECT pg_try_advisory_lock(:c, :k)"), key).scalar():
+            who = c.execute(_HOLDER, key).first()
             c.rollback()
-            raise _busy(set_id)
+            parts = [] if who is None else [f"database session pid {who.pid}",
+                                             f"from {who.client_addr}" if who.client_addr else "",
+                                             who.application_name or ""]
+            raise _busy(set_id, " ".join(p for p in parts if p))
         c.commit()
         try:
             yield

@@ -897,8 +897,12 @@ def test_one_central_process_at_a_time_builds_a_set(engine, db_url, tiny_manifes
                                   stdout=subprocess.PIPE, text=True)
         try:  # the other process is building set c1 (version 1)
             assert holder.stdout.readline().strip() == "held"
-            with pytest.raises(refsets.Busy, match="another central process"):
+            with pytest.raises(refsets.Busy, match="another central process") as busy:
                 refsets.build_set(engine, cfg, sid, wait=False)
+            # it names the holder: its pid and host (SQLite), its database session (PostgreSQL)
+            named = (r"\(database session pid \d+" if is_postgres(engine)
+                     else rf"\(pid {holder.pid} on \S+ since 20\d\d-")
+            assert re.search(named, str(busy.value)), busy.value
             here = builder_module.BankBuilder(engine, cfg)
             with caplog.at_level("INFO", logger=builder_module.__name__):
                 here.submit(sid)

@@ -205,9 +205,11 @@ class Bank:
             self.whiten = np.ascontiguousarray(self.whiten, np.float32)
         self.check()
         # what the search multiplies (module docstring): the tokens and centroids, or in metric whitened
-        # [z, -|z|^2 / 2]
+        # [z, -|z|^2 / 2], whose first d columns then are the tokens (one copy in memory, not two)
         self._search_tokens = self._searched(self.tokens)
         self._search_centroids = self._searched(self.centroids)
+        if self._search_tokens is not self.tokens:
+            self.tokens = self._search_tokens[:, :-1]
 
     @property
     def whitened(self) -> bool:
@@ -477,8 +479,7 @@ class Bank:
                        arrays.get(WHITEN))
         except BankError as exc:
             raise BankError(f"{where}: {exc}") from None
-        bank._half.update(tokens=arrays["tokens"], globals=arrays["globals"])
-        return bank
+        return bank  # the file's float16 arrays are not kept: to_bytes makes the same ones again (exact round trip)
 
     @classmethod
     def load(cls, path: Union[str, Path], manifest_hash: Optional[str] = None,

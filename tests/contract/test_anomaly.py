@@ -315,6 +315,9 @@ def whitened_distances(bank: Bank, q: np.ndarray, exclude=None) -> np.ndarray:
 def test_whitened_bank_scores_euclidean_distances_after_its_whitening_in_every_search(monkeypatch) -> None:
     bank = make_whitened_bank()
     assert bank.whitened and bank.lists == 30 and bank.size <= anomaly.EXHAUSTIVE_UP_TO
+    # one copy of the tokens in memory: they are the first d columns of what the search multiplies
+    assert np.shares_memory(bank.tokens, bank._search_tokens) and bank.tokens.shape == (3000, 16)
+    np.testing.assert_array_equal(bank._search_tokens[:, -1], -0.5 * np.einsum("ij,ij->i", bank.tokens, bank.tokens))
     rng = np.random.default_rng(3)
     f = 40
     noise = rng.uniform(0.02, 0.5, (f, 16, 1))
@@ -342,6 +345,7 @@ def test_whitened_bank_scores_euclidean_distances_after_its_whitening_in_every_s
     # the file keeps the whitening; edge and central score the same bytes alike
     back = Bank.from_bytes(bank.to_bytes())
     assert back.info.metric == "whitened" and np.array_equal(back.whiten, bank.whiten)
+    assert not back._half and back.to_bytes() == bank.to_bytes()  # no float16 copy held; the same file again
     np.testing.assert_array_equal(back.score_arrays(frames, sizes).score, bank.score_arrays(frames, sizes).score)
 
 

@@ -17,10 +17,8 @@ REF, side by side.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tracemalloc
-import types
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, List
@@ -31,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._report import write_section  # noqa: E402
-from benchmarks.bench_refset_build import INFO, synthetic_frames  # noqa: E402
+from benchmarks.bench_refset_build import INFO, module_at, synthetic_frames  # noqa: E402
 from benchmarks.bench_summary import md_table  # noqa: E402
 from central.anomaly.bank import build_bank  # noqa: E402
 from tokenline import anomaly  # noqa: E402
@@ -39,16 +37,6 @@ from tokenline import anomaly  # noqa: E402
 SECTION = "bank_memory"
 SHAPES = (("default export", 16, 96), ("export for flagging", 48, 64))
 CAMERAS = 100  # a plant's cameras with a reference set, for the per-scorer total
-
-
-def anomaly_module_at(ref: str) -> types.ModuleType:
-    """``tokenline.anomaly`` as it was at git commit ``ref`` (importing today's other modules)."""
-    path = "tokenline/anomaly.py"
-    src = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    mod = types.ModuleType(f"anomaly_at_{ref}")
-    sys.modules[mod.__name__] = mod  # dataclasses look their module up
-    exec(compile(src, f"{ref}:{path}", "exec"), mod.__dict__)
-    return mod
 
 
 def held_bytes(module: Any, blob: bytes, queries: np.ndarray) -> int:
@@ -75,7 +63,7 @@ def main() -> int:
     from rich.console import Console
 
     console = Console()
-    old = anomaly_module_at(args.against) if args.against else None
+    old = module_at(args.against, "tokenline/anomaly.py") if args.against else None
     rows: List[dict] = []
     for label, k, d in SHAPES:
         for m in args.tokens:

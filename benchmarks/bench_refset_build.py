@@ -89,11 +89,10 @@ def instrumented_build(frames: bank_module.SetFrames) -> Tuple[Dict[str, float],
     return spent, seen
 
 
-def bank_module_at(ref: str) -> types.ModuleType:
-    """``central.anomaly.bank`` as it was at git commit ``ref`` (importing today's other modules)."""
-    path = "central/anomaly/bank.py"
+def module_at(ref: str, path: str = "central/anomaly/bank.py") -> types.ModuleType:
+    """The module in file ``path`` as it was at git commit ``ref`` (importing today's other modules)."""
     src = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    mod = types.ModuleType(f"bank_at_{ref}")
+    mod = types.ModuleType(f"{Path(path).stem}_at_{ref}")
     sys.modules[mod.__name__] = mod  # dataclasses look their module up
     exec(compile(src, f"{ref}:{path}", "exec"), mod.__dict__)
     return mod
@@ -213,7 +212,7 @@ def main() -> int:
                 console.print(f"{label} {f} frames: {med['total']:.1f} s")
         pairs = []
         if args.against:
-            old = bank_module_at(args.against)
+            old = module_at(args.against)
             task2 = progress.add_task(f"side by side with {args.against}", total=len(SHAPES) * len(args.against_sizes))
             for label, k, d in SHAPES:
                 for f in args.against_sizes:

@@ -5,9 +5,9 @@ does not wait tens of seconds for a large set, and the database is not held mean
 every set left without a bank of its current version (central stopped during a build). A build that fails is
 recorded on the set (``build_error``, state ``failed``) and logged; the service keeps running (a build that
 could not read the database leaves the set ``building``: the next start takes it up). A set another central process
-is building (``refsets.build_lock``) is looked at again every ``BUSY_RETRY_S`` (logged once): built by then, or
-built here when that build was of a version since changed. On a read-only database (a search replica) nothing is built:
-its primary's central builds.
+is building (``refsets.build_lock``) is looked at again every ``BUSY_RETRY_S`` (logged once, naming the holder):
+built by then, or built here when that build was of a version since changed. On a read-only database (a search
+replica) nothing is built: its primary's central builds.
 """
 
 from __future__ import annotations

@@ -23,11 +23,12 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
-import numpy as np
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: SQLite builds go without the file lock
     fcntl = None  # type: ignore[assignment]
+
+import numpy as np
 from sqlalchemy import Engine, delete, exists, func, select, text, update
 from sqlalchemy.orm import Session
 

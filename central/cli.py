@@ -518,7 +518,11 @@ def cmd_reference_set(args: argparse.Namespace) -> int:
                       soft_wrap=True, highlight=False)
     if built is not None:  # the change is committed: its bank is built without holding the database
         with out.status(f"building the bank of reference set {built[1]}"):
-            info = refsets.build_set(engine, cfg.anomaly, built[1])
+            try:
+                info = refsets.build_set(engine, cfg.anomaly, built[1], wait=False)
+            except refsets.Busy as busy:  # say on whom it waits (a hung holder would keep it waiting)
+                out.print(f"{busy}; waiting for it", soft_wrap=True, markup=False, highlight=False)
+                info = refsets.build_set(engine, cfg.anomaly, built[1])
         out.print(f"[green]{built[0]}[/] {_set_line(info)}", soft_wrap=True, highlight=False)
     return 0
 

@@ -861,16 +861,18 @@ with refsets.build_lock(make_engine(sys.argv[1]), int(sys.argv[2])):
 
 
 def test_one_central_process_at_a_time_builds_a_set(engine, db_url, tiny_manifest, tiny_model_dir, monkeypatch,
-                                                    caplog):
+                                                    caplog, capsys):
     """Several central processes on one database: a set another process is building (a real second process
-    holding ``build_lock``) is not built again but looked at again, and built here once that process is gone
-    (SIGKILL: the server or the kernel releases its lock) when its build's version has since changed; two
-    builders starting together (two engines, each with its own connections and lock files) build every pending
-    set once. On PostgreSQL a read-only database (a search replica) builds nothing."""
+    holding ``build_lock``) is not built again but looked at again (the CLI waits, saying on whom), and built once
+    that process is gone (SIGKILL: the server or the kernel releases its lock) when its build's version has since
+    changed; two builders starting together (two engines, each with its own connections and lock files) build
+    every pending set once. On PostgreSQL a read-only database (a search replica) builds nothing."""
     from central.anomaly import builder as builder_module
+    from central.cli import main as cli_main
     from sql.db import is_postgres, make_engine
 
     other = make_engine(db_url)
+    cli_rc: list = []
     try:
         model = tx(engine, store.register_model, tiny_manifest, tiny_model_dir)
         rng = np.random.default_rng(15)
@@ -910,10 +912,17 @@ def test_one_central_process_at_a_time_builds_a_set(engine, db_url, tiny_manifes
             assert builds == [] and tx(engine, refsets.get_set, sid).state == "building"
             assert caplog.text.count(f"reference set {sid} is being built by another central process") == 1
             tx(engine, refsets.update_set, cfg, sid, add_frame_ids=[m.frame_id.hex() for m in msgs["c1"][6:]])
+            capsys.readouterr()
+            cli = threading.Thread(target=lambda: cli_rc.append(cli_main(["--db", db_url, "reference-set", "build",
+                                                                          str(sid)])))
+            cli.start()  # the CLI says on whom it waits, and waits
+            assert _wait_for(lambda: "waiting for it" in capsys.readouterr().out, 10) and cli.is_alive()
         finally:
             holder.kill()  # dies mid-build: its version-1 build stored nothing
             holder.wait()
         here.join()
+        cli.join(30)
+        assert cli_rc == [0]
         info = tx(engine, refsets.get_set, sid)
         assert builds == [(sid, 2)] and (info.state, info.bank_version, info.frame_count) == ("ready", 2, 8)
         here.close()

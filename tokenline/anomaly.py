@@ -50,7 +50,7 @@ import hashlib
 import io
 import json
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -193,7 +193,6 @@ class Bank:
     globals: np.ndarray  # [F, D] float32 (empty [0, D] when the mode does not use them)
     info: BankInfo
     whiten: Optional[np.ndarray] = None  # [d + 1, d] float32 (m, then W) in metric whitened, else None
-    _half: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.tokens = np.ascontiguousarray(self.tokens, np.float32)
@@ -433,12 +432,9 @@ class Bank:
     # -- the file -----------------------------------------------------------------------------------------------
     def arrays(self) -> Dict[str, np.ndarray]:
         """The file's arrays in their stored dtypes (float16 tokens and globals)."""
-        if "tokens" not in self._half:
-            self._half["tokens"] = self.tokens.astype(np.float16)
-            self._half["globals"] = self.globals.astype(np.float16)
-        out = {"tokens": self._half["tokens"], "offsets": self.offsets.astype("<i8"),
+        out = {"tokens": self.tokens.astype(np.float16), "offsets": self.offsets.astype("<i8"),
                "centroids": self.centroids.astype("<f4"), "src": self.src.astype("<i4"),
-               "globals": self._half["globals"]}
+               "globals": self.globals.astype(np.float16)}
         if self.whiten is not None:
             out[WHITEN] = self.whiten.astype("<f4")
         return out
@@ -479,7 +475,7 @@ class Bank:
                        arrays.get(WHITEN))
         except BankError as exc:
             raise BankError(f"{where}: {exc}") from None
-        return bank  # the file's float16 arrays are not kept: to_bytes makes the same ones again (exact round trip)
+        return bank  # float32 in memory only: to_bytes makes the file's float16 arrays again (exact round trip)
 
     @classmethod
     def load(cls, path: Union[str, Path], manifest_hash: Optional[str] = None,

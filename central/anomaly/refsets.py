@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
@@ -213,14 +213,17 @@ def build_lock(engine: Engine, set_id: int, wait: bool = True) -> Iterator[None]
     SQLite file; each file says who holds it: pid, host, since when); an in-memory database (one process) or a
     ``file:`` URI gets none. ``Busy`` names the holder (PostgreSQL: its database session's pid and address)."""
     if is_postgres(engine):
-        with _advisory_lock(engine, set_id, wait):
-            yield
-        return
-    database = engine.url.database
-    if fcntl is None or not database or database == ":memory:" or database.startswith("file:"):
+        lock = _advisory_lock(engine, set_id, wait)
+    else:
+        database = engine.url.database or ""
+        lockable = fcntl is not None and database not in ("", ":memory:") and not database.startswith("file:")
+        lock = _file_lock(database + LOCKS_SUFFIX, set_id, wait) if lockable else nullcontext()
+    with lock:
         yield
-        return
-    folder = database + LOCKS_SUFFIX
+
+
+@contextmanager
+def _file_lock(folder: str, set_id: int, wait: bool) -> Iterator[None]:
     os.makedirs(folder, exist_ok=True)
     fd = os.open(os.path.join(folder, str(int(set_id))), os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -244,7 +247,7 @@ def _busy(set_id: int, holder: str) -> Busy:
                 + (f" ({holder})" if holder else ""))
 
 
-_HOLDER = text("SELECT a.pid, a.client_addr, a.application_name FROM pg_locks l JOIN pg_stat_activity a "
+_HOLDER = text("SELECT a.pid, a.client_addr FROM pg_locks l JOIN pg_stat_activity a "
                "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted AND l.classid = :c AND l.objid = :k "
                "AND l.objsubid = 2")
 
@@ -258,10 +261,8 @@ def _advisory_lock(engine: Engine, set_id: int, wait: bool) -> Iterator[None]:
         elif not c.execute(text("SELECT pg_try_advisory_lock(:c, :k)"), key).scalar():
             who = c.execute(_HOLDER, key).first()
             c.rollback()
-            parts = [] if who is None else [f"database session pid {who.pid}",
-                                             f"from {who.client_addr}" if who.client_addr else "",
-                                             who.application_name or ""]
-            raise _busy(set_id, " ".join(p for p in parts if p))
+            raise _busy(set_id, "" if who is None else f"database session pid {who.pid}"
+                        + (f" from {who.client_addr}" if who.client_addr else ""))
         c.commit()
         try:
             yield

@@ -623,10 +623,31 @@ def quantize(x: np.ndarray, dtype: str) -> np.ndarray:
         return x
     if dtype == "fp16":
         return x.astype(np.float16).astype(np.float32)
+    return _unit(round_trip(x, dtype))
+
+
+def round_trip(x: np.ndarray, dtype: str) -> np.ndarray:
+    """The rows as the wire's per-row symmetric int8 / int4 quantization returns them (not renormalized)."""
     levels = 127.0 if dtype == "int8" else 7.0
     scale = np.abs(x).max(-1, keepdims=True) / levels
     scale = np.where(scale > 0, scale, 1.0)
-    return _unit(np.clip(np.round(x / scale), -levels, levels) * scale)
+    return np.clip(np.round(x / scale), -levels, levels) * scale
+
+
+def shaped_round_trip(p: np.ndarray, lam: np.ndarray, a: float, dtype: str) -> np.ndarray:
+    """Quantization noise shaped by the calibration's principal variances: unit tokens ``p`` [..., d] on principal
+    axes with variances ``lam`` [d] are divided by lam^(a/2) per axis and rotated (the exporter's rotation) before
+    the wire's per-row quantization, and turned back after it. The rounding noise, even across the rotated
+    coordinates, lands on axis i with a standard deviation proportional to lam_i^(a/2): a = 0 is the exporter's
+    (the same noise on every axis, so whitening at central amplifies it on the low-variance axes), a = 1 the same
+    share of every axis's spread. Returns unit tokens on the principal axes."""
+    from exporter.summary_head import rotation
+
+    d = p.shape[-1]
+    sh = np.sqrt(np.maximum(lam, 1e-12)) ** a
+    r = rotation(d).astype(np.float32)
+    y = round_trip(((p / sh) @ r).astype(np.float32), dtype)
+    return _unit((y @ r.T) * sh).astype(np.float32)
 
 
 def token_bytes(t: int, d: int, dtype: str) -> int:
@@ -852,14 +873,24 @@ class Variant:
     dtype: str = "fp32"
     dims: int = 0  # PCA dims, 0 = none
     rotate: bool = True  # the PCA axes rotated as the exporter does (exporter.summary_head.rotation)
+    shape: float = 0.0  # int8 / int4 with PCA: quantization noise shaped by lam^(shape / 2) (shaped_round_trip)
+
+    def __post_init__(self) -> None:
+        if self.shape and not (self.dims and self.dtype in ("int8", "int4")):
+            raise ValueError("noise shaping needs a PCA projection and int8 or int4 tokens")
 
     @property
     def label(self) -> str:
         pca = f"PCA {self.dims}{'' if self.rotate else ' unrotated'}, " if self.dims else ""
-        return f"{self.name}, {pca}{self.dtype}"
+        return f"{self.name}, {pca}{self.dtype}{f', shaped a={self.shape:g}' if self.shape else ''}"
 
 
 def compress(rep: Rep, calib: np.ndarray, v: Variant) -> Tuple[Rep, Optional[tuple]]:
+    if v.shape:  # noise shaping (shaped_round_trip): principal axes and their variances from the calibration
+        flat = calib.reshape(-1, calib.shape[-1])
+        pca = fit_pca(flat, v.dims, rotate=False)
+        lam = np.mean(project(flat, pca) ** 2, axis=0)
+        return Rep(shaped_round_trip(project(rep.tokens, pca), lam, v.shape, v.dtype), rep.footprint), pca
     pca = fit_pca(calib.reshape(-1, calib.shape[-1]), v.dims, v.rotate) if v.dims else None
     t = quantize(project(rep.tokens, pca), v.dtype)
     return Rep(t, rep.footprint), pca

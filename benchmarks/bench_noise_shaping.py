@@ -1,6 +1,6 @@
 """Benchmark: int4 summary tokens with their quantization noise shaped by the projection's principal variances.
 
-    python benchmarks/bench_noise_shaping.py --poly     # BENCHMARKS.md noise_shaping
+    python benchmarks/bench_noise_shaping.py --poly --product out/k48 --product out/k16   # BENCHMARKS.md noise_shaping
     python benchmarks/bench_noise_shaping.py --draws 3 --no-write
 
 The export for flagging (K=48 tokens of 64 dims) was sent as int4 to fit a 2.5 KB message, and int4 is where it
@@ -37,9 +37,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import write_section  # noqa: E402
-from benchmarks.bench_elpv_gap import HEAD, LAYER, bank_draws, elpv_aurocs  # noqa: E402
-from benchmarks.bench_summary import (FeatureSets, Variant, build_eval, head_rep, layer_feats, md_table,  # noqa: E402
-                                      message_bytes, neu_data, patch_rep)
+from benchmarks.bench_anomaly import real_tokens  # noqa: E402
+from benchmarks.bench_elpv_gap import HEAD, LAYER, bank_draws, elpv_aurocs, exported_reps  # noqa: E402
+from benchmarks.bench_summary import (FeatureSets, Rep, Variant, build_eval, head_rep, layer_feats,  # noqa: E402
+                                      md_table, message_bytes, neu_data, patch_rep, quantize, shaped_round_trip)
 
 SECTION = "noise_shaping"
 SHAPES = (0.25, 0.5, 0.75, 1.0)
@@ -72,10 +73,7 @@ def elpv_rows(probs: np.ndarray, reps: Dict[str, object], draws: int, chosen: Li
 def product_reps(fs: FeatureSets, model_dir: Path, probs: np.ndarray, poly: bool, progress) -> Dict[str, object]:
     """{label: Rep} of an exported model's ELPV summaries: fp32 as output, the wire's int8 / int4 round trips, and
     int4 shaped by lam of its summaries of the exporter's 16 NEU-DET calibration images (the rotation undone)."""
-    from benchmarks.bench_anomaly import real_tokens
-    from benchmarks.bench_elpv_gap import exported_reps
-    from benchmarks.bench_summary import Rep, quantize, shaped_round_trip
-    from exporter.summary_head import rotation
+    from exporter.summary_head import rotation  # torch: only when measuring an exported model
 
     (m, _, rep), = exported_reps(fs, [model_dir], probs, poly=poly)
     calib = real_tokens(model_dir, progress).summary.tokens

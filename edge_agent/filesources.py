@@ -338,10 +338,12 @@ class FolderWatchSource:
 
     def _delete(self, name: str) -> None:
         paths = [self.dir / name] + ([self.dir / (name + ".json")] if self.cfg.sidecar else [])
+        removed = False  # by this call: the writer's delete after a commit and a scan's can race for one file
         try:
             for p in paths:
                 try:
                     p.unlink()
+                    removed = removed or p == paths[0]
                 except FileNotFoundError:
                     pass
         except OSError as exc:
@@ -357,7 +359,7 @@ class FolderWatchSource:
         self.journal.forget(self.camera, [name])
         with self._lock:
             self._known.pop(name, None)
-            self.counts["deleted"] += 1
+            self.counts["deleted"] += int(removed)
 
     def _reject(self, name: str, reason: str) -> None:
         """Move an unusable file (and its sidecar) to ``rejected/``; a warning names the reason."""

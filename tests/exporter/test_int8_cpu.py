@@ -38,7 +38,7 @@ def _saturating_int8() -> bool:
 
 needs_exact_int8 = pytest.mark.skipif(
     _saturating_int8(), reason="this x86 CPU has no VNNI: ONNX Runtime's int8 products saturate here, so the INT8 "
-    "file does not compute what its simulation does (docs/exporter.md, CPU INT8)")
+    "file does not compute what its simulation does (docs/choosing-a-schedule.md, 'The CPU matters')")
 
 
 def _global(vit, x: np.ndarray, batch: int) -> np.ndarray:

@@ -623,30 +623,26 @@ def quantize(x: np.ndarray, dtype: str) -> np.ndarray:
         return x
     if dtype == "fp16":
         return x.astype(np.float16).astype(np.float32)
-    return _unit(round_trip(x, dtype))
-
-
-def round_trip(x: np.ndarray, dtype: str) -> np.ndarray:
-    """The rows as the wire's per-row symmetric int8 / int4 quantization returns them (not renormalized)."""
     levels = 127.0 if dtype == "int8" else 7.0
     scale = np.abs(x).max(-1, keepdims=True) / levels
     scale = np.where(scale > 0, scale, 1.0)
-    return np.clip(np.round(x / scale), -levels, levels) * scale
+    return _unit(np.clip(np.round(x / scale), -levels, levels) * scale)
 
 
 def shaped_round_trip(p: np.ndarray, lam: np.ndarray, a: float, dtype: str) -> np.ndarray:
     """Quantization noise shaped by the calibration's principal variances: unit tokens ``p`` [..., d] on principal
     axes with variances ``lam`` [d] are divided by lam^(a/2) per axis and rotated (the exporter's rotation) before
-    the wire's per-row quantization, and turned back after it. The rounding noise, even across the rotated
-    coordinates, lands on axis i with a standard deviation proportional to lam_i^(a/2): a = 0 is the exporter's
-    (the same noise on every axis, so whitening at central amplifies it on the low-variance axes), a = 1 the same
-    share of every axis's spread. Returns unit tokens on the principal axes."""
+    the wire's per-row quantization (``tokenline.wire.as_decoded``), and turned back after it. The rounding noise,
+    even across the rotated coordinates, lands on axis i with a standard deviation proportional to lam_i^(a/2):
+    a = 0 is the exporter's (the same noise on every axis, so whitening at central amplifies it on the
+    low-variance axes), a = 1 the same share of every axis's spread. Returns unit tokens on the principal axes."""
     from exporter.summary_head import rotation
+    from tokenline.wire import as_decoded
 
     d = p.shape[-1]
     sh = np.sqrt(np.maximum(lam, 1e-12)) ** a
     r = rotation(d).astype(np.float32)
-    y = round_trip(((p / sh) @ r).astype(np.float32), dtype)
+    y = as_decoded(((p / sh) @ r).astype(np.float32), dtype)
     return _unit((y @ r.T) * sh).astype(np.float32)
 
 

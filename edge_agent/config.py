@@ -212,7 +212,8 @@ class ModelConfig(StrictModel):
     batch_timeout_ms: float = Field(10.0, ge=0)  # wait this long to fill a batch
     threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads; 0 = its default
     # the manifest's encoder_int8 files (exported with --cpu-int8; ONNX Runtime dynamic INT8, faster on CPUs with
-    # VNNI): "auto" runs them when ONNX Runtime runs on the CPU alone, "on" always (an error without them), "off" never
+    # VNNI): "auto" runs them when ONNX Runtime runs on the CPU alone, "on" always (an error without them), "off" never;
+    # "auto" does not run 8-bit-weight files on an x86 CPU without VNNI, where they saturate (runtime.cpu)
     int8: Literal["auto", "on", "off"] = "auto"
     # ONNX Runtime's worker threads spin-wait between parallel sections: a bare encoder gains a little, but on a
     # small CPU the spinning takes the cycles of the capture, preprocessing and outbox threads (BENCHMARKS.md

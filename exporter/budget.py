@@ -71,10 +71,10 @@ def grid(vit: ViT, merge: MergeConfig) -> List[Candidate]:
 
 def choose_schedule(vit: ViT, merge: MergeConfig, calib: np.ndarray,
                     progress: Callable[[str], None] = lambda _m: None,
-                    int8: bool = False) -> Tuple[MergeConfig, SearchResult]:
+                    int8: bool = False, weight_bits: int = 8) -> Tuple[MergeConfig, SearchResult]:
     """Search the schedule grid for ``merge.budget`` on ``calib``; returns the chosen settings (unmerged when
     nothing fits) and the search, every evaluated point included. ``int8``: measure every candidate as the
-    ``encoder_int8`` file computes (see the module docstring)."""
+    ``encoder_int8`` file of ``weight_bits`` weights computes (see the module docstring)."""
     if merge.budget is None:
         raise ValueError("choose_schedule needs merge.budget")
     unmerged = merge.unmerged()
@@ -89,7 +89,7 @@ def choose_schedule(vit: ViT, merge: MergeConfig, calib: np.ndarray,
         ref = global_embeddings(vit, calib)
 
     def embed_now():
-        with simulate(vit) if int8 else contextlib.nullcontext():
+        with simulate(vit, weight_bits) if int8 else contextlib.nullcontext():
             return embeddings(vit, calib) if summary else global_embeddings(vit, calib)
 
     base = None

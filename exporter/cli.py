@@ -101,6 +101,8 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
                    help=_help(ExportOptions, "batch_sizes", "; e.g. 1,4 or 'dynamic'"))
     p.add_argument("--cpu-int8", dest="cpu_int8", action="store_true", default=unset,
                    help=_help(ExportOptions, "cpu_int8"))
+    p.add_argument("--cpu-int8-weight-bits", dest="cpu_int8_weight_bits", type=int, choices=[7, 8], default=unset,
+                   help=_help(ExportOptions, "cpu_int8_weight_bits"))
     p.add_argument("--opset", dest="opset", type=int, default=unset, help=_help(ExportOptions, "opset"))
     p.add_argument("--no-simplify", dest="simplify", action="store_false", default=unset,
                    help="skip onnxslim (constant folding that makes fixed-batch graphs fully static)")

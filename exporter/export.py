@@ -34,6 +34,7 @@ from exporter.search import SearchError, SearchResult, fidelity
 from exporter.validate import (compare, ort_session, run_batched, self_baseline, throughput, throughput_side_by_side,
                                worst)
 from exporter.vit import ViT, gflops
+from runtime.cpu import int8_saturates
 from tokenline import manifest as mf
 from tokenline.summary import output_names
 
@@ -135,7 +136,8 @@ def search_schedule(vit: ViT, merge: MergeConfig, opts: ExportOptions, calib: np
     if opts.calib_dir is None:
         raise ExportError("a budget is measured on your own images: give a folder of calibration images (--calib)")
     try:
-        chosen, result = choose_schedule(vit, merge, calib, progress, int8=opts.cpu_int8)
+        chosen, result = choose_schedule(vit, merge, calib, progress, int8=opts.cpu_int8,
+                                         weight_bits=opts.cpu_int8_weight_bits)
     except SearchError as exc:
         raise ExportError(f"schedule search: {exc}") from None
     progress(f"schedule search: chose {result.chosen.candidate.name}" if result.chosen else
@@ -215,14 +217,19 @@ def export_int8(vit: ViT, files: List[mf.FileSpec], opts: ExportOptions, calib: 
     cos_all: List[np.ndarray] = []
     first = None
     n_simulated = len(projections(vit))  # what the search's INT8 simulation quantizes
+    bits = opts.cpu_int8_weight_bits
+    if bits == 8 and int8_saturates():
+        log.warning("this x86 CPU has no VNNI: ONNX Runtime saturates 8-bit INT8 weight products here, so the "
+                    "encoder_int8 files measure less accurate on it than on ARM or VNNI CPUs (the manifest's INT8 "
+                    "cosines and file loss are this CPU's); an edge like it needs --cpu-int8-weight-bits 7")
     step = 8  # the fp32 encoder in torch, what every INT8 file is held against (any batch gives the same)
     with torch.no_grad():
         fp32 = torch.cat([vit(torch.from_numpy(calib[i : i + step]))[0] for i in range(0, len(calib), step)]).numpy()
     for f in files:
         b = f.batch
         fname = encoder_file("encoder", "int8", b)
-        progress(f"quantizing {fname} (ONNX Runtime dynamic INT8, for CPUs)")
-        made_n = quantize_dynamic_file(out / f.path, out / fname)
+        progress(f"quantizing {fname} (ONNX Runtime dynamic INT8, {bits}-bit weights, for CPUs)")
+        made_n = quantize_dynamic_file(out / f.path, out / fname, weight_bits=bits)
         progress(f"validating {fname} with ONNX Runtime against torch")
         sess = ort_session(out / fname)
         got = run_batched(sess, calib, b or opts.bench_batch)[0]  # at the file's own batch
@@ -244,7 +251,7 @@ def export_int8(vit: ViT, files: List[mf.FileSpec], opts: ExportOptions, calib: 
         cos_all.append(cos)
         first = got if first is None else first
         made.append(mf.FileSpec(path=fname, sha256=mf.sha256_file(out / fname), role="encoder_int8", precision="int8",
-                                batch=b))
+                                batch=b, weight_bits=bits))
     cos = np.concatenate(cos_all)
     return made, {"int8_cosine_vs_fp32_mean": float(cos.mean()), "int8_cosine_vs_fp32_min": float(cos.min())}, first
 

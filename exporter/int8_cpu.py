@@ -8,17 +8,19 @@ TensorRT QDQ recipe, the MLP down-projection is quantized too: its GELU input's 
 accuracy, but a range measured at run time follows them (ViT-S/14 on NEU-DET: cosine to fp32 0.9994 with it, 0.9996
 without, at 2.6x instead of 1.7x the fp32 speed on a 2-core Xeon). For a projection y = x W + b, W of shape [K, N]:
 
-    W_q[:, n] = round(W[:, n] / s_n),  s_n = max_k |W[k, n]| / 127          (per output channel, symmetric)
+    W_q[:, n] = round(W[:, n] / s_n),  s_n = max_k |W[k, n]| / q           (per output channel, symmetric)
     x_q = sat_[0,255](round(x / s_x) + z),  s_x = (max(x, 0) - min(x, 0)) / 255,  z = round(-min(x, 0) / s_x)
     y ~= s_x * s_n * (x_q - z) W_q[:, n] + b                                 (integer product, float bias)
 
-with (s_x, z) measured at run time over each image's activation (``DynamicQuantizeLinear``; ONNX Runtime's
+with q = 127 (8-bit weights) or 64 (7-bit, ``reduce_range``) and (s_x, z) measured at run time over each image's activation (``DynamicQuantizeLinear``; ONNX Runtime's
 quantizer takes one range per call over the whole batch, which ``per_image_ranges`` splits, so a frame's tokens
 never depend on the frames batched with it). No calibration: the file is exact to make and works for any input.
 
 It is a CPU route: fast where the CPU has int8 dot products (VNNI; BENCHMARKS.md ``merge_budget_int8_224px``),
 much less so on AVX2-only CPUs (``merge_int8``), and TensorRT does not parse ``MatMulInteger`` (GPUs take
-``encoder`` and build fp16 or QDQ INT8 engines instead).
+``encoder`` and build fp16 or QDQ INT8 engines instead). On x86 CPUs without VNNI ONNX Runtime adds pairs of u8 x s8
+products in saturating 16-bit lanes, which 8-bit weights overflow (``runtime.cpu``): ``weight_bits=7`` makes a file
+that is exact there too, at some accuracy (ViT-S/14 on NEU-DET, simulated: label-free loss 0.74 points against 0.57).
 
 ``simulate`` makes a torch ``ViT`` compute the same arithmetic in float (the fake-quantized operands multiplied
 in fp32), so that the schedule search (``exporter.budget``) measures the fidelity of merging *and* INT8 together
@@ -48,9 +50,14 @@ def quantizable(in_features: int, out_features: int) -> bool:
     return min(in_features, out_features) >= 8
 
 
-def quantize_dynamic_file(fp32: Path, out: Path, scope: str = SCOPE, per_image: bool = True) -> int:
+WEIGHT_RANGE = {8: 127, 7: 64}  # weight bits -> q, the largest |W_q| (onnxruntime's symmetric and reduced ranges)
+
+
+def quantize_dynamic_file(fp32: Path, out: Path, scope: str = SCOPE, per_image: bool = True,
+                          weight_bits: int = 8) -> int:
     """Write the dynamic INT8 version of the fp32 encoder ``fp32`` to ``out``; returns the quantized projections.
-    ``scope``: which (``nodes_to_quantize``; benchmarks compare ``no-down-proj``). A file of a static batch above 1
+    ``scope``: which (``nodes_to_quantize``; benchmarks compare ``no-down-proj``); ``weight_bits``: 8 or 7 (exact on
+    x86 CPUs without VNNI, see the module docstring). A file of a static batch above 1
     gets each image's activation ranges of its own (``per_image_ranges``; ``per_image=False``: ONNX Runtime's one
     range per call, for the benchmark that compares them)."""
     import onnx
@@ -58,6 +65,8 @@ def quantize_dynamic_file(fp32: Path, out: Path, scope: str = SCOPE, per_image: 
 
     from exporter.trt.quantize import nodes_to_quantize
 
+    if weight_bits not in WEIGHT_RANGE:
+        raise ExportError(f"INT8 weights of {weight_bits} bits: 8 or 7")
     model = onnx.load(str(fp32))
     chosen = {n for n in nodes_to_quantize(model, scope) if not n.startswith(FLOAT_SCOPES)}
     # the quantizer splits each Gemm (onnxslim's fused MatMul + Add) into "<name>_MatMul" + Add first
@@ -68,7 +77,7 @@ def quantize_dynamic_file(fp32: Path, out: Path, scope: str = SCOPE, per_image: 
     tmp = out.with_name(out.name + ".partial")
     with _quiet_preprocessing_advice():
         quantize_dynamic(str(fp32), str(tmp), op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=nodes,
-                         per_channel=True, weight_type=QuantType.QInt8)
+                         per_channel=True, weight_type=QuantType.QInt8, reduce_range=weight_bits == 7)
     done = sum(n.op_type == "MatMulInteger" for n in onnx.load(str(tmp), load_external_data=False).graph.node)
     if done != len(nodes):
         tmp.unlink()
@@ -189,13 +198,13 @@ def _fake_quant_input(x):
     return torch.where(scale == 0, x, (q - zero) * safe)
 
 
-def _fake_quant_weight(w):
-    """Per-output-channel symmetric int8 (range +-127) then dequantize; ``w`` is torch's [out, in]."""
+def _fake_quant_weight(w, q: int = 127):
+    """Per-output-channel symmetric int8 (range +-q: ``WEIGHT_RANGE``) then dequantize; ``w`` is torch's [out, in]."""
     import torch
 
-    scale = w.abs().amax(dim=1, keepdim=True) / 127.0
+    scale = w.abs().amax(dim=1, keepdim=True) / float(q)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return torch.clamp(torch.round(w / scale), -127, 127) * scale
+    return torch.clamp(torch.round(w / scale), -q, q) * scale
 
 
 def projections(vit) -> list:
@@ -207,13 +216,14 @@ def projections(vit) -> list:
 
 
 @contextlib.contextmanager
-def simulate(vit) -> Iterator[List[str]]:
-    """Within the block, ``vit``'s quantized projections compute dynamic INT8 arithmetic (yields their names)."""
+def simulate(vit, weight_bits: int = 8) -> Iterator[List[str]]:
+    """Within the block, ``vit``'s quantized projections compute dynamic INT8 arithmetic with weights of
+    ``weight_bits`` (yields their names)."""
     import torch
 
     patched = projections(vit)
     for _, mod in patched:
-        wq = _fake_quant_weight(mod.weight.detach())
+        wq = _fake_quant_weight(mod.weight.detach(), WEIGHT_RANGE[weight_bits])
 
         def forward(x, mod=mod, wq=wq):
             return torch.nn.functional.linear(_fake_quant_input(x), wq, mod.bias)

@@ -101,6 +101,10 @@ class ExportOptions(_Options):
     cpu_int8: bool = Field(False, description="also write encoder_int8 files: ONNX Runtime dynamic INT8 for CPU edges "
                            "(exporter.int8_cpu; not for TensorRT); with merge.budget the search measures merging and "
                            "INT8 together")
+    cpu_int8_weight_bits: Literal[7, 8] = Field(8, description="the encoder_int8 files' weights: 8 bits (-127..127, "
+                                                "the more accurate on ARM and on x86 CPUs with VNNI) or 7 (-64..64, "
+                                                "exact on every CPU: x86 CPUs without VNNI saturate 8-bit products; "
+                                                "runtime.cpu)")
 
     @field_validator("opset")
     @classmethod
@@ -113,6 +117,8 @@ class ExportOptions(_Options):
     def _int8_from_fp32(self) -> "ExportOptions":
         if self.cpu_int8 and self.precision != "fp32":
             raise ValueError("cpu_int8 quantizes the fp32 graph: give it with precision fp32")
+        if "cpu_int8_weight_bits" in self.model_fields_set and not self.cpu_int8:
+            raise ValueError("cpu_int8_weight_bits sets the encoder_int8 files' weights: give it with cpu_int8")
         return self
 
     @field_validator("batch_sizes")

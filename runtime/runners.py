@@ -14,6 +14,7 @@ from typing import List, Optional, Protocol, Sequence
 
 import numpy as np
 
+from runtime.cpu import int8_saturates
 from runtime.cuda import CudaError, CudaStream, CudaUnavailable
 from runtime.engine import EngineError, load_engine
 from tokenline import manifest as mf
@@ -82,18 +83,32 @@ def resolve_providers(requested: Sequence[str], available: Sequence[str]) -> Lis
     return list(requested)
 
 
-def encoder_role(int8: str, manifest: mf.Manifest, providers: Sequence[str]) -> str:
+def encoder_role(int8: str, manifest: mf.Manifest, providers: Sequence[str],
+                 saturates: Optional[bool] = None) -> str:
     """The manifest role of the files to run: ``encoder_int8`` (ONNX Runtime dynamic INT8, for CPUs) when
-    ``model.int8`` is "on", or "auto" and the manifest has them and ONNX Runtime runs on the CPU alone."""
-    has = any(f.role == "encoder_int8" for f in manifest.files)
-    if int8 == "on":
-        if not has:
+    ``model.int8`` is "on", or "auto" and the manifest has them and ONNX Runtime runs on the CPU alone, unless their
+    8-bit weights saturate on this CPU (``saturates``: ``runtime.cpu.int8_saturates()`` unless given), where "auto"
+    runs the fp32 files and "on" warns."""
+    int8_files = [f for f in manifest.files if f.role == "encoder_int8"]
+    if int8 == "off" or not int8_files:
+        if int8 == "on":
             raise RunnerError(f"model.int8: 'on', but manifest {manifest.name!r} lists no encoder_int8 file "
                               "(export with --cpu-int8)")
-        return "encoder_int8"
-    if int8 == "auto" and has and list(providers) == ["CPUExecutionProvider"]:
-        return "encoder_int8"
-    return "encoder"
+        return "encoder"
+    if int8 == "auto" and list(providers) != ["CPUExecutionProvider"]:
+        return "encoder"
+    full_range = any((f.weight_bits or 8) == 8 for f in int8_files)
+    if full_range and (int8_saturates() if saturates is None else saturates):
+        why = (f"manifest {manifest.name!r}'s encoder_int8 files have 8-bit weights, whose products ONNX Runtime "
+               "saturates on this x86 CPU without VNNI (runtime.cpu), so they compute less accurately than the export "
+               "measured")
+        if int8 == "on":
+            log.warning("%s; running them (model.int8: on); re-export with --cpu-int8-weight-bits 7 for this CPU", why)
+            return "encoder_int8"
+        log.warning("%s; running the fp32 encoder instead; re-export with --cpu-int8-weight-bits 7 for this CPU, or "
+                    "set model.int8: on to run them anyway", why)
+        return "encoder"
+    return "encoder_int8"
 
 
 class OnnxRuntimeRunner:

@@ -207,8 +207,10 @@ class SummarySpec(_Extended):
         return self
 
 
-class FileSpec(StrictModel):
+class FileSpec(_Extended):
     """A file the exporter wrote, relative to the manifest's directory."""
+
+    ADDED: ClassVar[Tuple[str, ...]] = ("weight_bits",)
 
     path: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -216,6 +218,9 @@ class FileSpec(StrictModel):
     role: Literal["encoder", "encoder_unmerged", "text_encoder", "tokenizer", "encoder_qdq", "encoder_int8"]
     precision: Optional[Precision] = None
     batch: Optional[int] = None  # None: dynamic batch
+    # encoder_int8: its weights' bits, 8 (-127..127) or 7 (-64..64, exact on x86 CPUs without VNNI: runtime.cpu);
+    # None: 8 (files exported before 2026-12-04)
+    weight_bits: Optional[Literal[7, 8]] = None
 
 
 class TextSpec(StrictModel):

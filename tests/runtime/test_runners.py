@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.runners import (OnnxRuntimeRunner, RunnerError, RunnerUnavailable, TensorRTRunner, pad_batch,
-                             resolve_providers)
+from runtime.cpu import int8_saturates
+from runtime.runners import (OnnxRuntimeRunner, RunnerError, RunnerUnavailable, TensorRTRunner, encoder_role,
+                             pad_batch, resolve_providers)
 from tests.support.tiny_model import build_tiny_model, reference_outputs
 from tokenline.manifest import Manifest
 from tokenline.preprocess import preprocess
@@ -77,3 +78,44 @@ def test_tensorrt_runner(tiny_model_dir: Path, tmp_path: Path) -> None:
         pytest.skip("tensorrt is not installed here: only the 'unavailable' path of the native runner is tested")
     with pytest.raises(RunnerError, match="does not exist"):
         TensorRTRunner(tmp_path / "x.engine", m)
+
+
+X86 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx fma avx2 {extra}\n\n"
+
+
+def test_which_cpus_saturate_int8_products() -> None:
+    """x86 without VNNI saturates 8-bit weight products; VNNI (AVX-512 or AVX) and ARM do not; unknown stays None."""
+    assert int8_saturates("x86_64", X86.format(extra="")) is True
+    assert int8_saturates("x86_64", X86.format(extra="avx512f avx512_vnni")) is False
+    assert int8_saturates("AMD64", X86.format(extra="avx_vnni")) is False
+    assert int8_saturates("x86_64", X86.format(extra="avx512f avx512bw")) is True  # Skylake-X: AVX-512, no VNNI
+    assert int8_saturates("aarch64", "Features\t: fp asimd asimddp") is False  # Jetson: exact without a flag
+    assert int8_saturates("x86_64", "processor\t: 0\n") is None
+
+
+def _with_int8_files(man: Manifest, bits) -> Manifest:
+    enc = next(f for f in man.files if f.role == "encoder")
+    extra = enc.model_copy(update={"role": "encoder_int8", "precision": "int8", "weight_bits": bits})
+    return man.model_copy(update={"files": [*man.files, extra]})
+
+
+def test_int8_files_with_8_bit_weights_are_not_run_where_they_saturate(tiny_model_dir: Path, caplog) -> None:
+    """'auto' runs the fp32 encoder on a CPU that saturates 8-bit weights (and says why), 7-bit files there and
+    8-bit files elsewhere; 'on' runs them and warns; other providers and 'off' never run them."""
+    man = Manifest.from_file(tiny_model_dir)
+    cpu = ["CPUExecutionProvider"]
+    assert encoder_role("auto", man, cpu, saturates=True) == "encoder"  # no INT8 files
+    for bits in (None, 8):  # None: files exported before weight_bits existed have 8-bit weights
+        m = _with_int8_files(man, bits)
+        assert encoder_role("auto", m, cpu, saturates=False) == "encoder_int8"
+        caplog.clear()
+        assert encoder_role("auto", m, cpu, saturates=True) == "encoder"
+        assert "saturates" in caplog.text and "--cpu-int8-weight-bits 7" in caplog.text
+        caplog.clear()
+        assert encoder_role("on", m, cpu, saturates=True) == "encoder_int8" and "saturates" in caplog.text
+        assert encoder_role("auto", m, ["CUDAExecutionProvider", *cpu], saturates=False) == "encoder"
+        assert encoder_role("off", m, cpu, saturates=False) == "encoder"
+    seven = _with_int8_files(man, 7)
+    caplog.clear()
+    assert encoder_role("auto", seven, cpu, saturates=True) == "encoder_int8" and not caplog.text
+    assert encoder_role("auto", seven, cpu) == "encoder_int8"  # whatever this machine's CPU is

@@ -15,7 +15,9 @@ averaged into a summary token with its normal neighbours still stands out (the M
 Gaussian AD, applied to a nearest-neighbour bank; ELPV gains in BENCHMARKS.md elpv_metric and anomaly). The search
 stays a largest inner product: a bank token z_b is searched as [z_b, -|z_b|^2 / 2] and a query as [z, 1], so
 |z - z_b|^2 = |z|^2 - 2 (their product), and inverted lists (Euclidean k-means centroids, searched the same way)
-and the bound below carry over unchanged.
+and the bound below carry over unchanged. The nearest token found, its distance is then computed directly, |z - z_b|:
+near 0 the square root of a difference of large products is rounding (a frame identical to a bank frame scored
+0.007 on one CPU and 0.012 on another), the direct difference is not.
 
 Nearest-neighbour search is exhaustive (one matrix product per block of a batch's tokens) for banks of up to
 ``EXHAUSTIVE_UP_TO`` tokens, or when the bank has one list or ``nprobe`` covers all of them; above that size it
@@ -26,7 +28,8 @@ A frame's score needs only its farthest token, so scoring bounds before it searc
 of ``LISTS_FROM`` tokens or more have inverted lists whatever their search; every token q gets the upper bound
 u(q) = 1 - max cos(q, b) over the bank tokens b of the list whose centroid is nearest to q (an actual bank
 token's distance, so u(q) >= d(q), its distance to the bank; and the nearest list is among those an inverted-list
-search probes, so u(q) bounds that search too). Each frame first searches its token of largest u; with m the
+search probes, so u(q) bounds that search too; whitened: its distance widened by the float32 rounding of the
+products, ``Bank.upper_bound``, which keeps it a bound for tokens next to a bank token). Each frame first searches its token of largest u; with m the
 largest distance found, a token with u(q) < m - ``TIE`` can be neither the farthest nor tied with it, so only the
 tokens with u(q) >= m - ``TIE`` are searched next, and after that round none is left. Score and token are those
 of searching every token; the search costs one bank search per frame plus the few tokens whose bound does not
@@ -73,6 +76,7 @@ LISTS_FROM = 1_000  # banks of this many tokens or more get inverted lists (boun
 TIE = 2e-5  # distances this close to the farthest token's may tie with it (token choice rounds to 1e-5); whitened
 # distances (about 1-20) get TIE times the farthest distance
 FAR = 1e4  # a whitened token's distance when no bank token is left to compare with (cosine: 2, the largest)
+ROUNDING = 1e-5  # relative float32 rounding of a squared distance |z|^2 - 2 z.z_b + |z_b|^2, with room to spare
 
 
 class BankError(ValueError):
@@ -209,6 +213,8 @@ class Bank:
         self._search_centroids = self._searched(self.centroids)
         if self._search_tokens is not self.tokens:
             self.tokens = self._search_tokens[:, :-1]
+        # the largest |z_b|^2: how far float32 rounding can move a squared distance from products (``upper_bound``)
+        self._zb2_max = float(-2.0 * self._search_tokens[:, -1].min()) if self.whitened else 0.0
 
     @property
     def whitened(self) -> bool:
@@ -236,6 +242,29 @@ class Bank:
         z2 = np.einsum("...i,...i->...", qs[..., :-1], qs[..., :-1])
         d = np.sqrt(np.maximum(z2 - 2.0 * sim, 0.0))
         return np.where(np.isfinite(sim), np.minimum(d, FAR), FAR).astype(np.float32)
+
+    def upper_bound(self, qs: np.ndarray, sim: np.ndarray) -> np.ndarray:
+        """``distance``, widened in metric whitened by what float32 rounding can take off it (``ROUNDING``
+        (|z|^2 + |z_b|^2)), so that it stays above the distance to the token whose product is ``sim`` even where
+        that distance is near 0 and the products' difference is all rounding."""
+        if not self.whitened:
+            return self.distance(qs, sim)
+        z2 = np.einsum("...i,...i->...", qs[..., :-1], qs[..., :-1])
+        d = np.sqrt(np.maximum(z2 - 2.0 * sim, 0.0) + ROUNDING * (z2 + self._zb2_max))
+        return np.where(np.isfinite(sim), np.minimum(d, FAR), FAR).astype(np.float32)
+
+    def nearest_distance(self, qs: np.ndarray, sim: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """Distances of search queries ``qs`` [N, ds] to their nearest bank tokens ``idx`` [N] (-1: none left) whose
+        products are ``sim`` [N]: in metric whitened |z - z_b| computed directly, which is exact near 0 where
+        sqrt(|z|^2 - 2 sim) is the square root of a difference of large products (a frame identical to a bank frame:
+        about 1e-6 instead of rounding up to ``central.anomaly.bank.rounding_floor``); 1 - cosine otherwise."""
+        if not self.whitened:
+            return self.distance(qs, sim)
+        have = idx >= 0
+        d = np.full(idx.shape, FAR, np.float32)
+        diff = qs[have, :-1] - self.tokens[idx[have]]
+        d[have] = np.minimum(np.sqrt(np.einsum("ij,ij->i", diff, diff)), FAR)
+        return d
 
     # -- shape ------------------------------------------------------------------------------------------------
     @property
@@ -288,23 +317,29 @@ class Bank:
         ``exclude`` [N]: ignore bank tokens whose ``src`` equals the query's entry (leave-one-frame-out); a query
         whose probed lists hold nothing else is searched exhaustively. -1 (whitened: -inf) when no bank token is
         left at all."""
+        return self.nearest(q, exclude)[0]
+
+    def nearest(self, q: np.ndarray, exclude: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """``nn_similarity`` and [N] the bank row of each query's nearest token (-1 when none is left)."""
         q = np.ascontiguousarray(q, np.float32)
         n = q.shape[0]
         c = self.lists
         if n == 0:
-            return np.zeros(0, np.float32)
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
         if c <= 1 or self.info.nprobe >= c or self.size <= EXHAUSTIVE_UP_TO:
             return self._exact(q, exclude)
         probe = np.argpartition(-(q @ self._search_centroids.T), self.info.nprobe - 1, axis=1)[:, : self.info.nprobe]
-        best = self._search_lists(q, probe, exclude)
+        best, idx = self._search_lists(q, probe, exclude)
         missing = np.flatnonzero(~np.isfinite(best))
         if missing.size:
-            best[missing] = self._exact(q[missing], None if exclude is None else exclude[missing])
-        return best
+            best[missing], idx[missing] = self._exact(q[missing], None if exclude is None else exclude[missing])
+        return best, idx
 
-    def _search_lists(self, q: np.ndarray, probe: np.ndarray, exclude: Optional[np.ndarray]) -> np.ndarray:
-        """[N] largest product of each search query [N, ds] with a bank token in its lists ``probe`` [N, P] (one
-        matrix product per list, over the queries that probe it); -inf where those lists hold nothing."""
+    def _search_lists(self, q: np.ndarray, probe: np.ndarray,
+                      exclude: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+        """([N] largest product of each search query [N, ds] with a bank token in its lists ``probe`` [N, P], [N]
+        that token's row) (one matrix product per list, over the queries that probe it); -inf and -1 where those
+        lists hold nothing."""
         n, p = probe.shape
         rows = np.repeat(np.arange(n), p)
         cols = probe.reshape(-1)
@@ -312,16 +347,21 @@ class Bank:
         rows, cols = rows[order], cols[order]
         bounds = np.searchsorted(cols, np.arange(self.lists + 1))
         best = np.full(n, -np.inf, np.float32)
+        idx = np.full(n, -1, np.int64)
         for j in np.flatnonzero(np.diff(bounds)):
             lo, hi = int(self.offsets[j]), int(self.offsets[j + 1])
             if hi == lo:
                 continue
-            r = rows[bounds[j]: bounds[j + 1]]
+            r = rows[bounds[j]: bounds[j + 1]]  # distinct: a query probes a list once
             s = q[r] @ self._search_tokens[lo:hi].T
             if exclude is not None:
                 s[exclude[r][:, None] == self.src[lo:hi][None, :]] = -np.inf
-            best[r] = np.maximum(best[r], s.max(axis=1))
-        return best
+            at = s.argmax(axis=1)
+            top = s[np.arange(len(r)), at]
+            better = top > best[r]
+            best[r[better]] = top[better]
+            idx[r[better]] = lo + at[better]
+        return best, idx
 
     def _none_left(self, sim: np.ndarray) -> np.ndarray:
         """-inf products (no bank token) as -1 in metric cosine (distance 2); whitened keeps -inf (``FAR``)."""
@@ -330,7 +370,8 @@ class Bank:
     def nearest_list_similarity(self, q: np.ndarray) -> np.ndarray:
         """[N] largest product of each search query [N, ds] with a bank token in the list of its nearest centroid
         (no token: as ``nn_similarity``)."""
-        return self._none_left(self._search_lists(q, np.argmax(q @ self._search_centroids.T, axis=1)[:, None], None))
+        return self._none_left(self._search_lists(q, np.argmax(q @ self._search_centroids.T, axis=1)[:, None],
+                                                  None)[0])
 
     def frame_distances(self, q: np.ndarray, ok: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """Bound and refine (module docstring) over frames' search queries ``q`` [F, K, ds] (``queries``) that
@@ -342,12 +383,15 @@ class Bank:
         if f == 0 or not ok.any():
             return dist, searched
         near = self.nearest_list_similarity(q.reshape(f * k, ds)).reshape(f, k)
-        bound = np.where(ok, self.distance(q, near), -np.inf)
+        bound = np.where(ok, self.upper_bound(q, near), -np.inf)
 
         def search(mask: np.ndarray) -> None:
             if mask.any():
-                sim = np.maximum(self.nn_similarity(q[mask]), near[mask])  # rounding: keep d <= u
-                dist[mask] = self.distance(q[mask], sim)
+                sim, idx = self.nearest(q[mask])
+                if self.whitened:
+                    dist[mask] = self.nearest_distance(q[mask], sim, idx)
+                else:
+                    dist[mask] = self.distance(q[mask], np.maximum(sim, near[mask]))  # rounding: keep d <= u
                 searched[mask] = True
 
         first = np.zeros((f, k), bool)
@@ -361,15 +405,18 @@ class Bank:
         dist[rest] = bound[rest]
         return dist, searched
 
-    def _exact(self, q: np.ndarray, exclude: Optional[np.ndarray]) -> np.ndarray:
+    def _exact(self, q: np.ndarray, exclude: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
         out = np.empty(q.shape[0], np.float32)
+        idx = np.empty(q.shape[0], np.int64)
         step = max(1, 4_000_000 // max(1, self.size))  # bound the [rows, M] block
         for i in range(0, q.shape[0], step):
             s = q[i: i + step] @ self._search_tokens.T
             if exclude is not None:
                 s[exclude[i: i + step][:, None] == self.src[None, :]] = -np.inf
-            out[i: i + step] = s.max(axis=1)
-        return self._none_left(out)
+            at = s.argmax(axis=1)
+            idx[i: i + step] = at
+            out[i: i + step] = s[np.arange(len(at)), at]
+        return self._none_left(out), np.where(np.isfinite(out), idx, -1)
 
     def global_similarity(self, g: np.ndarray, exclude: Optional[np.ndarray] = None) -> np.ndarray:
         """[F] cosine of each global embedding [F, D] to the nearest bank frame's (``exclude``: a frame index)."""
@@ -398,7 +445,7 @@ class Bank:
             keep = np.flatnonzero(ok.reshape(-1))
             dist = np.zeros(f * k, np.float32)
             ex = None if exclude is None else np.repeat(np.asarray(exclude, np.int64), k)[keep]
-            dist[keep] = self.distance(flat[keep], self.nn_similarity(flat[keep], ex))
+            dist[keep] = self.nearest_distance(flat[keep], *self.nearest(flat[keep], ex))
         dist = np.clip(dist, 0.0, FAR if self.whitened else 2.0).reshape(f, k)
         masked = np.where(ok, dist, -1.0)
         # the farthest token; distances within 1e-5 count as a tie, taken by the lowest index, so that the edge and

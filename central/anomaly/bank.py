@@ -153,9 +153,6 @@ def fit_whitening(x: np.ndarray) -> np.ndarray:
     return np.concatenate([m[None, :], w]).astype(np.float32)
 
 
-ROUNDING = 1e-5  # relative float32 rounding of a squared distance |z|^2 - 2 z.z_b + |z_b|^2, with room to spare
-
-
 def loo_whitened_scores(pool: np.ndarray, src: np.ndarray, bank: Bank, queries: np.ndarray, ok: np.ndarray
                         ) -> np.ndarray:
     """[F] each set frame's leave-one-out score in metric whitened, *its whitening fitted without it too*.
@@ -232,28 +229,30 @@ def loo_whitened_scores(pool: np.ndarray, src: np.ndarray, bank: Bank, queries: 
         z2 = np.einsum("ij,ij->i", z, z)[:, None]
         d2 = z2 + zb2[None, :] - 2.0 * (z @ zb.T)
         d2[:, ~others] = np.inf
-        # |u|^2 in float32 is off by up to ROUNDING (|z|^2 + |z_b|^2) (cancellation when u is small): widen the
+        # |u|^2 in float32 is off by up to anomaly.ROUNDING (|z|^2 + |z_b|^2) (cancellation when u is small): widen the
         # reach by that much, so that the nearest token is among the candidates whatever the rounding
-        slack = ROUNDING * (z2 + zb2.max())
+        slack = anomaly.ROUNDING * (z2 + zb2.max())
         reach = (np.maximum(d2.min(axis=1, keepdims=True), 0.0) + slack) * (
             ratio.max() / (ratio.min() * (1.0 - g.max()))) + slack
         cand = np.flatnonzero((d2 <= reach).any(axis=0))
-        # measured as the scorer measures (float32, |a|^2 - 2 a.b + |b|^2): a new frame identical to a set frame
-        # then scores about what that set frame scores here, rounding included
+        # measured as the scorer measures (tokenline.anomaly.Bank.nearest_distance): the nearest candidate found by
+        # float32 products (|a|^2 - 2 a.b + |b|^2), its distance computed directly
         scale = (1.0 / np.sqrt(dg)).astype(np.float32)
         px, pb = vq[i, rows] * scale, vb[cand] * scale
         fx, fb = np.hstack([px, px @ jm]), np.hstack([pb, pb @ jm])
         dist = np.einsum("ij,ij->i", fx, fx)[:, None] + np.einsum("ij,ij->i", fb, fb)[None, :] - 2.0 * (fx @ fb.T)
-        out[i] = min(float(np.sqrt(max(float(dist.min(axis=1).max()), 0.0))), anomaly.FAR)
+        diff = fx - fb[dist.argmin(axis=1)]
+        out[i] = min(float(np.sqrt(np.einsum("ij,ij->i", diff, diff).max())), anomaly.FAR)
     return out
 
 
 def rounding_floor(bank: Bank) -> float:
-    """The smallest whitened distance the scorer tells from 0: sqrt(ROUNDING (|z|^2 + |z_b|^2)) at the bank's
-    largest |z_b|. A quantile threshold is never set below it: a set of identical frames (a static scene) has
-    leave-one-out scores that are rounding, and new identical frames round differently (their search differs)."""
+    """The smallest whitened distance the search tells from 0: sqrt(anomaly.ROUNDING (|z|^2 + |z_b|^2)) at the bank's
+    largest |z_b|, below which the float32 products that choose the nearest bank token cannot tell candidates apart.
+    A quantile threshold is never set below it: a set of identical frames (a static scene) has leave-one-out scores
+    near 0, and new frames of that scene, with their sensor noise, would all flag against such a threshold."""
     zb = bank.tokens.astype(np.float32)
-    return float(np.sqrt(ROUNDING * 2.0 * float(np.einsum("ij,ij->i", zb, zb).max())))
+    return float(np.sqrt(anomaly.ROUNDING * 2.0 * float(np.einsum("ij,ij->i", zb, zb).max())))
 
 
 def n_lists_for(m: int) -> int:

@@ -286,14 +286,15 @@ def test_alert_topic_and_payload() -> None:
         topics.parse_alert(b"\xff")
 
 
-def make_whitened_bank(m: int = 3000, d: int = 16, lists: int = 30, seed: int = 0) -> Bank:
+def make_whitened_bank(m: int = 3000, d: int = 16, lists: int = 30, seed: int = 0, gain: float = 1.0) -> Bank:
     """A bank of metric whitened: unit tokens around 30 centres, whitened by a fixed mean and matrix (any
     whitening: the bank does not care how central fitted it), grouped by centre."""
     rng = np.random.default_rng(seed)
     centres = unit(rng.standard_normal((lists, d)))
     which = np.sort(rng.integers(0, lists, m))
     raw = unit(centres[which] + 0.2 * unit(rng.standard_normal((m, d))) * np.linspace(0.1, 1.5, d))
-    whiten = np.concatenate([raw.mean(0, keepdims=True), rng.standard_normal((d, d)) / np.sqrt(d) + 2 * np.eye(d)])
+    whiten = np.concatenate([raw.mean(0, keepdims=True),
+                             gain * (rng.standard_normal((d, d)) / np.sqrt(d) + 2 * np.eye(d))])
     z = ((raw - whiten[0]) @ whiten[1:]).astype(np.float16).astype(np.float32)
     cent = np.stack([z[which == c].mean(0) for c in range(lists)])
     offsets = np.concatenate([[0], np.cumsum(np.bincount(which, minlength=lists))])
@@ -349,6 +350,38 @@ def test_whitened_bank_scores_euclidean_distances_after_its_whitening_in_every_s
     assert not any(v.dtype == np.float16 for v in held)  # no float16 copy of the file held
     assert back.to_bytes() == bank.to_bytes()  # the same file again
     np.testing.assert_array_equal(back.score_arrays(frames, sizes).score, bank.score_arrays(frames, sizes).score)
+
+
+def test_whitened_distances_next_to_a_bank_token_are_not_rounding(monkeypatch) -> None:
+    """Frames next to bank frames (as far as the file's float16 storage puts them) score their true whitened distance
+    in every search, not the float32 rounding of |z|^2 - 2 z.z_b + |z_b|^2 (large whitened norms, as in real banks:
+    |z| ~ 10 in 96 dims), which was up to the bank's rounding floor; leave-one-out calibration likewise."""
+    bank = make_whitened_bank(gain=8.0)
+    rng = np.random.default_rng(5)
+    f = 12
+    w64 = bank.whiten.astype(np.float64)
+    near = bank.tokens[rng.integers(0, bank.size, (f, 16))].astype(np.float64) @ np.linalg.inv(w64[1:]) + w64[0]
+    frames = unit(near + 1e-6 * rng.standard_normal(near.shape))  # the same cells, a hair apart
+
+    def truth(exclude=None):  # float64 brute force
+        z = (frames.reshape(-1, bank.dim).astype(np.float64) - w64[0]) @ w64[1:]
+        d2 = ((z[:, None, :] - bank.tokens[None].astype(np.float64)) ** 2).sum(-1)
+        if exclude is not None:
+            d2[np.repeat(exclude, 16)[:, None] == bank.src[None, :]] = np.inf
+        return np.sqrt(d2.min(axis=1)).reshape(f, 16)
+
+    want = truth()
+    assert np.einsum("ij,ij->i", bank.tokens, bank.tokens).max() > 100 and want.max() < 0.05
+    sizes = np.ones((f, 16), np.float32)
+    for searched in (bank.score_arrays(frames, sizes, every_token=True).distances,
+                     bank.score_arrays(frames, sizes).score[:, None] * np.ones((1, 16))):
+        np.testing.assert_allclose(searched.max(axis=1), want.max(axis=1), atol=2e-4)
+    np.testing.assert_allclose(bank.score_arrays(frames, sizes, every_token=True).distances, want, atol=2e-4)
+    ex = rng.integers(0, bank.size // 16, f)
+    np.testing.assert_allclose(bank.score_arrays(frames, sizes, exclude=ex).distances, truth(ex), atol=2e-4)
+    monkeypatch.setattr(anomaly, "EXHAUSTIVE_UP_TO", 0)  # by the inverted lists
+    probed = bank.score_arrays(frames, sizes, every_token=True).distances
+    assert np.all(probed >= want - 2e-4) and np.mean(np.abs(probed - want) < 2e-4) >= 0.9
 
 
 def test_bank_metric_is_checked_and_cosine_files_stay_as_they_were() -> None:

@@ -16,7 +16,6 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from central.anomaly.bank import rounding_floor
 from central.cli import main as central_cli
 from edge_agent.agent import Agent, AgentError
 from edge_agent.config import parse_config
@@ -108,16 +107,11 @@ def test_edge_scores_like_central_and_both_alert_the_same_frames(mosquitto, tmp_
                                    for m in sub.messages)  # footprint cells name tokens past 15: 8 bits a cell
         sub.close()
         assert len(rows) == FRAMES and set(edge) == set(rows)
-        # whitened distances of a frame next to a bank frame are rounding (sqrt of a difference of large products);
-        # below the bank's rounding floor, which no threshold goes under, edge and central may round differently
-        floor = rounding_floor(bank) if bank.whitened else 0.0
+        # frames next to a bank frame included: whitened distances are computed directly, not from rounded products
         for fid, r in rows.items():
             a = edge[fid]
             assert a is not None and (a.set_id, a.set_version) == (r.set_id, r.set_version) == (1, 1)
             assert r.edge_score == pytest.approx(a.score, abs=1e-6)  # stored as it travelled
-            if max(r.score, a.score) < floor:  # both rounding: equal as far as the scorer can tell, and never flagged
-                assert not (a.flagged or r.flagged) and r.threshold >= floor
-                continue
             assert r.score == pytest.approx(a.score, abs=1e-5)  # central's own score: the same
             assert (a.flagged, a.token, a.threshold) == (r.flagged, r.token, pytest.approx(r.threshold, abs=1e-6))
         flagged = sorted(fid for fid, r in rows.items() if r.flagged)

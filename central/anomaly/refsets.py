@@ -215,17 +215,44 @@ def build_lock(engine: Engine, set_id: int, wait: bool = True) -> Iterator[None]
     if is_postgres(engine):
         lock = _advisory_lock(engine, set_id, wait)
     else:
-        database = engine.url.database or ""
-        lockable = fcntl is not None and database not in ("", ":memory:") and not database.startswith("file:")
-        lock = _file_lock(database + LOCKS_SUFFIX, set_id, wait) if lockable else nullcontext()
+        path = _lock_file(engine, set_id)
+        lock = _file_lock(path, set_id, wait) if path is not None else nullcontext()
     with lock:
         yield
 
 
+def _lock_file(engine: Engine, set_id: int) -> Optional[str]:
+    """The file ``build_lock`` flocks for the set on a SQLite file database (None: PostgreSQL, or no file lock)."""
+    if is_postgres(engine) or fcntl is None:
+        return None
+    database = engine.url.database or ""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return None
+    return os.path.join(database + LOCKS_SUFFIX, str(int(set_id)))
+
+
+def _remove_lock_file(engine: Engine, set_id: int) -> None:
+    """Remove a deleted set's lock file, unless a build holds it (that build then finds the set gone)."""
+    path = _lock_file(engine, set_id)
+    if path is None:
+        return
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(path)
+    except OSError:  # held by a build (BlockingIOError), or gone meanwhile
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
-def _file_lock(folder: str, set_id: int, wait: bool) -> Iterator[None]:
-    os.makedirs(folder, exist_ok=True)
-    fd = os.open(os.path.join(folder, str(int(set_id))), os.O_RDWR | os.O_CREAT, 0o644)
+def _file_lock(path: str, set_id: int, wait: bool) -> Iterator[None]:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -462,12 +489,13 @@ def update_set(session: Session, cfg: AnomalyConfig, set_id: int, *, add_frame_i
 
 
 def delete_set(session: Session, set_id: int) -> bool:
-    """Delete a set, its frame list and every score made against it."""
+    """Delete a set, its frame list and every score made against it (SQLite: and its build lock file)."""
     if session.get(ReferenceSet, set_id) is None:
         return False
     session.execute(delete(FrameScore).where(FrameScore.set_id == set_id))
     session.execute(delete(ReferenceFrame).where(ReferenceFrame.set_id == set_id))
     session.execute(delete(ReferenceSet).where(ReferenceSet.id == set_id))
+    _remove_lock_file(session.get_bind().engine, set_id)  # made again by the next build should this roll back
     return True
 
 

@@ -31,6 +31,7 @@ from central.blobs import BlobStore
 from central.config import AnomalyConfig, IngestConfig, WebhookConfig
 from central.ingest import Incoming, Ingestor
 from central.retention import sweep
+from sql.db import is_postgres, make_engine
 from sql.models import Frame, FrameScore, ScoreQueue
 from tests.central.conftest import built_set, config_for, tx
 from tests.central.test_ingest import LogTail, _publish_all, _publisher, _wait_for
@@ -374,10 +375,24 @@ def test_scorers_share_the_queue_each_frame_scored_and_alerted_once(engine, tmp_
     rows = _scores(engine)
     assert late[0].frame_id.hex() not in rows and {m.frame_id.hex() for m in late[1:]} <= set(rows)
     _ingest_in_process(engine, [frame_message(tiny_manifest, rng, T0 + 3 * 10**9, seq=400)])
+    lock = refsets._lock_file(engine, info.id)  # SQLite: the file its builds took
+    assert (lock is None) == is_postgres(engine) and (lock is None or os.path.exists(lock))
     with Session(engine) as s, s.begin():
         assert refsets.delete_set(s, info.id)
+    assert lock is None or not os.path.exists(lock)  # goes with the set
     assert _queue_count(engine) == 1
     assert Scorer(engine, cfg, "scorer-3").drain() == 1 and _queue_count(engine) == 0 and _scores(engine) == {}
+
+
+def test_a_deleted_sets_lock_file_stays_while_a_build_holds_it(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'central.db'}")
+    path = refsets._lock_file(engine, 7)
+    with refsets.build_lock(engine, 7):
+        refsets._remove_lock_file(engine, 7)
+        assert os.path.exists(path)  # held: left to the build, which finds its set gone
+    refsets._remove_lock_file(engine, 7)
+    assert not os.path.exists(path)
+    refsets._remove_lock_file(engine, 7)  # none left: nothing to do
 
 
 def _scorer_pids(log: LogTail) -> list:
@@ -680,7 +695,6 @@ def test_webhook_retries_then_delivers_and_gives_up_after_its_retries(engine):
 
 def test_cli_reference_sets_and_export(tmp_path, tiny_model_dir, tiny_manifest, capsys):
     from central.cli import main
-    from sql.db import make_engine
     from tokenline.anomaly import bank_path
 
     url = f"sqlite:///{tmp_path / 'c.db'}"
@@ -869,7 +883,6 @@ def test_one_central_process_at_a_time_builds_a_set(engine, db_url, tiny_manifes
     every pending set once. On PostgreSQL a read-only database (a search replica) builds nothing."""
     from central.anomaly import builder as builder_module
     from central.cli import main as cli_main
-    from sql.db import is_postgres, make_engine
 
     other = make_engine(db_url)
     cli_rc: list = []

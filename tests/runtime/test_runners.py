@@ -99,7 +99,8 @@ def _with_int8_files(man: Manifest, bits) -> Manifest:
     return man.model_copy(update={"files": [*man.files, extra]})
 
 
-def test_int8_files_with_8_bit_weights_are_not_run_where_they_saturate(tiny_model_dir: Path, caplog) -> None:
+def test_int8_files_with_8_bit_weights_are_not_run_where_they_saturate(tiny_model_dir: Path, caplog,
+                                                                       monkeypatch) -> None:
     """'auto' runs the fp32 encoder on a CPU that saturates 8-bit weights (and says why), 7-bit files there and
     8-bit files elsewhere; 'on' runs them and warns; other providers and 'off' never run them."""
     man = Manifest.from_file(tiny_model_dir)
@@ -115,6 +116,13 @@ def test_int8_files_with_8_bit_weights_are_not_run_where_they_saturate(tiny_mode
         assert encoder_role("on", m, cpu, saturates=True) == "encoder_int8" and "saturates" in caplog.text
         assert encoder_role("auto", m, ["CUDAExecutionProvider", *cpu], saturates=False) == "encoder"
         assert encoder_role("off", m, cpu, saturates=False) == "encoder"
+    # the runner says so in its name (the agent's /status and check-config show it)
+    monkeypatch.setattr("runtime.runners.int8_saturates", lambda: True)
+    fallback = OnnxRuntimeRunner(tiny_model_dir, _with_int8_files(man, 8), providers=cpu, int8="auto")
+    assert fallback.role == "encoder" and "int8 files not run" in fallback.name
+    plain = OnnxRuntimeRunner(tiny_model_dir, man, providers=cpu, int8="auto")
+    assert plain.role == "encoder" and plain.name == "onnxruntime[CPU]"
+    monkeypatch.undo()
     seven = _with_int8_files(man, 7)
     caplog.clear()
     assert encoder_role("auto", seven, cpu, saturates=True) == "encoder_int8" and not caplog.text

@@ -12,15 +12,17 @@ without, at 2.6x instead of 1.7x the fp32 speed on a 2-core Xeon). For a project
     x_q = sat_[0,255](round(x / s_x) + z),  s_x = (max(x, 0) - min(x, 0)) / 255,  z = round(-min(x, 0) / s_x)
     y ~= s_x * s_n * (x_q - z) W_q[:, n] + b                                 (integer product, float bias)
 
-with q = 127 (8-bit weights) or 64 (7-bit, ``reduce_range``) and (s_x, z) measured at run time over each image's activation (``DynamicQuantizeLinear``; ONNX Runtime's
-quantizer takes one range per call over the whole batch, which ``per_image_ranges`` splits, so a frame's tokens
-never depend on the frames batched with it). No calibration: the file is exact to make and works for any input.
+with q = 127 (8-bit weights) or 64 (7-bit, ``reduce_range``) and (s_x, z) measured at run time over each image's
+activation (``DynamicQuantizeLinear``; ONNX Runtime's quantizer takes one range per call over the whole batch,
+which ``per_image_ranges`` splits, so a frame's tokens never depend on the frames batched with it). No
+calibration: the file is exact to make and works for any input.
 
 It is a CPU route: fast where the CPU has int8 dot products (VNNI; BENCHMARKS.md ``merge_budget_int8_224px``),
 much less so on AVX2-only CPUs (``merge_int8``), and TensorRT does not parse ``MatMulInteger`` (GPUs take
 ``encoder`` and build fp16 or QDQ INT8 engines instead). On x86 CPUs without VNNI ONNX Runtime adds pairs of u8 x s8
 products in saturating 16-bit lanes, which 8-bit weights overflow (``runtime.cpu``): ``weight_bits=7`` makes a file
-that is exact there too, at some accuracy (ViT-S/14 on NEU-DET, simulated: label-free loss 0.74 points against 0.57).
+that is exact there too, for little accuracy (ViT-S/14 on 300 NEU-DET images, exact arithmetic: label-free loss
+0.67 points against 0.63; BENCHMARKS.md ``int8_weights``).
 
 ``simulate`` makes a torch ``ViT`` compute the same arithmetic in float (the fake-quantized operands multiplied
 in fp32), so that the schedule search (``exporter.budget``) measures the fidelity of merging *and* INT8 together

@@ -15,9 +15,9 @@ averaged into a summary token with its normal neighbours still stands out (the M
 Gaussian AD, applied to a nearest-neighbour bank; ELPV gains in BENCHMARKS.md elpv_metric and anomaly). The search
 stays a largest inner product: a bank token z_b is searched as [z_b, -|z_b|^2 / 2] and a query as [z, 1], so
 |z - z_b|^2 = |z|^2 - 2 (their product), and inverted lists (Euclidean k-means centroids, searched the same way)
-and the bound below carry over unchanged. The nearest token found, its distance is then computed directly, |z - z_b|:
-near 0 the square root of a difference of large products is rounding (a frame identical to a bank frame scored
-0.007 on one CPU and 0.012 on another), the direct difference is not.
+and the bound below carry over unchanged. Once the search has found the nearest token, its distance is computed
+directly, |z - z_b|: near 0 the square root of a difference of large products is rounding (a frame identical to a
+bank frame scored 0.007 on one CPU and 0.012 on another), the direct difference is not.
 
 Nearest-neighbour search is exhaustive (one matrix product per block of a batch's tokens) for banks of up to
 ``EXHAUSTIVE_UP_TO`` tokens, or when the bank has one list or ``nprobe`` covers all of them; above that size it
@@ -29,11 +29,12 @@ of ``LISTS_FROM`` tokens or more have inverted lists whatever their search; ever
 u(q) = 1 - max cos(q, b) over the bank tokens b of the list whose centroid is nearest to q (an actual bank
 token's distance, so u(q) >= d(q), its distance to the bank; and the nearest list is among those an inverted-list
 search probes, so u(q) bounds that search too; whitened: its distance widened by the float32 rounding of the
-products, ``Bank.upper_bound``, which keeps it a bound for tokens next to a bank token). Each frame first searches its token of largest u; with m the
-largest distance found, a token with u(q) < m - ``TIE`` can be neither the farthest nor tied with it, so only the
-tokens with u(q) >= m - ``TIE`` are searched next, and after that round none is left. Score and token are those
-of searching every token; the search costs one bank search per frame plus the few tokens whose bound does not
-clear, instead of K (about a tenth of the tokens on NEU-DET summaries, BENCHMARKS.md anomaly).
+products, ``Bank.upper_bound``, which keeps it a bound for tokens next to a bank token). Each frame first searches
+its token of largest u; with m the largest distance found, a token with u(q) < m - ``TIE`` can be neither the
+farthest nor tied with it, so only the tokens with u(q) >= m - ``TIE`` are searched next, and after that round none
+is left. Score and token are those of searching every token; the search costs one bank search per frame plus the
+few tokens whose bound does not clear, instead of K (about a tenth of the tokens on NEU-DET summaries, BENCHMARKS.md
+anomaly).
 ``FrameScores.distances`` holds the searched tokens' distances and the others' bounds (below the score).
 
 The bank file (``Bank.to_bytes``, written by ``tokenline-central reference-set export``, read by the edge) is an

@@ -229,8 +229,8 @@ def loo_whitened_scores(pool: np.ndarray, src: np.ndarray, bank: Bank, queries: 
         z2 = np.einsum("ij,ij->i", z, z)[:, None]
         d2 = z2 + zb2[None, :] - 2.0 * (z @ zb.T)
         d2[:, ~others] = np.inf
-        # |u|^2 in float32 is off by up to anomaly.ROUNDING (|z|^2 + |z_b|^2) (cancellation when u is small): widen the
-        # reach by that much, so that the nearest token is among the candidates whatever the rounding
+        # |u|^2 in float32 is off by up to anomaly.ROUNDING (|z|^2 + |z_b|^2) (cancellation when u is small): widen
+        # the reach by that much, so that the nearest token is among the candidates whatever the rounding
         slack = anomaly.ROUNDING * (z2 + zb2.max())
         reach = (np.maximum(d2.min(axis=1, keepdims=True), 0.0) + slack) * (
             ratio.max() / (ratio.min() * (1.0 - g.max()))) + slack
@@ -247,10 +247,11 @@ def loo_whitened_scores(pool: np.ndarray, src: np.ndarray, bank: Bank, queries: 
 
 
 def rounding_floor(bank: Bank) -> float:
-    """The smallest whitened distance the search tells from 0: sqrt(anomaly.ROUNDING (|z|^2 + |z_b|^2)) at the bank's
-    largest |z_b|, below which the float32 products that choose the nearest bank token cannot tell candidates apart.
-    A quantile threshold is never set below it: a set of identical frames (a static scene) has leave-one-out scores
-    near 0, and new frames of that scene, with their sensor noise, would all flag against such a threshold."""
+    """The smallest whitened distance the search tells from 0: sqrt(anomaly.ROUNDING (|z|^2 + |z_b|^2)) at the
+    bank's largest |z_b|, below which the float32 products that choose the nearest bank token cannot tell
+    candidates apart. A quantile threshold is never set below it: a set of identical frames (a static scene) has
+    leave-one-out scores near 0, and new frames of that scene, with their sensor noise, would all flag against such
+    a threshold."""
     zb = bank.tokens.astype(np.float32)
     return float(np.sqrt(anomaly.ROUNDING * 2.0 * float(np.einsum("ij,ij->i", zb, zb).max())))
 

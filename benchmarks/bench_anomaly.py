@@ -3,13 +3,13 @@
     python benchmarks/bench_anomaly.py                      # quality on NEU-DET mosaics and ELPV mono, timings
     python benchmarks/bench_anomaly.py --poly               # also the held-out ELPV poly cells (run once, at the end)
     flock /tmp/tokenline-bench.lock python benchmarks/bench_anomaly.py --runs 8 --product out/demo/model \
-        --product out/k48:int4     # the export for flagging (docs/anomaly.md), its messages in int4
+        --product out/k48:int8     # the export for flagging (docs/anomaly.md), its messages in int8
     ... --broker-runs 16 --broker-messages 20000   # what resolves the cost through the broker (about 35 min)
 
 Quality (no timing): the data, features and caches of benchmarks/bench_summary.py (block-8 features of the
 ViT-S/14, NEU-DET 2x2 mosaics at 448 px, ELPV cells at 224 px). The summary tokens come from the reference head
 (benchmarks/summary_head_ref.py), the research setting, in the default export's form (K=16, PCA 96 fitted on the
-calibration frames, int8 round trip) and the export for flagging's (K=48, PCA 64, int4); the exported product is
+calibration frames, int8 round trip) and the export for flagging's (K=48, PCA 64, int8); the exported product is
 measured by bench_summary.py --product and bench_elpv_gap.py --product. Those tokens are scored by
 the product's code: central.anomaly.bank.build_bank (coreset, inverted lists, leave-one-out threshold) and
 tokenline.anomaly.Bank.score_arrays in the modes tokens / global / both, exactly as central and the edge score,
@@ -54,13 +54,14 @@ from central.config import AnomalyConfig  # noqa: E402
 from central.kmeans import kmeans  # noqa: E402
 from tokenline.anomaly import EXHAUSTIVE_UP_TO, METRICS, Bank, BankInfo, apply_whitening  # noqa: E402
 
-QUALITY_VERSION = 4  # bump when the quality computation changes (part of the cache key of its results)
+QUALITY_VERSION = 5  # bump when the quality computation changes (part of the cache key of its results); 5: the
+# scorer's whitened distances to the nearest bank token computed directly
 LAYER = "L8"
 HEAD = {"k": 16, "k_protect": 0, "lam": 0.5, "iters": 3}
 PRODUCT = Variant("summary", "new", "int8", 96)  # the wire's summary tokens: PCA 96, int8
-# The export for flagging (docs/anomaly.md): --k 48 --summary-dim 64, edge messages.token_dtype int4
+# The export for flagging (docs/anomaly.md): --k 48 --summary-dim 64, edge messages.token_dtype int8 (the default)
 FLAG_HEAD = {**HEAD, "k": 48}
-FLAG = Variant("summary K=48", "flag", "int4", 64)
+FLAG = Variant("summary K=48", "flag", "int8", 64)
 UPPER = Variant("all patch tokens (centred)", "patches", "fp32", 384)
 MODES = ("tokens", "global", "both")
 
@@ -609,7 +610,7 @@ def main() -> int:
              "tokens": "K=16 summary, PCA 96 int8 (default export; mode tokens)",
              "global": "global embedding (mode global)", "both": "K=16 summary + global (mode both)",
              "top2": "K=16 summary, mean of the 2 largest distances (not used)",
-             "flag_tokens": "K=48 summary, PCA 64 int4 (export for flagging; mode tokens)",
+             "flag_tokens": f"K=48 summary, PCA 64 {FLAG.dtype} (export for flagging; mode tokens)",
              "flag_both": "K=48 summary + global (export for flagging; mode both)"}
     rows: Dict[str, dict] = {}
     for metric in METRICS:
@@ -681,7 +682,7 @@ def main() -> int:
                    "times and measures the exported models too.")
     body = ("Summary tokens from the reference head (benchmarks/summary_head_ref.py, the research setting: 2x2 "
             "mosaics at 448 px; the exported product at 224 px is measured in `summary_product` and `elpv_gap`): "
-            "the default export's K=16, PCA 96, int8 and the export for flagging's K=48, PCA 64, int4 "
+            f"the default export's K=16, PCA 96, int8 and the export for flagging's K=48, PCA 64, {FLAG.dtype} "
             "(docs/anomaly.md), scored by the product's bank and scorer (central.anomaly.bank, "
             "tokenline.anomaly). Banks: NEU, per background class its 5 calibration mosaics; ELPV, 100 normal "
             "cells; evaluation: NEU 90 mosaics with an odd tile and 48 without, ELPV 150 normal and 150 defective "

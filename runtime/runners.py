@@ -152,9 +152,8 @@ class OnnxRuntimeRunner:
         self.batch_sizes = sorted(b for b in self.sessions if b is not None)
         if None in self.sessions:
             self.batch_sizes = []
-        # "auto" with INT8 files on a CPU-only runtime runs fp32 only where their 8-bit weights saturate
-        skipped = (int8 == "auto" and self.role == "encoder" and self.providers == ["CPUExecutionProvider"]
-                   and any(f.role == "encoder_int8" for f in manifest.files))
+        # INT8 files this CPU would run if its int8 products were exact: skipped because theirs saturate
+        skipped = self.role != encoder_role(int8, manifest, self.providers, saturates=False)
         self.name = (f"onnxruntime[{','.join(p.replace('ExecutionProvider', '') for p in self.providers)}]"
                      + (" int8" if self.role == "encoder_int8" else "")
                      + (" (int8 files not run: their 8-bit weights saturate on this CPU)" if skipped else ""))

@@ -29,10 +29,10 @@ of ``LISTS_FROM`` tokens or more have inverted lists whatever their search; ever
 u(q) = 1 - max cos(q, b) over the bank tokens b of the list whose centroid is nearest to q (an actual bank
 token's distance, so u(q) >= d(q), its distance to the bank; and the nearest list is among those an inverted-list
 search probes, so u(q) bounds that search too; whitened: its distance widened by the float32 rounding of the
-products, ``Bank.upper_bound``, which keeps it a bound for tokens next to a bank token). Each frame first searches
-its token of largest u; with m the largest distance found, a token with u(q) < m - ``TIE`` can be neither the
-farthest nor tied with it, so only the tokens with u(q) >= m - ``TIE`` are searched next, and after that round none
-is left. Score and token are those of searching every token; the search costs one bank search per frame plus the
+products, ``Bank.distance(widen=True)``, which keeps it a bound for tokens next to a bank token). Each frame first
+searches its token of largest u; with m the largest distance found, a token with u(q) < m - ``TIE`` can be neither
+the farthest nor tied with it, so only the tokens with u(q) >= m - ``TIE`` are searched next, and after that round
+none is left. Score and token are those of searching every token; the search costs one bank search per frame plus the
 few tokens whose bound does not clear, instead of K (about a tenth of the tokens on NEU-DET summaries, BENCHMARKS.md
 anomaly).
 ``FrameScores.distances`` holds the searched tokens' distances and the others' bounds (below the score).
@@ -214,7 +214,7 @@ class Bank:
         self._search_centroids = self._searched(self.centroids)
         if self._search_tokens is not self.tokens:
             self.tokens = self._search_tokens[:, :-1]
-        # the largest |z_b|^2: how far float32 rounding can move a squared distance from products (``upper_bound``)
+        # the largest |z_b|^2: how far float32 rounding can move a squared distance from products (``distance``)
         self._zb2_max = float(-2.0 * self._search_tokens[:, -1].min()) if self.whitened else 0.0
 
     @property
@@ -235,23 +235,17 @@ class Bank:
         z = apply_whitening(_unit(q), self.whiten)
         return np.ascontiguousarray(np.concatenate([z, np.ones(z.shape[:-1] + (1,), np.float32)], axis=-1))
 
-    def distance(self, qs: np.ndarray, sim: np.ndarray) -> np.ndarray:
+    def distance(self, qs: np.ndarray, sim: np.ndarray, widen: bool = False) -> np.ndarray:
         """Distances from search queries ``qs`` [..., ds] (``queries``) and their largest products ``sim`` [...]:
-        1 - cosine, or in metric whitened |z - z_b| = sqrt(|z|^2 - 2 sim) (``FAR`` where no token was left)."""
+        1 - cosine, or in metric whitened |z - z_b| = sqrt(|z|^2 - 2 sim) (``FAR`` where no token was left).
+        ``widen`` (an upper bound): whitened, plus what float32 rounding can take off the square, ``ROUNDING``
+        (|z|^2 + |z_b|^2), so that it stays above the distance to the token whose product is ``sim`` even where that
+        distance is near 0 and the products' difference is all rounding."""
         if not self.whitened:
             return (1.0 - sim).astype(np.float32)
         z2 = np.einsum("...i,...i->...", qs[..., :-1], qs[..., :-1])
-        d = np.sqrt(np.maximum(z2 - 2.0 * sim, 0.0))
-        return np.where(np.isfinite(sim), np.minimum(d, FAR), FAR).astype(np.float32)
-
-    def upper_bound(self, qs: np.ndarray, sim: np.ndarray) -> np.ndarray:
-        """``distance``, widened in metric whitened by what float32 rounding can take off it (``ROUNDING``
-        (|z|^2 + |z_b|^2)), so that it stays above the distance to the token whose product is ``sim`` even where
-        that distance is near 0 and the products' difference is all rounding."""
-        if not self.whitened:
-            return self.distance(qs, sim)
-        z2 = np.einsum("...i,...i->...", qs[..., :-1], qs[..., :-1])
-        d = np.sqrt(np.maximum(z2 - 2.0 * sim, 0.0) + ROUNDING * (z2 + self._zb2_max))
+        d2 = np.maximum(z2 - 2.0 * sim, 0.0)
+        d = np.sqrt(d2 + ROUNDING * (z2 + self._zb2_max) if widen else d2)
         return np.where(np.isfinite(sim), np.minimum(d, FAR), FAR).astype(np.float32)
 
     def nearest_distance(self, qs: np.ndarray, sim: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -384,7 +378,7 @@ class Bank:
         if f == 0 or not ok.any():
             return dist, searched
         near = self.nearest_list_similarity(q.reshape(f * k, ds)).reshape(f, k)
-        bound = np.where(ok, self.upper_bound(q, near), -np.inf)
+        bound = np.where(ok, self.distance(q, near, widen=True), -np.inf)
 
         def search(mask: np.ndarray) -> None:
             if mask.any():

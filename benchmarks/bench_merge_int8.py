@@ -162,10 +162,14 @@ def verdict(r: Dict[str, float], own: Dict[str, float], merged: list, int8: list
 
 
 def _cpu() -> str:
-    """The CPU's model name and whether it has int8 dot-product instructions (VNNI)."""
+    """The CPU's model name and whether ONNX Runtime's INT8 products are exact on it (runtime.cpu)."""
+    from runtime.cpu import int8_saturates
+
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown CPU")
-    return f"{name} ({'with' if 'vnni' in info else 'without'} VNNI)"
+    products = {True: "without VNNI: 8-bit weights' products saturate", False: "INT8 products exact",
+                None: "INT8 products not known"}[int8_saturates()]
+    return f"{name} ({products})"
 
 
 def _ort_version() -> str:

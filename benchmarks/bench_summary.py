@@ -619,14 +619,13 @@ def project(x: np.ndarray, pca) -> np.ndarray:
 
 def quantize(x: np.ndarray, dtype: str) -> np.ndarray:
     """Round trip through the wire's per-row symmetric quantization (int8: 127 levels, int4: 7) or fp16."""
+    from tokenline.wire import as_decoded
+
     if dtype == "fp32":
         return x
     if dtype == "fp16":
-        return x.astype(np.float16).astype(np.float32)
-    levels = 127.0 if dtype == "int8" else 7.0
-    scale = np.abs(x).max(-1, keepdims=True) / levels
-    scale = np.where(scale > 0, scale, 1.0)
-    return _unit(np.clip(np.round(x / scale), -levels, levels) * scale)
+        return as_decoded(x, dtype)
+    return _unit(as_decoded(x, dtype))
 
 
 def shaped_round_trip(p: np.ndarray, lam: np.ndarray, a: float, dtype: str) -> np.ndarray:

@@ -36,9 +36,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import ROOT, save_figure, write_section  # noqa: E402
-from benchmarks.bench_summary import (LAYERS, Product, Rep, Variant, auroc, cached_features, compress,  # noqa: E402
-                                      elpv_selection, head_rep, knn_distance, layer_feats, md_table, patch_rep,
-                                      product_rep)
+from benchmarks.bench_summary import (LAYERS, Product, Rep, Variant, _unit, auroc, cached_features,  # noqa: E402
+                                      compress, elpv_selection, head_rep, knn_distance, layer_feats, md_table,
+                                      patch_rep, product_rep)
 
 LAYER = "L8"
 HEAD = {"k": 16, "k_protect": 0, "lam": 0.5, "iters": 3}
@@ -47,6 +47,17 @@ SUBSET = 150  # defective cells in the benchmarks' fixed selection
 SPLIT_BANK = 100  # the bank size at which the fixed selection is compared with the other cells
 RANDOM_SUBSETS = 200
 PLOT = ROOT / "docs" / "img" / "elpv_cells.png"
+PARTS = "elpv_cells_parts"
+PARTS_TEXT = """The draws of `elpv_cells` (every normal and defective cell, 5 draws of 150 held-out normal cells), a
+bank of {bank}, whitened, each row paired with all patch tokens on the same bank and cells. Between the research
+head's K=16 summary and the exported model `{model}` lie two differences: the projection (the research rows fit PCA
+96 on the bank cells' summary tokens; the export fits it on the patch tokens of its NEU-DET calibration images) and
+where it applies (the research head clusters the unit block-8 tokens and projects the cluster means; the exported
+head, exporter/summary_head.py, projects every patch token first and clusters in the projected, centred space).
+The rows take them one at a time: the research head without a projection (the clustering's own cost), with the
+export's own projection (read from its ONNX head) after the clustering, and before it (the exported design in
+numpy: it reproduces the exported model's own summaries up to ONNX Runtime's rounding).
+"""
 BOUND = "all patch tokens (centred), fp32 [bound]"
 HEAD_REP = "K=16 summary (research head), PCA 96 int8"  # the random subsets' one (issue 14: "same features")
 
@@ -70,8 +81,42 @@ class Cells:
         return np.flatnonzero(self.probs > 0)
 
 
-def load_cells(kind: str, products: Sequence[Path], progress) -> Optional[Cells]:
-    """All cells of ``kind`` ("mono" or "poly") and their representations; None without the elpv-dataset package."""
+def export_projection(model_dir: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """(centring mean [D], projection [D, d]) baked into an exported slic model's head: the constants of the
+    head's first Sub and MatMul in its fp32 ONNX encoder (``exporter.summary_head``, step 1)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from tokenline.manifest import Manifest
+
+    m = Manifest.from_file(model_dir)
+    d_in, d = m.summary.projection.input_dim, m.summary.dim
+    graph = onnx.load(str(next(model_dir.glob("encoder_fp32_b*.onnx")))).graph
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    head = [n for n in graph.node if n.name.startswith("/vit/head/")]
+    def first(op: str, shape: Tuple[int, ...]) -> np.ndarray:
+        return next(consts[n.input[1]] for n in head
+                    if n.op_type == op and n.input[1] in consts and consts[n.input[1]].shape == shape)
+
+    return first("Sub", (d_in,)).astype(np.float32), first("MatMul", (d_in, d)).astype(np.float32)
+
+
+def part_reps(tok: np.ndarray, model_dir: Path) -> Dict[str, Tuple[Rep, Variant]]:
+    """The research head's summaries taken apart towards an exported model's: without a projection, with the
+    model's projection after the clustering, and before it (as the exported head does: its tokens, in numpy)."""
+    mean, proj = export_projection(model_dir)
+    h = head_rep(tok, (16, 16), **HEAD)
+    after = Rep(_unit((h.tokens - mean) @ proj).astype(np.float32), h.footprint)
+    before = head_rep(_unit((_unit(tok) - mean) @ proj).astype(np.float32), (16, 16), **HEAD)
+    return {"K=16 summary (research head), no projection (384 dims), int8": (h, Variant("s", "k16", "int8")),
+            f"the same, `{model_dir}`'s projection after the clustering, int8": (after, Variant("s", "after", "int8")),
+            f"the same, `{model_dir}`'s projection before the clustering (as exported), int8":
+                (before, Variant("s", "before", "int8"))}
+
+
+def load_cells(kind: str, products: Sequence[Path], progress, parts: Optional[Path] = None) -> Optional[Cells]:
+    """All cells of ``kind`` ("mono" or "poly") and their representations (with ``parts``, also ``part_reps`` of
+    that model); None without the elpv-dataset package."""
     sel = elpv_selection(kind == "poly")
     if sel is None:
         return None
@@ -94,6 +139,8 @@ def load_cells(kind: str, products: Sequence[Path], progress) -> Optional[Cells]
         BOUND: (patch_rep(tok), Variant("b", "patches", "fp32", 384)),
         HEAD_REP: (head_rep(tok, (16, 16), **HEAD), Variant("s", "k16", "int8", 96)),
     }
+    if parts is not None:
+        reps.update(part_reps(tok, parts))
     for model_dir in products:
         prod = Product(model_dir, "encoder")
         m = prod.manifest
@@ -233,6 +280,9 @@ def main() -> int:
                     help="an exported slic model dir whose own summaries are scored too (repeatable)")
     ap.add_argument("--poly", action="store_true", help="also the held-out poly cells (run once, not for choosing)")
     ap.add_argument("--poly-sizes", default="100,200", help="bank sizes for the poly cells")
+    ap.add_argument("--parts", type=Path, metavar="MODEL_DIR",
+                    help=f"only the parts study (section {PARTS}): where an exported K=16 model's gap comes from, at a "
+                         f"bank of {SPLIT_BANK} (give it as --product too to score its own summaries beside)")
     ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
 
@@ -240,12 +290,14 @@ def main() -> int:
     from rich.progress import Progress
 
     console = Console()
+    if args.parts:
+        args.sizes = args.poly_sizes = str(SPLIT_BANK)
     plan = [("mono", args.sizes)] + ([("poly", args.poly_sizes)] if args.poly else [])
     results: Dict[str, List[dict]] = {}
-    body = __doc__.split("\n\n", 2)[2].strip() + "\n"
+    tables = ""
     for kind, sizes in plan:
         with Progress(console=console, transient=True) as progress:
-            cells = load_cells(kind, args.product, progress)
+            cells = load_cells(kind, args.product, progress, args.parts)
             if cells is None:
                 console.print("[red]ELPV data missing (pip install elpv-dataset): nothing to study[/red]")
                 return 1
@@ -256,12 +308,18 @@ def main() -> int:
         text = findings(kind, rows, line)
         console.print(table, stable, text)
         title = "mono cells" if kind == "mono" else "held out: poly cells (run once, after the mono study)"
-        body += (f"\n### {title}: {len(cells.normals)} normal, {len(cells.defective)} defective; {args.draws} draws "
+        tables += (f"\n### {title}: {len(cells.normals)} normal, {len(cells.defective)} defective; {args.draws} draws "
                  f"of {EVAL_NORMAL} held-out normal cells, whitened\n\n{table}\n"
                  + (f"\nThe same draws with a bank of {SPLIT_BANK}, the defective cells split: the benchmarks' fixed "
                     f"selection and the others.\n\n{stable}\n" if stable else "") + f"\n{text}\n")
+    if args.parts:
+        if args.write:
+            write_section(PARTS, f"ELPV anomaly on every cell: where `{args.parts}`'s gap comes from",
+                          PARTS_TEXT.format(model=args.parts, bank=SPLIT_BANK) + tables)
+        return 0
     plot(results, PLOT)
-    body += f"\n![ELPV by bank size]({PLOT.relative_to(ROOT).as_posix()})\n"
+    body = (__doc__.split("\n\n", 2)[2].strip() + "\n" + tables
+            + f"\n![ELPV by bank size]({PLOT.relative_to(ROOT).as_posix()})\n")
     if args.write:
         write_section("elpv_cells", "ELPV anomaly on every cell: the summaries' gap to all patch tokens by bank size",
                       body)

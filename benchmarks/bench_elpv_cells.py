@@ -94,6 +94,7 @@ def export_projection(model_dir: Path) -> Tuple[np.ndarray, np.ndarray]:
     graph = onnx.load(str(next(model_dir.glob("encoder_fp32_b*.onnx")))).graph
     consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     head = [n for n in graph.node if n.name.startswith("/vit/head/")]
+
     def first(op: str, shape: Tuple[int, ...]) -> np.ndarray:
         return next(consts[n.input[1]] for n in head
                     if n.op_type == op and n.input[1] in consts and consts[n.input[1]].shape == shape)
@@ -101,11 +102,11 @@ def export_projection(model_dir: Path) -> Tuple[np.ndarray, np.ndarray]:
     return first("Sub", (d_in,)).astype(np.float32), first("MatMul", (d_in, d)).astype(np.float32)
 
 
-def part_reps(tok: np.ndarray, model_dir: Path) -> Dict[str, Tuple[Rep, Variant]]:
-    """The research head's summaries taken apart towards an exported model's: without a projection, with the
-    model's projection after the clustering, and before it (as the exported head does: its tokens, in numpy)."""
+def part_reps(tok: np.ndarray, h: Rep, model_dir: Path) -> Dict[str, Tuple[Rep, Variant]]:
+    """The research head's summaries ``h`` of the block tokens ``tok`` taken apart towards an exported model's:
+    without a projection, with the model's projection after the clustering, and before it (as the exported head
+    does: its tokens, in numpy)."""
     mean, proj = export_projection(model_dir)
-    h = head_rep(tok, (16, 16), **HEAD)
     after = Rep(_unit((h.tokens - mean) @ proj).astype(np.float32), h.footprint)
     before = head_rep(_unit((_unit(tok) - mean) @ proj).astype(np.float32), (16, 16), **HEAD)
     return {"K=16 summary (research head), no projection (384 dims), int8": (h, Variant("s", "k16", "int8")),
@@ -135,12 +136,11 @@ def load_cells(kind: str, products: Sequence[Path], progress, parts: Optional[Pa
     key = f"elpv-all|v1|{kind}|224|{len(keep)}|{LAYERS}"
     feats = cached_features(f"elpv-all-{kind}-224", key, frame, len(keep), lambda: Extractor(224), 8, progress)
     tok = layer_feats(feats, LAYER).astype(np.float32)
-    reps: Dict[str, Tuple[Rep, Variant]] = {
-        BOUND: (patch_rep(tok), Variant("b", "patches", "fp32", 384)),
-        HEAD_REP: (head_rep(tok, (16, 16), **HEAD), Variant("s", "k16", "int8", 96)),
-    }
+    h = head_rep(tok, (16, 16), **HEAD)
+    reps: Dict[str, Tuple[Rep, Variant]] = {BOUND: (patch_rep(tok), Variant("b", "patches", "fp32", 384)),
+                                            HEAD_REP: (h, Variant("s", "k16", "int8", 96))}
     if parts is not None:
-        reps.update(part_reps(tok, parts))
+        reps.update(part_reps(tok, h, parts))
     for model_dir in products:
         prod = Product(model_dir, "encoder")
         m = prod.manifest

@@ -36,14 +36,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import ROOT, save_figure, write_section  # noqa: E402
-from benchmarks.bench_summary import (LAYERS, Product, Rep, Variant, _unit, auroc, cached_features,  # noqa: E402
-                                      compress, elpv_selection, head_rep, knn_distance, layer_feats, md_table,
-                                      patch_rep, product_rep)
+from benchmarks.bench_summary import (ELPV, LAYERS, Product, Rep, Variant, _unit, auroc,  # noqa: E402
+                                      cached_features, compress, elpv_all_cells, elpv_selection, head_rep,
+                                      knn_distance, layer_feats, md_table, patch_rep, product_rep)
 
 LAYER = "L8"
 HEAD = {"k": 16, "k_protect": 0, "lam": 0.5, "iters": 3}
-EVAL_NORMAL = 150  # normal cells held out of every bank in a draw (the benchmarks' count)
-SUBSET = 150  # defective cells in the benchmarks' fixed selection
+EVAL_NORMAL = ELPV["normal"]  # normal cells held out of every bank in a draw (the benchmarks' count)
+SUBSET = ELPV["defective"]  # defective cells in the benchmarks' fixed selection (elpv_selection)
 SPLIT_BANK = 100  # the bank size at which the fixed selection is compared with the other cells
 RANDOM_SUBSETS = 200
 PLOT = ROOT / "docs" / "img" / "elpv_cells.png"
@@ -67,10 +67,9 @@ class Cells:
     """Every normal (p = 0) and defective (p >= 2/3) cell of one type, with each representation's tokens."""
 
     kind: str
-    keep: np.ndarray  # indices into the ELPV data set
     probs: np.ndarray
     reps: Dict[str, Tuple[Rep, Variant]]
-    fixed_defective: np.ndarray  # positions (into keep) of the benchmarks' 150 defective cells
+    fixed_defective: np.ndarray  # positions (into probs) of the benchmarks' defective cells (elpv_selection)
 
     @property
     def normals(self) -> np.ndarray:
@@ -118,17 +117,14 @@ def part_reps(tok: np.ndarray, h: Rep, model_dir: Path) -> Dict[str, Tuple[Rep, 
 def load_cells(kind: str, products: Sequence[Path], progress, parts: Optional[Path] = None) -> Optional[Cells]:
     """All cells of ``kind`` ("mono" or "poly") and their representations (with ``parts``, also ``part_reps`` of
     that model); None without the elpv-dataset package."""
-    sel = elpv_selection(kind == "poly")
-    if sel is None:
+    cells = elpv_all_cells(kind == "poly")
+    if cells is None:
         return None
-    from elpv_dataset.utils import load_dataset
-
     from benchmarks.bench_summary import Extractor
 
-    images, probs, types = load_dataset()
-    keep = np.flatnonzero((types == kind) & ((probs == 0) | (probs >= 2 / 3)))
+    images, probs, keep = cells
     where = {int(g): i for i, g in enumerate(keep)}
-    fixed = np.array([where[int(g)] for g in sel[2][-SUBSET:]])
+    fixed = np.array([where[int(g)] for g in elpv_selection(kind == "poly")[2][-SUBSET:]])
 
     def frame(i: int) -> np.ndarray:
         return np.repeat(images[keep[i]][..., None], 3, axis=2)
@@ -148,7 +144,7 @@ def load_cells(kind: str, products: Sequence[Path], progress, parts: Optional[Pa
                              progress)
         label = f"exported `{model_dir}` ({m.name}, K={m.summary.k}, d={m.summary.dim}), int8"
         reps[label] = (product_rep(pf, m.summary.k), Variant("p", m.name, "int8"))
-    return Cells(kind, keep, probs[keep], reps, fixed)
+    return Cells(kind, probs[keep], reps, fixed)
 
 
 def draws(cells: Cells, n: int) -> List[Tuple[np.ndarray, np.ndarray]]:
@@ -160,7 +156,7 @@ def draws(cells: Cells, n: int) -> List[Tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def frame_scores(rep: Rep, v: Variant, bank: np.ndarray, scored: np.ndarray) -> np.ndarray:
+def cell_scores(rep: Rep, v: Variant, bank: np.ndarray, scored: np.ndarray) -> np.ndarray:
     """Each scored cell's largest whitened distance from a token to the bank cells' tokens (projection, if any,
     fitted on the bank cells)."""
     r, _ = compress(rep, rep.tokens[bank], v)
@@ -183,7 +179,7 @@ def study(cells: Cells, sizes: Sequence[int], n_draws: int, progress) -> Tuple[D
             scored = np.concatenate([ev_n, cells.defective])
             at = {int(g): i for i, g in enumerate(scored)}
             neg = np.arange(len(ev_n))
-            scores = {name: frame_scores(rep, v, pool[:b], scored) for name, (rep, v) in cells.reps.items()}
+            scores = {name: cell_scores(rep, v, pool[:b], scored) for name, (rep, v) in cells.reps.items()}
             for name, s in scores.items():
                 res.setdefault((b, name), []).append(auroc(s[neg], s[len(ev_n):]))
                 if b == SPLIT_BANK:

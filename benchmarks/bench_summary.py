@@ -383,10 +383,9 @@ class FeatureSets:
         return probs[keep], is_bank, feats
 
 
-def elpv_selection(poly: bool = False) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(all ELPV images, their defect probabilities, the indices the benchmarks use: ELPV["bank"] + ELPV["normal"]
-    normal cells, the bank first, then ELPV["defective"] defective ones, p >= 2/3) of the mono (or poly) cells,
-    seeded; None (with a warning) without the elpv-dataset package."""
+def elpv_all_cells(poly: bool = False) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(all ELPV images, their defect probabilities, the indices of every normal (p = 0) and defective (p >= 2/3)
+    mono (or poly) cell); None (with a warning) without the elpv-dataset package."""
     try:
         from elpv_dataset.utils import load_dataset
     except ImportError:
@@ -394,7 +393,17 @@ def elpv_selection(poly: bool = False) -> Optional[Tuple[np.ndarray, np.ndarray,
                       stacklevel=1)  # once: Python shows a warning once per place
         return None
     images, probs, types = load_dataset()
-    keep = np.flatnonzero((types == ("poly" if poly else "mono")) & ((probs == 0) | (probs >= 2 / 3)))
+    return images, probs, np.flatnonzero((types == ("poly" if poly else "mono")) & ((probs == 0) | (probs >= 2 / 3)))
+
+
+def elpv_selection(poly: bool = False) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(all ELPV images, their defect probabilities, the indices the benchmarks use: ELPV["bank"] + ELPV["normal"]
+    normal cells, the bank first, then ELPV["defective"] defective ones, p >= 2/3) of the mono (or poly) cells,
+    seeded; None (with a warning) without the elpv-dataset package."""
+    cells = elpv_all_cells(poly)
+    if cells is None:
+        return None
+    images, probs, keep = cells
     rng = np.random.default_rng(7)
     normals = rng.permutation(keep[probs[keep] == 0])
     defective = rng.permutation(keep[probs[keep] > 0])[: ELPV["defective"]]

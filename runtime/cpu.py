@@ -5,10 +5,11 @@ instructions (VNNI: AVX512-VNNI or AVX-VNNI) the products are summed in 32 bits,
 AVX-512 before Cascade Lake / Zen 4) the kernel uses ``VPMADDUBSW``, which adds pairs of products into a
 *saturating* 16-bit lane: 255 x 127 x 2 = 64,770 overflows 32,767, so a file with full-range weights computes
 something else there (ViT-S/14 on NEU-DET: mean cosine to fp32 0.9987, lowest 0.94, where the exact arithmetic of
-the same file gives 0.9996 and 0.996; BENCHMARKS.md ``int8_weights``). 7-bit weights (-64..64: 255 x 64 x 2 = 32,640) never saturate, on any CPU. ARM64 is exact either
-way: with dot-product instructions (every Jetson since Xavier) the products are summed in 32 bits, and the plain NEON
-kernel's 16-bit pair sums of signed products overflow only at -128 x -128, which symmetric weights (|w| <= 127) never
-reach. ``exporter.int8_cpu`` makes either file; ``runtime.runners`` checks here.
+the same file gives 0.9996 and 0.996; BENCHMARKS.md ``int8_weights``). 7-bit weights (-64..64: 255 x 64 x 2 =
+32,640) never saturate, on any CPU. ARM64 is exact either way: with dot-product instructions (every Jetson since
+Xavier) the products are summed in 32 bits, and the plain NEON kernel's 16-bit pair sums of signed products
+overflow only at -128 x -128, which symmetric weights (|w| <= 127) never reach. ``exporter.int8_cpu`` makes either
+file; ``runtime.runners`` checks here.
 
 Python 3.8+, standard library only (the edge agent runs it on Jetson and on x86 boxes).
 """

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.bench_elpv_cells import EVAL_NORMAL, Cells, draws, frame_scores
+from benchmarks.bench_elpv_cells import EVAL_NORMAL, Cells, cell_scores, draws
 from benchmarks.bench_summary import Variant, patch_rep
 
 
 def _cells(normal: int = 400, defective: int = 60) -> Cells:
     probs = np.r_[np.zeros(normal), np.ones(defective)][np.random.default_rng(3).permutation(normal + defective)]
-    return Cells("mono", np.arange(len(probs)), probs, {}, np.flatnonzero(probs > 0)[:10])
+    return Cells("mono", probs, {}, np.flatnonzero(probs > 0)[:10])
 
 
 def test_draws_hold_normal_cells_out_of_every_bank_and_nest_the_banks() -> None:
@@ -27,12 +27,12 @@ def test_draws_hold_normal_cells_out_of_every_bank_and_nest_the_banks() -> None:
     assert [list(p) for _, p in draws(cells, 3)] == [list(p) for _, p in ds]  # seeded
 
 
-def test_frame_scores_are_zero_for_a_bank_cell_and_grow_with_distance() -> None:
+def test_cell_scores_are_zero_for_a_bank_cell_and_grow_with_distance() -> None:
     rng = np.random.default_rng(0)
     tok = rng.standard_normal((60, 8, 16)).astype(np.float32)
     tok /= np.linalg.norm(tok, axis=-1, keepdims=True)
     rep = patch_rep(tok)
     bank = np.arange(40)
-    s = frame_scores(rep, Variant("b", "patches", "fp32"), bank, np.array([0, 1, 50]))
+    s = cell_scores(rep, Variant("b", "patches", "fp32"), bank, np.array([0, 1, 50]))
     assert s[0] < 1e-2 and s[1] < 1e-2  # bank cells: every token has itself in the bank (float32 rounding)
     assert s[2] > 1.0  # a cell the bank never saw: whitened distances of order sqrt(d)

@@ -304,21 +304,20 @@ def main() -> int:
         text = findings(kind, rows, line)
         console.print(table, stable, text)
         title = "mono cells" if kind == "mono" else "held out: poly cells (run once, after the mono study)"
-        tables += (f"\n### {title}: {len(cells.normals)} normal, {len(cells.defective)} defective; {args.draws} draws "
-                 f"of {EVAL_NORMAL} held-out normal cells, whitened\n\n{table}\n"
-                 + (f"\nThe same draws with a bank of {SPLIT_BANK}, the defective cells split: the benchmarks' fixed "
-                    f"selection and the others.\n\n{stable}\n" if stable else "") + f"\n{text}\n")
+        tables += (f"\n### {title}: {len(cells.normals)} normal, {len(cells.defective)} defective; {args.draws} "
+                   f"draws of {EVAL_NORMAL} held-out normal cells, whitened\n\n{table}\n"
+                   + (f"\nThe same draws with a bank of {SPLIT_BANK}, the defective cells split: the benchmarks' "
+                      f"fixed selection and the others.\n\n{stable}\n" if stable else "") + f"\n{text}\n")
+    if not args.write:
+        return 0
     if args.parts:
-        if args.write:
-            write_section(PARTS, f"ELPV anomaly on every cell: where `{args.parts}`'s gap comes from",
-                          PARTS_TEXT.format(model=args.parts, bank=SPLIT_BANK) + tables)
+        write_section(PARTS, f"ELPV anomaly on every cell: where `{args.parts}`'s gap comes from",
+                      PARTS_TEXT.format(model=args.parts, bank=SPLIT_BANK) + tables)
         return 0
     plot(results, PLOT)
     body = (__doc__.split("\n\n", 2)[2].strip() + "\n" + tables
             + f"\n![ELPV by bank size]({PLOT.relative_to(ROOT).as_posix()})\n")
-    if args.write:
-        write_section("elpv_cells", "ELPV anomaly on every cell: the summaries' gap to all patch tokens by bank size",
-                      body)
+    write_section("elpv_cells", "ELPV anomaly on every cell: the summaries' gap to all patch tokens by bank size", body)
     return 0
 
 

@@ -418,7 +418,6 @@ def main() -> int:
                             ("gap", "gap to bound (paired mean)", "+.3f"), ("worst", "largest gap", "+.3f"),
                             ("all", "per draw", "")])
     console.print(table)
-    plot(rows, bound, PLOT)
     by = {r["rep"]: r for r in rows}
     prod = by["K=16 summary, PCA 96 int8 [product]"]
     nov = [by[f"K=16 with {kp} novelty-protected, PCA 96 int8"] for kp in (2, 4, 8)]
@@ -450,6 +449,7 @@ def main() -> int:
         body += held_out_poly(fs, args, console)
     console.print(verdict)
     if args.write:
+        plot(rows, bound, PLOT)
         write_section("elpv_gap", "ELPV anomaly: the summary's gap to all patch tokens over bank draws", body)
     return 0
 

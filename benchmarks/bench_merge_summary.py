@@ -145,7 +145,6 @@ def main() -> int:
                             ("chamfer_loss", "summary top-10 disagreement (pt)", ".1f"),
                             ("token_cos", "unmerged token's best cosine", ".3f")])
     console.print(table)
-    plot(rows, PLOT)
     u = rows[0]
     pick, int8 = rows[3], rows[1]
     within = "within" if pick["p10_loss"] <= 1.0 else "over"
@@ -173,6 +172,7 @@ def main() -> int:
     body = (__doc__.split("\n\n", 2)[2].strip() + "\n\n" + table + "\n\n" + verdict
             + f"\n![merging vs the summary]({PLOT.relative_to(ROOT).as_posix()})\n")
     if args.write:
+        plot(rows, PLOT)
         write_section("merge_summary_224px", "Token merging vs the summary tokens' anomaly scores (224 px)", body)
     return 0
 

@@ -1,11 +1,12 @@
 """The ELPV all-cells study's draws and scores (benchmarks/bench_elpv_cells.py): a draw's held-out normal cells are
-never in its bank, banks of different sizes are nested, and a cell that is its own bank neighbour scores 0."""
+never in its bank, banks of different sizes are nested, a cell that is its own bank neighbour scores 0, and the
+label-free rank agreement is Spearman's correlation."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.bench_elpv_cells import EVAL_NORMAL, Cells, cell_scores, draws
+from benchmarks.bench_elpv_cells import EVAL_NORMAL, Cells, cell_scores, draws, rank_agreement
 from benchmarks.bench_summary import Variant, patch_rep
 
 
@@ -36,3 +37,13 @@ def test_cell_scores_are_zero_for_a_bank_cell_and_grow_with_distance() -> None:
     s = cell_scores(rep, Variant("b", "patches", "fp32"), bank, np.array([0, 1, 50]))
     assert s[0] < 1e-2 and s[1] < 1e-2  # bank cells: every token has itself in the bank (float32 rounding)
     assert s[2] > 1.0  # a cell the bank never saw: whitened distances of order sqrt(d)
+
+
+def test_rank_agreement_is_spearmans_correlation() -> None:
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal(200)
+    assert rank_agreement(a, np.exp(3 * a)) == 1.0  # any increasing transform: the same order
+    assert abs(rank_agreement(a, -a) + 1.0) < 1e-12
+    b = a + rng.standard_normal(200)  # against Spearman's formula (no ties): 1 - 6 sum d^2 / (n (n^2 - 1))
+    d = np.argsort(np.argsort(a)) - np.argsort(np.argsort(b))
+    assert abs(rank_agreement(a, b) - (1 - 6 * (d**2).sum() / (200 * (200**2 - 1)))) < 1e-12

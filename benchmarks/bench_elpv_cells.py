@@ -282,7 +282,8 @@ def findings(kind: str, rows: List[dict], fixed_line: str) -> str:
         agree = [r["agree"] for r in rs]
         out.append(f"- {kind}, {name}: gap to the bound "
                    + ", ".join(f"{r['gap']:+.3f} (bank {r['bank']}, {r['share']:.3f} of it)" for r in rs)
-                   + f"; rank agreement with the bound's scores {min(agree):.3f}-{max(agree):.3f}.")
+                   + f"; rank agreement with the bound's scores {min(agree):.3f}"
+                   + (f"-{max(agree):.3f}." if len(agree) > 1 else "."))
     return "\n".join(out + ([fixed_line] if fixed_line else []))
 
 

@@ -24,8 +24,8 @@ With ``--poly`` the same on the poly cells (920 normal, 452 defective), held out
 
 Beside the AUROC, a reading that needs no labels: the rank agreement (Spearman) of a representation's scores
 with the bound's over the same scored cells (normal and defective alike), mean of the draws. It measures how
-faithfully the summary reproduces the all-patch scorer rather than how well either separates defects, and it is
-what an engineer can measure on their own line's frames without knowing which are defective.
+faithfully the summary reproduces the all-patch scorer rather than how well either separates defects, and can be
+read on frames nobody has labelled (given their patch tokens, which the product does not send).
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def study(cells: Cells, sizes: Sequence[int], n_draws: int, progress) -> Tuple[D
     others; HEAD_REP's gap to the bound over random 150-cell subsets of the defective cells at SPLIT_BANK)."""
     ds = draws(cells, n_draws)
     sizes = [b for b in sizes if b <= len(ds[0][1])]
-    res: Dict[Tuple[int, str], List[float]] = {}
+    res: Dict[tuple, List[float]] = {}  # (size, rep) and (size, rep, "agree")
     split: Dict[str, Dict[str, List[float]]] = {}
     other = np.setdiff1d(cells.defective, cells.fixed_defective)
     rng, random_gaps = np.random.default_rng(0), []

@@ -68,10 +68,16 @@ def load_model(cfg: AgentConfig) -> Manifest:
     return manifest
 
 
+WRITER_BATCH = 64  # results the outbox writer takes from the results queue and commits in one transaction
+
+
 def file_source_room(cfg: AgentConfig, manifest: Manifest) -> Tuple[int, int]:
     """``(frames, bytes of the largest message)`` a file source keeps free in the outbox before it reads: every
-    frame that can be on its way (each camera's queue, the results queue, one batch) and its own."""
-    frames = sum(c.queue_depth for c in cfg.cameras) + cfg.messages.results_queue + cfg.model.batch_size + 1
+    frame that can be on its way (each camera's queue, one batch, the results queue, the results the writer has
+    taken from it and is committing, the frame each file source holds while it waits for room in its queue)."""
+    in_writer = min(WRITER_BATCH, cfg.messages.results_queue)
+    frames = (sum(c.queue_depth for c in cfg.cameras) + cfg.model.batch_size + cfg.messages.results_queue
+              + in_writer + sum(1 for c in cfg.cameras if c.lossless))
     names = (cfg.device, cfg.site, "x" * 64, "x" * 64)  # the longest line and camera names
     largest = message_size(cfg.messages.token_dtype, manifest.summary.k, manifest.embedding_dim, names) + 6 \
         + MAX_METADATA_BYTES
@@ -373,7 +379,7 @@ class Agent:
         try:
             while True:
                 self._beat["writer"] = time.monotonic()
-                items = self.results.get_many(64, 0.2)
+                items = self.results.get_many(WRITER_BATCH, 0.2)
                 if not items:
                     if self.inference_done.is_set() and not len(self.results):
                         return

@@ -7,11 +7,13 @@ import time
 from pathlib import Path
 
 import cv2
+import pytest
 
-from edge_agent.agent import Agent
+from edge_agent.agent import Agent, file_source_room
 from edge_agent.config import parse_config
 from edge_agent.journal import journal_path
 from edge_agent.synthetic import draw_conveyor_frame
+from tokenline.manifest import Manifest
 from tests.edge.conftest import agent_config
 from tests.support.broker import free_port
 from tests.support.mqtt_sub import Collector
@@ -53,20 +55,27 @@ def test_every_file_once_through_tiny_queues_with_its_metadata(mosquitto, tmp_pa
     assert not (d / "rejected").exists()
 
 
-def test_a_full_outbox_makes_the_folder_wait_instead_of_evicting(tmp_path, tiny_model_dir) -> None:
-    d = tmp_path / "in"
-    fill(d, 40)
-    cfg = agent_config(tmp_path, tiny_model_dir, free_port(), [folder_camera(d, delete_after_read=True)],
-                       messages={"results_queue": 2}, model={"dir": str(tiny_model_dir), "batch_size": 2},
-                       outbox={"max_messages": 12})
-    agent = Agent(parse_config(cfg)).start()  # no broker: nothing leaves the outbox
+@pytest.mark.parametrize("folders", [1, 2])
+def test_a_full_outbox_makes_the_folder_wait_instead_of_evicting(tmp_path, tiny_model_dir, folders) -> None:
+    dirs = [tmp_path / f"in-{i}" for i in range(folders)]
+    for d in dirs:
+        fill(d, 40)
+
+    def config(max_messages: int) -> dict:
+        cams = [dict(folder_camera(d, delete_after_read=True), name=f"files-{i}") for i, d in enumerate(dirs)]
+        return agent_config(tmp_path, tiny_model_dir, free_port(), cams, messages={"results_queue": 2},
+                            model={"dir": str(tiny_model_dir), "batch_size": 2}, outbox={"max_messages": max_messages})
+
+    # the smallest outbox the agent accepts: exactly the room file sources keep free before they read
+    room, _ = file_source_room(parse_config(config(1000)), Manifest.from_file(tiny_model_dir))
+    agent = Agent(parse_config(config(room))).start()  # no broker: nothing leaves the outbox
     try:
         assert wait_for(lambda: agent.outbox.count > 0, 30)
         time.sleep(1.5)
         snap = agent.snapshot()
     finally:
         agent.shutdown()
-    assert 0 < snap["outbox"]["pending"] <= 12 and snap["outbox"]["evicted"] == 0 and snap["drops"]["total"] == {}
-    left = len(list(d.glob("*.jpg")))
-    assert left == 40 - snap["outbox"]["inserted"]  # a file is deleted only once its frame is in the outbox
+    assert 0 < snap["outbox"]["pending"] <= room and snap["outbox"]["evicted"] == 0 and snap["drops"]["total"] == {}
+    left = sum(len(list(d.glob("*.jpg"))) for d in dirs)
+    assert left == 40 * folders - snap["outbox"]["inserted"]  # a file is deleted only once its frame is in the outbox
     assert journal_path(tmp_path / "outbox.sqlite").exists()

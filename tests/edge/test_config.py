@@ -144,10 +144,11 @@ def test_an_outbox_too_small_for_file_sources_is_refused(tmp_path: Path, tiny_mo
     (tmp_path / "in").mkdir()
     d = good(tmp_path, tiny_model_dir)
     d["cameras"] = [{"name": "f", "line": "l", "source": {"kind": "folder", "path": str(tmp_path / "in")}}]
-    d["outbox"]["max_messages"] = 20  # a file source keeps room for 4 + 64 + 4 + 1 frames before it reads
+    d["outbox"]["max_messages"] = 20  # a file source keeps room for 4 + 4 + 64 + 64 + 1 frames before it reads
+    # (its queue, a batch, the results queue, the results the writer is committing, its own)
     p = tmp_path / "edge.yaml"
     p.write_text(yaml.safe_dump(d))
     assert main(["check-config", "--config", str(p), "--no-runner"]) == 2
-    assert "outbox.max_messages/max_bytes: file sources keep room for 73 messages" in capsys.readouterr().err
+    assert "outbox.max_messages/max_bytes: file sources keep room for 137 messages" in capsys.readouterr().err
     assert main(["run", "--config", str(p)]) == 2
     assert "file sources keep room" in capsys.readouterr().err

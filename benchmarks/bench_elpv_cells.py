@@ -42,13 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import ROOT, save_figure, write_section  # noqa: E402
 from benchmarks.bench_summary import (ELPV, LAYERS, Product, Rep, Variant, _unit, auroc,  # noqa: E402
-                                      cached_features, compress, elpv_all_cells, elpv_selection, head_rep,
-                                      knn_distance, layer_feats, md_table, patch_rep, product_rep)
+                                      cached_features, compress, elpv_all_cells, elpv_frame, head_rep,
+                                      knn_distance, layer_feats, md_table, patch_rep, product_rep,
+                                      select_cells)
 
 LAYER = "L8"
 HEAD = {"k": 16, "k_protect": 0, "lam": 0.5, "iters": 3}
 EVAL_NORMAL = ELPV["normal"]  # normal cells held out of every bank in a draw (the benchmarks' count)
-SUBSET = ELPV["defective"]  # defective cells in the benchmarks' fixed selection (elpv_selection)
+SUBSET = ELPV["defective"]  # defective cells in the benchmarks' fixed selection (select_cells)
 SPLIT_BANK = 100  # the bank size at which the fixed selection is compared with the other cells
 RANDOM_SUBSETS = 200
 PLOT = ROOT / "docs" / "img" / "elpv_cells.png"
@@ -74,7 +75,7 @@ class Cells:
     kind: str
     probs: np.ndarray
     reps: Dict[str, Tuple[Rep, Variant]]
-    fixed_defective: np.ndarray  # positions (into probs) of the benchmarks' defective cells (elpv_selection)
+    fixed_defective: np.ndarray  # positions (into probs) of the benchmarks' defective cells (select_cells)
 
     @property
     def normals(self) -> np.ndarray:
@@ -129,10 +130,10 @@ def load_cells(kind: str, products: Sequence[Path], progress, parts: Optional[Pa
 
     images, probs, keep = cells
     where = {int(g): i for i, g in enumerate(keep)}
-    fixed = np.array([where[int(g)] for g in elpv_selection(kind == "poly")[2][-SUBSET:]])
+    fixed = np.array([where[int(g)] for g in select_cells(probs, keep)[-SUBSET:]])
 
     def frame(i: int) -> np.ndarray:
-        return np.repeat(images[keep[i]][..., None], 3, axis=2)
+        return elpv_frame(images[keep[i]])
 
     key = f"elpv-all|v1|{kind}|224|{len(keep)}|{LAYERS}"
     feats = cached_features(f"elpv-all-{kind}-224", key, frame, len(keep), lambda: Extractor(224), 8, progress)

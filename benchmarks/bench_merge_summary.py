@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._report import ROOT, save_figure, write_section  # noqa: E402
 from benchmarks.bench_elpv_gap import bank_draws, elpv_aurocs  # noqa: E402
 from benchmarks.bench_summary import (Extractor, FeatureSets, Mosaics, Variant, compress, head_rep,  # noqa: E402
-                                      elpv_selection, md_table, mosaic_anomaly, neu_data, project, render)
+                                      elpv_frame, elpv_selection, md_table, mosaic_anomaly, neu_data, project, render)
 from benchmarks.neu_det import calibration_split  # noqa: E402
 from exporter.int8_cpu import simulate  # noqa: E402
 from exporter.search import KAPPA_SUMMARY, fidelity  # noqa: E402
@@ -109,7 +109,7 @@ def main() -> int:
         return 1
     probs, _, _ = e
     images, _, keep = elpv_selection()  # the cells FeatureSets.elpv encodes, in its order
-    cells = [np.repeat(images[i][..., None], 3, axis=2) for i in keep]
+    cells = [elpv_frame(images[i]) for i in keep]
     mosaic_frames = [render(m, 3, fs.read) for m in ms]
     paths, _, calib, _ = calibration_split(args.calib_per_class)
     calib_frames = [read_image(paths[i]) for i in calib]

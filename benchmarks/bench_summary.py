@@ -378,7 +378,7 @@ class FeatureSets:
         name, make = f"elpv-{kind}-{px}{'m' if merge_r else ''}", lambda: Extractor(px, merge_r)
         if product is not None:
             key, name, make = f"{key}|{product.key}", f"elpv-{kind}-{product.name}", product.extractor
-        feats = cached_features(name, key, lambda i: np.repeat(images[keep[i]][..., None], 3, axis=2), len(keep),
+        feats = cached_features(name, key, lambda i: elpv_frame(images[keep[i]]), len(keep),
                                 make, 8 if px <= 224 else 2, self.progress)
         return probs[keep], is_bank, feats
 
@@ -396,18 +396,28 @@ def elpv_all_cells(poly: bool = False) -> Optional[Tuple[np.ndarray, np.ndarray,
     return images, probs, np.flatnonzero((types == ("poly" if poly else "mono")) & ((probs == 0) | (probs >= 2 / 3)))
 
 
+def elpv_frame(image: np.ndarray) -> np.ndarray:
+    """An ELPV cell (greyscale [H, W]) as the camera frame the encoders take: [H, W, 3], the grey in every channel."""
+    return np.repeat(image[..., None], 3, axis=2)
+
+
+def select_cells(probs: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The indices the benchmarks use among the cells ``keep`` (``elpv_all_cells``): ELPV["bank"] + ELPV["normal"]
+    normal cells, the bank first, then ELPV["defective"] defective ones, seeded."""
+    rng = np.random.default_rng(7)
+    normals = rng.permutation(keep[probs[keep] == 0])
+    defective = rng.permutation(keep[probs[keep] > 0])[: ELPV["defective"]]
+    return np.concatenate([normals[: ELPV["bank"] + ELPV["normal"]], defective])
+
+
 def elpv_selection(poly: bool = False) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(all ELPV images, their defect probabilities, the indices the benchmarks use: ELPV["bank"] + ELPV["normal"]
-    normal cells, the bank first, then ELPV["defective"] defective ones, p >= 2/3) of the mono (or poly) cells,
-    seeded; None (with a warning) without the elpv-dataset package."""
+    """(all ELPV images, their defect probabilities, ``select_cells`` of the mono (or poly) cells); None (with a
+    warning) without the elpv-dataset package."""
     cells = elpv_all_cells(poly)
     if cells is None:
         return None
     images, probs, keep = cells
-    rng = np.random.default_rng(7)
-    normals = rng.permutation(keep[probs[keep] == 0])
-    defective = rng.permutation(keep[probs[keep] > 0])[: ELPV["defective"]]
-    return images, probs, np.concatenate([normals[: ELPV["bank"] + ELPV["normal"]], defective])
+    return images, probs, select_cells(probs, keep)
 
 
 @dataclass(frozen=True)
